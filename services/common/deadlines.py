@@ -1,0 +1,16 @@
+"""Deadline propagation: every downstream call gets what is left of the caller's deadline."""
+
+from __future__ import annotations
+
+import grpc
+
+# Kept back from the caller's remaining time so that our reply (or a precise error) still reaches it.
+DOWNSTREAM_MARGIN_S = 0.05
+
+
+def downstream_timeout(context: grpc.aio.ServicerContext, default_s: float) -> float:
+    """The timeout for a downstream call: the caller's remaining time less a margin, capped at default_s."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return default_s
+    return max(0.0, min(default_s, remaining - DOWNSTREAM_MARGIN_S))

@@ -1,0 +1,66 @@
+"""Building and reading KServe v2 tensors (tritonclient's generated messages, raw contents)."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
+
+_NP_TO_TRITON = {
+    np.dtype(np.float32): "FP32",
+    np.dtype(np.int32): "INT32",
+    np.dtype(np.int64): "INT64",
+    np.dtype(np.uint64): "UINT64",
+}
+
+
+def encode_bytes(values: Sequence[bytes]) -> bytes:
+    """Triton's BYTES wire format: a 4-byte little-endian length before each element."""
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+class InferRequestBuilder:
+    def __init__(self, model: str, request_id: str = "", version: str = "") -> None:
+        self.request = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+
+    def add_bytes(self, name: str, values: Sequence[bytes], shape: Sequence[int] | None = None) -> InferRequestBuilder:
+        tensor = self.request.inputs.add(name=name, datatype="BYTES")
+        tensor.shape.extend(shape if shape is not None else [len(values)])
+        self.request.raw_input_contents.append(encode_bytes(values))
+        return self
+
+    def add_array(self, name: str, array: np.ndarray) -> InferRequestBuilder:
+        tensor = self.request.inputs.add(name=name, datatype=_NP_TO_TRITON[array.dtype])
+        tensor.shape.extend(array.shape)
+        self.request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+        return self
+
+    def build(self) -> service_pb2.ModelInferRequest:
+        return self.request
+
+
+def output_arrays(response: service_pb2.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Outputs by name; BYTES outputs become object arrays of bytes."""
+    arrays: dict[str, np.ndarray] = {}
+    for index, output in enumerate(response.outputs):
+        shape = list(output.shape)
+        raw = response.raw_output_contents[index] if index < len(response.raw_output_contents) else b""
+        if output.datatype == "BYTES":
+            values = deserialize_bytes_tensor(raw) if raw else np.array(output.contents.bytes_contents, dtype=object)
+            arrays[output.name] = np.asarray(values, dtype=object).reshape(shape)
+        else:
+            arrays[output.name] = np.frombuffer(raw, dtype=triton_to_np_dtype(output.datatype)).reshape(shape)
+    return arrays
+
+
+def string_parameter(response: service_pb2.ModelInferResponse, name: str) -> str:
+    param = response.parameters.get(name)
+    return param.string_param if param is not None else ""
+
+
+def is_final_response(response: service_pb2.ModelInferResponse) -> bool:
+    param = response.parameters.get("triton_final_response")
+    return bool(param is not None and param.bool_param)

@@ -1,0 +1,80 @@
+"""Server bootstrap shared by every service: health, reflection, signals, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Large enough for an embedding batch of 256 texts of 8 KiB or its 384-float vectors.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+def new_server() -> grpc.aio.Server:
+    return grpc.aio.server(options=CHANNEL_OPTIONS)
+
+
+def insecure_channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+
+
+class ServiceHost:
+    """Owns a grpc.aio server with grpc.health.v1 and reflection; stops gracefully on SIGTERM/SIGINT."""
+
+    def __init__(self, name: str, address: str, grace_s: float) -> None:
+        self.name = name
+        self.server = new_server()
+        self.health = health.aio.HealthServicer()
+        self._grace_s = grace_s
+        self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(address)
+        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+        self._stop = asyncio.Event()
+
+    def expose(self, service_full_names: Iterable[str]) -> None:
+        self._service_names.extend(service_full_names)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def run(self, background: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
+        """Serve until SIGTERM/SIGINT, then: NOT_SERVING, refuse new RPCs, let in-flight ones finish (bounded)."""
+        reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.server)
+        await self.set_serving(False)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.server.start()
+        log.info("listening", extra={"address": self.address, "service": self.name})
+        tasks = [asyncio.create_task(job()) for job in background]
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("shutting down", extra={"grace_s": self._grace_s})
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(self._grace_s)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            log.info("stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,59 @@
+"""One typed settings object per service: defaults < YAML file < environment variables."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, ClassVar
+
+import yaml
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _YamlFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by `<PREFIX>CONFIG_FILE`, if set."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None) -> None:
+        super().__init__(settings_cls)
+        self._values: dict[str, Any] = {}
+        if path:
+            file = pathlib.Path(path)
+            if not file.is_file():
+                raise FileNotFoundError(f"settings file {file} does not exist")
+            self._values = yaml.safe_load(file.read_text()) or {}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class ServiceSettings(BaseSettings):
+    """Base for each service's settings; subclasses set `env_prefix` (e.g. `MESH_GATEWAY_`)."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+    env_prefix_name: ClassVar[str] = ""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    # Seconds that in-flight RPCs (streams included) get to finish after SIGTERM.
+    shutdown_grace_s: float = 20.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        prefix = settings_cls.model_config.get("env_prefix", "")
+        yaml_source = _YamlFileSource(settings_cls, os.environ.get(f"{prefix}CONFIG_FILE"))
+        return init_settings, env_settings, yaml_source
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

@@ -1,0 +1,80 @@
+"""Generate: public request → KServe stream request through the router → public chunks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from inference_mesh.v1 import mesh_pb2
+from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays, string_parameter
+from services.gateway.errors import RequestError, from_rpc_error, from_stream_error
+
+_ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant"}
+_FINISH = {
+    "stop": mesh_pb2.FINISH_REASON_STOP,
+    "length": mesh_pb2.FINISH_REASON_LENGTH,
+    "cancelled": mesh_pb2.FINISH_REASON_CANCELLED,
+}
+
+
+def to_kserve(request: mesh_pb2.GenerateRequest, request_id: str) -> service_pb2.ModelInferRequest:
+    messages = [{"role": _ROLE_NAMES[m.role], "content": m.content} for m in request.messages]
+    builder = InferRequestBuilder(request.model, request_id)
+    builder.add_bytes("messages", [json.dumps(messages, ensure_ascii=False).encode("utf-8")])
+    builder.add_array("max_tokens", np.array([request.max_tokens], dtype=np.int32))
+    if request.HasField("temperature"):
+        builder.add_array("temperature", np.array([request.temperature], dtype=np.float32))
+    if request.HasField("top_p"):
+        builder.add_array("top_p", np.array([request.top_p], dtype=np.float32))
+    if request.HasField("seed"):
+        builder.add_array("seed", np.array([request.seed & 0x7FFF_FFFF_FFFF_FFFF], dtype=np.int64))
+    if request.stop:
+        builder.add_bytes("stop", [s.encode("utf-8") for s in request.stop])
+    return builder.build()
+
+
+async def stream_generation(
+    router: service_pb2_grpc.GRPCInferenceServiceStub,
+    request: mesh_pb2.GenerateRequest,
+    metadata: mesh_pb2.ResponseMetadata,
+    timeout_s: float,
+    call_metadata: tuple[tuple[str, str], ...],
+) -> AsyncIterator[mesh_pb2.GenerateChunk]:
+    """Yields one chunk per non-empty text delta and a last chunk with finish reason, usage and metadata."""
+    call = router.ModelStreamInfer(iter([to_kserve(request, metadata.request_id)]), timeout=timeout_s,
+                                   metadata=call_metadata)
+    try:
+        async for item in call:
+            if item.error_message:
+                raise from_stream_error(item.error_message)
+            response = item.infer_response
+            outputs = output_arrays(response)
+            text = outputs["text_output"].reshape(-1)[0].decode("utf-8", "replace")
+            produced = int(outputs["completion_tokens"].reshape(-1)[0])
+            if not is_final_response(response):
+                if text:
+                    yield mesh_pb2.GenerateChunk(text=text, token_index=max(produced - 1, 0))
+                continue
+            prompt = int(outputs["prompt_tokens"].reshape(-1)[0])
+            finish = outputs["finish_reason"].reshape(-1)[0].decode()
+            metadata.model_version = string_parameter(response, "mesh_model_version")
+            metadata.pool = string_parameter(response, "mesh_pool")
+            metadata.replica = string_parameter(response, "mesh_replica")
+            yield mesh_pb2.GenerateChunk(
+                text=text, token_index=max(produced - 1, 0),
+                finish_reason=_FINISH.get(finish, mesh_pb2.FINISH_REASON_STOP),
+                usage=mesh_pb2.Usage(prompt_tokens=prompt, completion_tokens=produced,
+                                     total_tokens=prompt + produced),
+                metadata=metadata,
+            )
+            return
+        raise RequestError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc, "router") from exc
+    finally:
+        # Cancels the router stream (and so the Triton request) when our caller goes away.
+        call.cancel()

@@ -1,0 +1,80 @@
+"""The public InferenceMesh service: authenticate, validate, bound in time, then orchestrate."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+from tritonclient.grpc import service_pb2_grpc
+
+from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, models_pb2
+from services.common.deadlines import downstream_timeout
+from services.gateway.auth import Authenticator, Caller
+from services.gateway.catalog import ModelCatalog
+from services.gateway.embedding import embed_texts
+from services.gateway.errors import RequestError
+from services.gateway.generation import stream_generation
+from services.gateway.settings import GatewaySettings
+from services.gateway.validation import check_embed, check_generate, check_model
+
+log = logging.getLogger(__name__)
+
+
+def _metadata(caller: Caller, model: str, request_id: str) -> mesh_pb2.ResponseMetadata:
+    # No cache in front of the router yet: say so rather than report a miss.
+    return mesh_pb2.ResponseMetadata(request_id=request_id or uuid.uuid4().hex, model=model, tenant=caller.tenant,
+                                     cache_status=mesh_pb2.CACHE_STATUS_DISABLED)
+
+
+def _forward_headers(caller: Caller, request_id: str) -> tuple[tuple[str, str], ...]:
+    return (("x-mesh-tenant", caller.tenant), ("x-request-id", request_id))
+
+
+class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
+    def __init__(self, settings: GatewaySettings, auth: Authenticator, catalog: ModelCatalog,
+                 router: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+        self._settings = settings
+        self._auth = auth
+        self._catalog = catalog
+        self._router = router
+
+    async def Generate(self, request, context):
+        caller = await self._auth.require(context)
+        started = time.perf_counter()
+        status = "OK"
+        try:
+            model = check_model(request.model, await self._catalog.get(request.model), self._catalog.all(),
+                                models_pb2.MODEL_KIND_GENERATE)
+            check_generate(request, model, self._settings.limits)
+            metadata = _metadata(caller, model.name, request.request_id)
+            timeout = downstream_timeout(context, self._settings.generate_timeout_s)
+            async for chunk in stream_generation(self._router, request, metadata, timeout,
+                                                 _forward_headers(caller, metadata.request_id)):
+                yield chunk
+        except RequestError as exc:
+            status = exc.code.name
+            await context.abort(exc.code, exc.message)
+        finally:
+            log.info("generate", extra={"tenant": caller.tenant, "model": request.model, "status": status,
+                                        "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
+
+    async def Embed(self, request, context):
+        caller = await self._auth.require(context)
+        try:
+            model = check_model(request.model, await self._catalog.get(request.model), self._catalog.all(),
+                                models_pb2.MODEL_KIND_EMBED)
+            check_embed(request, self._settings.limits)
+            metadata = _metadata(caller, model.name, request.request_id)
+            timeout = downstream_timeout(context, self._settings.embed_timeout_s)
+            return await embed_texts(self._router, model, list(request.texts), metadata, timeout,
+                                     _forward_headers(caller, metadata.request_id))
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def ListModels(self, request, context):
+        await self._auth.require(context)
+        if not self._catalog.loaded and not await self._catalog.refresh():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "router unavailable: the model list cannot be read")
+        return mesh_pb2.ListModelsResponse(models=sorted(self._catalog.all(), key=lambda m: m.name))

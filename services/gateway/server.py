@@ -1,0 +1,65 @@
+"""Gateway process: public InferenceMesh and KServe services over one router channel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2_grpc
+from services.common.logging import configure_logging
+from services.common.server import ServiceHost, insecure_channel
+from services.gateway.auth import Authenticator
+from services.gateway.catalog import ModelCatalog
+from services.gateway.kserve_proxy import KServeProxyService
+from services.gateway.mesh_service import InferenceMeshService
+from services.gateway.settings import GatewaySettings
+from services.gateway.tenants import TenantConfig
+
+
+async def serve(settings: GatewaySettings) -> None:
+    auth = Authenticator(TenantConfig.load(settings.tenants_file))
+    channel = insecure_channel(settings.router_address)
+    router = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    catalog = ModelCatalog(router_pb2_grpc.RouterAdminStub(channel), settings.model_refresh_s,
+                           settings.metadata_timeout_s)
+    router_health = health_pb2_grpc.HealthStub(channel)
+    serving = False
+
+    host = ServiceHost("gateway", settings.address, settings.shutdown_grace_s)
+    mesh_pb2_grpc.add_InferenceMeshServicer_to_server(
+        InferenceMeshService(settings, auth, catalog, router), host.server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeProxyService(auth, router, settings.generate_timeout_s, settings.metadata_timeout_s,
+                           is_ready=lambda: serving), host.server)
+    host.expose([
+        mesh_pb2.DESCRIPTOR.services_by_name["InferenceMesh"].full_name,
+        service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    ])
+
+    async def follow_router_health() -> None:
+        # SERVING only while the router is: a gateway without a router can do nothing useful.
+        nonlocal serving
+        while True:
+            try:
+                answer = await router_health.Check(health_pb2.HealthCheckRequest(),
+                                                   timeout=settings.metadata_timeout_s)
+                serving = answer.status == health_pb2.HealthCheckResponse.SERVING and (
+                    catalog.loaded or await catalog.refresh())
+            except grpc.aio.AioRpcError:
+                serving = False
+            await host.set_serving(serving)
+            await asyncio.sleep(1.0)
+
+    try:
+        await host.run(background=[follow_router_health, catalog.refresh_forever])
+    finally:
+        await channel.close()
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging("gateway", settings.log_level)
+    asyncio.run(serve(settings))

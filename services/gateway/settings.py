@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from pydantic import BaseModel
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class RequestLimits(BaseModel, extra="forbid"):
+    max_messages: int = 64
+    max_prompt_chars: int = 32_768          # all message contents together
+    max_stop_sequences: int = 4
+    max_stop_chars: int = 64
+    max_embed_batch: int = 256              # texts per Embed call
+    max_embed_text_chars: int = 8_192
+    max_request_id_chars: int = 128
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MESH_GATEWAY_", env_nested_delimiter="__", extra="forbid")
+
+    port: int = 50051
+    router_address: str = "127.0.0.1:50052"
+    tenants_file: str = "config/tenants.yaml"
+    # Seed guide: inference timeout 30-60 s. A shorter caller deadline always wins.
+    generate_timeout_s: float = 60.0
+    embed_timeout_s: float = 30.0
+    metadata_timeout_s: float = 5.0
+    model_refresh_s: float = 5.0
+    limits: RequestLimits = RequestLimits()

@@ -1,0 +1,50 @@
+"""Tenants and tiers from one YAML file; API keys are stored as SHA-256 hashes, never in clear."""
+
+from __future__ import annotations
+
+import hashlib
+import pathlib
+import secrets
+
+import yaml
+from pydantic import BaseModel, Field
+
+
+class Tier(BaseModel, extra="forbid"):
+    # Seed guide: standard 100-500 req/min, enterprise 1,000; burst 20-50. Enforced at the edge (Envoy).
+    requests_per_minute: int
+    burst: int
+
+
+class Tenant(BaseModel, extra="forbid"):
+    id: str
+    tier: str
+    api_key_sha256: list[str] = Field(default_factory=list)
+
+
+class TenantConfig(BaseModel, extra="forbid"):
+    tiers: dict[str, Tier]
+    tenants: list[Tenant]
+
+    @classmethod
+    def load(cls, path: str | pathlib.Path) -> TenantConfig:
+        config = cls.model_validate(yaml.safe_load(pathlib.Path(path).read_text()))
+        for tenant in config.tenants:
+            if tenant.tier not in config.tiers:
+                raise ValueError(f"tenant {tenant.id!r} has unknown tier {tenant.tier!r}")
+        return config
+
+
+def hash_key(api_key: str) -> str:
+    # API keys are 256-bit random tokens, so a fast hash is enough; a slow KDF would only cost latency.
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def new_key() -> tuple[str, str]:
+    key = "mk_" + secrets.token_urlsafe(32)
+    return key, hash_key(key)
+
+
+if __name__ == "__main__":
+    plain, digest = new_key()
+    print(f"api key (give to the tenant): {plain}\napi_key_sha256 (put in tenants.yaml): {digest}")

@@ -1,0 +1,1 @@
+"""The router: model registry → pool → least-outstanding ready Triton replica."""

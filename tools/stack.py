@@ -1,0 +1,164 @@
+"""The local stack: Triton replica(s), router and gateway on loopback.
+
+`python -m tools.stack up` is what `make up` runs; the tests and benchmarks build the same stack on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from tools.processes import ManagedProcess, free_port, wait_grpc_serving
+from tools.triton import ROOT, TritonInstall, TritonPorts, wait_triton_ready
+
+SERVICE_ENV = {"PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "PYTHONUNBUFFERED": "1"}
+
+
+@dataclass
+class StackPorts:
+    gateway: int
+    router: int
+    tritons: list[TritonPorts]
+
+    @classmethod
+    def free(cls, replicas: int = 1) -> StackPorts:
+        return cls(free_port(), free_port(), [TritonPorts.free() for _ in range(replicas)])
+
+
+def render_registry(base: Path, tritons: list[TritonPorts]) -> dict:
+    """The registry with the cpu pool's replicas replaced by the Triton processes we started."""
+    registry = yaml.safe_load(base.read_text())
+    registry["pools"]["cpu"]["replicas"] = [
+        {"name": f"triton-cpu-{i}", "grpc": f"127.0.0.1:{p.grpc}", "metrics": f"127.0.0.1:{p.metrics}"}
+        for i, p in enumerate(tritons)
+    ]
+    return registry
+
+
+def start_service(module: str, name: str, env: dict[str, str], log_path: Path) -> ManagedProcess:
+    return ManagedProcess(name, [sys.executable, "-m", module], log_path,
+                          env={**os.environ, **SERVICE_ENV, **env}, cwd=ROOT)
+
+
+@dataclass
+class LocalStack:
+    run_dir: Path
+    ports: StackPorts
+    tenants_file: Path = ROOT / "config" / "tenants.yaml"
+    registry_file: Path = ROOT / "config" / "registry.yaml"
+    triton_models: list[str] | None = None
+    processes: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    @property
+    def gateway_address(self) -> str:
+        return f"127.0.0.1:{self.ports.gateway}"
+
+    @property
+    def router_address(self) -> str:
+        return f"127.0.0.1:{self.ports.router}"
+
+    def start(self) -> LocalStack:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            install = TritonInstall()
+            for i, ports in enumerate(self.ports.tritons):
+                self.processes[f"triton-{i}"] = install.start(
+                    f"triton-{i}", ports, self.run_dir / f"triton-{i}.log", models=self.triton_models)
+            for i, ports in enumerate(self.ports.tritons):
+                wait_triton_ready(self.processes[f"triton-{i}"], ports)
+            registry = self.run_dir / "registry.yaml"
+            registry.write_text(yaml.safe_dump(render_registry(self.registry_file, self.ports.tritons)))
+            self.processes["router"] = start_service("services.router", "router", {
+                "MESH_ROUTER_PORT": str(self.ports.router),
+                "MESH_ROUTER_REGISTRY_FILE": str(registry),
+            }, self.run_dir / "router.log")
+            wait_grpc_serving(self.router_address, self.processes["router"], 30)
+            self.processes["gateway"] = start_service("services.gateway", "gateway", {
+                "MESH_GATEWAY_PORT": str(self.ports.gateway),
+                "MESH_GATEWAY_ROUTER_ADDRESS": self.router_address,
+                "MESH_GATEWAY_TENANTS_FILE": str(self.tenants_file),
+            }, self.run_dir / "gateway.log")
+            wait_grpc_serving(self.gateway_address, self.processes["gateway"], 30)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        # Edge first, Triton last, so in-flight work drains in the order it flows.
+        for name in reversed(list(self.processes)):
+            self.processes[name].stop()
+        self.processes.clear()
+
+
+def _up(args: argparse.Namespace) -> None:
+    ports = StackPorts(args.gateway_port, args.router_port,
+                       [TritonPorts(args.triton_grpc_port, args.triton_grpc_port - 1, args.triton_grpc_port + 1)])
+    stack = LocalStack(ROOT / "run", ports)
+    print("starting Triton, router and gateway (logs in run/) ...", flush=True)
+    stack.start()
+    (ROOT / "run" / "stack.pids").write_text("\n".join(str(p.pid) for p in stack.processes.values()))
+    t = ports.tritons[0]
+    print(f"""
+inference mesh is up
+  gateway (public, InferenceMesh + KServe): {stack.gateway_address}
+  router (internal):                       {stack.router_address}
+  triton:                                  grpc 127.0.0.1:{t.grpc}  http 127.0.0.1:{t.http}  metrics 127.0.0.1:{t.metrics}
+  dev API key:                             mesh-dev-key
+
+try it:
+  .venv/bin/grpcurl -plaintext -H 'x-api-key: mesh-dev-key' -d '{{"model": "smollm2-135m-instruct", "max_tokens": 32,
+    "messages": [{{"role": "ROLE_USER", "content": "Name three colours."}}]}}' \\
+    {stack.gateway_address} inference_mesh.v1.InferenceMesh/Generate
+
+Ctrl-C (or `make down`) stops everything.""", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            for process in stack.processes.values():
+                process.ensure_alive()
+    finally:
+        print("\nstopping ...", flush=True)
+        stack.stop()
+        (ROOT / "run" / "stack.pids").unlink(missing_ok=True)
+
+
+def _down(_: argparse.Namespace) -> None:
+    pids = ROOT / "run" / "stack.pids"
+    if not pids.exists():
+        print("nothing to stop")
+        return
+    for pid in reversed(pids.read_text().split()):
+        try:
+            os.killpg(int(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    pids.unlink()
+    print("stop signal sent")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(required=True)
+    up = sub.add_parser("up", help="start the stack in the foreground")
+    up.add_argument("--gateway-port", type=int, default=50051)
+    up.add_argument("--router-port", type=int, default=50052)
+    up.add_argument("--triton-grpc-port", type=int, default=8001)
+    up.set_defaults(func=_up)
+    down = sub.add_parser("down", help="stop a stack started by `up`")
+    down.set_defaults(func=_down)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

