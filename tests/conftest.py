@@ -1,0 +1,80 @@
+"""Fixtures that start the real stack: Triton (tritonserver binary), router and gateway processes."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from tools.stack import LocalStack, StackPorts
+
+LLM = "smollm2-135m-instruct"
+EMBEDDER = "all-minilm-l6-v2"
+KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b"}
+
+
+def write_tenants(path: Path) -> Path:
+    path.write_text(yaml.safe_dump({
+        "tiers": {"standard": {"requests_per_minute": 300, "burst": 30},
+                  "enterprise": {"requests_per_minute": 1000, "burst": 50}},
+        "tenants": [
+            {"id": "tenant-a", "tier": "standard",
+             "api_key_sha256": [hashlib.sha256(KEYS["tenant-a"].encode()).hexdigest()]},
+            {"id": "tenant-b", "tier": "enterprise",
+             "api_key_sha256": [hashlib.sha256(KEYS["tenant-b"].encode()).hexdigest()]},
+        ],
+    }))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tenants(tmp_path_factory.mktemp("config") / "tenants.yaml")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, tenants_file: Path) -> Iterator[LocalStack]:
+    mesh = LocalStack(tmp_path_factory.mktemp("stack"), StackPorts.free(1), tenants_file=tenants_file)
+    mesh.start()
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(stack: LocalStack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(stack.gateway_address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="session")
+def mesh(channel: grpc.Channel) -> mesh_pb2_grpc.InferenceMeshStub:
+    return mesh_pb2_grpc.InferenceMeshStub(channel)
+
+
+AUTH = (("authorization", f"Bearer {KEYS['tenant-a']}"),)
+
+
+def chat(content: str, max_tokens: int = 32, **kwargs) -> mesh_pb2.GenerateRequest:
+    return mesh_pb2.GenerateRequest(
+        model=LLM, max_tokens=max_tokens,
+        messages=[mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_USER, content=content)], **kwargs)
+
+
+def generate(mesh: mesh_pb2_grpc.InferenceMeshStub, request: mesh_pb2.GenerateRequest,
+             metadata=AUTH) -> tuple[str, list[mesh_pb2.GenerateChunk]]:
+    chunks = list(mesh.Generate(request, metadata=metadata, timeout=120))
+    return "".join(c.text for c in chunks), chunks
+
+
+def triton_metric(stack: LocalStack, name: str, replica: int = 0) -> float:
+    """A counter from Triton's Prometheus endpoint, summed over its label sets."""
+    import urllib.request
+
+    port = stack.ports.tritons[replica].metrics
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))

@@ -1,0 +1,114 @@
+"""Streaming generation through gateway → router → Triton (llama.cpp)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+
+from inference_mesh.v1 import mesh_pb2
+from tests.conftest import AUTH, LLM, chat, generate, triton_metric
+
+
+def test_stream_returns_text_usage_and_metadata(mesh, stack):
+    text, chunks = generate(mesh, chat("Write one sentence about the sea.", max_tokens=24, temperature=0.0))
+    assert len(chunks) >= 2, "a stream, not a single reply"
+    last = chunks[-1]
+    assert last.finish_reason in (mesh_pb2.FINISH_REASON_STOP, mesh_pb2.FINISH_REASON_LENGTH)
+    assert all(c.finish_reason == mesh_pb2.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+    words = text.split()
+    assert len(words) >= 4 and sum(w.isalpha() for w in words) >= 3, text
+    usage = last.usage
+    assert usage.prompt_tokens > 10  # the chat template and system prompt are part of the prompt
+    assert 1 <= usage.completion_tokens <= 24
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    indices = [c.token_index for c in chunks]
+    assert indices == sorted(indices) and indices[-1] == usage.completion_tokens - 1
+    meta = last.metadata
+    assert (meta.model, meta.model_version, meta.pool, meta.replica, meta.tenant) == \
+        (LLM, "1", "cpu", "triton-cpu-0", "tenant-a")
+    assert meta.request_id
+
+
+def test_max_tokens_is_honoured(mesh):
+    _, chunks = generate(mesh, chat("Count from one to one hundred in words.", max_tokens=7, temperature=0.0))
+    assert chunks[-1].usage.completion_tokens == 7
+    assert chunks[-1].finish_reason == mesh_pb2.FINISH_REASON_LENGTH
+
+
+def test_greedy_and_seeded_sampling_repeat(mesh):
+    greedy = chat("Name a fruit and say why it is good.", max_tokens=20, temperature=0.0)
+    assert generate(mesh, greedy)[0] == generate(mesh, greedy)[0]
+    seeded = chat("Invent a name for a cat.", max_tokens=20, temperature=1.0, seed=1234)
+    first = generate(mesh, seeded)[0]
+    assert first == generate(mesh, seeded)[0]
+    others = {generate(mesh, chat("Invent a name for a cat.", max_tokens=20, temperature=1.0, seed=s))[0]
+              for s in (1, 2, 3)}
+    assert len(others | {first}) > 1, "different seeds must be able to give different text"
+
+
+def test_stop_sequence_cuts_the_text(mesh):
+    request = chat("List the numbers 1 to 10 separated by commas.", max_tokens=40, temperature=0.0)
+    full, _ = generate(mesh, request)
+    assert "," in full, full
+    request.stop.append(",")
+    cut, chunks = generate(mesh, request)
+    assert "," not in cut
+    assert full.startswith(cut)
+    assert chunks[-1].finish_reason == mesh_pb2.FINISH_REASON_STOP
+    assert chunks[-1].usage.completion_tokens < 40
+
+
+def test_cancelling_the_stream_stops_work_in_triton(mesh, stack):
+    tokens_before = triton_metric(stack, "mesh_llm_generated_tokens_total")
+    cancelled_before = triton_metric(stack, "mesh_llm_cancelled_requests_total")
+    call = mesh.Generate(chat("Tell a very long story about a dragon.", max_tokens=1000, temperature=0.0),
+                         metadata=AUTH, timeout=120)
+    received = 0
+    for chunk in call:
+        received += 1
+        if received == 5:
+            call.cancel()
+            break
+    # Triton notices the cancellation at the next token; give the counters a moment to settle.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if triton_metric(stack, "mesh_llm_cancelled_requests_total") > cancelled_before:
+            break
+        time.sleep(0.2)
+    assert triton_metric(stack, "mesh_llm_cancelled_requests_total") == cancelled_before + 1
+    produced = triton_metric(stack, "mesh_llm_generated_tokens_total") - tokens_before
+    time.sleep(1.0)
+    assert triton_metric(stack, "mesh_llm_generated_tokens_total") - tokens_before == produced, "work went on"
+    assert produced < 200, f"{produced} tokens were generated for a stream cancelled after 5 chunks"
+
+
+def test_caller_deadline_wins(mesh):
+    started = time.monotonic()
+    try:
+        list(mesh.Generate(chat("Write a long essay about rivers.", max_tokens=1000), metadata=AUTH, timeout=1.0))
+        raise AssertionError("a 1000-token generation cannot finish in 1 s on this machine")
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 3.0
+
+
+def test_concurrent_streams_all_complete(mesh):
+    results: list[str] = []
+    errors: list[Exception] = []
+
+    def one(i: int) -> None:
+        try:
+            text, chunks = generate(mesh, chat(f"Say hello to person number {i}.", max_tokens=8, temperature=0.0))
+            results.append(text)
+            assert chunks[-1].usage.completion_tokens >= 1
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 6
