@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from stop_matcher import StopMatcher  # beside this file; Triton puts the folder on sys.path
 
 # Errors the caller caused start with this tag, so the mesh can map them to INVALID_ARGUMENT.
 INVALID = "INVALID_ARGUMENT: "
@@ -32,39 +33,6 @@ def _default_gguf() -> str:
 def _optional(request, name: str):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
-
-
-class StopMatcher:
-    """Holds back text that may be the start of a stop sequence; cuts the text at the first full match."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        self.pending += text
-        if not self.stops:
-            released, self.pending = self.pending, ""
-            return released
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            released, self.pending = self.pending[:cut], ""
-            return released
-        hold = 0
-        for stop in self.stops:
-            for length in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:length]):
-                    hold = max(hold, length)
-                    break
-        released = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(self.pending) - hold :]
-        return released
-
-    def flush(self) -> str:
-        released, self.pending = ("" if self.stopped else self.pending), ""
-        return released
 
 
 class TritonPythonModel:

@@ -1,0 +1,151 @@
+"""Pure unit tests: no servers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2
+
+from inference_mesh.v1 import mesh_pb2, models_pb2
+from services.common.kserve import InferRequestBuilder, output_arrays
+from services.gateway.auth import Authenticator
+from services.gateway.errors import from_stream_error
+from services.gateway.settings import RequestLimits
+from services.gateway.tenants import Tenant, TenantConfig, Tier, hash_key
+from services.gateway.validation import check_embed, check_generate
+from services.router.balancer import LeastOutstandingBalancer, NoReplicaError
+from services.router.registry import Registry
+from services.router.replicas import ReplicaSet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_stop_matcher():
+    spec = importlib.util.spec_from_file_location("stop_matcher", ROOT / "triton_models/smollm2/1/stop_matcher.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.StopMatcher
+
+
+StopMatcher = _load_stop_matcher()
+
+
+def feed_all(matcher, pieces: list[str]) -> str:
+    out = ""
+    for piece in pieces:
+        out += matcher.feed(piece)
+        if matcher.stopped:
+            return out
+    return out + matcher.flush()
+
+
+@pytest.mark.parametrize(("pieces", "stops", "expected", "stopped"), [
+    (["Hello", " wor", "ld"], [], "Hello world", False),
+    (["one,", " two"], [","], "one", True),
+    (["abc", "EN", "D tail"], ["END"], "abc", True),
+    (["abc", "EN", "x"], ["END"], "abcENx", False),          # a partial match is released once it cannot match
+    (["a", "b"], ["bc"], "ab", False),                        # held-back text is flushed at the end
+    (["x<|", "stop|>y"], ["<|stop|>"], "x", True),
+])
+def test_stop_matcher(pieces, stops, expected, stopped):
+    matcher = StopMatcher(stops)
+    assert feed_all(matcher, pieces) == expected
+    assert matcher.stopped is stopped
+
+
+def test_stop_matcher_never_releases_a_prefix_of_a_stop():
+    matcher = StopMatcher(["###"])
+    assert matcher.feed("text #") == "text "
+    assert matcher.feed("#") == ""
+    assert matcher.feed("#") == "" and matcher.stopped
+
+
+REGISTRY = {
+    "pools": {"a100": {"gpu_class": "a100", "replicas": [{"name": "g0", "grpc": "127.0.0.1:1"}]},
+              "cpu": {"gpu_class": "cpu", "replicas": [{"name": "c0", "grpc": "127.0.0.1:2"},
+                                                       {"name": "c1", "grpc": "127.0.0.1:3"}]}},
+    "models": {"llm": {"kind": "generate", "triton_model": "llm_t", "pools": ["a100", "cpu"], "max_output_tokens": 64}},
+}
+
+
+def test_registry_rejects_unknown_pools_and_duplicate_replicas():
+    bad = {**REGISTRY, "models": {"m": {"kind": "embed", "triton_model": "x", "pools": ["h100"]}}}
+    with pytest.raises(ValueError, match="unknown pools"):
+        Registry.model_validate(bad)
+    dup = {"pools": {"cpu": {"replicas": [{"name": "a", "grpc": "x:1"}, {"name": "a", "grpc": "x:2"}]}},
+           "models": {}}
+    with pytest.raises(ValueError, match="unique"):
+        Registry.model_validate(dup)
+
+
+async def test_balancer_prefers_pool_order_then_least_outstanding():
+    registry = Registry.model_validate(REGISTRY)
+    replicas = ReplicaSet(registry)
+    by_name = {r.name: r for r in replicas.replicas}
+    balancer = LeastOutstandingBalancer(replicas)
+    model = registry.models["llm"]
+    with pytest.raises(NoReplicaError):
+        balancer.choose(model)
+    by_name["c0"].ready_models = {"llm_t"}
+    by_name["c1"].ready_models = {"llm_t"}
+    by_name["c0"].in_flight = 3
+    assert balancer.choose(model).name == "c1"
+    by_name["c1"].in_flight = 5
+    assert balancer.choose(model).name == "c0"
+    by_name["g0"].ready_models = {"llm_t"}
+    by_name["g0"].in_flight = 50
+    assert balancer.choose(model).name == "g0", "the preferred pool wins while it has a ready replica"
+    assert balancer.choose(model, exclude=frozenset({"g0"})).name == "c0"
+    by_name["c0"].in_flight = by_name["c1"].in_flight = 0
+    by_name["g0"].ready_models = set()
+    assert {balancer.choose(model).name for _ in range(4)} == {"c0", "c1"}, "ties take turns"
+    await replicas.close()
+
+
+def test_api_keys_are_matched_by_hash():
+    config = TenantConfig(tiers={"standard": Tier(requests_per_minute=300, burst=30)},
+                          tenants=[Tenant(id="acme", tier="standard", api_key_sha256=[hash_key("s3cret")])])
+    auth = Authenticator(config)
+    assert auth.identify((("authorization", "Bearer s3cret"),)).tenant == "acme"
+    assert auth.identify((("x-api-key", "s3cret"),)).tenant == "acme"
+    assert auth.identify((("authorization", "bearer s3cret"),)).tenant == "acme"
+    assert auth.identify((("x-api-key", "S3CRET"),)) is None
+    assert auth.identify(()) is None
+    assert "s3cret" not in repr(config)
+
+
+def test_validation_limits():
+    limits = RequestLimits()
+    model = models_pb2.ModelInfo(name="llm", max_output_tokens=64)
+    ok = mesh_pb2.GenerateRequest(model="llm", max_tokens=64,
+                                  messages=[mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_USER, content="hi")])
+    check_generate(ok, model, limits)
+    nan = mesh_pb2.GenerateRequest()
+    nan.CopyFrom(ok)
+    nan.temperature = float("nan")
+    with pytest.raises(Exception, match="temperature"):
+        check_generate(nan, model, limits)
+    check_embed(mesh_pb2.EmbedRequest(model="e", texts=["a"] * limits.max_embed_batch), limits)
+    with pytest.raises(Exception, match="the limit is 256"):
+        check_embed(mesh_pb2.EmbedRequest(model="e", texts=["a"] * (limits.max_embed_batch + 1)), limits)
+
+
+def test_stream_errors_map_to_statuses():
+    assert from_stream_error("INVALID_ARGUMENT: prompt too long").code == grpc.StatusCode.INVALID_ARGUMENT
+    assert from_stream_error("UNAVAILABLE: no ready replica").code == grpc.StatusCode.UNAVAILABLE
+    assert from_stream_error("something broke").code == grpc.StatusCode.INTERNAL
+
+
+def test_kserve_tensors_round_trip():
+    request = InferRequestBuilder("m").add_bytes("T", [b"a", b"", "é".encode()]).add_array(
+        "N", np.array([[1.5, -2.0]], np.float32)).build()
+    response = service_pb2.ModelInferResponse(raw_output_contents=request.raw_input_contents)
+    for tensor in request.inputs:
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+    arrays = output_arrays(response)
+    assert list(arrays["T"]) == [b"a", b"", "é".encode()]
+    np.testing.assert_array_equal(arrays["N"], np.array([[1.5, -2.0]], np.float32))
