@@ -43,7 +43,8 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def run_load(call: Callable[[], Awaitable[Sample]], concurrency: int, requests: int) -> tuple[list[Sample], float]:
+async def run_load(call: Callable[[], Awaitable[Sample]], concurrency: int,
+                   requests: int) -> tuple[list[Sample], float]:
     samples: list[Sample] = []
     remaining = requests
 

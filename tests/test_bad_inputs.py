@@ -23,7 +23,8 @@ def _embed(mesh, request, metadata=AUTH):
 
 
 CASES = [
-    ("empty messages", _generate, mesh_pb2.GenerateRequest(model=LLM, max_tokens=8), AUTH, INVALID, "messages is empty"),
+    ("empty messages", _generate, mesh_pb2.GenerateRequest(model=LLM, max_tokens=8), AUTH, INVALID,
+     "messages is empty"),
     ("1 MB prompt", _generate, chat("x" * 1_000_000), AUTH, INVALID, "prompt is 1000000 characters"),
     ("prompt over the context window", _generate, chat("hello " * 4000, max_tokens=16), AUTH, INVALID,
      "exceeds the 2048-token context"),
@@ -48,7 +49,8 @@ CASES = [
      (("authorization", "Bearer nope"),), grpc.StatusCode.UNAUTHENTICATED, "invalid API key"),
     ("batch of 10,000 texts", _embed, mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["t"] * 10_000), AUTH, INVALID,
      "10000 texts; the limit is 256"),
-    ("empty text", _embed, mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["ok", "  "]), AUTH, INVALID, "texts[1] is empty"),
+    ("empty text", _embed, mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["ok", "  "]), AUTH, INVALID,
+     "texts[1] is empty"),
     ("no texts", _embed, mesh_pb2.EmbedRequest(model=EMBEDDER), AUTH, INVALID, "texts is empty"),
     ("oversize text", _embed, mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["y" * 9000]), AUTH, INVALID,
      "texts[0] is 9000 characters"),

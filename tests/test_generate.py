@@ -65,9 +65,7 @@ def test_cancelling_the_stream_stops_work_in_triton(mesh, stack):
     cancelled_before = triton_metric(stack, "mesh_llm_cancelled_requests_total")
     call = mesh.Generate(chat("Tell a very long story about a dragon.", max_tokens=1000, temperature=0.0),
                          metadata=AUTH, timeout=120)
-    received = 0
-    for chunk in call:
-        received += 1
+    for received, _ in enumerate(call, start=1):
         if received == 5:
             call.cancel()
             break

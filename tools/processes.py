@@ -75,10 +75,10 @@ def wait_http_ok(url: str, process: ManagedProcess, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         process.ensure_alive()
-        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-            with urllib.request.urlopen(url, timeout=2) as answer:
-                if answer.status == 200:
-                    return
+        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError), \
+                urllib.request.urlopen(url, timeout=2) as answer:
+            if answer.status == 200:
+                return
         time.sleep(0.3)
     raise TimeoutError(f"{process.name}: {url} not ready after {timeout_s:.0f} s; log:\n{process.log_tail()}")
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -110,7 +111,7 @@ def _up(args: argparse.Namespace) -> None:
 inference mesh is up
   gateway (public, InferenceMesh + KServe): {stack.gateway_address}
   router (internal):                       {stack.router_address}
-  triton:                                  grpc 127.0.0.1:{t.grpc}  http 127.0.0.1:{t.http}  metrics 127.0.0.1:{t.metrics}
+  triton:                                  grpc 127.0.0.1:{t.grpc}  http :{t.http}  metrics :{t.metrics}
   dev API key:                             mesh-dev-key
 
 try it:
@@ -138,10 +139,8 @@ def _down(_: argparse.Namespace) -> None:
         print("nothing to stop")
         return
     for pid in reversed(pids.read_text().split()):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(int(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     pids.unlink()
     print("stop signal sent")
 

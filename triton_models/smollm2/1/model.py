@@ -89,7 +89,8 @@ class TritonPythonModel:
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
         ):
-            raise ValueError(f"{INVALID}messages must be a non-empty list of {{role, content}} with role in {sorted(ROLES)}")
+            raise ValueError(f"{INVALID}messages must be a non-empty list of {{role, content}} "
+                             f"with role in {sorted(ROLES)}")
         prompt = self.formatter(messages=messages).prompt
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
