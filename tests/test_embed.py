@@ -9,7 +9,9 @@ from tests.conftest import AUTH, EMBEDDER
 
 
 def embed(mesh, texts: list[str]) -> np.ndarray:
-    answer = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=texts), metadata=AUTH, timeout=60)
+    # Bypass the cache: these tests are about the model and the batching.
+    answer = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=texts, cache_mode=mesh_pb2.CACHE_MODE_BYPASS),
+                        metadata=AUTH, timeout=60)
     assert answer.dimension == 384
     assert answer.metadata.model == EMBEDDER and answer.metadata.replica
     return np.array([e.values for e in answer.embeddings], dtype=np.float32)

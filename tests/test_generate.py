@@ -38,13 +38,15 @@ def test_max_tokens_is_honoured(mesh):
 
 
 def test_greedy_and_seeded_sampling_repeat(mesh):
-    greedy = chat("Name a fruit and say why it is good.", max_tokens=20, temperature=0.0)
+    # The cache is bypassed: the model itself must repeat, not a stored answer.
+    bypass = mesh_pb2.CACHE_MODE_BYPASS
+    greedy = chat("Name a fruit and say why it is good.", max_tokens=20, temperature=0.0, cache_mode=bypass)
     assert generate(mesh, greedy)[0] == generate(mesh, greedy)[0]
-    seeded = chat("Invent a name for a cat.", max_tokens=20, temperature=1.0, seed=1234)
+    seeded = chat("Invent a name for a cat.", max_tokens=20, temperature=1.0, seed=1234, cache_mode=bypass)
     first = generate(mesh, seeded)[0]
     assert first == generate(mesh, seeded)[0]
-    others = {generate(mesh, chat("Invent a name for a cat.", max_tokens=20, temperature=1.0, seed=s))[0]
-              for s in (1, 2, 3)}
+    others = {generate(mesh, chat("Invent a name for a cat.", max_tokens=20, temperature=1.0, seed=s,
+                                  cache_mode=bypass))[0] for s in (1, 2, 3)}
     assert len(others | {first}) > 1, "different seeds must be able to give different text"
 
 

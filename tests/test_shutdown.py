@@ -33,8 +33,8 @@ def test_gateway_drains_streams_on_sigterm(stack, tenants_file, tmp_path):
             try:
                 status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
                 assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-            except grpc.RpcError as exc:  # the listener may already refuse new calls, which is also right
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            except grpc.RpcError as exc:  # a stopping grpc server refuses new calls, which is also right
+                assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
             rest = list(stream)
         assert rest[-1].finish_reason == mesh_pb2.FINISH_REASON_LENGTH
         assert rest[-1].usage.completion_tokens == 60

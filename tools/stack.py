@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from tools.backends import start_milvus_lite, start_redis
 from tools.processes import ManagedProcess, free_port, wait_grpc_serving
 from tools.triton import ROOT, TritonInstall, TritonPorts, wait_triton_ready
 
@@ -27,10 +28,16 @@ class StackPorts:
     gateway: int
     router: int
     tritons: list[TritonPorts]
+    cache: int = 0
+    redis: int = 0
+    milvus: int = 0
+    gateway_metrics: int = 0
+    cache_metrics: int = 0
 
     @classmethod
     def free(cls, replicas: int = 1) -> StackPorts:
-        return cls(free_port(), free_port(), [TritonPorts.free() for _ in range(replicas)])
+        return cls(free_port(), free_port(), [TritonPorts.free() for _ in range(replicas)], free_port(),
+                   free_port(), free_port(), free_port(), free_port())
 
 
 def render_registry(base: Path, tritons: list[TritonPorts]) -> dict:
@@ -55,6 +62,7 @@ class LocalStack:
     tenants_file: Path = ROOT / "config" / "tenants.yaml"
     registry_file: Path = ROOT / "config" / "registry.yaml"
     triton_models: list[str] | None = None
+    with_cache: bool = True
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
 
     @property
@@ -64,6 +72,17 @@ class LocalStack:
     @property
     def router_address(self) -> str:
         return f"127.0.0.1:{self.ports.router}"
+
+    @property
+    def cache_address(self) -> str:
+        return f"127.0.0.1:{self.ports.cache}"
+
+    def start_redis(self) -> None:
+        self.processes["redis"] = start_redis(self.ports.redis, self.run_dir / "redis.log")
+
+    def start_milvus(self) -> None:
+        self.processes["milvus"] = start_milvus_lite(self.ports.milvus, self.run_dir / "milvus",
+                                                     self.run_dir / "milvus.log")
 
     def start(self) -> LocalStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -81,9 +100,22 @@ class LocalStack:
                 "MESH_ROUTER_REGISTRY_FILE": str(registry),
             }, self.run_dir / "router.log")
             wait_grpc_serving(self.router_address, self.processes["router"], 30)
+            if self.with_cache:
+                self.start_redis()
+                self.start_milvus()
+                self.processes["cache"] = start_service("services.cache", "cache", {
+                    "MESH_CACHE_PORT": str(self.ports.cache),
+                    "MESH_CACHE_METRICS_PORT": str(self.ports.cache_metrics),
+                    "MESH_CACHE_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
+                    "MESH_CACHE_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
+                    "MESH_CACHE_ROUTER_ADDRESS": self.router_address,
+                }, self.run_dir / "cache.log")
+                wait_grpc_serving(self.cache_address, self.processes["cache"], 30)
             self.processes["gateway"] = start_service("services.gateway", "gateway", {
                 "MESH_GATEWAY_PORT": str(self.ports.gateway),
+                "MESH_GATEWAY_METRICS_PORT": str(self.ports.gateway_metrics),
                 "MESH_GATEWAY_ROUTER_ADDRESS": self.router_address,
+                "MESH_GATEWAY_CACHE_ADDRESS": self.cache_address if self.with_cache else "",
                 "MESH_GATEWAY_TENANTS_FILE": str(self.tenants_file),
             }, self.run_dir / "gateway.log")
             wait_grpc_serving(self.gateway_address, self.processes["gateway"], 30)
@@ -101,7 +133,8 @@ class LocalStack:
 
 def _up(args: argparse.Namespace) -> None:
     ports = StackPorts(args.gateway_port, args.router_port,
-                       [TritonPorts(args.triton_grpc_port, args.triton_grpc_port - 1, args.triton_grpc_port + 1)])
+                       [TritonPorts(args.triton_grpc_port, args.triton_grpc_port - 1, args.triton_grpc_port + 1)],
+                       cache=50053, redis=6379, milvus=19530, gateway_metrics=9101, cache_metrics=9103)
     stack = LocalStack(ROOT / "run", ports)
     print("starting Triton, router and gateway (logs in run/) ...", flush=True)
     stack.start()
@@ -111,6 +144,7 @@ def _up(args: argparse.Namespace) -> None:
 inference mesh is up
   gateway (public, InferenceMesh + KServe): {stack.gateway_address}
   router (internal):                       {stack.router_address}
+  cache (internal):                        {stack.cache_address}  redis :{ports.redis}  milvus-lite :{ports.milvus}
   triton:                                  grpc 127.0.0.1:{t.grpc}  http :{t.http}  metrics :{t.metrics}
   dev API key:                             mesh-dev-key
 

@@ -9,13 +9,14 @@ import uuid
 import grpc
 from tritonclient.grpc import service_pb2_grpc
 
-from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, models_pb2
+from inference_mesh.v1 import cache_pb2, mesh_pb2, mesh_pb2_grpc, models_pb2
 from services.common.deadlines import downstream_timeout
+from services.gateway import cached_generation
 from services.gateway.auth import Authenticator, Caller
+from services.gateway.cache_client import CacheClient
 from services.gateway.catalog import ModelCatalog
 from services.gateway.embedding import embed_texts
 from services.gateway.errors import RequestError
-from services.gateway.generation import stream_generation
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import check_embed, check_generate, check_model
 
@@ -23,9 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def _metadata(caller: Caller, model: str, request_id: str) -> mesh_pb2.ResponseMetadata:
-    # No cache in front of the router yet: say so rather than report a miss.
-    return mesh_pb2.ResponseMetadata(request_id=request_id or uuid.uuid4().hex, model=model, tenant=caller.tenant,
-                                     cache_status=mesh_pb2.CACHE_STATUS_DISABLED)
+    return mesh_pb2.ResponseMetadata(request_id=request_id or uuid.uuid4().hex, model=model, tenant=caller.tenant)
 
 
 def _forward_headers(caller: Caller, request_id: str) -> tuple[tuple[str, str], ...]:
@@ -34,11 +33,12 @@ def _forward_headers(caller: Caller, request_id: str) -> tuple[tuple[str, str], 
 
 class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
     def __init__(self, settings: GatewaySettings, auth: Authenticator, catalog: ModelCatalog,
-                 router: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+                 router: service_pb2_grpc.GRPCInferenceServiceStub, cache: CacheClient | None) -> None:
         self._settings = settings
         self._auth = auth
         self._catalog = catalog
         self._router = router
+        self._cache = cache
 
     async def Generate(self, request, context):
         caller = await self._auth.require(context)
@@ -50,8 +50,8 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             check_generate(request, model, self._settings.limits)
             metadata = _metadata(caller, model.name, request.request_id)
             timeout = downstream_timeout(context, self._settings.generate_timeout_s)
-            async for chunk in stream_generation(self._router, request, metadata, timeout,
-                                                 _forward_headers(caller, metadata.request_id)):
+            async for chunk in cached_generation.generate(self._cache, self._router, request, model, metadata,
+                                                          timeout, _forward_headers(caller, metadata.request_id)):
                 yield chunk
         except RequestError as exc:
             status = exc.code.name
@@ -68,10 +68,50 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             check_embed(request, self._settings.limits)
             metadata = _metadata(caller, model.name, request.request_id)
             timeout = downstream_timeout(context, self._settings.embed_timeout_s)
-            return await embed_texts(self._router, model, list(request.texts), metadata, timeout,
+            return await self._embed(list(request.texts), request.cache_mode, model, metadata, timeout,
                                      _forward_headers(caller, metadata.request_id))
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
+
+    async def _embed(self, texts: list[str], mode: mesh_pb2.CacheMode.ValueType, model: models_pb2.ModelInfo,
+                     metadata: mesh_pb2.ResponseMetadata, timeout_s: float,
+                     headers: tuple[tuple[str, str], ...]) -> mesh_pb2.EmbedResponse:
+        """Cached vectors per text; only the misses go to Triton, and are stored afterwards."""
+        vectors: list[list[float] | None] = [None] * len(texts)
+        scope = cache_pb2.CacheScope(tenant=metadata.tenant, model=model.name, model_version=model.version)
+        cache = None if mode == mesh_pb2.CACHE_MODE_BYPASS else self._cache
+        if cache is None:
+            metadata.cache_status = mesh_pb2.CACHE_STATUS_DISABLED if self._cache is None \
+                else mesh_pb2.CACHE_STATUS_BYPASS
+        elif mode == mesh_pb2.CACHE_MODE_REFRESH:
+            metadata.cache_status = mesh_pb2.CACHE_STATUS_MISS
+        else:
+            found = await cache.get_embeddings(scope, texts)
+            if found is None:
+                metadata.cache_status = mesh_pb2.CACHE_STATUS_UNAVAILABLE
+                metadata.degraded.append("cache")
+            else:
+                vectors = [list(e.values) or None for e in found.embeddings]
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        if missing:
+            computed, metadata = await embed_texts(self._router, model, [texts[i] for i in missing], metadata,
+                                                   timeout_s, headers)
+            rows = computed.tolist()
+            for row, index in enumerate(missing):
+                vectors[index] = rows[row]
+            if cache is not None and metadata.cache_status != mesh_pb2.CACHE_STATUS_UNAVAILABLE:
+                metadata.cache_status = mesh_pb2.CACHE_STATUS_MISS
+                cache.put_embeddings(cache_pb2.PutEmbeddingsRequest(
+                    scope=scope, texts=[texts[i] for i in missing],
+                    embeddings=[mesh_pb2.Embedding(values=row) for row in rows]))
+        else:
+            metadata.cache_status = mesh_pb2.CACHE_STATUS_EXACT_HIT
+            metadata.model_version = model.version
+        response = mesh_pb2.EmbedResponse(dimension=model.dimension, cached=len(texts) - len(missing),
+                                          metadata=metadata)
+        for vector in vectors:
+            response.embeddings.add().values.extend(vector)
+        return response
 
     async def ListModels(self, request, context):
         await self._auth.require(context)

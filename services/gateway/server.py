@@ -6,12 +6,14 @@ import asyncio
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2_grpc
 from services.common.logging import configure_logging
 from services.common.server import ServiceHost, insecure_channel
 from services.gateway.auth import Authenticator
+from services.gateway.cache_client import CacheClient
 from services.gateway.catalog import ModelCatalog
 from services.gateway.kserve_proxy import KServeProxyService
 from services.gateway.mesh_service import InferenceMeshService
@@ -27,10 +29,15 @@ async def serve(settings: GatewaySettings) -> None:
                            settings.metadata_timeout_s)
     router_health = health_pb2_grpc.HealthStub(channel)
     serving = False
+    cache_channel = insecure_channel(settings.cache_address) if settings.cache_address else None
+    cache = CacheClient(cache_channel, settings.cache_lookup_timeout_s, settings.cache_fast_timeout_s) \
+        if cache_channel else None
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
 
     host = ServiceHost("gateway", settings.address, settings.shutdown_grace_s)
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(
-        InferenceMeshService(settings, auth, catalog, router), host.server)
+        InferenceMeshService(settings, auth, catalog, router, cache), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeProxyService(auth, router, settings.generate_timeout_s, settings.metadata_timeout_s,
                            is_ready=lambda: serving), host.server)
@@ -56,6 +63,9 @@ async def serve(settings: GatewaySettings) -> None:
     try:
         await host.run(background=[follow_router_health, catalog.refresh_forever])
     finally:
+        if cache is not None:
+            await cache.drain()
+            await cache_channel.close()
         await channel.close()
 
 

@@ -27,4 +27,11 @@ class GatewaySettings(ServiceSettings):
     embed_timeout_s: float = 30.0
     metadata_timeout_s: float = 5.0
     model_refresh_s: float = 5.0
+    # Empty: no cache (responses say CACHE_STATUS_DISABLED).
+    cache_address: str = ""
+    # A lookup may wait for an identical in-flight generation (stampede protection); bounded by the deadline.
+    cache_lookup_timeout_s: float = 25.0
+    # Embedding lookups and stores are cheap or skipped.
+    cache_fast_timeout_s: float = 0.3
+    metrics_port: int = 9101
     limits: RequestLimits = RequestLimits()

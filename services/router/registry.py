@@ -32,6 +32,8 @@ class ModelSpec(BaseModel, extra="forbid"):
     context_tokens: int = 0
     max_batch_size: int = 0
     dimension: int = 0
+    # Seed guide: a semantic cache hit needs cosine similarity >= 0.92.
+    semantic_threshold: float = 0.92
 
 
 class Registry(BaseModel, extra="forbid"):
@@ -60,4 +62,5 @@ class Registry(BaseModel, extra="forbid"):
             name=name, kind=kind, version=spec.version, pools=spec.pools, ready=ready,
             max_output_tokens=spec.max_output_tokens, context_tokens=spec.context_tokens,
             max_batch_size=spec.max_batch_size, dimension=spec.dimension,
+            semantic_threshold=spec.semantic_threshold,
         )

@@ -1,0 +1,3 @@
+from services.cache.server import main
+
+main()

@@ -1,0 +1,79 @@
+"""Cache keys: a hash of everything that decides the answer, scoped by tenant, model, version, generation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from inference_mesh.v1 import cache_pb2, mesh_pb2
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _sampling(request: mesh_pb2.GenerateRequest) -> dict:
+    return {
+        "max_tokens": request.max_tokens,
+        "temperature": round(request.temperature, 6) if request.HasField("temperature") else None,
+        "top_p": round(request.top_p, 6) if request.HasField("top_p") else None,
+        "seed": request.seed if request.HasField("seed") else None,
+        "stop": list(request.stop),
+    }
+
+
+def normalise(text: str) -> str:
+    # Whitespace differences do not change the answer; case and punctuation may.
+    return " ".join(text.split())
+
+
+def messages(request: mesh_pb2.GenerateRequest) -> list[tuple[int, str]]:
+    return [(m.role, normalise(m.content)) for m in request.messages]
+
+
+def is_deterministic(request: mesh_pb2.GenerateRequest) -> bool:
+    return (request.HasField("temperature") and request.temperature == 0.0) or request.HasField("seed")
+
+
+def exact_digest(request: mesh_pb2.GenerateRequest) -> str:
+    return _digest({"messages": messages(request), "sampling": _sampling(request)})
+
+
+def user_text(request: mesh_pb2.GenerateRequest) -> str:
+    """The last user message: the only part a semantic match may differ in."""
+    for message in reversed(request.messages):
+        if message.role == mesh_pb2.ROLE_USER:
+            return normalise(message.content)
+    return ""
+
+
+def context_digest(request: mesh_pb2.GenerateRequest) -> str:
+    """Everything but the last user message: system prompt, history, sampling. A semantic hit must match it."""
+    items = messages(request)
+    last_user = max((i for i, (role, _) in enumerate(items) if role == mesh_pb2.ROLE_USER), default=-1)
+    return _digest({"messages": [m if i != last_user else (m[0], "<user>") for i, m in enumerate(items)],
+                    "sampling": _sampling(request)})
+
+
+def scope_prefix(scope: cache_pb2.CacheScope, generation: str) -> str:
+    return f"{scope.tenant}:{scope.model}:{scope.model_version}:{generation}"
+
+
+def response_key(scope: cache_pb2.CacheScope, generation: str, request: mesh_pb2.GenerateRequest) -> str:
+    return f"mesh:resp:{scope_prefix(scope, generation)}:{exact_digest(request)}"
+
+
+def embedding_key(scope: cache_pb2.CacheScope, generation: str, text: str) -> str:
+    return f"mesh:emb:{scope_prefix(scope, generation)}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
+
+
+def lease_key(key: str) -> str:
+    return f"mesh:lease:{key}"
+
+
+def tenant_generation_key(tenant: str) -> str:
+    return f"mesh:gen:tenant:{tenant}"
+
+
+def model_generation_key(model: str) -> str:
+    return f"mesh:gen:model:{model}"

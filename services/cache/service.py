@@ -1,0 +1,257 @@
+"""ResponseCache and CacheAdmin: exact lookups, semantic lookups, leases against stampedes, flushes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+from collections import OrderedDict
+
+import grpc
+import numpy as np
+from redis.exceptions import RedisError
+from tritonclient.grpc import service_pb2_grpc
+
+from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
+from services.cache import keys, metrics
+from services.cache.semantic import SemanticIndex
+from services.cache.settings import CacheSettings
+from services.cache.store import RedisStore
+from services.common.deadlines import downstream_timeout
+from services.common.embeddings import embed_via_kserve
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+_COMPLETED = (mesh_pb2.FINISH_REASON_STOP, mesh_pb2.FINISH_REASON_LENGTH)
+
+
+async def _check_scope(scope: cache_pb2.CacheScope, context: grpc.aio.ServicerContext) -> None:
+    for field in ("tenant", "model", "model_version"):
+        value = getattr(scope, field)
+        if field != "model_version" and not value:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"scope.{field} is required")
+        if value and not _NAME.match(value):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"scope.{field} must be 1-128 characters of letters, digits and ._:@-")
+
+
+class _VectorMemo:
+    """The last few prompt vectors, so that Store does not embed again what Lookup just embedded."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._items: OrderedDict[str, list[float]] = OrderedDict()
+        self._size = size
+
+    def get(self, text: str) -> list[float] | None:
+        vector = self._items.get(text)
+        if vector is not None:
+            self._items.move_to_end(text)
+        return vector
+
+    def put(self, text: str, vector: list[float]) -> None:
+        self._items[text] = vector
+        if len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+
+class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
+    def __init__(self, settings: CacheSettings, store: RedisStore, index: SemanticIndex | None,
+                 router: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+        self._settings = settings
+        self._store = store
+        self._index = index
+        self._router = router
+        self._vectors = _VectorMemo()
+
+    async def _prompt_vector(self, text: str) -> list[float]:
+        vector = self._vectors.get(text)
+        if vector is None:
+            vectors, _ = await embed_via_kserve(self._router, self._settings.embedder_model, [text], 0,
+                                                self._settings.embed_timeout_s)
+            vector = vectors[0].tolist()
+            self._vectors.put(text, vector)
+        return vector
+
+    async def _semantic(self, request: cache_pb2.LookupRequest, generation: str,
+                        degraded: list[str]) -> tuple[cache_pb2.CachedResponse, float] | None:
+        if self._index is None or not self._index.ready:
+            degraded.append("semantic-index")
+            return None
+        text = keys.user_text(request.request)
+        if not text:
+            return None
+        try:
+            vector = await self._prompt_vector(text)
+        except grpc.aio.AioRpcError as exc:
+            metrics.BACKEND_ERRORS.labels("embedder").inc()
+            log.warning("prompt embedding failed", extra={"error": exc.details()})
+            degraded.append("semantic-embedder")
+            return None
+        scope = request.scope
+        try:
+            found = await self._index.search(vector, scope.tenant, scope.model, scope.model_version, generation,
+                                             keys.context_digest(request.request))
+        except Exception as exc:  # pymilvus raises several types; any failure means: no semantic answer now
+            metrics.BACKEND_ERRORS.labels("milvus").inc()
+            log.warning("semantic search failed", extra={"error": str(exc)})
+            self._index.ready = False
+            degraded.append("semantic-index")
+            return None
+        threshold = request.semantic_threshold or self._settings.semantic_threshold
+        if found is None or found[1] < threshold:
+            return None
+        cached = await self._store.get_response(found[0])
+        return (cached, found[1]) if cached is not None else None
+
+    async def _wait_for_leader(self, key: str, context: grpc.aio.ServicerContext) -> cache_pb2.CachedResponse | None:
+        """Another caller holds the lease for this exact request: wait (bounded) for its result."""
+        deadline = time.monotonic() + downstream_timeout(context, self._settings.stampede_wait_s)
+        while time.monotonic() < deadline:
+            cached = await self._store.get_response(key)
+            if cached is not None:
+                return cached
+            if not await self._store.lease_held(key):
+                return None  # the leader gave up; the caller may lead now
+            await asyncio.sleep(self._settings.stampede_poll_s)
+        return None
+
+    async def Lookup(self, request, context):
+        await _check_scope(request.scope, context)
+        started = time.perf_counter()
+        result = "error"
+        try:
+            generation = await self._store.generation(request.scope)
+            key = keys.response_key(request.scope, generation, request.request)
+            if request.refresh:
+                result = "refresh"
+                return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_MISS,
+                                             lease=await self._store.take_lease(key, self._settings.lease_s))
+            cached = await self._store.get_response(key)
+            if cached is not None:
+                result = "exact_hit"
+                return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
+            degraded: list[str] = []
+            if request.semantic:
+                similar = await self._semantic(request, generation, degraded)
+                if similar is not None:
+                    result = "semantic_hit"
+                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT, response=similar[0],
+                                                 similarity=similar[1], degraded=degraded)
+            lease = await self._store.take_lease(key, self._settings.lease_s)
+            if not lease:
+                cached = await self._wait_for_leader(key, context)
+                if cached is not None:
+                    result = "exact_hit_after_wait"
+                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached,
+                                                 degraded=degraded)
+                lease = await self._store.take_lease(key, self._settings.lease_s)
+            result = "miss"
+            return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_MISS, lease=lease, degraded=degraded)
+        except RedisError as exc:
+            metrics.BACKEND_ERRORS.labels("redis").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
+        finally:
+            metrics.LOOKUPS.labels("response", result).inc()
+            metrics.LOOKUP_SECONDS.labels("response").observe(time.perf_counter() - started)
+
+    async def Store(self, request, context):
+        await _check_scope(request.scope, context)
+        if request.response.finish_reason not in _COMPLETED:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "only completed responses (finish_reason STOP or LENGTH) are stored")
+        try:
+            generation = await self._store.generation(request.scope)
+            key = keys.response_key(request.scope, generation, request.request)
+            size = await self._store.put_response(key, request.response, self._settings.response_ttl_s)
+            metrics.STORED_BYTES.labels("response").inc(size)
+            if request.lease:
+                await self._store.release_lease(key, request.lease)
+        except RedisError as exc:
+            metrics.BACKEND_ERRORS.labels("redis").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
+        if request.semantic and self._index is not None and self._index.ready:
+            text = keys.user_text(request.request)
+            try:
+                vector = await self._prompt_vector(text)
+                scope = request.scope
+                await self._index.add(hashlib.sha256(key.encode()).hexdigest(), vector, scope.tenant, scope.model,
+                                      scope.model_version, generation, keys.context_digest(request.request), key,
+                                      self._settings.response_ttl_s)
+            except Exception as exc:  # the exact entry is stored; the semantic one is best effort
+                metrics.BACKEND_ERRORS.labels("milvus").inc()
+                log.warning("semantic index write failed", extra={"error": str(exc)})
+        return cache_pb2.StoreReply(stored=True)
+
+    async def Release(self, request, context):
+        await _check_scope(request.scope, context)
+        try:
+            generation = await self._store.generation(request.scope)
+            await self._store.release_lease(keys.response_key(request.scope, generation, request.request),
+                                            request.lease)
+        except RedisError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
+        return cache_pb2.ReleaseReply()
+
+    async def GetEmbeddings(self, request, context):
+        await _check_scope(request.scope, context)
+        started = time.perf_counter()
+        try:
+            generation = await self._store.generation(request.scope)
+            found = await self._store.get_embeddings(
+                [keys.embedding_key(request.scope, generation, t) for t in request.texts])
+        except RedisError as exc:
+            metrics.BACKEND_ERRORS.labels("redis").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
+        hits = sum(v is not None for v in found)
+        metrics.LOOKUPS.labels("embedding", "hit").inc(hits)
+        metrics.LOOKUPS.labels("embedding", "miss").inc(len(found) - hits)
+        metrics.LOOKUP_SECONDS.labels("embedding").observe(time.perf_counter() - started)
+        reply = cache_pb2.GetEmbeddingsReply()
+        for vector in found:
+            reply.embeddings.add().values.extend(vector.tolist() if vector is not None else [])
+        return reply
+
+    async def PutEmbeddings(self, request, context):
+        await _check_scope(request.scope, context)
+        if len(request.texts) != len(request.embeddings):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{len(request.texts)} texts but {len(request.embeddings)} embeddings")
+        try:
+            generation = await self._store.generation(request.scope)
+            size = await self._store.put_embeddings(
+                [keys.embedding_key(request.scope, generation, t) for t in request.texts],
+                [np.asarray(e.values, dtype=np.float32) for e in request.embeddings], self._settings.embedding_ttl_s)
+            metrics.STORED_BYTES.labels("embedding").inc(size)
+        except RedisError as exc:
+            metrics.BACKEND_ERRORS.labels("redis").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
+        return cache_pb2.PutEmbeddingsReply()
+
+
+class CacheAdminService(cache_pb2_grpc.CacheAdminServicer):
+    def __init__(self, store: RedisStore, index: SemanticIndex | None) -> None:
+        self._store = store
+        self._index = index
+
+    async def Flush(self, request, context):
+        if not request.tenant and not request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name a tenant, a model, or both to flush")
+        for field in ("tenant", "model"):
+            value = getattr(request, field)
+            if value and not _NAME.match(value):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{field} must be 1-128 characters of letters, digits and ._:@-")
+        try:
+            await self._store.bump(tenant=request.tenant, model=request.model)
+        except RedisError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
+        deleted = 0
+        if self._index is not None and self._index.ready:
+            try:
+                deleted = await self._index.delete(tenant=request.tenant, model=request.model)
+            except Exception as exc:  # rows of an old generation can never match again: deletion only frees space
+                log.warning("semantic flush failed", extra={"error": str(exc)})
+        log.info("flushed", extra={"tenant": request.tenant, "model": request.model})
+        return cache_pb2.FlushReply(semantic_entries_deleted=deleted)

@@ -1,0 +1,81 @@
+"""Redis: responses and embeddings with TTLs, leases for stampede protection, generation counters."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from inference_mesh.v1 import cache_pb2
+from services.cache import keys
+
+# Releases a lease only if the caller still holds it (a lease that expired may belong to someone else now).
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+
+class RedisStore:
+    def __init__(self, url: str, timeout_s: float) -> None:
+        self.redis = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                       retry_on_timeout=False, health_check_interval=0)
+        self._release = self.redis.register_script(_RELEASE)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def generation(self, scope: cache_pb2.CacheScope) -> str:
+        """Flush counters of the tenant and the model: bumping either orphans every older key at once."""
+        tenant_gen, model_gen = await self.redis.mget(keys.tenant_generation_key(scope.tenant),
+                                                      keys.model_generation_key(scope.model))
+        return f"{int(tenant_gen or 0)}.{int(model_gen or 0)}"
+
+    async def bump(self, tenant: str = "", model: str = "") -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if tenant:
+                pipe.incr(keys.tenant_generation_key(tenant))
+            if model:
+                pipe.incr(keys.model_generation_key(model))
+            await pipe.execute()
+
+    async def get_response(self, key: str) -> cache_pb2.CachedResponse | None:
+        raw = await self.redis.get(key)
+        return cache_pb2.CachedResponse.FromString(raw) if raw else None
+
+    async def put_response(self, key: str, response: cache_pb2.CachedResponse, ttl_s: int) -> int:
+        raw = response.SerializeToString()
+        await self.redis.set(key, raw, ex=ttl_s)
+        return len(raw)
+
+    async def take_lease(self, key: str, lease_s: float) -> str:
+        token = secrets.token_hex(16)
+        taken = await self.redis.set(keys.lease_key(key), token, nx=True, px=int(lease_s * 1000))
+        return token if taken else ""
+
+    async def lease_held(self, key: str) -> bool:
+        return bool(await self.redis.exists(keys.lease_key(key)))
+
+    async def release_lease(self, key: str, token: str) -> None:
+        await self._release(keys=[keys.lease_key(key)], args=[token])
+
+    async def get_embeddings(self, embedding_keys: list[str]) -> list[np.ndarray | None]:
+        raws = await self.redis.mget(embedding_keys)
+        return [np.frombuffer(raw, dtype=np.float32) if raw else None for raw in raws]
+
+    async def put_embeddings(self, embedding_keys: list[str], vectors: list[np.ndarray], ttl_s: int) -> int:
+        stored = 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, vector in zip(embedding_keys, vectors, strict=True):
+                raw = np.asarray(vector, dtype=np.float32).tobytes()
+                pipe.set(key, raw, ex=ttl_s)
+                stored += len(raw)
+            await pipe.execute()
+        return stored
+
+    async def stats(self) -> tuple[int, int]:
+        """(keys in the database, bytes of memory Redis uses)."""
+        size = await self.redis.dbsize()
+        memory = await self.redis.info("memory")
+        return int(size), int(memory.get("used_memory", 0))

