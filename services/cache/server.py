@@ -28,7 +28,8 @@ async def serve(settings: CacheSettings) -> None:
                           settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef,
                           settings.milvus_timeout_s) if settings.milvus_uri else None
     router_channel = insecure_channel(settings.router_address)
-    host = ServiceHost("cache", settings.address, settings.shutdown_grace_s)
+    host = ServiceHost("cache", settings.address, settings.shutdown_grace_s,
+                       settings.drain_delay_s)
     cache_pb2_grpc.add_ResponseCacheServicer_to_server(
         ResponseCacheService(settings, store, index, service_pb2_grpc.GRPCInferenceServiceStub(router_channel)),
         host.server)

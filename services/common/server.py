@@ -36,11 +36,12 @@ def insecure_channel(target: str) -> grpc.aio.Channel:
 class ServiceHost:
     """Owns a grpc.aio server with grpc.health.v1 and reflection; stops gracefully on SIGTERM/SIGINT."""
 
-    def __init__(self, name: str, address: str, grace_s: float) -> None:
+    def __init__(self, name: str, address: str, grace_s: float, drain_delay_s: float = 2.0) -> None:
         self.name = name
         self.server = new_server()
         self.health = health.aio.HealthServicer()
         self._grace_s = grace_s
+        self._drain_delay_s = drain_delay_s
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(address)
@@ -56,7 +57,8 @@ class ServiceHost:
             await self.health.set(name, status)
 
     async def run(self, background: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
-        """Serve until SIGTERM/SIGINT, then: NOT_SERVING, refuse new RPCs, let in-flight ones finish (bounded)."""
+        """Serve until SIGTERM/SIGINT, then: NOT_SERVING for the drain delay, then refuse new RPCs and let
+        in-flight ones finish within the grace period."""
         reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME], self.server)
         await self.set_serving(False)
         loop = asyncio.get_running_loop()
@@ -70,6 +72,7 @@ class ServiceHost:
         finally:
             log.info("shutting down", extra={"grace_s": self._grace_s})
             await self.health.enter_graceful_shutdown()
+            await asyncio.sleep(self._drain_delay_s)
             await self.server.stop(self._grace_s)
             for task in tasks:
                 task.cancel()

@@ -39,6 +39,8 @@ class ServiceSettings(BaseSettings):
     port: int = 0
     # Seconds that in-flight RPCs (streams included) get to finish after SIGTERM.
     shutdown_grace_s: float = 20.0
+    # After SIGTERM, seconds of NOT_SERVING while still answering, so health checkers stop sending new work.
+    drain_delay_s: float = 2.0
     log_level: str = "INFO"
 
     @classmethod

@@ -26,7 +26,8 @@ async def serve(settings: RouterSettings) -> None:
     balancer = LeastOutstandingBalancer(replicas)
     inference = RoutingInferenceService(registry, balancer, settings.default_timeout_s)
 
-    host = ServiceHost("router", settings.address, settings.shutdown_grace_s)
+    host = ServiceHost("router", settings.address, settings.shutdown_grace_s,
+                       settings.drain_delay_s)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, host.server)
     router_pb2_grpc.add_RouterAdminServicer_to_server(
         RouterAdminService(registry, replicas, balancer), host.server)

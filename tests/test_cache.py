@@ -1,0 +1,306 @@
+"""The response and embedding cache on real Redis and Milvus (milvus-lite), wired into the gateway."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
+from tests.conftest import AUTH, EMBEDDER, KEYS, LLM, chat, generate
+from tools.processes import free_port, wait_grpc_serving
+from tools.stack import start_service
+
+AUTH_B = (("x-api-key", KEYS["tenant-b"]),)
+HIT = (mesh_pb2.CACHE_STATUS_EXACT_HIT, mesh_pb2.CACHE_STATUS_SEMANTIC_HIT)
+
+
+def triton_successes(stack, model: str) -> int:
+    """Successful requests in Triton's statistics, read once they settle: Triton counts a decoupled request
+    when it is released, just after the client has seen its last response."""
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{stack.ports.tritons[0].grpc}")
+    try:
+        def read() -> int:
+            stats = client.get_inference_statistics(model)
+            return sum(s.inference_stats.success.count for s in stats.model_stats)
+        previous, current = -1, read()
+        while current != previous:
+            time.sleep(0.3)
+            previous, current = current, read()
+        return current
+    finally:
+        client.close()
+
+
+def triton_items(stack, model: str) -> int:
+    client = triton_grpc.InferenceServerClient(f"127.0.0.1:{stack.ports.tritons[0].grpc}")
+    try:
+        return sum(s.inference_count for s in client.get_inference_statistics(model).model_stats)
+    finally:
+        client.close()
+
+
+def status_of(chunks) -> int:
+    return chunks[-1].metadata.cache_status
+
+
+def greedy(content: str, system: str | None = None, **kwargs) -> mesh_pb2.GenerateRequest:
+    request = chat(content, max_tokens=12, temperature=0.0, **kwargs)
+    if system:
+        request.messages.insert(0, mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_SYSTEM, content=system))
+    return request
+
+
+def test_miss_then_exact_hit_replays_the_same_stream(mesh, stack):
+    request = greedy("Give me a one-word name for a boat.")
+    calls_before = triton_successes(stack, "smollm2")
+    text, first = generate(mesh, request)
+    assert status_of(first) == mesh_pb2.CACHE_STATUS_MISS
+    again_text, again = generate(mesh, request)
+    assert status_of(again) == mesh_pb2.CACHE_STATUS_EXACT_HIT
+    assert again_text == text
+    assert [(c.text, c.token_index) for c in again] == [(c.text, c.token_index) for c in first]
+    assert again[-1].usage == first[-1].usage and again[-1].finish_reason == first[-1].finish_reason
+    assert triton_successes(stack, "smollm2") == calls_before + 1, "the hit must not reach Triton"
+    # Whitespace does not change the answer, so it does not change the key either.
+    spaced = greedy("Give me a   one-word name for a boat. ")
+    assert status_of(generate(mesh, spaced)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
+
+
+def test_refresh_bypass_and_nondeterministic_requests(mesh, stack):
+    request = greedy("Name a colour of the sky at dusk.")
+    generate(mesh, request)
+    before = triton_successes(stack, "smollm2")
+    request.cache_mode = mesh_pb2.CACHE_MODE_REFRESH
+    assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_MISS
+    request.cache_mode = mesh_pb2.CACHE_MODE_BYPASS
+    assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_BYPASS
+    assert triton_successes(stack, "smollm2") == before + 2
+    request.cache_mode = mesh_pb2.CACHE_MODE_DEFAULT
+    assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
+    sampled = chat("Name a colour of the sky at dusk.", max_tokens=12, temperature=0.8)
+    assert status_of(generate(mesh, sampled)[1]) == mesh_pb2.CACHE_STATUS_BYPASS
+
+
+def test_semantic_hit_and_its_guards(mesh):
+    system = "You answer geography questions in one short sentence."
+    _, first = generate(mesh, greedy("What is the capital of France?", system=system))
+    assert status_of(first) == mesh_pb2.CACHE_STATUS_MISS
+    _, similar = generate(mesh, greedy("what's the capital of France?", system=system))
+    assert status_of(similar) == mesh_pb2.CACHE_STATUS_SEMANTIC_HIT
+    assert 0.92 <= similar[-1].metadata.similarity < 1.0
+    # Guards: another question, another system prompt, other sampling, an opt-out: all misses.
+    assert status_of(generate(mesh, greedy("What is the population of Brazil?", system=system))[1]) \
+        == mesh_pb2.CACHE_STATUS_MISS
+    assert status_of(generate(mesh, greedy("what's the capital of France?", system="Answer in French."))[1]) \
+        == mesh_pb2.CACHE_STATUS_MISS
+    other_sampling = greedy("what's the capital of France?", system=system)
+    other_sampling.max_tokens = 11
+    assert status_of(generate(mesh, other_sampling)[1]) == mesh_pb2.CACHE_STATUS_MISS
+    opted_out = greedy("what is the capital of France ?", system=system, no_semantic_cache=True)
+    assert status_of(generate(mesh, opted_out)[1]) == mesh_pb2.CACHE_STATUS_MISS
+
+
+def test_no_cross_tenant_hits_exact_or_semantic(mesh, stack):
+    secret = greedy("Tenant A's private question about project Nightingale budget?")
+    generate(mesh, secret, metadata=AUTH)
+    assert status_of(generate(mesh, secret, metadata=AUTH)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
+    # Tenant B first asks a close paraphrase (a semantic candidate of A's entry), then the exact text with the
+    # semantic lookup off (so B's own new entry cannot answer it): neither may see A's answer.
+    paraphrase = greedy("Tenant A's private question about the project Nightingale budget?")
+    assert status_of(generate(mesh, paraphrase, metadata=AUTH_B)[1]) == mesh_pb2.CACHE_STATUS_MISS
+    secret.no_semantic_cache = True
+    assert status_of(generate(mesh, secret, metadata=AUTH_B)[1]) == mesh_pb2.CACHE_STATUS_MISS
+    # A scope crafted to break out of the Milvus filter is refused, not interpreted.
+    with grpc.insecure_channel(stack.cache_address) as channel:
+        cache = cache_pb2_grpc.ResponseCacheStub(channel)
+        for tenant in ('tenant-b" or tenant != "', "tenant-a' || '1", ""):
+            with pytest.raises(grpc.RpcError) as info:
+                cache.Lookup(cache_pb2.LookupRequest(
+                    scope=cache_pb2.CacheScope(tenant=tenant, model=LLM, model_version="1"),
+                    request=secret, semantic=True), timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_fifty_identical_concurrent_requests_run_once(mesh, stack):
+    request = greedy("Explain in one sentence why caches help.")
+    before = triton_successes(stack, "smollm2")
+    results: list[tuple[str, int]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(50)
+
+    def one() -> None:
+        try:
+            barrier.wait(10)
+            text, chunks = generate(mesh, request)
+            results.append((text, status_of(chunks)))
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors[:3]
+    assert triton_successes(stack, "smollm2") == before + 1
+    assert len({text for text, _ in results}) == 1
+    statuses = [s for _, s in results]
+    assert statuses.count(mesh_pb2.CACHE_STATUS_MISS) == 1 and statuses.count(mesh_pb2.CACHE_STATUS_EXACT_HIT) == 49
+
+
+def test_cancelled_generation_is_not_stored(mesh):
+    request = greedy("Write a long list of animals, one per line.")
+    request.max_tokens = 400
+    call = mesh.Generate(request, metadata=AUTH, timeout=60)
+    next(call)
+    call.cancel()
+    time.sleep(0.5)
+    request.max_tokens = 400
+    _, chunks = generate(mesh, request)
+    assert status_of(chunks) == mesh_pb2.CACHE_STATUS_MISS
+
+
+def test_embeddings_cached_per_text_and_only_misses_reach_triton(mesh, stack):
+    texts = ["cached vector one", "cached vector two"]
+    first = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=texts), metadata=AUTH, timeout=30)
+    assert first.cached == 0 and first.metadata.cache_status == mesh_pb2.CACHE_STATUS_MISS
+    time.sleep(0.3)  # the store runs after the reply
+    before = triton_items(stack, "minilm")
+    mixed = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=[*texts, "a third, new text"]),
+                       metadata=AUTH, timeout=30)
+    assert mixed.cached == 2
+    assert triton_items(stack, "minilm") == before + 1
+    assert list(mixed.embeddings[0].values) == pytest.approx(list(first.embeddings[0].values), abs=1e-6)
+    time.sleep(0.3)
+    full = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=texts), metadata=AUTH, timeout=30)
+    assert full.metadata.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT and full.cached == 2
+    other_tenant = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=texts), metadata=AUTH_B, timeout=30)
+    assert other_tenant.cached == 0
+
+
+def _cache_stub(stack):
+    return grpc.insecure_channel(stack.cache_address)
+
+
+def test_version_bump_and_flush_invalidate(mesh, stack):
+    request = greedy("Which planet is known as the red planet?")
+    scope_v1 = cache_pb2.CacheScope(tenant="tenant-a", model=LLM, model_version="1")
+    generate(mesh, request)
+    with _cache_stub(stack) as channel:
+        cache = cache_pb2_grpc.ResponseCacheStub(channel)
+        admin = cache_pb2_grpc.CacheAdminStub(channel)
+
+        def lookup(scope, semantic=True):
+            reply = cache.Lookup(cache_pb2.LookupRequest(scope=scope, request=request, semantic=semantic), timeout=5)
+            if reply.lease:
+                cache.Release(cache_pb2.ReleaseRequest(scope=scope, request=request, lease=reply.lease), timeout=5)
+            return reply.result
+
+        assert lookup(scope_v1) == cache_pb2.LOOKUP_RESULT_EXACT_HIT
+        scope_v2 = cache_pb2.CacheScope(tenant="tenant-a", model=LLM, model_version="2")
+        assert lookup(scope_v2) == cache_pb2.LOOKUP_RESULT_MISS, "a new version must not serve the old answers"
+        admin.Flush(cache_pb2.FlushRequest(tenant="tenant-a"), timeout=10)
+        assert lookup(scope_v1) == cache_pb2.LOOKUP_RESULT_MISS
+        assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_MISS
+        time.sleep(0.3)
+        assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
+        admin.Flush(cache_pb2.FlushRequest(model=LLM), timeout=10)
+        assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_MISS
+
+
+@pytest.mark.parametrize(("flush", "message"), [
+    (cache_pb2.FlushRequest(), "name a tenant, a model, or both"),
+    (cache_pb2.FlushRequest(tenant="x" * 200), "tenant must be 1-128 characters"),
+    (cache_pb2.FlushRequest(model='m" or model != "'), "model must be 1-128 characters"),
+])
+def test_admin_flush_rejects_bad_input(stack, flush, message):
+    with _cache_stub(stack) as channel, pytest.raises(grpc.RpcError) as info:
+        cache_pb2_grpc.CacheAdminStub(channel).Flush(flush, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+
+
+def test_store_rejects_incomplete_responses(stack):
+    with _cache_stub(stack) as channel, pytest.raises(grpc.RpcError) as info:
+        cache_pb2_grpc.ResponseCacheStub(channel).Store(cache_pb2.StoreRequest(
+            scope=cache_pb2.CacheScope(tenant="tenant-a", model=LLM, model_version="1"), request=greedy("x"),
+            response=cache_pb2.CachedResponse(chunks=["partial"],
+                                              finish_reason=mesh_pb2.FINISH_REASON_CANCELLED)), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_expired_entries_are_never_served(stack, tmp_path):
+    port = free_port()
+    short_lived = start_service("services.cache", "cache-ttl", {
+        "MESH_CACHE_PORT": str(port), "MESH_CACHE_METRICS_PORT": "0",
+        "MESH_CACHE_REDIS_URL": f"redis://127.0.0.1:{stack.ports.redis}/0",
+        "MESH_CACHE_MILVUS_URI": f"http://127.0.0.1:{stack.ports.milvus}",
+        "MESH_CACHE_ROUTER_ADDRESS": stack.router_address,
+        "MESH_CACHE_RESPONSE_TTL_S": "2", "MESH_CACHE_DRAIN_DELAY_S": "0",
+    }, tmp_path / "cache.log")
+    try:
+        wait_grpc_serving(f"127.0.0.1:{port}", short_lived, 30)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            cache = cache_pb2_grpc.ResponseCacheStub(channel)
+            scope = cache_pb2.CacheScope(tenant="ttl-tenant", model=LLM, model_version="1")
+            request = greedy("How long does a cache entry live?")
+            response = cache_pb2.CachedResponse(chunks=["Two", " seconds"], token_indices=[0, 1], prompt_tokens=5,
+                                                completion_tokens=2, finish_reason=mesh_pb2.FINISH_REASON_STOP)
+            deadline = time.monotonic() + 10  # the semantic index comes up in the background
+            while True:
+                cache.Store(cache_pb2.StoreRequest(scope=scope, request=request, response=response, semantic=True),
+                            timeout=5)
+                similar = greedy("How long does a cache entry live ?")
+                reply = cache.Lookup(cache_pb2.LookupRequest(scope=scope, request=similar, semantic=True), timeout=5)
+                if reply.result == cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT or time.monotonic() > deadline:
+                    break
+                cache.Release(cache_pb2.ReleaseRequest(scope=scope, request=similar, lease=reply.lease), timeout=5)
+                time.sleep(0.5)
+            assert reply.result == cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT
+            assert cache.Lookup(cache_pb2.LookupRequest(scope=scope, request=request), timeout=5).result == \
+                cache_pb2.LOOKUP_RESULT_EXACT_HIT
+            time.sleep(2.5)
+            for probe in (request, similar):
+                reply = cache.Lookup(cache_pb2.LookupRequest(scope=scope, request=probe, semantic=True), timeout=5)
+                assert reply.result == cache_pb2.LOOKUP_RESULT_MISS
+                cache.Release(cache_pb2.ReleaseRequest(scope=scope, request=probe, lease=reply.lease), timeout=5)
+    finally:
+        short_lived.stop()
+
+
+def _metric(port: int, name: str, **labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_redis_down_every_request_succeeds_and_hits_resume(mesh, stack):
+    request = greedy("Say a word that rhymes with cat.")
+    generate(mesh, request)
+    time.sleep(0.3)
+    assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
+    bypassed_before = _metric(stack.ports.gateway_metrics, "mesh_gateway_cache_unavailable_total")
+    stack.processes["redis"].kill()
+    try:
+        for _ in range(3):
+            text, chunks = generate(mesh, request)
+            assert text and status_of(chunks) == mesh_pb2.CACHE_STATUS_UNAVAILABLE
+            assert "cache" in chunks[-1].metadata.degraded
+        embedded = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["still works"]), metadata=AUTH,
+                              timeout=30)
+        assert embedded.metadata.cache_status == mesh_pb2.CACHE_STATUS_UNAVAILABLE and len(embedded.embeddings) == 1
+        assert _metric(stack.ports.gateway_metrics, "mesh_gateway_cache_unavailable_total") >= bypassed_before + 4
+    finally:
+        stack.start_redis()
+    assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_MISS  # a restarted Redis is empty
+    time.sleep(0.3)
+    assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
+    assert _metric(stack.ports.cache_metrics, "mesh_cache_lookups_total", kind="response", result="exact_hit") > 0
+    assert _metric(stack.ports.cache_metrics, "mesh_cache_stored_bytes_total", kind="response") > 0
