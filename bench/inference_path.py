@@ -69,8 +69,10 @@ def direct_embed(triton: service_pb2_grpc.GRPCInferenceServiceStub) -> Callable[
     return call
 
 
-def mesh_embed(mesh: mesh_pb2_grpc.InferenceMeshStub) -> Callable[[], Awaitable[Sample]]:
-    request = mesh_pb2.EmbedRequest(model="all-minilm-l6-v2", texts=[TEXT])
+def mesh_embed(mesh: mesh_pb2_grpc.InferenceMeshStub, cached: bool = False) -> Callable[[], Awaitable[Sample]]:
+    # Bypass the cache to compare the same work; `cached` measures the hit path instead.
+    mode = mesh_pb2.CACHE_MODE_DEFAULT if cached else mesh_pb2.CACHE_MODE_BYPASS
+    request = mesh_pb2.EmbedRequest(model="all-minilm-l6-v2", texts=[TEXT], cache_mode=mode)
 
     async def call() -> Sample:
         t0 = time.perf_counter()
@@ -94,18 +96,20 @@ def direct_generate(triton: service_pb2_grpc.GRPCInferenceServiceStub) -> Callab
         async for item in triton.ModelStreamInfer(iter([request]), timeout=120):
             if item.error_message:
                 raise RuntimeError(item.error_message)
-            if output_arrays(item.infer_response)["text_output"].reshape(-1)[0] and first is None:
+            outputs = output_arrays(item.infer_response)
+            if outputs["text_output"].reshape(-1)[0] and first is None:
                 first = time.perf_counter()
-            tokens = int(output_arrays(item.infer_response)["completion_tokens"].reshape(-1)[0])
+            tokens = int(outputs["completion_tokens"].reshape(-1)[0])
             if is_final_response(item.infer_response):
                 break
         return _stream_sample(t0, first, time.perf_counter(), tokens)
     return call
 
 
-def mesh_generate(mesh: mesh_pb2_grpc.InferenceMeshStub) -> Callable[[], Awaitable[Sample]]:
+def mesh_generate(mesh: mesh_pb2_grpc.InferenceMeshStub, cached: bool = False) -> Callable[[], Awaitable[Sample]]:
+    mode = mesh_pb2.CACHE_MODE_DEFAULT if cached else mesh_pb2.CACHE_MODE_BYPASS
     request = mesh_pb2.GenerateRequest(
-        model="smollm2-135m-instruct", max_tokens=MAX_TOKENS, temperature=0.0,
+        model="smollm2-135m-instruct", max_tokens=MAX_TOKENS, temperature=0.0, cache_mode=mode,
         messages=[mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_USER, content=PROMPT[0]["content"])])
 
     async def call() -> Sample:
@@ -126,8 +130,9 @@ async def measure(stack: LocalStack, concurrencies: list[int], embed_requests: i
     triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
     mesh = mesh_pb2_grpc.InferenceMeshStub(gateway_channel)
     paths = {
-        "embed": {"direct": direct_embed(triton), "mesh": mesh_embed(mesh)},
-        "generate": {"direct": direct_generate(triton), "mesh": mesh_generate(mesh)},
+        "embed": {"direct": direct_embed(triton), "mesh": mesh_embed(mesh), "hit": mesh_embed(mesh, cached=True)},
+        "generate": {"direct": direct_generate(triton), "mesh": mesh_generate(mesh),
+                     "hit": mesh_generate(mesh, cached=True)},
     }
     for calls in paths.values():  # warm-up: connections, model caches
         for call in calls.values():
@@ -136,9 +141,9 @@ async def measure(stack: LocalStack, concurrencies: list[int], embed_requests: i
     for kind, calls in paths.items():
         for concurrency in concurrencies:
             count = max(embed_requests if kind == "embed" else stream_requests * concurrency // 4, concurrency * 2)
-            gathered: dict[str, tuple[list[Sample], float]] = {"direct": ([], 0.0), "mesh": ([], 0.0)}
-            for _ in range(rounds):
-                for path in ("direct", "mesh") if _ % 2 == 0 else ("mesh", "direct"):
+            gathered: dict[str, tuple[list[Sample], float]] = {p: ([], 0.0) for p in calls}
+            for turn in range(rounds):
+                for path in ("direct", "mesh", "hit") if turn % 2 == 0 else ("hit", "mesh", "direct"):
                     samples, elapsed = await run_load(calls[path], concurrency, count // rounds)
                     gathered[path] = (gathered[path][0] + samples, gathered[path][1] + elapsed)
             for path, (samples, elapsed) in gathered.items():
@@ -157,9 +162,9 @@ async def measure(stack: LocalStack, concurrencies: list[int], embed_requests: i
 
 
 def render(rows: list[dict], command: str) -> str:
-    def pair(kind: str, c: int) -> tuple[dict, dict]:
+    def pair(kind: str, c: int) -> tuple[dict, dict, dict]:
         found = {r["path"]: r for r in rows if r["kind"] == kind and r["concurrency"] == c}
-        return found["direct"], found["mesh"]
+        return found["direct"], found["mesh"], found["hit"]
 
     concurrencies = sorted({r["concurrency"] for r in rows})
     lines = [
@@ -167,30 +172,36 @@ def render(rows: list[dict], command: str) -> str:
         f"Machine: {platform.machine()}, {__import__('os').cpu_count()} cores, client, gateway, router and Triton "
         "on the same cores. Model instances: 1 per model (CPU).",
         "",
+        "The mesh columns bypass the cache (same work as direct); the cache-hit columns send the same request",
+        "again with the cache on, so they measure gateway → cache service → Redis.",
+        "",
         "### Embed (1 text per request)",
         "",
         "| concurrency | direct p50 ms | mesh p50 ms | added p50 ms | direct p99 ms | mesh p99 ms | added p99 ms "
-        "| direct req/s | mesh req/s | mesh/direct throughput |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| direct req/s | mesh req/s | mesh/direct throughput | cache-hit p50 ms | cache-hit req/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in concurrencies:
-        d, m = pair("embed", c)
+        d, m, h = pair("embed", c)
         lines.append(f"| {c} | {d['p50_ms']:.2f} | {m['p50_ms']:.2f} | {m['p50_ms'] - d['p50_ms']:+.2f} "
                      f"| {d['p99_ms']:.2f} | {m['p99_ms']:.2f} | {m['p99_ms'] - d['p99_ms']:+.2f} "
-                     f"| {d['rps']:.0f} | {m['rps']:.0f} | {m['rps'] / d['rps']:.2f} |")
+                     f"| {d['rps']:.0f} | {m['rps']:.0f} | {m['rps'] / d['rps']:.2f} "
+                     f"| {h['p50_ms']:.2f} | {h['rps']:.0f} |")
     lines += [
         "",
         f"### Generate (streaming, {MAX_TOKENS} tokens, greedy)",
         "",
         "| concurrency | direct TTFT p50 ms | mesh TTFT p50 ms | added TTFT p50 ms | direct TTFT p99 ms "
-        "| mesh TTFT p99 ms | direct ms/token | mesh ms/token | mesh/direct ms/token |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mesh TTFT p99 ms | direct ms/token | mesh ms/token | mesh/direct ms/token | cache-hit whole stream p50 ms "
+        "| direct whole stream p50 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in concurrencies:
-        d, m = pair("generate", c)
+        d, m, h = pair("generate", c)
         lines.append(f"| {c} | {d['ttft_p50_ms']:.1f} | {m['ttft_p50_ms']:.1f} | "
                      f"{m['ttft_p50_ms'] - d['ttft_p50_ms']:+.1f} | {d['ttft_p99_ms']:.1f} | {m['ttft_p99_ms']:.1f} "
-                     f"| {d['tpot_ms']:.2f} | {m['tpot_ms']:.2f} | {m['tpot_ms'] / d['tpot_ms']:.2f} |")
+                     f"| {d['tpot_ms']:.2f} | {m['tpot_ms']:.2f} | {m['tpot_ms'] / d['tpot_ms']:.2f} "
+                     f"| {h['p50_ms']:.1f} | {d['p50_ms']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

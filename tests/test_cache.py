@@ -304,3 +304,28 @@ def test_redis_down_every_request_succeeds_and_hits_resume(mesh, stack):
     assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
     assert _metric(stack.ports.cache_metrics, "mesh_cache_lookups_total", kind="response", result="exact_hit") > 0
     assert _metric(stack.ports.cache_metrics, "mesh_cache_stored_bytes_total", kind="response") > 0
+
+
+def test_milvus_down_semantic_degrades_and_recovers(mesh, stack):
+    system = "You name animals."
+    exact = greedy("Name a large grey animal with a trunk.", system=system)
+    generate(mesh, exact)
+    stack.processes["milvus"].kill()
+    try:
+        text, chunks = generate(mesh, greedy("Name one large grey animal that has a trunk.", system=system))
+        assert text and status_of(chunks) == mesh_pb2.CACHE_STATUS_MISS
+        assert "semantic-index" in chunks[-1].metadata.degraded
+        _, again = generate(mesh, exact)
+        assert status_of(again) == mesh_pb2.CACHE_STATUS_EXACT_HIT, "the exact cache does not need Milvus"
+    finally:
+        stack.start_milvus()
+    restarted = time.monotonic()
+    for attempt in range(40):  # the cache reconnects in the background: a fresh question each try
+        generate(mesh, greedy(f"Which bird cannot fly and lives in Antarctica? (try {attempt})", system=system))
+        time.sleep(0.3)
+        _, similar = generate(mesh, greedy(f"which bird can't fly and lives in Antarctica? (try {attempt})",
+                                           system=system))
+        if status_of(similar) == mesh_pb2.CACHE_STATUS_SEMANTIC_HIT or time.monotonic() - restarted > 20:
+            break
+    assert status_of(similar) == mesh_pb2.CACHE_STATUS_SEMANTIC_HIT
+    assert time.monotonic() - restarted < 20, "semantic hits must resume within seconds of Milvus returning"

@@ -6,6 +6,7 @@ digest of everything but the user's text, and expiry, so a hit can only come fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -43,8 +44,16 @@ class SemanticIndex:
             self.ready = True
         except Exception as exc:
             log.warning("semantic index unavailable", extra={"error": str(exc)})
-            self.ready = False
+            await self.mark_unavailable()
         return self.ready
+
+    async def mark_unavailable(self) -> None:
+        """Drop the client: pymilvus' async client does not recover once its server restarts."""
+        self.ready = False
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close()
 
     async def _create(self) -> None:
         schema = AsyncMilvusClient.create_schema(auto_id=False)

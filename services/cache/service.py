@@ -96,7 +96,7 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
         except Exception as exc:  # pymilvus raises several types; any failure means: no semantic answer now
             metrics.BACKEND_ERRORS.labels("milvus").inc()
             log.warning("semantic search failed", extra={"error": str(exc)})
-            self._index.ready = False
+            await self._index.mark_unavailable()
             degraded.append("semantic-index")
             return None
         threshold = request.semantic_threshold or self._settings.semantic_threshold
@@ -182,6 +182,7 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
             except Exception as exc:  # the exact entry is stored; the semantic one is best effort
                 metrics.BACKEND_ERRORS.labels("milvus").inc()
                 log.warning("semantic index write failed", extra={"error": str(exc)})
+                await self._index.mark_unavailable()
         return cache_pb2.StoreReply(stored=True)
 
     async def Release(self, request, context):

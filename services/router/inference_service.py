@@ -10,6 +10,7 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.deadlines import downstream_timeout
+from services.common.kserve import is_final_response
 from services.router.balancer import LeastOutstandingBalancer, NoReplicaError
 from services.router.registry import ModelSpec, Registry
 from services.router.replicas import Replica
@@ -150,7 +151,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 with replica.track():
                     async for response in call:
-                        if not response.error_message:
+                        # Placement is read from the last response; stamping every token would cost for nothing.
+                        if not response.error_message and is_final_response(response.infer_response):
                             _stamp(response.infer_response, public_name, spec, replica)
                         sent_any = True
                         await out.put(response)
