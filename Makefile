@@ -68,6 +68,7 @@ test: setup
 
 bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.inference_path
+	PYTHONPATH=.:gen $(PY) -m bench.cache_lookup
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

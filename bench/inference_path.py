@@ -205,7 +205,7 @@ def render(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(markdown: str, title: str) -> None:
+def write_section(markdown: str, title: str, heading: str = "Inference path: direct Triton vs mesh") -> None:
     path = ROOT / "BENCHMARKS.md"
     begin, end = f"<!-- {title}:begin -->", f"<!-- {title}:end -->"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -213,7 +213,7 @@ def write_section(markdown: str, title: str) -> None:
     if begin in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
-        text = text.rstrip() + f"\n\n## Inference path: direct Triton vs mesh\n\n{block}\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n{block}\n"
     path.write_text(text)
 
 

@@ -65,8 +65,8 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
         self._router = router
         self._vectors = _VectorMemo()
 
-    async def _prompt_vector(self, text: str) -> list[float]:
-        vector = self._vectors.get(text)
+    async def _prompt_vector(self, text: str, reuse: bool) -> list[float]:
+        vector = self._vectors.get(text) if reuse else None
         if vector is None:
             vectors, _ = await embed_via_kserve(self._router, self._settings.embedder_model, [text], 0,
                                                 self._settings.embed_timeout_s)
@@ -83,7 +83,7 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
         if not text:
             return None
         try:
-            vector = await self._prompt_vector(text)
+            vector = await self._prompt_vector(text, reuse=False)
         except grpc.aio.AioRpcError as exc:
             metrics.BACKEND_ERRORS.labels("embedder").inc()
             log.warning("prompt embedding failed", extra={"error": exc.details()})
@@ -174,7 +174,7 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
         if request.semantic and self._index is not None and self._index.ready:
             text = keys.user_text(request.request)
             try:
-                vector = await self._prompt_vector(text)
+                vector = await self._prompt_vector(text, reuse=True)
                 scope = request.scope
                 await self._index.add(hashlib.sha256(key.encode()).hexdigest(), vector, scope.tenant, scope.model,
                                       scope.model_version, generation, keys.context_digest(request.request), key,
