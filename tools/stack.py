@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,9 +137,11 @@ def _up(args: argparse.Namespace) -> None:
                        [TritonPorts(args.triton_grpc_port, args.triton_grpc_port - 1, args.triton_grpc_port + 1)],
                        cache=50053, redis=6379, milvus=19530, gateway_metrics=9101, cache_metrics=9103)
     stack = LocalStack(ROOT / "run", ports)
-    print("starting Triton, router and gateway (logs in run/) ...", flush=True)
+    print("starting Triton, router, Redis, milvus-lite, cache and gateway (logs in run/) ...", flush=True)
     stack.start()
-    (ROOT / "run" / "stack.pids").write_text("\n".join(str(p.pid) for p in stack.processes.values()))
+    # The first pid is this process: `make down` signals it, and it stops the others in order.
+    (ROOT / "run" / "stack.pids").write_text("\n".join([str(os.getpid())] + [str(p.pid) for p in
+                                                                            stack.processes.values()]))
     t = ports.tritons[0]
     print(f"""
 inference mesh is up
@@ -167,16 +170,31 @@ Ctrl-C (or `make down`) stops everything.""", flush=True)
         (ROOT / "run" / "stack.pids").unlink(missing_ok=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _down(_: argparse.Namespace) -> None:
-    pids = ROOT / "run" / "stack.pids"
-    if not pids.exists():
+    pids_file = ROOT / "run" / "stack.pids"
+    if not pids_file.exists():
         print("nothing to stop")
         return
-    for pid in reversed(pids.read_text().split()):
+    supervisor, *children = (int(p) for p in pids_file.read_text().split())
+    if _alive(supervisor):
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while _alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    # Only if the supervisor is gone or stuck: stop what is left directly.
+    for pid in reversed(children):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(pid), signal.SIGTERM)
-    pids.unlink()
-    print("stop signal sent")
+            os.killpg(pid, signal.SIGTERM)
+    pids_file.unlink(missing_ok=True)
+    print("stopped")
 
 
 def main() -> None:
