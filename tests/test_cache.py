@@ -201,7 +201,10 @@ def test_version_bump_and_flush_invalidate(mesh, stack):
                 cache.Release(cache_pb2.ReleaseRequest(scope=scope, request=request, lease=reply.lease), timeout=5)
             return reply.result
 
-        assert lookup(scope_v1) == cache_pb2.LOOKUP_RESULT_EXACT_HIT
+        deadline = time.monotonic() + 5  # the gateway stores after its reply
+        while lookup(scope_v1, semantic=False) != cache_pb2.LOOKUP_RESULT_EXACT_HIT:
+            assert time.monotonic() < deadline, "the completed generation was not stored"
+            time.sleep(0.1)
         scope_v2 = cache_pb2.CacheScope(tenant="tenant-a", model=LLM, model_version="2")
         assert lookup(scope_v2) == cache_pb2.LOOKUP_RESULT_MISS, "a new version must not serve the old answers"
         admin.Flush(cache_pb2.FlushRequest(tenant="tenant-a"), timeout=10)

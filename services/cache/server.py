@@ -16,8 +16,7 @@ from services.cache.semantic import SemanticIndex
 from services.cache.service import CacheAdminService, ResponseCacheService
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
-from services.common.logging import configure_logging
-from services.common.server import ServiceHost, insecure_channel
+from services.common.server import ServiceHost, insecure_channel, run_service
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +74,4 @@ async def serve(settings: CacheSettings) -> None:
 
 
 def main() -> None:
-    settings = CacheSettings()
-    configure_logging("cache", settings.log_level)
-    asyncio.run(serve(settings))
+    run_service("cache", CacheSettings, serve)

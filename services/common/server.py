@@ -6,12 +6,16 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.settings import ServiceSettings
+
 log = logging.getLogger(__name__)
+ServiceSettingsT = TypeVar("ServiceSettingsT", bound=ServiceSettings)
 
 # Large enough for an embedding batch of 256 texts of 8 KiB or its 384-float vectors.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -81,3 +85,13 @@ class ServiceHost:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+
+def run_service(name: str, settings_factory: Callable[[], ServiceSettingsT],
+                serve: Callable[[ServiceSettingsT], Awaitable[None]]) -> None:
+    """A service's `main`: settings from file and environment, JSON logs, then serve until stopped."""
+    from services.common.logging import configure_logging
+
+    settings = settings_factory()
+    configure_logging(name, settings.log_level)
+    asyncio.run(serve(settings))

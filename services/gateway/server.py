@@ -10,8 +10,7 @@ from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2_grpc
-from services.common.logging import configure_logging
-from services.common.server import ServiceHost, insecure_channel
+from services.common.server import ServiceHost, insecure_channel, run_service
 from services.gateway.auth import Authenticator
 from services.gateway.cache_client import CacheClient
 from services.gateway.catalog import ModelCatalog
@@ -71,6 +70,4 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    settings = GatewaySettings()
-    configure_logging("gateway", settings.log_level)
-    asyncio.run(serve(settings))
+    run_service("gateway", GatewaySettings, serve)

@@ -8,8 +8,7 @@ import logging
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import router_pb2, router_pb2_grpc
-from services.common.logging import configure_logging
-from services.common.server import ServiceHost
+from services.common.server import ServiceHost, run_service
 from services.router.admin_service import RouterAdminService
 from services.router.balancer import LeastOutstandingBalancer
 from services.router.inference_service import RoutingInferenceService
@@ -52,6 +51,4 @@ async def serve(settings: RouterSettings) -> None:
 
 
 def main() -> None:
-    settings = RouterSettings()
-    configure_logging("router", settings.log_level)
-    asyncio.run(serve(settings))
+    run_service("router", RouterSettings, serve)

@@ -1,0 +1,65 @@
+"""Document chunks in Milvus: partition key per tenant, HNSW (cosine), replace-by-document-id upserts."""
+
+from __future__ import annotations
+
+import hashlib
+
+from pymilvus import AsyncMilvusClient, DataType
+
+from services.common.milvus import MilvusCollection, quote
+
+_OUTPUT = ["chunk_id", "document_id", "text", "metadata"]
+
+
+def primary_key(tenant: str, chunk_id: str) -> str:
+    # Two tenants may use the same document ids: the key includes the tenant.
+    return hashlib.sha256(f"{tenant}\x00{chunk_id}".encode()).hexdigest()
+
+
+class DocumentIndex(MilvusCollection):
+    def __init__(self, uri: str, collection: str, dimension: int, m: int, ef_construction: int,
+                 timeout_s: float) -> None:
+        super().__init__(uri, collection, timeout_s, self._create_collection)
+        self.dimension = dimension
+        self._m = m
+        self._ef_construction = ef_construction
+
+    async def _create_collection(self, client: AsyncMilvusClient, name: str) -> None:
+        schema = AsyncMilvusClient.create_schema(auto_id=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("tenant", DataType.VARCHAR, max_length=128, is_partition_key=True)
+        schema.add_field("document_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("chunk_id", DataType.VARCHAR, max_length=300)
+        schema.add_field("text", DataType.VARCHAR, max_length=65_535)
+        schema.add_field("metadata", DataType.JSON)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dimension)
+        index = AsyncMilvusClient.prepare_index_params()
+        index.add_index("vector", index_type="HNSW", metric_type="COSINE",
+                        params={"M": self._m, "efConstruction": self._ef_construction})
+        await client.create_collection(name, schema=schema, index_params=index, timeout=self.timeout_s * 20)
+
+    async def replace_documents(self, tenant: str, rows: list[dict], document_ids: list[str]) -> None:
+        """Delete every chunk of these documents, then insert the new ones: upserting again never duplicates."""
+        await self.delete_documents(tenant, document_ids)
+        for row in rows:
+            row["pk"] = primary_key(tenant, row["chunk_id"])
+            row["tenant"] = tenant
+        if rows:
+            await self.client.insert(self.name, rows, timeout=self.timeout_s * 10)
+
+    async def delete_documents(self, tenant: str, document_ids: list[str]) -> int:
+        ids = ", ".join(quote(d) for d in document_ids)
+        result = await self.client.delete(self.name, filter=f"tenant == {quote(tenant)} and document_id in [{ids}]",
+                                          timeout=self.timeout_s * 4)
+        return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
+
+    async def search(self, tenant: str, vector: list[float], top_k: int, user_filter: str, ef: int) -> list[dict]:
+        expr = f"tenant == {quote(tenant)}" + (f" and ({user_filter})" if user_filter else "")
+        hits = await self.client.search(self.name, data=[vector], filter=expr, limit=top_k, output_fields=_OUTPUT,
+                                        search_params={"params": {"ef": max(ef, top_k)}}, timeout=self.timeout_s)
+        return [dict(hit["entity"], score=float(hit["distance"])) for hit in (hits[0] if hits else [])]
+
+    async def count(self, tenant: str) -> int:
+        rows = await self.client.query(self.name, filter=f"tenant == {quote(tenant)}", output_fields=["count(*)"],
+                                       timeout=self.timeout_s)
+        return int(rows[0]["count(*)"]) if rows else 0
