@@ -18,7 +18,7 @@ from tools.stack import LocalStack, StackPorts
 def two_replicas(tmp_path_factory, tenants_file):
     # Only the embedder is loaded: it starts in seconds and is enough to see routing.
     mesh = LocalStack(tmp_path_factory.mktemp("failover"), StackPorts.free(2), tenants_file=tenants_file,
-                      triton_models=["minilm"])
+                      triton_models=["minilm"], with_cache=False, with_retrieval=False)
     mesh.start()
     yield mesh
     mesh.stop()

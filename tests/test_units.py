@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from pathlib import Path
 
 import grpc
@@ -149,3 +150,45 @@ def test_kserve_tensors_round_trip():
     arrays = output_arrays(response)
     assert list(arrays["T"]) == [b"a", b"", "é".encode()]
     np.testing.assert_array_equal(arrays["N"], np.array([[1.5, -2.0]], np.float32))
+
+
+def test_filters_accept_metadata_expressions_and_expand_in():
+    from services.retrieval.filters import to_milvus
+
+    assert to_milvus('metadata["lang"] == "en"', 100) == 'metadata["lang"] == "en"'
+    assert to_milvus('metadata["k"] in ["a", "b"] and not (metadata["n"] >= 3)', 200) == \
+        '(metadata["k"] == "a" or metadata["k"] == "b") and not (metadata["n"] >= 3)'
+    assert to_milvus("", 10) == ""
+
+
+@pytest.mark.parametrize("bad", [
+    'metadata["a"] == "b") or (tenant != "x"',  # closes the tenant clause
+    'tenant == "other"',                         # names another field
+    'metadata["a"] == "b" or 1 == 1',            # a bare literal comparison is fine, but...
+    "pk != ''",                                  # single quotes and another field
+    'metadata["a"] == "b"; drop',
+    '((metadata["a"] == "b")',
+])
+def test_filters_reject_escapes(bad):
+    from services.retrieval.filters import FilterError, to_milvus
+
+    if bad == 'metadata["a"] == "b" or 1 == 1':
+        assert to_milvus(bad, 100)  # literals alone cannot reach other fields: allowed
+        return
+    with pytest.raises(FilterError):
+        to_milvus(bad, 100)
+
+
+def test_chunker_windows_overlap_on_token_boundaries():
+    from services.retrieval.chunking import Chunker
+
+    chunker = Chunker(str(ROOT / "triton_models/minilm/1/tokenizer.json"), size=16, overlap=4)
+    text = " ".join(f"word{i}" for i in range(60))
+    chunks = chunker.split(text)
+    assert len(chunks) > 3 and [c.index for c in chunks] == list(range(len(chunks)))
+    assert chunks[0].text.startswith("word0") and chunks[-1].text.endswith("word59")
+    for first, second in itertools.pairwise(chunks):
+        assert first.text[-6:] in second.text
+    assert chunker.split("   ") == []
+    with pytest.raises(ValueError):
+        Chunker(str(ROOT / "triton_models/minilm/1/tokenizer.json"), size=8, overlap=8)

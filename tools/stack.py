@@ -19,7 +19,7 @@ import yaml
 
 from tools.backends import start_milvus_lite, start_redis
 from tools.processes import ManagedProcess, free_port, wait_grpc_serving
-from tools.triton import ROOT, TritonInstall, TritonPorts, wait_triton_ready
+from tools.triton import MODEL_REPOSITORY, ROOT, TritonInstall, TritonPorts, wait_triton_ready
 
 SERVICE_ENV = {"PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "PYTHONUNBUFFERED": "1"}
 
@@ -34,11 +34,12 @@ class StackPorts:
     milvus: int = 0
     gateway_metrics: int = 0
     cache_metrics: int = 0
+    retrieval: int = 0
 
     @classmethod
     def free(cls, replicas: int = 1) -> StackPorts:
         return cls(free_port(), free_port(), [TritonPorts.free() for _ in range(replicas)], free_port(),
-                   free_port(), free_port(), free_port(), free_port())
+                   free_port(), free_port(), free_port(), free_port(), free_port())
 
 
 def render_registry(base: Path, tritons: list[TritonPorts]) -> dict:
@@ -64,6 +65,7 @@ class LocalStack:
     registry_file: Path = ROOT / "config" / "registry.yaml"
     triton_models: list[str] | None = None
     with_cache: bool = True
+    with_retrieval: bool = True
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
 
     @property
@@ -77,6 +79,10 @@ class LocalStack:
     @property
     def cache_address(self) -> str:
         return f"127.0.0.1:{self.ports.cache}"
+
+    @property
+    def retrieval_address(self) -> str:
+        return f"127.0.0.1:{self.ports.retrieval}"
 
     def start_redis(self) -> None:
         self.processes["redis"] = start_redis(self.ports.redis, self.run_dir / "redis.log")
@@ -101,9 +107,18 @@ class LocalStack:
                 "MESH_ROUTER_REGISTRY_FILE": str(registry),
             }, self.run_dir / "router.log")
             wait_grpc_serving(self.router_address, self.processes["router"], 30)
+            if self.with_cache or self.with_retrieval:
+                self.start_milvus()
+            if self.with_retrieval:
+                self.processes["retrieval"] = start_service("services.retrieval", "retrieval", {
+                    "MESH_RETRIEVAL_PORT": str(self.ports.retrieval),
+                    "MESH_RETRIEVAL_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
+                    "MESH_RETRIEVAL_ROUTER_ADDRESS": self.router_address,
+                    "MESH_RETRIEVAL_TOKENIZER_FILE": str(MODEL_REPOSITORY / "minilm" / "1" / "tokenizer.json"),
+                }, self.run_dir / "retrieval.log")
+                wait_grpc_serving(self.retrieval_address, self.processes["retrieval"], 60)
             if self.with_cache:
                 self.start_redis()
-                self.start_milvus()
                 self.processes["cache"] = start_service("services.cache", "cache", {
                     "MESH_CACHE_PORT": str(self.ports.cache),
                     "MESH_CACHE_METRICS_PORT": str(self.ports.cache_metrics),
@@ -117,6 +132,7 @@ class LocalStack:
                 "MESH_GATEWAY_METRICS_PORT": str(self.ports.gateway_metrics),
                 "MESH_GATEWAY_ROUTER_ADDRESS": self.router_address,
                 "MESH_GATEWAY_CACHE_ADDRESS": self.cache_address if self.with_cache else "",
+                "MESH_GATEWAY_RETRIEVAL_ADDRESS": self.retrieval_address if self.with_retrieval else "",
                 "MESH_GATEWAY_TENANTS_FILE": str(self.tenants_file),
             }, self.run_dir / "gateway.log")
             wait_grpc_serving(self.gateway_address, self.processes["gateway"], 30)
@@ -135,9 +151,10 @@ class LocalStack:
 def _up(args: argparse.Namespace) -> None:
     ports = StackPorts(args.gateway_port, args.router_port,
                        [TritonPorts(args.triton_grpc_port, args.triton_grpc_port - 1, args.triton_grpc_port + 1)],
-                       cache=50053, redis=6379, milvus=19530, gateway_metrics=9101, cache_metrics=9103)
+                       cache=50053, redis=6379, milvus=19530, gateway_metrics=9101, cache_metrics=9103,
+                       retrieval=50054)
     stack = LocalStack(ROOT / "run", ports)
-    print("starting Triton, router, Redis, milvus-lite, cache and gateway (logs in run/) ...", flush=True)
+    print("starting Triton, router, milvus-lite, retrieval, Redis, cache and gateway (logs in run/) ...", flush=True)
     stack.start()
     # The first pid is this process: `make down` signals it, and it stops the others in order.
     (ROOT / "run" / "stack.pids").write_text("\n".join([str(os.getpid())] + [str(p.pid) for p in
@@ -148,6 +165,7 @@ inference mesh is up
   gateway (public, InferenceMesh + KServe): {stack.gateway_address}
   router (internal):                       {stack.router_address}
   cache (internal):                        {stack.cache_address}  redis :{ports.redis}  milvus-lite :{ports.milvus}
+  retrieval (internal):                    {stack.retrieval_address}
   triton:                                  grpc 127.0.0.1:{t.grpc}  http :{t.http}  metrics :{t.metrics}
   dev API key:                             mesh-dev-key
 

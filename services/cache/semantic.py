@@ -44,9 +44,9 @@ class SemanticIndex(MilvusCollection):
         expr = (f"tenant == {quote(tenant)} and model == {quote(model)} and version == {quote(version)} "
                 f"and generation == {quote(generation)} and context == {quote(context)} "
                 f"and expires_at > {int(time.time())}")
-        hits = await self.client.search(self.name, data=[vector], filter=expr, limit=1,
-                                        output_fields=["response_key"], search_params={"params": {"ef": self._ef}},
-                                        timeout=self.timeout_s)
+        hits = await self.run(lambda client: client.search(
+            self.name, data=[vector], filter=expr, limit=1, output_fields=["response_key"],
+            search_params={"params": {"ef": self._ef}}, timeout=self.timeout_s))
         if not hits or not hits[0]:
             return None
         best = hits[0][0]
@@ -54,17 +54,17 @@ class SemanticIndex(MilvusCollection):
 
     async def add(self, row_id: str, vector: list[float], tenant: str, model: str, version: str, generation: str,
                   context: str, response_key: str, ttl_s: int) -> None:
-        await self.client.upsert(self.name, [{
-            "id": row_id, "tenant": tenant, "model": model, "version": version, "generation": generation,
-            "context": context, "response_key": response_key, "expires_at": int(time.time()) + ttl_s,
-            "vector": vector,
-        }], timeout=self.timeout_s)
+        row = {"id": row_id, "tenant": tenant, "model": model, "version": version, "generation": generation,
+               "context": context, "response_key": response_key, "expires_at": int(time.time()) + ttl_s,
+               "vector": vector}
+        await self.run(lambda client: client.upsert(self.name, [row], timeout=self.timeout_s))
 
     async def delete(self, tenant: str = "", model: str = "") -> int:
         clauses = [f"tenant == {quote(tenant)}" if tenant else "", f"model == {quote(model)}" if model else ""]
-        result = await self.client.delete(self.name, filter=" and ".join(c for c in clauses if c),
-                                          timeout=self.timeout_s * 4)
+        expr = " and ".join(c for c in clauses if c)
+        result = await self.run(lambda client: client.delete(self.name, filter=expr, timeout=self.timeout_s * 4))
         return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
 
     async def delete_expired(self) -> None:
-        await self.client.delete(self.name, filter=f"expires_at <= {int(time.time())}", timeout=self.timeout_s * 4)
+        expr = f"expires_at <= {int(time.time())}"
+        await self.run(lambda client: client.delete(self.name, filter=expr, timeout=self.timeout_s * 4))

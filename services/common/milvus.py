@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from pymilvus import AsyncMilvusClient
+from pymilvus.exceptions import MilvusException
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def quote(value: str) -> str:
@@ -36,16 +40,30 @@ class MilvusCollection:
     async def connect(self) -> bool:
         """Create the collection if needed and load it; False (retry later) while Milvus is unreachable."""
         try:
-            if self._client is None:
-                self._client = AsyncMilvusClient(uri=self.uri, timeout=self.timeout_s * 4)
-            if not await self._client.has_collection(self.name, timeout=self.timeout_s * 4):
-                await self._create(self._client, self.name)
-            await self._client.load_collection(self.name, timeout=self.timeout_s * 20)
+            # pymilvus' own reconnect logic can wait without end after a server restart: bound every step here.
+            async with asyncio.timeout(self.timeout_s * 10):
+                if self._client is None:
+                    self._client = AsyncMilvusClient(uri=self.uri, timeout=self.timeout_s * 4)
+                if not await self._client.has_collection(self.name, timeout=self.timeout_s * 4):
+                    await self._create(self._client, self.name)
+                await self._client.load_collection(self.name, timeout=self.timeout_s * 5)
             self.ready = True
         except Exception as exc:  # pymilvus raises several types for one cause: not reachable now
             log.warning("milvus unavailable", extra={"collection": self.name, "error": str(exc)})
             await self.mark_unavailable()
         return self.ready
+
+    async def run(self, operation: Callable[[AsyncMilvusClient], Awaitable[T]]) -> T:
+        """Run one call; if Milvus restarted behind our back the collection is no longer loaded: load, retry once."""
+        try:
+            return await operation(self.client)
+        except MilvusException as exc:
+            if "released" not in str(exc) and "not loaded" not in str(exc):
+                raise
+            log.info("reloading collection", extra={"collection": self.name})
+            async with asyncio.timeout(self.timeout_s * 5):
+                await self.client.load_collection(self.name, timeout=self.timeout_s * 5)
+            return await operation(self.client)
 
     async def mark_unavailable(self) -> None:
         """Drop the client: pymilvus' async client does not recover once its server restarts."""

@@ -9,14 +9,15 @@ import uuid
 import grpc
 from tritonclient.grpc import service_pb2_grpc
 
-from inference_mesh.v1 import cache_pb2, mesh_pb2, mesh_pb2_grpc, models_pb2
+from inference_mesh.v1 import cache_pb2, mesh_pb2, mesh_pb2_grpc, models_pb2, retrieval_pb2
 from services.common.deadlines import downstream_timeout
-from services.gateway import cached_generation
+from services.gateway import cached_generation, rag
 from services.gateway.auth import Authenticator, Caller
 from services.gateway.cache_client import CacheClient
 from services.gateway.catalog import ModelCatalog
+from services.gateway.documents import DocumentsRelay
 from services.gateway.embedding import embed_texts
-from services.gateway.errors import RequestError
+from services.gateway.errors import RequestError, invalid
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import check_embed, check_generate, check_model
 
@@ -33,12 +34,14 @@ def _forward_headers(caller: Caller, request_id: str) -> tuple[tuple[str, str], 
 
 class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
     def __init__(self, settings: GatewaySettings, auth: Authenticator, catalog: ModelCatalog,
-                 router: service_pb2_grpc.GRPCInferenceServiceStub, cache: CacheClient | None) -> None:
+                 router: service_pb2_grpc.GRPCInferenceServiceStub, cache: CacheClient | None,
+                 documents: DocumentsRelay) -> None:
         self._settings = settings
         self._auth = auth
         self._catalog = catalog
         self._router = router
         self._cache = cache
+        self._documents = documents
 
     async def Generate(self, request, context):
         caller = await self._auth.require(context)
@@ -112,6 +115,79 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
         for vector in vectors:
             response.embeddings.add().values.extend(vector)
         return response
+
+    async def Ask(self, request, context):
+        """Search the caller's documents, answer from them, cite the chunks; retrieval down → no context."""
+        caller = await self._auth.require(context)
+        started = time.perf_counter()
+        status = "OK"
+        limits = self._settings.limits
+        try:
+            model = check_model(request.model, await self._catalog.get(request.model), self._catalog.all(),
+                                models_pb2.MODEL_KIND_GENERATE)
+            if not request.question.strip():
+                raise invalid("question is empty")
+            if len(request.question) > limits.max_question_chars:
+                raise invalid(f"question is {len(request.question)} characters; the limit is "
+                              f"{limits.max_question_chars}")
+            top_k = request.top_k or self._settings.ask_default_top_k
+            if not 1 <= top_k <= self._settings.ask_default_top_k:
+                raise invalid(f"top_k must be within 1..{self._settings.ask_default_top_k}, got {top_k}")
+            max_tokens = request.max_tokens or min(self._settings.ask_default_max_tokens, model.max_output_tokens)
+            metadata = _metadata(caller, model.name, request.request_id)
+            timeout = downstream_timeout(context, self._settings.generate_timeout_s)
+            hits = []
+            try:
+                found = await self._documents.search(caller, retrieval_pb2.SearchRequest(
+                    query=request.question, top_k=top_k, filter=request.filter), timeout)
+                hits = list(found.hits)
+            except RequestError as exc:
+                if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                metadata.degraded.append("retrieval")
+                log.warning("ask without context", extra={"tenant": caller.tenant, "error": exc.message})
+            generate, citations = rag.build_request(request, hits, self._settings.ask_max_context_chars, max_tokens)
+            check_generate(generate, model, limits)
+            async for chunk in cached_generation.generate(self._cache, self._router, generate, model, metadata,
+                                                          timeout, _forward_headers(caller, metadata.request_id)):
+                if chunk.finish_reason:
+                    chunk.metadata.citations.extend(citations)
+                yield chunk
+        except RequestError as exc:
+            status = exc.code.name
+            await context.abort(exc.code, exc.message)
+        finally:
+            log.info("ask", extra={"tenant": caller.tenant, "model": request.model, "status": status,
+                                   "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
+
+    async def UpsertDocuments(self, request_iterator, context):
+        caller = await self._auth.require(context)
+        try:
+            return await self._documents.upsert(caller, request_iterator,
+                                                downstream_timeout(context, self._settings.ingest_timeout_s))
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def DeleteDocuments(self, request, context):
+        caller = await self._auth.require(context)
+        try:
+            return await self._documents.delete(caller, request, downstream_timeout(context, 30.0))
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def Search(self, request, context):
+        caller = await self._auth.require(context)
+        try:
+            return await self._documents.search(caller, request, downstream_timeout(context, 30.0))
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def CollectionStats(self, request, context):
+        caller = await self._auth.require(context)
+        try:
+            return await self._documents.stats(caller, downstream_timeout(context, 30.0))
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
 
     async def ListModels(self, request, context):
         await self._auth.require(context)

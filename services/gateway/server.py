@@ -9,11 +9,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2_grpc
+from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2_grpc, router_pb2_grpc
 from services.common.server import ServiceHost, insecure_channel, run_service
 from services.gateway.auth import Authenticator
 from services.gateway.cache_client import CacheClient
 from services.gateway.catalog import ModelCatalog
+from services.gateway.documents import DocumentsRelay
 from services.gateway.kserve_proxy import KServeProxyService
 from services.gateway.mesh_service import InferenceMeshService
 from services.gateway.settings import GatewaySettings
@@ -31,13 +32,16 @@ async def serve(settings: GatewaySettings) -> None:
     cache_channel = insecure_channel(settings.cache_address) if settings.cache_address else None
     cache = CacheClient(cache_channel, settings.cache_lookup_timeout_s, settings.cache_fast_timeout_s) \
         if cache_channel else None
+    retrieval_channel = insecure_channel(settings.retrieval_address) if settings.retrieval_address else None
+    documents = DocumentsRelay(retrieval_pb2_grpc.RetrievalStub(retrieval_channel) if retrieval_channel else None,
+                               settings.search_timeout_s, settings.ingest_timeout_s)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
 
     host = ServiceHost("gateway", settings.address, settings.shutdown_grace_s,
                        settings.drain_delay_s)
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(
-        InferenceMeshService(settings, auth, catalog, router, cache), host.server)
+        InferenceMeshService(settings, auth, catalog, router, cache, documents), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeProxyService(auth, router, settings.generate_timeout_s, settings.metadata_timeout_s,
                            is_ready=lambda: serving), host.server)
@@ -66,6 +70,8 @@ async def serve(settings: GatewaySettings) -> None:
         if cache is not None:
             await cache.drain()
             await cache_channel.close()
+        if retrieval_channel is not None:
+            await retrieval_channel.close()
         await channel.close()
 
 

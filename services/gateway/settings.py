@@ -14,6 +14,7 @@ class RequestLimits(BaseModel, extra="forbid"):
     max_embed_batch: int = 256              # texts per Embed call
     max_embed_text_chars: int = 8_192
     max_request_id_chars: int = 128
+    max_question_chars: int = 4_096
 
 
 class GatewaySettings(ServiceSettings):
@@ -34,4 +35,12 @@ class GatewaySettings(ServiceSettings):
     # Embedding lookups and stores are cheap or skipped.
     cache_fast_timeout_s: float = 0.3
     metrics_port: int = 9101
+    # Empty: no retrieval (document RPCs say UNAVAILABLE; Ask answers without context, flagged degraded).
+    retrieval_address: str = ""
+    # Ask must not hang on retrieval: a short bound, then degrade.
+    search_timeout_s: float = 2.0
+    ingest_timeout_s: float = 600.0
+    ask_default_top_k: int = 5            # seed guide: at most 5 chunks in the prompt
+    ask_max_context_chars: int = 3_000    # ~750 tokens of SmolLM2's 2,048-token context
+    ask_default_max_tokens: int = 256
     limits: RequestLimits = RequestLimits()

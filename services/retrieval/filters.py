@@ -52,4 +52,19 @@ def to_milvus(user_filter: str, max_chars: int) -> str:
         raise FilterError("filter: unbalanced brackets")
     if tokens and not re.search(r"metadata\[", text):
         raise FilterError('filter must test metadata, e.g. metadata["lang"] == "en"')
-    return text.strip()
+    return _expand_in(text.strip())
+
+
+_IN = re.compile(r'(metadata\[\s*"[A-Za-z0-9_.-]{1,64}"\s*\])\s+(?:in|IN)\s+\[([^\[\]]*)\]')
+_ITEM = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?')
+
+
+def _expand_in(text: str) -> str:
+    """`metadata["k"] in [a, b]` → `(metadata["k"] == a or metadata["k"] == b)`: not every Milvus (Milvus Lite
+    among them) accepts `in` on a JSON key, every one accepts the comparisons."""
+    def expand(match: re.Match) -> str:
+        items = _ITEM.findall(match.group(2))
+        if not items:
+            raise FilterError(f"filter: empty list after {match.group(1)} in")
+        return "(" + " or ".join(f"{match.group(1)} == {item}" for item in items) + ")"
+    return _IN.sub(expand, text)

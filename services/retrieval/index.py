@@ -45,21 +45,28 @@ class DocumentIndex(MilvusCollection):
             row["pk"] = primary_key(tenant, row["chunk_id"])
             row["tenant"] = tenant
         if rows:
-            await self.client.insert(self.name, rows, timeout=self.timeout_s * 10)
+            await self.run(lambda client: client.insert(self.name, rows, timeout=self.timeout_s * 10))
 
     async def delete_documents(self, tenant: str, document_ids: list[str]) -> int:
+        """Deletes by primary key after a query, so the count is exact whatever the backend reports."""
         ids = ", ".join(quote(d) for d in document_ids)
-        result = await self.client.delete(self.name, filter=f"tenant == {quote(tenant)} and document_id in [{ids}]",
-                                          timeout=self.timeout_s * 4)
-        return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
+        expr = f"tenant == {quote(tenant)} and document_id in [{ids}]"
+        rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["pk"],
+                                                          timeout=self.timeout_s * 4))
+        keys = [row["pk"] for row in rows]
+        if keys:
+            await self.run(lambda client: client.delete(self.name, ids=keys, timeout=self.timeout_s * 4))
+        return len(keys)
 
     async def search(self, tenant: str, vector: list[float], top_k: int, user_filter: str, ef: int) -> list[dict]:
         expr = f"tenant == {quote(tenant)}" + (f" and ({user_filter})" if user_filter else "")
-        hits = await self.client.search(self.name, data=[vector], filter=expr, limit=top_k, output_fields=_OUTPUT,
-                                        search_params={"params": {"ef": max(ef, top_k)}}, timeout=self.timeout_s)
+        hits = await self.run(lambda client: client.search(
+            self.name, data=[vector], filter=expr, limit=top_k, output_fields=_OUTPUT,
+            search_params={"params": {"ef": max(ef, top_k)}}, timeout=self.timeout_s))
         return [dict(hit["entity"], score=float(hit["distance"])) for hit in (hits[0] if hits else [])]
 
     async def count(self, tenant: str) -> int:
-        rows = await self.client.query(self.name, filter=f"tenant == {quote(tenant)}", output_fields=["count(*)"],
-                                       timeout=self.timeout_s)
+        expr = f"tenant == {quote(tenant)}"
+        rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["count(*)"],
+                                                          timeout=self.timeout_s))
         return int(rows[0]["count(*)"]) if rows else 0

@@ -7,6 +7,7 @@ import re
 import time
 
 import grpc
+from pymilvus.exceptions import MilvusException
 from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -16,6 +17,12 @@ from services.retrieval.chunking import Chunker
 from services.retrieval.filters import FilterError, to_milvus
 from services.retrieval.index import DocumentIndex
 from services.retrieval.settings import RetrievalSettings
+
+
+def _connection_error(exc: MilvusException) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in ("connect", "unavailable", "deadline", "timeout", "closed"))
+
 
 _ID = re.compile(r"^[A-Za-z0-9._:/@+-]{1,200}$")
 _TENANT = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
@@ -125,9 +132,11 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
         vector = list(query.vector) if query.vector else (await self._embed([query.query], context))[0]
         try:
             hits = await self._index.search(tenant, vector, query.top_k, user_filter, query.ef or limits.hnsw_ef)
-        except Exception as exc:
-            if "filter" in str(exc).lower() or "expr" in str(exc).lower():
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"filter rejected by Milvus: {exc}")
+        except MilvusException as exc:
+            if user_filter and not _connection_error(exc):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"filter rejected by Milvus: {exc.message}")
+            await self._milvus_unavailable(context, exc)
+        except Exception as exc:  # pymilvus raises several types for one cause
             await self._milvus_unavailable(context, exc)
         response = retrieval_pb2.SearchResponse()
         for hit in hits:

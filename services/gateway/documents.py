@@ -1,0 +1,67 @@
+"""Document RPCs of the public API, relayed to the retrieval service with the caller's tenant."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
+from services.gateway.auth import Caller
+from services.gateway.errors import RequestError
+
+NOT_CONFIGURED = RequestError(grpc.StatusCode.UNAVAILABLE, "retrieval is not configured on this gateway")
+
+
+class DocumentsRelay:
+    def __init__(self, stub: retrieval_pb2_grpc.RetrievalStub | None, search_timeout_s: float,
+                 ingest_timeout_s: float) -> None:
+        self._stub = stub
+        self._search_timeout_s = search_timeout_s
+        self._ingest_timeout_s = ingest_timeout_s
+
+    def _require(self) -> retrieval_pb2_grpc.RetrievalStub:
+        if self._stub is None:
+            raise NOT_CONFIGURED
+        return self._stub
+
+    @staticmethod
+    def _error(exc: grpc.aio.AioRpcError) -> RequestError:
+        return RequestError(exc.code(), f"retrieval: {exc.details()}")
+
+    async def upsert(self, caller: Caller, batches: AsyncIterator[retrieval_pb2.UpsertDocumentsRequest],
+                     timeout_s: float) -> retrieval_pb2.UpsertDocumentsResponse:
+        stub = self._require()
+
+        async def scoped():
+            async for batch in batches:
+                yield retrieval_pb2.TenantUpsertRequest(tenant=caller.tenant, request=batch)
+        try:
+            return await stub.UpsertDocuments(scoped(), timeout=min(timeout_s, self._ingest_timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+
+    async def delete(self, caller: Caller, request: retrieval_pb2.DeleteDocumentsRequest,
+                     timeout_s: float) -> retrieval_pb2.DeleteDocumentsResponse:
+        try:
+            return await self._require().DeleteDocuments(
+                retrieval_pb2.TenantDeleteRequest(tenant=caller.tenant, request=request),
+                timeout=min(timeout_s, self._search_timeout_s * 5))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+
+    async def search(self, caller: Caller, request: retrieval_pb2.SearchRequest,
+                     timeout_s: float) -> retrieval_pb2.SearchResponse:
+        try:
+            return await self._require().Search(
+                retrieval_pb2.TenantSearchRequest(tenant=caller.tenant, request=request),
+                timeout=min(timeout_s, self._search_timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc
+
+    async def stats(self, caller: Caller, timeout_s: float) -> retrieval_pb2.CollectionStatsResponse:
+        try:
+            return await self._require().CollectionStats(
+                retrieval_pb2.TenantStatsRequest(tenant=caller.tenant), timeout=min(timeout_s, self._search_timeout_s))
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from exc

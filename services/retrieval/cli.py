@@ -1,0 +1,65 @@
+"""`python -m services.retrieval ingest DIR`: upsert every .txt and .md file under DIR through the gateway."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from inference_mesh.v1 import mesh_pb2_grpc, retrieval_pb2
+
+SUFFIXES = {".txt", ".md"}
+
+
+def find_documents(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+
+
+def progress(done: int, total: int, started: float, width: int = 30) -> None:
+    filled = int(width * done / max(total, 1))
+    rate = done / max(time.monotonic() - started, 1e-9)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} documents  {rate:.1f}/s")
+    sys.stderr.flush()
+
+
+def batches(root: Path, files: list[Path], size: int, started: float) -> Iterator[retrieval_pb2.UpsertDocumentsRequest]:
+    for start in range(0, len(files), size):
+        batch = retrieval_pb2.UpsertDocumentsRequest()
+        for path in files[start : start + size]:
+            relative = path.relative_to(root).as_posix()
+            batch.documents.add(id=relative, text=path.read_text(encoding="utf-8", errors="replace"),
+                                metadata={"path": relative, "type": path.suffix.lower().lstrip(".")})
+        yield batch
+        progress(min(start + size, len(files)), len(files), started)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.retrieval ingest", description=__doc__)
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--gateway", default="127.0.0.1:50051")
+    parser.add_argument("--api-key", default=os.environ.get("MESH_API_KEY", "mesh-dev-key"))
+    parser.add_argument("--batch", type=int, default=16, help="documents per streamed batch")
+    args = parser.parse_args(argv)
+    if not args.directory.is_dir():
+        parser.error(f"{args.directory} is not a directory")
+    files = find_documents(args.directory)
+    if not files:
+        parser.error(f"no .txt or .md files under {args.directory}")
+    started = time.monotonic()
+    with grpc.insecure_channel(args.gateway) as channel:
+        stub = mesh_pb2_grpc.InferenceMeshStub(channel)
+        try:
+            summary = stub.UpsertDocuments(batches(args.directory, files, args.batch, started),
+                                           metadata=[("x-api-key", args.api_key)], timeout=3600)
+        except grpc.RpcError as exc:
+            sys.stderr.write(f"\ningest failed: {exc.code().name}: {exc.details()}\n")
+            sys.exit(1)
+    seconds = time.monotonic() - started
+    sys.stderr.write("\n")
+    print(f"ingested {summary.documents} documents, {summary.chunks} chunks in {seconds:.1f} s "
+          f"({summary.chunks / max(seconds, 1e-9):.1f} chunks/s)")
