@@ -51,17 +51,46 @@ def start_milvus_lite(port: int, data_dir: Path, log_path: Path) -> ManagedProce
     data_dir.mkdir(parents=True, exist_ok=True)
     process = ManagedProcess("milvus", [binary, "server", "--data-dir", str(data_dir), "--host", "127.0.0.1",
                                         "--port", str(port)], log_path)
+    _wait_milvus(process, port, 60)
+    return process
+
+
+MILVUS_SERVER_PORTS = ("etcd-port", "root-coord-port", "proxy-port", "proxy-internal-port", "query-coord-port",
+                       "query-node-port", "index-coord-port", "index-node-port", "data-coord-port", "data-node-port")
+
+
+def start_milvus_server(ports: dict[str, int], data_dir: Path, log_path: Path) -> ManagedProcess:
+    """A real Milvus standalone (the `milvus` package's milvus-server, embedded etcd); clients use proxy-port."""
+    binary = shutil.which("milvus-server", path=str(VENV_BIN)) or shutil.which("milvus-server")
+    if not binary:
+        raise MissingPartError("no milvus-server: `pip install milvus` (make setup does)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--data", str(data_dir)]
+    for name in MILVUS_SERVER_PORTS:
+        argv += [f"--{name}", str(ports[name])]
+    # Components register the first non-loopback address unless told otherwise: keep every hop on loopback.
+    for component in ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord", "indexNode", "dataCoord",
+                      "dataNode"):
+        argv += ["--extra-config", f"{component}.ip=127.0.0.1"]
+    # A restarted server waits for the old sessions to expire: 5 s instead of 30 s.
+    argv += ["--extra-config", "common.session.ttl=5"]
+    process = ManagedProcess("milvus-server", argv, log_path)
+    _wait_milvus(process, ports["proxy-port"], 120)
+    return process
+
+
+def _wait_milvus(process: ManagedProcess, port: int, timeout_s: float) -> None:
     from pymilvus import MilvusClient
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         process.ensure_alive()
         try:
             client = MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=2)
             client.list_collections()
             client.close()
-            return process
+            return
         except Exception:  # not listening yet
             time.sleep(0.3)
     process.stop()
-    raise TimeoutError(f"milvus-lite on port {port} did not answer; log:\n{process.log_tail()}")
+    raise TimeoutError(f"{process.name} on port {port} did not answer; log:\n{process.log_tail()}")

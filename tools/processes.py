@@ -21,10 +21,44 @@ class MissingPartError(RuntimeError):
     """A part of the stack is not installed; the message says what to run."""
 
 
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, from /proc: children that started sessions of their own escape killpg."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 class ManagedProcess:
@@ -56,18 +90,25 @@ class ManagedProcess:
                                f"log {self.log_path}:\n{self.log_tail()}")
 
     def stop(self, timeout_s: float = 25.0) -> None:
+        """SIGTERM to the process and everything it started, then SIGKILL to whatever is left."""
+        tree = descendants(self.popen.pid)
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
+            _signal_all(tree, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        deadline = time.monotonic() + 10
+        while any(_exists(pid) for pid in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.kill(tree)
         self._log.close()
 
-    def kill(self) -> None:
+    def kill(self, tree: list[int] | None = None) -> None:
+        tree = descendants(self.popen.pid) if tree is None else tree
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
+        _signal_all(tree, signal.SIGKILL)
         self.popen.wait(10)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from tools.backends import start_milvus_lite, start_redis
+from tools.backends import MILVUS_SERVER_PORTS, start_milvus_lite, start_milvus_server, start_redis
 from tools.processes import ManagedProcess, free_port, wait_grpc_serving
 from tools.triton import MODEL_REPOSITORY, ROOT, TritonInstall, TritonPorts, wait_triton_ready
 
@@ -66,6 +66,9 @@ class LocalStack:
     triton_models: list[str] | None = None
     with_cache: bool = True
     with_retrieval: bool = True
+    # "lite": milvus-lite (embedded HNSW server); "server": a Milvus standalone (milvus-server).
+    milvus_backend: str = "lite"
+    _milvus_server_ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
 
     @property
@@ -88,8 +91,15 @@ class LocalStack:
         self.processes["redis"] = start_redis(self.ports.redis, self.run_dir / "redis.log")
 
     def start_milvus(self) -> None:
-        self.processes["milvus"] = start_milvus_lite(self.ports.milvus, self.run_dir / "milvus",
-                                                     self.run_dir / "milvus.log")
+        if self.milvus_backend == "server":
+            if not self._milvus_server_ports:
+                self._milvus_server_ports = {name: free_port() for name in MILVUS_SERVER_PORTS}
+                self._milvus_server_ports["proxy-port"] = self.ports.milvus
+            self.processes["milvus"] = start_milvus_server(self._milvus_server_ports, self.run_dir / "milvus-server",
+                                                           self.run_dir / "milvus.log")
+        else:
+            self.processes["milvus"] = start_milvus_lite(self.ports.milvus, self.run_dir / "milvus",
+                                                         self.run_dir / "milvus.log")
 
     def start(self) -> LocalStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)

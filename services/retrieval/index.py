@@ -18,9 +18,10 @@ def primary_key(tenant: str, chunk_id: str) -> str:
 
 class DocumentIndex(MilvusCollection):
     def __init__(self, uri: str, collection: str, dimension: int, m: int, ef_construction: int,
-                 timeout_s: float) -> None:
+                 timeout_s: float, consistency_level: str = "Strong") -> None:
         super().__init__(uri, collection, timeout_s, self._create_collection)
         self.dimension = dimension
+        self._consistency = consistency_level
         self._m = m
         self._ef_construction = ef_construction
 
@@ -36,7 +37,8 @@ class DocumentIndex(MilvusCollection):
         index = AsyncMilvusClient.prepare_index_params()
         index.add_index("vector", index_type="HNSW", metric_type="COSINE",
                         params={"M": self._m, "efConstruction": self._ef_construction})
-        await client.create_collection(name, schema=schema, index_params=index, timeout=self.timeout_s * 20)
+        await client.create_collection(name, schema=schema, index_params=index, timeout=self.timeout_s * 20,
+                                       consistency_level=self._consistency)
 
     async def replace_documents(self, tenant: str, rows: list[dict], document_ids: list[str]) -> None:
         """Delete every chunk of these documents, then insert the new ones: upserting again never duplicates."""
@@ -52,7 +54,8 @@ class DocumentIndex(MilvusCollection):
         ids = ", ".join(quote(d) for d in document_ids)
         expr = f"tenant == {quote(tenant)} and document_id in [{ids}]"
         rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["pk"],
-                                                          timeout=self.timeout_s * 4))
+                                                          timeout=self.timeout_s * 4,
+                                                          consistency_level=self._consistency))
         keys = [row["pk"] for row in rows]
         if keys:
             await self.run(lambda client: client.delete(self.name, ids=keys, timeout=self.timeout_s * 4))
@@ -62,11 +65,13 @@ class DocumentIndex(MilvusCollection):
         expr = f"tenant == {quote(tenant)}" + (f" and ({user_filter})" if user_filter else "")
         hits = await self.run(lambda client: client.search(
             self.name, data=[vector], filter=expr, limit=top_k, output_fields=_OUTPUT,
-            search_params={"params": {"ef": max(ef, top_k)}}, timeout=self.timeout_s))
+            search_params={"params": {"ef": max(ef, top_k)}}, timeout=self.timeout_s,
+            consistency_level=self._consistency))
         return [dict(hit["entity"], score=float(hit["distance"])) for hit in (hits[0] if hits else [])]
 
     async def count(self, tenant: str) -> int:
         expr = f"tenant == {quote(tenant)}"
         rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["count(*)"],
-                                                          timeout=self.timeout_s))
+                                                          timeout=self.timeout_s,
+                                                          consistency_level=self._consistency))
         return int(rows[0]["count(*)"]) if rows else 0

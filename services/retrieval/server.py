@@ -16,7 +16,7 @@ from services.retrieval.settings import RetrievalSettings
 
 async def serve(settings: RetrievalSettings) -> None:
     index = DocumentIndex(settings.milvus_uri, settings.collection, settings.dimension, settings.hnsw_m,
-                          settings.hnsw_ef_construction, settings.milvus_timeout_s)
+                          settings.hnsw_ef_construction, settings.milvus_timeout_s, settings.consistency_level)
     chunker = Chunker(settings.tokenizer_file, settings.chunk_tokens, settings.chunk_overlap_tokens)
     router_channel = insecure_channel(settings.router_address)
     host = ServiceHost("retrieval", settings.address, settings.shutdown_grace_s, settings.drain_delay_s)

@@ -30,3 +30,6 @@ class RetrievalSettings(ServiceSettings):
     max_documents_per_batch: int = 256
     max_filter_chars: int = 1024
     milvus_timeout_s: float = 2.0
+    # Strong: a document is searchable as soon as its upsert returns (read-your-writes across replicas).
+    # "Bounded" trades that for lower search latency on a Milvus cluster.
+    consistency_level: str = "Strong"
