@@ -69,6 +69,7 @@ test: setup
 bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.inference_path
 	PYTHONPATH=.:gen $(PY) -m bench.cache_lookup
+	PYTHONPATH=.:gen $(PY) -m bench.retrieval
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -18,7 +18,7 @@ def primary_key(tenant: str, chunk_id: str) -> str:
 
 class DocumentIndex(MilvusCollection):
     def __init__(self, uri: str, collection: str, dimension: int, m: int, ef_construction: int,
-                 timeout_s: float, consistency_level: str = "Strong") -> None:
+                 timeout_s: float, consistency_level: str = "Session") -> None:
         super().__init__(uri, collection, timeout_s, self._create_collection)
         self.dimension = dimension
         self._consistency = consistency_level
@@ -53,9 +53,9 @@ class DocumentIndex(MilvusCollection):
         """Deletes by primary key after a query, so the count is exact whatever the backend reports."""
         ids = ", ".join(quote(d) for d in document_ids)
         expr = f"tenant == {quote(tenant)} and document_id in [{ids}]"
+        # Strong: replacing or deleting must see every chunk written so far, wherever it was written.
         rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["pk"],
-                                                          timeout=self.timeout_s * 4,
-                                                          consistency_level=self._consistency))
+                                                          timeout=self.timeout_s * 4, consistency_level="Strong"))
         keys = [row["pk"] for row in rows]
         if keys:
             await self.run(lambda client: client.delete(self.name, ids=keys, timeout=self.timeout_s * 4))
@@ -72,6 +72,5 @@ class DocumentIndex(MilvusCollection):
     async def count(self, tenant: str) -> int:
         expr = f"tenant == {quote(tenant)}"
         rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["count(*)"],
-                                                          timeout=self.timeout_s,
-                                                          consistency_level=self._consistency))
+                                                          timeout=self.timeout_s * 4, consistency_level="Strong"))
         return int(rows[0]["count(*)"]) if rows else 0

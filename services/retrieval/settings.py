@@ -30,6 +30,7 @@ class RetrievalSettings(ServiceSettings):
     max_documents_per_batch: int = 256
     max_filter_chars: int = 1024
     milvus_timeout_s: float = 2.0
-    # Strong: a document is searchable as soon as its upsert returns (read-your-writes across replicas).
-    # "Bounded" trades that for lower search latency on a Milvus cluster.
-    consistency_level: str = "Strong"
+    # Session: a document is searchable through this process as soon as its upsert returns (read-your-writes),
+    # without Strong's wait for the next time tick on every search (slow on a Milvus standalone). Other retrieval
+    # replicas see it within Milvus' bounded staleness. "Strong" buys cross-replica freshness for that wait.
+    consistency_level: str = "Session"
