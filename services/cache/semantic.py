@@ -10,7 +10,7 @@ import time
 
 from pymilvus import AsyncMilvusClient, DataType
 
-from services.common.milvus import MilvusCollection, quote
+from services.common.milvus import MilvusCollection, hnsw_cosine_index, quote
 
 
 class SemanticIndex(MilvusCollection):
@@ -33,10 +33,9 @@ class SemanticIndex(MilvusCollection):
         schema.add_field("response_key", DataType.VARCHAR, max_length=512)
         schema.add_field("expires_at", DataType.INT64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self._dimension)
-        index = AsyncMilvusClient.prepare_index_params()
-        index.add_index("vector", index_type="HNSW", metric_type="COSINE",
-                        params={"M": self._m, "efConstruction": self._ef_construction})
-        await client.create_collection(name, schema=schema, index_params=index, timeout=self.timeout_s * 20)
+        await client.create_collection(name, schema=schema,
+                                       index_params=hnsw_cosine_index("vector", self._m, self._ef_construction),
+                                       timeout=self.timeout_s * 20)
 
     async def search(self, vector: list[float], tenant: str, model: str, version: str, generation: str,
                      context: str) -> tuple[str, float] | None:

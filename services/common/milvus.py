@@ -21,6 +21,13 @@ def quote(value: str) -> str:
     return json.dumps(value)
 
 
+def hnsw_cosine_index(field: str, m: int, ef_construction: int):
+    """Index parameters for an HNSW graph on a vector field, cosine metric (the mesh's vectors are unit norm)."""
+    index = AsyncMilvusClient.prepare_index_params()
+    index.add_index(field, index_type="HNSW", metric_type="COSINE", params={"M": m, "efConstruction": ef_construction})
+    return index
+
+
 class MilvusCollection:
     def __init__(self, uri: str, name: str, timeout_s: float,
                  create: Callable[[AsyncMilvusClient, str], Awaitable[None]]) -> None:

@@ -6,7 +6,7 @@ import hashlib
 
 from pymilvus import AsyncMilvusClient, DataType
 
-from services.common.milvus import MilvusCollection, quote
+from services.common.milvus import MilvusCollection, hnsw_cosine_index, quote
 
 _OUTPUT = ["chunk_id", "document_id", "text", "metadata"]
 
@@ -34,10 +34,9 @@ class DocumentIndex(MilvusCollection):
         schema.add_field("text", DataType.VARCHAR, max_length=65_535)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dimension)
-        index = AsyncMilvusClient.prepare_index_params()
-        index.add_index("vector", index_type="HNSW", metric_type="COSINE",
-                        params={"M": self._m, "efConstruction": self._ef_construction})
-        await client.create_collection(name, schema=schema, index_params=index, timeout=self.timeout_s * 20,
+        await client.create_collection(name, schema=schema,
+                                       index_params=hnsw_cosine_index("vector", self._m, self._ef_construction),
+                                       timeout=self.timeout_s * 20,
                                        consistency_level=self._consistency)
 
     async def replace_documents(self, tenant: str, rows: list[dict], document_ids: list[str]) -> None:
