@@ -169,18 +169,29 @@ def test_embeddings_cached_per_text_and_only_misses_reach_triton(mesh, stack):
     texts = ["cached vector one", "cached vector two"]
     first = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=texts), metadata=AUTH, timeout=30)
     assert first.cached == 0 and first.metadata.cache_status == mesh_pb2.CACHE_STATUS_MISS
-    time.sleep(0.3)  # the store runs after the reply
+    wait_embeddings_stored(stack, "tenant-a", texts)
     before = triton_items(stack, "minilm")
     mixed = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=[*texts, "a third, new text"]),
                        metadata=AUTH, timeout=30)
     assert mixed.cached == 2
     assert triton_items(stack, "minilm") == before + 1
     assert list(mixed.embeddings[0].values) == pytest.approx(list(first.embeddings[0].values), abs=1e-6)
-    time.sleep(0.3)
     full = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=texts), metadata=AUTH, timeout=30)
     assert full.metadata.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT and full.cached == 2
     other_tenant = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=texts), metadata=AUTH_B, timeout=30)
     assert other_tenant.cached == 0
+
+
+def wait_embeddings_stored(stack, tenant: str, texts: list[str]) -> None:
+    """The gateway stores vectors after its reply: wait (bounded) until the cache has them."""
+    scope = cache_pb2.CacheScope(tenant=tenant, model=EMBEDDER, model_version="1")
+    deadline = time.monotonic() + 5
+    with grpc.insecure_channel(stack.cache_address) as channel:
+        cache = cache_pb2_grpc.ResponseCacheStub(channel)
+        while not all(e.values for e in cache.GetEmbeddings(
+                cache_pb2.GetEmbeddingsRequest(scope=scope, texts=texts), timeout=5).embeddings):
+            assert time.monotonic() < deadline, "embeddings were not stored"
+            time.sleep(0.05)
 
 
 def _cache_stub(stack):
