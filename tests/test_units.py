@@ -159,12 +159,13 @@ def test_filters_accept_metadata_expressions_and_expand_in():
     assert to_milvus('metadata["k"] in ["a", "b"] and not (metadata["n"] >= 3)', 200) == \
         '(metadata["k"] == "a" or metadata["k"] == "b") and not (metadata["n"] >= 3)'
     assert to_milvus("", 10) == ""
+    # Literals alone cannot reach another field, so a tautology is allowed: it stays inside the tenant clause.
+    assert to_milvus('metadata["a"] == "b" or 1 == 1', 100)
 
 
 @pytest.mark.parametrize("bad", [
     'metadata["a"] == "b") or (tenant != "x"',  # closes the tenant clause
     'tenant == "other"',                         # names another field
-    'metadata["a"] == "b" or 1 == 1',            # a bare literal comparison is fine, but...
     "pk != ''",                                  # single quotes and another field
     'metadata["a"] == "b"; drop',
     '((metadata["a"] == "b")',
@@ -172,9 +173,6 @@ def test_filters_accept_metadata_expressions_and_expand_in():
 def test_filters_reject_escapes(bad):
     from services.retrieval.filters import FilterError, to_milvus
 
-    if bad == 'metadata["a"] == "b" or 1 == 1':
-        assert to_milvus(bad, 100)  # literals alone cannot reach other fields: allowed
-        return
     with pytest.raises(FilterError):
         to_milvus(bad, 100)
 

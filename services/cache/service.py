@@ -133,20 +133,23 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
                 result = "exact_hit"
                 return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
             degraded: list[str] = []
-            if request.semantic:
-                similar = await self._semantic(request, generation, degraded)
-                if similar is not None:
-                    result = "semantic_hit"
-                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT, response=similar[0],
-                                                 similarity=similar[1], degraded=degraded)
+            # The lease comes before the semantic search: an identical request in flight is answered by its
+            # own result (an exact hit), never by a semantic match that races with its store.
             lease = await self._store.take_lease(key, self._settings.lease_s)
             if not lease:
                 cached = await self._wait_for_leader(key, context)
                 if cached is not None:
                     result = "exact_hit_after_wait"
-                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached,
-                                                 degraded=degraded)
+                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
                 lease = await self._store.take_lease(key, self._settings.lease_s)
+            if request.semantic:
+                similar = await self._semantic(request, generation, degraded)
+                if similar is not None:
+                    if lease:
+                        await self._store.release_lease(key, lease)
+                    result = "semantic_hit"
+                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT, response=similar[0],
+                                                 similarity=similar[1], degraded=degraded)
             result = "miss"
             return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_MISS, lease=lease, degraded=degraded)
         except RedisError as exc:

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+from urllib.parse import urlparse
 
 from pymilvus import AsyncMilvusClient
 from pymilvus.exceptions import MilvusException
@@ -44,8 +45,26 @@ class MilvusCollection:
             raise ConnectionError(f"Milvus at {self.uri} is not available")
         return self._client
 
+    async def _listening(self) -> bool:
+        """A non-blocking TCP probe. pymilvus' client setup blocks the event loop while the server is down
+        (stalling every other call of the service, Redis hits included), so it is only tried once the port
+        accepts connections."""
+        address = urlparse(self.uri if "://" in self.uri else f"http://{self.uri}")
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(address.hostname or "127.0.0.1", address.port or 19530), self.timeout_s)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
     async def connect(self) -> bool:
         """Create the collection if needed and load it; False (retry later) while Milvus is unreachable."""
+        if not await self._listening():
+            await self.mark_unavailable()
+            return False
         try:
             # pymilvus' own reconnect logic can wait without end after a server restart: bound every step here.
             async with asyncio.timeout(self.timeout_s * 10):

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.logging import configure_logging
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,6 @@ class ServiceHost:
 def run_service(name: str, settings_factory: Callable[[], ServiceSettingsT],
                 serve: Callable[[ServiceSettingsT], Awaitable[None]]) -> None:
     """A service's `main`: settings from file and environment, JSON logs, then serve until stopped."""
-    from services.common.logging import configure_logging
-
     settings = settings_factory()
     configure_logging(name, settings.log_level)
     asyncio.run(serve(settings))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from inference_mesh.v1 import router_pb2, router_pb2_grpc
-from services.router.balancer import LeastOutstandingBalancer, NoReplicaError
+from services.router.balancer import LeastOutstandingBalancer
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet
 
@@ -14,16 +14,10 @@ class RouterAdminService(router_pb2_grpc.RouterAdminServicer):
         self._replicas = replicas
         self._balancer = balancer
 
-    def _ready(self, name: str) -> bool:
-        try:
-            self._balancer.choose(self._registry.models[name])
-            return True
-        except NoReplicaError:
-            return False
-
     async def ListModels(self, request, context):
         return router_pb2.RouterListModelsResponse(
-            models=[self._registry.model_info(name, self._ready(name)) for name in sorted(self._registry.models)])
+            models=[self._registry.model_info(name, self._balancer.can_serve(spec))
+                    for name, spec in sorted(self._registry.models.items())])
 
     async def ListReplicas(self, request, context):
         return router_pb2.ListReplicasResponse(replicas=[

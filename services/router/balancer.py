@@ -18,6 +18,9 @@ class LeastOutstandingBalancer:
         # Breaks ties in turn, so equal loads still spread.
         self._tiebreak = itertools.count()
 
+    def can_serve(self, model: ModelSpec) -> bool:
+        return any(r.serves(model.triton_model) for pool in model.pools for r in self._replicas.in_pool(pool))
+
     def choose(self, model: ModelSpec, exclude: frozenset[str] = frozenset()) -> Replica:
         for pool in model.pools:
             candidates = [r for r in self._replicas.in_pool(pool)

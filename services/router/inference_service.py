@@ -35,14 +35,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._default_timeout_s = default_timeout_s
 
     def any_model_ready(self) -> bool:
-        return any(self._ready(spec) for spec in self._registry.models.values())
-
-    def _ready(self, spec: ModelSpec) -> bool:
-        try:
-            self._balancer.choose(spec)
-            return True
-        except NoReplicaError:
-            return False
+        return any(self._balancer.can_serve(spec) for spec in self._registry.models.values())
 
     async def _resolve(self, name: str, context: grpc.aio.ServicerContext) -> ModelSpec:
         spec = self._registry.models.get(name)
@@ -67,7 +60,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         spec = self._registry.models.get(request.name)
-        return service_pb2.ModelReadyResponse(ready=spec is not None and self._ready(spec))
+        return service_pb2.ModelReadyResponse(ready=spec is not None and self._balancer.can_serve(spec))
 
     async def ModelMetadata(self, request, context):
         spec = await self._resolve(request.name, context)
