@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,10 +30,37 @@ def _exists(pid: int) -> bool:
     return True
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that is free now and stays free until a server binds it.
+
+    Ports come from below the kernel's ephemeral range: a port bound to 0 comes from that range, and any outgoing
+    connection (Milvus opens dozens) can take it in the gap between this check and the server's bind.
+    """
+    low, _ = _ephemeral_range()
+    span_start = 20000 if low > 21000 else 1024
+    for _ in range(200):
+        port = random.randrange(span_start, low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port between {span_start} and {low}")
 
 
 def descendants(pid: int) -> list[int]:
