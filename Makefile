@@ -7,7 +7,7 @@ BUILD_VENV := .venv-build
 WHEEL_CACHE ?= $(HOME)/.cache/inference-mesh/wheels
 LLAMA_CPP_VERSION := 0.3.16
 ONNX_MODEL := triton_models/minilm/1/model.onnx
-PROTOS := $(wildcard protos/inference_mesh/v1/*.proto)
+PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge/*.proto)
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
@@ -54,7 +54,7 @@ protos: gen/.stamp
 gen/.stamp: $(PROTOS) $(VENV)/.installed
 	rm -rf gen && mkdir -p gen
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
-	touch gen/inference_mesh/__init__.py gen/inference_mesh/v1/__init__.py gen/.stamp
+	touch gen/inference_mesh/__init__.py gen/inference_mesh/v1/__init__.py gen/inference_mesh/edge/__init__.py gen/.stamp
 
 # --- running ---------------------------------------------------------------------------------------------
 up: setup

@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    stack = LocalStack(ROOT / "build" / "bench-cache", StackPorts.free(1))
+    stack = LocalStack(ROOT / "build" / "bench-cache", StackPorts.free(1, gateways=1), with_edge=False)
     stack.start()
     try:
         rows = asyncio.run(measure(stack, args.requests))

@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    stack = LocalStack(ROOT / "build" / "bench", StackPorts.free(1))
+    stack = LocalStack(ROOT / "build" / "bench", StackPorts.free(1, gateways=1), with_edge=False)
     stack.start()
     try:
         rows = asyncio.run(measure(stack, args.concurrency, args.embed_requests, args.stream_requests, args.rounds))

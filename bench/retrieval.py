@@ -180,8 +180,8 @@ def main() -> None:
     # One draw, split: the queries come from the same clusters as the data but are not in it.
     points = clustered(args.vectors + 200, 2000, seed=1)
     vectors, queries = points[: args.vectors], points[args.vectors :]
-    stack = LocalStack(ROOT / "build" / "bench-retrieval", StackPorts.free(1), with_cache=False,
-                       milvus_backend=args.milvus)
+    stack = LocalStack(ROOT / "build" / "bench-retrieval", StackPorts.free(1, gateways=1), with_edge=False,
+                       with_cache=False, milvus_backend=args.milvus)
     stack.start()
     try:
         load_s, index = load_vectors(f"http://127.0.0.1:{stack.ports.milvus}", vectors)

@@ -15,19 +15,27 @@ from tools.stack import LocalStack, StackPorts
 
 LLM = "smollm2-135m-instruct"
 EMBEDDER = "all-minilm-l6-v2"
-KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b"}
+KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenant-std": "test-key-tenant-std",
+        "tenant-budget": "test-key-tenant-budget", "tenant-bulk": "test-key-tenant-bulk"}
+# Request limits: the production tiers' own (config/tenants.yaml). Token budgets: large, except for the budget
+# test's own tier, so that no other test runs out.
+_PRODUCTION = yaml.safe_load((Path(__file__).parent.parent / "config" / "tenants.yaml").read_text())["tiers"]
+TIERS = {
+    "standard": {**_PRODUCTION["standard"], "tokens_per_minute": 1_000_000, "tokens_per_month": 0},
+    "enterprise": {**_PRODUCTION["enterprise"], "tokens_per_minute": 1_000_000, "tokens_per_month": 0},
+    "small-budget": {"requests_per_minute": 1000, "burst": 50, "tokens_per_minute": 300,
+                     "tokens_per_month": 1_000_000},
+    "bulk": {"requests_per_minute": 100_000, "burst": 10_000},
+}
+TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": "standard",
+                "tenant-budget": "small-budget", "tenant-bulk": "bulk"}
 
 
 def write_tenants(path: Path) -> Path:
     path.write_text(yaml.safe_dump({
-        "tiers": {"standard": {"requests_per_minute": 300, "burst": 30},
-                  "enterprise": {"requests_per_minute": 1000, "burst": 50}},
-        "tenants": [
-            {"id": "tenant-a", "tier": "standard",
-             "api_key_sha256": [hashlib.sha256(KEYS["tenant-a"].encode()).hexdigest()]},
-            {"id": "tenant-b", "tier": "enterprise",
-             "api_key_sha256": [hashlib.sha256(KEYS["tenant-b"].encode()).hexdigest()]},
-        ],
+        "tiers": TIERS,
+        "tenants": [{"id": tenant, "tier": tier, "api_key_sha256": [hashlib.sha256(KEYS[tenant].encode()).hexdigest()]}
+                    for tenant, tier in TENANT_TIERS.items()],
     }))
     return path
 
@@ -39,7 +47,7 @@ def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, tenants_file: Path) -> Iterator[LocalStack]:
-    mesh = LocalStack(tmp_path_factory.mktemp("stack"), StackPorts.free(1), tenants_file=tenants_file)
+    mesh = LocalStack(tmp_path_factory.mktemp("stack"), StackPorts.free(1, gateways=2), tenants_file=tenants_file)
     mesh.start()
     yield mesh
     mesh.stop()

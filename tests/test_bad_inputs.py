@@ -42,7 +42,7 @@ CASES = [
     ("embedder used for generation", _generate,
      mesh_pb2.GenerateRequest(model=EMBEDDER, max_tokens=4, messages=chat("hi").messages),
      AUTH, grpc.StatusCode.NOT_FOUND, "available: ['smollm2-135m-instruct']"),
-    ("missing API key", _generate, chat("hi"), (), grpc.StatusCode.UNAUTHENTICATED, "missing API key"),
+    ("missing API key", _generate, chat("hi"), (), grpc.StatusCode.UNAUTHENTICATED, "missing credentials"),
     ("wrong API key", _generate, chat("hi"), (("x-api-key", "not-a-key"),), grpc.StatusCode.UNAUTHENTICATED,
      "invalid API key"),
     ("wrong bearer token", _embed, mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["a"]),

@@ -17,8 +17,8 @@ from tools.stack import LocalStack, StackPorts
 @pytest.fixture(scope="module")
 def two_replicas(tmp_path_factory, tenants_file):
     # Only the embedder is loaded: it starts in seconds and is enough to see routing.
-    mesh = LocalStack(tmp_path_factory.mktemp("failover"), StackPorts.free(2), tenants_file=tenants_file,
-                      triton_models=["minilm"], with_cache=False, with_retrieval=False)
+    mesh = LocalStack(tmp_path_factory.mktemp("failover"), StackPorts.free(2, gateways=1), tenants_file=tenants_file,
+                      triton_models=["minilm"], with_edge=False, with_cache=False, with_retrieval=False)
     mesh.start()
     yield mesh
     mesh.stop()

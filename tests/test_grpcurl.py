@@ -53,4 +53,4 @@ def test_streaming_generate_call(stack):
 def test_unauthenticated_call_reports_the_status(stack):
     called = run("-plaintext", "-d", "{}", stack.gateway_address, "inference_mesh.v1.InferenceMesh/ListModels")
     assert called.returncode != 0
-    assert "Unauthenticated" in called.stderr and "missing API key" in called.stderr
+    assert "Unauthenticated" in called.stderr and "missing credentials" in called.stderr

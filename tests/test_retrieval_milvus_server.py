@@ -20,8 +20,8 @@ pytestmark = pytest.mark.milvus_server
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tenants_file):
-    mesh = LocalStack(tmp_path_factory.mktemp("milvus-server"), StackPorts.free(1), tenants_file=tenants_file,
-                      with_cache=False, milvus_backend="server")
+    mesh = LocalStack(tmp_path_factory.mktemp("milvus-server"), StackPorts.free(1, gateways=1),
+                      tenants_file=tenants_file, with_edge=False, with_cache=False, milvus_backend="server")
     mesh.start()
     yield mesh
     mesh.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import yaml
 
+from services.edge.settings import EdgeSettings
 from tools.backends import MILVUS_SERVER_PORTS, start_milvus_lite, start_milvus_server, start_redis
+from tools.edge import start_envoy, wait_edge_ready
+from tools.pki import Pki, ensure_pki
 from tools.processes import ManagedProcess, free_port, wait_grpc_serving
 from tools.triton import MODEL_REPOSITORY, ROOT, TritonInstall, TritonPorts, wait_triton_ready
 
@@ -35,11 +39,25 @@ class StackPorts:
     gateway_metrics: int = 0
     cache_metrics: int = 0
     retrieval: int = 0
+    # Gateway replicas after the first (Envoy balances over all of them), and their metrics ports.
+    extra_gateways: list[int] = field(default_factory=list)
+    extra_gateway_metrics: list[int] = field(default_factory=list)
+    edge: int = 0
+    edge_admin: int = 0
+    ratelimit: int = 0
+    ratelimit_metrics: int = 0
 
     @classmethod
-    def free(cls, replicas: int = 1) -> StackPorts:
+    def free(cls, replicas: int = 1, gateways: int = 2) -> StackPorts:
         return cls(free_port(), free_port(), [TritonPorts.free() for _ in range(replicas)], free_port(),
-                   free_port(), free_port(), free_port(), free_port(), free_port())
+                   free_port(), free_port(), free_port(), free_port(), free_port(),
+                   [free_port() for _ in range(gateways - 1)], [free_port() for _ in range(gateways - 1)],
+                   free_port(), free_port(), free_port(), free_port())
+
+    def gateway_ports(self) -> list[tuple[int, int]]:
+        """(gRPC, metrics) of every gateway replica."""
+        return [(self.gateway, self.gateway_metrics), *zip(self.extra_gateways, self.extra_gateway_metrics,
+                                                            strict=True)]
 
 
 def render_registry(base: Path, tritons: list[TritonPorts]) -> dict:
@@ -68,12 +86,33 @@ class LocalStack:
     with_retrieval: bool = True
     # "lite": milvus-lite (embedded HNSW server); "server": a Milvus standalone (milvus-server).
     milvus_backend: str = "lite"
+    # Envoy (TLS, JWT, rate limits) in front of the gateways, with the rate-limit service and token budgets.
+    with_edge: bool = True
+    # EdgeSettings fields to change, e.g. {"require_client_cert": True}.
+    edge_overrides: dict = field(default_factory=dict)
     _milvus_server_ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
+    _edge_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
     @property
     def gateway_address(self) -> str:
         return f"127.0.0.1:{self.ports.gateway}"
+
+    @property
+    def gateway_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{port}" for port, _ in self.ports.gateway_ports()]
+
+    @property
+    def edge_address(self) -> str:
+        return f"127.0.0.1:{self.ports.edge}"
+
+    @property
+    def ratelimit_address(self) -> str:
+        return f"127.0.0.1:{self.ports.ratelimit}"
+
+    @property
+    def pki(self) -> Pki:
+        return ensure_pki(self.run_dir / "pki")
 
     @property
     def router_address(self) -> str:
@@ -127,8 +166,9 @@ class LocalStack:
                     "MESH_RETRIEVAL_TOKENIZER_FILE": str(MODEL_REPOSITORY / "minilm" / "1" / "tokenizer.json"),
                 }, self.run_dir / "retrieval.log")
                 wait_grpc_serving(self.retrieval_address, self.processes["retrieval"], 60)
-            if self.with_cache:
+            if self.with_cache or self.with_edge:
                 self.start_redis()
+            if self.with_cache:
                 self.processes["cache"] = start_service("services.cache", "cache", {
                     "MESH_CACHE_PORT": str(self.ports.cache),
                     "MESH_CACHE_METRICS_PORT": str(self.ports.cache_metrics),
@@ -137,19 +177,58 @@ class LocalStack:
                     "MESH_CACHE_ROUTER_ADDRESS": self.router_address,
                 }, self.run_dir / "cache.log")
                 wait_grpc_serving(self.cache_address, self.processes["cache"], 30)
-            self.processes["gateway"] = start_service("services.gateway", "gateway", {
-                "MESH_GATEWAY_PORT": str(self.ports.gateway),
-                "MESH_GATEWAY_METRICS_PORT": str(self.ports.gateway_metrics),
-                "MESH_GATEWAY_ROUTER_ADDRESS": self.router_address,
-                "MESH_GATEWAY_CACHE_ADDRESS": self.cache_address if self.with_cache else "",
-                "MESH_GATEWAY_RETRIEVAL_ADDRESS": self.retrieval_address if self.with_retrieval else "",
-                "MESH_GATEWAY_TENANTS_FILE": str(self.tenants_file),
-            }, self.run_dir / "gateway.log")
-            wait_grpc_serving(self.gateway_address, self.processes["gateway"], 30)
+            if self.with_edge:
+                self.processes["ratelimit"] = start_service("services.ratelimit", "ratelimit", {
+                    "MESH_RATELIMIT_PORT": str(self.ports.ratelimit),
+                    "MESH_RATELIMIT_METRICS_PORT": str(self.ports.ratelimit_metrics),
+                    "MESH_RATELIMIT_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/1",
+                    "MESH_RATELIMIT_TENANTS_FILE": str(self.tenants_file),
+                }, self.run_dir / "ratelimit.log")
+                wait_grpc_serving(self.ratelimit_address, self.processes["ratelimit"], 30)
+            self.start_gateways()
+            if self.with_edge:
+                self.start_edge()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def gateway_env(self, port: int, metrics_port: int) -> dict[str, str]:
+        return {
+            "MESH_GATEWAY_PORT": str(port),
+            "MESH_GATEWAY_METRICS_PORT": str(metrics_port),
+            "MESH_GATEWAY_ROUTER_ADDRESS": self.router_address,
+            "MESH_GATEWAY_CACHE_ADDRESS": self.cache_address if self.with_cache else "",
+            "MESH_GATEWAY_RETRIEVAL_ADDRESS": self.retrieval_address if self.with_retrieval else "",
+            "MESH_GATEWAY_TENANTS_FILE": str(self.tenants_file),
+            "MESH_GATEWAY_BUDGET_ADDRESS": self.ratelimit_address if self.with_edge else "",
+            "MESH_GATEWAY_EDGE_SECRET": self._edge_secret if self.with_edge else "",
+        }
+
+    def start_gateway(self, index: int) -> None:
+        """Starts (or restarts) gateway replica `index` and waits until it is SERVING."""
+        port, metrics_port = self.ports.gateway_ports()[index]
+        name = "gateway" if index == 0 else f"gateway-{index}"
+        self.processes[name] = start_service("services.gateway", name, self.gateway_env(port, metrics_port),
+                                             self.run_dir / f"{name}.log")
+        wait_grpc_serving(f"127.0.0.1:{port}", self.processes[name], 30)
+
+    def start_gateways(self) -> None:
+        for index in range(len(self.ports.gateway_ports())):
+            self.start_gateway(index)
+
+    def edge_settings(self) -> EdgeSettings:
+        pki = self.pki
+        return EdgeSettings(**{
+            "port": self.ports.edge, "admin_port": self.ports.edge_admin, "gateways": self.gateway_addresses,
+            "ratelimit_address": self.ratelimit_address, "edge_secret": self._edge_secret,
+            "tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key), "client_ca": str(pki.ca_cert),
+            "jwks_file": str(pki.jwks), **self.edge_overrides})
+
+    def start_edge(self) -> None:
+        settings = self.edge_settings()
+        self.processes["envoy"] = start_envoy(settings, self.run_dir)
+        wait_edge_ready(self.processes["envoy"], settings)
 
     def stop(self) -> None:
         # Edge first, Triton last, so in-flight work drains in the order it flows.
@@ -162,27 +241,34 @@ def _up(args: argparse.Namespace) -> None:
     ports = StackPorts(args.gateway_port, args.router_port,
                        [TritonPorts(args.triton_grpc_port, args.triton_grpc_port - 1, args.triton_grpc_port + 1)],
                        cache=50053, redis=6379, milvus=19530, gateway_metrics=9101, cache_metrics=9103,
-                       retrieval=50054)
+                       retrieval=50054, extra_gateways=[args.gateway_port + 10], extra_gateway_metrics=[9111],
+                       edge=args.edge_port, edge_admin=9901, ratelimit=50055, ratelimit_metrics=9105)
     stack = LocalStack(ROOT / "run", ports)
-    print("starting Triton, router, milvus-lite, retrieval, Redis, cache and gateway (logs in run/) ...", flush=True)
+    print("starting Triton, router, milvus-lite, retrieval, Redis, cache, rate limits, 2 gateways and Envoy "
+          "(logs in run/) ...", flush=True)
     stack.start()
     # The first pid is this process: `make down` signals it, and it stops the others in order.
     (ROOT / "run" / "stack.pids").write_text("\n".join([str(os.getpid())] + [str(p.pid) for p in
                                                                             stack.processes.values()]))
     t = ports.tritons[0]
+    pki = stack.pki
     print(f"""
 inference mesh is up
-  gateway (public, InferenceMesh + KServe): {stack.gateway_address}
+  edge (public: TLS, JWT or API key, rate limits): {stack.edge_address}   (Envoy admin 127.0.0.1:{ports.edge_admin})
+  gateways (InferenceMesh + KServe):       {", ".join(stack.gateway_addresses)}
   router (internal):                       {stack.router_address}
   cache (internal):                        {stack.cache_address}  redis :{ports.redis}  milvus-lite :{ports.milvus}
   retrieval (internal):                    {stack.retrieval_address}
+  rate limits + token budgets (internal):  {stack.ratelimit_address}
   triton:                                  grpc 127.0.0.1:{t.grpc}  http :{t.http}  metrics :{t.metrics}
-  dev API key:                             mesh-dev-key
+  CA certificate (trust it):               {pki.ca_cert.relative_to(ROOT)}
+  dev API key:                             mesh-dev-key    (a JWT: .venv/bin/python -m tools.pki mint --tenant dev)
 
 try it:
-  .venv/bin/grpcurl -plaintext -H 'x-api-key: mesh-dev-key' -d '{{"model": "smollm2-135m-instruct", "max_tokens": 32,
-    "messages": [{{"role": "ROLE_USER", "content": "Name three colours."}}]}}' \\
-    {stack.gateway_address} inference_mesh.v1.InferenceMesh/Generate
+  .venv/bin/grpcurl -cacert {pki.ca_cert.relative_to(ROOT)} -H 'x-api-key: mesh-dev-key' \\
+    -d '{{"model": "smollm2-135m-instruct", "max_tokens": 32,
+         "messages": [{{"role": "ROLE_USER", "content": "Name three colours."}}]}}' \\
+    localhost:{ports.edge} inference_mesh.v1.InferenceMesh/Generate
 
 Ctrl-C (or `make down`) stops everything.""", flush=True)
     stop = threading.Event()
@@ -229,6 +315,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(required=True)
     up = sub.add_parser("up", help="start the stack in the foreground")
+    up.add_argument("--edge-port", type=int, default=8443)
     up.add_argument("--gateway-port", type=int, default=50051)
     up.add_argument("--router-port", type=int, default=50052)
     up.add_argument("--triton-grpc-port", type=int, default=8001)

@@ -1,12 +1,19 @@
-"""API-key authentication: `authorization: Bearer <key>` or `x-api-key: <key>` → tenant."""
+"""Who is calling: an API key (`authorization: Bearer <key>` or `x-api-key: <key>`) or, behind Envoy, the tenant
+claim of a JWT that Envoy's jwt_authn filter verified."""
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 
 import grpc
 
-from services.gateway.tenants import TenantConfig, hash_key
+from services.common.tenants import TenantConfig, hash_key
+
+# Set by Envoy only (services/edge/render.py): it strips both from client requests before jwt_authn runs, puts the
+# verified claim in the first and the shared edge secret in the second.
+JWT_TENANT_HEADER = "x-mesh-jwt-tenant"
+EDGE_SECRET_HEADER = "x-mesh-edge-secret"
 
 
 @dataclass(frozen=True)
@@ -16,24 +23,37 @@ class Caller:
 
 
 class Authenticator:
-    def __init__(self, config: TenantConfig) -> None:
+    def __init__(self, config: TenantConfig, edge_secret: str = "") -> None:
         self._by_hash = {digest: Caller(t.id, t.tier) for t in config.tenants for digest in t.api_key_sha256}
+        self._by_id = {t.id: Caller(t.id, t.tier) for t in config.tenants}
+        self._edge_secret = edge_secret
 
-    def identify(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> Caller | None:
+    def _from_edge(self, headers: dict[str, str]) -> tuple[Caller | None, str]:
+        claimed = headers.get(JWT_TENANT_HEADER, "")
+        secret = headers.get(EDGE_SECRET_HEADER, "")
+        if not claimed or not self._edge_secret or not hmac.compare_digest(secret, self._edge_secret):
+            return None, ""
+        caller = self._by_id.get(claimed)
+        return caller, "" if caller else f"the JWT's tenant claim {claimed!r} names no configured tenant"
+
+    def identify(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> tuple[Caller | None, str]:
+        """The caller, or None and why not."""
         headers = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
+        caller, problem = self._from_edge(headers)
+        if caller or problem:
+            return caller, problem
         key = headers.get("x-api-key", "")
         auth = headers.get("authorization", "")
         if not key and auth[:7].lower() == "bearer ":
             key = auth[7:].strip()
-        return self._by_hash.get(hash_key(key)) if key else None
+        if not key:
+            return None, ("missing credentials: send metadata 'authorization: Bearer <API key or JWT>' "
+                          "or 'x-api-key: <key>'")
+        caller = self._by_hash.get(hash_key(key))
+        return caller, "" if caller else "invalid API key"
 
     async def require(self, context: grpc.aio.ServicerContext) -> Caller:
-        caller = self.identify(context.invocation_metadata())
+        caller, problem = self.identify(context.invocation_metadata())
         if caller is None:
-            has_key = any(k.lower() in ("x-api-key", "authorization") for k, _ in context.invocation_metadata() or ())
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "invalid API key" if has_key
-                else "missing API key: send metadata 'authorization: Bearer <key>' or 'x-api-key: <key>'",
-            )
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
         return caller

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Coroutine
 
@@ -10,6 +9,7 @@ import grpc
 from prometheus_client import Counter
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
+from services.common.background import BackgroundCalls
 
 log = logging.getLogger(__name__)
 CACHE_BYPASSED = Counter("mesh_gateway_cache_unavailable_total",
@@ -26,7 +26,7 @@ class CacheClient:
         self._stub = cache_pb2_grpc.ResponseCacheStub(channel)
         self._lookup_timeout_s = lookup_timeout_s
         self._fast_timeout_s = fast_timeout_s
-        self._pending: set[asyncio.Task] = set()
+        self._background = BackgroundCalls()
 
     async def _call(self, name: str, coroutine: Coroutine):
         try:
@@ -47,9 +47,7 @@ class CacheClient:
 
     def in_background(self, name: str, coroutine: Coroutine) -> None:
         """Stores and releases run after the reply: the caller never waits for them."""
-        task = asyncio.create_task(self._call(name, coroutine))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._background.start(self._call(name, coroutine))
 
     def store(self, request: cache_pb2.StoreRequest) -> None:
         self.in_background("store", self._stub.Store(request, timeout=self._fast_timeout_s * 10))
@@ -61,5 +59,4 @@ class CacheClient:
         self.in_background("put_embeddings", self._stub.PutEmbeddings(request, timeout=self._fast_timeout_s * 3))
 
     async def drain(self, timeout_s: float = 5.0) -> None:
-        if self._pending:
-            await asyncio.wait(list(self._pending), timeout=timeout_s)
+        await self._background.drain(timeout_s)

@@ -9,10 +9,13 @@ MODEL_INVALID_ARGUMENT = "INVALID_ARGUMENT: "
 
 
 class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str,
+                 trailing: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # Trailing metadata for the caller, e.g. a retry-after hint on RESOURCE_EXHAUSTED.
+        self.trailing = trailing
 
 
 def invalid(message: str) -> RequestError:

@@ -13,6 +13,7 @@ from inference_mesh.v1 import cache_pb2, mesh_pb2, mesh_pb2_grpc, models_pb2, re
 from services.common.deadlines import downstream_timeout
 from services.gateway import cached_generation, rag
 from services.gateway.auth import Authenticator, Caller
+from services.gateway.budgets import TokenBudgets, metered
 from services.gateway.cache_client import CacheClient
 from services.gateway.catalog import ModelCatalog
 from services.gateway.documents import DocumentsRelay
@@ -35,13 +36,24 @@ def _forward_headers(caller: Caller, request_id: str) -> tuple[tuple[str, str], 
 class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
     def __init__(self, settings: GatewaySettings, auth: Authenticator, catalog: ModelCatalog,
                  router: service_pb2_grpc.GRPCInferenceServiceStub, cache: CacheClient | None,
-                 documents: DocumentsRelay) -> None:
+                 documents: DocumentsRelay, budgets: TokenBudgets | None = None) -> None:
         self._settings = settings
         self._auth = auth
         self._catalog = catalog
         self._router = router
         self._cache = cache
         self._documents = documents
+        self._budgets = budgets
+
+    async def _generate(self, caller: Caller, request: mesh_pb2.GenerateRequest, model: models_pb2.ModelInfo,
+                        metadata: mesh_pb2.ResponseMetadata, timeout_s: float):
+        """The cached generation, admitted and charged against the tenant's token budget."""
+        chunks = cached_generation.generate(self._cache, self._router, request, model, metadata, timeout_s,
+                                            _forward_headers(caller, metadata.request_id))
+        if self._budgets is None:
+            return chunks
+        await self._budgets.admit(caller)
+        return metered(self._budgets, caller, chunks)
 
     async def Generate(self, request, context):
         caller = await self._auth.require(context)
@@ -53,12 +65,11 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             check_generate(request, model, self._settings.limits)
             metadata = _metadata(caller, model.name, request.request_id)
             timeout = downstream_timeout(context, self._settings.generate_timeout_s)
-            async for chunk in cached_generation.generate(self._cache, self._router, request, model, metadata,
-                                                          timeout, _forward_headers(caller, metadata.request_id)):
+            async for chunk in await self._generate(caller, request, model, metadata, timeout):
                 yield chunk
         except RequestError as exc:
             status = exc.code.name
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailing)
         finally:
             log.info("generate", extra={"tenant": caller.tenant, "model": request.model, "status": status,
                                         "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
@@ -74,7 +85,7 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             return await self._embed(list(request.texts), request.cache_mode, model, metadata, timeout,
                                      _forward_headers(caller, metadata.request_id))
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailing)
 
     async def _embed(self, texts: list[str], mode: mesh_pb2.CacheMode.ValueType, model: models_pb2.ModelInfo,
                      metadata: mesh_pb2.ResponseMetadata, timeout_s: float,
@@ -148,14 +159,13 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
                 log.warning("ask without context", extra={"tenant": caller.tenant, "error": exc.message})
             generate, citations = rag.build_request(request, hits, self._settings.ask_max_context_chars, max_tokens)
             check_generate(generate, model, limits)
-            async for chunk in cached_generation.generate(self._cache, self._router, generate, model, metadata,
-                                                          timeout, _forward_headers(caller, metadata.request_id)):
+            async for chunk in await self._generate(caller, generate, model, metadata, timeout):
                 if chunk.finish_reason:
                     chunk.metadata.citations.extend(citations)
                 yield chunk
         except RequestError as exc:
             status = exc.code.name
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailing)
         finally:
             log.info("ask", extra={"tenant": caller.tenant, "model": request.model, "status": status,
                                    "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
@@ -166,28 +176,28 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             return await self._documents.upsert(caller, request_iterator,
                                                 downstream_timeout(context, self._settings.ingest_timeout_s))
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailing)
 
     async def DeleteDocuments(self, request, context):
         caller = await self._auth.require(context)
         try:
             return await self._documents.delete(caller, request, downstream_timeout(context, 30.0))
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailing)
 
     async def Search(self, request, context):
         caller = await self._auth.require(context)
         try:
             return await self._documents.search(caller, request, downstream_timeout(context, 30.0))
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailing)
 
     async def CollectionStats(self, request, context):
         caller = await self._auth.require(context)
         try:
             return await self._documents.stats(caller, downstream_timeout(context, 30.0))
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, exc.trailing)
 
     async def ListModels(self, request, context):
         await self._auth.require(context)

@@ -11,18 +11,19 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2_grpc, router_pb2_grpc
 from services.common.server import ServiceHost, insecure_channel, run_service
+from services.common.tenants import TenantConfig
 from services.gateway.auth import Authenticator
+from services.gateway.budgets import TokenBudgets
 from services.gateway.cache_client import CacheClient
 from services.gateway.catalog import ModelCatalog
 from services.gateway.documents import DocumentsRelay
 from services.gateway.kserve_proxy import KServeProxyService
 from services.gateway.mesh_service import InferenceMeshService
 from services.gateway.settings import GatewaySettings
-from services.gateway.tenants import TenantConfig
 
 
 async def serve(settings: GatewaySettings) -> None:
-    auth = Authenticator(TenantConfig.load(settings.tenants_file))
+    auth = Authenticator(TenantConfig.load(settings.tenants_file), settings.edge_secret)
     channel = insecure_channel(settings.router_address)
     router = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     catalog = ModelCatalog(router_pb2_grpc.RouterAdminStub(channel), settings.model_refresh_s,
@@ -35,13 +36,16 @@ async def serve(settings: GatewaySettings) -> None:
     retrieval_channel = insecure_channel(settings.retrieval_address) if settings.retrieval_address else None
     documents = DocumentsRelay(retrieval_pb2_grpc.RetrievalStub(retrieval_channel) if retrieval_channel else None,
                                settings.search_timeout_s, settings.ingest_timeout_s)
+    budget_channel = insecure_channel(settings.budget_address) if settings.budget_address else None
+    budgets = TokenBudgets(budget_channel, settings.budget_timeout_s, settings.budget_fail_open) \
+        if budget_channel else None
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
 
     host = ServiceHost("gateway", settings.address, settings.shutdown_grace_s,
                        settings.drain_delay_s)
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(
-        InferenceMeshService(settings, auth, catalog, router, cache, documents), host.server)
+        InferenceMeshService(settings, auth, catalog, router, cache, documents, budgets), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeProxyService(auth, router, settings.generate_timeout_s, settings.metadata_timeout_s,
                            is_ready=lambda: serving), host.server)
@@ -72,6 +76,9 @@ async def serve(settings: GatewaySettings) -> None:
             await cache_channel.close()
         if retrieval_channel is not None:
             await retrieval_channel.close()
+        if budgets is not None:
+            await budgets.drain()
+            await budget_channel.close()
         await channel.close()
 
 

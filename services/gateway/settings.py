@@ -44,3 +44,10 @@ class GatewaySettings(ServiceSettings):
     ask_max_context_chars: int = 3_000    # ~750 tokens of SmolLM2's 2,048-token context
     ask_default_max_tokens: int = 256
     limits: RequestLimits = RequestLimits()
+    # The rate-limit service's TokenBudget. Empty: no token budgets.
+    budget_address: str = ""
+    budget_timeout_s: float = 0.25
+    # Budget service down: admit (open, the default, counted in mesh_gateway_budget_unavailable_total) or refuse.
+    budget_fail_open: bool = True
+    # Shared with Envoy, which sends it with every request: only then is a JWT tenant header trusted.
+    edge_secret: str = ""

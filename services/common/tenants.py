@@ -11,9 +11,13 @@ from pydantic import BaseModel, Field
 
 
 class Tier(BaseModel, extra="forbid"):
-    # Seed guide: standard 100-500 req/min, enterprise 1,000; burst 20-50. Enforced at the edge (Envoy).
-    requests_per_minute: int
-    burst: int
+    # Seed guide: standard 100-500 req/min, enterprise 1,000; burst 20-50. Enforced at the edge: Envoy asks the
+    # mesh's rate-limit service, a token bucket in Redis holding `burst` requests refilled at the per-minute rate.
+    requests_per_minute: int = Field(gt=0)
+    burst: int = Field(gt=0)
+    # Token budgets, charged with each generation's real usage (prompt + completion tokens); 0 = unlimited.
+    tokens_per_minute: int = Field(default=0, ge=0)
+    tokens_per_month: int = Field(default=0, ge=0)
 
 
 class Tenant(BaseModel, extra="forbid"):
@@ -25,6 +29,12 @@ class Tenant(BaseModel, extra="forbid"):
 class TenantConfig(BaseModel, extra="forbid"):
     tiers: dict[str, Tier]
     tenants: list[Tenant]
+
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        return next((t for t in self.tenants if t.id == tenant_id), None)
+
+    def tenant_by_key_hash(self) -> dict[str, Tenant]:
+        return {digest: t for t in self.tenants for digest in t.api_key_sha256}
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> TenantConfig:

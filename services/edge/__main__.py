@@ -1,0 +1,20 @@
+"""python -m services.edge [--out FILE]: print or write the Envoy config rendered from EdgeSettings."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+import yaml
+
+from services.edge.render import render
+from services.edge.settings import EdgeSettings
+
+parser = argparse.ArgumentParser(prog="python -m services.edge", description=__doc__)
+parser.add_argument("--out", type=pathlib.Path)
+args = parser.parse_args()
+text = yaml.safe_dump(render(EdgeSettings()), sort_keys=False)
+if args.out:
+    args.out.write_text(text)
+else:
+    print(text, end="")

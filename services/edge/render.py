@@ -1,0 +1,201 @@
+"""Renders the Envoy config (a dict, dumped as YAML) from EdgeSettings.
+
+Routes by gRPC method class: streaming inference (no retries once a gateway has the request), unary inference
+(retried on UNAVAILABLE on another gateway), metadata (short timeouts), health and reflection (no limits).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.edge.settings import EdgeSettings
+
+MESH = "/inference_mesh.v1.InferenceMesh/"
+KSERVE = "/inference.GRPCInferenceService/"
+TENANT_HEADER = "x-mesh-jwt-tenant"
+EDGE_SECRET_HEADER = "x-mesh-edge-secret"
+STREAMING = [MESH + "Generate", MESH + "Ask", KSERVE + "ModelStreamInfer"]
+INGEST = [MESH + "UpsertDocuments"]
+UNARY_INFERENCE = [MESH + "Embed", MESH + "Search", MESH + "DeleteDocuments", KSERVE + "ModelInfer"]
+
+
+def _typed(kind: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{kind}", **fields}
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _socket(address: str) -> dict[str, Any]:
+    host, port = address.rsplit(":", 1)
+    return {"socket_address": {"address": host, "port_value": int(port)}}
+
+
+def _tls_context(s: EdgeSettings) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+        "tls_certificates": [{"certificate_chain": {"filename": s.tls_cert},
+                              "private_key": {"filename": s.tls_key}}],
+    }
+    context: dict[str, Any] = {"common_tls_context": common}
+    if s.require_client_cert:
+        common["validation_context"] = {"trusted_ca": {"filename": s.client_ca}}
+        context["require_client_certificate"] = True
+    return _typed("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", **context)
+
+
+def _rate_limits() -> list[dict[str, Any]]:
+    # One descriptor per way a tenant can be named; the rate-limit service counts a request once per tenant.
+    return [{"actions": [{"request_headers": {"header_name": header, "descriptor_key": key}}]}
+            for header, key in ((TENANT_HEADER, "tenant"), ("x-api-key", "api_key"),
+                                ("authorization", "authorization"))]
+
+
+_PREVIOUS_HOSTS = {"name": "envoy.retry_host_predicates.previous_hosts",
+                   "typed_config": _typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")}
+
+
+def _retry(retry_on: str) -> dict[str, Any]:
+    return {"retry_on": retry_on, "num_retries": 2, "retry_host_predicate": [_PREVIOUS_HOSTS],
+            "host_selection_retry_max_attempts": 3,
+            "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"}}
+
+
+def _route(match: dict[str, Any], timeout_s: float, retry_on: str, limited: bool = True) -> dict[str, Any]:
+    action: dict[str, Any] = {
+        "cluster": "gateways",
+        "timeout": _seconds(timeout_s),
+        # A shorter grpc-timeout from the caller wins; a longer one is capped at the route's.
+        "max_stream_duration": {"grpc_timeout_header_max": _seconds(timeout_s)},
+        "retry_policy": _retry(retry_on),
+    }
+    if limited:
+        action["rate_limits"] = _rate_limits()
+    return {"match": {**match, "grpc": {}}, "route": action}
+
+
+def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
+    # Streams are retried only where the gateway never saw them (connect failure, refused stream): a retry
+    # after tokens went out would duplicate them. Unary calls are retried on UNAVAILABLE too.
+    never_reached = "connect-failure,refused-stream"
+    unary = "unavailable,connect-failure,refused-stream,reset"
+    routes = [_route({"path": p}, s.inference_timeout_s, never_reached) for p in STREAMING]
+    routes += [_route({"path": p}, s.ingest_timeout_s, never_reached) for p in INGEST]
+    routes += [_route({"path": p}, s.inference_timeout_s, unary) for p in UNARY_INFERENCE]
+    routes += [_route({"prefix": prefix}, s.metadata_timeout_s, unary) for prefix in (MESH, KSERVE)]
+    routes += [_route({"prefix": "/grpc.health.v1.Health/"}, s.metadata_timeout_s, unary, limited=False),
+               _route({"prefix": "/grpc.reflection."}, s.metadata_timeout_s * 2, never_reached, limited=False)]
+    return routes
+
+
+def _http_filters(s: EdgeSettings) -> list[dict[str, Any]]:
+    always = {"numerator": 100, "denominator": "HUNDRED"}
+    provider = {
+        "issuer": s.jwt_issuer,
+        "audiences": [s.jwt_audience],
+        "local_jwks": {"filename": s.jwks_file},
+        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        "forward": False,
+        "claim_to_headers": [{"header_name": TENANT_HEADER, "claim_name": s.jwt_tenant_claim}],
+    }
+    return [
+        # Identity headers come from Envoy only: drop whatever a client sent under those names first.
+        {"name": "envoy.filters.http.header_mutation", "typed_config": _typed(
+            "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            mutations={"request_mutations": [{"remove": TENANT_HEADER}, {"remove": EDGE_SECRET_HEADER}]})},
+        {"name": "envoy.filters.http.local_ratelimit", "typed_config": _typed(
+            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+            stat_prefix="edge_shield",
+            token_bucket={"max_tokens": s.shield.max_tokens, "tokens_per_fill": s.shield.tokens_per_fill,
+                          "fill_interval": _seconds(s.shield.fill_interval_s)},
+            filter_enabled={"runtime_key": "edge_shield_enabled", "default_value": always},
+            filter_enforced={"runtime_key": "edge_shield_enforced", "default_value": always},
+            rate_limited_as_resource_exhausted=True,
+            response_headers_to_add=[{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                      "header": {"key": "retry-after", "value": "1"}}])},
+        # A bearer token that looks like a JWT (base64 of '{"') must verify; anything else is an API key, which
+        # the gateway checks.
+        {"name": "envoy.filters.http.jwt_authn", "typed_config": _typed(
+            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            providers={"mesh": provider},
+            rules=[{"match": {"prefix": "/", "headers": [{
+                        "name": "authorization",
+                        "string_match": {"prefix": "Bearer eyJ", "ignore_case": True}}]},
+                    "requires": {"provider_name": "mesh"}}])},
+        {"name": "envoy.filters.http.ratelimit", "typed_config": _typed(
+            "envoy.extensions.filters.http.ratelimit.v3.RateLimit",
+            domain=s.ratelimit_domain,
+            timeout=_seconds(s.ratelimit_timeout_s),
+            failure_mode_deny=not s.ratelimit_fail_open,
+            # Fail closed answers UNAVAILABLE (retry later), not Envoy's default 500 (INTERNAL, looks like a bug).
+            status_on_error={"code": "ServiceUnavailable"},
+            rate_limited_as_resource_exhausted=True,
+            enable_x_ratelimit_headers="DRAFT_VERSION_03",
+            rate_limit_service={"transport_api_version": "V3",
+                                "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"},
+                                                 "timeout": _seconds(s.ratelimit_timeout_s)}})},
+        {"name": "envoy.filters.http.router",
+         "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")},
+    ]
+
+
+def _listener(s: EdgeSettings) -> dict[str, Any]:
+    manager = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="edge",
+        codec_type="AUTO",
+        use_remote_address=True,
+        http2_protocol_options={"max_concurrent_streams": 1024},
+        common_http_protocol_options={"max_stream_duration": _seconds(s.max_stream_duration_s)},
+        route_config={"name": "mesh", "virtual_hosts": [{
+            "name": "mesh", "domains": ["*"], "routes": _routes(s),
+            "request_headers_to_add": [{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                        "header": {"key": EDGE_SECRET_HEADER, "value": s.edge_secret}}],
+        }]},
+        http_filters=_http_filters(s),
+    )
+    return {"name": "public", "address": _socket(f"{s.host}:{s.port}"),
+            "filter_chains": [{"transport_socket": {"name": "envoy.transport_sockets.tls",
+                                                    "typed_config": _tls_context(s)},
+                               "filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": manager}]}]}
+
+
+def _http2_cluster(name: str, addresses: list[str], connect_timeout_s: float) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": _seconds(connect_timeout_s),
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            explicit_http_config={"http2_protocol_options": {"max_concurrent_streams": 1024}})},
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket(address)}} for address in addresses]}]},
+    }
+
+
+def _clusters(s: EdgeSettings) -> list[dict[str, Any]]:
+    gateways = _http2_cluster("gateways", s.gateways, 1.0)
+    interval = _seconds(s.health_check_interval_s)
+    gateways.update({
+        "lb_policy": "LEAST_REQUEST",
+        "least_request_lb_config": {"choice_count": 2},
+        "health_checks": [{"timeout": "2s", "interval": interval, "no_traffic_interval": interval,
+                           "unhealthy_threshold": 2, "healthy_threshold": 1, "grpc_health_check": {}}],
+        # A gateway that refuses connections is out after 2 local failures; one that answers 5xx after 5.
+        "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_failure": 3,
+                              "split_external_local_origin_errors": True, "consecutive_local_origin_failure": 2,
+                              "interval": "5s", "base_ejection_time": "30s", "max_ejection_percent": 50},
+        "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
+                                             "max_requests": 4096, "max_retries": 64}]},
+    })
+    return [gateways, _http2_cluster("ratelimit", [s.ratelimit_address], s.ratelimit_timeout_s)]
+
+
+def render(s: EdgeSettings) -> dict[str, Any]:
+    return {
+        "admin": {"address": _socket(f"127.0.0.1:{s.admin_port}")},
+        "static_resources": {"listeners": [_listener(s)], "clusters": _clusters(s)},
+    }

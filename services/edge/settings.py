@@ -1,0 +1,57 @@
+"""The edge (Envoy) settings: the rendered Envoy config comes from these and nothing else."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class LocalShield(BaseModel, extra="forbid"):
+    """Envoy's own token bucket, per Envoy process, ahead of any call to the rate-limit service: it caps what a
+    flood (keyless traffic included) can cost before the per-tenant limits are even asked."""
+
+    max_tokens: int = 2000
+    tokens_per_fill: int = 1000
+    fill_interval_s: float = 1.0
+
+
+class EdgeSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MESH_EDGE_", env_nested_delimiter="__", extra="forbid")
+
+    port: int = 8443
+    # The admin interface never leaves loopback, whatever `host` is.
+    admin_port: int = 9901
+    # Gateway replicas behind the edge (least_request over all of them).
+    gateways: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051", "127.0.0.1:50061"])
+    ratelimit_address: str = "127.0.0.1:50055"
+    ratelimit_domain: str = "inference-mesh"
+    # Envoy's wait for a rate-limit answer, then the failure mode applies (open by default, counted in Envoy's
+    # ratelimit.failure_mode_allowed / ratelimit.error stats).
+    ratelimit_timeout_s: float = 0.25
+    ratelimit_fail_open: bool = True
+    shield: LocalShield = LocalShield()
+
+    tls_cert: str = "run/pki/server.pem"
+    tls_key: str = "run/pki/server-key.pem"
+    # mTLS: clients must present a certificate signed by this CA.
+    require_client_cert: bool = False
+    client_ca: str = "run/pki/ca.pem"
+
+    jwks_file: str = "run/pki/jwks.json"
+    jwt_issuer: str = "https://inference-mesh.local"
+    jwt_audience: str = "inference-mesh"
+    jwt_tenant_claim: str = "tenant"
+    # Sent to the gateways with every request; a gateway trusts a JWT tenant header only with it.
+    edge_secret: str = ""
+
+    # Seed guide: inference 30-60 s; metadata calls are cheap and must fail fast.
+    inference_timeout_s: float = 60.0
+    metadata_timeout_s: float = 5.0
+    ingest_timeout_s: float = 600.0
+    # A hard cap on any stream's life, whatever the route.
+    max_stream_duration_s: float = 900.0
+    # Seed guide: health checks every 10 s.
+    health_check_interval_s: float = 10.0
+    concurrency: int = 2

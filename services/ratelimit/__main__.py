@@ -1,0 +1,3 @@
+from services.ratelimit.server import main
+
+main()

@@ -1,0 +1,80 @@
+"""Envoy's global rate-limit protocol (envoy.service.ratelimit.v3) on the shared Redis buckets."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from redis.exceptions import RedisError
+
+from inference_mesh.edge import envoy_ratelimit_pb2 as rls
+from inference_mesh.edge import envoy_ratelimit_pb2_grpc
+from services.common.tenants import TenantConfig
+from services.ratelimit import metrics
+from services.ratelimit.buckets import BucketState, LimitStore
+from services.ratelimit.tenants import TenantResolver
+
+Status = rls.RateLimitResponse.DescriptorStatus
+OK, OVER_LIMIT = rls.RateLimitResponse.OK, rls.RateLimitResponse.OVER_LIMIT
+
+
+def as_duration(seconds: float) -> Duration:
+    whole = int(seconds)
+    return Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+
+
+class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
+    def __init__(self, config: TenantConfig, store: LimitStore, domain: str) -> None:
+        self._config = config
+        self._resolver = TenantResolver(config)
+        self._store = store
+        self._domain = domain
+
+    async def ShouldRateLimit(self, request: rls.RateLimitRequest, context: grpc.aio.ServicerContext
+                              ) -> rls.RateLimitResponse:
+        if request.domain != self._domain:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown rate-limit domain {request.domain!r}; this service serves {self._domain!r}")
+        started = time.perf_counter()
+        reply = rls.RateLimitResponse(overall_code=OK)
+        # A request may carry a JWT and an API key for the same tenant: count it once.
+        decided: dict[str, BucketState] = {}
+        try:
+            for descriptor in request.descriptors:
+                tenant = self._resolver.resolve((e.key, e.value) for e in descriptor.entries)
+                if tenant is None:
+                    metrics.UNRESOLVED.inc()
+                    reply.statuses.append(Status(code=OK))
+                    continue
+                tier = self._config.tiers[tenant.tier]
+                state = decided.get(tenant.id)
+                if state is None:
+                    hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else request.hits_addend
+                    state = await self._store.take_request(tenant.id, tier.requests_per_minute, tier.burst,
+                                                           max(1, hits))
+                    decided[tenant.id] = state
+                    metrics.REQUEST_DECISIONS.labels(tenant.tier, "ok" if state.allowed else "over_limit").inc()
+                rate = tier.requests_per_minute / 60.0
+                until_reset = state.wait_s if not state.allowed else (tier.burst - state.level) / rate
+                reply.statuses.append(Status(
+                    code=OK if state.allowed else OVER_LIMIT,
+                    current_limit=rls.RateLimitResponse.RateLimit(
+                        name=tenant.tier, requests_per_unit=tier.requests_per_minute,
+                        unit=rls.RateLimitResponse.RateLimit.MINUTE),
+                    limit_remaining=max(0, int(state.level)),
+                    duration_until_reset=as_duration(max(0.0, until_reset))))
+                if not state.allowed and reply.overall_code != OVER_LIMIT:
+                    reply.overall_code = OVER_LIMIT
+                    retry_after = max(1, math.ceil(state.wait_s))
+                    reply.response_headers_to_add.append(rls.HeaderValue(key="retry-after", value=str(retry_after)))
+                    reply.raw_body = (
+                        f"rate limit: tenant {tenant.id!r} ({tenant.tier} tier) is over {tier.requests_per_minute} "
+                        f"requests/min with a burst of {tier.burst}; retry after {retry_after} s").encode()
+        except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("envoy_rls").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate-limit store (Redis) unavailable: {exc}")
+        finally:
+            metrics.DECISION_SECONDS.labels("envoy_rls").observe(time.perf_counter() - started)
+        return reply

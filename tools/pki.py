@@ -1,0 +1,184 @@
+"""A local CA, the edge's server certificate, a client certificate (mTLS) and a JWT signing key with its JWKS.
+
+`make up` and the tests create them when absent. Production brings its own: point the edge settings at them.
+    python -m tools.pki mint --tenant dev        # a JWT for tenant dev, signed with the local key
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import ipaddress
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DIR = ROOT / "run" / "pki"
+JWT_ISSUER = "https://inference-mesh.local"
+JWT_AUDIENCE = "inference-mesh"
+JWT_KEY_ID = "mesh-local-1"
+
+
+@dataclass(frozen=True)
+class Pki:
+    directory: Path
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.path("ca.pem")
+
+    @property
+    def server_cert(self) -> Path:
+        return self.path("server.pem")
+
+    @property
+    def server_key(self) -> Path:
+        return self.path("server-key.pem")
+
+    @property
+    def client_cert(self) -> Path:
+        return self.path("client.pem")
+
+    @property
+    def client_key(self) -> Path:
+        return self.path("client-key.pem")
+
+    @property
+    def jwt_key(self) -> Path:
+        return self.path("jwt-signing-key.pem")
+
+    @property
+    def jwks(self) -> Path:
+        return self.path("jwks.json")
+
+
+def _new_key(bits: int = 2048) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def _write_key(key: rsa.RSAPrivateKey, path: Path) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+
+
+def _load_key(path: Path) -> rsa.RSAPrivateKey:
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def _certificate(subject: str, key: rsa.RSAPrivateKey, issuer: x509.Certificate | None,
+                 issuer_key: rsa.RSAPrivateKey, *, ca: bool = False, server: bool = False,
+                 days: int = 825) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "inference-mesh (local)")])
+    now = dt.datetime.now(dt.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name)
+               .issuer_name(issuer.subject if issuer else name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+            decipher_only=False), critical=True)
+    else:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def make_ca(directory: Path, name: str = "inference-mesh local CA") -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    directory.mkdir(parents=True, exist_ok=True)
+    key = _new_key()
+    cert = _certificate(name, key, None, key, ca=True, days=3650)
+    (directory / "ca.pem").write_bytes(_pem(cert))
+    _write_key(key, directory / "ca-key.pem")
+    return cert, key
+
+
+def ensure_pki(directory: Path = DEFAULT_DIR) -> Pki:
+    """Creates whatever is missing; never replaces what exists (a CA clients already trust stays)."""
+    pki = Pki(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if not pki.ca_cert.exists():
+        ca, ca_key = make_ca(directory)
+        for stale in (pki.server_cert, pki.client_cert):
+            stale.unlink(missing_ok=True)
+    else:
+        ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+        ca_key = _load_key(pki.path("ca-key.pem"))
+    if not pki.server_cert.exists():
+        key = _new_key()
+        pki.server_cert.write_bytes(_pem(_certificate("localhost", key, ca, ca_key, server=True)))
+        _write_key(key, pki.server_key)
+    if not pki.client_cert.exists():
+        key = _new_key()
+        pki.client_cert.write_bytes(_pem(_certificate("mesh-client", key, ca, ca_key)))
+        _write_key(key, pki.client_key)
+    if not pki.jwt_key.exists():
+        _write_key(_new_key(), pki.jwt_key)
+        pki.jwks.unlink(missing_ok=True)
+    if not pki.jwks.exists():
+        pki.jwks.write_text(json.dumps(jwks_for(_load_key(pki.jwt_key))))
+    return pki
+
+
+def _b64(number: int) -> str:
+    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def jwks_for(key: rsa.RSAPrivateKey, kid: str = JWT_KEY_ID) -> dict:
+    numbers = key.public_key().public_numbers()
+    return {"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid,
+                      "n": _b64(numbers.n), "e": _b64(numbers.e)}]}
+
+
+def mint_jwt(pki: Pki, tenant: str, ttl_s: float = 3600, *, key_path: Path | None = None,
+             issuer: str = JWT_ISSUER, audience: str = JWT_AUDIENCE, issued_at: float | None = None) -> str:
+    now = issued_at if issued_at is not None else time.time()
+    claims = {"iss": issuer, "aud": audience, "sub": f"client-of-{tenant}", "tenant": tenant,
+              "iat": int(now), "exp": int(now + ttl_s)}
+    key = (key_path or pki.jwt_key).read_bytes()
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": JWT_KEY_ID})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tools.pki", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("init", help="create the CA, certificates and JWT key where missing")
+    mint = commands.add_parser("mint", help="print a JWT for a tenant")
+    mint.add_argument("--tenant", required=True)
+    mint.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    args = parser.parse_args()
+    pki = ensure_pki(args.dir)
+    if args.command == "mint":
+        print(mint_jwt(pki, args.tenant, args.ttl))
+    else:
+        print(f"certificates and JWKS in {pki.directory}")
+
+
+if __name__ == "__main__":
+    main()
