@@ -178,13 +178,7 @@ class LocalStack:
                 }, self.run_dir / "cache.log")
                 wait_grpc_serving(self.cache_address, self.processes["cache"], 30)
             if self.with_edge:
-                self.processes["ratelimit"] = start_service("services.ratelimit", "ratelimit", {
-                    "MESH_RATELIMIT_PORT": str(self.ports.ratelimit),
-                    "MESH_RATELIMIT_METRICS_PORT": str(self.ports.ratelimit_metrics),
-                    "MESH_RATELIMIT_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/1",
-                    "MESH_RATELIMIT_TENANTS_FILE": str(self.tenants_file),
-                }, self.run_dir / "ratelimit.log")
-                wait_grpc_serving(self.ratelimit_address, self.processes["ratelimit"], 30)
+                self.start_ratelimit()
             self.start_gateways()
             if self.with_edge:
                 self.start_edge()
@@ -192,6 +186,16 @@ class LocalStack:
             self.stop()
             raise
         return self
+
+    def start_ratelimit(self) -> None:
+        """Starts (or restarts) the rate-limit service and waits until it is SERVING."""
+        self.processes["ratelimit"] = start_service("services.ratelimit", "ratelimit", {
+            "MESH_RATELIMIT_PORT": str(self.ports.ratelimit),
+            "MESH_RATELIMIT_METRICS_PORT": str(self.ports.ratelimit_metrics),
+            "MESH_RATELIMIT_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/1",
+            "MESH_RATELIMIT_TENANTS_FILE": str(self.tenants_file),
+        }, self.run_dir / "ratelimit.log")
+        wait_grpc_serving(self.ratelimit_address, self.processes["ratelimit"], 30)
 
     def gateway_env(self, port: int, metrics_port: int) -> dict[str, str]:
         return {
