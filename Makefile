@@ -70,6 +70,7 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.inference_path
 	PYTHONPATH=.:gen $(PY) -m bench.cache_lookup
 	PYTHONPATH=.:gen $(PY) -m bench.retrieval
+	PYTHONPATH=.:gen $(PY) -m bench.edge
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
