@@ -21,7 +21,11 @@ import yaml
 from tritonclient.grpc import service_pb2_grpc
 
 from bench.inference_path import PROMPT, ROOT, Sample, direct_generate, pct, run_load, write_section
+from inference_mesh.edge import envoy_ratelimit_pb2 as rls
+from inference_mesh.edge import envoy_ratelimit_pb2_grpc
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from tools.edge import start_envoy, wait_edge_ready
+from tools.processes import free_port
 from tools.stack import LocalStack, StackPorts
 
 BENCH_KEY = "bench-edge-key"
@@ -41,7 +45,11 @@ def bench_tenants(path: Path) -> Path:
     return path
 
 
-def cache_hit(mesh: mesh_pb2_grpc.InferenceMeshStub):
+EMBED = mesh_pb2.EmbedRequest(model="all-minilm-l6-v2", texts=[PROMPT[0]["content"]])
+
+
+def generate_hit(mesh: mesh_pb2_grpc.InferenceMeshStub):
+    """A streamed cache hit: the replay of a 32-token answer, 32 messages on the wire."""
     async def call() -> Sample:
         t0 = time.perf_counter()
         status = None
@@ -54,42 +62,82 @@ def cache_hit(mesh: mesh_pb2_grpc.InferenceMeshStub):
     return call
 
 
-async def measure(stack: LocalStack, concurrencies: list[int], requests: dict[int, int], rounds: int) -> dict:
-    direct_channel = grpc.aio.insecure_channel(stack.gateway_address)
-    edge_channel = grpc.aio.secure_channel(stack.edge_address,
-                                           grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes()))
+def embed_hit(mesh: mesh_pb2_grpc.InferenceMeshStub):
+    """A unary cache hit: one embedding from the embedding cache."""
+    async def call() -> Sample:
+        t0 = time.perf_counter()
+        answer = await mesh.Embed(EMBED, metadata=AUTH, timeout=30)
+        if answer.metadata.cache_status != mesh_pb2.CACHE_STATUS_EXACT_HIT:
+            raise RuntimeError("expected an embedding cache hit")
+        return Sample(time.perf_counter() - t0)
+    return call
+
+
+def rls_decision(stub: envoy_ratelimit_pb2_grpc.RateLimitServiceStub):
+    request = rls.RateLimitRequest(domain="inference-mesh", descriptors=[
+        rls.RateLimitDescriptor(entries=[rls.RateLimitDescriptor.Entry(key="api_key", value=BENCH_KEY)])])
+
+    async def call() -> Sample:
+        t0 = time.perf_counter()
+        await stub.ShouldRateLimit(request, timeout=5)
+        return Sample(time.perf_counter() - t0)
+    return call
+
+
+def summary(samples: list[Sample], seconds: float) -> dict:
+    latencies = [s.latency_s * 1000 for s in samples]
+    return {"p50": pct(latencies, 50), "p99": pct(latencies, 99), "rps": len(samples) / seconds, "n": len(samples)}
+
+
+async def measure(stack: LocalStack, unlimited_edge: str, concurrencies: list[int], requests: dict[int, int],
+                  rounds: int) -> dict:
+    credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
+    channels = {"gateway": grpc.aio.insecure_channel(stack.gateway_address),
+                "edge": grpc.aio.secure_channel(stack.edge_address, credentials),
+                "edge_no_rls": grpc.aio.secure_channel(unlimited_edge, credentials)}
+    stubs = {name: mesh_pb2_grpc.InferenceMeshStub(channel) for name, channel in channels.items()}
     triton_channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports.tritons[0].grpc}")
-    paths = {"gateway": cache_hit(mesh_pb2_grpc.InferenceMeshStub(direct_channel)),
-             "edge": cache_hit(mesh_pb2_grpc.InferenceMeshStub(edge_channel))}
-    # Fill the cache, then warm both paths (connections, TLS handshake, Envoy's first RLS connection).
-    async for _ in mesh_pb2_grpc.InferenceMeshStub(direct_channel).Generate(REQUEST, metadata=AUTH, timeout=120):
+    rls_channel = grpc.aio.insecure_channel(stack.ratelimit_address)
+    # Fill the caches, then warm every path (connections, TLS handshakes, Envoy's first RLS connection).
+    async for _ in stubs["gateway"].Generate(REQUEST, metadata=AUTH, timeout=120):
         pass
-    for call in paths.values():
-        await run_load(call, 8, 200)
+    await stubs["gateway"].Embed(EMBED, metadata=AUTH, timeout=60)
+    await asyncio.sleep(0.5)  # the embedding is stored in the background
+    kinds = {"embed": embed_hit, "generate": generate_hit}
+    for make in kinds.values():
+        for stub in stubs.values():
+            await run_load(make(stub), 8, 200)
     results: dict = {"rows": []}
-    for c in concurrencies:
-        samples: dict[str, list[Sample]] = {"gateway": [], "edge": []}
-        elapsed: dict[str, float] = {"gateway": 0.0, "edge": 0.0}
-        # Alternating rounds: drift (other processes, CPU frequency) hits both paths alike.
-        for _ in range(rounds):
-            for name, call in paths.items():
-                got, seconds = await run_load(call, c, requests[c] // rounds)
-                samples[name] += got
-                elapsed[name] += seconds
-        results["rows"].append({"concurrency": c, **{
-            name: {"p50": pct([s.latency_s * 1000 for s in got], 50),
-                   "p99": pct([s.latency_s * 1000 for s in got], 99),
-                   "rps": len(got) / elapsed[name], "n": len(got)} for name, got in samples.items()}})
-    peak = 0.0
-    for c in (64, 128, 256):
-        got, seconds = await run_load(paths["edge"], c, 2000)
-        peak = max(peak, len(got) / seconds)
-    results["peak_edge_rps"] = peak
+    for kind, make in kinds.items():
+        for c in concurrencies:
+            samples: dict[str, list[Sample]] = {name: [] for name in stubs}
+            elapsed: dict[str, float] = dict.fromkeys(stubs, 0.0)
+            # Alternating rounds: drift (other processes, CPU frequency) hits every path alike.
+            for _ in range(rounds):
+                for name, stub in stubs.items():
+                    got, seconds = await run_load(make(stub), c, requests[c] // rounds)
+                    samples[name] += got
+                    elapsed[name] += seconds
+            results["rows"].append({"kind": kind, "concurrency": c,
+                                    **{name: summary(samples[name], elapsed[name]) for name in stubs}})
+    results["peak"] = {}
+    for kind, make in kinds.items():
+        best = 0.0
+        for c in (64, 128, 256):
+            got, seconds = await run_load(make(stubs["edge"]), c, 2000)
+            best = max(best, len(got) / seconds)
+        results["peak"][kind] = best
     direct, _ = await run_load(direct_generate(service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)), 1, 5)
     results["triton_generate_p50"] = pct([s.latency_s * 1000 for s in direct], 50)
-    for channel in (direct_channel, edge_channel, triton_channel):
+    decisions, _ = await run_load(rls_decision(envoy_ratelimit_pb2_grpc.RateLimitServiceStub(rls_channel)), 1, 500)
+    results["rls_p50"] = pct([s.latency_s * 1000 for s in decisions], 50)
+    for channel in (*channels.values(), triton_channel, rls_channel):
         await channel.close()
     return results
+
+
+_TITLES = {"embed": "Embed, unary (embedding-cache hit)",
+           "generate": "Generate, streamed (response-cache hit replayed as 32 messages)"}
 
 
 def render(results: dict) -> str:
@@ -98,29 +146,36 @@ def render(results: dict) -> str:
         f"Machine: {platform.machine()}, {os.cpu_count()} cores shared by the client, Envoy (2 workers), 2 gateways, "
         "the cache and rate-limit services, Redis and Triton.",
         "",
-        "Both paths send the same deterministic Generate, answered from the exact cache (gateway → cache service → "
-        "Redis → replayed stream). `edge` adds: TLS, Envoy's local token bucket, jwt_authn rules, one call to the "
-        "rate-limit service (Redis token bucket), least_request over 2 gateways. Latency is the whole stream.",
-        "",
-        "| concurrency | gateway p50 ms | edge p50 ms | added p50 ms | gateway p99 ms | edge p99 ms | added p99 ms "
-        "| gateway req/s | edge req/s | edge/gateway throughput |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Every path sends the same cache-hit requests. `gateway`: plaintext to one gateway. `edge`: through Envoy "
+        "(TLS, local token bucket, jwt_authn rules, one call to the rate-limit service, least_request over 2 "
+        "gateways). `edge, no RLS`: a second Envoy with the same config but no global rate-limit call, so the gap "
+        "between the two edge columns is the cost of asking the rate-limit service.",
     ]
-    for row in results["rows"]:
-        g, e = row["gateway"], row["edge"]
-        lines.append(f"| {row['concurrency']} | {g['p50']:.2f} | {e['p50']:.2f} | {e['p50'] - g['p50']:+.2f} "
-                     f"| {g['p99']:.2f} | {e['p99']:.2f} | {e['p99'] - g['p99']:+.2f} | {g['rps']:.0f} "
-                     f"| {e['rps']:.0f} | {e['rps'] / g['rps']:.2f} |")
-    c1 = next(r for r in results["rows"] if r["concurrency"] == 1)
-    added = c1["edge"]["p50"] - c1["gateway"]["p50"]
+    for kind, title in _TITLES.items():
+        lines += ["", f"### {title}", "",
+                  "| concurrency | gateway p50 ms | edge p50 ms | added p50 ms | edge, no RLS p50 ms | added p50 ms "
+                  "| gateway p99 ms | edge p99 ms | added p99 ms | gateway req/s | edge req/s | edge/gateway req/s |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in (r for r in results["rows"] if r["kind"] == kind):
+            g, e, u = row["gateway"], row["edge"], row["edge_no_rls"]
+            lines.append(f"| {row['concurrency']} | {g['p50']:.2f} | {e['p50']:.2f} | {e['p50'] - g['p50']:+.2f} "
+                         f"| {u['p50']:.2f} | {u['p50'] - g['p50']:+.2f} "
+                         f"| {g['p99']:.2f} | {e['p99']:.2f} | {e['p99'] - g['p99']:+.2f} | {g['rps']:.0f} "
+                         f"| {e['rps']:.0f} | {e['rps'] / g['rps']:.2f} |")
+    lines.append("")
+    for kind in _TITLES:
+        c1 = next(r for r in results["rows"] if r["kind"] == kind and r["concurrency"] == 1)
+        added = c1["edge"]["p50"] - c1["gateway"]["p50"]
+        envoy_only = c1["edge_no_rls"]["p50"] - c1["gateway"]["p50"]
+        lines.append(f"{kind}: Envoy adds {added:+.2f} ms p50 at concurrency 1 ({envoy_only:+.2f} ms without the "
+                     f"rate-limit call): target ≤ 1 ms {'met' if added <= 1.0 else 'missed'}. Highest cache-hit "
+                     f"req/s through Envoy (best of concurrency 64/128/256): **{results['peak'][kind]:.0f}**.  ")
+    generate_c1 = next(r for r in results["rows"] if r["kind"] == "generate" and r["concurrency"] == 1)
     lines += [
-        "",
-        "Highest cache-hit req/s through Envoy (best of concurrency 64/128/256): "
-        f"**{results['peak_edge_rps']:.0f}**.  ",
-        f"Target, Envoy adds ≤ 1 ms p50 at concurrency 1: {'met' if added <= 1.0 else 'missed'} ({added:+.2f} ms).  ",
-        f"For scale: the same request generated on Triton directly (32 tokens, concurrency 1) takes "
-        f"{results['triton_generate_p50']:.0f} ms p50, {results['triton_generate_p50'] / c1['edge']['p50']:.0f}x the "
-        "cache hit through the edge.",
+        f"One rate-limit decision called directly (gRPC + Redis Lua): {results['rls_p50']:.2f} ms p50.  ",
+        f"For scale: the same Generate on Triton directly (32 tokens, concurrency 1) takes "
+        f"{results['triton_generate_p50']:.0f} ms p50, "
+        f"{results['triton_generate_p50'] / generate_c1['edge']['p50']:.0f}x the cache hit through the edge.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -137,9 +192,16 @@ def main() -> None:
                        with_retrieval=False)
     counts = {c: int(max(400, c * 40) * args.scale) for c in args.concurrency}
     stack.start()
+    unlimited = None
     try:
-        results = asyncio.run(measure(stack, args.concurrency, counts, args.rounds))
+        settings = stack.edge_settings().model_copy(update={"port": free_port(), "admin_port": free_port(),
+                                                            "global_rate_limit": False})
+        unlimited = start_envoy(settings, run_dir, name="envoy-no-rls")
+        wait_edge_ready(unlimited, settings)
+        results = asyncio.run(measure(stack, f"127.0.0.1:{settings.port}", args.concurrency, counts, args.rounds))
     finally:
+        if unlimited is not None:
+            unlimited.stop()
         stack.stop()
     markdown = render(results)
     print(markdown)

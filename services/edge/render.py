@@ -63,7 +63,7 @@ def _retry(retry_on: str) -> dict[str, Any]:
             "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.25s"}}
 
 
-def _route(match: dict[str, Any], timeout_s: float, retry_on: str, limited: bool = True) -> dict[str, Any]:
+def _route(match: dict[str, Any], timeout_s: float, retry_on: str, limited: bool) -> dict[str, Any]:
     action: dict[str, Any] = {
         "cluster": "gateways",
         "timeout": _seconds(timeout_s),
@@ -81,10 +81,11 @@ def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
     # after tokens went out would duplicate them. Unary calls are retried on UNAVAILABLE too.
     never_reached = "connect-failure,refused-stream"
     unary = "unavailable,connect-failure,refused-stream,reset"
-    routes = [_route({"path": p}, s.inference_timeout_s, never_reached) for p in STREAMING]
-    routes += [_route({"path": p}, s.ingest_timeout_s, never_reached) for p in INGEST]
-    routes += [_route({"path": p}, s.inference_timeout_s, unary) for p in UNARY_INFERENCE]
-    routes += [_route({"prefix": prefix}, s.metadata_timeout_s, unary) for prefix in (MESH, KSERVE)]
+    limited = s.global_rate_limit
+    routes = [_route({"path": p}, s.inference_timeout_s, never_reached, limited) for p in STREAMING]
+    routes += [_route({"path": p}, s.ingest_timeout_s, never_reached, limited) for p in INGEST]
+    routes += [_route({"path": p}, s.inference_timeout_s, unary, limited) for p in UNARY_INFERENCE]
+    routes += [_route({"prefix": prefix}, s.metadata_timeout_s, unary, limited) for prefix in (MESH, KSERVE)]
     routes += [_route({"prefix": "/grpc.health.v1.Health/"}, s.metadata_timeout_s, unary, limited=False),
                _route({"prefix": "/grpc.reflection."}, s.metadata_timeout_s * 2, never_reached, limited=False)]
     return routes
@@ -100,7 +101,7 @@ def _http_filters(s: EdgeSettings) -> list[dict[str, Any]]:
         "forward": False,
         "claim_to_headers": [{"header_name": TENANT_HEADER, "claim_name": s.jwt_tenant_claim}],
     }
-    return [
+    filters = [
         # Identity headers come from Envoy only: drop whatever a client sent under those names first.
         {"name": "envoy.filters.http.header_mutation", "typed_config": _typed(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
@@ -139,6 +140,9 @@ def _http_filters(s: EdgeSettings) -> list[dict[str, Any]]:
         {"name": "envoy.filters.http.router",
          "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")},
     ]
+    if not s.global_rate_limit:
+        filters = [f for f in filters if f["name"] != "envoy.filters.http.ratelimit"]
+    return filters
 
 
 def _listener(s: EdgeSettings) -> dict[str, Any]:

@@ -31,6 +31,8 @@ class EdgeSettings(ServiceSettings):
     # ratelimit.failure_mode_allowed / ratelimit.error stats).
     ratelimit_timeout_s: float = 0.25
     ratelimit_fail_open: bool = True
+    # Off: no call to the rate-limit service (the local shield and the gateways' token budgets remain).
+    global_rate_limit: bool = True
     shield: LocalShield = LocalShield()
 
     tls_cert: str = "run/pki/server.pem"
