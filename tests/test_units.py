@@ -12,13 +12,15 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from inference_mesh.v1 import mesh_pb2, models_pb2
+from services.common.canary import choose_version
 from services.common.kserve import InferRequestBuilder, output_arrays
 from services.common.tenants import Tenant, TenantConfig, Tier, hash_key
 from services.gateway.auth import Authenticator
 from services.gateway.errors import from_stream_error
 from services.gateway.settings import RequestLimits
 from services.gateway.validation import check_embed, check_generate
-from services.router.balancer import LeastOutstandingBalancer, NoReplicaError
+from services.router.balancer import Balancer, BalancerSettings, NoReplicaError, Route
+from services.router.queue_metrics import parse, update
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet
 
@@ -87,7 +89,7 @@ async def test_balancer_prefers_pool_order_then_least_outstanding():
     registry = Registry.model_validate(REGISTRY)
     replicas = ReplicaSet(registry)
     by_name = {r.name: r for r in replicas.replicas}
-    balancer = LeastOutstandingBalancer(replicas)
+    balancer = Balancer(replicas)
     model = registry.models["llm"]
     with pytest.raises(NoReplicaError):
         balancer.choose(model)
@@ -100,11 +102,80 @@ async def test_balancer_prefers_pool_order_then_least_outstanding():
     by_name["g0"].ready_models = {"llm_t"}
     by_name["g0"].in_flight = 50
     assert balancer.choose(model).name == "g0", "the preferred pool wins while it has a ready replica"
-    assert balancer.choose(model, exclude=frozenset({"g0"})).name == "c0"
+    assert balancer.choose(model, Route(exclude=frozenset({"g0"}))).name == "c0"
     by_name["c0"].in_flight = by_name["c1"].in_flight = 0
     by_name["g0"].ready_models = set()
     assert {balancer.choose(model).name for _ in range(4)} == {"c0", "c1"}, "ties take turns"
+    by_name["c0"].draining = True
+    assert {balancer.choose(model).name for _ in range(4)} == {"c1"}, "a drained replica gets nothing new"
     await replicas.close()
+
+
+def test_canary_weights_are_sticky_and_proportional():
+    weights = {"1": 80, "2": 20}
+    picks = [choose_version("m", weights, f"session-{i}") for i in range(10_000)]
+    share = picks.count("2") / len(picks)
+    assert abs(share - 0.20) < 4 * (0.2 * 0.8 / len(picks)) ** 0.5, share
+    assert {choose_version("m", weights, "tenant-x") for _ in range(50)} == {choose_version("m", weights, "tenant-x")}
+    moved = sum(choose_version("m", weights, f"session-{i}") != choose_version("m", {"1": 70, "2": 30},
+                                                                               f"session-{i}") for i in range(10_000))
+    assert 0.07 < moved / 10_000 < 0.13, "raising the canary 20 -> 30 moves only about 10% of the callers"
+    assert choose_version("m", {}, "k", default="3") == "3"
+
+
+async def test_prefix_affinity_stays_home_until_the_load_bound_then_spills():
+    registry = Registry.model_validate({**REGISTRY, "models": {"llm": {
+        "kind": "generate", "triton_model": "llm_t", "pools": ["cpu"], "routing": "prefix_affinity"}}})
+    replicas = ReplicaSet(registry)
+    for replica in replicas.replicas:
+        replica.ready_models = {"llm_t"}
+    balancer = Balancer(replicas, BalancerSettings(affinity_load_factor=1.25))
+    model = registry.models["llm"]
+    route = Route(affinity_key="system-prompt-of-tenant-1")
+    home = balancer.choose(model, route)
+    assert all(balancer.choose(model, route) is home for _ in range(20)), "same key, idle pool: same replica"
+    other = next(r for r in replicas.in_pool("cpu") if r is not home)
+    placed = []
+    for _ in range(6):
+        chosen = balancer.choose(model, route)
+        chosen.in_flight += 1
+        placed.append(chosen.name)
+    assert placed[:2] == [home.name, home.name] and other.name in placed, placed
+    assert max(placed.count(home.name), placed.count(other.name)) <= 4, "bounded: one key cannot take everything"
+    keys = {balancer.choose(model, Route(affinity_key=f"k{i}")).name for i in range(40)}
+    assert keys == {"c0", "c1"}, "different keys spread over the replicas"
+    await replicas.close()
+
+
+def test_queue_metrics_are_parsed_and_turned_into_load():
+    registry = Registry.model_validate(REGISTRY)
+    replica = ReplicaSet(registry).replicas[1]
+    text = ('nv_inference_pending_request_count{model="llm_t",version="1"} 3\n'
+            'nv_inference_queue_duration_us{model="llm_t",version="1"} 1000000\n'
+            'nv_inference_request_success{model="llm_t",version="1"} 10\n'
+            'nv_inference_queue_duration_us{model="other",version="1"} 5\n')
+    update(replica, parse(text))
+    text2 = text.replace("} 1000000", "} 1400000").replace("} 10\n", "} 14\n").replace("} 3\n", "} 1\n")
+    update(replica, parse(text2))
+    queue = replica.queues["llm_t"]
+    assert queue.pending == 1 and queue.queue_ms == 100.0, queue
+    replica.in_flight = 2
+    assert replica.load("llm_t", queue_ms_per_slot=50.0) == 2 + 2.0
+
+
+def test_registry_placements_versions_and_groups():
+    registry = Registry.model_validate({**REGISTRY, "models": {
+        "small": {"kind": "generate", "triton_model": "s", "versions": {"1": 95, "2": 5},
+                  "pools": [{"pool": "a100", "cost_per_1k_tokens": 0.02, "latency_class": "interactive"}, "cpu"]},
+        "big": {"kind": "generate", "triton_model": "b", "pools": ["a100"]}},
+        "groups": {"auto": {"small": "small", "large": "big", "large_above_prompt_chars": 2000}}})
+    info = registry.model_info("small", ready=True)
+    assert [(p.pool, p.gpu_class, p.latency_class) for p in info.placements] == [
+        ("a100", "a100", "interactive"), ("cpu", "cpu", "standard")]
+    assert dict(info.version_weights) == {"1": 95, "2": 5}
+    assert registry.group_info("auto").large == "big"
+    with pytest.raises(ValueError, match="not a generate model"):
+        Registry.model_validate({**REGISTRY, "groups": {"g": {"small": "llm", "large": "nope"}}})
 
 
 def test_api_keys_are_matched_by_hash():

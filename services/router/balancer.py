@@ -1,31 +1,94 @@
-"""Replica choice: the first pool (in the model's order) with a ready replica, then least outstanding."""
+"""Replica choice: the first pool (in the model's order of preference) with a ready, undrained replica, then the
+model's policy within it.
+
+- least_outstanding: fewest requests in flight from this router (ties take turns).
+- queue_aware: lowest load, which adds Triton's own pending count and measured queue time (replicas.Replica.load).
+- prefix_affinity: requests with the same affinity key (a session, or a long shared system prompt) go to the same
+  replica, found by rendezvous hashing, while its load stays within `load_factor` times the mean load (bounded-load
+  consistent hashing); past that they spill to the key's next replica. No key: queue_aware.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import math
+from dataclasses import dataclass
+
+from prometheus_client import Counter
 
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica, ReplicaSet
+
+AFFINITY = Counter("mesh_router_affinity_total", "Prefix-affinity choices: home replica, spilled, or no key",
+                   ["model", "result"])
 
 
 class NoReplicaError(Exception):
     pass
 
 
-class LeastOutstandingBalancer:
-    def __init__(self, replicas: ReplicaSet) -> None:
+@dataclass(frozen=True)
+class BalancerSettings:
+    queue_ms_per_slot: float = 50.0
+    affinity_load_factor: float = 1.25
+    # An absolute cap on a home replica's load (0: only the relative bound).
+    affinity_max_load: float = 0.0
+
+
+@dataclass(frozen=True)
+class Route:
+    affinity_key: str = ""
+    exclude: frozenset[str] = frozenset()
+
+
+def _rank(key: str, replica: Replica) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{replica.name}".encode(), digest_size=8).digest(), "big")
+
+
+class Balancer:
+    def __init__(self, replicas: ReplicaSet, settings: BalancerSettings | None = None) -> None:
         self._replicas = replicas
+        self._settings = settings or BalancerSettings()
         # Breaks ties in turn, so equal loads still spread.
         self._tiebreak = itertools.count()
 
     def can_serve(self, model: ModelSpec) -> bool:
-        return any(r.serves(model.triton_model) for pool in model.pools for r in self._replicas.in_pool(pool))
+        return any(r.serves(model.triton_model) for pool in model.pool_names for r in self._replicas.in_pool(pool))
 
-    def choose(self, model: ModelSpec, exclude: frozenset[str] = frozenset()) -> Replica:
-        for pool in model.pools:
-            candidates = [r for r in self._replicas.in_pool(pool)
-                          if r.serves(model.triton_model) and r.name not in exclude]
-            if candidates:
-                shift = next(self._tiebreak) % len(candidates)
-                return min(candidates[shift:] + candidates[:shift], key=lambda r: r.in_flight)
-        raise NoReplicaError(f"no ready replica for Triton model {model.triton_model!r} in pools {model.pools}")
+    def candidates(self, model: ModelSpec, exclude: frozenset[str] = frozenset()) -> list[Replica]:
+        for pool in model.pool_names:
+            found = [r for r in self._replicas.in_pool(pool) if r.serves(model.triton_model) and r.name not in exclude]
+            if found:
+                return found
+        raise NoReplicaError(f"no ready replica for Triton model {model.triton_model!r} in pools {model.pool_names}")
+
+    def load(self, replica: Replica, model: ModelSpec) -> float:
+        return replica.load(model.triton_model, self._settings.queue_ms_per_slot)
+
+    def choose(self, model: ModelSpec, route: Route | None = None) -> Replica:
+        route = route or Route()
+        candidates = self.candidates(model, route.exclude)
+        shift = next(self._tiebreak) % len(candidates)
+        rotated = candidates[shift:] + candidates[:shift]
+        if model.routing == "least_outstanding":
+            return min(rotated, key=lambda r: r.in_flight)
+        if model.routing == "prefix_affinity":
+            if route.affinity_key:
+                return self._affine(model, rotated, route.affinity_key)
+            AFFINITY.labels(model.triton_model, "no_key").inc()
+        return min(rotated, key=lambda r: self.load(r, model))
+
+    def _affine(self, model: ModelSpec, candidates: list[Replica], key: str) -> Replica:
+        loads = {r.name: self.load(r, model) for r in candidates}
+        # The bound counts the request being placed, so an idle pool always accepts it at home.
+        bound = max(1.0, math.ceil((sum(loads.values()) + 1) / len(candidates) * self._settings.affinity_load_factor))
+        if self._settings.affinity_max_load:
+            bound = min(bound, self._settings.affinity_max_load)
+        ranked = sorted(candidates, key=lambda r: _rank(key, r), reverse=True)
+        for position, replica in enumerate(ranked):
+            if loads[replica.name] + 1 <= bound:
+                AFFINITY.labels(model.triton_model, "home" if position == 0 else "spilled").inc()
+                return replica
+        AFFINITY.labels(model.triton_model, "spilled").inc()
+        return min(ranked, key=lambda r: loads[r.name])

@@ -7,18 +7,29 @@ import contextlib
 import logging
 
 import grpc
+from prometheus_client import Counter
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from services.common.canary import choose_version
 from services.common.deadlines import downstream_timeout
 from services.common.kserve import is_final_response
-from services.router.balancer import LeastOutstandingBalancer, NoReplicaError
-from services.router.registry import ModelSpec, Registry
+from services.router.balancer import Balancer, NoReplicaError, Route
+from services.router.registry import ModelSpec
 from services.router.replicas import Replica
+from services.router.state import RouterState
 
 log = logging.getLogger(__name__)
 
 # A call that fails with these before any response reached the caller is tried once more elsewhere.
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE,)
+# Request parameters the gateway (or any KServe client) may set: the sticky key for canary versions, and the key
+# of the shared prefix for prefix affinity.
+SESSION_PARAMETER = "mesh_session"
+AFFINITY_PARAMETER = "mesh_affinity"
+TENANT_HEADER = "x-mesh-tenant"
+
+ROUTED = Counter("mesh_router_requests_total", "Requests routed, by public model, version, pool and replica",
+                 ["model", "version", "pool", "replica"])
 
 
 def _stamp(response: service_pb2.ModelInferResponse, model_name: str, spec: ModelSpec, replica: Replica) -> None:
@@ -28,26 +39,45 @@ def _stamp(response: service_pb2.ModelInferResponse, model_name: str, spec: Mode
     response.parameters["mesh_model_version"].string_param = response.model_version or spec.version
 
 
+def _parameter(request: service_pb2.ModelInferRequest, name: str) -> str:
+    return request.parameters[name].string_param if name in request.parameters else ""
+
+
+def _tenant(context: grpc.aio.ServicerContext) -> str:
+    return next((v for k, v in context.invocation_metadata() or () if k == TENANT_HEADER), "")
+
+
+def prepare(request: service_pb2.ModelInferRequest, spec: ModelSpec, tenant: str) -> Route:
+    """Public name → Triton name and version (canary weights, sticky by session, else tenant); the route key."""
+    public_name = request.model_name
+    session = _parameter(request, SESSION_PARAMETER)
+    request.model_name = spec.triton_model
+    if not request.model_version:
+        request.model_version = choose_version(public_name, spec.versions, session or tenant, spec.version)
+    return Route(affinity_key=_parameter(request, AFFINITY_PARAMETER) or session)
+
+
 class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, registry: Registry, balancer: LeastOutstandingBalancer, default_timeout_s: float) -> None:
-        self._registry = registry
+    def __init__(self, state: RouterState, balancer: Balancer, default_timeout_s: float) -> None:
+        self._state = state
         self._balancer = balancer
         self._default_timeout_s = default_timeout_s
 
     def any_model_ready(self) -> bool:
-        return any(self._balancer.can_serve(spec) for spec in self._registry.models.values())
+        return any(self._balancer.can_serve(spec) for spec in self._state.registry.models.values())
+
+    def _unknown(self, name: str) -> str:
+        return f"unknown model {name!r}; known models: {sorted(self._state.registry.models)}"
 
     async def _resolve(self, name: str, context: grpc.aio.ServicerContext) -> ModelSpec:
-        spec = self._registry.models.get(name)
+        spec = self._state.registry.models.get(name)
         if spec is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"unknown model {name!r}; known models: {sorted(self._registry.models)}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(name))
         return spec
 
-    async def _choose(self, spec: ModelSpec, context: grpc.aio.ServicerContext,
-                      exclude: frozenset[str] = frozenset()) -> Replica:
+    async def _choose(self, spec: ModelSpec, context: grpc.aio.ServicerContext, route: Route | None = None) -> Replica:
         try:
-            return self._balancer.choose(spec, exclude)
+            return self._balancer.choose(spec, route or Route())
         except NoReplicaError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
@@ -59,7 +89,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerReadyResponse(ready=self.any_model_ready())
 
     async def ModelReady(self, request, context):
-        spec = self._registry.models.get(request.name)
+        spec = self._state.registry.models.get(request.name)
         return service_pb2.ModelReadyResponse(ready=spec is not None and self._balancer.can_serve(spec))
 
     async def ModelMetadata(self, request, context):
@@ -78,11 +108,9 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         spec = await self._resolve(request.model_name, context)
         public_name = request.model_name
-        request.model_name = spec.triton_model
-        request.model_version = request.model_version or spec.version
-        tried: frozenset[str] = frozenset()
+        route = prepare(request, spec, _tenant(context))
         while True:
-            replica = await self._choose(spec, context, tried)
+            replica = await self._choose(spec, context, route)
             try:
                 with replica.track():
                     response = await replica.stub.ModelInfer(
@@ -90,11 +118,12 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _FAILOVER_CODES:
                     replica.mark_failed(f"{exc.code().name}: {exc.details()}")
-                    if not tried:
-                        tried = frozenset({replica.name})
+                    if not route.exclude:
+                        route = Route(route.affinity_key, frozenset({replica.name}))
                         continue
                 await context.abort(exc.code(), exc.details() or "")
             _stamp(response, public_name, spec, replica)
+            ROUTED.labels(public_name, response.model_version, replica.pool, replica.name).inc()
             return response
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -124,17 +153,14 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _relay_stream(self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext,
                             out: asyncio.Queue[service_pb2.ModelStreamInferResponse | None]) -> None:
         public_name = request.model_name
-        spec = self._registry.models.get(public_name)
+        spec = self._state.registry.models.get(public_name)
         if spec is None:
-            await out.put(service_pb2.ModelStreamInferResponse(
-                error_message=f"unknown model {public_name!r}; known models: {sorted(self._registry.models)}"))
+            await out.put(service_pb2.ModelStreamInferResponse(error_message=self._unknown(public_name)))
             return
-        request.model_name = spec.triton_model
-        request.model_version = request.model_version or spec.version
-        tried: frozenset[str] = frozenset()
+        route = prepare(request, spec, _tenant(context))
         while True:
             try:
-                replica = self._balancer.choose(spec, tried)
+                replica = self._balancer.choose(spec, route)
             except NoReplicaError as exc:
                 await out.put(service_pb2.ModelStreamInferResponse(error_message=f"UNAVAILABLE: {exc}"))
                 return
@@ -147,14 +173,16 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         # Placement is read from the last response; stamping every token would cost for nothing.
                         if not response.error_message and is_final_response(response.infer_response):
                             _stamp(response.infer_response, public_name, spec, replica)
+                            ROUTED.labels(public_name, response.infer_response.model_version, replica.pool,
+                                          replica.name).inc()
                         sent_any = True
                         await out.put(response)
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _FAILOVER_CODES:
                     replica.mark_failed(f"{exc.code().name}: {exc.details()}")
-                    if not sent_any and not tried:
-                        tried = frozenset({replica.name})
+                    if not sent_any and not route.exclude:
+                        route = Route(route.affinity_key, frozenset({replica.name}))
                         continue
                 await out.put(service_pb2.ModelStreamInferResponse(
                     error_message=f"{exc.code().name}: {exc.details()}"))

@@ -1,4 +1,5 @@
-"""The model registry (YAML): models → Triton model, version, pools; pools → replica endpoints."""
+"""The model registry (YAML): pools with GPU classes and replicas; models with their placements, versions and
+canary weights, routing policy; model groups (cascades). The router owns it and reloads it without a restart."""
 
 from __future__ import annotations
 
@@ -6,28 +7,42 @@ import pathlib
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from inference_mesh.v1 import models_pb2
+
+RoutingPolicy = Literal["least_outstanding", "queue_aware", "prefix_affinity"]
 
 
 class ReplicaSpec(BaseModel, extra="forbid"):
     name: str
     grpc: str = Field(description="host:port of the replica's KServe gRPC endpoint")
+    # host:port of its Prometheus endpoint: the queue-aware choice reads pending requests and queue time there.
     metrics: str = ""
 
 
 class PoolSpec(BaseModel, extra="forbid"):
     # a100: throughput, t4: cost, cpu: local development.
     gpu_class: Literal["a100", "t4", "cpu", "gpu"] = "cpu"
-    replicas: list[ReplicaSpec]
+    replicas: list[ReplicaSpec] = Field(default_factory=list)
+
+
+class Placement(BaseModel, extra="forbid"):
+    pool: str
+    cost_per_1k_tokens: float = 0.0
+    latency_class: Literal["interactive", "standard", "batch"] = "standard"
 
 
 class ModelSpec(BaseModel, extra="forbid"):
     kind: Literal["generate", "embed"]
     triton_model: str
+    # The default version; with `versions`, the weighted choice replaces it.
     version: str = ""
-    pools: list[str] = Field(min_length=1)
+    # Canary / A-B: Triton version → weight (e.g. {"1": 95, "2": 5}).
+    versions: dict[str, int] = Field(default_factory=dict)
+    # Pools in order of preference: a name, or {pool, cost_per_1k_tokens, latency_class}.
+    pools: list[Placement] = Field(min_length=1)
+    routing: RoutingPolicy = "least_outstanding"
     max_output_tokens: int = 0
     context_tokens: int = 0
     max_batch_size: int = 0
@@ -35,20 +50,53 @@ class ModelSpec(BaseModel, extra="forbid"):
     # Seed guide: a semantic cache hit needs cosine similarity >= 0.92.
     semantic_threshold: float = 0.92
 
+    @field_validator("pools", mode="before")
+    @classmethod
+    def _names_are_placements(cls, value: list) -> list:
+        return [{"pool": item} if isinstance(item, str) else item for item in value]
+
+    @field_validator("versions")
+    @classmethod
+    def _weights(cls, value: dict[str, int]) -> dict[str, int]:
+        if value and (any(w < 0 for w in value.values()) or sum(value.values()) <= 0):
+            raise ValueError("version weights must be >= 0 with a positive sum")
+        return value
+
+    @property
+    def pool_names(self) -> list[str]:
+        return [p.pool for p in self.pools]
+
+
+class ModelGroup(BaseModel, extra="forbid"):
+    """A cascade: the small model unless the prompt is long or the caller asks for high quality."""
+
+    small: str
+    large: str
+    large_above_prompt_chars: int = 0
+    large_for_high_quality: bool = True
+    description: str = ""
+
 
 class Registry(BaseModel, extra="forbid"):
     pools: dict[str, PoolSpec]
     models: dict[str, ModelSpec]
+    groups: dict[str, ModelGroup] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _pools_exist(self) -> Registry:
+    def _consistent(self) -> Registry:
         names = [r.name for pool in self.pools.values() for r in pool.replicas]
         if len(names) != len(set(names)):
             raise ValueError("replica names must be unique across pools")
         for name, model in self.models.items():
-            unknown = [p for p in model.pools if p not in self.pools]
+            unknown = [p for p in model.pool_names if p not in self.pools]
             if unknown:
                 raise ValueError(f"model {name!r} names unknown pools {unknown}")
+        for name, group in self.groups.items():
+            if name in self.models:
+                raise ValueError(f"group {name!r} has the name of a model")
+            for member in (group.small, group.large):
+                if member not in self.models or self.models[member].kind != "generate":
+                    raise ValueError(f"group {name!r}: {member!r} is not a generate model of the registry")
         return self
 
     @classmethod
@@ -59,8 +107,19 @@ class Registry(BaseModel, extra="forbid"):
         spec = self.models[name]
         kind = models_pb2.MODEL_KIND_GENERATE if spec.kind == "generate" else models_pb2.MODEL_KIND_EMBED
         return models_pb2.ModelInfo(
-            name=name, kind=kind, version=spec.version, pools=spec.pools, ready=ready,
+            name=name, kind=kind, version=spec.version, pools=spec.pool_names, ready=ready,
             max_output_tokens=spec.max_output_tokens, context_tokens=spec.context_tokens,
             max_batch_size=spec.max_batch_size, dimension=spec.dimension,
             semantic_threshold=spec.semantic_threshold,
+            placements=[models_pb2.Placement(pool=p.pool, gpu_class=self.pools[p.pool].gpu_class,
+                                             cost_per_1k_tokens=p.cost_per_1k_tokens,
+                                             latency_class=p.latency_class) for p in spec.pools],
+            version_weights=spec.versions, routing=spec.routing,
         )
+
+    def group_info(self, name: str) -> models_pb2.ModelGroup:
+        group = self.groups[name]
+        return models_pb2.ModelGroup(name=name, small=group.small, large=group.large,
+                                     large_above_prompt_chars=group.large_above_prompt_chars,
+                                     large_for_high_quality=group.large_for_high_quality,
+                                     description=group.description)

@@ -1,4 +1,5 @@
-"""Triton replicas: one channel each, in-flight counts, readiness from probes and from failed calls."""
+"""Triton replicas: one channel each, in-flight counts, readiness from probes and from failed calls, queue
+state from each replica's metrics endpoint, drain flags; kept across registry reloads."""
 
 from __future__ import annotations
 
@@ -18,6 +19,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class QueueState:
+    """One Triton model on one replica, from its metrics endpoint."""
+
+    pending: int = 0
+    queue_ms: float = 0.0           # mean queue time of the requests finished since the previous scrape
+    queue_us_total: float = 0.0     # the cumulative counters, to difference at the next scrape
+    requests_total: float = 0.0
+
+
+@dataclass
 class Replica:
     name: str
     pool: str
@@ -25,16 +36,33 @@ class Replica:
     models: set[str]  # Triton model names this replica should serve
     stub: service_pb2_grpc.GRPCInferenceServiceStub
     channel: grpc.aio.Channel
+    metrics_endpoint: str = ""
+    gpu_class: str = "cpu"
     in_flight: int = 0
     ready_models: set[str] = field(default_factory=set)
     last_error: str = ""
+    draining: bool = False
+    queues: dict[str, QueueState] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:
         return bool(self.ready_models)
 
     def serves(self, triton_model: str) -> bool:
-        return triton_model in self.ready_models
+        """Ready for the model and taking new work."""
+        return not self.draining and triton_model in self.ready_models
+
+    def load(self, triton_model: str, queue_ms_per_slot: float) -> float:
+        """Outstanding work as the queue-aware choice sees it: the larger of our own in-flight count and Triton's
+        pending count (which includes other routers' requests), plus the measured queue time in request slots."""
+        queue = self.queues.get(triton_model, QueueState())
+        return max(self.in_flight, queue.pending) + queue.queue_ms / queue_ms_per_slot
+
+    def total_pending(self) -> int:
+        return sum(q.pending for q in self.queues.values())
+
+    def mean_queue_ms(self) -> float:
+        return max((q.queue_ms for q in self.queues.values()), default=0.0)
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
@@ -55,20 +83,46 @@ class Replica:
 class ReplicaSet:
     def __init__(self, registry: Registry) -> None:
         self.replicas: list[Replica] = []
+        self.sync(registry)
+
+    def sync(self, registry: Registry) -> list[Replica]:
+        """Match the registry: keep replicas whose name and endpoint are unchanged (with their in-flight work,
+        drain flag and channel), add new ones, and return the removed ones (their streams still hold them)."""
+        current = {r.name: r for r in self.replicas}
+        kept: list[Replica] = []
         for pool_name, pool in registry.pools.items():
-            hosted = {m.triton_model for m in registry.models.values() if pool_name in m.pools}
+            hosted = {m.triton_model for m in registry.models.values() if pool_name in m.pool_names}
             for spec in pool.replicas:
-                channel = insecure_channel(spec.grpc)
-                self.replicas.append(Replica(
-                    name=spec.name, pool=pool_name, endpoint=spec.grpc, models=hosted,
-                    stub=service_pb2_grpc.GRPCInferenceServiceStub(channel), channel=channel,
-                ))
+                replica = current.pop(spec.name, None)
+                if replica is None or replica.endpoint != spec.grpc:
+                    if replica is not None:
+                        current[spec.name + "\0old"] = replica
+                    channel = insecure_channel(spec.grpc)
+                    replica = Replica(name=spec.name, pool=pool_name, endpoint=spec.grpc, models=hosted,
+                                      stub=service_pb2_grpc.GRPCInferenceServiceStub(channel), channel=channel)
+                replica.pool, replica.models = pool_name, hosted
+                replica.metrics_endpoint, replica.gpu_class = spec.metrics, pool.gpu_class
+                kept.append(replica)
+        self.replicas = kept
+        return list(current.values())
 
     def in_pool(self, pool: str) -> list[Replica]:
         return [r for r in self.replicas if r.pool == pool]
 
+    def get(self, name: str) -> Replica | None:
+        return next((r for r in self.replicas if r.name == name), None)
+
     async def close(self) -> None:
         await asyncio.gather(*(r.channel.close() for r in self.replicas))
+
+
+async def retire(replica: Replica, grace_s: float = 120.0) -> None:
+    """A replica removed from the registry: close its channel once its in-flight work is done (bounded)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while replica.in_flight and loop.time() < deadline:  # noqa: ASYNC110 - in_flight is a plain counter
+        await asyncio.sleep(0.5)
+    await replica.channel.close()
 
 
 async def probe(replica: Replica, timeout_s: float) -> None:

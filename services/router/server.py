@@ -5,31 +5,35 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import router_pb2, router_pb2_grpc
 from services.common.server import ServiceHost, run_service
 from services.router.admin_service import RouterAdminService
-from services.router.balancer import LeastOutstandingBalancer
+from services.router.balancer import Balancer, BalancerSettings
 from services.router.inference_service import RoutingInferenceService
-from services.router.registry import Registry
-from services.router.replicas import ReplicaSet, probe_forever
+from services.router.queue_metrics import scrape_forever
+from services.router.replicas import probe_forever
 from services.router.settings import RouterSettings
+from services.router.state import RouterState
 
 log = logging.getLogger(__name__)
 
 
 async def serve(settings: RouterSettings) -> None:
-    registry = Registry.load(settings.registry_file)
-    replicas = ReplicaSet(registry)
-    balancer = LeastOutstandingBalancer(replicas)
-    inference = RoutingInferenceService(registry, balancer, settings.default_timeout_s)
+    state = RouterState.load(settings.registry_file)
+    balancer = Balancer(state.replicas, BalancerSettings(settings.queue_ms_per_slot, settings.affinity_load_factor,
+                                                         settings.affinity_max_load))
+    inference = RoutingInferenceService(state, balancer, settings.default_timeout_s)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
 
     host = ServiceHost("router", settings.address, settings.shutdown_grace_s,
                        settings.drain_delay_s)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, host.server)
     router_pb2_grpc.add_RouterAdminServicer_to_server(
-        RouterAdminService(registry, replicas, balancer), host.server)
+        RouterAdminService(state, balancer, settings.queue_ms_per_slot), host.server)
     host.expose([
         service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         router_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name,
@@ -42,12 +46,18 @@ async def serve(settings: RouterSettings) -> None:
             await asyncio.sleep(settings.probe_interval_s / 2)
 
     async def probe() -> None:
-        await probe_forever(replicas, settings.probe_interval_s, settings.probe_timeout_s)
+        await probe_forever(state.replicas, settings.probe_interval_s, settings.probe_timeout_s)
+
+    async def scrape() -> None:
+        await scrape_forever(state.replicas, settings.scrape_interval_s, settings.probe_timeout_s)
+
+    async def watch() -> None:
+        await state.watch(settings.registry_watch_s)
 
     try:
-        await host.run(background=[probe, publish_health])
+        await host.run(background=[probe, scrape, watch, publish_health])
     finally:
-        await replicas.close()
+        await state.replicas.close()
 
 
 def main() -> None:

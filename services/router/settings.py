@@ -15,3 +15,14 @@ class RouterSettings(ServiceSettings):
     probe_timeout_s: float = 1.5
     # Upper bound for one inference call when the caller sets no deadline (seed guide: 30-60 s).
     default_timeout_s: float = 60.0
+    metrics_port: int = 9102
+    # The registry file is re-read when it changes (and on RouterAdmin/ReloadRegistry).
+    registry_watch_s: float = 2.0
+    # Queue-aware choice: how often each replica's Triton metrics are read, and how many ms of measured queue
+    # time count as one more request in flight.
+    scrape_interval_s: float = 0.5
+    queue_ms_per_slot: float = 50.0
+    # Prefix affinity: a key stays on its home replica while that replica's load is within this factor of the
+    # mean (bounded-load consistent hashing), and optionally below an absolute load.
+    affinity_load_factor: float = 1.25
+    affinity_max_load: float = 0.0
