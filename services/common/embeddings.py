@@ -18,13 +18,14 @@ async def embed_via_kserve(
     timeout_s: float,
     request_id: str = "",
     metadata: tuple[tuple[str, str], ...] = (),
+    version: str = "",
 ) -> tuple[np.ndarray, object]:
     """Vectors (len(texts) x dim, float32) and the last KServe response (for its placement parameters)."""
     step = max_batch_size or len(texts)
     parts = [texts[i : i + step] for i in range(0, len(texts), step)]
 
     async def one(part: list[str]):
-        request = InferRequestBuilder(model, request_id).add_bytes(
+        request = InferRequestBuilder(model, request_id, version).add_bytes(
             "TEXT", [t.encode("utf-8") for t in part], shape=[len(part), 1]).build()
         return await stub.ModelInfer(request, timeout=timeout_s, metadata=metadata)
 

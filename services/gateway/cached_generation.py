@@ -40,10 +40,11 @@ async def generate(
     metadata: mesh_pb2.ResponseMetadata,
     timeout_s: float,
     headers: tuple[tuple[str, str], ...],
+    affinity: str = "",
 ) -> AsyncIterator[mesh_pb2.GenerateChunk]:
     if cache is None or request.cache_mode == mesh_pb2.CACHE_MODE_BYPASS or not is_deterministic(request):
         metadata.cache_status = mesh_pb2.CACHE_STATUS_DISABLED if cache is None else mesh_pb2.CACHE_STATUS_BYPASS
-        async for chunk in stream_generation(router, request, metadata, timeout_s, headers):
+        async for chunk in stream_generation(router, request, metadata, timeout_s, headers, affinity):
             yield chunk
         return
 
@@ -55,7 +56,7 @@ async def generate(
     if reply is None:
         metadata.cache_status = mesh_pb2.CACHE_STATUS_UNAVAILABLE
         metadata.degraded.append("cache")
-        async for chunk in stream_generation(router, request, metadata, timeout_s, headers):
+        async for chunk in stream_generation(router, request, metadata, timeout_s, headers, affinity):
             yield chunk
         return
     metadata.degraded.extend(reply.degraded)
@@ -71,7 +72,7 @@ async def generate(
     indices: list[int] = []
     final: mesh_pb2.GenerateChunk | None = None
     try:
-        async for chunk in stream_generation(router, request, metadata, timeout_s, headers):
+        async for chunk in stream_generation(router, request, metadata, timeout_s, headers, affinity):
             texts.append(chunk.text)
             indices.append(chunk.token_index)
             if chunk.finish_reason:

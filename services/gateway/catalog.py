@@ -19,6 +19,7 @@ class ModelCatalog:
         self._refresh_s = refresh_s
         self._timeout_s = timeout_s
         self._models: dict[str, models_pb2.ModelInfo] = {}
+        self._groups: dict[str, models_pb2.ModelGroup] = {}
         self._fetched_at = 0.0
         self._lock = asyncio.Lock()
 
@@ -37,14 +38,19 @@ class ModelCatalog:
                 log.warning("model list unavailable", extra={"error": exc.details()})
                 return False
             self._models = {m.name: m for m in answer.models}
+            self._groups = {g.name: g for g in answer.groups}
             self._fetched_at = time.monotonic()
             return True
 
     async def get(self, name: str) -> models_pb2.ModelInfo | None:
         """A known model; an unknown name triggers one refresh, at most once per refresh period."""
-        if name not in self._models and time.monotonic() - self._fetched_at > self._refresh_s:
+        if name not in self._models and name not in self._groups and \
+                time.monotonic() - self._fetched_at > self._refresh_s:
             await self.refresh()
         return self._models.get(name)
+
+    def group(self, name: str) -> models_pb2.ModelGroup | None:
+        return self._groups.get(name)
 
     async def refresh_forever(self) -> None:
         while True:

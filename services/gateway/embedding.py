@@ -22,7 +22,7 @@ async def embed_texts(
 ) -> tuple[np.ndarray, mesh_pb2.ResponseMetadata]:
     try:
         vectors, last = await embed_via_kserve(router, model.name, texts, model.max_batch_size, timeout_s,
-                                               metadata.request_id, call_metadata)
+                                               metadata.request_id, call_metadata, model.version)
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc, "router") from exc
     if vectors.shape[-1] != model.dimension:

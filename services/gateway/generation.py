@@ -12,6 +12,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from inference_mesh.v1 import mesh_pb2
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays, string_parameter
 from services.gateway.errors import RequestError, from_rpc_error, from_stream_error
+from services.gateway.routing_hints import AFFINITY_PARAMETER, SESSION_PARAMETER
 
 _ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant"}
 _FINISH = {
@@ -21,9 +22,10 @@ _FINISH = {
 }
 
 
-def to_kserve(request: mesh_pb2.GenerateRequest, request_id: str) -> service_pb2.ModelInferRequest:
+def to_kserve(request: mesh_pb2.GenerateRequest, request_id: str, version: str = "",
+              affinity: str = "") -> service_pb2.ModelInferRequest:
     messages = [{"role": _ROLE_NAMES[m.role], "content": m.content} for m in request.messages]
-    builder = InferRequestBuilder(request.model, request_id)
+    builder = InferRequestBuilder(request.model, request_id, version)
     builder.add_bytes("messages", [json.dumps(messages, ensure_ascii=False).encode("utf-8")])
     builder.add_array("max_tokens", np.array([request.max_tokens], dtype=np.int32))
     if request.HasField("temperature"):
@@ -34,7 +36,12 @@ def to_kserve(request: mesh_pb2.GenerateRequest, request_id: str) -> service_pb2
         builder.add_array("seed", np.array([request.seed & 0x7FFF_FFFF_FFFF_FFFF], dtype=np.int64))
     if request.stop:
         builder.add_bytes("stop", [s.encode("utf-8") for s in request.stop])
-    return builder.build()
+    built = builder.build()
+    if request.session_id:
+        built.parameters[SESSION_PARAMETER].string_param = request.session_id
+    if affinity:
+        built.parameters[AFFINITY_PARAMETER].string_param = affinity
+    return built
 
 
 async def stream_generation(
@@ -43,10 +50,11 @@ async def stream_generation(
     metadata: mesh_pb2.ResponseMetadata,
     timeout_s: float,
     call_metadata: tuple[tuple[str, str], ...],
+    affinity: str = "",
 ) -> AsyncIterator[mesh_pb2.GenerateChunk]:
     """Yields one chunk per non-empty text delta and a last chunk with finish reason, usage and metadata."""
-    call = router.ModelStreamInfer(iter([to_kserve(request, metadata.request_id)]), timeout=timeout_s,
-                                   metadata=call_metadata)
+    call = router.ModelStreamInfer(iter([to_kserve(request, metadata.request_id, metadata.model_version, affinity)]),
+                                   timeout=timeout_s, metadata=call_metadata)
     try:
         async for item in call:
             if item.error_message:

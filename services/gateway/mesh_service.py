@@ -19,6 +19,7 @@ from services.gateway.catalog import ModelCatalog
 from services.gateway.documents import DocumentsRelay
 from services.gateway.embedding import embed_texts
 from services.gateway.errors import RequestError, invalid
+from services.gateway.routing_hints import affinity_key, group_member, with_version
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import check_embed, check_generate, check_model
 
@@ -45,11 +46,25 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
         self._documents = documents
         self._budgets = budgets
 
+    async def _cascade(self, request: mesh_pb2.GenerateRequest) -> tuple[mesh_pb2.GenerateRequest, str]:
+        """A request naming a model group, rewritten to the member the group's rule picks."""
+        await self._catalog.get(request.model)
+        group = self._catalog.group(request.model)
+        if group is None:
+            return request, ""
+        chosen = mesh_pb2.GenerateRequest()
+        chosen.CopyFrom(request)
+        chosen.model = group_member(group, request)
+        return chosen, group.name
+
     async def _generate(self, caller: Caller, request: mesh_pb2.GenerateRequest, model: models_pb2.ModelInfo,
                         metadata: mesh_pb2.ResponseMetadata, timeout_s: float):
         """The cached generation, admitted and charged against the tenant's token budget."""
-        chunks = cached_generation.generate(self._cache, self._router, request, model, metadata, timeout_s,
-                                            _forward_headers(caller, metadata.request_id))
+        metadata.model_version = model.version
+        chunks = cached_generation.generate(
+            self._cache, self._router, request, model, metadata, timeout_s,
+            _forward_headers(caller, metadata.request_id),
+            affinity_key(request, self._settings.affinity_min_prefix_chars))
         if self._budgets is None:
             return chunks
         await self._budgets.admit(caller)
@@ -60,10 +75,13 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
         started = time.perf_counter()
         status = "OK"
         try:
+            request, group = await self._cascade(request)
             model = check_model(request.model, await self._catalog.get(request.model), self._catalog.all(),
                                 models_pb2.MODEL_KIND_GENERATE)
             check_generate(request, model, self._settings.limits)
+            model = with_version(model, request.session_id or caller.tenant)
             metadata = _metadata(caller, model.name, request.request_id)
+            metadata.model_group = group
             timeout = downstream_timeout(context, self._settings.generate_timeout_s)
             async for chunk in await self._generate(caller, request, model, metadata, timeout):
                 yield chunk
@@ -80,6 +98,7 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             model = check_model(request.model, await self._catalog.get(request.model), self._catalog.all(),
                                 models_pb2.MODEL_KIND_EMBED)
             check_embed(request, self._settings.limits)
+            model = with_version(model, caller.tenant)
             metadata = _metadata(caller, model.name, request.request_id)
             timeout = downstream_timeout(context, self._settings.embed_timeout_s)
             return await self._embed(list(request.texts), request.cache_mode, model, metadata, timeout,
@@ -145,6 +164,7 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             if not 1 <= top_k <= self._settings.ask_default_top_k:
                 raise invalid(f"top_k must be within 1..{self._settings.ask_default_top_k}, got {top_k}")
             max_tokens = request.max_tokens or min(self._settings.ask_default_max_tokens, model.max_output_tokens)
+            model = with_version(model, caller.tenant)
             metadata = _metadata(caller, model.name, request.request_id)
             timeout = downstream_timeout(context, self._settings.generate_timeout_s)
             hits = []

@@ -43,6 +43,8 @@ class GatewaySettings(ServiceSettings):
     ask_default_top_k: int = 5            # seed guide: at most 5 chunks in the prompt
     ask_max_context_chars: int = 3_000    # ~750 tokens of SmolLM2's 2,048-token context
     ask_default_max_tokens: int = 256
+    # A system prompt at least this long is a prefix worth keeping on one replica (prefix affinity).
+    affinity_min_prefix_chars: int = 200
     limits: RequestLimits = RequestLimits()
     # The rate-limit service's TokenBudget. Empty: no token budgets.
     budget_address: str = ""
