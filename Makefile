@@ -67,10 +67,12 @@ test: setup
 	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 bench: setup
+	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements/bench.txt
 	PYTHONPATH=.:gen $(PY) -m bench.inference_path
 	PYTHONPATH=.:gen $(PY) -m bench.cache_lookup
 	PYTHONPATH=.:gen $(PY) -m bench.retrieval
 	PYTHONPATH=.:gen $(PY) -m bench.edge
+	PYTHONPATH=.:gen $(PY) -m bench.routing
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

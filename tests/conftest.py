@@ -67,9 +67,9 @@ def mesh(channel: grpc.Channel) -> mesh_pb2_grpc.InferenceMeshStub:
 AUTH = (("authorization", f"Bearer {KEYS['tenant-a']}"),)
 
 
-def chat(content: str, max_tokens: int = 32, **kwargs) -> mesh_pb2.GenerateRequest:
+def chat(content: str, max_tokens: int = 32, model: str = LLM, **kwargs) -> mesh_pb2.GenerateRequest:
     return mesh_pb2.GenerateRequest(
-        model=LLM, max_tokens=max_tokens,
+        model=model, max_tokens=max_tokens,
         messages=[mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_USER, content=content)], **kwargs)
 
 

@@ -46,13 +46,14 @@ class StackPorts:
     edge_admin: int = 0
     ratelimit: int = 0
     ratelimit_metrics: int = 0
+    router_metrics: int = 0
 
     @classmethod
     def free(cls, replicas: int = 1, gateways: int = 2) -> StackPorts:
         return cls(free_port(), free_port(), [TritonPorts.free() for _ in range(replicas)], free_port(),
                    free_port(), free_port(), free_port(), free_port(), free_port(),
                    [free_port() for _ in range(gateways - 1)], [free_port() for _ in range(gateways - 1)],
-                   free_port(), free_port(), free_port(), free_port())
+                   free_port(), free_port(), free_port(), free_port(), free_port())
 
     def gateway_ports(self) -> list[tuple[int, int]]:
         """(gRPC, metrics) of every gateway replica."""
@@ -154,6 +155,7 @@ class LocalStack:
             self.processes["router"] = start_service("services.router", "router", {
                 "MESH_ROUTER_PORT": str(self.ports.router),
                 "MESH_ROUTER_REGISTRY_FILE": str(registry),
+                "MESH_ROUTER_METRICS_PORT": str(self.ports.router_metrics),
             }, self.run_dir / "router.log")
             wait_grpc_serving(self.router_address, self.processes["router"], 30)
             if self.with_cache or self.with_retrieval:
@@ -246,7 +248,8 @@ def _up(args: argparse.Namespace) -> None:
                        [TritonPorts(args.triton_grpc_port, args.triton_grpc_port - 1, args.triton_grpc_port + 1)],
                        cache=50053, redis=6379, milvus=19530, gateway_metrics=9101, cache_metrics=9103,
                        retrieval=50054, extra_gateways=[args.gateway_port + 10], extra_gateway_metrics=[9111],
-                       edge=args.edge_port, edge_admin=9901, ratelimit=50055, ratelimit_metrics=9105)
+                       edge=args.edge_port, edge_admin=9901, ratelimit=50055, ratelimit_metrics=9105,
+                       router_metrics=9102)
     stack = LocalStack(ROOT / "run", ports)
     print("starting Triton, router, milvus-lite, retrieval, Redis, cache, rate limits, 2 gateways and Envoy "
           "(logs in run/) ...", flush=True)

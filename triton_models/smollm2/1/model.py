@@ -13,7 +13,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from stop_matcher import StopMatcher  # beside this file; Triton puts the folder on sys.path
+from prefix_states import PrefixStates  # beside this file; Triton puts the folder on sys.path
+from stop_matcher import StopMatcher
 
 # Errors the caller caused start with this tag, so the mesh can map them to INVALID_ARGUMENT.
 INVALID = "INVALID_ARGUMENT: "
@@ -48,6 +49,8 @@ class TritonPythonModel:
             n_threads=int(params.get("n_threads", "0")) or None,
             verbose=False,
         )
+        self.prefixes = PrefixStates(int(params.get("prefix_cache_states", "4")),
+                                     int(params.get("prefix_cache_min_tokens", "64")))
         vocab_text = self.llm._model.token_get_text
         self.eos = self.llm.token_eos()
         self.formatter = Jinja2ChatFormatter(
@@ -65,9 +68,13 @@ class TritonPythonModel:
             pb_utils.MetricFamily(name="mesh_llm_cancelled_requests_total",
                                   description="Generations stopped because the request was cancelled",
                                   kind=pb_utils.MetricFamily.COUNTER),
+            pb_utils.MetricFamily(name="mesh_llm_prefix_reuse_total",
+                                  description="Prompts that started from a reused KV prefix (live or restored)",
+                                  kind=pb_utils.MetricFamily.COUNTER),
         ]
         self.tokens_metric = self.metric_families[0].Metric(labels=labels)
         self.cancelled_metric = self.metric_families[1].Metric(labels=labels)
+        self.prefix_metric = self.metric_families[2].Metric(labels=labels)
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -119,7 +126,10 @@ class TritonPythonModel:
         stop = StopMatcher(stops)
         produced = 0
         finish = "length"
-        # generate() keeps the KV cache of the longest common prefix with the previous prompt (prefix reuse).
+        # generate() reuses the KV of the longest common prefix with what is in the context; restoring the best
+        # saved prefix first extends that to the last few distinct prefixes (system prompts) this replica served.
+        reused = self.prefixes.restore_best(self.llm, tokens)
+        self.prefix_metric.increment(1 if reused >= self.prefixes.min_tokens else 0)
         for token in self.llm.generate(tokens, temp=temperature, top_p=top_p, top_k=40,
                                        repeat_penalty=1.0, reset=True):
             if request.is_cancelled():
@@ -142,6 +152,8 @@ class TritonPythonModel:
             self._send(sender, text, "", len(tokens), produced)
         tail = "" if stop.stopped else stop.feed(decoder.decode(b"", final=True)) + stop.flush()
         self._send(sender, tail, finish, len(tokens), produced, final=True)
+        # After the last response: the snapshot's copy is not on the caller's clock.
+        self.prefixes.save(self.llm, len(tokens))
 
     @staticmethod
     def _send(sender, text: str, finish: str, prompt_tokens: int, completion_tokens: int, final: bool = False) -> None:
