@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -145,10 +146,10 @@ def _occupy(routed, replica: int, streams: int) -> list[threading.Thread]:
     """Generations sent to one Triton directly, behind the router's back: only Triton's metrics show them."""
     def run() -> None:
         with grpc.insecure_channel(f"127.0.0.1:{routed.ports.tritons[replica].grpc}") as channel:
-            request = InferRequestBuilder("smollm2", version="1").add_bytes(
-                "messages", [b'[{"role": "user", "content": "Write a long story about routers."}]']).build()
-            request.inputs.add(name="max_tokens", datatype="INT32", shape=[1])
-            request.raw_input_contents.append((120).to_bytes(4, "little"))
+            request = (InferRequestBuilder("smollm2", version="1")
+                       .add_bytes("messages", [b'[{"role": "user", "content": "Count from 1 to 500."}]'])
+                       .add_array("max_tokens", np.array([200], dtype=np.int32))
+                       .add_array("temperature", np.array([0.0], dtype=np.float32)).build())
             for response in service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(
                     iter([request]), timeout=120):
                 if is_final_response(response.infer_response):
@@ -160,19 +161,28 @@ def _occupy(routed, replica: int, streams: int) -> list[threading.Thread]:
 
 
 def test_queue_aware_choice_avoids_a_replica_with_a_triton_queue(routed, admin, gateway):
-    threads = _occupy(routed, 0, 2)
+    # One generation runs, three wait in Triton's queue: only Triton's metrics know (pending requests); a
+    # running request shows nowhere, so the test keeps a queue for its whole window.
+    threads = _occupy(routed, 0, 4)
+
+    def pending() -> int:
+        replicas = {r.name: r for r in admin.ListReplicas(router_pb2.ListReplicasRequest(), timeout=5).replicas}
+        return replicas["triton-cpu-0"].triton_pending
+
     try:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            replicas = {r.name: r for r in admin.ListReplicas(router_pb2.ListReplicasRequest(), timeout=5).replicas}
-            if replicas["triton-cpu-0"].triton_pending >= 1:
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("Triton's pending count never showed on the router")
+        while pending() < 2:
+            assert time.monotonic() < deadline, "Triton's pending count never showed on the router"
+            time.sleep(0.1)
         # No system prompt, no session: no affinity key, so the queue-aware load decides.
-        placed = {generate(gateway, chat(f"Hi {i}", max_tokens=2))[-1].metadata.replica for i in range(4)}
-        assert placed == {"triton-cpu-1"}, placed
+        placed, seen = set(), []
+        for i in range(4):
+            loads = {r.name: (r.load, r.in_flight, r.triton_pending, round(r.queue_ms)) for r in
+                     admin.ListReplicas(router_pb2.ListReplicasRequest(), timeout=5).replicas}
+            placed.add(generate(gateway, chat(f"Hi {i}", max_tokens=2))[-1].metadata.replica)
+            seen.append(loads)
+        assert pending() >= 1, "the queue drained during the test: inconclusive"
+        assert placed == {"triton-cpu-1"}, (placed, seen)
     finally:
         for thread in threads:
             thread.join()

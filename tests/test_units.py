@@ -161,6 +161,10 @@ def test_queue_metrics_are_parsed_and_turned_into_load():
     assert queue.pending == 1 and queue.queue_ms == 100.0, queue
     replica.in_flight = 2
     assert replica.load("llm_t", queue_ms_per_slot=50.0) == 2 + 2.0
+    update(replica, parse(text2))
+    assert replica.queues["llm_t"].queue_ms == 100.0, "requests waiting, none finished: the last mean stands"
+    update(replica, parse(text2.replace("} 1\n", "} 0\n")))
+    assert replica.queues["llm_t"].queue_ms == 0.0, "nothing waiting: no queue"
 
 
 def test_registry_placements_versions_and_groups():

@@ -35,9 +35,14 @@ def update(replica: Replica, samples: dict[str, dict[str, float]]) -> None:
         queue_us = metrics.get("nv_inference_queue_duration_us", 0.0)
         requests = metrics.get("nv_inference_request_success", 0.0)
         finished = requests - previous.requests_total
-        # No request finished since the last scrape: the last mean stands (a stuck queue must not read as empty).
-        queue_ms = (queue_us - previous.queue_us_total) / finished / 1000 if finished > 0 else previous.queue_ms
-        replica.queues[model] = QueueState(pending=int(metrics.get("nv_inference_pending_request_count", 0)),
+        pending = int(metrics.get("nv_inference_pending_request_count", 0))
+        if finished > 0:
+            queue_ms = (queue_us - previous.queue_us_total) / finished / 1000
+        else:
+            # Nothing finished since the last scrape: with requests waiting the last mean stands (a stuck queue must
+            # not read as empty); with none waiting there is no queue, whatever it was before.
+            queue_ms = previous.queue_ms if pending else 0.0
+        replica.queues[model] = QueueState(pending=pending,
                                            queue_ms=max(0.0, queue_ms), queue_us_total=queue_us,
                                            requests_total=requests)
 

@@ -54,9 +54,12 @@ class Replica:
 
     def load(self, triton_model: str, queue_ms_per_slot: float) -> float:
         """Outstanding work as the queue-aware choice sees it: the larger of our own in-flight count and Triton's
-        pending count (which includes other routers' requests), plus the measured queue time in request slots."""
+        pending count (which includes other routers' requests), plus, while a queue exists, how slowly it moves
+        (the recent mean queue time in request slots). An idle replica's load is its in-flight count: a queue
+        that has drained says nothing about the next request."""
         queue = self.queues.get(triton_model, QueueState())
-        return max(self.in_flight, queue.pending) + queue.queue_ms / queue_ms_per_slot
+        slow_queue = queue.queue_ms / queue_ms_per_slot if queue.pending else 0.0
+        return max(self.in_flight, queue.pending) + slow_queue
 
     def total_pending(self) -> int:
         return sum(q.pending for q in self.queues.values())
