@@ -147,7 +147,8 @@ class LocalStack:
             install = TritonInstall()
             for i, ports in enumerate(self.ports.tritons):
                 self.processes[f"triton-{i}"] = install.start(
-                    f"triton-{i}", ports, self.run_dir / f"triton-{i}.log", models=self.triton_models)
+                    f"triton-{i}", ports, self.run_dir / f"triton-{i}.log", models=self.triton_models,
+                    cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ports.tritons)))
             for i, ports in enumerate(self.ports.tritons):
                 wait_triton_ready(self.processes[f"triton-{i}"], ports)
             registry = self.run_dir / "registry.yaml"

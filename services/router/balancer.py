@@ -4,8 +4,8 @@ model's policy within it.
 - least_outstanding: fewest requests in flight from this router (ties take turns).
 - queue_aware: lowest load, which adds Triton's own pending count and measured queue time (replicas.Replica.load).
 - prefix_affinity: requests with the same affinity key (a session, or a long shared system prompt) go to the same
-  replica, found by rendezvous hashing, while its load stays within `load_factor` times the mean load (bounded-load
-  consistent hashing); past that they spill to the key's next replica. No key: queue_aware.
+  replica, found by rendezvous hashing, while its in-flight count stays within `load_factor` times the mean
+  (bounded-load consistent hashing); past that they spill to the key's next replica. No key: queue_aware.
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ class Balancer:
         return min(rotated, key=lambda r: self.load(r, model))
 
     def _affine(self, model: ModelSpec, candidates: list[Replica], key: str) -> Replica:
-        loads = {r.name: self.load(r, model) for r in candidates}
+        # The bound uses this router's in-flight counts: exact at the moment of choice. Triton's metrics lag a
+        # scrape interval, and a queue that has just drained would push a key off its home for nothing.
+        loads = {r.name: float(r.in_flight) for r in candidates}
         # The bound counts the request being placed, so an idle pool always accepts it at home.
         bound = max(1.0, math.ceil((sum(loads.values()) + 1) / len(candidates) * self._settings.affinity_load_factor))
         if self._settings.affinity_max_load:

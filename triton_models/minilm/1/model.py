@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -21,7 +22,9 @@ class TritonPythonModel:
         if not onnx_path.is_file():
             raise pb_utils.TritonModelException(f"{onnx_path} is missing: run `make models` to export it")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("intra_op_threads", "0"))
+        # The launcher splits a shared host's cores between replicas (tools/triton.py).
+        options.intra_op_num_threads = int(os.environ.get("MESH_MODEL_CPU_THREADS") or
+                                           params.get("intra_op_threads", "0"))
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.tokenizer = Tokenizer.from_file(str(HERE / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=int(params.get("max_sequence_tokens", "256")))

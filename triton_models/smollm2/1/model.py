@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import importlib.util
 import json
+import os
 import pathlib
 import random
 
@@ -43,10 +44,14 @@ class TritonPythonModel:
         self.n_ctx = int(params.get("n_ctx", "2048"))
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
         self.max_output_tokens = int(params.get("max_output_tokens", "1024"))
+        threads = int(os.environ.get("MESH_MODEL_CPU_THREADS") or params.get("n_threads", "0")) or None
         self.llm = Llama(
             model_path=params.get("gguf_path") or _default_gguf(),
             n_ctx=self.n_ctx,
-            n_threads=int(params.get("n_threads", "0")) or None,
+            # The launcher splits a shared host's cores between replicas (tools/triton.py); prompt evaluation
+            # (batch) gets the same count, or it defaults to every core.
+            n_threads=threads,
+            n_threads_batch=threads,
             verbose=False,
         )
         self.prefixes = PrefixStates(int(params.get("prefix_cache_states", "4")),
