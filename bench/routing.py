@@ -24,6 +24,7 @@ from bench.inference_path import ROOT, pct, write_section
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2, router_pb2_grpc
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays
 from tools.stack import LocalStack, StackPorts
+from tools.triton import triton_counter
 
 LLM = "smollm2-135m-instruct"
 AUTH = (("x-api-key", "mesh-dev-key"),)
@@ -101,6 +102,10 @@ async def run_phase(call, items: list, concurrency: int, max_tokens: int) -> dic
             / wall, "n": len(results), "ttfts": ttfts}
 
 
+def prefix_reuses(stack: LocalStack) -> float:
+    return sum(triton_counter(t.metrics, "mesh_llm_prefix_reuse_total") for t in stack.ports.tritons)
+
+
 async def measure(stack: LocalStack, requests: int, concurrency: int, max_tokens: int) -> dict:
     registry = stack.run_dir / "registry.yaml"
     router_channel = grpc.aio.insecure_channel(stack.router_address)
@@ -112,7 +117,7 @@ async def measure(stack: LocalStack, requests: int, concurrency: int, max_tokens
     results = {}
     await mesh_request(mesh, [{"role": "user", "content": "warm up"}], 4)
     for phase in ["direct_round_robin", *POLICIES]:
-        items = workload(phase, requests, seed=7)
+        items = workload(f"{phase} c{concurrency}", requests, seed=7)
         if phase == "direct_round_robin":
             async def call(index, messages, max_tokens):
                 return await direct_request(stubs[index % len(stubs)], messages, max_tokens)
@@ -124,14 +129,16 @@ async def measure(stack: LocalStack, requests: int, concurrency: int, max_tokens
 
             async def call(index, messages, max_tokens):
                 return await mesh_request(mesh, messages, max_tokens)
+        reused = prefix_reuses(stack)
         results[phase] = await run_phase(call, items, concurrency, max_tokens)
+        results[phase]["prefix_reuse"] = (prefix_reuses(stack) - reused) / len(items)
         print(phase, {k: round(v, 1) for k, v in results[phase].items() if k != "ttfts"}, flush=True)
     for channel in (router_channel, gateway_channel, *tritons):
         await channel.close()
     return results
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, concurrency: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,36 +155,40 @@ def plot(results: dict, path: Path) -> None:
               color=["#999999", "#4477aa", "#66ccee", "#228833"])
     right.set_ylabel("completion tokens / s")
     right.set_title("throughput")
-    figure.suptitle("2 Triton replicas (SmolLM2 on llama.cpp, CPU), 8 tenants with long system prompts")
+    figure.suptitle(f"2 Triton replicas (SmolLM2 on llama.cpp, CPU), 8 tenants with long system prompts, "
+                    f"{concurrency} concurrent clients")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
 
-def render(results: dict, args: argparse.Namespace, image: str) -> str:
-    base = results["least_outstanding"]["ttft_p50"]
+def render(runs: dict[int, dict], args: argparse.Namespace, image: str) -> str:
     lines = [
         "Command: `make bench` (bench/routing.py)  ",
-        f"Two Triton replicas (one SmolLM2 instance each, 4 KV-prefix snapshots per replica) on 2 shared cores; "
-        f"{args.requests} requests per policy from 8 tenants, each with its own ~330-token system prompt; "
-        f"{args.concurrency} concurrent clients, {args.max_tokens} output tokens, cache bypassed. "
-        "`direct_round_robin` sends the same requests to the Triton replicas directly, alternating.",
-        "",
-        "| policy | n | TTFT p50 ms | TTFT p95 ms | tokens/s | least_outstanding TTFT p50 / this |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"Two Triton replicas (one SmolLM2 instance each, 1 core each, 4 KV-prefix snapshots per replica) on 2 "
+        f"cores shared with the mesh; {args.requests} requests per policy from 8 tenants, each with its own "
+        f"~330-token system prompt (new text per run, so no run inherits another's KV); {args.max_tokens} output "
+        "tokens, cache bypassed. `direct_round_robin` sends the same requests to the Triton replicas directly, "
+        "alternating. Concurrency 2 is one stream per replica; at 4 every request also queues behind another.",
     ]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['n']} | {r['ttft_p50']:.0f} | {r['ttft_p95']:.0f} | {r['tokens_per_s']:.1f} "
-                     f"| {base / r['ttft_p50']:.2f}x |")
-    gain = base / results["prefix_affinity"]["ttft_p50"]
-    lines += ["", f"Target, prefix affinity cuts TTFT p50 >= 2x against least_outstanding: "
-              f"{'met' if gain >= 2 else 'missed'} ({gain:.2f}x).", "", f"![routing policies]({image})"]
+    for concurrency, results in runs.items():
+        base = results["least_outstanding"]["ttft_p50"]
+        lines += ["", f"### {concurrency} concurrent clients", "",
+                  "| policy | n | prompts with a reused KV prefix | TTFT p50 ms | TTFT p95 ms | tokens/s "
+                  "| least_outstanding TTFT p50 / this |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, r in results.items():
+            lines.append(f"| {name} | {r['n']} | {r['prefix_reuse']:.0%} | {r['ttft_p50']:.0f} | {r['ttft_p95']:.0f} "
+                         f"| {r['tokens_per_s']:.1f} | {base / r['ttft_p50']:.2f}x |")
+        gain = base / results["prefix_affinity"]["ttft_p50"]
+        lines += ["", f"Target, prefix affinity cuts TTFT p50 >= 2x against least_outstanding: "
+                  f"{'met' if gain >= 2 else 'missed'} ({gain:.2f}x)."]
+    lines += ["", f"![routing policies]({image})"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -185,13 +196,13 @@ def main() -> None:
                        with_edge=False, with_cache=False, with_retrieval=False)
     stack.start()
     try:
-        results = asyncio.run(measure(stack, args.requests, args.concurrency, args.max_tokens))
+        runs = {c: asyncio.run(measure(stack, args.requests, c, args.max_tokens)) for c in args.concurrency}
     finally:
         stack.stop()
     image = "docs/bench-routing.png"
     (ROOT / "docs").mkdir(exist_ok=True)
-    plot(results, ROOT / image)
-    markdown = render(results, args, image)
+    plot(runs[args.concurrency[0]], ROOT / image, args.concurrency[0])
+    markdown = render(runs, args, image)
     print(markdown)
     if not args.no_write:
         write_section(markdown, "routing", "Routing: least-outstanding vs queue-aware vs prefix affinity")

@@ -12,6 +12,7 @@ import yaml
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from tools.stack import LocalStack, StackPorts
+from tools.triton import triton_counter
 
 LLM = "smollm2-135m-instruct"
 EMBEDDER = "all-minilm-l6-v2"
@@ -81,8 +82,4 @@ def generate(mesh: mesh_pb2_grpc.InferenceMeshStub, request: mesh_pb2.GenerateRe
 
 def triton_metric(stack: LocalStack, name: str, replica: int = 0) -> float:
     """A counter from Triton's Prometheus endpoint, summed over its label sets."""
-    import urllib.request
-
-    port = stack.ports.tritons[replica].metrics
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return triton_counter(stack.ports.tritons[replica].metrics, name)

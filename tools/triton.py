@@ -119,3 +119,11 @@ class TritonInstall:
 
 def wait_triton_ready(process: ManagedProcess, ports: TritonPorts, timeout_s: float = 120.0) -> None:
     wait_http_ok(f"http://127.0.0.1:{ports.http}/v2/health/ready", process, timeout_s)
+
+
+def triton_counter(metrics_port: int, name: str) -> float:
+    """A counter from a Triton's Prometheus endpoint, summed over its label sets."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))

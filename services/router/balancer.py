@@ -3,9 +3,12 @@ model's policy within it.
 
 - least_outstanding: fewest requests in flight from this router (ties take turns).
 - queue_aware: lowest load, which adds Triton's own pending count and measured queue time (replicas.Replica.load).
-- prefix_affinity: requests with the same affinity key (a session, or a long shared system prompt) go to the same
-  replica, found by rendezvous hashing, while its in-flight count stays within `load_factor` times the mean
-  (bounded-load consistent hashing); past that they spill to the key's next replica. No key: queue_aware.
+- prefix_affinity: requests with the same affinity key (a session, or a long shared system prompt) go to the key's
+  home replica while its in-flight count stays within `load_factor` times the mean (bounded-load consistent
+  hashing); past that they spill to the key's next replica in rendezvous order. A key's home is chosen when the
+  key is first seen: the first replica in its rendezvous order that owns fewer than its share of the live keys,
+  so that 8 tenants on 2 replicas split 4/4 (each replica's KV-prefix memory holds its share) instead of
+  whatever the hash gives. Keys unseen for `key_idle_s` are forgotten. No key: queue_aware.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import time
+from collections import Counter as Tally
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from prometheus_client import Counter
@@ -34,6 +40,8 @@ class BalancerSettings:
     affinity_load_factor: float = 1.25
     # An absolute cap on a home replica's load (0: only the relative bound).
     affinity_max_load: float = 0.0
+    key_idle_s: float = 600.0
+    max_keys: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -46,12 +54,50 @@ def _rank(key: str, replica: Replica) -> int:
     return int.from_bytes(hashlib.blake2b(f"{key}\0{replica.name}".encode(), digest_size=8).digest(), "big")
 
 
+class KeyHomes:
+    """Which replica is home to each live affinity key, with live keys spread evenly over the replicas."""
+
+    def __init__(self, idle_s: float, max_keys: int) -> None:
+        self._homes: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._owned: Tally[str] = Tally()
+        self._idle_s = idle_s
+        self._max_keys = max_keys
+
+    def _forget_stale(self, now: float) -> None:
+        while self._homes:
+            key, (replica, seen) = next(iter(self._homes.items()))
+            if now - seen < self._idle_s and len(self._homes) <= self._max_keys:
+                return
+            del self._homes[key]
+            self._owned[replica] -= 1
+
+    def home(self, key: str, ranked: list[Replica]) -> Replica:
+        now = time.monotonic()
+        self._forget_stale(now)
+        by_name = {r.name: r for r in ranked}
+        known = self._homes.get(key)
+        if known is not None and known[0] in by_name:
+            self._homes[key] = (known[0], now)
+            self._homes.move_to_end(key)
+            return by_name[known[0]]
+        if known is not None:  # its home left the pool (drained, failed, removed): choose again
+            self._owned[known[0]] -= 1
+        live = sum(self._owned[name] for name in by_name)
+        share = math.ceil((live + 1) / len(ranked))
+        chosen = next((r for r in ranked if self._owned[r.name] < share), ranked[0])
+        self._homes[key] = (chosen.name, now)
+        self._homes.move_to_end(key)
+        self._owned[chosen.name] += 1
+        return chosen
+
+
 class Balancer:
     def __init__(self, replicas: ReplicaSet, settings: BalancerSettings | None = None) -> None:
         self._replicas = replicas
         self._settings = settings or BalancerSettings()
         # Breaks ties in turn, so equal loads still spread.
         self._tiebreak = itertools.count()
+        self._homes = KeyHomes(self._settings.key_idle_s, self._settings.max_keys)
 
     def can_serve(self, model: ModelSpec) -> bool:
         return any(r.serves(model.triton_model) for pool in model.pool_names for r in self._replicas.in_pool(pool))
@@ -88,9 +134,11 @@ class Balancer:
         if self._settings.affinity_max_load:
             bound = min(bound, self._settings.affinity_max_load)
         ranked = sorted(candidates, key=lambda r: _rank(key, r), reverse=True)
-        for position, replica in enumerate(ranked):
+        home = self._homes.home(key, ranked)
+        order = [home, *(r for r in ranked if r is not home)]
+        for position, replica in enumerate(order):
             if loads[replica.name] + 1 <= bound:
                 AFFINITY.labels(model.triton_model, "home" if position == 0 else "spilled").inc()
                 return replica
         AFFINITY.labels(model.triton_model, "spilled").inc()
-        return min(ranked, key=lambda r: loads[r.name])
+        return min(order, key=lambda r: loads[r.name])
