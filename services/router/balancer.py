@@ -37,7 +37,7 @@ class NoReplicaError(Exception):
 @dataclass(frozen=True)
 class BalancerSettings:
     queue_ms_per_slot: float = 50.0
-    affinity_load_factor: float = 1.25
+    affinity_load_factor: float = 1.5
     # An absolute cap on a home replica's load (0: only the relative bound).
     affinity_max_load: float = 0.0
     key_idle_s: float = 600.0
@@ -48,6 +48,14 @@ class BalancerSettings:
 class Route:
     affinity_key: str = ""
     exclude: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Choice:
+    replica: Replica
+    # Sent away from its key's home: the replica should serve it without caching its prefix, which would only
+    # evict one of the prefixes it is home to.
+    spilled: bool = False
 
 
 def _rank(key: str, replica: Replica) -> int:
@@ -113,19 +121,22 @@ class Balancer:
         return replica.load(model.triton_model, self._settings.queue_ms_per_slot)
 
     def choose(self, model: ModelSpec, route: Route | None = None) -> Replica:
+        return self.place(model, route).replica
+
+    def place(self, model: ModelSpec, route: Route | None = None) -> Choice:
         route = route or Route()
         candidates = self.candidates(model, route.exclude)
         shift = next(self._tiebreak) % len(candidates)
         rotated = candidates[shift:] + candidates[:shift]
         if model.routing == "least_outstanding":
-            return min(rotated, key=lambda r: r.in_flight)
+            return Choice(min(rotated, key=lambda r: r.in_flight))
         if model.routing == "prefix_affinity":
             if route.affinity_key:
                 return self._affine(model, rotated, route.affinity_key)
             AFFINITY.labels(model.triton_model, "no_key").inc()
-        return min(rotated, key=lambda r: self.load(r, model))
+        return Choice(min(rotated, key=lambda r: self.load(r, model)))
 
-    def _affine(self, model: ModelSpec, candidates: list[Replica], key: str) -> Replica:
+    def _affine(self, model: ModelSpec, candidates: list[Replica], key: str) -> Choice:
         # The bound uses this router's in-flight counts: exact at the moment of choice. Triton's metrics lag a
         # scrape interval, and a queue that has just drained would push a key off its home for nothing.
         loads = {r.name: float(r.in_flight) for r in candidates}
@@ -139,6 +150,7 @@ class Balancer:
         for position, replica in enumerate(order):
             if loads[replica.name] + 1 <= bound:
                 AFFINITY.labels(model.triton_model, "home" if position == 0 else "spilled").inc()
-                return replica
+                return Choice(replica, spilled=position > 0)
         AFFINITY.labels(model.triton_model, "spilled").inc()
-        return min(order, key=lambda r: loads[r.name])
+        chosen = min(order, key=lambda r: loads[r.name])
+        return Choice(chosen, spilled=chosen is not home)

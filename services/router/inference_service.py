@@ -27,6 +27,8 @@ _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE,)
 SESSION_PARAMETER = "mesh_session"
 AFFINITY_PARAMETER = "mesh_affinity"
 TENANT_HEADER = "x-mesh-tenant"
+# Set by the router on a request sent away from its affinity key's home: the model should not cache its prefix.
+SPILL_PARAMETER = "mesh_spill"
 
 ROUTED = Counter("mesh_router_requests_total", "Requests routed, by public model, version, pool and replica",
                  ["model", "version", "pool", "replica"])
@@ -160,10 +162,15 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         route = prepare(request, spec, _tenant(context))
         while True:
             try:
-                replica = self._balancer.choose(spec, route)
+                choice = self._balancer.place(spec, route)
             except NoReplicaError as exc:
                 await out.put(service_pb2.ModelStreamInferResponse(error_message=f"UNAVAILABLE: {exc}"))
                 return
+            replica = choice.replica
+            if choice.spilled:
+                request.parameters[SPILL_PARAMETER].bool_param = True
+            elif SPILL_PARAMETER in request.parameters:
+                del request.parameters[SPILL_PARAMETER]
             sent_any = False
             call = replica.stub.ModelStreamInfer(iter([request]),
                                                  timeout=downstream_timeout(context, self._default_timeout_s))

@@ -24,5 +24,5 @@ class RouterSettings(ServiceSettings):
     queue_ms_per_slot: float = 50.0
     # Prefix affinity: a key stays on its home replica while that replica's load is within this factor of the
     # mean (bounded-load consistent hashing), and optionally below an absolute load.
-    affinity_load_factor: float = 1.25
+    affinity_load_factor: float = 1.5
     affinity_max_load: float = 0.0

@@ -37,6 +37,13 @@ def _optional(request, name: str):
     return None if tensor is None else tensor.as_numpy()
 
 
+def _request_parameters(request) -> dict:
+    try:
+        return json.loads(request.parameters() or "{}")
+    except (AttributeError, json.JSONDecodeError):
+        return {}
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -157,8 +164,11 @@ class TritonPythonModel:
             self._send(sender, text, "", len(tokens), produced)
         tail = "" if stop.stopped else stop.feed(decoder.decode(b"", final=True)) + stop.flush()
         self._send(sender, tail, finish, len(tokens), produced, final=True)
-        # After the last response: the snapshot's copy is not on the caller's clock.
-        self.prefixes.save(self.llm, len(tokens))
+        # After the last response: the snapshot's copy is not on the caller's clock. A request the router sent
+        # away from its prefix's home replica (mesh_spill) is served but not remembered: its prefix would only
+        # evict one this replica is home to.
+        if not _request_parameters(request).get("mesh_spill"):
+            self.prefixes.save(self.llm, len(tokens))
 
     @staticmethod
     def _send(sender, text: str, finish: str, prompt_tokens: int, completion_tokens: int, final: bool = False) -> None:
