@@ -80,6 +80,18 @@ def generate(gateway, request, metadata=AUTH) -> list[mesh_pb2.GenerateChunk]:
     return list(gateway.Generate(request, metadata=metadata, timeout=120))
 
 
+def wait_in_flight(admin, timeout_s: float = 10.0) -> str | None:
+    """The replica the router has a request in flight on, once there is one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy = next((r.name for r in admin.ListReplicas(router_pb2.ListReplicasRequest(), timeout=5).replicas
+                     if r.in_flight), None)
+        if busy:
+            return busy
+        time.sleep(0.05)
+    return None
+
+
 def reload_with(routed, admin, weights: dict[str, int]) -> router_pb2.ReloadReply:
     registry = routed.run_dir / "registry.yaml"
     text = yaml.safe_load(registry.read_text())
@@ -196,7 +208,7 @@ def test_reload_changes_weights_without_dropping_streams(routed, admin, router, 
 
     runner = threading.Thread(target=stream)
     runner.start()
-    time.sleep(0.5)
+    assert wait_in_flight(admin), "the stream never showed as in flight"
     try:
         reply = reload_with(routed, admin, {"1": 0, "2": 100})
         assert reply.changed and not reply.error
@@ -224,12 +236,7 @@ def test_a_drained_replica_gets_no_new_requests_and_finishes_its_streams(routed,
 
     runner = threading.Thread(target=stream)
     runner.start()
-    busy = None
-    deadline = time.monotonic() + 10
-    while busy is None and time.monotonic() < deadline:
-        busy = next((r.name for r in admin.ListReplicas(router_pb2.ListReplicasRequest(), timeout=5).replicas
-                     if r.in_flight), None)
-        time.sleep(0.05)
+    busy = wait_in_flight(admin)
     assert busy, "the stream never showed as in flight"
     try:
         drained = admin.DrainReplica(router_pb2.DrainRequest(replica=busy), timeout=5)

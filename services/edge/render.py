@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common.wire import (
+    DESCRIPTOR_API_KEY,
+    DESCRIPTOR_AUTHORIZATION,
+    DESCRIPTOR_TENANT,
+    EDGE_SECRET_HEADER,
+    JWT_TENANT_HEADER,
+)
 from services.edge.settings import EdgeSettings
 
 MESH = "/inference_mesh.v1.InferenceMesh/"
 KSERVE = "/inference.GRPCInferenceService/"
-TENANT_HEADER = "x-mesh-jwt-tenant"
-EDGE_SECRET_HEADER = "x-mesh-edge-secret"
 STREAMING = [MESH + "Generate", MESH + "Ask", KSERVE + "ModelStreamInfer"]
 INGEST = [MESH + "UpsertDocuments"]
 UNARY_INFERENCE = [MESH + "Embed", MESH + "Search", MESH + "DeleteDocuments", KSERVE + "ModelInfer"]
@@ -49,8 +54,8 @@ def _tls_context(s: EdgeSettings) -> dict[str, Any]:
 def _rate_limits() -> list[dict[str, Any]]:
     # One descriptor per way a tenant can be named; the rate-limit service counts a request once per tenant.
     return [{"actions": [{"request_headers": {"header_name": header, "descriptor_key": key}}]}
-            for header, key in ((TENANT_HEADER, "tenant"), ("x-api-key", "api_key"),
-                                ("authorization", "authorization"))]
+            for header, key in ((JWT_TENANT_HEADER, DESCRIPTOR_TENANT), ("x-api-key", DESCRIPTOR_API_KEY),
+                                ("authorization", DESCRIPTOR_AUTHORIZATION))]
 
 
 _PREVIOUS_HOSTS = {"name": "envoy.retry_host_predicates.previous_hosts",
@@ -99,13 +104,13 @@ def _http_filters(s: EdgeSettings) -> list[dict[str, Any]]:
         "local_jwks": {"filename": s.jwks_file},
         "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
         "forward": False,
-        "claim_to_headers": [{"header_name": TENANT_HEADER, "claim_name": s.jwt_tenant_claim}],
+        "claim_to_headers": [{"header_name": JWT_TENANT_HEADER, "claim_name": s.jwt_tenant_claim}],
     }
     filters = [
         # Identity headers come from Envoy only: drop whatever a client sent under those names first.
         {"name": "envoy.filters.http.header_mutation", "typed_config": _typed(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            mutations={"request_mutations": [{"remove": TENANT_HEADER}, {"remove": EDGE_SECRET_HEADER}]})},
+            mutations={"request_mutations": [{"remove": JWT_TENANT_HEADER}, {"remove": EDGE_SECRET_HEADER}]})},
         {"name": "envoy.filters.http.local_ratelimit", "typed_config": _typed(
             "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
             stat_prefix="edge_shield",

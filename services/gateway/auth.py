@@ -9,11 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.common.tenants import TenantConfig, hash_key
-
-# Set by Envoy only (services/edge/render.py): it strips both from client requests before jwt_authn runs, puts the
-# verified claim in the first and the shared edge secret in the second.
-JWT_TENANT_HEADER = "x-mesh-jwt-tenant"
-EDGE_SECRET_HEADER = "x-mesh-edge-secret"
+from services.common.wire import EDGE_SECRET_HEADER, JWT_TENANT_HEADER
 
 
 @dataclass(frozen=True)

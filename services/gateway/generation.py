@@ -11,8 +11,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays, string_parameter
+from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER
 from services.gateway.errors import RequestError, from_rpc_error, from_stream_error
-from services.gateway.routing_hints import AFFINITY_PARAMETER, SESSION_PARAMETER
 
 _ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant"}
 _FINISH = {

@@ -6,6 +6,7 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.deadlines import downstream_timeout
+from services.common.wire import TENANT_HEADER
 from services.gateway.auth import Authenticator
 
 
@@ -20,7 +21,7 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _forward_headers(self, context) -> tuple[tuple[str, str], ...]:
         caller = await self._auth.require(context)
-        return (("x-mesh-tenant", caller.tenant),)
+        return ((TENANT_HEADER, caller.tenant),)
 
     async def _unary(self, method, request, context, timeout_s: float):
         headers = await self._forward_headers(context)

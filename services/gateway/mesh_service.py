@@ -11,6 +11,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, mesh_pb2_grpc, models_pb2, retrieval_pb2
 from services.common.deadlines import downstream_timeout
+from services.common.wire import TENANT_HEADER
 from services.gateway import cached_generation, rag
 from services.gateway.auth import Authenticator, Caller
 from services.gateway.budgets import TokenBudgets, metered
@@ -31,7 +32,7 @@ def _metadata(caller: Caller, model: str, request_id: str) -> mesh_pb2.ResponseM
 
 
 def _forward_headers(caller: Caller, request_id: str) -> tuple[tuple[str, str], ...]:
-    return (("x-mesh-tenant", caller.tenant), ("x-request-id", request_id))
+    return ((TENANT_HEADER, caller.tenant), ("x-request-id", request_id))
 
 
 class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):

@@ -8,10 +8,6 @@ import hashlib
 from inference_mesh.v1 import mesh_pb2, models_pb2
 from services.common.canary import choose_version
 
-# KServe request parameters the router reads (services/router/inference_service.py).
-SESSION_PARAMETER = "mesh_session"
-AFFINITY_PARAMETER = "mesh_affinity"
-
 
 def with_version(model: models_pb2.ModelInfo, sticky_key: str) -> models_pb2.ModelInfo:
     """The model with the version this caller gets. Chosen here, before the cache, so that a cached answer is

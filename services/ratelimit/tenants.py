@@ -5,12 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from services.common.tenants import Tenant, TenantConfig, hash_key
-
-# Descriptor keys the rendered Envoy config sends (services/edge/render.py): a tenant claim Envoy verified in a
-# JWT, or the API key as the client sent it (the gateway checks it again; here it only selects the bucket).
-TENANT_CLAIM = "tenant"
-API_KEY = "api_key"
-AUTHORIZATION = "authorization"
+from services.common.wire import DESCRIPTOR_API_KEY, DESCRIPTOR_AUTHORIZATION, DESCRIPTOR_TENANT
 
 
 class TenantResolver:
@@ -19,11 +14,13 @@ class TenantResolver:
         self._by_key_hash = config.tenant_by_key_hash()
 
     def resolve(self, entries: Iterable[tuple[str, str]]) -> Tenant | None:
+        """A tenant claim Envoy verified in a JWT, or the API key as the client sent it (the gateway checks it
+        again; here it only selects the bucket)."""
         for key, value in entries:
-            if key == TENANT_CLAIM:
+            if key == DESCRIPTOR_TENANT:
                 return self._by_id.get(value)
-            if key == API_KEY:
+            if key == DESCRIPTOR_API_KEY:
                 return self._by_key_hash.get(hash_key(value.strip()))
-            if key == AUTHORIZATION and value[:7].lower() == "bearer ":
+            if key == DESCRIPTOR_AUTHORIZATION and value[:7].lower() == "bearer ":
                 return self._by_key_hash.get(hash_key(value[7:].strip()))
         return None

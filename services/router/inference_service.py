@@ -13,6 +13,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.common.canary import choose_version
 from services.common.deadlines import downstream_timeout
 from services.common.kserve import is_final_response
+from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER, SPILL_PARAMETER, TENANT_HEADER
 from services.router.balancer import Balancer, NoReplicaError, Route
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica
@@ -22,13 +23,6 @@ log = logging.getLogger(__name__)
 
 # A call that fails with these before any response reached the caller is tried once more elsewhere.
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE,)
-# Request parameters the gateway (or any KServe client) may set: the sticky key for canary versions, and the key
-# of the shared prefix for prefix affinity.
-SESSION_PARAMETER = "mesh_session"
-AFFINITY_PARAMETER = "mesh_affinity"
-TENANT_HEADER = "x-mesh-tenant"
-# Set by the router on a request sent away from its affinity key's home: the model should not cache its prefix.
-SPILL_PARAMETER = "mesh_spill"
 
 ROUTED = Counter("mesh_router_requests_total", "Requests routed, by public model, version, pool and replica",
                  ["model", "version", "pool", "replica"])

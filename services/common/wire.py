@@ -1,0 +1,23 @@
+"""Names the services agree on at their boundaries: headers, rate-limit descriptor keys, KServe parameters.
+
+One place, so that the edge, the gateway, the rate-limit service and the router cannot drift apart.
+"""
+
+from __future__ import annotations
+
+# Set by Envoy only: it strips both from client requests before jwt_authn, then puts the verified tenant claim in
+# the first and the shared edge secret in the second (services/edge/render.py, services/gateway/auth.py).
+JWT_TENANT_HEADER = "x-mesh-jwt-tenant"
+EDGE_SECRET_HEADER = "x-mesh-edge-secret"
+# Gateway → router: the authenticated tenant (sticky key for canary versions when there is no session).
+TENANT_HEADER = "x-mesh-tenant"
+
+# Envoy rate-limit descriptor keys (services/edge/render.py → services/ratelimit/tenants.py).
+DESCRIPTOR_TENANT = "tenant"
+DESCRIPTOR_API_KEY = "api_key"
+DESCRIPTOR_AUTHORIZATION = "authorization"
+
+# KServe request parameters the router reads (any KServe client may set the first two).
+SESSION_PARAMETER = "mesh_session"      # sticky key for canary versions and prefix affinity
+AFFINITY_PARAMETER = "mesh_affinity"    # key of the request's long shared prefix
+SPILL_PARAMETER = "mesh_spill"          # router → Triton: served away from its prefix's home, do not cache it
