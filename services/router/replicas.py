@@ -93,13 +93,14 @@ class ReplicaSet:
         drain flag and channel), add new ones, and return the removed ones (their streams still hold them)."""
         current = {r.name: r for r in self.replicas}
         kept: list[Replica] = []
+        retired: list[Replica] = []
         for pool_name, pool in registry.pools.items():
             hosted = {m.triton_model for m in registry.models.values() if pool_name in m.pool_names}
             for spec in pool.replicas:
                 replica = current.pop(spec.name, None)
                 if replica is None or replica.endpoint != spec.grpc:
-                    if replica is not None:
-                        current[spec.name + "\0old"] = replica
+                    if replica is not None:  # same name, new endpoint: a new replica
+                        retired.append(replica)
                     channel = insecure_channel(spec.grpc)
                     replica = Replica(name=spec.name, pool=pool_name, endpoint=spec.grpc, models=hosted,
                                       stub=service_pb2_grpc.GRPCInferenceServiceStub(channel), channel=channel)
@@ -107,7 +108,7 @@ class ReplicaSet:
                 replica.metrics_endpoint, replica.gpu_class = spec.metrics, pool.gpu_class
                 kept.append(replica)
         self.replicas = kept
-        return list(current.values())
+        return retired + list(current.values())
 
     def in_pool(self, pool: str) -> list[Replica]:
         return [r for r in self.replicas if r.pool == pool]
