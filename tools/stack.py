@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import secrets
 import signal
@@ -111,7 +112,7 @@ class LocalStack:
     def ratelimit_address(self) -> str:
         return f"127.0.0.1:{self.ports.ratelimit}"
 
-    @property
+    @functools.cached_property
     def pki(self) -> Pki:
         return ensure_pki(self.run_dir / "pki")
 
