@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.logging import configure_logging
+from services.common.malformed import MalformedRequestInterceptor
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 
 def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=CHANNEL_OPTIONS)
+    return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[MalformedRequestInterceptor()])
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:

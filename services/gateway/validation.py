@@ -26,6 +26,9 @@ def check_model(name: str, model: models_pb2.ModelInfo | None, known: list[model
 def check_request_id(request_id: str, limits: RequestLimits) -> None:
     if len(request_id) > limits.max_request_id_chars:
         raise invalid(f"request_id is {len(request_id)} characters; the limit is {limits.max_request_id_chars}")
+    # It travels downstream in a gRPC header, which admits printable ASCII only.
+    if request_id and not (request_id.isascii() and request_id.isprintable()):
+        raise invalid("request_id must be printable ASCII (letters, digits, punctuation, spaces)")
 
 
 def check_generate(request: mesh_pb2.GenerateRequest, model: models_pb2.ModelInfo, limits: RequestLimits) -> None:
