@@ -20,7 +20,7 @@ from services.gateway.auth import Authenticator
 from services.gateway.errors import from_stream_error
 from services.gateway.settings import RequestLimits
 from services.gateway.validation import check_embed, check_generate
-from services.router.balancer import Balancer, BalancerSettings, NoReplicaError, Route
+from services.router.balancer import AtCapacityError, Balancer, BalancerSettings, NoReplicaError, Route
 from services.router.queue_metrics import parse, update
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet
@@ -299,4 +299,20 @@ async def test_registry_sync_keeps_replicas_with_their_work_and_retires_the_rest
     assert replicas.get("g0").endpoint == "127.0.0.1:9"
     for replica in retired:
         await replica.channel.close()
+    await replicas.close()
+
+
+async def test_replicas_at_their_in_flight_bound_are_skipped_then_shed():
+    registry = Registry.model_validate({**REGISTRY, "models": {"llm": {
+        "kind": "generate", "triton_model": "llm_t", "pools": ["cpu"]}}})
+    replicas = ReplicaSet(registry)
+    for replica in replicas.replicas:
+        replica.ready_models = {"llm_t"}
+    balancer = Balancer(replicas, BalancerSettings(max_in_flight_per_replica=2))
+    model = registry.models["llm"]
+    replicas.get("c0").in_flight = 2
+    assert {balancer.choose(model).name for _ in range(4)} == {"c1"}
+    replicas.get("c1").in_flight = 2
+    with pytest.raises(AtCapacityError, match="2 requests in flight"):
+        balancer.choose(model)
     await replicas.close()

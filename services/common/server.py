@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.logging import configure_logging
 from services.common.malformed import MalformedRequestInterceptor
 from services.common.settings import ServiceSettings
+from services.common.shedding import LoadShedder
 
 log = logging.getLogger(__name__)
 ServiceSettingsT = TypeVar("ServiceSettingsT", bound=ServiceSettings)
@@ -31,8 +32,8 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[MalformedRequestInterceptor()])
+def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[*interceptors, MalformedRequestInterceptor()])
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
@@ -42,9 +43,11 @@ def insecure_channel(target: str) -> grpc.aio.Channel:
 class ServiceHost:
     """Owns a grpc.aio server with grpc.health.v1 and reflection; stops gracefully on SIGTERM/SIGINT."""
 
-    def __init__(self, name: str, address: str, grace_s: float, drain_delay_s: float = 2.0) -> None:
+    def __init__(self, name: str, address: str, grace_s: float, drain_delay_s: float = 2.0,
+                 max_in_flight: int = 0) -> None:
         self.name = name
-        self.server = new_server()
+        self.shedder = LoadShedder(name, max_in_flight) if max_in_flight else None
+        self.server = new_server([self.shedder] if self.shedder else [])
         self.health = health.aio.HealthServicer()
         self._grace_s = grace_s
         self._drain_delay_s = drain_delay_s

@@ -42,8 +42,8 @@ async def serve(settings: GatewaySettings) -> None:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
 
-    host = ServiceHost("gateway", settings.address, settings.shutdown_grace_s,
-                       settings.drain_delay_s)
+    host = ServiceHost("gateway", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,
+                       settings.max_in_flight)
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(
         InferenceMeshService(settings, auth, catalog, router, cache, documents, budgets), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(

@@ -51,5 +51,7 @@ class GatewaySettings(ServiceSettings):
     budget_timeout_s: float = 0.25
     # Budget service down: admit (open, the default, counted in mesh_gateway_budget_unavailable_total) or refuse.
     budget_fail_open: bool = True
+    # Load shedding: RPCs worked on at once; beyond, RESOURCE_EXHAUSTED at once (0: no bound).
+    max_in_flight: int = 512
     # Shared with Envoy, which sends it with every request: only then is a JWT tenant header trusted.
     edge_secret: str = ""

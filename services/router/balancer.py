@@ -34,6 +34,10 @@ class NoReplicaError(Exception):
     pass
 
 
+class AtCapacityError(NoReplicaError):
+    """Ready replicas exist, but every one is at its in-flight bound: shed the request."""
+
+
 @dataclass(frozen=True)
 class BalancerSettings:
     queue_ms_per_slot: float = 50.0
@@ -42,6 +46,8 @@ class BalancerSettings:
     affinity_max_load: float = 0.0
     key_idle_s: float = 600.0
     max_keys: int = 100_000
+    # A replica with this many requests in flight from this router takes no more (0: no bound).
+    max_in_flight_per_replica: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,10 +117,19 @@ class Balancer:
         return any(r.serves(model.triton_model) for pool in model.pool_names for r in self._replicas.in_pool(pool))
 
     def candidates(self, model: ModelSpec, exclude: frozenset[str] = frozenset()) -> list[Replica]:
+        bound = self._settings.max_in_flight_per_replica
+        full = 0
         for pool in model.pool_names:
             found = [r for r in self._replicas.in_pool(pool) if r.serves(model.triton_model) and r.name not in exclude]
+            if bound:
+                free = [r for r in found if r.in_flight < bound]
+                full += len(found) - len(free)
+                found = free
             if found:
                 return found
+        if full:
+            raise AtCapacityError(f"every ready replica for {model.triton_model!r} has {bound} requests in flight; "
+                                  "retry with backoff")
         raise NoReplicaError(f"no ready replica for Triton model {model.triton_model!r} in pools {model.pool_names}")
 
     def load(self, replica: Replica, model: ModelSpec) -> float:

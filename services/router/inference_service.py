@@ -14,7 +14,7 @@ from services.common.canary import choose_version
 from services.common.deadlines import downstream_timeout
 from services.common.kserve import is_final_response
 from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER, SPILL_PARAMETER, TENANT_HEADER
-from services.router.balancer import Balancer, NoReplicaError, Route
+from services.router.balancer import AtCapacityError, Balancer, NoReplicaError, Route
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica
 from services.router.state import RouterState
@@ -74,6 +74,9 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _choose(self, spec: ModelSpec, context: grpc.aio.ServicerContext, route: Route | None = None) -> Replica:
         try:
             return self._balancer.choose(spec, route or Route())
+        except AtCapacityError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise
         except NoReplicaError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise
@@ -158,7 +161,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 choice = self._balancer.place(spec, route)
             except NoReplicaError as exc:
-                await out.put(service_pb2.ModelStreamInferResponse(error_message=f"UNAVAILABLE: {exc}"))
+                code = "RESOURCE_EXHAUSTED" if isinstance(exc, AtCapacityError) else "UNAVAILABLE"
+                await out.put(service_pb2.ModelStreamInferResponse(error_message=f"{code}: {exc}"))
                 return
             replica = choice.replica
             if choice.spilled:

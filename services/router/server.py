@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 
 async def serve(settings: RouterSettings) -> None:
     state = RouterState.load(settings.registry_file)
-    balancer = Balancer(state.replicas, BalancerSettings(settings.queue_ms_per_slot, settings.affinity_load_factor,
-                                                         settings.affinity_max_load))
+    balancer = Balancer(state.replicas, BalancerSettings(
+        settings.queue_ms_per_slot, settings.affinity_load_factor, settings.affinity_max_load,
+        max_in_flight_per_replica=settings.max_in_flight_per_replica))
     inference = RoutingInferenceService(state, balancer, settings.default_timeout_s)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
 
-    host = ServiceHost("router", settings.address, settings.shutdown_grace_s,
-                       settings.drain_delay_s)
+    host = ServiceHost("router", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,
+                       settings.max_in_flight)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, host.server)
     router_pb2_grpc.add_RouterAdminServicer_to_server(
         RouterAdminService(state, balancer, settings.queue_ms_per_slot), host.server)

@@ -16,6 +16,10 @@ class RouterSettings(ServiceSettings):
     # Upper bound for one inference call when the caller sets no deadline (seed guide: 30-60 s).
     default_timeout_s: float = 60.0
     metrics_port: int = 9102
+    # Load shedding: RPCs worked on at once (0: no bound), and requests in flight per replica; a replica at its
+    # bound is skipped, and with every replica at it the call gets RESOURCE_EXHAUSTED at once.
+    max_in_flight: int = 2048
+    max_in_flight_per_replica: int = 64
     # The registry file is re-read when it changes (and on RouterAdmin/ReloadRegistry).
     registry_watch_s: float = 2.0
     # Queue-aware choice: how often each replica's Triton metrics are read, and how many ms of measured queue
