@@ -22,6 +22,8 @@ from tests.conftest import AUTH, EMBEDDER, LLM, chat, triton_metric
 from tools.stack import ROOT, LocalStack, StackPorts
 
 WEIGHTS = {"1": 80, "2": 20}
+# A stream that ran to its end (the model's end of text or max_tokens), not one cut off.
+COMPLETED = (mesh_pb2.FINISH_REASON_STOP, mesh_pb2.FINISH_REASON_LENGTH)
 SYSTEM = ("You are the support assistant of tenant one. Answer politely, cite the handbook, never invent "
           "policies, and keep answers short. ") * 3
 
@@ -204,7 +206,7 @@ def test_reload_changes_weights_without_dropping_streams(routed, admin, router, 
     outcome: dict = {}
 
     def stream() -> None:
-        outcome["chunks"] = generate(gateway, chat("Tell me a long story.", max_tokens=120, temperature=0.7))
+        outcome["chunks"] = generate(gateway, chat("Count from 1 to 300.", max_tokens=120, temperature=0.0))
 
     runner = threading.Thread(target=stream)
     runner.start()
@@ -215,7 +217,7 @@ def test_reload_changes_weights_without_dropping_streams(routed, admin, router, 
         assert set(served_versions(router, [f"after-{i}" for i in range(20)])) == {"2"}
         runner.join()
         last = outcome["chunks"][-1]
-        assert last.finish_reason == mesh_pb2.FINISH_REASON_LENGTH and last.usage.completion_tokens == 120
+        assert last.finish_reason in COMPLETED and last.usage.completion_tokens > 0, last
         broken = routed.run_dir / "registry.yaml"
         good = broken.read_text()
         broken.write_text("pools: {cpu: {replicas: [{name: x}]}}\n")
@@ -231,8 +233,7 @@ def test_a_drained_replica_gets_no_new_requests_and_finishes_its_streams(routed,
     outcome: dict = {}
 
     def stream() -> None:
-        outcome["last"] = generate(gateway, chat("Tell me another long story.", max_tokens=100,
-                                                 temperature=0.7))[-1]
+        outcome["last"] = generate(gateway, chat("Count from 1 to 200.", max_tokens=100, temperature=0.0))[-1]
 
     runner = threading.Thread(target=stream)
     runner.start()
@@ -248,7 +249,7 @@ def test_a_drained_replica_gets_no_new_requests_and_finishes_its_streams(routed,
         assert busy not in placed, placed
         runner.join()
         assert outcome["last"].metadata.replica == busy
-        assert outcome["last"].finish_reason == mesh_pb2.FINISH_REASON_LENGTH
+        assert outcome["last"].finish_reason in COMPLETED, outcome["last"]
     finally:
         admin.UndrainReplica(router_pb2.DrainRequest(replica=busy), timeout=5)
     with pytest.raises(grpc.RpcError) as unknown:
