@@ -286,7 +286,9 @@ def test_token_budget_exhaustion_and_reset(edge):
     else:
         pytest.fail(f"40 generations ({used} tokens) never exhausted a {budget}-token budget")
     refilled = refill_per_s * (time.monotonic() - started)
-    assert budget <= used <= budget + refilled + 60, (used, refilled)
+    # A charge lands just after its reply, so the next request may be admitted before it: allow two requests
+    # (each ~16 completion + ~30 prompt tokens) beyond the budget and its refill.
+    assert budget <= used <= budget + refilled + 100, (used, refilled)
     assert 1 <= retry_after <= 20
     time.sleep(retry_after)
     chunks = list(edge.Generate(chat("Say hi.", max_tokens=4, temperature=0.8), metadata=key("tenant-budget"),
