@@ -142,6 +142,14 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
                     result = "exact_hit_after_wait"
                     return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
                 lease = await self._store.take_lease(key, self._settings.lease_s)
+            if lease:
+                # The entry may have been stored (and its leader's lease released) between the first read and
+                # our lease: read again, or an identical request would be answered by the semantic row.
+                cached = await self._store.get_response(key)
+                if cached is not None:
+                    await self._store.release_lease(key, lease)
+                    result = "exact_hit"
+                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
             if request.semantic:
                 similar = await self._semantic(request, generation, degraded)
                 if similar is not None:
