@@ -96,7 +96,7 @@ class TritonInstall:
               cpu_threads: int = 0) -> ManagedProcess:
         """cpu_threads: the compute threads each model may use (0: the models' config). Replicas sharing a
         host must split its cores: llama.cpp and onnxruntime spin at their barriers, and two replicas with a
-        thread per core each ran 30-100x slower than one (measured on 2 cores)."""
+        thread per core each ran many times slower than one on 2 cores."""
         self.check()
         argv = [
             str(self.server_dir / "bin" / "tritonserver"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
+from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
@@ -191,34 +193,30 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             log.info("ask", extra={"tenant": caller.tenant, "model": request.model, "status": status,
                                    "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
 
-    async def UpsertDocuments(self, request_iterator, context):
-        caller = await self._auth.require(context)
+    @staticmethod
+    async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[Any]) -> Any:
+        """A unary reply, or the status a RequestError names."""
         try:
-            return await self._documents.upsert(caller, request_iterator,
-                                                downstream_timeout(context, self._settings.ingest_timeout_s))
+            return await work
         except RequestError as exc:
             await context.abort(exc.code, exc.message, exc.trailing)
+
+    async def UpsertDocuments(self, request_iterator, context):
+        caller = await self._auth.require(context)
+        return await self._answer(context, self._documents.upsert(
+            caller, request_iterator, downstream_timeout(context, self._settings.ingest_timeout_s)))
 
     async def DeleteDocuments(self, request, context):
         caller = await self._auth.require(context)
-        try:
-            return await self._documents.delete(caller, request, downstream_timeout(context, 30.0))
-        except RequestError as exc:
-            await context.abort(exc.code, exc.message, exc.trailing)
+        return await self._answer(context, self._documents.delete(caller, request, downstream_timeout(context, 30.0)))
 
     async def Search(self, request, context):
         caller = await self._auth.require(context)
-        try:
-            return await self._documents.search(caller, request, downstream_timeout(context, 30.0))
-        except RequestError as exc:
-            await context.abort(exc.code, exc.message, exc.trailing)
+        return await self._answer(context, self._documents.search(caller, request, downstream_timeout(context, 30.0)))
 
     async def CollectionStats(self, request, context):
         caller = await self._auth.require(context)
-        try:
-            return await self._documents.stats(caller, downstream_timeout(context, 30.0))
-        except RequestError as exc:
-            await context.abort(exc.code, exc.message, exc.trailing)
+        return await self._answer(context, self._documents.stats(caller, downstream_timeout(context, 30.0)))
 
     async def ListModels(self, request, context):
         await self._auth.require(context)
