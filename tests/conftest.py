@@ -80,6 +80,15 @@ def generate(mesh: mesh_pb2_grpc.InferenceMeshStub, request: mesh_pb2.GenerateRe
     return "".join(c.text for c in chunks), chunks
 
 
+def service_metric(port: int, name: str, **labels: str) -> float:
+    """A metric from a service's Prometheus endpoint, summed over the label sets that match `labels`."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+
+
 def triton_metric(stack: LocalStack, name: str, replica: int = 0) -> float:
     """A counter from Triton's Prometheus endpoint, summed over its label sets."""
     return triton_counter(stack.ports.tritons[replica].metrics, name)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
 import tritonclient.grpc as triton_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
-from tests.conftest import AUTH, EMBEDDER, KEYS, LLM, chat, generate
+from tests.conftest import AUTH, EMBEDDER, KEYS, LLM, chat, generate, service_metric
 from tools.processes import free_port, wait_grpc_serving
 from tools.stack import start_service
 
@@ -295,21 +294,12 @@ def test_expired_entries_are_never_served(stack, tmp_path):
         short_lived.stop()
 
 
-def _metric(port: int, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_redis_down_every_request_succeeds_and_hits_resume(mesh, stack):
     request = greedy("Say a word that rhymes with cat.")
     generate(mesh, request)
     wait_until_cached(stack, "tenant-a", request)
     assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
-    bypassed_before = _metric(stack.ports.gateway_metrics, "mesh_gateway_cache_unavailable_total")
+    bypassed_before = service_metric(stack.ports.gateway_metrics, "mesh_gateway_cache_unavailable_total")
     stack.processes["redis"].kill()
     try:
         for _ in range(3):
@@ -319,14 +309,16 @@ def test_redis_down_every_request_succeeds_and_hits_resume(mesh, stack):
         embedded = mesh.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["still works"]), metadata=AUTH,
                               timeout=30)
         assert embedded.metadata.cache_status == mesh_pb2.CACHE_STATUS_UNAVAILABLE and len(embedded.embeddings) == 1
-        assert _metric(stack.ports.gateway_metrics, "mesh_gateway_cache_unavailable_total") >= bypassed_before + 4
+        unavailable = service_metric(stack.ports.gateway_metrics, "mesh_gateway_cache_unavailable_total")
+        assert unavailable >= bypassed_before + 4
     finally:
         stack.start_redis()
     assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_MISS  # a restarted Redis is empty
     wait_until_cached(stack, "tenant-a", request)
     assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
-    assert _metric(stack.ports.cache_metrics, "mesh_cache_lookups_total", kind="response", result="exact_hit") > 0
-    assert _metric(stack.ports.cache_metrics, "mesh_cache_stored_bytes_total", kind="response") > 0
+    hits = service_metric(stack.ports.cache_metrics, "mesh_cache_lookups_total", kind="response", result="exact_hit")
+    assert hits > 0
+    assert service_metric(stack.ports.cache_metrics, "mesh_cache_stored_bytes_total", kind="response") > 0
 
 
 def test_milvus_down_semantic_degrades_and_recovers(mesh, stack):

@@ -92,6 +92,8 @@ class LocalStack:
     with_edge: bool = True
     # EdgeSettings fields to change, e.g. {"require_client_cert": True}.
     edge_overrides: dict = field(default_factory=dict)
+    # Extra environment per service ("router", "gateway", "cache", "retrieval", "ratelimit"), e.g. a setting.
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     _milvus_server_ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     _edge_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
@@ -152,35 +154,16 @@ class LocalStack:
                     cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ports.tritons)))
             for i, ports in enumerate(self.ports.tritons):
                 wait_triton_ready(self.processes[f"triton-{i}"], ports)
-            registry = self.run_dir / "registry.yaml"
-            registry.write_text(yaml.safe_dump(render_registry(self.registry_file, self.ports.tritons)))
-            self.processes["router"] = start_service("services.router", "router", {
-                "MESH_ROUTER_PORT": str(self.ports.router),
-                "MESH_ROUTER_REGISTRY_FILE": str(registry),
-                "MESH_ROUTER_METRICS_PORT": str(self.ports.router_metrics),
-            }, self.run_dir / "router.log")
-            wait_grpc_serving(self.router_address, self.processes["router"], 30)
+            self.registry_path.write_text(yaml.safe_dump(render_registry(self.registry_file, self.ports.tritons)))
+            self.start_router()
             if self.with_cache or self.with_retrieval:
                 self.start_milvus()
             if self.with_retrieval:
-                self.processes["retrieval"] = start_service("services.retrieval", "retrieval", {
-                    "MESH_RETRIEVAL_PORT": str(self.ports.retrieval),
-                    "MESH_RETRIEVAL_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
-                    "MESH_RETRIEVAL_ROUTER_ADDRESS": self.router_address,
-                    "MESH_RETRIEVAL_TOKENIZER_FILE": str(MODEL_REPOSITORY / "minilm" / "1" / "tokenizer.json"),
-                }, self.run_dir / "retrieval.log")
-                wait_grpc_serving(self.retrieval_address, self.processes["retrieval"], 60)
+                self.start_retrieval()
             if self.with_cache or self.with_edge:
                 self.start_redis()
             if self.with_cache:
-                self.processes["cache"] = start_service("services.cache", "cache", {
-                    "MESH_CACHE_PORT": str(self.ports.cache),
-                    "MESH_CACHE_METRICS_PORT": str(self.ports.cache_metrics),
-                    "MESH_CACHE_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
-                    "MESH_CACHE_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
-                    "MESH_CACHE_ROUTER_ADDRESS": self.router_address,
-                }, self.run_dir / "cache.log")
-                wait_grpc_serving(self.cache_address, self.processes["cache"], 30)
+                self.start_cache()
             if self.with_edge:
                 self.start_ratelimit()
             self.start_gateways()
@@ -191,15 +174,54 @@ class LocalStack:
             raise
         return self
 
+    @property
+    def registry_path(self) -> Path:
+        """The registry the router reads: the base registry with this stack's Triton replicas."""
+        return self.run_dir / "registry.yaml"
+
+    def _start(self, name: str, env: dict[str, str]) -> ManagedProcess:
+        self.processes[name] = start_service(f"services.{name.split('-')[0]}", name,
+                                             {**env, **self.service_env.get(name.split("-")[0], {})},
+                                             self.run_dir / f"{name}.log")
+        return self.processes[name]
+
+    def start_router(self) -> None:
+        """Starts (or restarts) the router and waits until it is SERVING."""
+        router = self._start("router", {
+            "MESH_ROUTER_PORT": str(self.ports.router),
+            "MESH_ROUTER_REGISTRY_FILE": str(self.registry_path),
+            "MESH_ROUTER_METRICS_PORT": str(self.ports.router_metrics),
+        })
+        wait_grpc_serving(self.router_address, router, 30)
+
+    def start_retrieval(self) -> None:
+        retrieval = self._start("retrieval", {
+            "MESH_RETRIEVAL_PORT": str(self.ports.retrieval),
+            "MESH_RETRIEVAL_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
+            "MESH_RETRIEVAL_ROUTER_ADDRESS": self.router_address,
+            "MESH_RETRIEVAL_TOKENIZER_FILE": str(MODEL_REPOSITORY / "minilm" / "1" / "tokenizer.json"),
+        })
+        wait_grpc_serving(self.retrieval_address, retrieval, 60)
+
+    def start_cache(self) -> None:
+        cache = self._start("cache", {
+            "MESH_CACHE_PORT": str(self.ports.cache),
+            "MESH_CACHE_METRICS_PORT": str(self.ports.cache_metrics),
+            "MESH_CACHE_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
+            "MESH_CACHE_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
+            "MESH_CACHE_ROUTER_ADDRESS": self.router_address,
+        })
+        wait_grpc_serving(self.cache_address, cache, 30)
+
     def start_ratelimit(self) -> None:
         """Starts (or restarts) the rate-limit service and waits until it is SERVING."""
-        self.processes["ratelimit"] = start_service("services.ratelimit", "ratelimit", {
+        ratelimit = self._start("ratelimit", {
             "MESH_RATELIMIT_PORT": str(self.ports.ratelimit),
             "MESH_RATELIMIT_METRICS_PORT": str(self.ports.ratelimit_metrics),
             "MESH_RATELIMIT_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/1",
             "MESH_RATELIMIT_TENANTS_FILE": str(self.tenants_file),
-        }, self.run_dir / "ratelimit.log")
-        wait_grpc_serving(self.ratelimit_address, self.processes["ratelimit"], 30)
+        })
+        wait_grpc_serving(self.ratelimit_address, ratelimit, 30)
 
     def gateway_env(self, port: int, metrics_port: int) -> dict[str, str]:
         return {
@@ -217,9 +239,7 @@ class LocalStack:
         """Starts (or restarts) gateway replica `index` and waits until it is SERVING."""
         port, metrics_port = self.ports.gateway_ports()[index]
         name = "gateway" if index == 0 else f"gateway-{index}"
-        self.processes[name] = start_service("services.gateway", name, self.gateway_env(port, metrics_port),
-                                             self.run_dir / f"{name}.log")
-        wait_grpc_serving(f"127.0.0.1:{port}", self.processes[name], 30)
+        wait_grpc_serving(f"127.0.0.1:{port}", self._start(name, self.gateway_env(port, metrics_port)), 30)
 
     def start_gateways(self) -> None:
         for index in range(len(self.ports.gateway_ports())):

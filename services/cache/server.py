@@ -16,7 +16,8 @@ from services.cache.semantic import SemanticIndex
 from services.cache.service import CacheAdminService, ResponseCacheService
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
-from services.common.server import ServiceHost, insecure_channel, run_service
+from services.common.resilient_channel import resilient_channel
+from services.common.server import ServiceHost, run_service
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ async def serve(settings: CacheSettings) -> None:
     index = SemanticIndex(settings.milvus_uri, settings.milvus_collection, settings.embedder_dimension,
                           settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef,
                           settings.milvus_timeout_s) if settings.milvus_uri else None
-    router_channel = insecure_channel(settings.router_address)
+    router_channel = resilient_channel(settings.router_address, "router", settings.resilience)
     host = ServiceHost("cache", settings.address, settings.shutdown_grace_s,
                        settings.drain_delay_s)
     cache_pb2_grpc.add_ResponseCacheServicer_to_server(

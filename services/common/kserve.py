@@ -61,6 +61,11 @@ def string_parameter(response: service_pb2.ModelInferResponse, name: str) -> str
     return param.string_param if param is not None else ""
 
 
+def int_parameter(response: service_pb2.ModelInferResponse, name: str) -> int:
+    param = response.parameters.get(name)
+    return param.int64_param if param is not None else 0
+
+
 def is_final_response(response: service_pb2.ModelInferResponse) -> bool:
     param = response.parameters.get("triton_final_response")
     return bool(param is not None and param.bool_param)

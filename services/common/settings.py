@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 import yaml
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from services.common.resilience import ResilienceSettings
+
 
 class _YamlFileSource(PydanticBaseSettingsSource):
     """Reads the file named by `<PREFIX>CONFIG_FILE`, if set."""
@@ -32,7 +34,7 @@ class _YamlFileSource(PydanticBaseSettingsSource):
 class ServiceSettings(BaseSettings):
     """Base for each service's settings; subclasses set `env_prefix` (e.g. `MESH_GATEWAY_`)."""
 
-    model_config = SettingsConfigDict(extra="forbid")
+    model_config = SettingsConfigDict(extra="forbid", env_nested_delimiter="__")
     env_prefix_name: ClassVar[str] = ""
 
     host: str = "127.0.0.1"
@@ -42,6 +44,8 @@ class ServiceSettings(BaseSettings):
     # After SIGTERM, seconds of NOT_SERVING while still answering, so health checkers stop sending new work.
     drain_delay_s: float = 2.0
     log_level: str = "INFO"
+    # Circuit breakers and retries for the calls this service makes (e.g. MESH_GATEWAY_RESILIENCE__MAX_RETRIES).
+    resilience: ResilienceSettings = ResilienceSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
+from services.common.retries import Retrier
 from services.gateway.cache_client import CacheClient, is_deterministic
 from services.gateway.generation import stream_generation
 
@@ -41,10 +42,14 @@ async def generate(
     timeout_s: float,
     headers: tuple[tuple[str, str], ...],
     affinity: str = "",
+    retrier: Retrier | None = None,
 ) -> AsyncIterator[mesh_pb2.GenerateChunk]:
+    def generation() -> AsyncIterator[mesh_pb2.GenerateChunk]:
+        return stream_generation(router, request, metadata, timeout_s, headers, affinity, retrier)
+
     if cache is None or request.cache_mode == mesh_pb2.CACHE_MODE_BYPASS or not is_deterministic(request):
         metadata.cache_status = mesh_pb2.CACHE_STATUS_DISABLED if cache is None else mesh_pb2.CACHE_STATUS_BYPASS
-        async for chunk in stream_generation(router, request, metadata, timeout_s, headers, affinity):
+        async for chunk in generation():
             yield chunk
         return
 
@@ -56,7 +61,7 @@ async def generate(
     if reply is None:
         metadata.cache_status = mesh_pb2.CACHE_STATUS_UNAVAILABLE
         metadata.degraded.append("cache")
-        async for chunk in stream_generation(router, request, metadata, timeout_s, headers, affinity):
+        async for chunk in generation():
             yield chunk
         return
     metadata.degraded.extend(reply.degraded)
@@ -72,7 +77,7 @@ async def generate(
     indices: list[int] = []
     final: mesh_pb2.GenerateChunk | None = None
     try:
-        async for chunk in stream_generation(router, request, metadata, timeout_s, headers, affinity):
+        async for chunk in generation():
             texts.append(chunk.text)
             indices.append(chunk.token_index)
             if chunk.finish_reason:

@@ -8,8 +8,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, models_pb2
 from services.common.embeddings import embed_via_kserve
-from services.common.kserve import string_parameter
 from services.gateway.errors import RequestError, from_rpc_error
+from services.gateway.served_by import record_placement
 
 
 async def embed_texts(
@@ -28,7 +28,5 @@ async def embed_texts(
     if vectors.shape[-1] != model.dimension:
         raise RequestError(grpc.StatusCode.INTERNAL,
                            f"model returned dimension {vectors.shape[-1]}, registry says {model.dimension}")
-    metadata.model_version = string_parameter(last, "mesh_model_version")
-    metadata.pool = string_parameter(last, "mesh_pool")
-    metadata.replica = string_parameter(last, "mesh_replica")
+    record_placement(last, metadata)
     return vectors, metadata

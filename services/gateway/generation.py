@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,9 +12,11 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2
-from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays, string_parameter
+from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays
+from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER
 from services.gateway.errors import RequestError, from_rpc_error, from_stream_error
+from services.gateway.served_by import record_placement
 
 _ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant"}
 _FINISH = {
@@ -51,38 +55,59 @@ async def stream_generation(
     timeout_s: float,
     call_metadata: tuple[tuple[str, str], ...],
     affinity: str = "",
+    retrier: Retrier | None = None,
 ) -> AsyncIterator[mesh_pb2.GenerateChunk]:
-    """Yields one chunk per non-empty text delta and a last chunk with finish reason, usage and metadata."""
-    call = router.ModelStreamInfer(iter([to_kserve(request, metadata.request_id, metadata.model_version, affinity)]),
-                                   timeout=timeout_s, metadata=call_metadata)
-    try:
-        async for item in call:
-            if item.error_message:
-                raise from_stream_error(item.error_message)
-            response = item.infer_response
-            outputs = output_arrays(response)
-            text = outputs["text_output"].reshape(-1)[0].decode("utf-8", "replace")
-            produced = int(outputs["completion_tokens"].reshape(-1)[0])
-            if not is_final_response(response):
-                if text:
-                    yield mesh_pb2.GenerateChunk(text=text, token_index=max(produced - 1, 0))
+    """Yields one chunk per non-empty text delta and a last chunk with finish reason, usage and metadata.
+
+    A router that cannot be reached (UNAVAILABLE before any response) is tried again with backoff, within the
+    deadline and the retry budget; once text has been sent only the router can continue the stream."""
+    kserve_request = to_kserve(request, metadata.request_id, metadata.model_version, affinity)
+    deadline = time.monotonic() + timeout_s
+    if retrier is not None:
+        retrier.budget.on_request()
+    retry = 0
+    while True:
+        call = router.ModelStreamInfer(iter([kserve_request]), timeout=max(deadline - time.monotonic(), 0.001),
+                                       metadata=call_metadata)
+        started = False
+        try:
+            async for item in call:
+                started = True
+                if item.error_message:
+                    raise from_stream_error(item.error_message)
+                chunk = _chunk(item.infer_response, metadata)
+                if chunk is not None:
+                    yield chunk
+                if chunk is not None and chunk.finish_reason:
+                    return
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
+        except grpc.aio.AioRpcError as exc:
+            pause = retrier.backoff_s(retry) if retrier is not None else 0.0
+            if (not started and retrier is not None and deadline - time.monotonic() > pause + 0.05
+                    and retrier.may_retry(retry, exc.code())):
+                retry += 1
+                await asyncio.sleep(pause)
                 continue
-            prompt = int(outputs["prompt_tokens"].reshape(-1)[0])
-            finish = outputs["finish_reason"].reshape(-1)[0].decode()
-            metadata.model_version = string_parameter(response, "mesh_model_version")
-            metadata.pool = string_parameter(response, "mesh_pool")
-            metadata.replica = string_parameter(response, "mesh_replica")
-            yield mesh_pb2.GenerateChunk(
-                text=text, token_index=max(produced - 1, 0),
-                finish_reason=_FINISH.get(finish, mesh_pb2.FINISH_REASON_STOP),
-                usage=mesh_pb2.Usage(prompt_tokens=prompt, completion_tokens=produced,
-                                     total_tokens=prompt + produced),
-                metadata=metadata,
-            )
-            return
-        raise RequestError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc, "router") from exc
-    finally:
-        # Cancels the router stream (and so the Triton request) when our caller goes away.
-        call.cancel()
+            raise from_rpc_error(exc, "router") from exc
+        finally:
+            # Cancels the router stream (and so the Triton request) when our caller goes away.
+            call.cancel()
+
+
+def _chunk(response: service_pb2.ModelInferResponse,
+           metadata: mesh_pb2.ResponseMetadata) -> mesh_pb2.GenerateChunk | None:
+    """A text delta (None when empty), or the last chunk with finish reason, usage and metadata."""
+    outputs = output_arrays(response)
+    text = outputs["text_output"].reshape(-1)[0].decode("utf-8", "replace")
+    produced = int(outputs["completion_tokens"].reshape(-1)[0])
+    if not is_final_response(response):
+        return mesh_pb2.GenerateChunk(text=text, token_index=max(produced - 1, 0)) if text else None
+    prompt = int(outputs["prompt_tokens"].reshape(-1)[0])
+    finish = outputs["finish_reason"].reshape(-1)[0].decode()
+    record_placement(response, metadata)
+    return mesh_pb2.GenerateChunk(
+        text=text, token_index=max(produced - 1, 0),
+        finish_reason=_FINISH.get(finish, mesh_pb2.FINISH_REASON_STOP),
+        usage=mesh_pb2.Usage(prompt_tokens=prompt, completion_tokens=produced, total_tokens=prompt + produced),
+        metadata=metadata,
+    )

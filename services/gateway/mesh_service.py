@@ -48,6 +48,7 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
         self._cache = cache
         self._documents = documents
         self._budgets = budgets
+        self._stream_retrier = settings.resilience.retrier("router-streams")
 
     async def _cascade(self, request: mesh_pb2.GenerateRequest) -> tuple[mesh_pb2.GenerateRequest, str]:
         """A request naming a model group, rewritten to the member the group's rule picks."""
@@ -67,7 +68,7 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
         chunks = cached_generation.generate(
             self._cache, self._router, request, model, metadata, timeout_s,
             _forward_headers(caller, metadata.request_id),
-            affinity_key(request, self._settings.affinity_min_prefix_chars))
+            affinity_key(request, self._settings.affinity_min_prefix_chars), self._stream_retrier)
         if self._budgets is None:
             return chunks
         await self._budgets.admit(caller)

@@ -10,7 +10,8 @@ from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2_grpc, router_pb2_grpc
-from services.common.server import ServiceHost, insecure_channel, run_service
+from services.common.resilient_channel import resilient_channel
+from services.common.server import ServiceHost, run_service
 from services.common.tenants import TenantConfig
 from services.gateway.auth import Authenticator
 from services.gateway.budgets import TokenBudgets
@@ -24,19 +25,23 @@ from services.gateway.settings import GatewaySettings
 
 async def serve(settings: GatewaySettings) -> None:
     auth = Authenticator(TenantConfig.load(settings.tenants_file), settings.edge_secret)
-    channel = insecure_channel(settings.router_address)
+    resilience = settings.resilience
+    channel = resilient_channel(settings.router_address, "router", resilience)
     router = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     catalog = ModelCatalog(router_pb2_grpc.RouterAdminStub(channel), settings.model_refresh_s,
                            settings.metadata_timeout_s)
     router_health = health_pb2_grpc.HealthStub(channel)
     serving = False
-    cache_channel = insecure_channel(settings.cache_address) if settings.cache_address else None
+    cache_channel = resilient_channel(settings.cache_address, "cache", resilience) \
+        if settings.cache_address else None
     cache = CacheClient(cache_channel, settings.cache_lookup_timeout_s, settings.cache_fast_timeout_s) \
         if cache_channel else None
-    retrieval_channel = insecure_channel(settings.retrieval_address) if settings.retrieval_address else None
+    retrieval_channel = resilient_channel(settings.retrieval_address, "retrieval", resilience) \
+        if settings.retrieval_address else None
     documents = DocumentsRelay(retrieval_pb2_grpc.RetrievalStub(retrieval_channel) if retrieval_channel else None,
                                settings.search_timeout_s, settings.ingest_timeout_s)
-    budget_channel = insecure_channel(settings.budget_address) if settings.budget_address else None
+    budget_channel = resilient_channel(settings.budget_address, "budget", resilience) \
+        if settings.budget_address else None
     budgets = TokenBudgets(budget_channel, settings.budget_timeout_s, settings.budget_fail_open) \
         if budget_channel else None
     if settings.metrics_port:

@@ -7,7 +7,8 @@ import asyncio
 from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
-from services.common.server import ServiceHost, insecure_channel, run_service
+from services.common.resilient_channel import resilient_channel
+from services.common.server import ServiceHost, run_service
 from services.retrieval.chunking import Chunker
 from services.retrieval.index import DocumentIndex
 from services.retrieval.service import RetrievalService
@@ -18,7 +19,7 @@ async def serve(settings: RetrievalSettings) -> None:
     index = DocumentIndex(settings.milvus_uri, settings.collection, settings.dimension, settings.hnsw_m,
                           settings.hnsw_ef_construction, settings.milvus_timeout_s, settings.consistency_level)
     chunker = Chunker(settings.tokenizer_file, settings.chunk_tokens, settings.chunk_overlap_tokens)
-    router_channel = insecure_channel(settings.router_address)
+    router_channel = resilient_channel(settings.router_address, "router", settings.resilience)
     host = ServiceHost("retrieval", settings.address, settings.shutdown_grace_s, settings.drain_delay_s)
     retrieval_pb2_grpc.add_RetrievalServicer_to_server(
         RetrievalService(settings, index, chunker, service_pb2_grpc.GRPCInferenceServiceStub(router_channel)),

@@ -27,7 +27,7 @@ class RouterAdminService(router_pb2_grpc.RouterAdminServicer):
     async def ListModels(self, request, context):
         registry = self._state.registry
         return router_pb2.RouterListModelsResponse(
-            models=[registry.model_info(name, self._balancer.can_serve(spec))
+            models=[registry.model_info(name, self._balancer.can_serve_any(spec, registry.fallback_of(spec)))
                     for name, spec in sorted(registry.models.items())],
             groups=[registry.group_info(name) for name in sorted(registry.groups)])
 

@@ -55,6 +55,9 @@ class Route:
     affinity_key: str = ""
     exclude: frozenset[str] = frozenset()
 
+    def excluding(self, replica: str) -> Route:
+        return Route(self.affinity_key, self.exclude | {replica})
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -62,6 +65,8 @@ class Choice:
     # Sent away from its key's home: the replica should serve it without caching its prefix, which would only
     # evict one of the prefixes it is home to.
     spilled: bool = False
+    # Preferred pools that have replicas but none could take the request (down, draining, breaker open, full).
+    passed_over: tuple[str, ...] = ()
 
 
 def _rank(key: str, replica: Replica) -> int:
@@ -116,17 +121,28 @@ class Balancer:
     def can_serve(self, model: ModelSpec) -> bool:
         return any(r.serves(model.triton_model) for pool in model.pool_names for r in self._replicas.in_pool(pool))
 
-    def candidates(self, model: ModelSpec, exclude: frozenset[str] = frozenset()) -> list[Replica]:
+    def can_serve_any(self, *models: ModelSpec | None) -> bool:
+        """Some replica can take one of these models (a model and its fallback)."""
+        return any(model is not None and self.can_serve(model) for model in models)
+
+    def candidates(self, model: ModelSpec,
+                   exclude: frozenset[str] = frozenset()) -> tuple[list[Replica], tuple[str, ...]]:
+        """The usable replicas of the first pool (in the model's order) that has any, and the preferred pools
+        passed over on the way (pools with replicas, none usable)."""
         bound = self._settings.max_in_flight_per_replica
         full = 0
+        passed_over: list[str] = []
         for pool in model.pool_names:
-            found = [r for r in self._replicas.in_pool(pool) if r.serves(model.triton_model) and r.name not in exclude]
+            members = self._replicas.in_pool(pool)
+            found = [r for r in members if r.serves(model.triton_model) and r.name not in exclude]
             if bound:
                 free = [r for r in found if r.in_flight < bound]
                 full += len(found) - len(free)
                 found = free
             if found:
-                return found
+                return found, tuple(passed_over)
+            if members:
+                passed_over.append(pool)
         if full:
             raise AtCapacityError(f"every ready replica for {model.triton_model!r} has {bound} requests in flight; "
                                   "retry with backoff")
@@ -140,16 +156,17 @@ class Balancer:
 
     def place(self, model: ModelSpec, route: Route | None = None) -> Choice:
         route = route or Route()
-        candidates = self.candidates(model, route.exclude)
+        candidates, passed_over = self.candidates(model, route.exclude)
         shift = next(self._tiebreak) % len(candidates)
         rotated = candidates[shift:] + candidates[:shift]
         if model.routing == "least_outstanding":
-            return Choice(min(rotated, key=lambda r: r.in_flight))
+            return Choice(min(rotated, key=lambda r: r.in_flight), passed_over=passed_over)
         if model.routing == "prefix_affinity":
             if route.affinity_key:
-                return self._affine(model, rotated, route.affinity_key)
+                chosen = self._affine(model, rotated, route.affinity_key)
+                return Choice(chosen.replica, chosen.spilled, passed_over)
             AFFINITY.labels(model.triton_model, "no_key").inc()
-        return Choice(min(rotated, key=lambda r: self.load(r, model)))
+        return Choice(min(rotated, key=lambda r: self.load(r, model)), passed_over=passed_over)
 
     def _affine(self, model: ModelSpec, candidates: list[Replica], key: str) -> Choice:
         # The bound uses this router's in-flight counts: exact at the moment of choice. Triton's metrics lag a

@@ -5,34 +5,74 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import grpc
 from prometheus_client import Counter
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from services.common.breakers import BreakerOpenError
 from services.common.canary import choose_version
 from services.common.deadlines import downstream_timeout
 from services.common.kserve import is_final_response
+from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER, SPILL_PARAMETER, TENANT_HEADER
-from services.router.balancer import AtCapacityError, Balancer, NoReplicaError, Route
+from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica
 from services.router.state import RouterState
+from services.router.stream_progress import StreamProgress
 
 log = logging.getLogger(__name__)
 
-# A call that fails with these before any response reached the caller is tried once more elsewhere.
+# A call that fails with these is tried again elsewhere (before any response; a resumable stream also after).
 _FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE,)
 
 ROUTED = Counter("mesh_router_requests_total", "Requests routed, by public model, version, pool and replica",
                  ["model", "version", "pool", "replica"])
+FALLBACKS = Counter("mesh_router_fallbacks_total", "Requests served by a fallback pool or model", ["model", "kind"])
+RESUMED = Counter("mesh_router_stream_resumes_total",
+                  "Streams continued on another replica after theirs failed, by model and outcome", ["model", "result"])
 
 
-def _stamp(response: service_pb2.ModelInferResponse, model_name: str, spec: ModelSpec, replica: Replica) -> None:
+@dataclass
+class Placed:
+    """Where one attempt goes: the model spec used (the asked one, or its fallback) and the replica."""
+
+    spec: ModelSpec
+    choice: Choice
+    fallback: str = ""
+
+    @property
+    def replica(self) -> Replica:
+        return self.choice.replica
+
+
+@dataclass
+class Attempts:
+    """Retries and resumes of one request, stamped on its last response."""
+
+    retries: int = 0
+    resumed: int = 0
+
+
+def _stamp(response: service_pb2.ModelInferResponse, model_name: str, placed: Placed, attempts: Attempts) -> None:
+    replica = placed.replica
     response.model_name = model_name
     response.parameters["mesh_pool"].string_param = replica.pool
     response.parameters["mesh_replica"].string_param = replica.name
-    response.parameters["mesh_model_version"].string_param = response.model_version or spec.version
+    response.parameters["mesh_model_version"].string_param = response.model_version or placed.spec.version
+    if placed.fallback:
+        response.parameters["mesh_fallback"].string_param = placed.fallback
+    if attempts.retries:
+        response.parameters["mesh_retries"].int64_param = attempts.retries
+    if attempts.resumed:
+        response.parameters["mesh_resumed"].int64_param = attempts.resumed
+
+
+def _no_replica_code(exc: NoReplicaError) -> grpc.StatusCode:
+    # Shedding (every replica at its bound) is the caller's cue to back off; no replica at all is an outage.
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, AtCapacityError) else grpc.StatusCode.UNAVAILABLE
 
 
 def _parameter(request: service_pb2.ModelInferRequest, name: str) -> str:
@@ -54,13 +94,18 @@ def prepare(request: service_pb2.ModelInferRequest, spec: ModelSpec, tenant: str
 
 
 class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, state: RouterState, balancer: Balancer, default_timeout_s: float) -> None:
+    def __init__(self, state: RouterState, balancer: Balancer, default_timeout_s: float, retrier: Retrier,
+                 stall_timeout_s: float = 15.0) -> None:
         self._state = state
         self._balancer = balancer
         self._default_timeout_s = default_timeout_s
+        self._retrier = retrier
+        # A stream whose replica sends nothing for this long after its first response has stalled: fail over.
+        self._stall_timeout_s = stall_timeout_s
 
     def any_model_ready(self) -> bool:
-        return any(self._balancer.can_serve(spec) for spec in self._state.registry.models.values())
+        registry = self._state.registry
+        return any(self._balancer.can_serve_any(spec, registry.fallback_of(spec)) for spec in registry.models.values())
 
     def _unknown(self, name: str) -> str:
         return f"unknown model {name!r}; known models: {sorted(self._state.registry.models)}"
@@ -71,15 +116,44 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(name))
         return spec
 
-    async def _choose(self, spec: ModelSpec, context: grpc.aio.ServicerContext, route: Route | None = None) -> Replica:
+    def _place(self, public_name: str, spec: ModelSpec, request: service_pb2.ModelInferRequest,
+               route: Route, asked_version: str) -> Placed:
+        """A replica of the model's pools in order (noting preferred pools passed over), else of its fallback
+        model; raises NoReplicaError (AtCapacityError when only capacity is missing)."""
         try:
-            return self._balancer.choose(spec, route or Route())
-        except AtCapacityError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            raise
+            choice = self._balancer.place(spec, route)
+            request.model_name, request.model_version = spec.triton_model, asked_version
+            fallback = f"pool {choice.passed_over[0]}->{choice.replica.pool}" if choice.passed_over else ""
+            if fallback:
+                FALLBACKS.labels(public_name, "pool").inc()
+            return Placed(spec, choice, fallback)
         except NoReplicaError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            raise
+            backup = self._state.registry.fallback_of(spec)
+            if backup is None:
+                raise
+            try:
+                choice = self._balancer.place(backup, route)
+            except NoReplicaError:
+                raise exc from None
+        # The fallback's own Triton model and version; the caller still sees the name it asked for.
+        request.model_name = backup.triton_model
+        request.model_version = choose_version(spec.fallback, backup.versions, route.affinity_key, backup.version)
+        FALLBACKS.labels(public_name, "model").inc()
+        return Placed(backup, choice, f"model {public_name}->{spec.fallback}")
+
+    async def _admitted(self, placed: Placed, route: Route) -> Route | None:
+        """None when the replica's breaker admits the call; else the route without it (another took the probe)."""
+        try:
+            placed.replica.breaker.admit()
+            return None
+        except BreakerOpenError:
+            return route.excluding(placed.replica.name)
+
+    async def _retry(self, retry: int, code: grpc.StatusCode) -> bool:
+        if not self._retrier.may_retry(retry, code):
+            return False
+        await asyncio.sleep(self._retrier.backoff_s(retry))
+        return True
 
     async def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -89,11 +163,15 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context):
         spec = self._state.registry.models.get(request.name)
-        return service_pb2.ModelReadyResponse(ready=spec is not None and self._balancer.can_serve(spec))
+        return service_pb2.ModelReadyResponse(ready=spec is not None and self._balancer.can_serve_any(
+            spec, self._state.registry.fallback_of(spec)))
 
     async def ModelMetadata(self, request, context):
         spec = await self._resolve(request.name, context)
-        replica = await self._choose(spec, context)
+        try:
+            replica = self._balancer.choose(spec)
+        except NoReplicaError as exc:
+            await context.abort(_no_replica_code(exc), str(exc))
         try:
             answer = await replica.stub.ModelMetadata(
                 service_pb2.ModelMetadataRequest(name=spec.triton_model, version=spec.version),
@@ -108,20 +186,36 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         spec = await self._resolve(request.model_name, context)
         public_name = request.model_name
         route = prepare(request, spec, _tenant(context))
+        asked_version = request.model_version
+        self._retrier.budget.on_request()
+        attempts = Attempts()
         while True:
-            replica = await self._choose(spec, context, route)
+            try:
+                placed = self._place(public_name, spec, request, route, asked_version)
+            except NoReplicaError as exc:
+                await context.abort(_no_replica_code(exc), str(exc))
+            if (other := await self._admitted(placed, route)) is not None:
+                route = other
+                continue
+            replica = placed.replica
             try:
                 with replica.track():
                     response = await replica.stub.ModelInfer(
                         request, timeout=downstream_timeout(context, self._default_timeout_s))
+            except asyncio.CancelledError:
+                replica.breaker.abandon()
+                raise
             except grpc.aio.AioRpcError as exc:
+                replica.breaker.record(exc.code(), exc.details() or "")
                 if exc.code() in _FAILOVER_CODES:
                     replica.mark_failed(f"{exc.code().name}: {exc.details()}")
-                    if not route.exclude:
-                        route = Route(route.affinity_key, frozenset({replica.name}))
+                    if await self._retry(attempts.retries, exc.code()):
+                        attempts.retries += 1
+                        route = route.excluding(replica.name)
                         continue
                 await context.abort(exc.code(), exc.details() or "")
-            _stamp(response, public_name, spec, replica)
+            replica.breaker.record(grpc.StatusCode.OK)
+            _stamp(response, public_name, placed, attempts)
             ROUTED.labels(public_name, response.model_version, replica.pool, replica.name).inc()
             return response
 
@@ -157,42 +251,105 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await out.put(service_pb2.ModelStreamInferResponse(error_message=self._unknown(public_name)))
             return
         route = prepare(request, spec, _tenant(context))
+        asked_version = request.model_version
+        self._retrier.budget.on_request()
+        progress = StreamProgress()
+        attempts = Attempts()
+        first_model = ""
         while True:
             try:
-                choice = self._balancer.place(spec, route)
+                placed = self._place(public_name, spec, request, route, asked_version)
+                # Another model cannot continue this one's text.
+                if progress.started and placed.spec.triton_model != first_model:
+                    raise NoReplicaError(f"no other replica of {first_model!r} can continue the stream")
             except NoReplicaError as exc:
-                code = "RESOURCE_EXHAUSTED" if isinstance(exc, AtCapacityError) else "UNAVAILABLE"
-                await out.put(service_pb2.ModelStreamInferResponse(error_message=f"{code}: {exc}"))
+                await out.put(service_pb2.ModelStreamInferResponse(
+                    error_message=f"{_no_replica_code(exc).name}: {exc}{self._progress_note(progress)}"))
                 return
-            replica = choice.replica
-            if choice.spilled:
+            if (other := await self._admitted(placed, route)) is not None:
+                route = other
+                continue
+            replica = placed.replica
+            if placed.choice.spilled:
                 request.parameters[SPILL_PARAMETER].bool_param = True
             elif SPILL_PARAMETER in request.parameters:
                 del request.parameters[SPILL_PARAMETER]
-            sent_any = False
-            call = replica.stub.ModelStreamInfer(iter([request]),
-                                                 timeout=downstream_timeout(context, self._default_timeout_s))
+            first_model = first_model or placed.spec.triton_model
+            attempt = progress.resume_request(request) if progress.started else request
             try:
-                with replica.track():
-                    async for response in call:
-                        # Placement is read from the last response; stamping every token would cost for nothing.
-                        if not response.error_message and is_final_response(response.infer_response):
-                            _stamp(response.infer_response, public_name, spec, replica)
-                            ROUTED.labels(public_name, response.infer_response.model_version, replica.pool,
-                                          replica.name).inc()
-                        sent_any = True
-                        await out.put(response)
+                failure = await self._relay_attempt(attempt, public_name, placed, attempts, progress, context, out)
+            except asyncio.CancelledError:
+                replica.breaker.abandon()  # the caller went away: no verdict on the replica
+                raise
+            if failure is None:
+                if attempts.resumed:
+                    RESUMED.labels(public_name, "completed").inc()
                 return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in _FAILOVER_CODES:
-                    replica.mark_failed(f"{exc.code().name}: {exc.details()}")
-                    if not sent_any and not route.exclude:
-                        route = Route(route.affinity_key, frozenset({replica.name}))
-                        continue
-                await out.put(service_pb2.ModelStreamInferResponse(
-                    error_message=f"{exc.code().name}: {exc.details()}"))
-                return
-            finally:
-                with contextlib.suppress(Exception):
-                    call.cancel()
+            code, detail = failure
+            replica.breaker.record(code, detail)
+            if code in _FAILOVER_CODES:
+                replica.mark_failed(f"{code.name}: {detail}")
+            resumable = not progress.started or progress.resumable
+            if code in _FAILOVER_CODES and resumable and await self._retry(attempts.retries, code):
+                attempts.retries += 1
+                if progress.started:
+                    attempts.resumed += 1
+                    log.warning("resuming a stream on another replica",
+                                extra={"model": public_name, "failed_replica": replica.name,
+                                       "tokens_sent": len(progress.tokens)})
+                route = route.excluding(replica.name)
+                continue
+            if progress.started:
+                RESUMED.labels(public_name, "failed").inc()
+            why = "" if resumable else "; this model cannot resume a stream on another replica"
+            await out.put(service_pb2.ModelStreamInferResponse(
+                error_message=f"{code.name}: replica {replica.name}: {detail}{why}{self._progress_note(progress)}"))
+            return
 
+    @staticmethod
+    def _progress_note(progress: StreamProgress) -> str:
+        return f" (after {progress.responses} responses were sent)" if progress.started else ""
+
+    async def _relay_attempt(self, request: service_pb2.ModelInferRequest, public_name: str, placed: Placed,
+                             attempts: Attempts, progress: StreamProgress, context: grpc.aio.ServicerContext,
+                             out: asyncio.Queue) -> tuple[grpc.StatusCode, str] | None:
+        """One replica's part of a stream: None when it ended with its final response, else why it failed."""
+        replica = placed.replica
+        call = replica.stub.ModelStreamInfer(iter([request]),
+                                             timeout=downstream_timeout(context, self._default_timeout_s))
+        try:
+            with replica.track():
+                stream = aiter(call)
+                first = True
+                while True:
+                    try:
+                        # The first response may wait in Triton's queue; after it tokens flow, or the replica stalled.
+                        if not first:
+                            async with asyncio.timeout(self._stall_timeout_s):
+                                response = await anext(stream)
+                        else:
+                            response = await anext(stream)
+                    except StopAsyncIteration:
+                        return grpc.StatusCode.UNAVAILABLE, "the stream ended before its final response"
+                    except TimeoutError:
+                        return grpc.StatusCode.UNAVAILABLE, f"no response for {self._stall_timeout_s:.0f} s"
+                    if response.error_message:
+                        await out.put(response)  # the model refused or failed the request: not a replica fault
+                        return None
+                    first = False
+                    final = is_final_response(response.infer_response)
+                    if final:
+                        # Placement is read from the last response; stamping every token would cost for nothing.
+                        _stamp(response.infer_response, public_name, placed, attempts)
+                        ROUTED.labels(public_name, response.infer_response.model_version, replica.pool,
+                                      replica.name).inc()
+                    progress.delivered(response.infer_response, final)
+                    await out.put(response)
+                    if final:
+                        replica.breaker.record(grpc.StatusCode.OK)
+                        return None
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+        finally:
+            with contextlib.suppress(Exception):
+                call.cancel()

@@ -49,6 +49,8 @@ class ModelSpec(BaseModel, extra="forbid"):
     dimension: int = 0
     # Seed guide: a semantic cache hit needs cosine similarity >= 0.92.
     semantic_threshold: float = 0.92
+    # Another model of the same kind that serves this one's requests when none of its pools can (one hop).
+    fallback: str = ""
 
     @field_validator("pools", mode="before")
     @classmethod
@@ -91,6 +93,10 @@ class Registry(BaseModel, extra="forbid"):
             unknown = [p for p in model.pool_names if p not in self.pools]
             if unknown:
                 raise ValueError(f"model {name!r} names unknown pools {unknown}")
+            if model.fallback and (model.fallback == name or model.fallback not in self.models
+                                   or self.models[model.fallback].kind != model.kind):
+                raise ValueError(f"model {name!r}: fallback {model.fallback!r} must be another {model.kind} model "
+                                 "of the registry")
         for name, group in self.groups.items():
             if name in self.models:
                 raise ValueError(f"group {name!r} has the name of a model")
@@ -98,6 +104,9 @@ class Registry(BaseModel, extra="forbid"):
                 if member not in self.models or self.models[member].kind != "generate":
                     raise ValueError(f"group {name!r}: {member!r} is not a generate model of the registry")
         return self
+
+    def fallback_of(self, spec: ModelSpec) -> ModelSpec | None:
+        return self.models.get(spec.fallback) if spec.fallback else None
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> Registry:
@@ -114,7 +123,7 @@ class Registry(BaseModel, extra="forbid"):
             placements=[models_pb2.Placement(pool=p.pool, gpu_class=self.pools[p.pool].gpu_class,
                                              cost_per_1k_tokens=p.cost_per_1k_tokens,
                                              latency_class=p.latency_class) for p in spec.pools],
-            version_weights=spec.versions, routing=spec.routing,
+            version_weights=spec.versions, routing=spec.routing, fallback=spec.fallback,
         )
 
     def group_info(self, name: str) -> models_pb2.ModelGroup:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from services.common.breakers import Breaker
+from services.common.resilience import ResilienceSettings
 from services.common.server import insecure_channel
 from services.router.registry import Registry
 
@@ -36,6 +38,7 @@ class Replica:
     models: set[str]  # Triton model names this replica should serve
     stub: service_pb2_grpc.GRPCInferenceServiceStub
     channel: grpc.aio.Channel
+    breaker: Breaker
     metrics_endpoint: str = ""
     gpu_class: str = "cpu"
     in_flight: int = 0
@@ -49,8 +52,8 @@ class Replica:
         return bool(self.ready_models)
 
     def serves(self, triton_model: str) -> bool:
-        """Ready for the model and taking new work."""
-        return not self.draining and triton_model in self.ready_models
+        """Ready for the model, taking new work, and its circuit breaker lets a call through."""
+        return not self.draining and triton_model in self.ready_models and self.breaker.available()
 
     def load(self, triton_model: str, queue_ms_per_slot: float) -> float:
         """Outstanding work as the queue-aware choice sees it: the larger of our own in-flight count and Triton's
@@ -84,8 +87,9 @@ class Replica:
 
 
 class ReplicaSet:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, resilience: ResilienceSettings | None = None) -> None:
         self.replicas: list[Replica] = []
+        self._resilience = resilience or ResilienceSettings()
         self.sync(registry)
 
     def sync(self, registry: Registry) -> list[Replica]:
@@ -103,7 +107,8 @@ class ReplicaSet:
                         retired.append(replica)
                     channel = insecure_channel(spec.grpc)
                     replica = Replica(name=spec.name, pool=pool_name, endpoint=spec.grpc, models=hosted,
-                                      stub=service_pb2_grpc.GRPCInferenceServiceStub(channel), channel=channel)
+                                      stub=service_pb2_grpc.GRPCInferenceServiceStub(channel), channel=channel,
+                                      breaker=self._resilience.breaker(spec.name))
                 replica.pool, replica.models = pool_name, hosted
                 replica.metrics_endpoint, replica.gpu_class = spec.metrics, pool.gpu_class
                 kept.append(replica)
@@ -145,6 +150,8 @@ async def probe(replica: Replica, timeout_s: float) -> None:
             log.info("replica readiness changed", extra={"replica": replica.name, "ready_models": sorted(ready)})
         replica.ready_models = ready
         replica.last_error = "" if ready else "no model ready"
+        if ready:
+            replica.breaker.healthy()
     except grpc.aio.AioRpcError as exc:
         replica.mark_failed(f"{exc.code().name}: {exc.details()}")
 

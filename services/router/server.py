@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 
 
 async def serve(settings: RouterSettings) -> None:
-    state = RouterState.load(settings.registry_file)
+    state = RouterState.load(settings.registry_file, settings.resilience)
     balancer = Balancer(state.replicas, BalancerSettings(
         settings.queue_ms_per_slot, settings.affinity_load_factor, settings.affinity_max_load,
         max_in_flight_per_replica=settings.max_in_flight_per_replica))
-    inference = RoutingInferenceService(state, balancer, settings.default_timeout_s)
+    inference = RoutingInferenceService(state, balancer, settings.default_timeout_s,
+                                        settings.resilience.retrier("replicas"), settings.stream_stall_timeout_s)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.host)
 

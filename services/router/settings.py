@@ -6,7 +6,7 @@ from services.common.settings import ServiceSettings
 
 
 class RouterSettings(ServiceSettings):
-    model_config = SettingsConfigDict(env_prefix="MESH_ROUTER_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="MESH_ROUTER_", env_nested_delimiter="__", extra="forbid")
 
     port: int = 50052
     registry_file: str = "config/registry.yaml"
@@ -15,6 +15,8 @@ class RouterSettings(ServiceSettings):
     probe_timeout_s: float = 1.5
     # Upper bound for one inference call when the caller sets no deadline (seed guide: 30-60 s).
     default_timeout_s: float = 60.0
+    # A stream whose replica sends nothing for this long after its first response is resumed elsewhere.
+    stream_stall_timeout_s: float = 15.0
     metrics_port: int = 9102
     # Load shedding: RPCs worked on at once (0: no bound), and requests in flight per replica; a replica at its
     # bound is skipped, and with every replica at it the call gets RESOURCE_EXHAUSTED at once.

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from services.common.resilience import ResilienceSettings
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet, retire
 
@@ -30,10 +31,10 @@ class RouterState:
     _retiring: set[asyncio.Task] = field(default_factory=set)
 
     @classmethod
-    def load(cls, registry_file: str | pathlib.Path) -> RouterState:
+    def load(cls, registry_file: str | pathlib.Path, resilience: ResilienceSettings | None = None) -> RouterState:
         path = pathlib.Path(registry_file)
         registry = Registry.load(path)
-        return cls(path, registry, ReplicaSet(registry), path.stat().st_mtime)
+        return cls(path, registry, ReplicaSet(registry, resilience), path.stat().st_mtime)
 
     def reload(self) -> ReloadResult:
         """Swap in the file's registry if it parses and validates; otherwise keep the current one."""

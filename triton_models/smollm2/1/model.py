@@ -14,7 +14,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from prefix_states import PrefixStates  # beside this file; Triton puts the folder on sys.path
+from position_sampling import PositionSeededSampler  # beside this file; Triton puts the folder on sys.path
+from prefix_states import PrefixStates, common_prefix
 from stop_matcher import StopMatcher
 
 # Errors the caller caused start with this tag, so the mesh can map them to INVALID_ARGUMENT.
@@ -113,8 +114,18 @@ class TritonPythonModel:
         prompt = self.formatter(messages=messages).prompt
         return self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
+    def _resume_tokens(self, request, max_tokens: int) -> list[int]:
+        """Tokens another replica already produced (and the caller already has), when the router resumes a stream."""
+        resume = _optional(request, "resume_tokens")
+        if resume is None:
+            return []
+        resume = [int(t) for t in resume.reshape(-1)]
+        if len(resume) > max_tokens or any(not 0 <= t < self.llm.n_vocab() for t in resume):
+            raise ValueError(f"{INVALID}resume_tokens must be at most max_tokens ({max_tokens}) valid token ids")
+        return resume
+
     def _generate(self, request, sender) -> None:
-        tokens = self._prompt_tokens(request)
+        prompt = self._prompt_tokens(request)
         max_tokens = _optional(request, "max_tokens")
         max_tokens = int(max_tokens.reshape(-1)[0]) if max_tokens is not None else self.default_max_tokens
         temperature = _optional(request, "temperature")
@@ -127,23 +138,62 @@ class TritonPythonModel:
             if stops is not None else []
         if not 1 <= max_tokens <= self.max_output_tokens:
             raise ValueError(f"{INVALID}max_tokens must be within 1..{self.max_output_tokens}, got {max_tokens}")
-        if len(tokens) + max_tokens > self.n_ctx:
-            raise ValueError(f"{INVALID}prompt is {len(tokens)} tokens; with max_tokens {max_tokens} it exceeds "
+        if len(prompt) + max_tokens > self.n_ctx:
+            raise ValueError(f"{INVALID}prompt is {len(prompt)} tokens; with max_tokens {max_tokens} it exceeds "
                              f"the {self.n_ctx}-token context")
         if not (0.0 <= temperature <= 2.0 and 0.0 < top_p <= 1.0):
             raise ValueError(f"{INVALID}temperature must be in [0, 2] and top_p in (0, 1]")
-        self.llm.set_seed(int(seed.reshape(-1)[0]) & 0x7FFFFFFF if seed is not None else random.getrandbits(31))
+        resume = self._resume_tokens(request, max_tokens)
+        seed = int(seed.reshape(-1)[0]) & 0x7FFFFFFF if seed is not None else random.getrandbits(31)
 
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stop = StopMatcher(stops)
-        produced = 0
+        # A resumed stream: replay the decoder and stop matcher over the tokens already sent (their text is
+        # discarded, the caller has it), so a held-back partial character or stop prefix is held back here too.
+        for token in resume:
+            stop.feed(decoder.decode(self.llm.detokenize([token], special=False)))
+        produced = len(resume)
+        tokens = prompt + resume
         finish = "length"
         # generate() reuses the KV of the longest common prefix with what is in the context; restoring the best
         # saved prefix first extends that to the last few distinct prefixes (system prompts) this replica served.
         reused = self.prefixes.restore_best(self.llm, tokens)
         self.prefix_metric.increment(1 if reused >= self.prefixes.min_tokens else 0)
-        for token in self.llm.generate(tokens, temp=temperature, top_p=top_p, top_k=40,
-                                       repeat_penalty=1.0, reset=True):
+        if resume:
+            self._replay(prompt, resume)
+        if temperature > 0:
+            self.llm.sample = PositionSeededSampler(self.llm, seed, produced, temperature, top_p, top_k=40)
+        try:
+            self._stream(request, sender, tokens, len(prompt), produced, max_tokens, temperature, top_p,
+                         decoder, stop, finish)
+        finally:
+            self.llm.__dict__.pop("sample", None)
+        # After the last response: the snapshot's copy is not on the caller's clock. A request the router sent
+        # away from its prefix's home replica (mesh_spill) is served but not remembered: its prefix would only
+        # evict one this replica is home to.
+        if not _request_parameters(request).get("mesh_spill"):
+            self.prefixes.save(self.llm, len(prompt))
+
+    def _replay(self, prompt: list[int], resume: list[int]) -> None:
+        """Puts prompt + resumed tokens into the context the way the first replica computed them: the prompt as
+        one batch, then each generated token on its own. llama.cpp's batch and single-token kernels round
+        differently, so evaluating the resumed tokens as part of the prompt batch would shift the logits enough
+        to change later tokens (often, even greedy ones); this way they are the same. generate() then evaluates
+        the last resumed token itself."""
+        llm = self.llm
+        live = min(common_prefix(llm.input_ids[: llm.n_tokens], prompt), len(prompt) - 1)
+        llm.n_tokens = live
+        llm.eval(prompt[live:])
+        for token in resume[:-1]:
+            llm.eval([token])
+
+    def _stream(self, request, sender, tokens: list[int], prompt_length: int, produced: int, max_tokens: int,
+                temperature: float, top_p: float, decoder, stop: StopMatcher, finish: str) -> None:
+        # A stream resumed after its last token (the replica died before its final response) only ends.
+        done = stop.stopped or produced >= max_tokens
+        finish = "stop" if stop.stopped else finish
+        for token in () if done else self.llm.generate(tokens, temp=temperature, top_p=top_p, top_k=40,
+                                                          repeat_penalty=1.0, reset=True):
             if request.is_cancelled():
                 self.cancelled_metric.increment(1)
                 finish = "cancelled"
@@ -156,27 +206,25 @@ class TritonPythonModel:
             text = stop.feed(decoder.decode(self.llm.detokenize([token], special=False)))
             if stop.stopped:
                 finish = "stop"
-                self._send(sender, text, "", len(tokens), produced)
+                self._send(sender, text, "", prompt_length, produced, token)
                 break
+            self._send(sender, text, "", prompt_length, produced, token)
             if produced >= max_tokens:
-                self._send(sender, text, "", len(tokens), produced)
                 break
-            self._send(sender, text, "", len(tokens), produced)
         tail = "" if stop.stopped else stop.feed(decoder.decode(b"", final=True)) + stop.flush()
-        self._send(sender, tail, finish, len(tokens), produced, final=True)
-        # After the last response: the snapshot's copy is not on the caller's clock. A request the router sent
-        # away from its prefix's home replica (mesh_spill) is served but not remembered: its prefix would only
-        # evict one this replica is home to.
-        if not _request_parameters(request).get("mesh_spill"):
-            self.prefixes.save(self.llm, len(tokens))
+        self._send(sender, tail, finish, prompt_length, produced, final=True)
 
     @staticmethod
-    def _send(sender, text: str, finish: str, prompt_tokens: int, completion_tokens: int, final: bool = False) -> None:
+    def _send(sender, text: str, finish: str, prompt_tokens: int, completion_tokens: int, token: int | None = None,
+              final: bool = False) -> None:
+        # token_id: the token behind this response (none on the last one), so the router can resume the stream
+        # on another replica from exactly what was sent.
         response = pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
             pb_utils.Tensor("finish_reason", np.array([finish.encode()], dtype=np.object_)),
             pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int32)),
             pb_utils.Tensor("completion_tokens", np.array([completion_tokens], dtype=np.int32)),
+            pb_utils.Tensor("token_id", np.array([] if token is None else [token], dtype=np.int32)),
         ])
         sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
