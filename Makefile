@@ -11,7 +11,7 @@ PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup up down test protos models bench lint clean
+.PHONY: setup up down test protos models bench soak lint clean
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(ONNX_MODEL) gen/.stamp
 
@@ -73,6 +73,11 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.retrieval
 	PYTHONPATH=.:gen $(PY) -m bench.edge
 	PYTHONPATH=.:gen $(PY) -m bench.routing
+
+# 20 minutes at half the measured capacity: errors, p99 and every process's memory (docs/soak.png, BENCHMARKS.md).
+soak: setup
+	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements/bench.txt
+	PYTHONPATH=.:gen $(PY) -m bench.soak $(SOAK_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
