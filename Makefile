@@ -11,12 +11,12 @@ PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup up down test protos models bench soak lint clean
+.PHONY: setup system-tools up down top test protos models bench soak lint clean
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(ONNX_MODEL) gen/.stamp
 
 # --- the services' environment -------------------------------------------------------------------------
-$(VENV)/.installed: requirements/services.txt pyproject.toml
+$(VENV)/.installed: requirements/services.txt requirements/runtime.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python 3.11+ is required (PYTHON=$(PYTHON))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements/services.txt
@@ -60,11 +60,29 @@ gen/.stamp: $(PROTOS) $(VENV)/.installed
 up: setup
 	PYTHONPATH=.:gen $(PY) -m tools.stack up
 
+# A live view of the running stack: req/s, p99, errors and cache hit rate per service (Ctrl-C to leave).
+top: $(VENV)/.installed gen/.stamp
+	PYTHONPATH=.:gen $(PY) -m tools.top
+
 down:
 	PYTHONPATH=.:gen $(PY) -m tools.stack down
 
-test: setup
+test: setup system-tools
 	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# Tools from Debian's packages that the tests use: promtool (package prometheus) for the alert rules, and
+# docker-compose for checking the compose file. Installed when missing and running as root, else named.
+DEBIAN_TOOLS := promtool:prometheus docker-compose:docker-compose
+system-tools:
+	@for pair in $(DEBIAN_TOOLS); do tool=$${pair%%:*}; package=$${pair##*:}; \
+	  command -v $$tool >/dev/null && continue; \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's $$package package (for $$tool) ..."; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q --no-install-recommends $$package >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$package >/dev/null; } || exit 1; \
+	  else echo "$$tool is missing: install Debian's $$package package (sudo apt-get install $$package)"; exit 1; fi; \
+	done
 
 bench: setup
 	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements/bench.txt

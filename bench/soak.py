@@ -127,8 +127,8 @@ async def soak(stack: LocalStack, minutes: float, capacity_s: float, load_share:
     credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
     async with grpc.aio.secure_channel(stack.edge_address, credentials) as channel:
         mesh = mesh_pb2_grpc.InferenceMeshStub(channel)
-        documents = [retrieval_pb2.Document(id=f"doc/{t}", text=" ".join(s for s in SENTENCES if t in s)[:4000])
-                     for t in TOPICS]
+        documents = [retrieval_pb2.Document(id=f"doc/{i}", text=" ".join(s for s in SENTENCES if t in s)[:4000])
+                     for i, t in enumerate(TOPICS)]
         await mesh.UpsertDocuments(iter([retrieval_pb2.UpsertDocumentsRequest(documents=documents)]), metadata=AUTH,
                                    timeout=600)
         mix = Mix(mesh)

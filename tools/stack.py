@@ -48,13 +48,14 @@ class StackPorts:
     ratelimit: int = 0
     ratelimit_metrics: int = 0
     router_metrics: int = 0
+    retrieval_metrics: int = 0
 
     @classmethod
     def free(cls, replicas: int = 1, gateways: int = 2) -> StackPorts:
         return cls(free_port(), free_port(), [TritonPorts.free() for _ in range(replicas)], free_port(),
                    free_port(), free_port(), free_port(), free_port(), free_port(),
                    [free_port() for _ in range(gateways - 1)], [free_port() for _ in range(gateways - 1)],
-                   free_port(), free_port(), free_port(), free_port(), free_port())
+                   free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
 
     def gateway_ports(self) -> list[tuple[int, int]]:
         """(gRPC, metrics) of every gateway replica."""
@@ -94,6 +95,10 @@ class LocalStack:
     edge_overrides: dict = field(default_factory=dict)
     # Extra environment per service ("router", "gateway", "cache", "retrieval", "ratelimit"), e.g. a setting.
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Tracing: an OTLP collector's gRPC host:port (services, Envoy) and its OTLP/HTTP base URL (Triton exports
+    # OTLP over HTTP only). Empty: tracing off.
+    otlp_grpc: str = ""
+    otlp_http: str = ""
     _milvus_server_ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     _edge_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
@@ -151,7 +156,8 @@ class LocalStack:
             for i, ports in enumerate(self.ports.tritons):
                 self.processes[f"triton-{i}"] = install.start(
                     f"triton-{i}", ports, self.run_dir / f"triton-{i}.log", models=self.triton_models,
-                    cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ports.tritons)))
+                    cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ports.tritons)),
+                    extra_args=self.triton_args(i))
             for i, ports in enumerate(self.ports.tritons):
                 wait_triton_ready(self.processes[f"triton-{i}"], ports)
             self.registry_path.write_text(yaml.safe_dump(render_registry(self.registry_file, self.ports.tritons)))
@@ -179,9 +185,23 @@ class LocalStack:
         """The registry the router reads: the base registry with this stack's Triton replicas."""
         return self.run_dir / "registry.yaml"
 
+    def _tracing_env(self, name: str) -> dict[str, str]:
+        if not self.otlp_grpc:
+            return {}
+        return {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{self.otlp_grpc}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_SERVICE_NAME": name}
+
+    def triton_args(self, index: int) -> list[str]:
+        if not self.otlp_http:
+            return []
+        return ["--trace-config=mode=opentelemetry", "--trace-config=rate=1", "--trace-config=level=TIMESTAMPS",
+                f"--trace-config=opentelemetry,url={self.otlp_http}/v1/traces",
+                f"--trace-config=opentelemetry,resource=service.name=triton-{index}"]
+
     def _start(self, name: str, env: dict[str, str]) -> ManagedProcess:
         self.processes[name] = start_service(f"services.{name.split('-')[0]}", name,
-                                             {**env, **self.service_env.get(name.split("-")[0], {})},
+                                             {**env, **self._tracing_env(name),
+                                              **self.service_env.get(name.split("-")[0], {})},
                                              self.run_dir / f"{name}.log")
         return self.processes[name]
 
@@ -197,6 +217,7 @@ class LocalStack:
     def start_retrieval(self) -> None:
         retrieval = self._start("retrieval", {
             "MESH_RETRIEVAL_PORT": str(self.ports.retrieval),
+            "MESH_RETRIEVAL_METRICS_PORT": str(self.ports.retrieval_metrics),
             "MESH_RETRIEVAL_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
             "MESH_RETRIEVAL_ROUTER_ADDRESS": self.router_address,
             "MESH_RETRIEVAL_TOKENIZER_FILE": str(MODEL_REPOSITORY / "minilm" / "1" / "tokenizer.json"),
@@ -251,7 +272,7 @@ class LocalStack:
             "port": self.ports.edge, "admin_port": self.ports.edge_admin, "gateways": self.gateway_addresses,
             "ratelimit_address": self.ratelimit_address, "edge_secret": self._edge_secret,
             "tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key), "client_ca": str(pki.ca_cert),
-            "jwks_file": str(pki.jwks), **self.edge_overrides})
+            "jwks_file": str(pki.jwks), "otlp_address": self.otlp_grpc, **self.edge_overrides})
 
     def start_edge(self) -> None:
         settings = self.edge_settings()
@@ -271,7 +292,7 @@ def _up(args: argparse.Namespace) -> None:
                        cache=50053, redis=6379, milvus=19530, gateway_metrics=9101, cache_metrics=9103,
                        retrieval=50054, extra_gateways=[args.gateway_port + 10], extra_gateway_metrics=[9111],
                        edge=args.edge_port, edge_admin=9901, ratelimit=50055, ratelimit_metrics=9105,
-                       router_metrics=9102)
+                       router_metrics=9102, retrieval_metrics=9104)
     stack = LocalStack(ROOT / "run", ports)
     print("starting Triton, router, milvus-lite, retrieval, Redis, cache, rate limits, 2 gateways and Envoy "
           "(logs in run/) ...", flush=True)

@@ -23,6 +23,7 @@ from services.common.breakers import Breaker, BreakerOpenError
 from services.common.resilience import ResilienceSettings
 from services.common.retries import Retrier
 from services.common.server import CHANNEL_OPTIONS
+from services.common.telemetry import client_interceptors
 
 _HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 # Per target, the unary methods that may be sent twice without harm (reads, or writes keyed by the caller).
@@ -153,6 +154,8 @@ def resilient_channel(address: str, target: str, settings: ResilienceSettings) -
     """A channel to `address` whose calls go through the breaker and retries of `target` (e.g. "cache")."""
     interceptor = ResilienceInterceptor(settings.breaker(target), settings.retrier(target),
                                         IDEMPOTENT_METHODS.get(target, frozenset()))
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=[interceptor])
+    # Tracing outside the breaker and retries: one client span per call, whatever it took.
+    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                        interceptors=[*client_interceptors(), interceptor])
     interceptor.attach(channel)
     return channel

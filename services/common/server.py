@@ -14,8 +14,10 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.logging import configure_logging
 from services.common.malformed import MalformedRequestInterceptor
+from services.common.served_calls import ServedCalls
 from services.common.settings import ServiceSettings
 from services.common.shedding import LoadShedder
+from services.common.telemetry import client_interceptors, server_interceptors, setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 ServiceSettingsT = TypeVar("ServiceSettingsT", bound=ServiceSettings)
@@ -33,11 +35,13 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 
 
 def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[*interceptors, MalformedRequestInterceptor()])
+    # Tracing outermost, so its span is the parent of everything the call does (when tracing is on).
+    return grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[
+        *server_interceptors(), *interceptors, MalformedRequestInterceptor()])
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=client_interceptors() or None)
 
 
 class ServiceHost:
@@ -47,7 +51,7 @@ class ServiceHost:
                  max_in_flight: int = 0) -> None:
         self.name = name
         self.shedder = LoadShedder(name, max_in_flight) if max_in_flight else None
-        self.server = new_server([self.shedder] if self.shedder else [])
+        self.server = new_server([ServedCalls(name, self.shedder)])
         self.health = health.aio.HealthServicer()
         self._grace_s = grace_s
         self._drain_delay_s = drain_delay_s
@@ -97,4 +101,8 @@ def run_service(name: str, settings_factory: Callable[[], ServiceSettingsT],
     """A service's `main`: settings from file and environment, JSON logs, then serve until stopped."""
     settings = settings_factory()
     configure_logging(name, settings.log_level)
-    asyncio.run(serve(settings))
+    setup_tracing(name)
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        shutdown_tracing()

@@ -13,9 +13,9 @@ from services.edge.settings import EdgeSettings
 parser = argparse.ArgumentParser(prog="python -m services.edge", description=__doc__)
 parser.add_argument("--out", type=pathlib.Path)
 args = parser.parse_args()
-HEADER = ("# Rendered by `python -m services.edge --out envoy/envoy.yaml` from services/edge/settings.py (defaults,\n"
-          "# overridable by MESH_EDGE_* variables). Do not edit: `make up` and the tests render their own from the\n"
-          "# same settings, with the ports and certificates of the stack they start.\n")
+HEADER = ("# Rendered by `python -m services.edge` from services/edge/settings.py (defaults, then the YAML file named\n"
+          "# by MESH_EDGE_CONFIG_FILE, then MESH_EDGE_* variables). Do not edit: render it again. `make up` and the\n"
+          "# tests render their own from the same settings, with the ports and certificates of the stack they start.\n")
 text = HEADER + yaml.safe_dump(render(EdgeSettings()), sort_keys=False)
 if args.out:
     args.out.write_text(text)

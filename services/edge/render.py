@@ -6,6 +6,7 @@ Routes by gRPC method class: streaming inference (no retries once a gateway has 
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 from services.common.wire import (
@@ -165,6 +166,8 @@ def _listener(s: EdgeSettings) -> dict[str, Any]:
         }]},
         http_filters=_http_filters(s),
     )
+    if s.otlp_address:
+        manager["tracing"] = _tracing(s)
     return {"name": "public", "address": _socket(f"{s.host}:{s.port}"),
             "filter_chains": [{"transport_socket": {"name": "envoy.transport_sockets.tls",
                                                     "typed_config": _tls_context(s)},
@@ -172,10 +175,19 @@ def _listener(s: EdgeSettings) -> dict[str, Any]:
                                             "typed_config": manager}]}]}
 
 
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address.rsplit(":", 1)[0].strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
 def _http2_cluster(name: str, addresses: list[str], connect_timeout_s: float) -> dict[str, Any]:
     return {
         "name": name,
-        "type": "STATIC",
+        # Host names (docker compose services, Kubernetes services) are resolved and re-resolved by Envoy.
+        "type": "STATIC" if all(_is_ip(a) for a in addresses) else "STRICT_DNS",
         "connect_timeout": _seconds(connect_timeout_s),
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
@@ -200,11 +212,21 @@ def _clusters(s: EdgeSettings) -> list[dict[str, Any]]:
         "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
                                              "max_requests": 4096, "max_retries": 64}]},
     })
-    return [gateways, _http2_cluster("ratelimit", [s.ratelimit_address], s.ratelimit_timeout_s)]
+    clusters = [gateways, _http2_cluster("ratelimit", [s.ratelimit_address], s.ratelimit_timeout_s)]
+    if s.otlp_address:
+        clusters.append(_http2_cluster("otel_collector", [s.otlp_address], 1.0))
+    return clusters
+
+
+def _tracing(s: EdgeSettings) -> dict[str, Any]:
+    return {"random_sampling": {"value": s.trace_sampling_percent},
+            "provider": {"name": "envoy.tracers.opentelemetry", "typed_config": _typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig", service_name="envoy",
+                grpc_service={"envoy_grpc": {"cluster_name": "otel_collector"}, "timeout": "0.25s"})}}
 
 
 def render(s: EdgeSettings) -> dict[str, Any]:
     return {
-        "admin": {"address": _socket(f"127.0.0.1:{s.admin_port}")},
+        "admin": {"address": _socket(f"{s.admin_host}:{s.admin_port}")},
         "static_resources": {"listeners": [_listener(s)], "clusters": _clusters(s)},
     }

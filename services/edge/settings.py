@@ -21,8 +21,10 @@ class EdgeSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_EDGE_", env_nested_delimiter="__", extra="forbid")
 
     port: int = 8443
-    # The admin interface never leaves loopback, whatever `host` is.
+    # The admin interface (stats, config dump, and endpoints that change state) stays on loopback unless told
+    # otherwise: compose opens it to its private network so Prometheus can read /stats/prometheus; never publish it.
     admin_port: int = 9901
+    admin_host: str = "127.0.0.1"
     # Gateway replicas behind the edge (least_request over all of them).
     gateways: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051", "127.0.0.1:50061"])
     ratelimit_address: str = "127.0.0.1:50055"
@@ -56,4 +58,8 @@ class EdgeSettings(ServiceSettings):
     max_stream_duration_s: float = 900.0
     # Seed guide: health checks every 10 s.
     health_check_interval_s: float = 10.0
+    # host:port of an OTLP gRPC collector: Envoy starts each request's trace there (W3C traceparent to the
+    # gateways). Empty: no tracing.
+    otlp_address: str = ""
+    trace_sampling_percent: float = Field(default=100.0, ge=0, le=100)
     concurrency: int = 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Awaitable
 from typing import Any
@@ -22,6 +21,8 @@ from services.gateway.catalog import ModelCatalog
 from services.gateway.documents import DocumentsRelay
 from services.gateway.embedding import embed_texts
 from services.gateway.errors import RequestError, invalid
+from services.gateway.genai_metrics import observed
+from services.gateway.request_log import GenerationLog, prompt_text
 from services.gateway.routing_hints import affinity_key, group_member, with_version
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import check_embed, check_generate, check_model
@@ -69,6 +70,7 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             self._cache, self._router, request, model, metadata, timeout_s,
             _forward_headers(caller, metadata.request_id),
             affinity_key(request, self._settings.affinity_min_prefix_chars), self._stream_retrier)
+        chunks = observed(chunks, caller.tenant, model.name)
         if self._budgets is None:
             return chunks
         await self._budgets.admit(caller)
@@ -76,10 +78,10 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
 
     async def Generate(self, request, context):
         caller = await self._auth.require(context)
-        started = time.perf_counter()
-        status = "OK"
+        record = GenerationLog("generate", caller.tenant, request.model, self._settings.log_prompts)
         try:
             request, group = await self._cascade(request)
+            record.prompt = prompt_text(request) if self._settings.log_prompts else ""
             model = check_model(request.model, await self._catalog.get(request.model), self._catalog.all(),
                                 models_pb2.MODEL_KIND_GENERATE)
             check_generate(request, model, self._settings.limits)
@@ -88,13 +90,13 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             metadata.model_group = group
             timeout = downstream_timeout(context, self._settings.generate_timeout_s)
             async for chunk in await self._generate(caller, request, model, metadata, timeout):
+                record.seen(chunk)
                 yield chunk
         except RequestError as exc:
-            status = exc.code.name
+            record.fields["status"] = exc.code.name
             await context.abort(exc.code, exc.message, exc.trailing)
         finally:
-            log.info("generate", extra={"tenant": caller.tenant, "model": request.model, "status": status,
-                                        "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
+            record.write()
 
     async def Embed(self, request, context):
         caller = await self._auth.require(context)
@@ -153,8 +155,7 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
     async def Ask(self, request, context):
         """Search the caller's documents, answer from them, cite the chunks; retrieval down → no context."""
         caller = await self._auth.require(context)
-        started = time.perf_counter()
-        status = "OK"
+        record = GenerationLog("ask", caller.tenant, request.model, self._settings.log_prompts)
         limits = self._settings.limits
         try:
             model = check_model(request.model, await self._catalog.get(request.model), self._catalog.all(),
@@ -182,17 +183,18 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
                 metadata.degraded.append("retrieval")
                 log.warning("ask without context", extra={"tenant": caller.tenant, "error": exc.message})
             generate, citations = rag.build_request(request, hits, self._settings.ask_max_context_chars, max_tokens)
+            record.prompt = prompt_text(generate) if self._settings.log_prompts else ""
             check_generate(generate, model, limits)
             async for chunk in await self._generate(caller, generate, model, metadata, timeout):
                 if chunk.finish_reason:
                     chunk.metadata.citations.extend(citations)
+                record.seen(chunk)
                 yield chunk
         except RequestError as exc:
-            status = exc.code.name
+            record.fields["status"] = exc.code.name
             await context.abort(exc.code, exc.message, exc.trailing)
         finally:
-            log.info("ask", extra={"tenant": caller.tenant, "model": request.model, "status": status,
-                                   "duration_ms": round((time.perf_counter() - started) * 1000, 1)})
+            record.write()
 
     @staticmethod
     async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[Any]) -> Any:

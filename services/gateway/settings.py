@@ -55,3 +55,5 @@ class GatewaySettings(ServiceSettings):
     max_in_flight: int = 512
     # Shared with Envoy, which sends it with every request: only then is a JWT tenant header trusted.
     edge_secret: str = ""
+    # Prompts and completions in the request log (redacted: emails, phone numbers, keys). Off: never logged.
+    log_prompts: bool = False

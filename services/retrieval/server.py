@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -25,6 +26,8 @@ async def serve(settings: RetrievalSettings) -> None:
         RetrievalService(settings, index, chunker, service_pb2_grpc.GRPCInferenceServiceStub(router_channel)),
         host.server)
     host.expose([retrieval_pb2.DESCRIPTOR.services_by_name["Retrieval"].full_name])
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
 
     async def keep_index() -> None:
         # SERVING while Milvus answers; reconnects (with a new client) after an outage.

@@ -16,6 +16,7 @@ from services.common.embeddings import embed_via_kserve
 from services.retrieval.chunking import Chunker
 from services.retrieval.filters import FilterError, to_milvus
 from services.retrieval.index import DocumentIndex
+from services.retrieval.metrics import STAGE_SECONDS
 from services.retrieval.settings import RetrievalSettings
 
 
@@ -47,8 +48,9 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
 
     async def _embed(self, texts: list[str], context: grpc.aio.ServicerContext) -> list[list[float]]:
         try:
-            vectors, _ = await embed_via_kserve(self._router, self._settings.embedder_model, texts,
-                                                self._settings.embed_batch, downstream_timeout(context, 60.0))
+            with STAGE_SECONDS.labels("embed").time():
+                vectors, _ = await embed_via_kserve(self._router, self._settings.embedder_model, texts,
+                                                    self._settings.embed_batch, downstream_timeout(context, 60.0))
         except grpc.aio.AioRpcError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"embedding model unavailable: {exc.details()}")
         return vectors.tolist()
@@ -131,7 +133,8 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "vector database unavailable; retrying in the background")
         vector = list(query.vector) if query.vector else (await self._embed([query.query], context))[0]
         try:
-            hits = await self._index.search(tenant, vector, query.top_k, user_filter, query.ef or limits.hnsw_ef)
+            with STAGE_SECONDS.labels("vector_search").time():
+                hits = await self._index.search(tenant, vector, query.top_k, user_filter, query.ef or limits.hnsw_ef)
         except MilvusException as exc:
             if user_filter and not _connection_error(exc):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"filter rejected by Milvus: {exc.message}")

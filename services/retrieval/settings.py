@@ -9,6 +9,7 @@ class RetrievalSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_RETRIEVAL_", extra="forbid")
 
     port: int = 50054
+    metrics_port: int = 9104
     milvus_uri: str = "http://127.0.0.1:19530"
     collection: str = "mesh_documents"
     router_address: str = "127.0.0.1:50052"

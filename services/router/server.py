@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, start_http_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import router_pb2, router_pb2_grpc
@@ -13,6 +13,7 @@ from services.common.server import ServiceHost, run_service
 from services.router.admin_service import RouterAdminService
 from services.router.balancer import Balancer, BalancerSettings
 from services.router.inference_service import RoutingInferenceService
+from services.router.metrics import ReplicaCollector
 from services.router.queue_metrics import scrape_forever
 from services.router.replicas import probe_forever
 from services.router.settings import RouterSettings
@@ -29,6 +30,7 @@ async def serve(settings: RouterSettings) -> None:
     inference = RoutingInferenceService(state, balancer, settings.default_timeout_s,
                                         settings.resilience.retrier("replicas"), settings.stream_stall_timeout_s)
     if settings.metrics_port:
+        REGISTRY.register(ReplicaCollector(state.replicas))
         start_http_server(settings.metrics_port, addr=settings.host)
 
     host = ServiceHost("router", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,

@@ -1,0 +1,23 @@
+"""`python -m services.common.healthcheck HOST:PORT`: exit 0 when the gRPC server there is SERVING (grpc.health.v1),
+1 otherwise. The containers' healthcheck, so the images need no separate probe binary."""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def main() -> None:
+    address = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
+    try:
+        with grpc.insecure_channel(address) as channel:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+    except grpc.RpcError as exc:
+        sys.exit(f"{address}: {exc.code().name}")
+    sys.exit(0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Every RPC a service serves, wrapped once: admission by the load shedder (when the service has one), then
+requests and durations by method and status code (Prometheus). Health checks and reflection are neither shed
+nor counted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from services.common.shedding import LoadShedder
+
+REQUESTS = Counter("mesh_rpc_requests_total", "RPCs served, by service, method and status code",
+                   ["service", "method", "code"])
+# Streams are measured to their end; buckets reach the 60 s inference timeout.
+DURATION = Histogram("mesh_rpc_duration_seconds", "Time to serve an RPC (to the last message of a stream)",
+                     ["service", "method"],
+                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1, 2.5, 5, 10, 30, 60))
+_EXEMPT = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+def _code(context: grpc.aio.ServicerContext, failed: BaseException | None) -> str:
+    code = context.code()
+    if code is None:
+        if isinstance(failed, (asyncio.CancelledError, GeneratorExit)):
+            return "CANCELLED"  # the caller went away
+        return "UNKNOWN" if failed is not None else "OK"
+    return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
+
+
+class ServedCalls(grpc.aio.ServerInterceptor):
+    def __init__(self, service: str, shedder: LoadShedder | None = None) -> None:
+        self._service = service
+        self.shedder = shedder
+
+    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        """A refused call is counted with its status (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) and not timed."""
+        if self.shedder is None:
+            return
+        try:
+            await self.shedder.admit(context)
+        except BaseException as exc:
+            REQUESTS.labels(self._service, method, _code(context, exc)).inc()
+            raise
+
+    def _release(self) -> None:
+        if self.shedder is not None:
+            self.shedder.release()
+
+    def _observe(self, method: str, context: grpc.aio.ServicerContext, started: float,
+                 failed: BaseException | None) -> None:
+        self._release()
+        REQUESTS.labels(self._service, method, _code(context, failed)).inc()
+        DURATION.labels(self._service, method).observe(time.perf_counter() - started)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if handler.unary_unary or handler.stream_unary:
+            field = "unary_unary" if handler.unary_unary else "stream_unary"
+            inner: Callable[..., Awaitable[Any]] = getattr(handler, field)
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started, failed = time.perf_counter(), None
+                await self._admit(context, method)
+                try:
+                    return await inner(request, context)
+                except BaseException as exc:
+                    failed = exc
+                    raise
+                finally:
+                    self._observe(method, context, started, failed)
+            return handler._replace(**{field: unary})
+        field = "unary_stream" if handler.unary_stream else "stream_stream"
+        inner_stream: Callable[..., AsyncIterator[Any]] = getattr(handler, field)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started, failed = time.perf_counter(), None
+            await self._admit(context, method)
+            try:
+                async for response in inner_stream(request, context):
+                    yield response
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                self._observe(method, context, started, failed)
+        return handler._replace(**{field: stream})
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not hasattr(handler, "_replace") or method.startswith(_EXEMPT):
+            return handler
+        return self._wrap(handler, method.rsplit("/", 1)[-1])
