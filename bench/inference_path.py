@@ -86,9 +86,10 @@ def _stream_sample(t0: float, first: float | None, last: float, tokens: int) -> 
     return Sample(last - t0, first - t0, (last - first) / max(tokens - 1, 1))
 
 
-def direct_generate(triton: service_pb2_grpc.GRPCInferenceServiceStub) -> Callable[[], Awaitable[Sample]]:
+def direct_generate(triton: service_pb2_grpc.GRPCInferenceServiceStub,
+                    max_tokens: int = MAX_TOKENS) -> Callable[[], Awaitable[Sample]]:
     builder = InferRequestBuilder("smollm2").add_bytes("messages", [json.dumps(PROMPT).encode()])
-    request = builder.add_array("max_tokens", np.array([MAX_TOKENS], np.int32)).add_array(
+    request = builder.add_array("max_tokens", np.array([max_tokens], np.int32)).add_array(
         "temperature", np.array([0.0], np.float32)).build()
 
     async def call() -> Sample:
@@ -106,10 +107,11 @@ def direct_generate(triton: service_pb2_grpc.GRPCInferenceServiceStub) -> Callab
     return call
 
 
-def mesh_generate(mesh: mesh_pb2_grpc.InferenceMeshStub, cached: bool = False) -> Callable[[], Awaitable[Sample]]:
+def mesh_generate(mesh: mesh_pb2_grpc.InferenceMeshStub, cached: bool = False, model: str = "smollm2-135m-instruct",
+                  max_tokens: int = MAX_TOKENS) -> Callable[[], Awaitable[Sample]]:
     mode = mesh_pb2.CACHE_MODE_DEFAULT if cached else mesh_pb2.CACHE_MODE_BYPASS
     request = mesh_pb2.GenerateRequest(
-        model="smollm2-135m-instruct", max_tokens=MAX_TOKENS, temperature=0.0, cache_mode=mode,
+        model=model, max_tokens=max_tokens, temperature=0.0, cache_mode=mode,
         messages=[mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_USER, content=PROMPT[0]["content"])])
 
     async def call() -> Sample:

@@ -80,6 +80,17 @@ def generate(mesh: mesh_pb2_grpc.InferenceMeshStub, request: mesh_pb2.GenerateRe
     return "".join(c.text for c in chunks), chunks
 
 
+def debian_tool(command: str, package: str) -> str:
+    """The path of a tool the tests need from Debian's packages, or a failure that says how to get it."""
+    import shutil
+
+    path = shutil.which(command)
+    if path is None:
+        pytest.fail(f"{command} not found: install Debian's {package} package (apt-get install {package}); "
+                    "`make test` does this when it runs as root")
+    return path
+
+
 def service_metric(port: int, name: str, **labels: str) -> float:
     """A metric from a service's Prometheus endpoint, summed over the label sets that match `labels`."""
     import urllib.request

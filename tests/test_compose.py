@@ -6,7 +6,6 @@ compose Envoy config rendered from its settings and accepted by `envoy --mode va
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tritonclient.grpc import model_config_pb2
 from services.edge.render import render
 from services.edge.settings import EdgeSettings
 from services.router.registry import Registry
+from tests.conftest import debian_tool
 from tools.edge import validate
 from tools.fill_trtllm import TrtllmPools, rendered, write
 from tools.pki import ensure_pki
@@ -28,11 +28,7 @@ GPU_POOLS = ("a100", "t4")
 
 
 def docker_compose() -> str:
-    path = shutil.which("docker-compose")
-    if path is None:
-        pytest.fail("docker-compose not found: install Debian's docker-compose package (apt-get install "
-                    "docker-compose); `make test` does this when it runs as root")
-    return path
+    return debian_tool("docker-compose", "docker-compose")
 
 
 def resolved(profile: str) -> dict:

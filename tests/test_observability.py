@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +18,8 @@ import yaml
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2
 from services.common.redaction import redact
-from tests.conftest import AUTH, KEYS, LLM, chat
-from tools import grafana_dashboard
+from tests.conftest import AUTH, KEYS, LLM, chat, debian_tool, service_metric
+from tools import grafana_dashboard, top
 from tools.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tools.stack import ROOT, SERVICE_ENV, LocalStack, StackPorts
 
@@ -65,6 +64,13 @@ def ancestors(span: ReceivedSpan, by_id: dict[str, ReceivedSpan]) -> list[Receiv
     return chain
 
 
+def _complete(spans: list[ReceivedSpan]) -> bool:
+    """Every process has reported, and every span's parent has arrived."""
+    ids = {s.span_id for s in spans}
+    return {s.service for s in spans} >= SERVICES and all(not s.parent_span_id or s.parent_span_id in ids
+                                                          for s in spans)
+
+
 def test_one_ask_through_envoy_is_one_trace_across_every_process(traced):
     stack, receiver = traced
     with edge_channel(stack) as channel:
@@ -72,15 +78,17 @@ def test_one_ask_through_envoy_is_one_trace_across_every_process(traced):
         mesh.UpsertDocuments(iter([retrieval_pb2.UpsertDocumentsRequest(documents=[retrieval_pb2.Document(
             id="geo/volcano", text="Volcanoes erupt lava where magma reaches the surface.")])]),
             metadata=EDGE_AUTH, timeout=120)
-        chunks = list(mesh.Ask(mesh_pb2.AskRequest(model=LLM, question="Where does lava come from?", max_tokens=8),
+        # Greedy, so the generation goes through the cache too.
+        chunks = list(mesh.Ask(mesh_pb2.AskRequest(model=LLM, question="Where does lava come from?", max_tokens=8,
+                                                   temperature=0.0),
                                metadata=EDGE_AUTH, timeout=120))
     assert chunks[-1].metadata.citations
     asked = [line for line in log_lines(stack, "gateway") if line["msg"] == "ask"][-1]
     trace_id = asked["trace_id"]
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id), asked
     deadline = time.monotonic() + 30
-    while {s.service for s in receiver.trace(trace_id)} < SERVICES and time.monotonic() < deadline:
-        time.sleep(0.5)  # the exporters batch (0.5 s here, Triton's own schedule)
+    while not _complete(receiver.trace(trace_id)) and time.monotonic() < deadline:
+        time.sleep(0.5)  # each process exports in batches (0.5 s here, Triton and Envoy on their own schedules)
     spans = receiver.trace(trace_id)
     services = {s.service for s in spans}
     assert services >= SERVICES, f"missing {SERVICES - services}; got {sorted((s.service, s.name) for s in spans)}"
@@ -88,7 +96,8 @@ def test_one_ask_through_envoy_is_one_trace_across_every_process(traced):
     roots = [s for s in spans if not s.parent_span_id]
     assert [r.service for r in roots] == ["envoy"], "one root, at the edge"
     broken = [s for s in spans if s.parent_span_id and s.parent_span_id not in by_id]
-    assert not broken, f"spans whose parent is not in the trace: {broken}"
+    assert not broken, f"spans whose parent is not in the trace: {broken}; trace: " + "; ".join(
+        f"{s.service} {s.name} {s.span_id[:8]}<-{s.parent_span_id[:8]}" for s in spans)
     for span in spans:
         chain = {a.service for a in ancestors(span, by_id)}
         if span.service == "triton-0":
@@ -130,11 +139,7 @@ def test_redaction(text, expected):
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail("promtool not found: install Debian's prometheus package (apt-get install prometheus); "
-                    "`make test` does this when it runs as root")
-    return path
+    return debian_tool("promtool", "prometheus")
 
 
 def test_alert_rules_pass_promtool_check_and_unit_tests():
@@ -166,23 +171,30 @@ def _used_names() -> set[str]:
         expressions += [rule["expr"] for rule in group["rules"]]
     names = set()
     for expr in expressions:
-        expr = re.sub(r'"[^"]*"', '""', expr)  # label values are not metric names
+        # Label matchers and grouping clauses hold label names, not metric names.
+        expr = re.sub(r"\{[^}]*\}|\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
         names |= set(re.findall(r"\b((?:mesh|gen_ai|nv|envoy|process)_\w+)", expr))
     return {re.sub(r"_(bucket|sum|count)$", "", name) for name in names}
 
 
 def test_every_metric_in_the_alerts_and_dashboard_exists_on_the_running_stack(traced):
     stack, _ = traced
-    with grpc.insecure_channel(stack.gateway_address) as channel:  # every family gets traffic first
+    with edge_channel(stack) as channel:  # every family gets traffic first, the edge's too
         mesh = mesh_pb2_grpc.InferenceMeshStub(channel)
-        list(mesh.Generate(chat("Say one word.", max_tokens=2), metadata=AUTH, timeout=60))
-        mesh.Embed(mesh_pb2.EmbedRequest(model="all-minilm-l6-v2", texts=["metrics"]), metadata=AUTH, timeout=30)
+        list(mesh.Generate(chat("Say one word.", max_tokens=2), metadata=EDGE_AUTH, timeout=60))
+        mesh.Embed(mesh_pb2.EmbedRequest(model="all-minilm-l6-v2", texts=["metrics"]), metadata=EDGE_AUTH,
+                   timeout=30)
     ports = [stack.ports.gateway_metrics, stack.ports.router_metrics, stack.ports.cache_metrics,
              stack.ports.retrieval_metrics, stack.ports.ratelimit_metrics, stack.ports.tritons[0].metrics]
     exposed = set()
     for url in [f"http://127.0.0.1:{p}/metrics" for p in ports] + \
                [f"http://127.0.0.1:{stack.ports.edge_admin}/stats/prometheus"]:
         exposed |= _exposed_names(urllib.request.urlopen(url, timeout=5).read().decode())
+    # The GenAI metrics carry the generation's numbers (a cache miss; hits are left out).
+    gateway = stack.ports.gateway_metrics
+    assert service_metric(gateway, "gen_ai_server_time_to_first_token_seconds_count", model=LLM) >= 1
+    assert service_metric(gateway, "gen_ai_client_token_usage_sum", tenant="tenant-a", model=LLM, type="output") >= 1
+    assert service_metric(gateway, "mesh_rpc_requests_total", service="gateway", method="Generate", code="OK") >= 1
     used = _used_names()
     assert len(used) > 20, used
     missing = sorted(name for name in used - GPU_ONLY
@@ -207,11 +219,22 @@ def test_make_top_shows_each_service(traced):
                            text=True)
     with grpc.insecure_channel(stack.gateway_address) as channel:
         mesh = mesh_pb2_grpc.InferenceMeshStub(channel)
-        for i in range(20):
+        i = 0
+        while top.poll() is None:  # traffic for as long as top watches, whenever it starts scraping
             mesh.Embed(mesh_pb2.EmbedRequest(model="all-minilm-l6-v2", texts=[f"top {i % 3}"]), metadata=AUTH,
                        timeout=30)
+            i += 1
     output, _ = top.communicate(timeout=30)
     rows = {line.split()[0]: line.split()[1:] for line in output.splitlines()[2:]}
     assert set(rows) == set(endpoints), output
     assert float(rows["gateway"][0]) > 0 and rows["gateway"][1] != "-", output
     assert rows["cache"][3].endswith("%"), output
+
+
+def test_top_p99_from_bucket_deltas():
+    before = top.Scrape(0.0, buckets={0.01: 0, 0.1: 0, 1.0: 0, float("inf"): 0})
+    after = top.Scrape(1.0, buckets={0.01: 50, 0.1: 99, 1.0: 100, float("inf"): 100})
+    assert 0.01 * 1000 < top.p99_ms(before, after) <= 0.1 * 1000
+    after = top.Scrape(1.0, buckets={0.01: 0, 0.1: 0, 1.0: 100, float("inf"): 100})
+    assert abs(top.p99_ms(before, after) - (0.1 + 0.9 * 0.99) * 1000) < 1e-6
+    assert top.p99_ms(before, before) != top.p99_ms(before, before), "no requests: no p99 (NaN)"

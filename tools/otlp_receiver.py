@@ -4,6 +4,7 @@ OTLP/HTTP protobuf (POST /v1/traces, what Triton sends), on loopback, keeping ev
 from __future__ import annotations
 
 import gzip
+import json
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 from tools.processes import free_port
 
@@ -23,6 +25,10 @@ class ReceivedSpan:
     span_id: str
     parent_span_id: str
     kind: int
+
+
+def _kind(kind: int | str) -> int:
+    return kind if isinstance(kind, int) else trace_pb2.Span.SpanKind.Value(kind)
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -55,6 +61,19 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
         with self._lock:
             self.spans.extend(received)
 
+    def keep_json(self, document: dict) -> None:
+        """OTLP/JSON: camelCase fields, trace and span ids as hex strings."""
+        received = []
+        for resource_spans in document.get("resourceSpans", []):
+            attributes = resource_spans.get("resource", {}).get("attributes", [])
+            service = next((a["value"].get("stringValue", "") for a in attributes if a["key"] == "service.name"), "")
+            for scope in resource_spans.get("scopeSpans", []):
+                received += [ReceivedSpan(service, span.get("name", ""), span.get("traceId", "").lower(),
+                                          span.get("spanId", "").lower(), span.get("parentSpanId", "").lower(),
+                                          _kind(span.get("kind", 0))) for span in scope.get("spans", [])]
+        with self._lock:
+            self.spans.extend(received)
+
     def Export(self, request, context):
         self.keep(request)
         return trace_service_pb2.ExportTraceServiceResponse()
@@ -67,9 +86,12 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                request = trace_service_pb2.ExportTraceServiceRequest()
-                request.ParseFromString(body)
-                receiver.keep(request)
+                if "json" in self.headers.get("Content-Type", ""):
+                    receiver.keep_json(json.loads(body))  # opentelemetry-cpp (Triton) sends OTLP/JSON
+                else:
+                    request = trace_service_pb2.ExportTraceServiceRequest()
+                    request.ParseFromString(body)
+                    receiver.keep(request)
                 answer = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")

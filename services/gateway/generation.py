@@ -12,7 +12,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2
-from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays
+from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays, read_to_end
 from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER
 from services.gateway.errors import RequestError, from_rpc_error, from_stream_error
@@ -71,7 +71,8 @@ async def stream_generation(
                                        metadata=call_metadata)
         started = False
         try:
-            async for item in call:
+            stream = aiter(call)
+            async for item in stream:
                 started = True
                 if item.error_message:
                     raise from_stream_error(item.error_message)
@@ -79,6 +80,7 @@ async def stream_generation(
                 if chunk is not None:
                     yield chunk
                 if chunk is not None and chunk.finish_reason:
+                    await read_to_end(stream)
                     return
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
         except grpc.aio.AioRpcError as exc:

@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.common.breakers import BreakerOpenError
 from services.common.canary import choose_version
 from services.common.deadlines import downstream_timeout
-from services.common.kserve import is_final_response
+from services.common.kserve import is_final_response, read_to_end
 from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER, SPILL_PARAMETER, TENANT_HEADER
 from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
@@ -347,6 +347,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     await out.put(response)
                     if final:
                         replica.breaker.record(grpc.StatusCode.OK)
+                        await read_to_end(stream)
                         return None
         except grpc.aio.AioRpcError as exc:
             return exc.code(), exc.details() or ""

@@ -60,6 +60,8 @@ class TritonPythonModel:
             # (batch) gets the same count, or it defaults to every core.
             n_threads=threads,
             n_threads_batch=threads,
+            # A GPU pool's launcher sets this (-1: every layer) for a CUDA build of llama.cpp; 0 stays on the CPU.
+            n_gpu_layers=int(os.environ.get("MESH_MODEL_GPU_LAYERS", "0")),
             verbose=False,
         )
         self.prefixes = PrefixStates(int(params.get("prefix_cache_states", "4")),
