@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -32,6 +33,14 @@ from tools.stack import start_service
 from tools.triton import TritonInstall, TritonPorts, wait_triton_ready
 
 MODELS = {"gpu": "smollm2-135m-instruct", "cpu": "smollm2-135m-instruct-cpu"}
+
+
+def gpu_model() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "no GPU (nvidia-smi not found): both pools ran on the CPU"
+    answer = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                            text=True)
+    return answer.stdout.strip() or "no GPU found"
 
 
 def registry(ports: dict[str, TritonPorts]) -> dict:
@@ -129,8 +138,7 @@ def main() -> None:
     finally:
         for process in reversed(list(processes.values())):
             process.stop()
-    gpu_name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True).stdout.strip() or "no GPU found"
+    gpu_name = gpu_model()
     print(render(rows, gpu_name, args.max_tokens))
     if args.json:
         args.json.write_text(json.dumps({"gpu": gpu_name, "rows": rows}, indent=1))

@@ -115,11 +115,14 @@ class Breaker:
         if code is not None and code != grpc.StatusCode.OK and code not in TARGET_FAULTS:
             self._probing = False
             return
-        if self._cb.current_state == pybreaker.STATE_OPEN:
+        state = self._cb.current_state
+        if state == pybreaker.STATE_OPEN:
             return  # a late answer to a call admitted before the breaker opened
         self._probing = False
         if code is None or code == grpc.StatusCode.OK:
-            self._cb.call(_succeed)
+            # The hot path: a success on a closed breaker with no failures counted changes nothing.
+            if state != pybreaker.STATE_CLOSED or self._cb.fail_counter:
+                self._cb.call(_succeed)
         else:
             with contextlib.suppress(Exception):
                 self._cb.call(_fail, f"{code.name}: {detail}")

@@ -36,6 +36,8 @@ class ServedCalls(grpc.aio.ServerInterceptor):
     def __init__(self, service: str, shedder: LoadShedder | None = None) -> None:
         self._service = service
         self.shedder = shedder
+        self._counters: dict[tuple[str, str], Any] = {}
+        self._timers: dict[str, Any] = {}
 
     async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
         """A refused call is counted with its status (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) and not timed."""
@@ -54,8 +56,16 @@ class ServedCalls(grpc.aio.ServerInterceptor):
     def _observe(self, method: str, context: grpc.aio.ServicerContext, started: float,
                  failed: BaseException | None) -> None:
         self._release()
-        REQUESTS.labels(self._service, method, _code(context, failed)).inc()
-        DURATION.labels(self._service, method).observe(time.perf_counter() - started)
+        code = _code(context, failed)
+        # Children looked up once: labels() takes a lock and builds a key on every call.
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._counters[(method, code)] = REQUESTS.labels(self._service, method, code)
+        timer = self._timers.get(method)
+        if timer is None:
+            timer = self._timers[method] = DURATION.labels(self._service, method)
+        counter.inc()
+        timer.observe(time.perf_counter() - started)
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         if handler.unary_unary or handler.stream_unary:

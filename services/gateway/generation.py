@@ -67,10 +67,12 @@ async def stream_generation(
         retrier.budget.on_request()
     retry = 0
     while True:
-        call = router.ModelStreamInfer(iter([kserve_request]), timeout=max(deadline - time.monotonic(), 0.001),
-                                       metadata=call_metadata)
+        call = None
         started = False
         try:
+            # Inside the try: an open breaker refuses the call right here, with UNAVAILABLE.
+            call = router.ModelStreamInfer(iter([kserve_request]), timeout=max(deadline - time.monotonic(), 0.001),
+                                           metadata=call_metadata)
             stream = aiter(call)
             async for item in stream:
                 started = True
@@ -93,7 +95,8 @@ async def stream_generation(
             raise from_rpc_error(exc, "router") from exc
         finally:
             # Cancels the router stream (and so the Triton request) when our caller goes away.
-            call.cancel()
+            if call is not None:
+                call.cancel()
 
 
 def _chunk(response: service_pb2.ModelInferResponse,
