@@ -4,9 +4,10 @@ exists, a precise status where none does, circuit breakers that open and close, 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import grpc
@@ -65,7 +66,8 @@ class Load:
                 time.sleep(0.02)
 
     def start(self) -> Load:
-        for kinds in (["generate_hit", "embed"], ["embed", "search"], ["search", "generate_hit"], ["embed"]):
+        # A caller per kind, so that a slow kind (a search waiting on a reconnect) cannot starve the others.
+        for kinds in (["generate_hit"], ["embed"], ["search"], ["embed", "search"]):
             thread = threading.Thread(target=self._run, args=(kinds,), daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -83,6 +85,15 @@ class Load:
                 by_kind[outcome.kind].append(outcome)
         return by_kind
 
+    def hold(self, since: float, kinds: list[str], at_least_s: float, each: int = 3) -> float:
+        """Keeps a fault in place at least `at_least_s`, and until every kind has `each` answers started after
+        `since` (at most 20 s more: a machine shared with other tests answers slowly); returns the time."""
+        time.sleep(at_least_s)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(len(self.between(since, math.inf)[k]) < each for k in kinds):
+            time.sleep(0.2)
+        return time.monotonic()
+
     def recovered_at(self, kind: str, since: float, ok=lambda o: o.code == "OK") -> float:
         """When `kind` answered well again after `since` (inf while it has not), waiting up to RECOVERY_S."""
         deadline = time.monotonic() + RECOVERY_S
@@ -92,6 +103,13 @@ class Load:
                 return min(good)
             time.sleep(0.2)
         return float("inf")
+
+
+def seen(load: Load, kind: str, since: float) -> str:
+    """What `kind` got since `since`, for failure messages: counts by status and cache status."""
+    tally = Counter(f"{o.code}/{mesh_pb2.CacheStatus.Name(o.cache_status)}" for o in load.outcomes
+                    if o.kind == kind and o.at >= since)
+    return ", ".join(f"{k} x{v}" for k, v in tally.most_common(6))
 
 
 def failures(outcomes: list[Outcome]) -> list[str]:
@@ -124,61 +142,67 @@ def test_redis_killed_and_restarted_under_load(deps):
     time.sleep(2.0)
     stack.processes["redis"].kill()
     killed = time.monotonic()
-    time.sleep(3.0)
+    held = load.hold(killed, ["generate_hit", "embed", "search"], 3.0)
     stack.start_redis()
     restarted = time.monotonic()
-    window = load.between(killed, restarted)
+    window = load.between(killed, held)
     # Without Redis every request still has a path: generation and embeddings skip the cache, search needs none.
     for kind in ("generate_hit", "embed", "search"):
         assert window[kind] and not failures(window[kind]), (kind, failures(window[kind])[:3])
     assert any(o.cache_status == mesh_pb2.CACHE_STATUS_UNAVAILABLE for o in window["generate_hit"])
     back = load.recovered_at("embed", restarted, lambda o: o.code == "OK" and
                              o.cache_status != mesh_pb2.CACHE_STATUS_UNAVAILABLE)
-    assert back - restarted < RECOVERY_S, "the cache did not come back after Redis restarted"
+    assert back - restarted < RECOVERY_S, \
+        f"the cache did not come back after Redis restarted: {seen(load, 'embed', restarted)}"
 
 
 def test_milvus_killed_and_restarted_under_load(deps):
     stack, load = deps
     stack.processes["milvus"].kill()
     killed = time.monotonic()
-    time.sleep(3.0)
-    window = load.between(killed + 1.0, time.monotonic())
+    held = load.hold(killed + 1.0, ["generate_hit", "embed", "search"], 3.0)
+    window = load.between(killed + 1.0, held)
     assert window["search"] and all(o.code == "UNAVAILABLE" and o.detail for o in window["search"]), \
         "search without Milvus must fail fast with UNAVAILABLE and say why"
     for kind in ("generate_hit", "embed"):
         assert window[kind] and not failures(window[kind]), (kind, failures(window[kind])[:3])
     stack.start_milvus()
     restarted = time.monotonic()
-    assert load.recovered_at("search", restarted) - restarted < RECOVERY_S, "search did not recover"
+    assert load.recovered_at("search", restarted) - restarted < RECOVERY_S, \
+        f"search did not recover: {seen(load, 'search', restarted)}"
 
 
 def test_router_killed_and_restarted_under_load_breaker_opens_and_closes(deps):
     stack, load = deps
+    # The cached answer must be in the cache (Redis was restarted empty above): wait for a fresh exact hit.
+    assert load.recovered_at("generate_hit", time.monotonic(),
+                             lambda o: o.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT) < math.inf
     stack.processes["router"].kill()
     killed = time.monotonic()
     deadline = killed + 10
     while breaker_state(stack, "router") != 2:  # open after 10 consecutive failures
-        assert time.monotonic() < deadline, "the gateway's router breaker did not open"
+        assert time.monotonic() < deadline, f"the gateway's router breaker did not open: {seen(load, 'embed', killed)}"
         time.sleep(0.2)
     opened = time.monotonic()
-    time.sleep(2.0)
-    window = load.between(killed + 0.5, time.monotonic())
+    held = load.hold(opened, ["generate_hit", "embed", "search"], 2.0)
+    window = load.between(killed + 0.5, held)
     # Cached answers need no router; fresh embeddings and searches (their query embedding) do.
     assert window["generate_hit"] and not failures(window["generate_hit"])
     assert all(o.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT for o in window["generate_hit"])
     for kind in ("embed", "search"):
         assert window[kind] and all(o.code == "UNAVAILABLE" and o.detail for o in window[kind]), kind
-    fast = load.between(opened, time.monotonic())["embed"]
+    fast = load.between(opened, held)["embed"]
     assert any("circuit open" in o.detail for o in fast), "an open breaker fails fast and says so"
     stack.start_router()
     restarted = time.monotonic()
     back = load.recovered_at("embed", restarted)
-    assert back - restarted < RECOVERY_S, "requests did not succeed again after the router restarted"
+    assert back - restarted < RECOVERY_S, \
+        f"requests did not succeed again after the router restarted: {seen(load, 'embed', restarted)}"
     deadline = time.monotonic() + RECOVERY_S
     while breaker_state(stack, "router") != 0:
         assert time.monotonic() < deadline, "the router breaker did not close after the router came back"
         time.sleep(0.2)
-    assert load.recovered_at("search", restarted) - restarted < RECOVERY_S
+    assert load.recovered_at("search", restarted) - restarted < RECOVERY_S, seen(load, "search", restarted)
 
 
 def test_cache_service_killed_breaker_opens_requests_degrade_then_recover(deps):
@@ -187,15 +211,16 @@ def test_cache_service_killed_breaker_opens_requests_degrade_then_recover(deps):
     killed = time.monotonic()
     deadline = killed + 15
     while breaker_state(stack, "cache") != 2:
-        assert time.monotonic() < deadline, "the gateway's cache breaker did not open"
+        assert time.monotonic() < deadline, f"the gateway's cache breaker did not open: {seen(load, 'embed', killed)}"
         time.sleep(0.2)
-    time.sleep(3.0)
-    window = load.between(killed, time.monotonic())
+    held = load.hold(killed, ["generate_hit", "embed"], 3.0)
+    window = load.between(killed, held)
     for kind in ("generate_hit", "embed"):
         assert window[kind] and not failures(window[kind]), (kind, failures(window[kind])[:3])
     stack.start_cache()
     restarted = time.monotonic()
     back = load.recovered_at("generate_hit", restarted,
                              lambda o: o.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT)
-    assert back - restarted < RECOVERY_S, f"no cache hit since the restart; breaker {breaker_state(stack, 'cache')}"
+    assert back - restarted < RECOVERY_S, (f"no cache hit since the restart; breaker {breaker_state(stack, 'cache')}; "
+                                           f"{seen(load, 'generate_hit', restarted)}")
     assert breaker_state(stack, "cache") == 0
