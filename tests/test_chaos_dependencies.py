@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2
+from services.common.kserve import InferRequestBuilder
 from tests.conftest import AUTH, EMBEDDER, chat, service_metric
 from tools.stack import LocalStack, StackPorts
 
@@ -193,6 +195,12 @@ def test_router_killed_and_restarted_under_load_breaker_opens_and_closes(deps):
         assert window[kind] and all(o.code == "UNAVAILABLE" and o.detail for o in window[kind]), kind
     fast = load.between(opened, held)["embed"]
     assert any("circuit open" in o.detail for o in fast), "an open breaker fails fast and says so"
+    # A stock Triton client streaming through the gateway's KServe endpoint gets the same precise status.
+    with grpc.insecure_channel(stack.gateway_address) as channel, pytest.raises(grpc.RpcError) as refused:
+        request = InferRequestBuilder("smollm2-135m-instruct").add_bytes("messages", [b"[]"]).build()
+        list(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([request]), metadata=AUTH,
+                                                                                 timeout=10))
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "circuit open" in refused.value.details()
     stack.start_router()
     restarted = time.monotonic()
     back = load.recovered_at("embed", restarted)

@@ -49,12 +49,15 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         headers = await self._forward_headers(context)
-        call = self._router.ModelStreamInfer(request_iterator, metadata=headers,
-                                             timeout=downstream_timeout(context, self._infer_timeout_s))
+        call = None
         try:
+            # Inside the try: an open breaker refuses the call right here, with UNAVAILABLE.
+            call = self._router.ModelStreamInfer(request_iterator, metadata=headers,
+                                                 timeout=downstream_timeout(context, self._infer_timeout_s))
             async for response in call:
                 yield response
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), f"router: {exc.details()}")
         finally:
-            call.cancel()
+            if call is not None:
+                call.cancel()
