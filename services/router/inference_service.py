@@ -141,7 +141,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         FALLBACKS.labels(public_name, "model").inc()
         return Placed(backup, choice, f"model {public_name}->{spec.fallback}")
 
-    async def _admitted(self, placed: Placed, route: Route) -> Route | None:
+    def _admitted(self, placed: Placed, route: Route) -> Route | None:
         """None when the replica's breaker admits the call; else the route without it (another took the probe)."""
         try:
             placed.replica.breaker.admit()
@@ -194,7 +194,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 placed = self._place(public_name, spec, request, route, asked_version)
             except NoReplicaError as exc:
                 await context.abort(_no_replica_code(exc), str(exc))
-            if (other := await self._admitted(placed, route)) is not None:
+            if (other := self._admitted(placed, route)) is not None:
                 route = other
                 continue
             replica = placed.replica
@@ -266,7 +266,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 await out.put(service_pb2.ModelStreamInferResponse(
                     error_message=f"{_no_replica_code(exc).name}: {exc}{self._progress_note(progress)}"))
                 return
-            if (other := await self._admitted(placed, route)) is not None:
+            if (other := self._admitted(placed, route)) is not None:
                 route = other
                 continue
             replica = placed.replica
