@@ -194,8 +194,8 @@ def main() -> None:
     stack.start()
     unlimited = None
     try:
-        settings = stack.edge_settings().model_copy(update={"port": free_port(), "admin_port": free_port(),
-                                                            "global_rate_limit": False})
+        settings = stack.edge_settings().model_copy(update={
+            "port": free_port(), "admin_port": free_port(), "metrics_port": 0, "global_rate_limit": False})
         unlimited = start_envoy(settings, run_dir, name="envoy-no-rls")
         wait_edge_ready(unlimited, settings)
         results = asyncio.run(measure(stack, f"127.0.0.1:{settings.port}", args.concurrency, counts, args.rounds))

@@ -17,7 +17,10 @@ from tools.triton import triton_counter
 LLM = "smollm2-135m-instruct"
 EMBEDDER = "all-minilm-l6-v2"
 KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenant-std": "test-key-tenant-std",
-        "tenant-budget": "test-key-tenant-budget", "tenant-bulk": "test-key-tenant-bulk"}
+        "tenant-budget": "test-key-tenant-budget", "tenant-bulk": "test-key-tenant-bulk",
+        # The adversarial suite's own: one stores documents, the other attacks them.
+        "tenant-victim": "test-key-tenant-victim", "tenant-attacker": "test-key-tenant-attacker",
+        "tenant-budget-kserve": "test-key-tenant-budget-kserve"}
 # Request limits: the production tiers' own (config/tenants.yaml). Token budgets: large, except for the budget
 # test's own tier, so that no other test runs out.
 _PRODUCTION = yaml.safe_load((Path(__file__).parent.parent / "config" / "tenants.yaml").read_text())["tiers"]
@@ -29,7 +32,8 @@ TIERS = {
     "bulk": {"requests_per_minute": 100_000, "burst": 10_000},
 }
 TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": "standard",
-                "tenant-budget": "small-budget", "tenant-bulk": "bulk"}
+                "tenant-budget": "small-budget", "tenant-bulk": "bulk", "tenant-victim": "bulk",
+                "tenant-attacker": "bulk", "tenant-budget-kserve": "small-budget"}
 
 
 def write_tenants(path: Path) -> Path:

@@ -245,31 +245,6 @@ def test_kserve_tensors_round_trip():
     np.testing.assert_array_equal(arrays["N"], np.array([[1.5, -2.0]], np.float32))
 
 
-def test_filters_accept_metadata_expressions_and_expand_in():
-    from services.retrieval.filters import to_milvus
-
-    assert to_milvus('metadata["lang"] == "en"', 100) == 'metadata["lang"] == "en"'
-    assert to_milvus('metadata["k"] in ["a", "b"] and not (metadata["n"] >= 3)', 200) == \
-        '(metadata["k"] == "a" or metadata["k"] == "b") and not (metadata["n"] >= 3)'
-    assert to_milvus("", 10) == ""
-    # Literals alone cannot reach another field, so a tautology is allowed: it stays inside the tenant clause.
-    assert to_milvus('metadata["a"] == "b" or 1 == 1', 100)
-
-
-@pytest.mark.parametrize("bad", [
-    'metadata["a"] == "b") or (tenant != "x"',  # closes the tenant clause
-    'tenant == "other"',                         # names another field
-    "pk != ''",                                  # single quotes and another field
-    'metadata["a"] == "b"; drop',
-    '((metadata["a"] == "b")',
-])
-def test_filters_reject_escapes(bad):
-    from services.retrieval.filters import FilterError, to_milvus
-
-    with pytest.raises(FilterError):
-        to_milvus(bad, 100)
-
-
 def test_chunker_windows_overlap_on_token_boundaries():
     from services.retrieval.chunking import Chunker
 

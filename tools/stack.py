@@ -49,13 +49,17 @@ class StackPorts:
     ratelimit_metrics: int = 0
     router_metrics: int = 0
     retrieval_metrics: int = 0
+    edge_metrics: int = 0
+    # Redis for rate-limit and budget state (noeviction, persisted), apart from the cache's LRU Redis.
+    state_redis: int = 0
 
     @classmethod
     def free(cls, replicas: int = 1, gateways: int = 2) -> StackPorts:
         return cls(free_port(), free_port(), [TritonPorts.free() for _ in range(replicas)], free_port(),
                    free_port(), free_port(), free_port(), free_port(), free_port(),
                    [free_port() for _ in range(gateways - 1)], [free_port() for _ in range(gateways - 1)],
-                   free_port(), free_port(), free_port(), free_port(), free_port(), free_port())
+                   free_port(), free_port(), free_port(), free_port(), free_port(), free_port(),
+                   edge_metrics=free_port(), state_redis=free_port())
 
     def gateway_ports(self) -> list[tuple[int, int]]:
         """(gRPC, metrics) of every gateway replica."""
@@ -138,6 +142,10 @@ class LocalStack:
     def start_redis(self) -> None:
         self.processes["redis"] = start_redis(self.ports.redis, self.run_dir / "redis.log")
 
+    def start_state_redis(self) -> None:
+        self.processes["redis-state"] = start_redis(self.ports.state_redis, self.run_dir / "redis-state.log",
+                                                    role="state", name="redis-state")
+
     def start_milvus(self) -> None:
         if self.milvus_backend == "server":
             if not self._milvus_server_ports:
@@ -166,8 +174,10 @@ class LocalStack:
                 self.start_milvus()
             if self.with_retrieval:
                 self.start_retrieval()
-            if self.with_cache or self.with_edge:
+            if self.with_cache:
                 self.start_redis()
+            if self.with_edge:
+                self.start_state_redis()
             if self.with_cache:
                 self.start_cache()
             if self.with_edge:
@@ -239,7 +249,7 @@ class LocalStack:
         ratelimit = self._start("ratelimit", {
             "MESH_RATELIMIT_PORT": str(self.ports.ratelimit),
             "MESH_RATELIMIT_METRICS_PORT": str(self.ports.ratelimit_metrics),
-            "MESH_RATELIMIT_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/1",
+            "MESH_RATELIMIT_REDIS_URL": f"redis://127.0.0.1:{self.ports.state_redis}/0",
             "MESH_RATELIMIT_TENANTS_FILE": str(self.tenants_file),
         })
         wait_grpc_serving(self.ratelimit_address, ratelimit, 30)
@@ -269,7 +279,8 @@ class LocalStack:
     def edge_settings(self) -> EdgeSettings:
         pki = self.pki
         return EdgeSettings(**{
-            "port": self.ports.edge, "admin_port": self.ports.edge_admin, "gateways": self.gateway_addresses,
+            "port": self.ports.edge, "admin_port": self.ports.edge_admin, "metrics_port": self.ports.edge_metrics,
+            "gateways": self.gateway_addresses,
             "ratelimit_address": self.ratelimit_address, "edge_secret": self._edge_secret,
             "tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key), "client_ca": str(pki.ca_cert),
             "jwks_file": str(pki.jwks), "otlp_address": self.otlp_grpc, **self.edge_overrides})
@@ -292,7 +303,8 @@ def _up(args: argparse.Namespace) -> None:
                        cache=50053, redis=6379, milvus=19530, gateway_metrics=9101, cache_metrics=9103,
                        retrieval=50054, extra_gateways=[args.gateway_port + 10], extra_gateway_metrics=[9111],
                        edge=args.edge_port, edge_admin=9901, ratelimit=50055, ratelimit_metrics=9105,
-                       router_metrics=9102, retrieval_metrics=9104)
+                       router_metrics=9102, retrieval_metrics=9104, edge_metrics=9902,
+                       state_redis=6380)
     stack = LocalStack(ROOT / "run", ports)
     print("starting Triton, router, milvus-lite, retrieval, Redis, cache, rate limits, 2 gateways and Envoy "
           "(logs in run/) ...", flush=True)
@@ -309,7 +321,7 @@ inference mesh is up
   router (internal):                       {stack.router_address}
   cache (internal):                        {stack.cache_address}  redis :{ports.redis}  milvus-lite :{ports.milvus}
   retrieval (internal):                    {stack.retrieval_address}
-  rate limits + token budgets (internal):  {stack.ratelimit_address}
+  rate limits + token budgets (internal):  {stack.ratelimit_address}  redis (noeviction) :{ports.state_redis}
   triton:                                  grpc 127.0.0.1:{t.grpc}  http :{t.http}  metrics :{t.metrics}
   CA certificate (trust it):               {pki.ca_cert.relative_to(ROOT)}
   dev API key:                             mesh-dev-key    (a JWT: .venv/bin/python -m tools.pki mint --tenant dev)

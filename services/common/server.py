@@ -22,8 +22,9 @@ from services.common.telemetry import client_interceptors, server_interceptors, 
 log = logging.getLogger(__name__)
 ServiceSettingsT = TypeVar("ServiceSettingsT", bound=ServiceSettings)
 
-# Large enough for an embedding batch of 256 texts of 8 KiB or its 384-float vectors.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The same on every hop, and above the largest public request: an Embed batch of 256 texts of 8,192 characters
+# (8 MiB in UTF-8 at worst) or a 1,000,000-character document. Larger messages get RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

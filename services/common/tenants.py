@@ -21,7 +21,8 @@ class Tier(BaseModel, extra="forbid"):
 
 
 class Tenant(BaseModel, extra="forbid"):
-    id: str
+    # It becomes part of Redis keys, metric labels and headers: a plain name, never free text.
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     tier: str
     api_key_sha256: list[str] = Field(default_factory=list)
 

@@ -10,6 +10,7 @@ import ipaddress
 from typing import Any
 
 from services.common.wire import (
+    CREDENTIAL_HEADERS,
     DESCRIPTOR_API_KEY,
     DESCRIPTOR_AUTHORIZATION,
     DESCRIPTOR_TENANT,
@@ -82,13 +83,37 @@ def _route(match: dict[str, Any], timeout_s: float, retry_on: str, limited: bool
     return {"match": {**match, "grpc": {}}, "route": action}
 
 
+def _refusal(headers: list[dict[str, Any]], message: str) -> dict[str, Any]:
+    # 401 becomes UNAUTHENTICATED for gRPC callers and the body their grpc-message. Answered by the route,
+    # so a refused request never reaches the rate-limit service or a gateway.
+    return {"match": {"prefix": "/", "headers": headers},
+            "direct_response": {"status": 401, "body": {"inline_string": message}}}
+
+
+def _credential_routes() -> list[dict[str, Any]]:
+    """One credential per request. The rate-limit service and the gateway each read the credential: with two
+    (a repeated header, or a key beside a JWT) they could read different ones and disagree on the tenant.
+    Envoy joins a repeated header's values with commas before matching; keys and JWTs contain none."""
+    present = {"present_match": True}
+    repeated = {"string_match": {"contains": ","}}
+    return [
+        _refusal([{"name": CREDENTIAL_HEADERS[0], **present}, {"name": CREDENTIAL_HEADERS[1], **present}],
+                 f"send exactly one credential: both {CREDENTIAL_HEADERS[0]!r} and {CREDENTIAL_HEADERS[1]!r} "
+                 "were sent"),
+        *(_refusal([{"name": header, **repeated}],
+                   f"send exactly one credential: {header!r} was sent more than once (or holds a comma)")
+          for header in CREDENTIAL_HEADERS),
+    ]
+
+
 def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
     # Streams are retried only where the gateway never saw them (connect failure, refused stream): a retry
     # after tokens went out would duplicate them. Unary calls are retried on UNAVAILABLE too.
     never_reached = "connect-failure,refused-stream"
     unary = "unavailable,connect-failure,refused-stream,reset"
     limited = s.global_rate_limit
-    routes = [_route({"path": p}, s.inference_timeout_s, never_reached, limited) for p in STREAMING]
+    routes = _credential_routes()
+    routes += [_route({"path": p}, s.inference_timeout_s, never_reached, limited) for p in STREAMING]
     routes += [_route({"path": p}, s.ingest_timeout_s, never_reached, limited) for p in INGEST]
     routes += [_route({"path": p}, s.inference_timeout_s, unary, limited) for p in UNARY_INFERENCE]
     routes += [_route({"prefix": prefix}, s.metadata_timeout_s, unary, limited) for prefix in (MESH, KSERVE)]
@@ -115,6 +140,9 @@ def _http_filters(s: EdgeSettings) -> list[dict[str, Any]]:
         {"name": "envoy.filters.http.local_ratelimit", "typed_config": _typed(
             "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
             stat_prefix="edge_shield",
+            # Per downstream connection, so one tenant's flood spends its own connection's bucket and never
+            # gets other tenants' requests refused; the per-tenant limits behind it are the global ones.
+            local_rate_limit_per_downstream_connection=True,
             token_bucket={"max_tokens": s.shield.max_tokens, "tokens_per_fill": s.shield.tokens_per_fill,
                           "fill_interval": _seconds(s.shield.fill_interval_s)},
             filter_enabled={"runtime_key": "edge_shield_enabled", "default_value": always},
@@ -157,8 +185,21 @@ def _listener(s: EdgeSettings) -> dict[str, Any]:
         stat_prefix="edge",
         codec_type="AUTO",
         use_remote_address=True,
-        http2_protocol_options={"max_concurrent_streams": 1024},
-        common_http_protocol_options={"max_stream_duration": _seconds(s.max_stream_duration_s)},
+        # Envoy's edge best practices: small windows and few streams per connection bound what one client
+        # can make Envoy buffer; headers with underscores and escaped slashes are refused rather than guessed.
+        http2_protocol_options={"max_concurrent_streams": s.limits.max_concurrent_streams,
+                                "initial_stream_window_size": s.limits.stream_window_bytes,
+                                "initial_connection_window_size": s.limits.connection_window_bytes},
+        common_http_protocol_options={"max_stream_duration": _seconds(s.max_stream_duration_s),
+                                      "idle_timeout": _seconds(s.limits.connection_idle_timeout_s),
+                                      "headers_with_underscores_action": "REJECT_REQUEST",
+                                      "max_headers_count": s.limits.max_headers_count},
+        max_request_headers_kb=s.limits.max_request_headers_kb,
+        request_headers_timeout=_seconds(s.limits.request_headers_timeout_s),
+        stream_idle_timeout=_seconds(s.limits.stream_idle_timeout_s),
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action="REJECT_REQUEST",
         route_config={"name": "mesh", "virtual_hosts": [{
             "name": "mesh", "domains": ["*"], "routes": _routes(s),
             "request_headers_to_add": [{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
@@ -169,6 +210,7 @@ def _listener(s: EdgeSettings) -> dict[str, Any]:
     if s.otlp_address:
         manager["tracing"] = _tracing(s)
     return {"name": "public", "address": _socket(f"{s.host}:{s.port}"),
+            "per_connection_buffer_limit_bytes": s.limits.connection_buffer_bytes,
             "filter_chains": [{"transport_socket": {"name": "envoy.transport_sockets.tls",
                                                     "typed_config": _tls_context(s)},
                                "filters": [{"name": "envoy.filters.network.http_connection_manager",
@@ -189,6 +231,7 @@ def _http2_cluster(name: str, addresses: list[str], connect_timeout_s: float) ->
         # Host names (docker compose services, Kubernetes services) are resolved and re-resolved by Envoy.
         "type": "STATIC" if all(_is_ip(a) for a in addresses) else "STRICT_DNS",
         "connect_timeout": _seconds(connect_timeout_s),
+        "per_connection_buffer_limit_bytes": 1024 * 1024,
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             explicit_http_config={"http2_protocol_options": {"max_concurrent_streams": 1024}})},
@@ -225,8 +268,64 @@ def _tracing(s: EdgeSettings) -> dict[str, Any]:
                 grpc_service={"envoy_grpc": {"cluster_name": "otel_collector"}, "timeout": "0.25s"})}}
 
 
-def render(s: EdgeSettings) -> dict[str, Any]:
+def _overload_manager(s: EdgeSettings) -> dict[str, Any]:
+    """Envoy's edge best practices: shed before the heap or the connection count runs out."""
+    heap = "envoy.resource_monitors.fixed_heap"
+    connections = "envoy.resource_monitors.global_downstream_max_connections"
     return {
-        "admin": {"address": _socket(f"{s.admin_host}:{s.admin_port}")},
-        "static_resources": {"listeners": [_listener(s)], "clusters": _clusters(s)},
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {"name": heap, "typed_config": _typed(
+                "envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                max_heap_size_bytes=s.limits.max_heap_bytes)},
+            {"name": connections, "typed_config": _typed(
+                "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                max_active_downstream_connections=s.limits.max_connections)},
+        ],
+        "actions": [
+            {"name": "envoy.overload_actions.shrink_heap",
+             "triggers": [{"name": heap, "threshold": {"value": 0.95}}]},
+            {"name": "envoy.overload_actions.disable_http_keepalive",
+             "triggers": [{"name": heap, "threshold": {"value": 0.92}}]},
+            {"name": "envoy.overload_actions.stop_accepting_requests",
+             "triggers": [{"name": heap, "threshold": {"value": 0.98}}]},
+        ],
+    }
+
+
+def _metrics_listener(s: EdgeSettings) -> dict[str, Any]:
+    """Only GET /stats/prometheus, proxied to the admin interface, which never leaves loopback: Prometheus can
+    scrape Envoy without reaching config_dump, drain or quit."""
+    manager = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="edge_metrics", codec_type="AUTO",
+        route_config={"name": "metrics", "virtual_hosts": [{"name": "metrics", "domains": ["*"], "routes": [
+            {"match": {"path": "/stats/prometheus", "headers": [{"name": ":method",
+                                                                  "string_match": {"exact": "GET"}}]},
+             "route": {"cluster": "envoy_admin"}},
+            {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+        ]}]},
+        http_filters=[{"name": "envoy.filters.http.router",
+                       "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}])
+    return {"name": "metrics", "address": _socket(f"{s.metrics_host}:{s.metrics_port}"),
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": manager}]}]}
+
+
+def _admin_cluster(s: EdgeSettings) -> dict[str, Any]:
+    return {"name": "envoy_admin", "type": "STATIC", "connect_timeout": "0.25s",
+            "load_assignment": {"cluster_name": "envoy_admin", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": _socket(f"127.0.0.1:{s.admin_port}")}}]}]}}
+
+
+def render(s: EdgeSettings) -> dict[str, Any]:
+    listeners, clusters = [_listener(s)], _clusters(s)
+    if s.metrics_port:
+        listeners.append(_metrics_listener(s))
+        clusters.append(_admin_cluster(s))
+    return {
+        # The admin interface can change state (drain, quit, runtime): loopback only, always.
+        "admin": {"address": _socket(f"127.0.0.1:{s.admin_port}")},
+        "overload_manager": _overload_manager(s),
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }

@@ -17,14 +17,34 @@ class LocalShield(BaseModel, extra="forbid"):
     fill_interval_s: float = 1.0
 
 
+class EdgeLimits(BaseModel, extra="forbid"):
+    """What one client may make Envoy hold (Envoy's edge best practices, with its recommended values)."""
+
+    max_concurrent_streams: int = 100
+    stream_window_bytes: int = 64 * 1024
+    connection_window_bytes: int = 1024 * 1024
+    connection_buffer_bytes: int = 32 * 1024
+    max_request_headers_kb: int = 60
+    max_headers_count: int = 100
+    request_headers_timeout_s: float = 10.0
+    # A stream with no bytes either way for this long is reset; generation streams send a token at least
+    # every few seconds, ingest streams a batch.
+    stream_idle_timeout_s: float = 300.0
+    connection_idle_timeout_s: float = 900.0
+    max_heap_bytes: int = 1024 * 1024 * 1024
+    max_connections: int = 10_000
+
+
 class EdgeSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_EDGE_", env_nested_delimiter="__", extra="forbid")
 
     port: int = 8443
-    # The admin interface (stats, config dump, and endpoints that change state) stays on loopback unless told
-    # otherwise: compose opens it to its private network so Prometheus can read /stats/prometheus; never publish it.
+    # The admin interface (stats, config dump, and endpoints that change state) listens on loopback only.
     admin_port: int = 9901
-    admin_host: str = "127.0.0.1"
+    # A listener that serves only GET /stats/prometheus (from the admin interface) for Prometheus; 0: none.
+    metrics_port: int = 9902
+    metrics_host: str = "127.0.0.1"
+    limits: EdgeLimits = EdgeLimits()
     # Gateway replicas behind the edge (least_request over all of them).
     gateways: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051", "127.0.0.1:50061"])
     ratelimit_address: str = "127.0.0.1:50055"

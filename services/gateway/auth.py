@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.common.credentials import CredentialError, single_credential
 from services.common.tenants import TenantConfig, hash_key
 from services.common.wire import EDGE_SECRET_HEADER, JWT_TENANT_HEADER
 
@@ -37,15 +38,13 @@ class Authenticator:
         headers = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
         caller, problem = self._from_edge(headers)
         if caller or problem:
+            # Envoy verified the JWT and refused any second credential before it set the tenant header.
             return caller, problem
-        key = headers.get("x-api-key", "")
-        auth = headers.get("authorization", "")
-        if not key and auth[:7].lower() == "bearer ":
-            key = auth[7:].strip()
-        if not key:
-            return None, ("missing credentials: send metadata 'authorization: Bearer <API key or JWT>' "
-                          "or 'x-api-key: <key>'")
-        caller = self._by_hash.get(hash_key(key))
+        try:
+            credential = single_credential(metadata)
+        except CredentialError as exc:
+            return None, str(exc)
+        caller = self._by_hash.get(hash_key(credential.token))
         return caller, "" if caller else "invalid API key"
 
     async def require(self, context: grpc.aio.ServicerContext) -> Caller:

@@ -1,4 +1,8 @@
-"""KServe v2 GRPCInferenceService on the gateway: stock Triton clients, same API keys, via the router."""
+"""KServe v2 GRPCInferenceService on the gateway: stock Triton clients, same API keys, via the router.
+
+Governed like the mesh API (services/gateway/kserve_governance.py): inputs checked, token budgets admitted
+before and charged after with the usage the model reports, and one stream's outstanding work bounded.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,39 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.deadlines import downstream_timeout
 from services.common.wire import TENANT_HEADER
-from services.gateway.auth import Authenticator
+from services.gateway.auth import Authenticator, Caller
+from services.gateway.budgets import TokenBudgets
+from services.gateway.errors import RequestError
+from services.gateway.kserve_governance import StreamWindow, check_infer_request, tokens_used
+from services.gateway.settings import KServeLimits
 
 
 class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, auth: Authenticator, router: service_pb2_grpc.GRPCInferenceServiceStub,
-                 infer_timeout_s: float, metadata_timeout_s: float, is_ready) -> None:
+                 infer_timeout_s: float, metadata_timeout_s: float, is_ready,
+                 budgets: TokenBudgets | None = None, limits: KServeLimits | None = None) -> None:
         self._auth = auth
         self._router = router
         self._infer_timeout_s = infer_timeout_s
         self._metadata_timeout_s = metadata_timeout_s
         self._is_ready = is_ready
+        self._budgets = budgets
+        self._limits = limits or KServeLimits()
 
-    async def _forward_headers(self, context) -> tuple[tuple[str, str], ...]:
-        caller = await self._auth.require(context)
+    @staticmethod
+    def _headers(caller: Caller) -> tuple[tuple[str, str], ...]:
         return ((TENANT_HEADER, caller.tenant),)
 
     async def _unary(self, method, request, context, timeout_s: float):
-        headers = await self._forward_headers(context)
+        caller = await self._auth.require(context)
         try:
-            return await method(request, timeout=downstream_timeout(context, timeout_s), metadata=headers)
+            return await method(request, timeout=downstream_timeout(context, timeout_s), metadata=self._headers(caller))
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), f"router: {exc.details()}")
+
+    def _charge(self, caller: Caller, tokens: int) -> None:
+        if self._budgets is not None and tokens > 0:
+            self._budgets.charge(caller, tokens)
 
     async def ServerLive(self, request, context):
         await self._auth.require(context)
@@ -45,19 +60,50 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._unary(self._router.ModelMetadata, request, context, self._metadata_timeout_s)
 
     async def ModelInfer(self, request, context):
-        return await self._unary(self._router.ModelInfer, request, context, self._infer_timeout_s)
+        caller = await self._auth.require(context)
+        try:
+            check_infer_request(request, self._limits)
+            if self._budgets is not None:
+                await self._budgets.admit(caller)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message, exc.trailing)
+        try:
+            response = await self._router.ModelInfer(
+                request, timeout=downstream_timeout(context, self._infer_timeout_s), metadata=self._headers(caller))
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), f"router: {exc.details()}")
+        self._charge(caller, tokens_used(response) or 0)
+        return response
 
     async def ModelStreamInfer(self, request_iterator, context):
-        headers = await self._forward_headers(context)
+        caller = await self._auth.require(context)
+        if self._budgets is not None:
+            try:
+                await self._budgets.admit(caller)
+            except RequestError as exc:
+                await context.abort(exc.code, exc.message, exc.trailing)
+        window = StreamWindow(self._limits.max_outstanding_per_stream, self._limits)
+        # Each request's latest usage (the model counts across its own responses); added up when it ends.
+        open_usage: dict[str, int] = {}
+        charged = 0
         call = None
         try:
             # Inside the try: an open breaker refuses the call right here, with UNAVAILABLE.
-            call = self._router.ModelStreamInfer(request_iterator, metadata=headers,
+            call = self._router.ModelStreamInfer(window.requests(request_iterator), metadata=self._headers(caller),
                                                  timeout=downstream_timeout(context, self._infer_timeout_s))
             async for response in call:
+                final = window.answered(response)
+                used = tokens_used(response.infer_response)
+                if used is not None:
+                    open_usage[response.infer_response.id] = used
+                if final:
+                    charged += open_usage.pop(response.infer_response.id, 0)
                 yield response
+            if window.refused is not None:
+                await context.abort(window.refused.code, window.refused.message)
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), f"router: {exc.details()}")
         finally:
             if call is not None:
                 call.cancel()
+            self._charge(caller, charged + sum(open_usage.values()))

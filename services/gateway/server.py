@@ -53,7 +53,7 @@ async def serve(settings: GatewaySettings) -> None:
         InferenceMeshService(settings, auth, catalog, router, cache, documents, budgets), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeProxyService(auth, router, settings.generate_timeout_s, settings.metadata_timeout_s,
-                           is_ready=lambda: serving), host.server)
+                           is_ready=lambda: serving, budgets=budgets, limits=settings.kserve_limits), host.server)
     host.expose([
         mesh_pb2.DESCRIPTOR.services_by_name["InferenceMesh"].full_name,
         service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,

@@ -14,7 +14,22 @@ class RequestLimits(BaseModel, extra="forbid"):
     max_embed_batch: int = 256              # texts per Embed call
     max_embed_text_chars: int = 8_192
     max_request_id_chars: int = 128
+    max_session_id_chars: int = 128
     max_question_chars: int = 4_096
+
+
+class KServeLimits(BaseModel, extra="forbid"):
+    """Bounds on the KServe endpoint, which takes tensors rather than the mesh API's typed fields."""
+
+    max_name_chars: int = 256
+    max_inputs: int = 16
+    max_parameters: int = 16
+    max_parameter_chars: int = 256
+    # The largest public request: an Embed batch of 256 texts of 8,192 characters, UTF-8.
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_elements: int = 1_000_000
+    # Requests of one ModelStreamInfer stream outstanding at the router at once; the rest wait in the stream.
+    max_outstanding_per_stream: int = 4
 
 
 class GatewaySettings(ServiceSettings):
@@ -46,6 +61,7 @@ class GatewaySettings(ServiceSettings):
     # A system prompt at least this long is a prefix worth keeping on one replica (prefix affinity).
     affinity_min_prefix_chars: int = 200
     limits: RequestLimits = RequestLimits()
+    kserve_limits: KServeLimits = KServeLimits()
     # The rate-limit service's TokenBudget. Empty: no token budgets.
     budget_address: str = ""
     budget_timeout_s: float = 0.25

@@ -33,6 +33,9 @@ def check_request_id(request_id: str, limits: RequestLimits) -> None:
 
 def check_generate(request: mesh_pb2.GenerateRequest, model: models_pb2.ModelInfo, limits: RequestLimits) -> None:
     check_request_id(request.request_id, limits)
+    # It keys canary stickiness and prefix affinity, travels in a KServe parameter and lives in router memory.
+    if len(request.session_id) > limits.max_session_id_chars:
+        raise invalid(f"session_id is {len(request.session_id)} characters; the limit is {limits.max_session_id_chars}")
     if not request.messages:
         raise invalid("messages is empty; send at least one message with role USER")
     if len(request.messages) > limits.max_messages:

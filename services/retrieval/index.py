@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 
 from pymilvus import AsyncMilvusClient, DataType
 
@@ -11,9 +12,9 @@ from services.common.milvus import MilvusCollection, hnsw_cosine_index, quote
 _OUTPUT = ["chunk_id", "document_id", "text", "metadata"]
 
 
-def primary_key(tenant: str, chunk_id: str) -> str:
+def primary_key(tenant: str, chunk_id: str, version: str = "") -> str:
     # Two tenants may use the same document ids: the key includes the tenant.
-    return hashlib.sha256(f"{tenant}\x00{chunk_id}".encode()).hexdigest()
+    return hashlib.sha256(f"{tenant}\x00{chunk_id}\x00{version}".encode()).hexdigest()
 
 
 class DocumentIndex(MilvusCollection):
@@ -40,22 +41,30 @@ class DocumentIndex(MilvusCollection):
                                        consistency_level=self._consistency)
 
     async def replace_documents(self, tenant: str, rows: list[dict], document_ids: list[str]) -> None:
-        """Delete every chunk of these documents, then insert the new ones: upserting again never duplicates."""
-        await self.delete_documents(tenant, document_ids)
+        """Insert the new version under new keys first, then delete the old version's chunks. A reader, or a
+        failure half way, finds the old version or the new one (for a moment both), never neither. Keys carry
+        a per-ingest version because not every Milvus (2.3 with a partition key) has upsert."""
+        previous = await self._chunk_keys(tenant, document_ids)
+        version = uuid.uuid4().hex
         for row in rows:
-            row["pk"] = primary_key(tenant, row["chunk_id"])
+            row["pk"] = primary_key(tenant, row["chunk_id"], version)
             row["tenant"] = tenant
         if rows:
             await self.run(lambda client: client.insert(self.name, rows, timeout=self.timeout_s * 10))
+        if previous:
+            await self.run(lambda client: client.delete(self.name, ids=previous, timeout=self.timeout_s * 4))
 
-    async def delete_documents(self, tenant: str, document_ids: list[str]) -> int:
-        """Deletes by primary key after a query, so the count is exact whatever the backend reports."""
+    async def _chunk_keys(self, tenant: str, document_ids: list[str]) -> list[str]:
         ids = ", ".join(quote(d) for d in document_ids)
         expr = f"tenant == {quote(tenant)} and document_id in [{ids}]"
         # Strong: replacing or deleting must see every chunk written so far, wherever it was written.
         rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["pk"],
                                                           timeout=self.timeout_s * 4, consistency_level="Strong"))
-        keys = [row["pk"] for row in rows]
+        return [row["pk"] for row in rows]
+
+    async def delete_documents(self, tenant: str, document_ids: list[str]) -> int:
+        """Deletes by primary key after a query, so the count is exact whatever the backend reports."""
+        keys = await self._chunk_keys(tenant, document_ids)
         if keys:
             await self.run(lambda client: client.delete(self.name, ids=keys, timeout=self.timeout_s * 4))
         return len(keys)

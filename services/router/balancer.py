@@ -91,6 +91,9 @@ class KeyHomes:
             self._owned[replica] -= 1
 
     def home(self, key: str, ranked: list[Replica]) -> Replica:
+        # Keys are chosen by callers (sessions, KServe parameters): kept as fixed-size digests, so memory is
+        # bounded by max_keys whatever their length.
+        key = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
         now = time.monotonic()
         self._forget_stale(now)
         by_name = {r.name: r for r in ranked}

@@ -1,0 +1,78 @@
+"""The KServe endpoint governed like the mesh API: requests checked, token budgets admitted and charged, and
+the work one stream may have outstanding at the router bounded."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from services.common.kserve import is_final_response, output_arrays
+from services.gateway.errors import RequestError, invalid
+from services.gateway.settings import KServeLimits
+
+# The usage tensors of the mesh's LLM contract (triton_models/smollm2, the TensorRT-LLM BLS model).
+_USAGE = ("prompt_tokens", "completion_tokens")
+
+
+def check_infer_request(request: service_pb2.ModelInferRequest, limits: KServeLimits) -> None:
+    if not request.model_name or len(request.model_name) > limits.max_name_chars:
+        raise invalid(f"model_name must be 1..{limits.max_name_chars} characters")
+    if len(request.id) > limits.max_name_chars:
+        raise invalid(f"id is {len(request.id)} characters; the limit is {limits.max_name_chars}")
+    if not request.inputs or len(request.inputs) > limits.max_inputs:
+        raise invalid(f"send 1..{limits.max_inputs} inputs, got {len(request.inputs)}")
+    if len(request.parameters) > limits.max_parameters:
+        raise invalid(f"{len(request.parameters)} parameters; the limit is {limits.max_parameters}")
+    for name, parameter in request.parameters.items():
+        if len(name) > limits.max_name_chars or len(parameter.string_param) > limits.max_parameter_chars:
+            raise invalid(f"parameter {name[:40]!r} is too long: names up to {limits.max_name_chars} characters, "
+                          f"string values up to {limits.max_parameter_chars}")
+    size = sum(len(raw) for raw in request.raw_input_contents) + request.ByteSize() * (not request.raw_input_contents)
+    if size > limits.max_request_bytes:
+        raise invalid(f"the inputs hold {size} bytes; the limit is {limits.max_request_bytes}")
+    for tensor in request.inputs:
+        if any(d < 0 for d in tensor.shape) or int(np.prod(tensor.shape, dtype=np.int64)) > limits.max_elements:
+            raise invalid(f"input {tensor.name!r} has shape {list(tensor.shape)}; at most "
+                          f"{limits.max_elements} elements")
+
+
+def tokens_used(response: service_pb2.ModelInferResponse) -> int | None:
+    """Prompt + completion tokens a response reports (the model counts them across the stream), if it does."""
+    if not any(output.name in _USAGE for output in response.outputs):
+        return None
+    try:
+        arrays = output_arrays(response)
+    except ValueError:
+        return None
+    return sum(int(arrays[name].reshape(-1)[0]) for name in _USAGE if name in arrays and arrays[name].size)
+
+
+class StreamWindow:
+    """At most `limit` requests of one stream outstanding at the router: the next is read from the caller only
+    when an earlier one has had its final response. Each request is checked on the way."""
+
+    def __init__(self, limit: int, limits: KServeLimits) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._limits = limits
+        self.refused: RequestError | None = None
+
+    async def requests(self, incoming: AsyncIterator[service_pb2.ModelInferRequest]
+                       ) -> AsyncIterator[service_pb2.ModelInferRequest]:
+        async for request in incoming:
+            try:
+                check_infer_request(request, self._limits)
+            except RequestError as exc:
+                self.refused = exc
+                return
+            await self._slots.acquire()
+            yield request
+
+    def answered(self, response: service_pb2.ModelStreamInferResponse) -> bool:
+        """Whether this response ended its request (which frees a place in the window)."""
+        if response.error_message or is_final_response(response.infer_response):
+            self._slots.release()
+            return True
+        return False

@@ -1,0 +1,309 @@
+"""Tenant isolation and a hardened edge, tried as an attacker would: through Envoy with TLS, on the real stack.
+
+One tenant (victim) stores documents; another (attacker) tries to read them through crafted filters, Search,
+Ask and the cache; credentials are confused; prompts carry the model's control tokens.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+
+from inference_mesh.v1 import mesh_pb2, retrieval_pb2
+from services.retrieval.filters import BoolOp, Comparison, FilterError, Membership, Not, parse, render
+from tests.conftest import EMBEDDER, KEYS, LLM, chat
+from tests.test_edge import tls_channel
+from tools.pki import mint_jwt
+
+VICTIM = (("x-api-key", KEYS["tenant-victim"]),)
+ATTACKER = (("x-api-key", KEYS["tenant-attacker"]),)
+SECRET = "The launch code of the victim tenant is lighthouse-amber-42; keep it in the vault."
+MINE = "The attacker's own notes on lighthouses: amber lamps and vault doors."
+
+
+def _doc(doc_id: str, text: str, **metadata: str) -> retrieval_pb2.Document:
+    return retrieval_pb2.Document(id=doc_id, text=text, metadata=metadata)
+
+
+@pytest.fixture(scope="module")
+def edge(stack):
+    with tls_channel(stack) as channel:
+        from inference_mesh.v1 import mesh_pb2_grpc
+
+        yield mesh_pb2_grpc.InferenceMeshStub(channel)
+
+
+@pytest.fixture(scope="module")
+def documents(edge):
+    for metadata, docs in ((VICTIM, [_doc("shared/id", SECRET, lang="en", k="a", n="1"),
+                                     _doc("victim/other", SECRET + " Second copy.", lang="fr", k="b")]),
+                           (ATTACKER, [_doc("shared/id", MINE, lang="en", k="a", n="1"),
+                                       _doc("attacker/notes", MINE + " More notes.", k="b")])):
+        edge.UpsertDocuments(iter([retrieval_pb2.UpsertDocumentsRequest(documents=docs)]), metadata=metadata,
+                             timeout=120)
+    return edge
+
+
+def _search(edge, metadata, user_filter: str = "", query: str = "launch code lighthouse vault", top_k: int = 10):
+    request = retrieval_pb2.SearchRequest(query=query, top_k=top_k, filter=user_filter)
+    return list(edge.Search(request, metadata=metadata, timeout=30).hits)
+
+
+# --- filters -------------------------------------------------------------------------------------------------
+
+ESCAPES = [
+    # The reported one: parentheses inside an `in` list, balanced separately from the brackets.
+    'metadata["k"] in ["a", (] ) or ( metadata["k"] in [ "a" ) ]',
+    'metadata["k"] == "a") or (tenant != "x"',
+    'metadata["k"] == "a" or true) or (true',
+    'tenant == "tenant-victim"',
+    'document_id != ""',
+    'metadata["k"] == "a" || 1 == 1',
+    r'metadata["k"] == "a\") or (tenant != \"x"',
+]
+
+
+@pytest.mark.parametrize("attack", ESCAPES)
+def test_crafted_filters_never_read_another_tenant(documents, attack):
+    try:
+        hits = _search(documents, ATTACKER, attack)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.details()
+        return
+    assert all(SECRET[:20] not in hit.text for hit in hits), [h.text for h in hits]
+
+
+def _random_filter(rng: random.Random, depth: int = 0):
+    keys, values = ["k", "n", "lang", "zz"], ["a", "b", "1", "en", "fr", 1, 0, True]
+    roll = rng.random()
+    if depth >= 3 or roll < 0.4:
+        key = rng.choice(keys)
+        if rng.random() < 0.3:
+            return Membership(key, tuple(rng.sample(values, rng.randint(1, 3))), rng.random() < 0.3)
+        return Comparison(key, rng.choice(["==", "!=", "<", ">="]), rng.choice(values))
+    if roll < 0.55:
+        return Not(_random_filter(rng, depth + 1))
+    return BoolOp(rng.choice(["and", "or"]), tuple(_random_filter(rng, depth + 1) for _ in range(rng.randint(2, 3))))
+
+
+def _mutate(rng: random.Random, text: str) -> str:
+    pieces = list(text)
+    for _ in range(rng.randint(1, 4)):
+        at = rng.randrange(len(pieces) + 1)
+        pieces[at:at] = rng.choice(["(", ")", "[", "]", ",", " or ", " and ", " not ", '"', "tenant", "\\", " in "])
+    return "".join(pieces)
+
+
+def test_every_accepted_filter_only_narrows_the_callers_own_results(documents):
+    """Property, on the live Milvus holding both tenants: whatever the attacker sends, what comes back is a subset
+    of its own unfiltered results. Random trees (rendered) and byte-level mutations of them and of known attacks."""
+    rng = random.Random(13)
+    own = {(h.document_id, h.text) for h in _search(documents, ATTACKER, top_k=100)}
+    assert own and all(SECRET[:20] not in text for _, text in own)
+    tried = accepted = 0
+    for round_ in range(150):
+        tree_text = render(_random_filter(rng))
+        text = tree_text if round_ % 3 == 0 else _mutate(rng, rng.choice([tree_text, *ESCAPES]))
+        tried += 1
+        try:
+            parse(text, 2_048)
+            expect_accepted = True
+        except FilterError:
+            expect_accepted = False
+        try:
+            hits = _search(documents, ATTACKER, text, top_k=100)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (text, exc.details())
+            assert not expect_accepted or "Milvus" in exc.details(), (text, exc.details())
+            continue
+        accepted += 1
+        got = {(h.document_id, h.text) for h in hits}
+        assert got <= own, (text, got - own)
+    assert accepted >= 40, f"only {accepted} of {tried} filters were accepted: the property was barely tried"
+
+
+def test_ask_with_a_crafted_filter_neither_answers_from_nor_cites_another_tenant(documents):
+    request = mesh_pb2.AskRequest(model=LLM, question="What is the launch code?", top_k=3, max_tokens=16,
+                                  filter=ESCAPES[0])
+    with pytest.raises(grpc.RpcError) as info:
+        list(documents.Ask(request, metadata=ATTACKER, timeout=120))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    request.filter = 'metadata["k"] in ["a", "b"]'
+    chunks = list(documents.Ask(request, metadata=ATTACKER, timeout=120))
+    cited = list(chunks[-1].metadata.citations)
+    # victim/other matches the filter and the question best, but belongs to the victim.
+    assert cited and {c.document_id for c in cited} <= {"shared/id", "attacker/notes"}, cited
+    assert "amber-42" not in "".join(chunk.text for chunk in chunks)
+
+
+def test_the_cache_never_answers_another_tenants_question(documents):
+    def status(request, metadata) -> int:
+        return list(documents.Generate(request, metadata=metadata, timeout=120))[-1].metadata.cache_status
+
+    question = chat("Victim's private question: what is our vault's launch code? Answer in five words.",
+                    max_tokens=8, temperature=0.0)
+    paraphrase = chat("Victim's private question: what's our vault's launch code? Answer in five words.",
+                      max_tokens=8, temperature=0.0)
+    status(question, VICTIM)
+    assert status(question, VICTIM) == mesh_pb2.CACHE_STATUS_EXACT_HIT  # stored, so a leak could happen
+    # Two other tenants, so that neither can match an entry of its own made by the other question.
+    assert status(paraphrase, ATTACKER) == mesh_pb2.CACHE_STATUS_MISS
+    assert status(question, (("x-api-key", KEYS["tenant-bulk"]),)) == mesh_pb2.CACHE_STATUS_MISS
+
+
+def test_re_ingest_keeps_the_old_version_until_the_new_one_is_stored(documents):
+    seen_missing = 0
+    for version in range(6):
+        text = f"Version {version} of the re-ingest probe: lighthouse beacon schedule and amber lamps."
+        call = documents.UpsertDocuments.future(
+            iter([retrieval_pb2.UpsertDocumentsRequest(documents=[_doc("probe/reingest", text)])]),
+            metadata=ATTACKER, timeout=120)
+        while not call.done():
+            hits = _search(documents, ATTACKER, query="re-ingest probe lighthouse beacon schedule", top_k=20)
+            if version and not any(h.document_id == "probe/reingest" for h in hits):
+                seen_missing += 1
+        call.result()
+    assert seen_missing == 0, f"the document was missing from {seen_missing} searches during a re-ingest"
+
+
+# --- credentials ---------------------------------------------------------------------------------------------
+
+CONFUSED = {
+    "repeated x-api-key (unknown first)": (("x-api-key", "not-a-key"), ("x-api-key", KEYS["tenant-std"])),
+    "repeated x-api-key (valid first)": (("x-api-key", KEYS["tenant-std"]), ("x-api-key", "not-a-key")),
+    "key and bearer key": (("x-api-key", KEYS["tenant-std"]), ("authorization", f"Bearer {KEYS['tenant-a']}")),
+    "repeated authorization": (("authorization", f"Bearer {KEYS['tenant-std']}"),
+                               ("authorization", f"Bearer {KEYS['tenant-a']}")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFUSED))
+def test_more_than_one_credential_is_refused_at_the_edge_and_the_gateway(stack, edge, channel, case):
+    from inference_mesh.v1 import mesh_pb2_grpc
+
+    request = mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["who am i"])
+    for stub in (edge, mesh_pb2_grpc.InferenceMeshStub(channel)):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Embed(request, metadata=CONFUSED[case], timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, (case, info.value.details())
+        assert "exactly one credential" in info.value.details()
+
+
+def test_a_key_beside_a_jwt_is_refused(stack, edge):
+    token = mint_jwt(stack.pki, "tenant-b")
+    with pytest.raises(grpc.RpcError) as info:
+        edge.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["x"]), timeout=10,
+                   metadata=(("authorization", f"Bearer {token}"), ("x-api-key", KEYS["tenant-std"])))
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_repeated_header_no_longer_walks_around_the_rate_limit(edge):
+    """Found in the field: an unknown key then the valid one passed 120 of 120 where the key alone gets 30."""
+    answers = []
+    for _ in range(60):
+        try:
+            edge.ListModels(mesh_pb2.ListModelsRequest(), metadata=CONFUSED["repeated x-api-key (unknown first)"],
+                            timeout=10)
+            answers.append("OK")
+        except grpc.RpcError as exc:
+            answers.append(exc.code().name)
+    assert set(answers) == {"UNAUTHENTICATED"}, answers
+
+
+# --- KServe endpoint -----------------------------------------------------------------------------------------
+
+def _stream_generate(client, count: int, max_tokens: int, headers) -> list:
+    results: list = []
+    client.start_stream(callback=lambda result, error: results.append((result, error)), headers=headers)
+    try:
+        for index in range(count):
+            messages = triton_grpc.InferInput("messages", [1], "BYTES")
+            messages.set_data_from_numpy(np.array(
+                [f'[{{"role": "user", "content": "Count to {index + 3}."}}]'.encode()], dtype=object))
+            tokens = triton_grpc.InferInput("max_tokens", [1], "INT32")
+            tokens.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+            client.async_stream_infer(LLM, [messages, tokens], request_id=f"r{index}")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            finals = [r for r, e in results if e is None and r.get_response().parameters.get(
+                "triton_final_response") and r.get_response().parameters["triton_final_response"].bool_param]
+            if len(finals) == count or any(e is not None for _, e in results):
+                break
+            time.sleep(0.05)
+    finally:
+        client.stop_stream()
+    return results
+
+
+def test_kserve_stream_with_more_requests_than_its_window_completes_them_all(stack):
+    client = triton_grpc.InferenceServerClient(stack.edge_address, ssl=True, root_certificates=str(stack.pki.ca_cert))
+    results = _stream_generate(client, 10, 4, {"x-api-key": KEYS["tenant-bulk"]})
+    errors = [e for _, e in results if e is not None]
+    assert not errors, errors
+    finals = {r.get_response().id for r, _ in results if r.get_response().parameters.get("triton_final_response")
+              and r.get_response().parameters["triton_final_response"].bool_param}
+    assert finals == {f"r{i}" for i in range(10)}
+
+
+def test_kserve_generations_are_charged_to_the_token_budget(stack):
+    """tenant-budget-kserve has 300 tokens/minute: streamed KServe generations used to skip budgets entirely."""
+    client = triton_grpc.InferenceServerClient(stack.edge_address, ssl=True, root_certificates=str(stack.pki.ca_cert))
+    refused = None
+    for _ in range(12):
+        results = _stream_generate(client, 1, 64, {"x-api-key": KEYS["tenant-budget-kserve"]})
+        errors = [e for _, e in results if e is not None]
+        if errors:
+            refused = errors[0]
+            break
+    assert refused is not None, "12 generations of ~100 tokens passed a 300 tokens/minute budget"
+    assert "token budget" in str(refused)
+
+
+def test_kserve_requests_are_validated(stack):
+    client = triton_grpc.InferenceServerClient(stack.edge_address, ssl=True, root_certificates=str(stack.pki.ca_cert))
+    text = triton_grpc.InferInput("TEXT", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[b"x"]], dtype=object))
+    with pytest.raises(triton_grpc.InferenceServerException) as info:
+        client.infer(EMBEDDER, [text], headers={"x-api-key": KEYS["tenant-bulk"]},
+                     parameters={f"p{i}": "v" for i in range(20)})
+    assert "parameters" in str(info.value) and "INVALID_ARGUMENT" in str(info.value.status())
+
+
+# --- prompts and sizes ---------------------------------------------------------------------------------------
+
+def test_an_oversized_message_is_refused_at_every_entry(stack, edge, channel):
+    from inference_mesh.v1 import mesh_pb2_grpc
+
+    huge = mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["x" * (17 * 1024 * 1024)])
+    for stub in (edge, mesh_pb2_grpc.InferenceMeshStub(channel)):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Embed(huge, metadata=ATTACKER, timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    assert stub.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["still up"]), metadata=ATTACKER, timeout=30)
+
+
+def test_a_long_session_id_is_refused(channel):
+    from inference_mesh.v1 import mesh_pb2_grpc
+
+    request = chat("hi", max_tokens=1)
+    request.session_id = "s" * 10_000
+    with pytest.raises(grpc.RpcError) as info:
+        list(mesh_pb2_grpc.InferenceMeshStub(channel).Generate(request, metadata=ATTACKER, timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in info.value.details()
+
+
+def test_state_that_must_not_be_lost_is_never_evicted(stack):
+    import redis
+
+    state = redis.Redis(host="127.0.0.1", port=stack.ports.state_redis)
+    cache = redis.Redis(host="127.0.0.1", port=stack.ports.redis)
+    assert state.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    assert state.config_get("appendonly")["appendonly"] == "yes"
+    assert cache.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
+    # Limits and budgets live in the state store: their keys are there, not in the LRU cache.
+    assert any(state.scan_iter(count=1000)), "no rate-limit or budget state in the state Redis"
