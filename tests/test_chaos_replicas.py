@@ -25,10 +25,12 @@ def llm_pair(tmp_path_factory, tenants_file):
     # Two LLM replicas; the per-replica bound is raised so that one replica can take all 100 streams after the
     # other dies (the default sheds beyond 64, which is what it should do in production). The survivor carries
     # them on 2 cores shared with everything else: a clean CI run once saw 3 of 100 streams pass the 60 s
-    # production deadline. What this test proves is exact continuation, so the gateway's deadline is widened.
+    # production deadline. What this test proves is exact continuation, so the gateway's deadline and the
+    # router's per-attempt bound are widened.
     mesh = LocalStack(tmp_path_factory.mktemp("chaos-llm"), StackPorts.free(2, gateways=1), tenants_file=tenants_file,
                       triton_models=["smollm2"], with_edge=False, with_cache=False, with_retrieval=False,
-                      service_env={"router": {"MESH_ROUTER_MAX_IN_FLIGHT_PER_REPLICA": "256"},
+                      service_env={"router": {"MESH_ROUTER_MAX_IN_FLIGHT_PER_REPLICA": "256",
+                                              "MESH_ROUTER_DEFAULT_TIMEOUT_S": "180"},
                                    "gateway": {"MESH_GATEWAY_GENERATE_TIMEOUT_S": "180"}})
     mesh.start()
     yield mesh

@@ -23,6 +23,7 @@ from tools.edge import validate
 from tools.fill_trtllm import TrtllmPools, rendered, write
 from tools.pki import ensure_pki
 from tools.stack import ROOT
+from tools.triton import KEEPALIVE_ARGS
 
 COMPOSE = ROOT / "compose"
 # Stand-ins for compose/.env (tools/compose_secrets.py makes the real one): compose refuses to start without.
@@ -61,6 +62,9 @@ def test_compose_file_is_valid_per_profile(profile):
         assert devices[0]["driver"] == "nvidia" and devices[0]["device_ids"] and "gpu" in devices[0]["capabilities"]
         assert triton["depends_on"][f"engine-builder-{pool}"]["condition"] == "service_completed_successfully"
     assert set(services["triton-cpu"]["profiles"]) == {"cpu", "gpu"}
+    for name in ("triton-cpu", *(f"triton-{pool}" for pool in GPU_POOLS)):
+        # Triton must accept the mesh's keepalive pings, or it drops the router's connections (too_many_pings).
+        assert set(KEEPALIVE_ARGS) <= set(services[name]["command"]), name
     assert "--storage.tsdb.retention.time=30d" in services["prometheus"]["command"]
 
 

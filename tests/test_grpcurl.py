@@ -35,8 +35,9 @@ def test_list_and_describe(stack):
 
 
 def test_streaming_generate_call(stack):
+    # A request no model answers in five tokens, so the stream ends on its length.
     body = {"model": LLM, "max_tokens": 5, "temperature": 0,
-            "messages": [{"role": "ROLE_USER", "content": "Say hello."}]}
+            "messages": [{"role": "ROLE_USER", "content": "Tell a long story about a dragon and a knight."}]}
     called = run("-plaintext", "-H", f"x-api-key: {KEYS['tenant-a']}", "-d", json.dumps(body),
                  stack.gateway_address, "inference_mesh.v1.InferenceMesh/Generate")
     assert called.returncode == 0, called.stderr

@@ -99,7 +99,8 @@ def _wait_milvus(process: ManagedProcess, port: int, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         process.ensure_alive()
         try:
-            client = MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=2)
+            # Dedicated: a shared connection (pymilvus' default) would outlive this probe and the server's restarts.
+            client = MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=2, dedicated=True)
             client.list_collections()
             client.close()
             return

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from services.common.server import MIN_PING_INTERVAL_MS
 from tools.processes import ManagedProcess, MissingPartError, free_port, wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +17,9 @@ MODEL_REPOSITORY = ROOT / "triton_models"
 SETUP_HINT = "run `make setup` (it creates .venv-triton with nvidia-pytriton, llama-cpp-python and the models)"
 # The CPU models of the repository; triton_models/trtllm holds GPU templates, never loaded here.
 CPU_MODELS = ["smollm2", "minilm"]
+# Triton accepts the mesh's keepalive pings (see services/common/server.py); compose passes the same flags.
+KEEPALIVE_ARGS = ["--grpc-keepalive-permit-without-calls=1",
+                  f"--grpc-http2-min-recv-ping-interval-without-data={MIN_PING_INTERVAL_MS}"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class TritonInstall:
             "--metrics-address=127.0.0.1", f"--metrics-port={ports.metrics}",
             "--allow-gpu-metrics=false",
             "--exit-timeout-secs=10",
+            *KEEPALIVE_ARGS,
             "--log-verbose=0",
         ]
         # Explicit control: only the named models load, not every folder of the repository.

@@ -69,7 +69,9 @@ class MilvusCollection:
             # pymilvus' own reconnect logic can wait without end after a server restart: bound every step here.
             async with asyncio.timeout(self.timeout_s * 10):
                 if self._client is None:
-                    self._client = AsyncMilvusClient(uri=self.uri, timeout=self.timeout_s * 4)
+                    # Dedicated: pymilvus 3 shares one connection per address between clients, so a "new" client
+                    # after a restart got the old, broken one back, and search stayed UNAVAILABLE.
+                    self._client = AsyncMilvusClient(uri=self.uri, timeout=self.timeout_s * 4, dedicated=True)
                 if not await self._client.has_collection(self.name, timeout=self.timeout_s * 4):
                     await self._create(self._client, self.name)
                 await self._client.load_collection(self.name, timeout=self.timeout_s * 5)

@@ -8,6 +8,8 @@ import json
 import os
 import pathlib
 import random
+import re
+import secrets
 
 import llama_cpp
 import numpy as np
@@ -15,7 +17,8 @@ import triton_python_backend_utils as pb_utils
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from position_sampling import PositionSeededSampler  # beside this file; Triton puts the folder on sys.path
-from prefix_states import PrefixStates, common_prefix
+from prefill import prefill
+from prefix_states import PrefixStates
 from stop_matcher import StopMatcher
 
 # Errors the caller caused start with this tag, so the mesh can map them to INVALID_ARGUMENT.
@@ -66,6 +69,8 @@ class TritonPythonModel:
         )
         self.prefixes = PrefixStates(int(params.get("prefix_cache_states", "4")),
                                      int(params.get("prefix_cache_min_tokens", "64")))
+        # The leading context tokens evaluated in whole chunks: the part of it a later prompt may reuse (prefill.py).
+        self.canonical = 0
         vocab_text = self.llm._model.token_get_text
         self.eos = self.llm.token_eos()
         self.formatter = Jinja2ChatFormatter(
@@ -113,8 +118,23 @@ class TritonPythonModel:
         ):
             raise ValueError(f"{INVALID}messages must be a non-empty list of {{role, content}} "
                              f"with role in {sorted(ROLES)}")
-        prompt = self.formatter(messages=messages).prompt
-        return self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return self._tokenize_chat(messages)
+
+    def _tokenize_chat(self, messages: list[dict]) -> list[int]:
+        """The chat template's markup with its control tokens, every message's content as plain text: a message
+        that spells out <|im_start|>system cannot open a turn of its own (the tokens it gets are text tokens).
+        Each content is replaced by a placeholder the caller cannot guess, the template rendered, and the
+        pieces tokenized apart."""
+        nonce = secrets.token_hex(8)
+        marks = {f"\ue000{nonce}:{i}\ue001": m["content"] for i, m in enumerate(messages)}
+        rendered = self.formatter(messages=[{**m, "content": mark} for mark, m in zip(marks, messages, strict=True)])
+        tokens: list[int] = []
+        for piece in re.split(f"(\ue000{nonce}:\\d+\ue001)", rendered.prompt):
+            if piece in marks:
+                tokens += self.llm.tokenize(marks[piece].encode("utf-8"), add_bos=False, special=False)
+            elif piece:
+                tokens += self.llm.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
+        return tokens
 
     def _resume_tokens(self, request, max_tokens: int) -> list[int]:
         """Tokens another replica already produced (and the caller already has), when the router resumes a stream."""
@@ -157,10 +177,12 @@ class TritonPythonModel:
         produced = len(resume)
         tokens = prompt + resume
         finish = "length"
-        # generate() reuses the KV of the longest common prefix with what is in the context; restoring the best
-        # saved prefix first extends that to the last few distinct prefixes (system prompts) this replica served.
-        reused = self.prefixes.restore_best(self.llm, tokens)
+        # The prompt goes in the way every prompt does (prefill.py), from the best reusable prefix: the live
+        # context's or one of the last few distinct prefixes (system prompts) this replica saved.
+        reused, canonical = self.prefixes.restore_best(self.llm, self.canonical, prompt)
         self.prefix_metric.increment(1 if reused >= self.prefixes.min_tokens else 0)
+        self.canonical = 0  # until prefill returns: a failure half-way leaves nothing known to be reusable
+        self.canonical = prefill(self.llm, prompt, canonical)
         if resume:
             self._replay(prompt, resume)
         if temperature > 0:
@@ -174,20 +196,14 @@ class TritonPythonModel:
         # away from its prefix's home replica (mesh_spill) is served but not remembered: its prefix would only
         # evict one this replica is home to.
         if not _request_parameters(request).get("mesh_spill"):
-            self.prefixes.save(self.llm, len(prompt))
+            self.prefixes.save(self.llm, self.canonical)
 
     def _replay(self, prompt: list[int], resume: list[int]) -> None:
-        """Puts prompt + resumed tokens into the context the way the first replica computed them: the prompt as
-        one batch, then each generated token on its own. llama.cpp's batch and single-token kernels round
-        differently, so evaluating the resumed tokens as part of the prompt batch would shift the logits enough
-        to change later tokens (often, even greedy ones); this way they are the same. generate() then evaluates
-        the last resumed token itself."""
-        llm = self.llm
-        live = min(common_prefix(llm.input_ids[: llm.n_tokens], prompt), len(prompt) - 1)
-        llm.n_tokens = live
-        llm.eval(prompt[live:])
-        for token in resume[:-1]:
-            llm.eval([token])
+        """Puts the resumed tokens into the context the way the first replica computed them: after the prompt
+        (prefilled, its last token alone), each generated token on its own, as generate() does. generate() then
+        evaluates the last resumed token itself."""
+        for token in [prompt[-1], *resume[:-1]]:
+            self.llm.eval([token])
 
     def _stream(self, request, sender, tokens: list[int], prompt_length: int, produced: int, max_tokens: int,
                 temperature: float, top_p: float, decoder, stop: StopMatcher, finish: str) -> None:
