@@ -101,6 +101,7 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.retrieval
 	PYTHONPATH=.:gen $(PY) -m bench.edge
 	PYTHONPATH=.:gen $(PY) -m bench.routing
+	PYTHONPATH=.:gen $(PY) -m bench.internal_mtls
 
 # 20 minutes at half the measured capacity: errors, p99 and every process's memory (docs/soak.png, BENCHMARKS.md).
 soak: setup

@@ -14,6 +14,7 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from services.common.internal_tls import InternalTls
 from services.edge.render import render
 from services.edge.settings import EdgeSettings
 from services.router.registry import Registry
@@ -152,8 +153,11 @@ def test_compose_envoy_config_is_rendered_from_its_settings_and_validates(tmp_pa
                                            "python -m services.edge --out compose/envoy/envoy.yaml")
     # Same config with this machine's certificates where the containers mount theirs.
     pki = ensure_pki(tmp_path / "pki")
+    internal = InternalTls(cert=str(pki.internal_cert("edge")), key=str(pki.internal_key("edge")),
+                           ca=str(pki.internal_ca))
     local = settings.model_copy(update={"tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key),
-                                        "client_ca": str(pki.ca_cert), "jwks_file": str(pki.jwks)})
+                                        "client_ca": str(pki.ca_cert), "jwks_file": str(pki.jwks),
+                                        "tls": internal})
     config = tmp_path / "envoy.yaml"
     config.write_text(yaml.safe_dump(render(local)))
     checked = validate(config)

@@ -1,4 +1,6 @@
-"""A local CA, the edge's server certificate, a client certificate (mTLS) and a JWT signing key with its JWKS.
+"""A local CA, the edge's server certificate, a client certificate (mTLS) and a JWT signing key with its JWKS;
+and a separate internal CA with one certificate per mesh identity (services/common/internal_tls.py), so that a
+public client's certificate never passes for a service's.
 
 `make up` and the tests create them when absent. Production brings its own: point the edge settings at them.
     python -m tools.pki mint --tenant dev        # a JWT for tenant dev, signed with the local key
@@ -18,7 +20,7 @@ from pathlib import Path
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +28,14 @@ DEFAULT_DIR = ROOT / "run" / "pki"
 JWT_ISSUER = "https://inference-mesh.local"
 JWT_AUDIENCE = "inference-mesh"
 JWT_KEY_ID = "mesh-local-1"
+# One certificate each; the common name is the identity the services' caller policy reads.
+INTERNAL_IDENTITIES = ("edge", "gateway", "router", "cache", "retrieval", "ratelimit", "triton", "mesh-admin")
+# The host names each identity serves under in compose: up to three replicas (gateway-1..3), and Triton per pool.
+REPLICA_HOST_SUFFIXES = ("", "-1", "-2", "-3")
+EXTRA_HOSTS = {"triton": ("triton-cpu", "triton-a100", "triton-t4")}
+
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 @dataclass(frozen=True)
@@ -63,24 +73,39 @@ class Pki:
     def jwks(self) -> Path:
         return self.path("jwks.json")
 
+    @property
+    def internal_ca(self) -> Path:
+        return self.path("internal-ca.pem")
+
+    def internal_cert(self, identity: str) -> Path:
+        return self.path(f"internal-{identity}.pem")
+
+    def internal_key(self, identity: str) -> Path:
+        return self.path(f"internal-{identity}-key.pem")
+
 
 def _new_key(bits: int = 2048) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def _write_key(key: rsa.RSAPrivateKey, path: Path) -> None:
+def _new_ec_key() -> ec.EllipticCurvePrivateKey:
+    # Internal hops: P-256 handshakes cost a fraction of RSA-2048's, and the keys are made in milliseconds.
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(key: PrivateKey, path: Path) -> None:
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
     path.chmod(0o600)
 
 
-def _load_key(path: Path) -> rsa.RSAPrivateKey:
+def _load_key(path: Path) -> PrivateKey:
     return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
 
-def _certificate(subject: str, key: rsa.RSAPrivateKey, issuer: x509.Certificate | None,
-                 issuer_key: rsa.RSAPrivateKey, *, ca: bool = False, server: bool = False,
-                 days: int = 825) -> x509.Certificate:
+def _certificate(subject: str, key: PrivateKey, issuer: x509.Certificate | None,
+                 issuer_key: PrivateKey, *, ca: bool = False, server: bool = False,
+                 client: bool = False, hosts: tuple[str, ...] = (), days: int = 825) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "inference-mesh (local)")])
     now = dt.datetime.now(dt.UTC)
@@ -95,11 +120,13 @@ def _certificate(subject: str, key: rsa.RSAPrivateKey, issuer: x509.Certificate 
             key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
             decipher_only=False), critical=True)
     else:
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server else []
+        usages += [ExtendedKeyUsageOID.CLIENT_AUTH] if client or not server else []
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        names = [x509.DNSName(host) for host in (*hosts, "localhost")]
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [*names, x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -107,13 +134,32 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def make_ca(directory: Path, name: str = "inference-mesh local CA") -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+def make_ca(directory: Path, name: str = "inference-mesh local CA", file: str = "ca",
+            key: PrivateKey | None = None) -> tuple[x509.Certificate, PrivateKey]:
     directory.mkdir(parents=True, exist_ok=True)
-    key = _new_key()
+    key = key or _new_key()
     cert = _certificate(name, key, None, key, ca=True, days=3650)
-    (directory / "ca.pem").write_bytes(_pem(cert))
-    _write_key(key, directory / "ca-key.pem")
+    (directory / f"{file}.pem").write_bytes(_pem(cert))
+    _write_key(key, directory / f"{file}-key.pem")
     return cert, key
+
+
+def _ensure_internal(pki: Pki) -> None:
+    if not pki.internal_ca.exists():
+        ca, ca_key = make_ca(pki.directory, "inference-mesh internal CA", "internal-ca", _new_ec_key())
+        for identity in INTERNAL_IDENTITIES:
+            pki.internal_cert(identity).unlink(missing_ok=True)
+    else:
+        ca = x509.load_pem_x509_certificate(pki.internal_ca.read_bytes())
+        ca_key = _load_key(pki.path("internal-ca-key.pem"))
+    for identity in INTERNAL_IDENTITIES:
+        if pki.internal_cert(identity).exists():
+            continue
+        key = _new_ec_key()
+        hosts = (*(f"{identity}{suffix}" for suffix in REPLICA_HOST_SUFFIXES), *EXTRA_HOSTS.get(identity, ()))
+        pki.internal_cert(identity).write_bytes(_pem(_certificate(
+            identity, key, ca, ca_key, server=True, client=True, hosts=hosts)))
+        _write_key(key, pki.internal_key(identity))
 
 
 def ensure_pki(directory: Path = DEFAULT_DIR) -> Pki:
@@ -140,6 +186,7 @@ def ensure_pki(directory: Path = DEFAULT_DIR) -> Pki:
         pki.jwks.unlink(missing_ok=True)
     if not pki.jwks.exists():
         pki.jwks.write_text(json.dumps(jwks_for(_load_key(pki.jwt_key))))
+    _ensure_internal(pki)
     return pki
 
 

@@ -152,9 +152,11 @@ def wait_http_ok(url: str, process: ManagedProcess, timeout_s: float) -> None:
     raise TimeoutError(f"{process.name}: {url} not ready after {timeout_s:.0f} s; log:\n{process.log_tail()}")
 
 
-def wait_grpc_serving(address: str, process: ManagedProcess, timeout_s: float) -> None:
+def wait_grpc_serving(address: str, process: ManagedProcess, timeout_s: float,
+                      credentials: grpc.ChannelCredentials | None = None) -> None:
+    """credentials: for a server that requires mTLS (the internal admin identity's)."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with (grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             process.ensure_alive()

@@ -17,8 +17,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import yaml
 
+from services.common.internal_tls import InternalTls
 from services.edge.settings import EdgeSettings
 from tools.backends import MILVUS_SERVER_PORTS, start_milvus_lite, start_milvus_server, start_redis
 from tools.edge import start_envoy, wait_edge_ready
@@ -103,6 +105,9 @@ class LocalStack:
     # OTLP over HTTP only). Empty: tracing off.
     otlp_grpc: str = ""
     otlp_http: str = ""
+    # mTLS on every internal hop (Envoy → gateways and RLS, gateways → router/cache/retrieval/budgets, cache and
+    # retrieval → router, router → Triton), with certificates from the stack's PKI. Off: plaintext on loopback.
+    internal_tls: bool = False
     _milvus_server_ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     _edge_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
@@ -202,15 +207,39 @@ class LocalStack:
                 "OTEL_SERVICE_NAME": name}
 
     def triton_args(self, index: int) -> list[str]:
+        args = []
+        if self.internal_tls:
+            # Triton's gRPC with SSL and client certificates from the internal CA: only the router gets in.
+            tls = self.internal_tls_of("triton")
+            args += ["--grpc-use-ssl=true", "--grpc-use-ssl-mutual=true", f"--grpc-server-cert={tls.cert}",
+                     f"--grpc-server-key={tls.key}", f"--grpc-root-cert={tls.ca}"]
         if not self.otlp_http:
-            return []
-        return ["--trace-config=mode=opentelemetry", "--trace-config=rate=1", "--trace-config=level=TIMESTAMPS",
+            return args
+        return [*args, "--trace-config=mode=opentelemetry", "--trace-config=rate=1", "--trace-config=level=TIMESTAMPS",
                 f"--trace-config=opentelemetry,url={self.otlp_http}/v1/traces",
                 f"--trace-config=opentelemetry,resource=service.name=triton-{index}"]
 
+    def internal_tls_of(self, identity: str) -> InternalTls:
+        """The certificate settings of one mesh identity (tools/pki.py INTERNAL_IDENTITIES)."""
+        pki = self.pki
+        return InternalTls(cert=str(pki.internal_cert(identity)), key=str(pki.internal_key(identity)),
+                           ca=str(pki.internal_ca))
+
+    def admin_credentials(self) -> grpc.ChannelCredentials | None:
+        """Channel credentials of the admin identity when the stack runs internal mTLS (None: plaintext)."""
+        return self.internal_tls_of("mesh-admin").channel_credentials() if self.internal_tls else None
+
+    def _tls_env(self, service: str) -> dict[str, str]:
+        if not self.internal_tls:
+            return {}
+        tls = self.internal_tls_of(service)
+        prefix = f"MESH_{service.upper()}_TLS__"
+        return {f"{prefix}CERT": tls.cert, f"{prefix}KEY": tls.key, f"{prefix}CA": tls.ca}
+
     def _start(self, name: str, env: dict[str, str]) -> ManagedProcess:
-        self.processes[name] = start_service(f"services.{name.split('-')[0]}", name,
-                                             {**env, **self._tracing_env(name),
+        service = name.split("-")[0]
+        self.processes[name] = start_service(f"services.{service}", name,
+                                             {**env, **self._tracing_env(name), **self._tls_env(service),
                                               **self.service_env.get(name.split("-")[0], {})},
                                              self.run_dir / f"{name}.log")
         return self.processes[name]
@@ -222,7 +251,7 @@ class LocalStack:
             "MESH_ROUTER_REGISTRY_FILE": str(self.registry_path),
             "MESH_ROUTER_METRICS_PORT": str(self.ports.router_metrics),
         })
-        wait_grpc_serving(self.router_address, router, 30)
+        wait_grpc_serving(self.router_address, router, 30, self.admin_credentials())
 
     def start_retrieval(self) -> None:
         retrieval = self._start("retrieval", {
@@ -232,7 +261,7 @@ class LocalStack:
             "MESH_RETRIEVAL_ROUTER_ADDRESS": self.router_address,
             "MESH_RETRIEVAL_TOKENIZER_FILE": str(MODEL_REPOSITORY / "minilm" / "1" / "tokenizer.json"),
         })
-        wait_grpc_serving(self.retrieval_address, retrieval, 60)
+        wait_grpc_serving(self.retrieval_address, retrieval, 60, self.admin_credentials())
 
     def start_cache(self) -> None:
         cache = self._start("cache", {
@@ -242,7 +271,7 @@ class LocalStack:
             "MESH_CACHE_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
             "MESH_CACHE_ROUTER_ADDRESS": self.router_address,
         })
-        wait_grpc_serving(self.cache_address, cache, 30)
+        wait_grpc_serving(self.cache_address, cache, 30, self.admin_credentials())
 
     def start_ratelimit(self) -> None:
         """Starts (or restarts) the rate-limit service and waits until it is SERVING."""
@@ -252,7 +281,7 @@ class LocalStack:
             "MESH_RATELIMIT_REDIS_URL": f"redis://127.0.0.1:{self.ports.state_redis}/0",
             "MESH_RATELIMIT_TENANTS_FILE": str(self.tenants_file),
         })
-        wait_grpc_serving(self.ratelimit_address, ratelimit, 30)
+        wait_grpc_serving(self.ratelimit_address, ratelimit, 30, self.admin_credentials())
 
     def gateway_env(self, port: int, metrics_port: int) -> dict[str, str]:
         return {
@@ -270,7 +299,8 @@ class LocalStack:
         """Starts (or restarts) gateway replica `index` and waits until it is SERVING."""
         port, metrics_port = self.ports.gateway_ports()[index]
         name = "gateway" if index == 0 else f"gateway-{index}"
-        wait_grpc_serving(f"127.0.0.1:{port}", self._start(name, self.gateway_env(port, metrics_port)), 30)
+        wait_grpc_serving(f"127.0.0.1:{port}", self._start(name, self.gateway_env(port, metrics_port)), 30,
+                          self.admin_credentials())
 
     def start_gateways(self) -> None:
         for index in range(len(self.ports.gateway_ports())):
@@ -283,7 +313,8 @@ class LocalStack:
             "gateways": self.gateway_addresses,
             "ratelimit_address": self.ratelimit_address, "edge_secret": self._edge_secret,
             "tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key), "client_ca": str(pki.ca_cert),
-            "jwks_file": str(pki.jwks), "otlp_address": self.otlp_grpc, **self.edge_overrides})
+            "jwks_file": str(pki.jwks), "otlp_address": self.otlp_grpc,
+            **({"tls": self.internal_tls_of("edge")} if self.internal_tls else {}), **self.edge_overrides})
 
     def start_edge(self) -> None:
         settings = self.edge_settings()
@@ -305,7 +336,7 @@ def _up(args: argparse.Namespace) -> None:
                        edge=args.edge_port, edge_admin=9901, ratelimit=50055, ratelimit_metrics=9105,
                        router_metrics=9102, retrieval_metrics=9104, edge_metrics=9902,
                        state_redis=6380)
-    stack = LocalStack(ROOT / "run", ports)
+    stack = LocalStack(ROOT / "run", ports, internal_tls=args.internal_tls)
     print("starting Triton, router, milvus-lite, retrieval, Redis, cache, rate limits, 2 gateways and Envoy "
           "(logs in run/) ...", flush=True)
     stack.start()
@@ -381,6 +412,8 @@ def main() -> None:
     up.add_argument("--gateway-port", type=int, default=50051)
     up.add_argument("--router-port", type=int, default=50052)
     up.add_argument("--triton-grpc-port", type=int, default=8001)
+    up.add_argument("--internal-tls", action="store_true",
+                    help="mTLS on every internal hop, as in compose (internal calls then need run/pki/internal-*)")
     up.set_defaults(func=_up)
     down = sub.add_parser("down", help="stop a stack started by `up`")
     down.set_defaults(func=_down)

@@ -27,9 +27,9 @@ async def serve(settings: CacheSettings) -> None:
     index = SemanticIndex(settings.milvus_uri, settings.milvus_collection, settings.embedder_dimension,
                           settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef,
                           settings.milvus_timeout_s) if settings.milvus_uri else None
-    router_channel = resilient_channel(settings.router_address, "router", settings.resilience)
+    router_channel = resilient_channel(settings.router_address, "router", settings.resilience, settings.tls)
     host = ServiceHost("cache", settings.address, settings.shutdown_grace_s,
-                       settings.drain_delay_s)
+                       settings.drain_delay_s, tls=settings.tls)
     cache_pb2_grpc.add_ResponseCacheServicer_to_server(
         ResponseCacheService(settings, store, index, service_pb2_grpc.GRPCInferenceServiceStub(router_channel)),
         host.server)

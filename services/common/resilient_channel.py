@@ -25,10 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.background import BackgroundCalls
 from services.common.breakers import Breaker, BreakerOpenError
+from services.common.internal_tls import InternalTls
 from services.common.resilience import ResilienceSettings
 from services.common.retries import Retrier
-from services.common.server import CHANNEL_OPTIONS
-from services.common.telemetry import client_interceptors
+from services.common.server import channel as mesh_channel
 
 _HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 # Per target, the unary methods that may be sent twice without harm (reads, or writes keyed by the caller).
@@ -182,9 +182,10 @@ class ResilientChannel:
         return getattr(self._channel, name)
 
 
-def resilient_channel(address: str, target: str, settings: ResilienceSettings) -> ResilientChannel:
+def resilient_channel(address: str, target: str, settings: ResilienceSettings,
+                      tls: InternalTls | None = None) -> ResilientChannel:
     """A channel to `address` whose calls go through the breaker and retries of `target` (e.g. "cache")."""
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=client_interceptors() or None)
+    channel = mesh_channel(address, tls)
     guard = Guard(settings.breaker(target), settings.retrier(target), IDEMPOTENT_METHODS.get(target, frozenset()))
     guard.attach(channel)
     return ResilientChannel(channel, guard)

@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.internal_tls import CallerPolicy, InternalTls
 from services.common.logging import configure_logging
 from services.common.malformed import MalformedRequestInterceptor
 from services.common.served_calls import ServedCalls
@@ -52,24 +53,33 @@ def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.
         *server_interceptors(), *interceptors, MalformedRequestInterceptor()])
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=client_interceptors() or None)
+def channel(target: str, tls: InternalTls | None = None) -> grpc.aio.Channel:
+    """A channel to another mesh process: mTLS with this process's certificate when `tls` has one."""
+    interceptors = client_interceptors() or None
+    if tls is not None and tls.enabled:
+        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS,
+                                       interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
 
 
 class ServiceHost:
     """Owns a grpc.aio server with grpc.health.v1 and reflection; stops gracefully on SIGTERM/SIGINT."""
 
     def __init__(self, name: str, address: str, grace_s: float, drain_delay_s: float = 2.0,
-                 max_in_flight: int = 0) -> None:
+                 max_in_flight: int = 0, tls: InternalTls | None = None) -> None:
         self.name = name
         self.shedder = LoadShedder(name, max_in_flight) if max_in_flight else None
-        self.server = new_server([ServedCalls(name, self.shedder)])
+        tls = tls or InternalTls()
+        tls.check_listen_address(address)
+        # The caller policy inside ServedCalls: refused calls are counted as PERMISSION_DENIED.
+        self.server = new_server([ServedCalls(name, self.shedder), *([CallerPolicy(name)] if tls.enabled else [])])
         self.health = health.aio.HealthServicer()
         self._grace_s = grace_s
         self._drain_delay_s = drain_delay_s
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(address)
+        self.port = self.server.add_secure_port(address, tls.server_credentials()) if tls.enabled \
+            else self.server.add_insecure_port(address)
         self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
         self._stop = asyncio.Event()
 

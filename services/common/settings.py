@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import yaml
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from services.common.internal_tls import InternalTls
 from services.common.resilience import ResilienceSettings
 
 
@@ -46,6 +47,8 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     # Circuit breakers and retries for the calls this service makes (e.g. MESH_GATEWAY_RESILIENCE__MAX_RETRIES).
     resilience: ResilienceSettings = ResilienceSettings()
+    # mTLS with the other mesh processes (e.g. MESH_ROUTER_TLS__CERT); none: plaintext, loopback only.
+    tls: InternalTls = InternalTls()
 
     @classmethod
     def settings_customise_sources(

@@ -240,6 +240,18 @@ def _http2_cluster(name: str, addresses: list[str], connect_timeout_s: float) ->
     }
 
 
+def _upstream_mtls(s: EdgeSettings, peer: str) -> dict[str, Any]:
+    """Envoy presents the edge identity and accepts only `peer`'s certificate from the internal CA."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        common_tls_context={
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{"certificate_chain": {"filename": s.tls.cert},
+                                  "private_key": {"filename": s.tls.key}}],
+            "validation_context": {"trusted_ca": {"filename": s.tls.ca}, "match_typed_subject_alt_names": [
+                {"san_type": "DNS", "matcher": {"exact": peer}}]}})}
+
+
 def _clusters(s: EdgeSettings) -> list[dict[str, Any]]:
     gateways = _http2_cluster("gateways", s.gateways, 1.0)
     interval = _seconds(s.health_check_interval_s)
@@ -255,7 +267,11 @@ def _clusters(s: EdgeSettings) -> list[dict[str, Any]]:
         "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
                                              "max_requests": 4096, "max_retries": 64}]},
     })
-    clusters = [gateways, _http2_cluster("ratelimit", [s.ratelimit_address], s.ratelimit_timeout_s)]
+    ratelimit = _http2_cluster("ratelimit", [s.ratelimit_address], s.ratelimit_timeout_s)
+    if s.tls.enabled:
+        gateways["transport_socket"] = _upstream_mtls(s, "gateway")
+        ratelimit["transport_socket"] = _upstream_mtls(s, "ratelimit")
+    clusters = [gateways, ratelimit]
     if s.otlp_address:
         clusters.append(_http2_cluster("otel_collector", [s.otlp_address], 1.0))
     return clusters

@@ -26,21 +26,21 @@ from services.gateway.settings import GatewaySettings
 async def serve(settings: GatewaySettings) -> None:
     auth = Authenticator(TenantConfig.load(settings.tenants_file), settings.edge_secret)
     resilience = settings.resilience
-    channel = resilient_channel(settings.router_address, "router", resilience)
+    channel = resilient_channel(settings.router_address, "router", resilience, settings.tls)
     router = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     catalog = ModelCatalog(router_pb2_grpc.RouterAdminStub(channel), settings.model_refresh_s,
                            settings.metadata_timeout_s)
     router_health = health_pb2_grpc.HealthStub(channel)
     serving = False
-    cache_channel = resilient_channel(settings.cache_address, "cache", resilience) \
+    cache_channel = resilient_channel(settings.cache_address, "cache", resilience, settings.tls) \
         if settings.cache_address else None
     cache = CacheClient(cache_channel, settings.cache_lookup_timeout_s, settings.cache_fast_timeout_s) \
         if cache_channel else None
-    retrieval_channel = resilient_channel(settings.retrieval_address, "retrieval", resilience) \
+    retrieval_channel = resilient_channel(settings.retrieval_address, "retrieval", resilience, settings.tls) \
         if settings.retrieval_address else None
     documents = DocumentsRelay(retrieval_pb2_grpc.RetrievalStub(retrieval_channel) if retrieval_channel else None,
                                settings.search_timeout_s, settings.ingest_timeout_s)
-    budget_channel = resilient_channel(settings.budget_address, "budget", resilience) \
+    budget_channel = resilient_channel(settings.budget_address, "budget", resilience, settings.tls) \
         if settings.budget_address else None
     budgets = TokenBudgets(budget_channel, settings.budget_timeout_s, settings.budget_fail_open) \
         if budget_channel else None
@@ -48,7 +48,7 @@ async def serve(settings: GatewaySettings) -> None:
         start_http_server(settings.metrics_port, addr=settings.host)
 
     host = ServiceHost("gateway", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,
-                       settings.max_in_flight)
+                       settings.max_in_flight, settings.tls)
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(
         InferenceMeshService(settings, auth, catalog, router, cache, documents, budgets), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(

@@ -20,7 +20,8 @@ from services.ratelimit.token_budget import TokenBudgetService
 async def serve(settings: RateLimitSettings) -> None:
     config = TenantConfig.load(settings.tenants_file)
     store = LimitStore(settings.redis_url, settings.key_prefix, settings.redis_timeout_s)
-    host = ServiceHost("ratelimit", settings.address, settings.shutdown_grace_s, settings.drain_delay_s)
+    host = ServiceHost("ratelimit", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,
+                       tls=settings.tls)
     envoy_ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
         EnvoyRateLimitService(config, store, settings.domain), host.server)
     quota_pb2_grpc.add_TokenBudgetServicer_to_server(TokenBudgetService(config, store), host.server)

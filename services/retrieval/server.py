@@ -20,8 +20,9 @@ async def serve(settings: RetrievalSettings) -> None:
     index = DocumentIndex(settings.milvus_uri, settings.collection, settings.dimension, settings.hnsw_m,
                           settings.hnsw_ef_construction, settings.milvus_timeout_s, settings.consistency_level)
     chunker = Chunker(settings.tokenizer_file, settings.chunk_tokens, settings.chunk_overlap_tokens)
-    router_channel = resilient_channel(settings.router_address, "router", settings.resilience)
-    host = ServiceHost("retrieval", settings.address, settings.shutdown_grace_s, settings.drain_delay_s)
+    router_channel = resilient_channel(settings.router_address, "router", settings.resilience, settings.tls)
+    host = ServiceHost("retrieval", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,
+                       tls=settings.tls)
     retrieval_pb2_grpc.add_RetrievalServicer_to_server(
         RetrievalService(settings, index, chunker, service_pb2_grpc.GRPCInferenceServiceStub(router_channel)),
         host.server)

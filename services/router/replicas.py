@@ -13,8 +13,9 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.breakers import Breaker
+from services.common.internal_tls import InternalTls
 from services.common.resilience import ResilienceSettings
-from services.common.server import insecure_channel
+from services.common.server import channel as mesh_channel
 from services.router.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,12 @@ class Replica:
 
 
 class ReplicaSet:
-    def __init__(self, registry: Registry, resilience: ResilienceSettings | None = None) -> None:
+    def __init__(self, registry: Registry, resilience: ResilienceSettings | None = None,
+                 tls: InternalTls | None = None) -> None:
         self.replicas: list[Replica] = []
         self._resilience = resilience or ResilienceSettings()
+        # Triton's gRPC SSL with client certificates: the router presents its own.
+        self._tls = tls
         self.sync(registry)
 
     def sync(self, registry: Registry) -> list[Replica]:
@@ -105,7 +109,7 @@ class ReplicaSet:
                 if replica is None or replica.endpoint != spec.grpc:
                     if replica is not None:  # same name, new endpoint: a new replica
                         retired.append(replica)
-                    channel = insecure_channel(spec.grpc)
+                    channel = mesh_channel(spec.grpc, self._tls)
                     replica = Replica(name=spec.name, pool=pool_name, endpoint=spec.grpc, models=hosted,
                                       stub=service_pb2_grpc.GRPCInferenceServiceStub(channel), channel=channel,
                                       breaker=self._resilience.breaker(spec.name))

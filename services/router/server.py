@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 async def serve(settings: RouterSettings) -> None:
-    state = RouterState.load(settings.registry_file, settings.resilience)
+    state = RouterState.load(settings.registry_file, settings.resilience, settings.tls)
     balancer = Balancer(state.replicas, BalancerSettings(
         settings.queue_ms_per_slot, settings.affinity_load_factor, settings.affinity_max_load,
         max_in_flight_per_replica=settings.max_in_flight_per_replica))
@@ -34,7 +34,7 @@ async def serve(settings: RouterSettings) -> None:
         start_http_server(settings.metrics_port, addr=settings.host)
 
     host = ServiceHost("router", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,
-                       settings.max_in_flight)
+                       settings.max_in_flight, settings.tls)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, host.server)
     router_pb2_grpc.add_RouterAdminServicer_to_server(
         RouterAdminService(state, balancer, settings.queue_ms_per_slot), host.server)

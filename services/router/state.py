@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from services.common.internal_tls import InternalTls
 from services.common.resilience import ResilienceSettings
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet, retire
@@ -31,10 +32,11 @@ class RouterState:
     _retiring: set[asyncio.Task] = field(default_factory=set)
 
     @classmethod
-    def load(cls, registry_file: str | pathlib.Path, resilience: ResilienceSettings | None = None) -> RouterState:
+    def load(cls, registry_file: str | pathlib.Path, resilience: ResilienceSettings | None = None,
+             tls: InternalTls | None = None) -> RouterState:
         path = pathlib.Path(registry_file)
         registry = Registry.load(path)
-        return cls(path, registry, ReplicaSet(registry, resilience), path.stat().st_mtime)
+        return cls(path, registry, ReplicaSet(registry, resilience, tls), path.stat().st_mtime)
 
     def reload(self) -> ReloadResult:
         """Swap in the file's registry if it parses and validates; otherwise keep the current one."""

@@ -1,0 +1,144 @@
+"""mTLS between the mesh's own processes, and who may call whom.
+
+Every internal certificate comes from the internal CA (tools/pki.py) and names one identity in its common name:
+edge, gateway, router, cache, retrieval, ratelimit, triton, mesh-admin. A server accepts only peers with such a
+certificate, and of those only the identities CALLERS names for it; the admin RPCs (drain, reload, flush) only
+the admin identity. Without certificates a service speaks plaintext, which is allowed on loopback only, or
+where `allow_plaintext` says so explicitly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from pydantic import BaseModel, model_validator
+
+ADMIN = "mesh-admin"
+# The callers each server accepts, by the identity in their certificate, per method prefix ("": the rest of the
+# server's methods). The admin identity may call anything.
+CALLERS: dict[str, dict[str, frozenset[str]]] = {
+    "gateway": {"": frozenset({"edge"})},
+    "router": {"": frozenset({"gateway", "cache", "retrieval"})},
+    "cache": {"": frozenset({"gateway"})},
+    "retrieval": {"": frozenset({"gateway"})},
+    # One process, two services: Envoy asks for rate-limit decisions, the gateways spend token budgets.
+    "ratelimit": {"/envoy.service.ratelimit.v3.RateLimitService/": frozenset({"edge"}),
+                  "/inference_mesh.v1.TokenBudget/": frozenset({"gateway"})},
+}
+# Calls that change how the mesh serves everyone: an admin's only.
+ADMIN_METHODS = frozenset({
+    "/inference_mesh.v1.RouterAdmin/DrainReplica",
+    "/inference_mesh.v1.RouterAdmin/UndrainReplica",
+    "/inference_mesh.v1.RouterAdmin/ReloadRegistry",
+    "/inference_mesh.v1.CacheAdmin/Flush",
+})
+# Any verified peer may ask whether a server is up and what it serves (Envoy's, Docker's and the launcher's probes).
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+LOOPBACK_HOSTS = {"localhost"}
+
+
+class InternalTls(BaseModel):
+    """This process's certificate (used as server and as client), its key, and the internal CA."""
+
+    cert: str = ""
+    key: str = ""
+    ca: str = ""
+    # Plaintext off loopback must be asked for (e.g. a mesh behind a service mesh's sidecars that do mTLS).
+    allow_plaintext: bool = False
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> InternalTls:
+        given = [bool(self.cert), bool(self.key), bool(self.ca)]
+        if any(given) and not all(given):
+            raise ValueError("internal TLS needs cert, key and ca together (or none of them, for plaintext)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+    def _read(self) -> tuple[bytes, bytes, bytes]:
+        return Path(self.key).read_bytes(), Path(self.cert).read_bytes(), Path(self.ca).read_bytes()
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        key, cert, ca = self._read()
+        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        key, cert, ca = self._read()
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def check_listen_address(self, address: str) -> None:
+        """Refuses to serve plaintext beyond loopback unless allow_plaintext says so."""
+        if self.enabled or self.allow_plaintext:
+            return
+        host = address.rsplit(":", 1)[0].strip("[]")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host in LOOPBACK_HOSTS
+        if not loopback:
+            raise ValueError(f"refusing to serve plaintext on {address}: set the service's TLS__CERT, TLS__KEY and "
+                             f"TLS__CA (python -m tools.pki init makes them), or TLS__ALLOW_PLAINTEXT=true")
+
+
+def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
+    """The common name of the peer's verified certificate; None over plaintext."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else None
+
+
+def refusal(service: str, method: str, identity: str | None) -> str | None:
+    """Why `identity` may not call `method` on `service`; None when it may."""
+    if method.startswith(OPEN_PREFIXES) or identity == ADMIN:
+        return None
+    if method in ADMIN_METHODS:
+        return f"{method} needs the {ADMIN} identity; the caller's certificate says {identity!r}"
+    rules = CALLERS.get(service, {})
+    allowed = next((who for prefix, who in rules.items() if prefix and method.startswith(prefix)),
+                   rules.get("", frozenset()))
+    if identity not in allowed:
+        return f"{method} accepts calls from {sorted(allowed)} only; the caller's certificate says {identity!r}"
+    return None
+
+
+class CallerPolicy(grpc.aio.ServerInterceptor):
+    """Applies `refusal` to every call on a server that requires client certificates."""
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or not hasattr(handler, "_replace"):
+            return handler
+        service, method = self._service, handler_call_details.method
+
+        async def check(context: grpc.aio.ServicerContext) -> None:
+            why = refusal(service, method, peer_identity(context))
+            if why:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+
+        if handler.unary_unary or handler.stream_unary:
+            field = "unary_unary" if handler.unary_unary else "stream_unary"
+            inner: Callable[..., Awaitable[Any]] = getattr(handler, field)
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await check(context)
+                return await inner(request, context)
+            return handler._replace(**{field: unary})
+        field = "unary_stream" if handler.unary_stream else "stream_stream"
+        inner_stream: Callable[..., AsyncIterator[Any]] = getattr(handler, field)
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await check(context)
+            async for response in inner_stream(request, context):
+                yield response
+        return handler._replace(**{field: stream})
