@@ -80,6 +80,27 @@ def test_crafted_filters_never_read_another_tenant(documents, attack):
     assert all(SECRET[:20] not in hit.text for hit in hits), [h.text for h in hits]
 
 
+def test_a_typed_filter_searches_like_its_text_and_cannot_name_another_field(documents):
+    where = retrieval_pb2.MetadataFilter(any_of=retrieval_pb2.FilterGroup(operands=[
+        retrieval_pb2.MetadataFilter(comparison=retrieval_pb2.FilterComparison(
+            key="k", op=retrieval_pb2.FILTER_OP_EQ, value=retrieval_pb2.FilterValue(text="b"))),
+        retrieval_pb2.MetadataFilter(membership=retrieval_pb2.FilterMembership(
+            key="lang", values=[retrieval_pb2.FilterValue(text="en")]))]))
+    typed = documents.Search(retrieval_pb2.SearchRequest(query="lighthouse notes", top_k=10, where=where),
+                             metadata=ATTACKER, timeout=30).hits
+    text = _search(documents, ATTACKER, 'metadata["k"] == "b" or metadata["lang"] in ["en"]', "lighthouse notes")
+    assert [h.chunk_id for h in typed] == [h.chunk_id for h in text] and len(typed) == 2
+    assert all(SECRET[:20] not in hit.text for hit in typed)
+    for bad in (retrieval_pb2.SearchRequest(query="x", top_k=3, filter='metadata["k"] == "b"', where=where),
+                retrieval_pb2.SearchRequest(query="x", top_k=3, where=retrieval_pb2.MetadataFilter(
+                    comparison=retrieval_pb2.FilterComparison(key='k"] != "" or tenant != "', op=1,
+                                                              value=retrieval_pb2.FilterValue(text="a")))),
+                retrieval_pb2.SearchRequest(query="x", top_k=3, where=retrieval_pb2.MetadataFilter())):
+        with pytest.raises(grpc.RpcError) as refused:
+            documents.Search(bad, metadata=ATTACKER, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+
+
 def _random_filter(rng: random.Random, depth: int = 0):
     keys, values = ["k", "n", "lang", "zz"], ["a", "b", "1", "en", "fr", 1, 0, True]
     roll = rng.random()
@@ -141,6 +162,12 @@ def test_ask_with_a_crafted_filter_neither_answers_from_nor_cites_another_tenant
     # victim/other matches the filter and the question best, but belongs to the victim.
     assert cited and {c.document_id for c in cited} <= {"shared/id", "attacker/notes"}, cited
     assert "amber-42" not in "".join(chunk.text for chunk in chunks)
+    # The same filter as a tree: the same citations.
+    request.ClearField("filter")
+    request.where.membership.key, request.where.membership.values.add().text = "k", "a"
+    request.where.membership.values.add().text = "b"
+    typed = list(documents.Ask(request, metadata=ATTACKER, timeout=120))
+    assert [c.chunk_id for c in typed[-1].metadata.citations] == [c.chunk_id for c in cited]
 
 
 def test_the_cache_never_answers_another_tenants_question(documents):

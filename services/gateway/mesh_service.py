@@ -174,8 +174,10 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             timeout = downstream_timeout(context, self._settings.generate_timeout_s)
             hits = []
             try:
-                found = await self._documents.search(caller, retrieval_pb2.SearchRequest(
-                    query=request.question, top_k=top_k, filter=request.filter), timeout)
+                search = retrieval_pb2.SearchRequest(query=request.question, top_k=top_k, filter=request.filter)
+                if request.HasField("where"):
+                    search.where.CopyFrom(request.where)
+                found = await self._documents.search(caller, search, timeout)
                 hits = list(found.hits)
             except RequestError as exc:
                 if exc.code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -12,7 +12,8 @@ INSTRUCTIONS = (
     "context does not contain the answer, say that you do not know."
 )
 NO_CONTEXT = "No documents could be searched for this question. Answer from general knowledge and say so."
-_FENCE = re.compile(r"</?\s*(context|chunk)[^>]*>", re.IGNORECASE)
+# Any opening or closing context/chunk tag, with or without its ">" (a text cut short could end in "</context").
+_FENCE = re.compile(r"<\s*/?\s*(context|chunk)\b[^>]*>?", re.IGNORECASE)
 
 
 def build_request(ask: mesh_pb2.AskRequest, hits: list[retrieval_pb2.SearchHit], max_context_chars: int,

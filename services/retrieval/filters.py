@@ -24,10 +24,12 @@ from dataclasses import dataclass
 MAX_DEPTH = 16
 MAX_NODES = 256
 MAX_LIST_ITEMS = 64
+# The one alphabet of metadata keys (the typed form checks keys against it too).
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _TOKEN = re.compile(r"""
     (?P<space>\s+)
-  | (?P<field>metadata\[\s*"(?P<key>[A-Za-z0-9_.-]{1,64})"\s*\])
+  | (?P<field>metadata\[\s*"(?P<key>""" + KEY_PATTERN.pattern + r""")"\s*\])
   | (?P<string>"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4}){0,256}")
   | (?P<number>-?(?:0|[1-9]\d{0,17})(?:\.\d{1,17})?)
   | (?P<op>==|!=|<=|>=|<|>)

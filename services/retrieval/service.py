@@ -14,10 +14,11 @@ from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
 from services.retrieval.chunking import Chunker
-from services.retrieval.filters import FilterError, to_milvus
+from services.retrieval.filters import FilterError, render, to_milvus
 from services.retrieval.index import DocumentIndex
 from services.retrieval.metrics import STAGE_SECONDS
 from services.retrieval.settings import RetrievalSettings
+from services.retrieval.typed_filters import from_message
 
 
 def _connection_error(exc: MilvusException) -> bool:
@@ -125,8 +126,12 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
         if query.vector and len(query.vector) != limits.dimension:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"vector has dimension {len(query.vector)}; the index uses {limits.dimension}")
+        if query.filter and query.HasField("where"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "send the filter as text (filter) or as a tree (where), not both")
         try:
-            user_filter = to_milvus(query.filter, limits.max_filter_chars)
+            user_filter = render(from_message(query.where)) if query.HasField("where") \
+                else to_milvus(query.filter, limits.max_filter_chars)
         except FilterError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self._index.ready:
