@@ -16,7 +16,7 @@ PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup system-tools up down top test protos models bench soak lint clean
+.PHONY: setup system-tools up down top test unit protos models bench soak lint clean
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(LLAMA_STAMP) $(ONNX_MODEL) gen/.stamp
 
@@ -79,6 +79,10 @@ down:
 
 test: setup system-tools
 	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# In-process tests only (tests/unit): seconds, no servers started.
+unit: $(VENV)/.installed gen/.stamp
+	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider -q tests/unit $(PYTEST_ARGS)
 
 # Tools from Debian's packages that the tests use: promtool (package prometheus) for the alert rules, and
 # docker-compose for checking the compose file. Installed when missing and running as root, else named.

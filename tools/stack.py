@@ -372,7 +372,10 @@ Ctrl-C (or `make down`) stops everything.""", flush=True)
             for process in stack.processes.values():
                 process.ensure_alive()
     finally:
-        print("\nstopping ...", flush=True)
+        # Ctrl-C reaches a pipe's reader too (`make up | tee up.log`): stdout may be gone, and stopping must not
+        # depend on it.
+        with contextlib.suppress(OSError):
+            print("\nstopping ...", flush=True)
         stack.stop()
         (ROOT / "run" / "stack.pids").unlink(missing_ok=True)
 

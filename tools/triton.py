@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from services.common.server import MIN_PING_INTERVAL_MS
+from services.common.channels import MIN_PING_INTERVAL_MS
 from tools.processes import ManagedProcess, MissingPartError, free_port, wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+# pymilvus pings every 10 s even without calls; Milvus (Lite and standalone) keeps gRPC's default of one ping per
+# 5 minutes and answers more with GOAWAY too_many_pings, dropping the connection. Ping within what it accepts;
+# an outage is noticed by the calls themselves and the reconnect loop (MilvusCollection.connect).
+GRPC_OPTIONS = {"grpc.keepalive_time_ms": 330_000, "grpc.keepalive_timeout_ms": 20_000,
+                "grpc.keepalive_permit_without_calls": False}
+
+
 def quote(value: str) -> str:
     """A Milvus string literal, quotes and backslashes escaped."""
     return json.dumps(value)
@@ -71,7 +78,8 @@ class MilvusCollection:
                 if self._client is None:
                     # Dedicated: pymilvus 3 shares one connection per address between clients, so a "new" client
                     # after a restart got the old, broken one back, and search stayed UNAVAILABLE.
-                    self._client = AsyncMilvusClient(uri=self.uri, timeout=self.timeout_s * 4, dedicated=True)
+                    self._client = AsyncMilvusClient(uri=self.uri, timeout=self.timeout_s * 4, dedicated=True,
+                                                     grpc_options=GRPC_OPTIONS)
                 if not await self._client.has_collection(self.name, timeout=self.timeout_s * 4):
                     await self._create(self._client, self.name)
                 await self._client.load_collection(self.name, timeout=self.timeout_s * 5)

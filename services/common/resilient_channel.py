@@ -25,10 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.background import BackgroundCalls
 from services.common.breakers import Breaker, BreakerOpenError
+from services.common.channels import channel as mesh_channel
 from services.common.internal_tls import InternalTls
 from services.common.resilience import ResilienceSettings
 from services.common.retries import Retrier
-from services.common.server import channel as mesh_channel
 
 _HEALTH_METHOD = "/grpc.health.v1.Health/Check"
 # Per target, the unary methods that may be sent twice without harm (reads, or writes keyed by the caller).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -36,7 +36,6 @@ class ServiceSettings(BaseSettings):
     """Base for each service's settings; subclasses set `env_prefix` (e.g. `MESH_GATEWAY_`)."""
 
     model_config = SettingsConfigDict(extra="forbid", env_nested_delimiter="__")
-    env_prefix_name: ClassVar[str] = ""
 
     host: str = "127.0.0.1"
     port: int = 0

@@ -20,14 +20,16 @@ def find_documents(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
 
 
-def progress(done: int, total: int, started: float, width: int = 30) -> None:
+def progress(done: int, total: int, width: int = 30) -> None:
+    # Documents sent, not indexed: the gateway answers once every chunk is embedded and stored, so the rate that
+    # matters is in the summary; a rate here would only say how fast files were read.
     filled = int(width * done / max(total, 1))
-    rate = done / max(time.monotonic() - started, 1e-9)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} documents  {rate:.1f}/s")
+    waiting = "  (embedding and indexing ...)" if done == total else ""
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} documents sent{waiting}")
     sys.stderr.flush()
 
 
-def batches(root: Path, files: list[Path], size: int, started: float) -> Iterator[retrieval_pb2.UpsertDocumentsRequest]:
+def batches(root: Path, files: list[Path], size: int) -> Iterator[retrieval_pb2.UpsertDocumentsRequest]:
     for start in range(0, len(files), size):
         batch = retrieval_pb2.UpsertDocumentsRequest()
         for path in files[start : start + size]:
@@ -35,7 +37,7 @@ def batches(root: Path, files: list[Path], size: int, started: float) -> Iterato
             batch.documents.add(id=relative, text=path.read_text(encoding="utf-8", errors="replace"),
                                 metadata={"path": relative, "type": path.suffix.lower().lstrip(".")})
         yield batch
-        progress(min(start + size, len(files)), len(files), started)
+        progress(min(start + size, len(files)), len(files))
 
 
 def main(argv: list[str]) -> None:
@@ -54,7 +56,7 @@ def main(argv: list[str]) -> None:
     with grpc.insecure_channel(args.gateway) as channel:
         stub = mesh_pb2_grpc.InferenceMeshStub(channel)
         try:
-            summary = stub.UpsertDocuments(batches(args.directory, files, args.batch, started),
+            summary = stub.UpsertDocuments(batches(args.directory, files, args.batch),
                                            metadata=[("x-api-key", args.api_key)], timeout=3600)
         except grpc.RpcError as exc:
             sys.stderr.write(f"\ningest failed: {exc.code().name}: {exc.details()}\n")

@@ -13,9 +13,9 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.breakers import Breaker
+from services.common.channels import channel as mesh_channel
 from services.common.internal_tls import InternalTls
 from services.common.resilience import ResilienceSettings
-from services.common.server import channel as mesh_channel
 from services.router.registry import Registry
 
 log = logging.getLogger(__name__)

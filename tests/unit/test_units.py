@@ -25,7 +25,7 @@ from services.router.queue_metrics import parse, update
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_stop_matcher():

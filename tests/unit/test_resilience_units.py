@@ -17,7 +17,7 @@ from services.router.balancer import Balancer
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet
 from services.router.stream_progress import RESUME_INPUT, StreamProgress
-from tests.test_units import REGISTRY
+from tests.unit.test_units import REGISTRY
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 

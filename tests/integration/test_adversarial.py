@@ -19,7 +19,7 @@ import tritonclient.grpc as triton_grpc
 from inference_mesh.v1 import mesh_pb2, retrieval_pb2
 from services.retrieval.filters import BoolOp, Comparison, FilterError, Membership, Not, parse, render
 from tests.conftest import EMBEDDER, KEYS, LLM, chat, generate
-from tests.test_edge import tls_channel
+from tests.integration.test_edge import tls_channel
 from tools.pki import mint_jwt
 
 VICTIM = (("x-api-key", KEYS["tenant-victim"]),)

@@ -55,7 +55,8 @@ CASES = [
     ("oversize text", _embed, mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["y" * 9000]), AUTH, INVALID,
      "texts[0] is 9000 characters"),
     ("no model", _embed, mesh_pb2.EmbedRequest(texts=["a"]), AUTH, INVALID, "model is required"),
-    # Found by tests/test_fuzz.py: it travels in a header, and a non-ASCII one made the router call fail INTERNAL.
+    # Found by tests/integration/test_fuzz.py: it travels in a header, and a non-ASCII one made the router call
+    # fail INTERNAL.
     ("non-ASCII request_id", _generate, chat("hi", request_id="réq\x00"), AUTH, INVALID, "printable ASCII"),
     ("non-ASCII request_id on Embed", _embed, mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["a"], request_id="é"),
      AUTH, INVALID, "printable ASCII"),

@@ -27,13 +27,13 @@ from services.edge.settings import EdgeSettings
 from services.ratelimit.buckets import LimitStore
 from services.ratelimit.token_budget import TokenBudgetService
 from tests.conftest import EMBEDDER, KEYS, TIERS, chat
-from tests.test_grpcurl import grpcurl
+from tests.integration.test_grpcurl import grpcurl
 from tools.edge import gateway_stat, start_envoy, validate, wait_edge_ready, write_config
 from tools.pki import make_ca, mint_jwt
 from tools.processes import free_port
 from tools.stack import LocalStack
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def key(tenant: str) -> tuple[tuple[str, str], ...]:

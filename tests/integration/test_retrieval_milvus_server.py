@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from inference_mesh.v1 import mesh_pb2_grpc
-from tests.test_retrieval import *  # noqa: F403  (the same tests, collected again with the fixtures below)
-from tests.test_retrieval import ask, search
+from tests.integration.test_retrieval import *  # noqa: F403  (the same tests, collected again with the fixtures below)
+from tests.integration.test_retrieval import ask, search
 from tools.stack import LocalStack, StackPorts
 
 pytestmark = pytest.mark.milvus_server

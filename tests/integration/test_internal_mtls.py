@@ -13,7 +13,7 @@ import tritonclient.grpc as triton_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2, mesh_pb2_grpc, router_pb2, router_pb2_grpc
 from tests.conftest import AUTH, EMBEDDER, chat
-from tests.test_edge import tls_channel
+from tests.integration.test_edge import tls_channel
 from tools.stack import LocalStack, StackPorts
 
 

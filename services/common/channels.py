@@ -1,0 +1,41 @@
+"""Channels between the mesh's processes: one set of options (message size, keepalive) for every hop, and mTLS
+when the process has an internal certificate."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.internal_tls import InternalTls
+from services.common.telemetry import client_interceptors
+
+# The same on every hop, and above the largest public request: an Embed batch of 256 texts of 8,192 characters
+# (8 MiB in UTF-8 at worst) or a 1,000,000-character document. Larger messages get RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# Clients ping an idle connection this often, so a dead peer (a killed replica, a dropped NAT entry) is noticed
+# in seconds rather than at the next call's deadline.
+KEEPALIVE_PING_MS = 20_000
+# A server must accept those pings: gRPC's default (one ping per 5 minutes without data, two strikes) answers
+# them with GOAWAY too_many_pings and closes the connection under the calls in flight. Triton gets the same
+# bound (tools/triton.py, compose).
+MIN_PING_INTERVAL_MS = KEEPALIVE_PING_MS // 2
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", KEEPALIVE_PING_MS),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    *CHANNEL_OPTIONS,
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+]
+
+
+def channel(target: str, tls: InternalTls | None = None) -> grpc.aio.Channel:
+    """A channel to another mesh process: mTLS with this process's certificate when `tls` has one."""
+    interceptors = client_interceptors() or None
+    if tls is not None and tls.enabled:
+        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS,
+                                       interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
