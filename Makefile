@@ -6,11 +6,12 @@ TRITON_VENV := .venv-triton
 BUILD_VENV := .venv-build
 WHEEL_CACHE ?= $(HOME)/.cache/inference-mesh/wheels
 LLAMA_CPP_VERSION := 0.3.16
-# The flags (requirements/llama-cpp.cmake, which says why) name the wheel's cache folder, so a wheel built with
-# other flags is never picked up.
+# The flags (requirements/llama-cpp.cmake, which says why): a digest of that file names the wheel's cache folder,
+# so a wheel built with other flags is never picked up.
 LLAMA_CMAKE_ARGS := $(shell grep -v '^\#' requirements/llama-cpp.cmake)
-LLAMA_WHEELS := $(WHEEL_CACHE)/llama-cpp-$(LLAMA_CPP_VERSION)-x86-64-v3
-LLAMA_STAMP := $(TRITON_VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-x86-64-v3
+LLAMA_FLAGS_ID := $(shell sha256sum requirements/llama-cpp.cmake | cut -c1-12)
+LLAMA_WHEELS := $(WHEEL_CACHE)/llama-cpp-$(LLAMA_CPP_VERSION)-$(LLAMA_FLAGS_ID)
+LLAMA_STAMP := $(TRITON_VENV)/.llama-cpp-$(LLAMA_CPP_VERSION)-$(LLAMA_FLAGS_ID)
 ONNX_MODEL := triton_models/minilm/1/model.onnx
 PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge/*.proto)
 PY := $(VENV)/bin/python

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -21,20 +23,34 @@ from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
+from services.common.errors import invalid, unavailable
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _COMPLETED = (mesh_pb2.FINISH_REASON_STOP, mesh_pb2.FINISH_REASON_LENGTH)
 
 
-async def _check_scope(scope: cache_pb2.CacheScope, context: grpc.aio.ServicerContext) -> None:
+def _check_name(field: str, value: str) -> None:
+    if value and not _NAME.match(value):
+        raise invalid(f"{field} must be 1-128 characters of letters, digits and ._:@-")
+
+
+def _check_scope(scope: cache_pb2.CacheScope) -> None:
     for field in ("tenant", "model", "model_version"):
         value = getattr(scope, field)
         if field != "model_version" and not value:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"scope.{field} is required")
-        if value and not _NAME.match(value):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"scope.{field} must be 1-128 characters of letters, digits and ._:@-")
+            raise invalid(f"scope.{field} is required")
+        _check_name(f"scope.{field}", value)
+
+
+@contextlib.contextmanager
+def _redis_answers() -> Iterator[None]:
+    """Redis down is UNAVAILABLE for the caller (the gateway then goes around the cache), and counted."""
+    try:
+        yield
+    except RedisError as exc:
+        metrics.BACKEND_ERRORS.labels("redis").inc()
+        raise unavailable(f"redis unavailable: {exc}") from exc
 
 
 class _VectorMemo:
@@ -118,70 +134,64 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
         return None
 
     async def Lookup(self, request, context):
-        await _check_scope(request.scope, context)
+        _check_scope(request.scope)
         started = time.perf_counter()
         result = "error"
         try:
-            generation = await self._store.generation(request.scope)
-            key = keys.response_key(request.scope, generation, request.request)
-            if request.refresh:
-                result = "refresh"
-                return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_MISS,
-                                             lease=await self._store.take_lease(key, self._settings.lease_s))
-            cached = await self._store.get_response(key)
-            if cached is not None:
-                result = "exact_hit"
-                return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
-            degraded: list[str] = []
-            # The lease comes before the semantic search: an identical request in flight is answered by its
-            # own result (an exact hit), never by a semantic match that races with its store.
-            lease = await self._store.take_lease(key, self._settings.lease_s)
-            if not lease:
-                cached = await self._wait_for_leader(key, context)
-                if cached is not None:
-                    result = "exact_hit_after_wait"
-                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
-                lease = await self._store.take_lease(key, self._settings.lease_s)
-            if lease:
-                # The entry may have been stored (and its leader's lease released) between the first read and
-                # our lease: read again, or an identical request would be answered by the semantic row.
+            with _redis_answers():
+                generation = await self._store.generation(request.scope)
+                key = keys.response_key(request.scope, generation, request.request)
+                if request.refresh:
+                    result = "refresh"
+                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_MISS,
+                                                 lease=await self._store.take_lease(key, self._settings.lease_s))
                 cached = await self._store.get_response(key)
                 if cached is not None:
-                    await self._store.release_lease(key, lease)
                     result = "exact_hit"
                     return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
-            if request.semantic:
-                similar = await self._semantic(request, generation, degraded)
-                if similar is not None:
-                    if lease:
+                degraded: list[str] = []
+                # The lease comes before the semantic search: an identical request in flight is answered by its
+                # own result (an exact hit), never by a semantic match that races with its store.
+                lease = await self._store.take_lease(key, self._settings.lease_s)
+                if not lease:
+                    cached = await self._wait_for_leader(key, context)
+                    if cached is not None:
+                        result = "exact_hit_after_wait"
+                        return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
+                    lease = await self._store.take_lease(key, self._settings.lease_s)
+                if lease:
+                    # The entry may have been stored (and its leader's lease released) between the first read and
+                    # our lease: read again, or an identical request would be answered by the semantic row.
+                    cached = await self._store.get_response(key)
+                    if cached is not None:
                         await self._store.release_lease(key, lease)
-                    result = "semantic_hit"
-                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT, response=similar[0],
-                                                 similarity=similar[1], degraded=degraded)
-            result = "miss"
-            return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_MISS, lease=lease, degraded=degraded)
-        except RedisError as exc:
-            metrics.BACKEND_ERRORS.labels("redis").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
+                        result = "exact_hit"
+                        return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
+                if request.semantic:
+                    similar = await self._semantic(request, generation, degraded)
+                    if similar is not None:
+                        if lease:
+                            await self._store.release_lease(key, lease)
+                        result = "semantic_hit"
+                        return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT, response=similar[0],
+                                                     similarity=similar[1], degraded=degraded)
+                result = "miss"
+                return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_MISS, lease=lease, degraded=degraded)
         finally:
             metrics.LOOKUPS.labels("response", result).inc()
             metrics.LOOKUP_SECONDS.labels("response").observe(time.perf_counter() - started)
 
     async def Store(self, request, context):
-        await _check_scope(request.scope, context)
+        _check_scope(request.scope)
         if request.response.finish_reason not in _COMPLETED:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "only completed responses (finish_reason STOP or LENGTH) are stored")
-        try:
+            raise invalid("only completed responses (finish_reason STOP or LENGTH) are stored")
+        with _redis_answers():
             generation = await self._store.generation(request.scope)
             key = keys.response_key(request.scope, generation, request.request)
             size = await self._store.put_response(key, request.response, self._settings.response_ttl_s)
             metrics.STORED_BYTES.labels("response").inc(size)
             if request.lease:
                 await self._store.release_lease(key, request.lease)
-        except RedisError as exc:
-            metrics.BACKEND_ERRORS.labels("redis").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
         if request.semantic and self._index is not None and self._index.ready:
             text = keys.user_text(request.request)
             try:
@@ -197,25 +207,20 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
         return cache_pb2.StoreReply(stored=True)
 
     async def Release(self, request, context):
-        await _check_scope(request.scope, context)
-        try:
+        _check_scope(request.scope)
+        with _redis_answers():
             generation = await self._store.generation(request.scope)
             await self._store.release_lease(keys.response_key(request.scope, generation, request.request),
                                             request.lease)
-        except RedisError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
         return cache_pb2.ReleaseReply()
 
     async def GetEmbeddings(self, request, context):
-        await _check_scope(request.scope, context)
+        _check_scope(request.scope)
         started = time.perf_counter()
-        try:
+        with _redis_answers():
             generation = await self._store.generation(request.scope)
             found = await self._store.get_embeddings(
                 [keys.embedding_key(request.scope, generation, t) for t in request.texts])
-        except RedisError as exc:
-            metrics.BACKEND_ERRORS.labels("redis").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
         hits = sum(v is not None for v in found)
         metrics.LOOKUPS.labels("embedding", "hit").inc(hits)
         metrics.LOOKUPS.labels("embedding", "miss").inc(len(found) - hits)
@@ -226,19 +231,15 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
         return reply
 
     async def PutEmbeddings(self, request, context):
-        await _check_scope(request.scope, context)
+        _check_scope(request.scope)
         if len(request.texts) != len(request.embeddings):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(request.texts)} texts but {len(request.embeddings)} embeddings")
-        try:
+            raise invalid(f"{len(request.texts)} texts but {len(request.embeddings)} embeddings")
+        with _redis_answers():
             generation = await self._store.generation(request.scope)
             size = await self._store.put_embeddings(
                 [keys.embedding_key(request.scope, generation, t) for t in request.texts],
                 [np.asarray(e.values, dtype=np.float32) for e in request.embeddings], self._settings.embedding_ttl_s)
             metrics.STORED_BYTES.labels("embedding").inc(size)
-        except RedisError as exc:
-            metrics.BACKEND_ERRORS.labels("redis").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
         return cache_pb2.PutEmbeddingsReply()
 
 
@@ -249,16 +250,11 @@ class CacheAdminService(cache_pb2_grpc.CacheAdminServicer):
 
     async def Flush(self, request, context):
         if not request.tenant and not request.model:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name a tenant, a model, or both to flush")
+            raise invalid("name a tenant, a model, or both to flush")
         for field in ("tenant", "model"):
-            value = getattr(request, field)
-            if value and not _NAME.match(value):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"{field} must be 1-128 characters of letters, digits and ._:@-")
-        try:
+            _check_name(field, getattr(request, field))
+        with _redis_answers():
             await self._store.bump(tenant=request.tenant, model=request.model)
-        except RedisError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"redis unavailable: {exc}")
         deleted = 0
         if self._index is not None and self._index.ready:
             try:

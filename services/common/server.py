@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.channels import SERVER_OPTIONS
+from services.common.errors import AnswersMeshErrors
 from services.common.internal_tls import CallerPolicy, InternalTls
 from services.common.logging import configure_logging
 from services.common.malformed import MalformedRequestInterceptor
@@ -27,7 +28,7 @@ ServiceSettingsT = TypeVar("ServiceSettingsT", bound=ServiceSettings)
 def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     # Tracing outermost, so its span is the parent of everything the call does (when tracing is on).
     return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[
-        *server_interceptors(), *interceptors, MalformedRequestInterceptor()])
+        *server_interceptors(), *interceptors, AnswersMeshErrors(), MalformedRequestInterceptor()])
 
 
 class ServiceHost:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.common.credentials import CredentialError, single_credential
+from services.common.errors import MeshError
 from services.common.tenants import TenantConfig, hash_key
 from services.common.wire import EDGE_SECRET_HEADER, JWT_TENANT_HEADER
 
@@ -50,5 +51,5 @@ class Authenticator:
     async def require(self, context: grpc.aio.ServicerContext) -> Caller:
         caller, problem = self.identify(context.invocation_metadata())
         if caller is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+            raise MeshError(grpc.StatusCode.UNAUTHENTICATED, problem)
         return caller

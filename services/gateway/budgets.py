@@ -11,8 +11,8 @@ from prometheus_client import Counter
 
 from inference_mesh.v1 import mesh_pb2, quota_pb2, quota_pb2_grpc
 from services.common.background import BackgroundCalls
+from services.common.errors import MeshError
 from services.gateway.auth import Caller
-from services.gateway.errors import RequestError
 
 log = logging.getLogger(__name__)
 BUDGET_UNAVAILABLE = Counter("mesh_gateway_budget_unavailable_total",
@@ -39,12 +39,12 @@ class TokenBudgets:
                                                            "fail_open": self._fail_open})
             if self._fail_open:
                 return
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               "token budgets cannot be checked right now (rate-limit service down); retry") from exc
+            raise MeshError(grpc.StatusCode.UNAVAILABLE,
+                            "token budgets cannot be checked right now (rate-limit service down); retry") from exc
         if reply.allowed:
             return
         retry_after = max(1, math.ceil(reply.retry_after.ToTimedelta().total_seconds()))
-        raise RequestError(
+        raise MeshError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"token budget: tenant {caller.tenant!r} ({caller.tier} tier) has used its {reply.limit} "
             f"{_WINDOW.get(reply.exhausted, 'tokens')}; retry after {retry_after} s",

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
+from services.common.errors import MeshError
 from services.gateway.auth import Caller
-from services.gateway.errors import RequestError
+from services.gateway.errors import from_rpc_error
 
-NOT_CONFIGURED = RequestError(grpc.StatusCode.UNAVAILABLE, "retrieval is not configured on this gateway")
+NOT_CONFIGURED = MeshError(grpc.StatusCode.UNAVAILABLE, "retrieval is not configured on this gateway")
 
 
 class DocumentsRelay:
@@ -25,10 +26,6 @@ class DocumentsRelay:
             raise NOT_CONFIGURED
         return self._stub
 
-    @staticmethod
-    def _error(exc: grpc.aio.AioRpcError) -> RequestError:
-        return RequestError(exc.code(), f"retrieval: {exc.details()}")
-
     async def upsert(self, caller: Caller, batches: AsyncIterator[retrieval_pb2.UpsertDocumentsRequest],
                      timeout_s: float) -> retrieval_pb2.UpsertDocumentsResponse:
         stub = self._require()
@@ -39,7 +36,7 @@ class DocumentsRelay:
         try:
             return await stub.UpsertDocuments(scoped(), timeout=min(timeout_s, self._ingest_timeout_s))
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+            raise from_rpc_error(exc, "retrieval") from exc
 
     async def delete(self, caller: Caller, request: retrieval_pb2.DeleteDocumentsRequest,
                      timeout_s: float) -> retrieval_pb2.DeleteDocumentsResponse:
@@ -48,7 +45,7 @@ class DocumentsRelay:
                 retrieval_pb2.TenantDeleteRequest(tenant=caller.tenant, request=request),
                 timeout=min(timeout_s, self._search_timeout_s * 5))
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+            raise from_rpc_error(exc, "retrieval") from exc
 
     async def search(self, caller: Caller, request: retrieval_pb2.SearchRequest,
                      timeout_s: float) -> retrieval_pb2.SearchResponse:
@@ -57,11 +54,11 @@ class DocumentsRelay:
                 retrieval_pb2.TenantSearchRequest(tenant=caller.tenant, request=request),
                 timeout=min(timeout_s, self._search_timeout_s))
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+            raise from_rpc_error(exc, "retrieval") from exc
 
     async def stats(self, caller: Caller, timeout_s: float) -> retrieval_pb2.CollectionStatsResponse:
         try:
             return await self._require().CollectionStats(
                 retrieval_pb2.TenantStatsRequest(tenant=caller.tenant), timeout=min(timeout_s, self._search_timeout_s))
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+            raise from_rpc_error(exc, "retrieval") from exc

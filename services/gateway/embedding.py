@@ -8,7 +8,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, models_pb2
 from services.common.embeddings import embed_via_kserve
-from services.gateway.errors import RequestError, from_rpc_error
+from services.common.errors import MeshError
+from services.gateway.errors import from_rpc_error
 from services.gateway.served_by import record_placement
 
 
@@ -26,7 +27,7 @@ async def embed_texts(
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc, "router") from exc
     if vectors.shape[-1] != model.dimension:
-        raise RequestError(grpc.StatusCode.INTERNAL,
-                           f"model returned dimension {vectors.shape[-1]}, registry says {model.dimension}")
+        raise MeshError(grpc.StatusCode.INTERNAL,
+                        f"model returned dimension {vectors.shape[-1]}, registry says {model.dimension}")
     record_placement(last, metadata)
     return vectors, metadata

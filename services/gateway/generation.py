@@ -12,10 +12,11 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2
+from services.common.errors import MeshError, from_stream_error
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays, read_to_end
 from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER
-from services.gateway.errors import RequestError, from_rpc_error, from_stream_error
+from services.gateway.errors import from_rpc_error
 from services.gateway.served_by import record_placement
 
 _ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant"}
@@ -84,7 +85,7 @@ async def stream_generation(
                 if chunk is not None and chunk.finish_reason:
                     await read_to_end(stream)
                     return
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
         except grpc.aio.AioRpcError as exc:
             pause = retrier.backoff_s(retry) if retrier is not None else 0.0
             if (not started and retrier is not None and deadline - time.monotonic() > pause + 0.05

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from services.common.errors import MeshError, invalid
 from services.common.kserve import is_final_response, output_arrays
-from services.gateway.errors import RequestError, invalid
 from services.gateway.settings import KServeLimits
 
 # The usage tensors of the mesh's LLM contract (triton_models/smollm2, the TensorRT-LLM BLS model).
@@ -57,14 +57,14 @@ class StreamWindow:
     def __init__(self, limit: int, limits: KServeLimits) -> None:
         self._slots = asyncio.Semaphore(limit)
         self._limits = limits
-        self.refused: RequestError | None = None
+        self.refused: MeshError | None = None
 
     async def requests(self, incoming: AsyncIterator[service_pb2.ModelInferRequest]
                        ) -> AsyncIterator[service_pb2.ModelInferRequest]:
         async for request in incoming:
             try:
                 check_infer_request(request, self._limits)
-            except RequestError as exc:
+            except MeshError as exc:
                 self.refused = exc
                 return
             await self._slots.acquire()

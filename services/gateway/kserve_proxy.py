@@ -13,7 +13,7 @@ from services.common.deadlines import downstream_timeout
 from services.common.wire import TENANT_HEADER
 from services.gateway.auth import Authenticator, Caller
 from services.gateway.budgets import TokenBudgets
-from services.gateway.errors import RequestError
+from services.gateway.errors import from_rpc_error
 from services.gateway.kserve_governance import StreamWindow, check_infer_request, tokens_used
 from services.gateway.settings import KServeLimits
 
@@ -39,7 +39,7 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             return await method(request, timeout=downstream_timeout(context, timeout_s), metadata=self._headers(caller))
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), f"router: {exc.details()}")
+            raise from_rpc_error(exc, "router") from exc
 
     def _charge(self, caller: Caller, tokens: int) -> None:
         if self._budgets is not None and tokens > 0:
@@ -61,27 +61,21 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         caller = await self._auth.require(context)
-        try:
-            check_infer_request(request, self._limits)
-            if self._budgets is not None:
-                await self._budgets.admit(caller)
-        except RequestError as exc:
-            await context.abort(exc.code, exc.message, exc.trailing)
+        check_infer_request(request, self._limits)
+        if self._budgets is not None:
+            await self._budgets.admit(caller)
         try:
             response = await self._router.ModelInfer(
                 request, timeout=downstream_timeout(context, self._infer_timeout_s), metadata=self._headers(caller))
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), f"router: {exc.details()}")
+            raise from_rpc_error(exc, "router") from exc
         self._charge(caller, tokens_used(response) or 0)
         return response
 
     async def ModelStreamInfer(self, request_iterator, context):
         caller = await self._auth.require(context)
         if self._budgets is not None:
-            try:
-                await self._budgets.admit(caller)
-            except RequestError as exc:
-                await context.abort(exc.code, exc.message, exc.trailing)
+            await self._budgets.admit(caller)
         window = StreamWindow(self._limits.max_outstanding_per_stream, self._limits)
         # Each request's latest usage (the model counts across its own responses); added up when it ends.
         open_usage: dict[str, int] = {}
@@ -100,9 +94,9 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     charged += open_usage.pop(response.infer_response.id, 0)
                 yield response
             if window.refused is not None:
-                await context.abort(window.refused.code, window.refused.message)
+                raise window.refused
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), f"router: {exc.details()}")
+            raise from_rpc_error(exc, "router") from exc
         finally:
             if call is not None:
                 call.cancel()

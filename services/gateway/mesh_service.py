@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable
-from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, mesh_pb2_grpc, models_pb2, retrieval_pb2
 from services.common.deadlines import downstream_timeout
+from services.common.errors import MeshError, invalid
 from services.common.wire import TENANT_HEADER
 from services.gateway import cached_generation, rag
 from services.gateway.auth import Authenticator, Caller
@@ -20,7 +19,6 @@ from services.gateway.cache_client import CacheClient
 from services.gateway.catalog import ModelCatalog
 from services.gateway.documents import DocumentsRelay
 from services.gateway.embedding import embed_texts
-from services.gateway.errors import RequestError, invalid
 from services.gateway.genai_metrics import observed
 from services.gateway.request_log import GenerationLog, prompt_text
 from services.gateway.routing_hints import affinity_key, group_member, with_version
@@ -92,25 +90,22 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             async for chunk in await self._generate(caller, request, model, metadata, timeout):
                 record.seen(chunk)
                 yield chunk
-        except RequestError as exc:
+        except MeshError as exc:
             record.fields["status"] = exc.code.name
-            await context.abort(exc.code, exc.message, exc.trailing)
+            raise
         finally:
             record.write()
 
     async def Embed(self, request, context):
         caller = await self._auth.require(context)
-        try:
-            model = check_model(request.model, await self._catalog.get(request.model), self._catalog.all(),
-                                models_pb2.MODEL_KIND_EMBED)
-            check_embed(request, self._settings.limits)
-            model = with_version(model, caller.tenant)
-            metadata = _metadata(caller, model.name, request.request_id)
-            timeout = downstream_timeout(context, self._settings.embed_timeout_s)
-            return await self._embed(list(request.texts), request.cache_mode, model, metadata, timeout,
-                                     _forward_headers(caller, metadata.request_id))
-        except RequestError as exc:
-            await context.abort(exc.code, exc.message, exc.trailing)
+        model = check_model(request.model, await self._catalog.get(request.model), self._catalog.all(),
+                            models_pb2.MODEL_KIND_EMBED)
+        check_embed(request, self._settings.limits)
+        model = with_version(model, caller.tenant)
+        metadata = _metadata(caller, model.name, request.request_id)
+        timeout = downstream_timeout(context, self._settings.embed_timeout_s)
+        return await self._embed(list(request.texts), request.cache_mode, model, metadata, timeout,
+                                 _forward_headers(caller, metadata.request_id))
 
     async def _embed(self, texts: list[str], mode: mesh_pb2.CacheMode.ValueType, model: models_pb2.ModelInfo,
                      metadata: mesh_pb2.ResponseMetadata, timeout_s: float,
@@ -179,7 +174,7 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
                     search.where.CopyFrom(request.where)
                 found = await self._documents.search(caller, search, timeout)
                 hits = list(found.hits)
-            except RequestError as exc:
+            except MeshError as exc:
                 if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise
                 metadata.degraded.append("retrieval")
@@ -192,39 +187,31 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
                     chunk.metadata.citations.extend(citations)
                 record.seen(chunk)
                 yield chunk
-        except RequestError as exc:
+        except MeshError as exc:
             record.fields["status"] = exc.code.name
-            await context.abort(exc.code, exc.message, exc.trailing)
+            raise
         finally:
             record.write()
 
-    @staticmethod
-    async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[Any]) -> Any:
-        """A unary reply, or the status a RequestError names."""
-        try:
-            return await work
-        except RequestError as exc:
-            await context.abort(exc.code, exc.message, exc.trailing)
-
     async def UpsertDocuments(self, request_iterator, context):
         caller = await self._auth.require(context)
-        return await self._answer(context, self._documents.upsert(
-            caller, request_iterator, downstream_timeout(context, self._settings.ingest_timeout_s)))
+        return await self._documents.upsert(caller, request_iterator,
+                                            downstream_timeout(context, self._settings.ingest_timeout_s))
 
     async def DeleteDocuments(self, request, context):
         caller = await self._auth.require(context)
-        return await self._answer(context, self._documents.delete(caller, request, downstream_timeout(context, 30.0)))
+        return await self._documents.delete(caller, request, downstream_timeout(context, 30.0))
 
     async def Search(self, request, context):
         caller = await self._auth.require(context)
-        return await self._answer(context, self._documents.search(caller, request, downstream_timeout(context, 30.0)))
+        return await self._documents.search(caller, request, downstream_timeout(context, 30.0))
 
     async def CollectionStats(self, request, context):
         caller = await self._auth.require(context)
-        return await self._answer(context, self._documents.stats(caller, downstream_timeout(context, 30.0)))
+        return await self._documents.stats(caller, downstream_timeout(context, 30.0))
 
     async def ListModels(self, request, context):
         await self._auth.require(context)
         if not self._catalog.loaded and not await self._catalog.refresh():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "router unavailable: the model list cannot be read")
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, "router unavailable: the model list cannot be read")
         return mesh_pb2.ListModelsResponse(models=sorted(self._catalog.all(), key=lambda m: m.name))

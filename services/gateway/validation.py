@@ -5,15 +5,15 @@ from __future__ import annotations
 import grpc
 
 from inference_mesh.v1 import mesh_pb2, models_pb2
-from services.gateway.errors import RequestError, invalid
+from services.common.errors import MeshError, invalid
 from services.gateway.settings import RequestLimits
 
 
-def _model_error(name: str, known: list[models_pb2.ModelInfo], kind: models_pb2.ModelKind.ValueType) -> RequestError:
+def _model_error(name: str, known: list[models_pb2.ModelInfo], kind: models_pb2.ModelKind.ValueType) -> MeshError:
     names = sorted(m.name for m in known if m.kind == kind)
     if not name:
         return invalid(f"model is required; one of {names}")
-    return RequestError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; available: {names}")
+    return MeshError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; available: {names}")
 
 
 def check_model(name: str, model: models_pb2.ModelInfo | None, known: list[models_pb2.ModelInfo],

@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 
 from inference_mesh.edge import envoy_ratelimit_pb2 as rls
 from inference_mesh.edge import envoy_ratelimit_pb2_grpc
+from services.common.errors import MeshError
 from services.common.tenants import TenantConfig
 from services.ratelimit import metrics
 from services.ratelimit.buckets import BucketState, LimitStore
@@ -35,8 +36,8 @@ class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
     async def ShouldRateLimit(self, request: rls.RateLimitRequest, context: grpc.aio.ServicerContext
                               ) -> rls.RateLimitResponse:
         if request.domain != self._domain:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"unknown rate-limit domain {request.domain!r}; this service serves {self._domain!r}")
+            raise MeshError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"unknown rate-limit domain {request.domain!r}; this service serves {self._domain!r}")
         started = time.perf_counter()
         reply = rls.RateLimitResponse(overall_code=OK)
         # A request may carry a JWT and an API key for the same tenant: count it once.
@@ -74,7 +75,7 @@ class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
                         f"requests/min with a burst of {tier.burst}; retry after {retry_after} s").encode()
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("envoy_rls").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"rate-limit store (Redis) unavailable: {exc}")
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"rate-limit store (Redis) unavailable: {exc}") from exc
         finally:
             metrics.DECISION_SECONDS.labels("envoy_rls").observe(time.perf_counter() - started)
         return reply

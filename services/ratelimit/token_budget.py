@@ -10,6 +10,7 @@ import grpc
 from redis.exceptions import RedisError
 
 from inference_mesh.v1 import quota_pb2, quota_pb2_grpc
+from services.common.errors import MeshError
 from services.common.tenants import Tenant, TenantConfig, Tier
 from services.ratelimit import metrics
 from services.ratelimit.buckets import LimitStore, seconds_to_next_month
@@ -29,7 +30,7 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
     async def _tenant(self, tenant_id: str, context: grpc.aio.ServicerContext) -> tuple[Tenant, Tier]:
         tenant = self._config.tenant(tenant_id)
         if tenant is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown tenant {tenant_id!r}")
+            raise MeshError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown tenant {tenant_id!r}")
         return tenant, self._config.tiers[tenant.tier]
 
     async def Check(self, request: quota_pb2.BudgetCheckRequest, context: grpc.aio.ServicerContext
@@ -57,7 +58,7 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
                     reply.retry_after.CopyFrom(as_duration(seconds_to_next_month(now)))
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("token_budget").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}")
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}") from exc
         finally:
             metrics.DECISION_SECONDS.labels("token_budget").observe(time.perf_counter() - started)
         metrics.BUDGET_DECISIONS.labels(tenant.tier, "ok" if reply.allowed else "exhausted").inc()
@@ -77,6 +78,6 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
                 reply.month_used = await self._store.charge_month(tenant.id, request.tokens, self._clock())
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("token_budget").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}")
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}") from exc
         metrics.TOKENS_CHARGED.labels(tenant.tier).inc(request.tokens)
         return reply

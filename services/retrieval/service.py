@@ -13,6 +13,7 @@ from tritonclient.grpc import service_pb2_grpc
 from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
+from services.common.errors import invalid, unavailable
 from services.retrieval.chunking import Chunker
 from services.retrieval.filters import FilterError, render, to_milvus
 from services.retrieval.index import DocumentIndex
@@ -38,14 +39,15 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
         self._chunker = chunker
         self._router = router
 
-    async def _tenant(self, tenant: str, context: grpc.aio.ServicerContext) -> str:
+    @staticmethod
+    def _tenant(tenant: str) -> str:
         if not _TENANT.match(tenant):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "tenant must be 1-128 characters of [A-Za-z0-9._:@-]")
+            raise invalid("tenant must be 1-128 characters of [A-Za-z0-9._:@-]")
         return tenant
 
-    async def _milvus_unavailable(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    async def _milvus_unavailable(self, exc: Exception) -> None:
         await self._index.mark_unavailable()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"vector database unavailable: {exc}")
+        raise unavailable(f"vector database unavailable: {exc}")
 
     async def _embed(self, texts: list[str], context: grpc.aio.ServicerContext) -> list[list[float]]:
         try:
@@ -53,37 +55,34 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
                 vectors, _ = await embed_via_kserve(self._router, self._settings.embedder_model, texts,
                                                     self._settings.embed_batch, downstream_timeout(context, 60.0))
         except grpc.aio.AioRpcError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"embedding model unavailable: {exc.details()}")
+            raise unavailable(f"embedding model unavailable: {exc.details()}") from exc
         return vectors.tolist()
 
-    async def _check_documents(self, documents, context) -> None:
+    def _check_documents(self, documents) -> None:
         limits = self._settings
         if not documents:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "documents is empty")
+            raise invalid("documents is empty")
         if len(documents) > limits.max_documents_per_batch:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{len(documents)} documents in one batch; the limit is "
-                                f"{limits.max_documents_per_batch}: send more batches on the stream")
+            raise invalid(f"{len(documents)} documents in one batch; the limit is "
+                          f"{limits.max_documents_per_batch}: send more batches on the stream")
         for i, document in enumerate(documents):
             if not _ID.match(document.id):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"documents[{i}].id must be 1-200 characters of [A-Za-z0-9._:/@+-]")
+                raise invalid(f"documents[{i}].id must be 1-200 characters of [A-Za-z0-9._:/@+-]")
             if not document.text.strip():
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"documents[{i}] ({document.id}) has no text")
+                raise invalid(f"documents[{i}] ({document.id}) has no text")
             if len(document.text) > limits.max_document_chars:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"documents[{i}] ({document.id}) is {len(document.text)} characters; the limit "
-                                    f"is {limits.max_document_chars}: split it into several documents")
+                raise invalid(f"documents[{i}] ({document.id}) is {len(document.text)} characters; the limit "
+                              f"is {limits.max_document_chars}: split it into several documents")
 
     async def UpsertDocuments(self, request_iterator, context):
         started = time.perf_counter()
         documents = chunks = 0
         async for batch in request_iterator:
-            tenant = await self._tenant(batch.tenant, context)
+            tenant = self._tenant(batch.tenant)
             docs = list(batch.request.documents)
-            await self._check_documents(docs, context)
+            self._check_documents(docs)
             if not self._index.ready and not await self._index.connect():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "vector database unavailable")
+                raise unavailable("vector database unavailable")
             # Chunking is CPU work: keep the event loop free for other calls.
             split = await asyncio.to_thread(lambda docs=docs: [self._chunker.split(d.text) for d in docs])
             rows = [{"document_id": d.id, "chunk_id": f"{d.id}#{c.index}", "text": c.text,
@@ -94,58 +93,54 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
             try:
                 await self._index.replace_documents(tenant, rows, [d.id for d in docs])
             except Exception as exc:  # pymilvus raises several types for one cause
-                await self._milvus_unavailable(context, exc)
+                await self._milvus_unavailable(exc)
             documents += len(docs)
             chunks += len(rows)
         return retrieval_pb2.UpsertDocumentsResponse(documents=documents, chunks=chunks,
                                                      seconds=time.perf_counter() - started)
 
     async def DeleteDocuments(self, request, context):
-        tenant = await self._tenant(request.tenant, context)
+        tenant = self._tenant(request.tenant)
         ids = list(request.request.ids)
         if not ids or not all(_ID.match(i) for i in ids):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "ids must be 1 or more document ids of [A-Za-z0-9._:/@+-]")
+            raise invalid("ids must be 1 or more document ids of [A-Za-z0-9._:/@+-]")
         try:
             deleted = await self._index.delete_documents(tenant, ids)
         except Exception as exc:
-            await self._milvus_unavailable(context, exc)
+            await self._milvus_unavailable(exc)
         return retrieval_pb2.DeleteDocumentsResponse(chunks_deleted=deleted)
 
     async def Search(self, request, context):
-        tenant = await self._tenant(request.tenant, context)
+        tenant = self._tenant(request.tenant)
         query = request.request
         limits = self._settings
         if not 1 <= query.top_k <= limits.max_top_k:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"top_k must be within 1..{limits.max_top_k}, got {query.top_k}")
+            raise invalid(f"top_k must be within 1..{limits.max_top_k}, got {query.top_k}")
         if query.ef > limits.max_ef:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ef must be at most {limits.max_ef}")
+            raise invalid(f"ef must be at most {limits.max_ef}")
         if bool(query.query.strip()) == bool(query.vector):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send either query (text) or vector, not both")
+            raise invalid("send either query (text) or vector, not both")
         if query.vector and len(query.vector) != limits.dimension:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"vector has dimension {len(query.vector)}; the index uses {limits.dimension}")
+            raise invalid(f"vector has dimension {len(query.vector)}; the index uses {limits.dimension}")
         if query.filter and query.HasField("where"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "send the filter as text (filter) or as a tree (where), not both")
+            raise invalid("send the filter as text (filter) or as a tree (where), not both")
         try:
             user_filter = render(from_message(query.where)) if query.HasField("where") \
                 else to_milvus(query.filter, limits.max_filter_chars)
         except FilterError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise invalid(str(exc)) from exc
         if not self._index.ready:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "vector database unavailable; retrying in the background")
+            raise unavailable("vector database unavailable; retrying in the background")
         vector = list(query.vector) if query.vector else (await self._embed([query.query], context))[0]
         try:
             with STAGE_SECONDS.labels("vector_search").time():
                 hits = await self._index.search(tenant, vector, query.top_k, user_filter, query.ef or limits.hnsw_ef)
         except MilvusException as exc:
             if user_filter and not _connection_error(exc):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"filter rejected by Milvus: {exc.message}")
-            await self._milvus_unavailable(context, exc)
+                raise invalid(f"filter rejected by Milvus: {exc.message}") from exc
+            await self._milvus_unavailable(exc)
         except Exception as exc:  # pymilvus raises several types for one cause
-            await self._milvus_unavailable(context, exc)
+            await self._milvus_unavailable(exc)
         response = retrieval_pb2.SearchResponse()
         for hit in hits:
             response.hits.add(chunk_id=hit["chunk_id"], document_id=hit["document_id"], text=hit["text"],
@@ -153,11 +148,11 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
         return response
 
     async def CollectionStats(self, request, context):
-        tenant = await self._tenant(request.tenant, context)
+        tenant = self._tenant(request.tenant)
         try:
             count = await self._index.count(tenant)
         except Exception as exc:
-            await self._milvus_unavailable(context, exc)
+            await self._milvus_unavailable(exc)
         return retrieval_pb2.CollectionStatsResponse(
             chunks=count, dimension=self._settings.dimension,
             index=f"HNSW(M={self._settings.hnsw_m}, efConstruction={self._settings.hnsw_ef_construction}), COSINE")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from inference_mesh.v1 import router_pb2, router_pb2_grpc
+from services.common.errors import MeshError
 from services.router.balancer import Balancer
 from services.router.replicas import Replica
 from services.router.state import RouterState
@@ -48,7 +49,7 @@ class RouterAdminService(router_pb2_grpc.RouterAdminServicer):
         replica = self._state.replicas.get(name)
         if replica is None:
             known = [r.name for r in self._state.replicas.replicas]
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown replica {name!r}; known replicas: {known}")
+            raise MeshError(grpc.StatusCode.NOT_FOUND, f"unknown replica {name!r}; known replicas: {known}")
         return replica
 
     async def DrainReplica(self, request, context):

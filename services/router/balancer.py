@@ -54,9 +54,11 @@ class BalancerSettings:
 class Route:
     affinity_key: str = ""
     exclude: frozenset[str] = frozenset()
+    # What the canary version sticks to (the session, else the tenant), on the model and on its fallback alike.
+    version_key: str = ""
 
     def excluding(self, replica: str) -> Route:
-        return Route(self.affinity_key, self.exclude | {replica})
+        return Route(self.affinity_key, self.exclude | {replica}, self.version_key)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.common.breakers import BreakerOpenError
 from services.common.canary import choose_version
 from services.common.deadlines import downstream_timeout
+from services.common.errors import MeshError, stream_error_text
 from services.common.kserve import is_final_response, read_to_end
 from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER, SPILL_PARAMETER, TENANT_HEADER
@@ -90,7 +91,7 @@ def prepare(request: service_pb2.ModelInferRequest, spec: ModelSpec, tenant: str
     request.model_name = spec.triton_model
     if not request.model_version:
         request.model_version = choose_version(public_name, spec.versions, session or tenant, spec.version)
-    return Route(affinity_key=_parameter(request, AFFINITY_PARAMETER) or session)
+    return Route(affinity_key=_parameter(request, AFFINITY_PARAMETER) or session, version_key=session or tenant)
 
 
 class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -110,10 +111,10 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _unknown(self, name: str) -> str:
         return f"unknown model {name!r}; known models: {sorted(self._state.registry.models)}"
 
-    async def _resolve(self, name: str, context: grpc.aio.ServicerContext) -> ModelSpec:
+    def _resolve(self, name: str) -> ModelSpec:
         spec = self._state.registry.models.get(name)
         if spec is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, self._unknown(name))
+            raise MeshError(grpc.StatusCode.NOT_FOUND, self._unknown(name))
         return spec
 
     def _place(self, public_name: str, spec: ModelSpec, request: service_pb2.ModelInferRequest,
@@ -137,7 +138,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 raise exc from None
         # The fallback's own Triton model and version; the caller still sees the name it asked for.
         request.model_name = backup.triton_model
-        request.model_version = choose_version(spec.fallback, backup.versions, route.affinity_key, backup.version)
+        request.model_version = choose_version(spec.fallback, backup.versions, route.version_key, backup.version)
         FALLBACKS.labels(public_name, "model").inc()
         return Placed(backup, choice, f"model {public_name}->{spec.fallback}")
 
@@ -167,23 +168,23 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             spec, self._state.registry.fallback_of(spec)))
 
     async def ModelMetadata(self, request, context):
-        spec = await self._resolve(request.name, context)
+        spec = self._resolve(request.name)
         try:
             replica = self._balancer.choose(spec)
         except NoReplicaError as exc:
-            await context.abort(_no_replica_code(exc), str(exc))
+            raise MeshError(_no_replica_code(exc), str(exc)) from exc
         try:
             answer = await replica.stub.ModelMetadata(
                 service_pb2.ModelMetadataRequest(name=spec.triton_model, version=spec.version),
                 timeout=downstream_timeout(context, 10.0),
             )
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "")
+            raise MeshError(exc.code(), exc.details() or "") from exc
         answer.name = request.name
         return answer
 
     async def ModelInfer(self, request, context):
-        spec = await self._resolve(request.model_name, context)
+        spec = self._resolve(request.model_name)
         public_name = request.model_name
         route = prepare(request, spec, _tenant(context))
         asked_version = request.model_version
@@ -193,7 +194,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 placed = self._place(public_name, spec, request, route, asked_version)
             except NoReplicaError as exc:
-                await context.abort(_no_replica_code(exc), str(exc))
+                raise MeshError(_no_replica_code(exc), str(exc)) from exc
             if (other := self._admitted(placed, route)) is not None:
                 route = other
                 continue
@@ -213,7 +214,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         attempts.retries += 1
                         route = route.excluding(replica.name)
                         continue
-                await context.abort(exc.code(), exc.details() or "")
+                raise MeshError(exc.code(), exc.details() or "") from exc
             replica.breaker.record(grpc.StatusCode.OK)
             _stamp(response, public_name, placed, attempts)
             ROUTED.labels(public_name, response.model_version, replica.pool, replica.name).inc()
@@ -248,7 +249,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         public_name = request.model_name
         spec = self._state.registry.models.get(public_name)
         if spec is None:
-            await out.put(service_pb2.ModelStreamInferResponse(error_message=self._unknown(public_name)))
+            await out.put(service_pb2.ModelStreamInferResponse(
+                error_message=stream_error_text(grpc.StatusCode.NOT_FOUND, self._unknown(public_name))))
             return
         route = prepare(request, spec, _tenant(context))
         asked_version = request.model_version
@@ -264,7 +266,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     raise NoReplicaError(f"no other replica of {first_model!r} can continue the stream")
             except NoReplicaError as exc:
                 await out.put(service_pb2.ModelStreamInferResponse(
-                    error_message=f"{_no_replica_code(exc).name}: {exc}{self._progress_note(progress)}"))
+                    error_message=stream_error_text(_no_replica_code(exc), f"{exc}{self._progress_note(progress)}")))
                 return
             if (other := self._admitted(placed, route)) is not None:
                 route = other
@@ -303,7 +305,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 RESUMED.labels(public_name, "failed").inc()
             why = "" if resumable else "; this model cannot resume a stream on another replica"
             await out.put(service_pb2.ModelStreamInferResponse(
-                error_message=f"{code.name}: replica {replica.name}: {detail}{why}{self._progress_note(progress)}"))
+                error_message=stream_error_text(
+                    code, f"replica {replica.name}: {detail}{why}{self._progress_note(progress)}")))
             return
 
     @staticmethod

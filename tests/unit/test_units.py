@@ -14,10 +14,10 @@ from tritonclient.grpc import service_pb2
 
 from inference_mesh.v1 import mesh_pb2, models_pb2
 from services.common.canary import choose_version
+from services.common.errors import from_stream_error
 from services.common.kserve import InferRequestBuilder, output_arrays
 from services.common.tenants import Tenant, TenantConfig, Tier, hash_key
 from services.gateway.auth import Authenticator
-from services.gateway.errors import from_stream_error
 from services.gateway.settings import RequestLimits
 from services.gateway.validation import check_embed, check_generate
 from services.router.balancer import AtCapacityError, Balancer, BalancerSettings, NoReplicaError, Route
@@ -291,3 +291,17 @@ async def test_replicas_at_their_in_flight_bound_are_skipped_then_shed():
     with pytest.raises(AtCapacityError, match="2 requests in flight"):
         balancer.choose(model)
     await replicas.close()
+
+
+def test_the_canary_version_sticks_to_the_session_else_the_tenant_on_a_retry_and_a_fallback():
+    from tritonclient.grpc import service_pb2
+
+    from services.router.inference_service import prepare
+
+    spec = Registry.model_validate(REGISTRY).models["llm"]
+    without_session = prepare(service_pb2.ModelInferRequest(model_name="llm"), spec, "tenant-1")
+    assert without_session.version_key == "tenant-1" and without_session.affinity_key == ""
+    assert without_session.excluding("c0").version_key == "tenant-1"  # a retry elsewhere keeps it
+    with_session = service_pb2.ModelInferRequest(model_name="llm")
+    with_session.parameters["mesh_session"].string_param = "s-9"
+    assert prepare(with_session, spec, "tenant-1").version_key == "s-9"

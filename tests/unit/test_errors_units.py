@@ -1,0 +1,97 @@
+"""The one error model (services/common/errors.py): stream errors' writer and reader agree, and a MeshError raised
+anywhere in a handler reaches the caller as its status, with its message and trailing metadata."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from services.common.errors import MeshError, from_stream_error, stream_error_text
+from services.common.server import new_server
+
+CODES = [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+         grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+
+@pytest.mark.parametrize("code", CODES)
+def test_a_stream_error_reads_back_as_written(code):
+    read = from_stream_error(stream_error_text(code, "replica r1: no response: 15 s"))
+    assert (read.code, read.message) == (code, "replica r1: no response: 15 s")
+
+
+def test_a_model_error_without_a_known_code_is_the_models_failure():
+    assert from_stream_error("INVALID_ARGUMENT: prompt is 3000 tokens").code == grpc.StatusCode.INVALID_ARGUMENT
+    unknown = from_stream_error("CUDA out of memory: 2 GiB")
+    assert unknown.code == grpc.StatusCode.INTERNAL and "CUDA out of memory" in unknown.message
+
+
+def _refuse(request: bytes, context) -> bytes:
+    raise MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED, "tenant t over its budget", (("retry-after", "3"),))
+
+
+async def _refuse_async(request: bytes, context) -> bytes:
+    await asyncio.sleep(0)
+    raise MeshError(grpc.StatusCode.INVALID_ARGUMENT, "max_tokens must be within 1..1024")
+
+
+async def _stream_then_refuse(request: bytes, context):
+    yield b"first"
+    raise MeshError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
+
+
+def _run(scenario) -> None:
+    # A private loop: asyncio.run would leave the thread without a current loop for the tests that follow.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(scenario)
+    finally:
+        loop.close()
+
+
+def test_every_handler_answers_a_mesh_error_with_its_status():
+    async def scenario() -> None:
+        server = new_server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Errors", {
+            "Async": grpc.unary_unary_rpc_method_handler(_refuse_async),
+            "Stream": grpc.unary_stream_rpc_method_handler(_stream_then_refuse)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await channel.unary_unary("/test.Errors/Async")(b"", timeout=5)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert refused.value.details() == "max_tokens must be within 1..1024"
+                received = []
+                with pytest.raises(grpc.aio.AioRpcError) as cut:
+                    async for item in channel.unary_stream("/test.Errors/Stream")(b"", timeout=5):
+                        received.append(item)
+                assert received == [b"first"] and cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await server.stop(None)
+
+    _run(scenario())
+
+
+def test_trailing_metadata_reaches_the_caller():
+    async def scenario() -> None:
+        async def refuse(request: bytes, context) -> bytes:
+            return _refuse(request, context)
+
+        server = new_server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Errors", {
+            "Budget": grpc.unary_unary_rpc_method_handler(refuse)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await channel.unary_unary("/test.Errors/Budget")(b"", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert ("retry-after", "3") in tuple(refused.value.trailing_metadata())
+        finally:
+            await server.stop(None)
+
+    _run(scenario())
