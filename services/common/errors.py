@@ -6,10 +6,12 @@ reader here as well.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
+from services.common.handler_wrapping import HandlerInterceptor, Stream, Unary
 
 
 class MeshError(Exception):
@@ -49,33 +51,22 @@ def from_stream_error(text: str) -> MeshError:
     return MeshError(grpc.StatusCode.INTERNAL, f"model error: {text}")
 
 
-class AnswersMeshErrors(grpc.aio.ServerInterceptor):
+class AnswersMeshErrors(HandlerInterceptor):
     """Turns a MeshError raised by any handler into its status, with its message and trailing metadata."""
 
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not hasattr(handler, "_replace"):
-            return handler
-        if handler.unary_unary or handler.stream_unary:
-            field = "unary_unary" if handler.unary_unary else "stream_unary"
-            inner: Callable[..., Awaitable[Any]] = getattr(handler, field)
+    def around_unary(self, inner: Unary, method: str) -> Unary:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except MeshError as exc:
+                await context.abort(exc.code, exc.message, exc.trailing)
+        return unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await inner(request, context)
-                except MeshError as exc:
-                    await context.abort(exc.code, exc.message, exc.trailing)
-            return handler._replace(**{field: unary})
-        field = "unary_stream" if handler.unary_stream else "stream_stream"
-        inner_stream: Callable[..., AsyncIterator[Any]] = getattr(handler, field)
-
+    def around_stream(self, inner: Stream, method: str) -> Stream:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                async for response in inner_stream(request, context):
+                async for response in inner(request, context):
                     yield response
             except MeshError as exc:
                 await context.abort(exc.code, exc.message, exc.trailing)
-        return handler._replace(**{field: stream})
+        return stream

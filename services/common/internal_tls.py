@@ -10,12 +10,14 @@ where `allow_plaintext` says so explicitly.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 from pydantic import BaseModel, model_validator
+
+from services.common.handler_wrapping import HandlerInterceptor, Stream, Unary
 
 ADMIN = "mesh-admin"
 # The callers each server accepts, by the identity in their certificate, per method prefix ("": the rest of the
@@ -106,39 +108,26 @@ def refusal(service: str, method: str, identity: str | None) -> str | None:
     return None
 
 
-class CallerPolicy(grpc.aio.ServerInterceptor):
+class CallerPolicy(HandlerInterceptor):
     """Applies `refusal` to every call on a server that requires client certificates."""
 
     def __init__(self, service: str) -> None:
         self._service = service
 
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or not hasattr(handler, "_replace"):
-            return handler
-        service, method = self._service, handler_call_details.method
+    async def _check(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        why = refusal(self._service, method, peer_identity(context))
+        if why:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
 
-        async def check(context: grpc.aio.ServicerContext) -> None:
-            why = refusal(service, method, peer_identity(context))
-            if why:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+    def around_unary(self, inner: Unary, method: str) -> Unary:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._check(method, context)
+            return await inner(request, context)
+        return unary
 
-        if handler.unary_unary or handler.stream_unary:
-            field = "unary_unary" if handler.unary_unary else "stream_unary"
-            inner: Callable[..., Awaitable[Any]] = getattr(handler, field)
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                await check(context)
-                return await inner(request, context)
-            return handler._replace(**{field: unary})
-        field = "unary_stream" if handler.unary_stream else "stream_stream"
-        inner_stream: Callable[..., AsyncIterator[Any]] = getattr(handler, field)
-
+    def around_stream(self, inner: Stream, method: str) -> Stream:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await check(context)
-            async for response in inner_stream(request, context):
+            await self._check(method, context)
+            async for response in inner(request, context):
                 yield response
-        return handler._replace(**{field: stream})
+        return stream

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from prometheus_client import Counter, Histogram
 
+from services.common.handler_wrapping import HandlerInterceptor, Stream, Unary
 from services.common.shedding import LoadShedder
 
 REQUESTS = Counter("mesh_rpc_requests_total", "RPCs served, by service, method and status code",
@@ -32,7 +33,7 @@ def _code(context: grpc.aio.ServicerContext, failed: BaseException | None) -> st
     return code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
 
 
-class ServedCalls(grpc.aio.ServerInterceptor):
+class ServedCalls(HandlerInterceptor):
     def __init__(self, service: str, shedder: LoadShedder | None = None) -> None:
         self._service = service
         self.shedder = shedder
@@ -67,44 +68,32 @@ class ServedCalls(grpc.aio.ServerInterceptor):
         counter.inc()
         timer.observe(time.perf_counter() - started)
 
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        if handler.unary_unary or handler.stream_unary:
-            field = "unary_unary" if handler.unary_unary else "stream_unary"
-            inner: Callable[..., Awaitable[Any]] = getattr(handler, field)
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return handler if method.startswith(_EXEMPT) else super().wrap(handler, method.rsplit("/", 1)[-1])
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                started, failed = time.perf_counter(), None
-                await self._admit(context, method)
-                try:
-                    return await inner(request, context)
-                except BaseException as exc:
-                    failed = exc
-                    raise
-                finally:
-                    self._observe(method, context, started, failed)
-            return handler._replace(**{field: unary})
-        field = "unary_stream" if handler.unary_stream else "stream_stream"
-        inner_stream: Callable[..., AsyncIterator[Any]] = getattr(handler, field)
+    def around_unary(self, inner: Unary, method: str) -> Unary:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, failed = time.perf_counter(), None
+            await self._admit(context, method)
+            try:
+                return await inner(request, context)
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                self._observe(method, context, started, failed)
+        return unary
 
+    def around_stream(self, inner: Stream, method: str) -> Stream:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started, failed = time.perf_counter(), None
             await self._admit(context, method)
             try:
-                async for response in inner_stream(request, context):
+                async for response in inner(request, context):
                     yield response
             except BaseException as exc:
                 failed = exc
                 raise
             finally:
                 self._observe(method, context, started, failed)
-        return handler._replace(**{field: stream})
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not hasattr(handler, "_replace") or method.startswith(_EXEMPT):
-            return handler
-        return self._wrap(handler, method.rsplit("/", 1)[-1])
+        return stream
