@@ -1,6 +1,7 @@
 """Cache lookup cost: exact and semantic hits on the cache service, against generating on Triton directly.
 
-The seed guide's target: a semantic hit costs < 5 ms. Prints a table and rewrites its section of BENCHMARKS.md.
+Target: a semantic hit costs < 5 ms (a tenth of a fast generation's time to first token). Prints a table and
+rewrites its section of BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from tools.backends import MILVUS_SERVER_PORTS, start_milvus_lite, start_milvus_
 from tools.edge import start_envoy, wait_edge_ready
 from tools.pki import Pki, ensure_pki
 from tools.processes import ManagedProcess, free_port, wait_grpc_serving
-from tools.triton import MODEL_REPOSITORY, ROOT, TritonInstall, TritonPorts, wait_triton_ready
+from tools.triton import MODEL_REPOSITORY, ROOT, TritonInstall, TritonPorts, registry_models, wait_triton_ready
 
 SERVICE_ENV = {"PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "PYTHONUNBUFFERED": "1"}
 
@@ -90,7 +90,9 @@ class LocalStack:
     ports: StackPorts
     tenants_file: Path = ROOT / "config" / "tenants.yaml"
     registry_file: Path = ROOT / "config" / "registry.yaml"
+    # None: the models the registry places on the cpu pool.
     triton_models: list[str] | None = None
+    model_repository: Path = MODEL_REPOSITORY
     with_cache: bool = True
     with_retrieval: bool = True
     # "lite": milvus-lite (embedded HNSW server); "server": a Milvus standalone (milvus-server).
@@ -168,7 +170,9 @@ class LocalStack:
             install = TritonInstall()
             for i, ports in enumerate(self.ports.tritons):
                 self.processes[f"triton-{i}"] = install.start(
-                    f"triton-{i}", ports, self.run_dir / f"triton-{i}.log", models=self.triton_models,
+                    f"triton-{i}", ports, self.run_dir / f"triton-{i}.log",
+                    models=self.triton_models or registry_models(self.registry_file),
+                    repository=self.model_repository,
                     cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ports.tritons)),
                     extra_args=self.triton_args(i))
             for i, ports in enumerate(self.ports.tritons):

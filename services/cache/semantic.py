@@ -7,20 +7,18 @@ digest of everything but the user's text, and expiry, so a hit can only come fro
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 from pymilvus import AsyncMilvusClient, DataType
 
-from services.common.milvus import MilvusCollection, hnsw_cosine_index, quote
+from services.common.milvus import HnswSettings, MilvusCollection, MilvusTimeouts, hnsw_cosine_index, quote
 
 
 class SemanticIndex(MilvusCollection):
-    def __init__(self, uri: str, collection: str, dimension: int, m: int, ef_construction: int, ef: int,
-                 timeout_s: float) -> None:
-        super().__init__(uri, collection, timeout_s, self._create_collection)
-        self._dimension = dimension
-        self._m = m
-        self._ef_construction = ef_construction
-        self._ef = ef
+    def __init__(self, uri: str, collection: str, dimension: Callable[[], Awaitable[int]], hnsw: HnswSettings,
+                 timeouts: MilvusTimeouts) -> None:
+        super().__init__(uri, collection, timeouts, dimension, self._create_collection)
+        self._hnsw = hnsw
 
     async def _create_collection(self, client: AsyncMilvusClient, name: str) -> None:
         schema = AsyncMilvusClient.create_schema(auto_id=False)
@@ -32,10 +30,10 @@ class SemanticIndex(MilvusCollection):
         schema.add_field("context", DataType.VARCHAR, max_length=64)
         schema.add_field("response_key", DataType.VARCHAR, max_length=512)
         schema.add_field("expires_at", DataType.INT64)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self._dimension)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dimension)
         await client.create_collection(name, schema=schema,
-                                       index_params=hnsw_cosine_index("vector", self._m, self._ef_construction),
-                                       timeout=self.timeout_s * 20)
+                                       index_params=hnsw_cosine_index("vector", self._hnsw),
+                                       timeout=self.timeouts.create_s)
 
     async def search(self, vector: list[float], tenant: str, model: str, version: str, generation: str,
                      context: str) -> tuple[str, float] | None:
@@ -45,7 +43,7 @@ class SemanticIndex(MilvusCollection):
                 f"and expires_at > {int(time.time())}")
         hits = await self.run(lambda client: client.search(
             self.name, data=[vector], filter=expr, limit=1, output_fields=["response_key"],
-            search_params={"params": {"ef": self._ef}}, timeout=self.timeout_s))
+            search_params={"params": {"ef": self._hnsw.ef}}, timeout=self.timeouts.search_s))
         if not hits or not hits[0]:
             return None
         best = hits[0][0]
@@ -56,14 +54,14 @@ class SemanticIndex(MilvusCollection):
         row = {"id": row_id, "tenant": tenant, "model": model, "version": version, "generation": generation,
                "context": context, "response_key": response_key, "expires_at": int(time.time()) + ttl_s,
                "vector": vector}
-        await self.run(lambda client: client.upsert(self.name, [row], timeout=self.timeout_s))
+        await self.run(lambda client: client.upsert(self.name, [row], timeout=self.timeouts.write_s))
 
     async def delete(self, tenant: str = "", model: str = "") -> int:
         clauses = [f"tenant == {quote(tenant)}" if tenant else "", f"model == {quote(model)}" if model else ""]
         expr = " and ".join(c for c in clauses if c)
-        result = await self.run(lambda client: client.delete(self.name, filter=expr, timeout=self.timeout_s * 4))
+        result = await self.run(lambda client: client.delete(self.name, filter=expr, timeout=self.timeouts.query_s))
         return int(result.get("delete_count", 0)) if isinstance(result, dict) else 0
 
     async def delete_expired(self) -> None:
         expr = f"expires_at <= {int(time.time())}"
-        await self.run(lambda client: client.delete(self.name, filter=expr, timeout=self.timeout_s * 4))
+        await self.run(lambda client: client.delete(self.name, filter=expr, timeout=self.timeouts.query_s))

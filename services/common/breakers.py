@@ -4,16 +4,17 @@ pybreaker keeps the state machine (closed → open after `fail_max` consecutive 
 `reset_timeout_s` → closed on a success, open again on a failure); this wraps it for asyncio callers, which
 pybreaker's own call() cannot time: a call is admitted first and its outcome recorded when it ends.
 
-Only the target's own faults count (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS), as the seed guide says: a
-caller's bad input, our own shedding (RESOURCE_EXHAUSTED) or a caller's deadline say nothing about the target.
-A health probe that finds the target serving again half-opens an open breaker at once, so a restarted target
-is back within a probe interval instead of after the full reset timeout.
+Only the target's own faults count (UNAVAILABLE, INTERNAL, UNKNOWN, DATA_LOSS): a caller's bad input, our own
+shedding (RESOURCE_EXHAUSTED) or a caller's deadline say nothing about the target. A health probe that finds the
+target serving again half-opens an open breaker at once, so a restarted target is back within a probe interval
+instead of after the full reset timeout.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -32,7 +33,7 @@ TARGET_FAULTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL
 
 @dataclass(frozen=True)
 class BreakerSettings:
-    # The seed guide's values: 10 failures to trip, 60 s before a retry.
+    # ResilienceSettings gives these (and says why); the defaults serve tests and tools.
     fail_max: int = 10
     reset_timeout_s: float = 60.0
 
@@ -62,9 +63,11 @@ class _StateListener(pybreaker.CircuitBreakerListener):
 
 
 class Breaker:
-    def __init__(self, target: str, settings: BreakerSettings | None = None) -> None:
+    def __init__(self, target: str, settings: BreakerSettings | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         settings = settings or BreakerSettings()
         self.target = target
+        self._clock = clock
         self._opened_at = 0.0
         self._probing = False
         self._cb = pybreaker.CircuitBreaker(fail_max=settings.fail_max, reset_timeout=settings.reset_timeout_s,
@@ -78,12 +81,12 @@ class Breaker:
 
     def _changed(self, state: str) -> None:
         if state == pybreaker.STATE_OPEN:
-            self._opened_at = time.monotonic()
+            self._opened_at = self._clock()
         self._probing = False
         STATE.labels(self.target).set(_STATE_VALUE.get(state, 0))
 
     def _timed_out(self) -> bool:
-        return time.monotonic() - self._opened_at >= self._cb.reset_timeout
+        return self._clock() - self._opened_at >= self._cb.reset_timeout
 
     def available(self) -> bool:
         """Whether admit() would let a call through now."""
@@ -106,7 +109,7 @@ class Breaker:
             self._probing = True
             return
         REJECTED.labels(self.target).inc()
-        wait = max(0.0, self._cb.reset_timeout - (time.monotonic() - self._opened_at))
+        wait = max(0.0, self._cb.reset_timeout - (self._clock() - self._opened_at))
         raise BreakerOpenError(f"{self.target} is failing: circuit open after {self._cb.fail_max} consecutive "
                                f"failures; next probe in {wait:.0f} s or when its health check passes")
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import grpc
 
+# The longest one generation may take end to end: the gateway's deadline, the router's cap on one inference call,
+# Envoy's route timeout and the cache lease that must outlive a generation are all derived from it. Long enough for
+# a 1,024-token answer on a loaded GPU (~50 tokens/s), short enough that a hung replica is noticed by the caller.
+GENERATION_BUDGET_S = 60.0
 # Kept back from the caller's remaining time so that our reply (or a precise error) still reaches it.
 DOWNSTREAM_MARGIN_S = 0.05
 

@@ -14,7 +14,11 @@ Stream = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 
 class HandlerInterceptor(grpc.aio.ServerInterceptor):
     """Subclasses return the wrapped behaviour of a unary call (unary or client-streaming request) and of a
-    streamed reply (server- or bidi-streaming)."""
+    streamed reply (server- or bidi-streaming). A method's wrapped handler is made once and reused: the wrapper
+    keeps no per-call state, and grpc asks for the handler on every call."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def around_unary(self, inner: Unary, method: str) -> Unary:
         return inner
@@ -29,7 +33,14 @@ class HandlerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not hasattr(handler, "_replace"):
             return handler
-        return self.wrap(handler, handler_call_details.method)
+        method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self.wrap(handler, method)
+        # Keyed by registered methods only (an unknown method has no handler): bounded by the service's API.
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         """The handler with its behaviour wrapped (override to change more of it, e.g. its deserializer)."""

@@ -11,6 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.internal_tls import InternalTls
 
+# Docker's healthcheck runs every few seconds; a server that cannot answer a health check in this long is not healthy.
+CHECK_TIMEOUT_S = 3.0
+
 
 def main() -> None:
     address = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:50051"
@@ -18,7 +21,7 @@ def main() -> None:
     try:
         with (grpc.secure_channel(address, tls.channel_credentials()) if tls.enabled
               else grpc.insecure_channel(address)) as channel:
-            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=CHECK_TIMEOUT_S)
     except grpc.RpcError as exc:
         sys.exit(f"{address}: {exc.code().name}")
     sys.exit(0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1)

@@ -112,6 +112,7 @@ class CallerPolicy(HandlerInterceptor):
     """Applies `refusal` to every call on a server that requires client certificates."""
 
     def __init__(self, service: str) -> None:
+        super().__init__()
         self._service = service
 
     async def _check(self, method: str, context: grpc.aio.ServicerContext) -> None:

@@ -14,7 +14,8 @@ class BreakerOverride(BaseModel, extra="forbid"):
 
 
 class ResilienceSettings(BaseModel, extra="forbid"):
-    # Seed guide: a breaker trips after 10 failures and retries after 60 s; 3 retries for transient failures.
+    # 10 consecutive faults are not a blip on a busy target; 60 s lets a restarting Triton load its models before a
+    # probe call; 3 retries ride out one replica's restart without tripling an outage's load (budgeted below).
     breaker_fail_max: int = Field(default=10, ge=1)
     breaker_reset_timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=3, ge=0, le=3)

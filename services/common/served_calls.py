@@ -35,6 +35,7 @@ def _code(context: grpc.aio.ServicerContext, failed: BaseException | None) -> st
 
 class ServedCalls(HandlerInterceptor):
     def __init__(self, service: str, shedder: LoadShedder | None = None) -> None:
+        super().__init__()
         self._service = service
         self.shedder = shedder
         self._counters: dict[tuple[str, str], Any] = {}

@@ -11,10 +11,11 @@ from typing import TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from services.common.channels import SERVER_OPTIONS
 from services.common.errors import AnswersMeshErrors
-from services.common.internal_tls import CallerPolicy, InternalTls
+from services.common.internal_tls import CallerPolicy
 from services.common.logging import configure_logging
 from services.common.malformed import MalformedRequestInterceptor
 from services.common.served_calls import ServedCalls
@@ -32,19 +33,21 @@ def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.
 
 
 class ServiceHost:
-    """Owns a grpc.aio server with grpc.health.v1 and reflection; stops gracefully on SIGTERM/SIGINT."""
+    """Owns a service's grpc.aio server with grpc.health.v1 and reflection, and its Prometheus endpoint; keeps its
+    health in step with its dependencies; stops gracefully on SIGTERM/SIGINT."""
 
-    def __init__(self, name: str, address: str, grace_s: float, drain_delay_s: float = 2.0,
-                 max_in_flight: int = 0, tls: InternalTls | None = None) -> None:
+    def __init__(self, name: str, settings: ServiceSettings, max_in_flight: int = 0) -> None:
         self.name = name
         self.shedder = LoadShedder(name, max_in_flight) if max_in_flight else None
-        tls = tls or InternalTls()
+        address, tls = settings.address, settings.tls
         tls.check_listen_address(address)
         # The caller policy inside ServedCalls: refused calls are counted as PERMISSION_DENIED.
         self.server = new_server([ServedCalls(name, self.shedder), *([CallerPolicy(name)] if tls.enabled else [])])
         self.health = health.aio.HealthServicer()
-        self._grace_s = grace_s
-        self._drain_delay_s = drain_delay_s
+        self._grace_s = settings.shutdown_grace_s
+        self._drain_delay_s = settings.drain_delay_s
+        if settings.metrics_port:
+            start_http_server(settings.metrics_port, addr=settings.host)
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_secure_port(address, tls.server_credentials()) if tls.enabled \
@@ -59,6 +62,26 @@ class ServiceHost:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self._service_names]:
             await self.health.set(name, status)
+
+    def serving_while(self, check: Callable[[], Awaitable[bool]],
+                      interval_s: float = 1.0) -> Callable[[], Awaitable[None]]:
+        """A background job for run(): SERVING while `check` says the service can do useful work. A check that
+        raises counts as not serving: whatever failed, the dependency did not answer."""
+        async def follow() -> None:
+            serving: bool | None = None
+            while True:
+                try:
+                    now = await check()
+                except Exception as exc:  # any failure to check is a failed check
+                    now = False
+                    if serving is not False:
+                        log.warning("health check failed", extra={"service": self.name, "error": repr(exc)})
+                if now != serving:
+                    log.info("serving" if now else "not serving", extra={"service": self.name})
+                    serving = now
+                await self.set_serving(now)
+                await asyncio.sleep(interval_s)
+        return follow
 
     async def run(self, background: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
         """Serve until SIGTERM/SIGINT, then: NOT_SERVING for the drain delay, then refuse new RPCs and let

@@ -44,6 +44,8 @@ class ServiceSettings(BaseSettings):
     # After SIGTERM, seconds of NOT_SERVING while still answering, so health checkers stop sending new work.
     drain_delay_s: float = 2.0
     log_level: str = "INFO"
+    # The Prometheus endpoint on `host`; 0: none.
+    metrics_port: int = 0
     # Circuit breakers and retries for the calls this service makes (e.g. MESH_GATEWAY_RESILIENCE__MAX_RETRIES).
     resilience: ResilienceSettings = ResilienceSettings()
     # mTLS with the other mesh processes (e.g. MESH_ROUTER_TLS__CERT); none: plaintext, loopback only.

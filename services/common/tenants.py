@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 
 
 class Tier(BaseModel, extra="forbid"):
-    # Seed guide: standard 100-500 req/min, enterprise 1,000; burst 20-50. Enforced at the edge: Envoy asks the
-    # mesh's rate-limit service, a token bucket in Redis holding `burst` requests refilled at the per-minute rate.
+    # Enforced at the edge: Envoy asks the mesh's rate-limit service, a token bucket in Redis holding `burst`
+    # requests refilled at the per-minute rate.
     requests_per_minute: int = Field(gt=0)
     burst: int = Field(gt=0)
     # Token budgets, charged with each generation's real usage (prompt + completion tokens); 0 = unlimited.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from services.common.deadlines import GENERATION_BUDGET_S
 from services.common.settings import ServiceSettings
 
 
@@ -70,13 +71,14 @@ class EdgeSettings(ServiceSettings):
     # Sent to the gateways with every request; a gateway trusts a JWT tenant header only with it.
     edge_secret: str = ""
 
-    # Seed guide: inference 30-60 s; metadata calls are cheap and must fail fast.
-    inference_timeout_s: float = 60.0
+    # A route outlives the gateway's own deadline by a second, so the caller gets the gateway's precise
+    # DEADLINE_EXCEEDED rather than Envoy's bare 504; metadata calls are cheap and must fail fast.
+    inference_timeout_s: float = GENERATION_BUDGET_S + 1.0
     metadata_timeout_s: float = 5.0
     ingest_timeout_s: float = 600.0
     # A hard cap on any stream's life, whatever the route.
     max_stream_duration_s: float = 900.0
-    # Seed guide: health checks every 10 s.
+    # A dead gateway leaves rotation within two intervals (outlier detection reacts sooner on failed calls).
     health_check_interval_s: float = 10.0
     # host:port of an OTLP gRPC collector: Envoy starts each request's trace there (W3C traceparent to the
     # gateways). Empty: no tracing.

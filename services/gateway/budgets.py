@@ -23,9 +23,10 @@ _WINDOW = {quota_pb2.BUDGET_WINDOW_MINUTE: "tokens per minute", quota_pb2.BUDGET
 
 
 class TokenBudgets:
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float, fail_open: bool) -> None:
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float, charge_timeout_s: float, fail_open: bool) -> None:
         self._stub = quota_pb2_grpc.TokenBudgetStub(channel)
         self._timeout_s = timeout_s
+        self._charge_timeout_s = charge_timeout_s
         self._fail_open = fail_open
         self._background = BackgroundCalls()
 
@@ -57,7 +58,7 @@ class TokenBudgets:
     async def _charge(self, caller: Caller, tokens: int) -> None:
         try:
             await self._stub.Charge(quota_pb2.BudgetChargeRequest(tenant=caller.tenant, tokens=tokens),
-                                    timeout=self._timeout_s * 5)
+                                    timeout=self._charge_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("token charge lost", extra={"tenant": caller.tenant, "tokens": tokens,
                                                     "status": exc.code().name})

@@ -22,10 +22,12 @@ def is_deterministic(request: mesh_pb2.GenerateRequest) -> bool:
 
 
 class CacheClient:
-    def __init__(self, channel: grpc.aio.Channel, lookup_timeout_s: float, fast_timeout_s: float) -> None:
+    def __init__(self, channel: grpc.aio.Channel, lookup_timeout_s: float, fast_timeout_s: float,
+                 store_timeout_s: float) -> None:
         self._stub = cache_pb2_grpc.ResponseCacheStub(channel)
         self._lookup_timeout_s = lookup_timeout_s
         self._fast_timeout_s = fast_timeout_s
+        self._store_timeout_s = store_timeout_s
         self._background = BackgroundCalls()
 
     async def _call(self, name: str, coroutine: Coroutine):
@@ -50,13 +52,13 @@ class CacheClient:
         self._background.start(self._call(name, coroutine))
 
     def store(self, request: cache_pb2.StoreRequest) -> None:
-        self.in_background("store", self._stub.Store(request, timeout=self._fast_timeout_s * 10))
+        self.in_background("store", self._stub.Store(request, timeout=self._store_timeout_s))
 
     def release(self, request: cache_pb2.ReleaseRequest) -> None:
         self.in_background("release", self._stub.Release(request, timeout=self._fast_timeout_s))
 
     def put_embeddings(self, request: cache_pb2.PutEmbeddingsRequest) -> None:
-        self.in_background("put_embeddings", self._stub.PutEmbeddings(request, timeout=self._fast_timeout_s * 3))
+        self.in_background("put_embeddings", self._stub.PutEmbeddings(request, timeout=self._store_timeout_s))
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         await self._background.drain(timeout_s)

@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 
 from tritonclient.grpc import service_pb2_grpc
 
-from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
+from inference_mesh.v1 import cache_pb2, mesh_pb2
 from services.common.retries import Retrier
 from services.gateway.cache_client import CacheClient, is_deterministic
 from services.gateway.generation import stream_generation
+from services.gateway.plan import RequestPlan
 
 _HIT_STATUS = {
     cache_pb2.LOOKUP_RESULT_EXACT_HIT: mesh_pb2.CACHE_STATUS_EXACT_HIT,
@@ -37,15 +38,13 @@ async def generate(
     cache: CacheClient | None,
     router: service_pb2_grpc.GRPCInferenceServiceStub,
     request: mesh_pb2.GenerateRequest,
-    model: models_pb2.ModelInfo,
-    metadata: mesh_pb2.ResponseMetadata,
-    timeout_s: float,
-    headers: tuple[tuple[str, str], ...],
-    affinity: str = "",
+    plan: RequestPlan,
     retrier: Retrier | None = None,
 ) -> AsyncIterator[mesh_pb2.GenerateChunk]:
+    metadata = plan.metadata
+
     def generation() -> AsyncIterator[mesh_pb2.GenerateChunk]:
-        return stream_generation(router, request, metadata, timeout_s, headers, affinity, retrier)
+        return stream_generation(router, request, plan, retrier)
 
     if cache is None or request.cache_mode == mesh_pb2.CACHE_MODE_BYPASS or not is_deterministic(request):
         metadata.cache_status = mesh_pb2.CACHE_STATUS_DISABLED if cache is None else mesh_pb2.CACHE_STATUS_BYPASS
@@ -53,11 +52,11 @@ async def generate(
             yield chunk
         return
 
-    scope = cache_pb2.CacheScope(tenant=metadata.tenant, model=model.name, model_version=model.version)
+    scope = plan.cache_scope
     semantic = request.cache_mode == mesh_pb2.CACHE_MODE_DEFAULT and not request.no_semantic_cache
     reply = await cache.lookup(cache_pb2.LookupRequest(
-        scope=scope, request=request, semantic=semantic, semantic_threshold=model.semantic_threshold,
-        refresh=request.cache_mode == mesh_pb2.CACHE_MODE_REFRESH), timeout_s)
+        scope=scope, request=request, semantic=semantic, semantic_threshold=plan.model.semantic_threshold,
+        refresh=request.cache_mode == mesh_pb2.CACHE_MODE_REFRESH), plan.timeout_s)
     if reply is None:
         metadata.cache_status = mesh_pb2.CACHE_STATUS_UNAVAILABLE
         metadata.degraded.append("cache")

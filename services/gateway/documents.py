@@ -15,11 +15,10 @@ NOT_CONFIGURED = MeshError(grpc.StatusCode.UNAVAILABLE, "retrieval is not config
 
 
 class DocumentsRelay:
-    def __init__(self, stub: retrieval_pb2_grpc.RetrievalStub | None, search_timeout_s: float,
-                 ingest_timeout_s: float) -> None:
+    """Each call is bounded by the timeout its caller computed (the gateway's setting for that RPC, or less)."""
+
+    def __init__(self, stub: retrieval_pb2_grpc.RetrievalStub | None) -> None:
         self._stub = stub
-        self._search_timeout_s = search_timeout_s
-        self._ingest_timeout_s = ingest_timeout_s
 
     def _require(self) -> retrieval_pb2_grpc.RetrievalStub:
         if self._stub is None:
@@ -34,7 +33,7 @@ class DocumentsRelay:
             async for batch in batches:
                 yield retrieval_pb2.TenantUpsertRequest(tenant=caller.tenant, request=batch)
         try:
-            return await stub.UpsertDocuments(scoped(), timeout=min(timeout_s, self._ingest_timeout_s))
+            return await stub.UpsertDocuments(scoped(), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "retrieval") from exc
 
@@ -43,7 +42,7 @@ class DocumentsRelay:
         try:
             return await self._require().DeleteDocuments(
                 retrieval_pb2.TenantDeleteRequest(tenant=caller.tenant, request=request),
-                timeout=min(timeout_s, self._search_timeout_s * 5))
+                timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "retrieval") from exc
 
@@ -52,13 +51,13 @@ class DocumentsRelay:
         try:
             return await self._require().Search(
                 retrieval_pb2.TenantSearchRequest(tenant=caller.tenant, request=request),
-                timeout=min(timeout_s, self._search_timeout_s))
+                timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "retrieval") from exc
 
     async def stats(self, caller: Caller, timeout_s: float) -> retrieval_pb2.CollectionStatsResponse:
         try:
             return await self._require().CollectionStats(
-                retrieval_pb2.TenantStatsRequest(tenant=caller.tenant), timeout=min(timeout_s, self._search_timeout_s))
+                retrieval_pb2.TenantStatsRequest(tenant=caller.tenant), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "retrieval") from exc

@@ -17,6 +17,7 @@ from services.common.kserve import InferRequestBuilder, is_final_response, outpu
 from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER
 from services.gateway.errors import from_rpc_error
+from services.gateway.plan import RequestPlan
 from services.gateway.served_by import record_placement
 
 _ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant"}
@@ -52,18 +53,16 @@ def to_kserve(request: mesh_pb2.GenerateRequest, request_id: str, version: str =
 async def stream_generation(
     router: service_pb2_grpc.GRPCInferenceServiceStub,
     request: mesh_pb2.GenerateRequest,
-    metadata: mesh_pb2.ResponseMetadata,
-    timeout_s: float,
-    call_metadata: tuple[tuple[str, str], ...],
-    affinity: str = "",
+    plan: RequestPlan,
     retrier: Retrier | None = None,
 ) -> AsyncIterator[mesh_pb2.GenerateChunk]:
     """Yields one chunk per non-empty text delta and a last chunk with finish reason, usage and metadata.
 
     A router that cannot be reached (UNAVAILABLE before any response) is tried again with backoff, within the
     deadline and the retry budget; once text has been sent only the router can continue the stream."""
-    kserve_request = to_kserve(request, metadata.request_id, metadata.model_version, affinity)
-    deadline = time.monotonic() + timeout_s
+    metadata = plan.metadata
+    kserve_request = to_kserve(request, metadata.request_id, plan.model.version, plan.affinity)
+    deadline = time.monotonic() + plan.timeout_s
     if retrier is not None:
         retrier.budget.on_request()
     retry = 0
@@ -73,7 +72,7 @@ async def stream_generation(
         try:
             # Inside the try: an open breaker refuses the call right here, with UNAVAILABLE.
             call = router.ModelStreamInfer(iter([kserve_request]), timeout=max(deadline - time.monotonic(), 0.001),
-                                           metadata=call_metadata)
+                                           metadata=plan.headers)
             stream = aiter(call)
             async for item in stream:
                 started = True

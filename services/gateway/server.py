@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2_grpc, router_pb2_grpc
+from services.common.model_catalog import ModelCatalog
 from services.common.resilient_channel import resilient_channel
 from services.common.server import ServiceHost, run_service
 from services.common.tenants import TenantConfig
 from services.gateway.auth import Authenticator
 from services.gateway.budgets import TokenBudgets
 from services.gateway.cache_client import CacheClient
-from services.gateway.catalog import ModelCatalog
 from services.gateway.documents import DocumentsRelay
 from services.gateway.kserve_proxy import KServeProxyService
 from services.gateway.mesh_service import InferenceMeshService
@@ -34,21 +30,16 @@ async def serve(settings: GatewaySettings) -> None:
     serving = False
     cache_channel = resilient_channel(settings.cache_address, "cache", resilience, settings.tls) \
         if settings.cache_address else None
-    cache = CacheClient(cache_channel, settings.cache_lookup_timeout_s, settings.cache_fast_timeout_s) \
-        if cache_channel else None
+    cache = CacheClient(cache_channel, settings.cache_lookup_timeout_s, settings.cache_fast_timeout_s,
+                        settings.cache_store_timeout_s) if cache_channel else None
     retrieval_channel = resilient_channel(settings.retrieval_address, "retrieval", resilience, settings.tls) \
         if settings.retrieval_address else None
-    documents = DocumentsRelay(retrieval_pb2_grpc.RetrievalStub(retrieval_channel) if retrieval_channel else None,
-                               settings.search_timeout_s, settings.ingest_timeout_s)
+    documents = DocumentsRelay(retrieval_pb2_grpc.RetrievalStub(retrieval_channel) if retrieval_channel else None)
     budget_channel = resilient_channel(settings.budget_address, "budget", resilience, settings.tls) \
         if settings.budget_address else None
-    budgets = TokenBudgets(budget_channel, settings.budget_timeout_s, settings.budget_fail_open) \
-        if budget_channel else None
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.host)
-
-    host = ServiceHost("gateway", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,
-                       settings.max_in_flight, settings.tls)
+    budgets = TokenBudgets(budget_channel, settings.budget_timeout_s, settings.budget_charge_timeout_s,
+                           settings.budget_fail_open) if budget_channel else None
+    host = ServiceHost("gateway", settings, settings.max_in_flight)
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(
         InferenceMeshService(settings, auth, catalog, router, cache, documents, budgets), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -59,22 +50,17 @@ async def serve(settings: GatewaySettings) -> None:
         service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     ])
 
-    async def follow_router_health() -> None:
-        # SERVING only while the router is: a gateway without a router can do nothing useful.
+    async def router_serves() -> bool:
+        # A gateway without a router (or without the model list) can do nothing useful.
         nonlocal serving
-        while True:
-            try:
-                answer = await router_health.Check(health_pb2.HealthCheckRequest(),
-                                                   timeout=settings.metadata_timeout_s)
-                serving = answer.status == health_pb2.HealthCheckResponse.SERVING and (
-                    catalog.loaded or await catalog.refresh())
-            except grpc.aio.AioRpcError:
-                serving = False
-            await host.set_serving(serving)
-            await asyncio.sleep(1.0)
+        serving = False
+        answer = await router_health.Check(health_pb2.HealthCheckRequest(), timeout=settings.metadata_timeout_s)
+        serving = answer.status == health_pb2.HealthCheckResponse.SERVING and (
+            catalog.loaded or await catalog.refresh())
+        return serving
 
     try:
-        await host.run(background=[follow_router_health, catalog.refresh_forever])
+        await host.run(background=[host.serving_while(router_serves), catalog.refresh_forever])
     finally:
         if cache is not None:
             await cache.drain()

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 from pydantic_settings import SettingsConfigDict
 
+from services.common.deadlines import GENERATION_BUDGET_S
 from services.common.settings import ServiceSettings
 
 
@@ -38,8 +39,8 @@ class GatewaySettings(ServiceSettings):
     port: int = 50051
     router_address: str = "127.0.0.1:50052"
     tenants_file: str = "config/tenants.yaml"
-    # Seed guide: inference timeout 30-60 s. A shorter caller deadline always wins.
-    generate_timeout_s: float = 60.0
+    # A shorter caller deadline always wins.
+    generate_timeout_s: float = GENERATION_BUDGET_S
     embed_timeout_s: float = 30.0
     metadata_timeout_s: float = 5.0
     model_refresh_s: float = 5.0
@@ -47,15 +48,20 @@ class GatewaySettings(ServiceSettings):
     cache_address: str = ""
     # A lookup may wait for an identical in-flight generation (stampede protection); bounded by the deadline.
     cache_lookup_timeout_s: float = 25.0
-    # Embedding lookups and stores are cheap or skipped.
+    # Embedding lookups and lease releases are cheap or skipped; stores run after the reply and carry a whole
+    # response (or a batch of vectors), so they get longer.
     cache_fast_timeout_s: float = 0.3
+    cache_store_timeout_s: float = 3.0
     metrics_port: int = 9101
     # Empty: no retrieval (document RPCs say UNAVAILABLE; Ask answers without context, flagged degraded).
     retrieval_address: str = ""
-    # Ask must not hang on retrieval: a short bound, then degrade.
+    # Search and stats (and Ask's search, which then degrades) must not hang on retrieval: a short bound.
     search_timeout_s: float = 2.0
+    # Deleting documents: a Strong-consistency query for their chunks, then a delete by key.
+    delete_timeout_s: float = 10.0
     ingest_timeout_s: float = 600.0
-    ask_default_top_k: int = 5            # seed guide: at most 5 chunks in the prompt
+    # More than 5 chunks rarely adds the answer but crowds a small model's context (and its attention).
+    ask_default_top_k: int = 5
     ask_max_context_chars: int = 3_000    # ~750 tokens of SmolLM2's 2,048-token context
     ask_default_max_tokens: int = 256
     # A system prompt at least this long is a prefix worth keeping on one replica (prefix affinity).
@@ -65,6 +71,8 @@ class GatewaySettings(ServiceSettings):
     # The rate-limit service's TokenBudget. Empty: no token budgets.
     budget_address: str = ""
     budget_timeout_s: float = 0.25
+    # Charges run after the reply: a slower answer costs nothing, a lost charge costs the budget's accuracy.
+    budget_charge_timeout_s: float = 1.25
     # Budget service down: admit (open, the default, counted in mesh_gateway_budget_unavailable_total) or refuse.
     budget_fail_open: bool = True
     # Load shedding: RPCs worked on at once; beyond, RESOURCE_EXHAUSTED at once (0: no bound).

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from prometheus_client import start_http_server
-from redis.exceptions import RedisError
-
 from inference_mesh.edge import envoy_ratelimit_pb2, envoy_ratelimit_pb2_grpc
 from inference_mesh.v1 import quota_pb2, quota_pb2_grpc
 from services.common.server import ServiceHost, run_service
@@ -20,27 +15,18 @@ from services.ratelimit.token_budget import TokenBudgetService
 async def serve(settings: RateLimitSettings) -> None:
     config = TenantConfig.load(settings.tenants_file)
     store = LimitStore(settings.redis_url, settings.key_prefix, settings.redis_timeout_s)
-    host = ServiceHost("ratelimit", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,
-                       tls=settings.tls)
+    host = ServiceHost("ratelimit", settings)
     envoy_ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
         EnvoyRateLimitService(config, store, settings.domain), host.server)
     quota_pb2_grpc.add_TokenBudgetServicer_to_server(TokenBudgetService(config, store), host.server)
     host.expose([envoy_ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
                  quota_pb2.DESCRIPTOR.services_by_name["TokenBudget"].full_name])
-    if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.host)
 
-    async def watch_redis() -> None:
-        while True:
-            try:
-                await store.redis.ping()
-                await host.set_serving(True)
-            except RedisError:
-                await host.set_serving(False)
-            await asyncio.sleep(1.0)
+    async def redis_answers() -> bool:
+        return bool(await store.redis.ping())
 
     try:
-        await host.run(background=[watch_redis])
+        await host.run(background=[host.serving_while(redis_answers)])
     finally:
         await store.close()
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Awaitable, Callable
 
 from pymilvus import AsyncMilvusClient, DataType
 
-from services.common.milvus import MilvusCollection, hnsw_cosine_index, quote
+from services.common.milvus import HnswSettings, MilvusCollection, MilvusTimeouts, hnsw_cosine_index, quote
 
 _OUTPUT = ["chunk_id", "document_id", "text", "metadata"]
 
@@ -18,13 +19,11 @@ def primary_key(tenant: str, chunk_id: str, version: str = "") -> str:
 
 
 class DocumentIndex(MilvusCollection):
-    def __init__(self, uri: str, collection: str, dimension: int, m: int, ef_construction: int,
-                 timeout_s: float, consistency_level: str = "Session") -> None:
-        super().__init__(uri, collection, timeout_s, self._create_collection)
-        self.dimension = dimension
+    def __init__(self, uri: str, collection: str, dimension: Callable[[], Awaitable[int]], hnsw: HnswSettings,
+                 timeouts: MilvusTimeouts, consistency_level: str = "Session") -> None:
+        super().__init__(uri, collection, timeouts, dimension, self._create_collection)
         self._consistency = consistency_level
-        self._m = m
-        self._ef_construction = ef_construction
+        self._hnsw = hnsw
 
     async def _create_collection(self, client: AsyncMilvusClient, name: str) -> None:
         schema = AsyncMilvusClient.create_schema(auto_id=False)
@@ -36,8 +35,8 @@ class DocumentIndex(MilvusCollection):
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dimension)
         await client.create_collection(name, schema=schema,
-                                       index_params=hnsw_cosine_index("vector", self._m, self._ef_construction),
-                                       timeout=self.timeout_s * 20,
+                                       index_params=hnsw_cosine_index("vector", self._hnsw),
+                                       timeout=self.timeouts.create_s,
                                        consistency_level=self._consistency)
 
     async def replace_documents(self, tenant: str, rows: list[dict], document_ids: list[str]) -> None:
@@ -50,35 +49,35 @@ class DocumentIndex(MilvusCollection):
             row["pk"] = primary_key(tenant, row["chunk_id"], version)
             row["tenant"] = tenant
         if rows:
-            await self.run(lambda client: client.insert(self.name, rows, timeout=self.timeout_s * 10))
+            await self.run(lambda client: client.insert(self.name, rows, timeout=self.timeouts.write_s))
         if previous:
-            await self.run(lambda client: client.delete(self.name, ids=previous, timeout=self.timeout_s * 4))
+            await self.run(lambda client: client.delete(self.name, ids=previous, timeout=self.timeouts.query_s))
 
     async def _chunk_keys(self, tenant: str, document_ids: list[str]) -> list[str]:
         ids = ", ".join(quote(d) for d in document_ids)
         expr = f"tenant == {quote(tenant)} and document_id in [{ids}]"
         # Strong: replacing or deleting must see every chunk written so far, wherever it was written.
         rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["pk"],
-                                                          timeout=self.timeout_s * 4, consistency_level="Strong"))
+                                                          timeout=self.timeouts.query_s, consistency_level="Strong"))
         return [row["pk"] for row in rows]
 
     async def delete_documents(self, tenant: str, document_ids: list[str]) -> int:
         """Deletes by primary key after a query, so the count is exact whatever the backend reports."""
         keys = await self._chunk_keys(tenant, document_ids)
         if keys:
-            await self.run(lambda client: client.delete(self.name, ids=keys, timeout=self.timeout_s * 4))
+            await self.run(lambda client: client.delete(self.name, ids=keys, timeout=self.timeouts.query_s))
         return len(keys)
 
     async def search(self, tenant: str, vector: list[float], top_k: int, user_filter: str, ef: int) -> list[dict]:
         expr = f"tenant == {quote(tenant)}" + (f" and ({user_filter})" if user_filter else "")
         hits = await self.run(lambda client: client.search(
             self.name, data=[vector], filter=expr, limit=top_k, output_fields=_OUTPUT,
-            search_params={"params": {"ef": max(ef, top_k)}}, timeout=self.timeout_s,
+            search_params={"params": {"ef": max(ef, top_k)}}, timeout=self.timeouts.search_s,
             consistency_level=self._consistency))
         return [dict(hit["entity"], score=float(hit["distance"])) for hit in (hits[0] if hits else [])]
 
     async def count(self, tenant: str) -> int:
         expr = f"tenant == {quote(tenant)}"
         rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["count(*)"],
-                                                          timeout=self.timeout_s * 4, consistency_level="Strong"))
+                                                          timeout=self.timeouts.query_s, consistency_level="Strong"))
         return int(rows[0]["count(*)"]) if rows else 0

@@ -53,7 +53,8 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
         try:
             with STAGE_SECONDS.labels("embed").time():
                 vectors, _ = await embed_via_kserve(self._router, self._settings.embedder_model, texts,
-                                                    self._settings.embed_batch, downstream_timeout(context, 60.0))
+                                                    self._settings.embed_batch,
+                                                    downstream_timeout(context, self._settings.embed_timeout_s))
         except grpc.aio.AioRpcError as exc:
             raise unavailable(f"embedding model unavailable: {exc.details()}") from exc
         return vectors.tolist()
@@ -120,8 +121,8 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
             raise invalid(f"ef must be at most {limits.max_ef}")
         if bool(query.query.strip()) == bool(query.vector):
             raise invalid("send either query (text) or vector, not both")
-        if query.vector and len(query.vector) != limits.dimension:
-            raise invalid(f"vector has dimension {len(query.vector)}; the index uses {limits.dimension}")
+        if query.vector and self._index.dimension and len(query.vector) != self._index.dimension:
+            raise invalid(f"vector has dimension {len(query.vector)}; the index uses {self._index.dimension}")
         if query.filter and query.HasField("where"):
             raise invalid("send the filter as text (filter) or as a tree (where), not both")
         try:
@@ -134,7 +135,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
         vector = list(query.vector) if query.vector else (await self._embed([query.query], context))[0]
         try:
             with STAGE_SECONDS.labels("vector_search").time():
-                hits = await self._index.search(tenant, vector, query.top_k, user_filter, query.ef or limits.hnsw_ef)
+                hits = await self._index.search(tenant, vector, query.top_k, user_filter, query.ef or limits.hnsw.ef)
         except MilvusException as exc:
             if user_filter and not _connection_error(exc):
                 raise invalid(f"filter rejected by Milvus: {exc.message}") from exc
@@ -154,5 +155,4 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
         except Exception as exc:
             await self._milvus_unavailable(exc)
         return retrieval_pb2.CollectionStatsResponse(
-            chunks=count, dimension=self._settings.dimension,
-            index=f"HNSW(M={self._settings.hnsw_m}, efConstruction={self._settings.hnsw_ef_construction}), COSINE")
+            chunks=count, dimension=self._index.dimension, index=self._settings.hnsw.describe())

@@ -21,6 +21,7 @@ from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER, SPILL_PA
 from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica
+from services.router.settings import RouterSettings
 from services.router.state import RouterState
 from services.router.stream_progress import StreamProgress
 
@@ -38,15 +39,26 @@ RESUMED = Counter("mesh_router_stream_resumes_total",
 
 @dataclass
 class Placed:
-    """Where one attempt goes: the model spec used (the asked one, or its fallback) and the replica."""
+    """Where one attempt goes: the model spec used (the asked one, or its fallback), its version and the replica."""
 
     spec: ModelSpec
+    version: str
     choice: Choice
     fallback: str = ""
 
     @property
     def replica(self) -> Replica:
         return self.choice.replica
+
+    def aim(self, request: service_pb2.ModelInferRequest) -> None:
+        """The one place the router rewrites a request: the Triton model and version of this placement, and
+        whether the replica should keep the prompt's prefix (not when the request was spilled off its home)."""
+        request.model_name = self.spec.triton_model
+        request.model_version = self.version
+        if self.choice.spilled:
+            request.parameters[SPILL_PARAMETER].bool_param = True
+        elif SPILL_PARAMETER in request.parameters:
+            del request.parameters[SPILL_PARAMETER]
 
 
 @dataclass
@@ -84,25 +96,32 @@ def _tenant(context: grpc.aio.ServicerContext) -> str:
     return next((v for k, v in context.invocation_metadata() or () if k == TENANT_HEADER), "")
 
 
-def prepare(request: service_pb2.ModelInferRequest, spec: ModelSpec, tenant: str) -> Route:
-    """Public name → Triton name and version (canary weights, sticky by session, else tenant); the route key."""
-    public_name = request.model_name
+@dataclass(frozen=True)
+class Asked:
+    """What the caller asked for, read once before any attempt rewrites the request."""
+
+    public_name: str
+    version: str
+    route: Route
+
+
+def asked(request: service_pb2.ModelInferRequest, tenant: str) -> Asked:
+    """The route key: the prefix-affinity key, else the session; the canary version sticks to the session, else
+    the tenant (the gateway, which chose the version before its cache, used the same key)."""
     session = _parameter(request, SESSION_PARAMETER)
-    request.model_name = spec.triton_model
-    if not request.model_version:
-        request.model_version = choose_version(public_name, spec.versions, session or tenant, spec.version)
-    return Route(affinity_key=_parameter(request, AFFINITY_PARAMETER) or session, version_key=session or tenant)
+    return Asked(request.model_name, request.model_version,
+                 Route(affinity_key=_parameter(request, AFFINITY_PARAMETER) or session, version_key=session or tenant))
 
 
 class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, state: RouterState, balancer: Balancer, default_timeout_s: float, retrier: Retrier,
-                 stall_timeout_s: float = 15.0) -> None:
+    def __init__(self, state: RouterState, balancer: Balancer, settings: RouterSettings, retrier: Retrier) -> None:
         self._state = state
         self._balancer = balancer
-        self._default_timeout_s = default_timeout_s
+        self._default_timeout_s = settings.default_timeout_s
+        self._metadata_timeout_s = settings.metadata_timeout_s
         self._retrier = retrier
         # A stream whose replica sends nothing for this long after its first response has stalled: fail over.
-        self._stall_timeout_s = stall_timeout_s
+        self._stall_timeout_s = settings.stream_stall_timeout_s
 
     def any_model_ready(self) -> bool:
         registry = self._state.registry
@@ -117,17 +136,16 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise MeshError(grpc.StatusCode.NOT_FOUND, self._unknown(name))
         return spec
 
-    def _place(self, public_name: str, spec: ModelSpec, request: service_pb2.ModelInferRequest,
-               route: Route, asked_version: str) -> Placed:
+    def _place(self, spec: ModelSpec, ask: Asked, route: Route) -> Placed:
         """A replica of the model's pools in order (noting preferred pools passed over), else of its fallback
         model; raises NoReplicaError (AtCapacityError when only capacity is missing)."""
         try:
             choice = self._balancer.place(spec, route)
-            request.model_name, request.model_version = spec.triton_model, asked_version
             fallback = f"pool {choice.passed_over[0]}->{choice.replica.pool}" if choice.passed_over else ""
             if fallback:
-                FALLBACKS.labels(public_name, "pool").inc()
-            return Placed(spec, choice, fallback)
+                FALLBACKS.labels(ask.public_name, "pool").inc()
+            version = ask.version or choose_version(ask.public_name, spec.versions, route.version_key, spec.version)
+            return Placed(spec, version, choice, fallback)
         except NoReplicaError as exc:
             backup = self._state.registry.fallback_of(spec)
             if backup is None:
@@ -137,10 +155,9 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             except NoReplicaError:
                 raise exc from None
         # The fallback's own Triton model and version; the caller still sees the name it asked for.
-        request.model_name = backup.triton_model
-        request.model_version = choose_version(spec.fallback, backup.versions, route.version_key, backup.version)
-        FALLBACKS.labels(public_name, "model").inc()
-        return Placed(backup, choice, f"model {public_name}->{spec.fallback}")
+        FALLBACKS.labels(ask.public_name, "model").inc()
+        return Placed(backup, choose_version(spec.fallback, backup.versions, route.version_key, backup.version),
+                      choice, f"model {ask.public_name}->{spec.fallback}")
 
     def _admitted(self, placed: Placed, route: Route) -> Route | None:
         """None when the replica's breaker admits the call; else the route without it (another took the probe)."""
@@ -176,7 +193,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             answer = await replica.stub.ModelMetadata(
                 service_pb2.ModelMetadataRequest(name=spec.triton_model, version=spec.version),
-                timeout=downstream_timeout(context, 10.0),
+                timeout=downstream_timeout(context, self._metadata_timeout_s),
             )
         except grpc.aio.AioRpcError as exc:
             raise MeshError(exc.code(), exc.details() or "") from exc
@@ -185,20 +202,20 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         spec = self._resolve(request.model_name)
-        public_name = request.model_name
-        route = prepare(request, spec, _tenant(context))
-        asked_version = request.model_version
+        ask = asked(request, _tenant(context))
+        route = ask.route
         self._retrier.budget.on_request()
         attempts = Attempts()
         while True:
             try:
-                placed = self._place(public_name, spec, request, route, asked_version)
+                placed = self._place(spec, ask, route)
             except NoReplicaError as exc:
                 raise MeshError(_no_replica_code(exc), str(exc)) from exc
             if (other := self._admitted(placed, route)) is not None:
                 route = other
                 continue
             replica = placed.replica
+            placed.aim(request)
             try:
                 with replica.track():
                     response = await replica.stub.ModelInfer(
@@ -216,8 +233,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                         continue
                 raise MeshError(exc.code(), exc.details() or "") from exc
             replica.breaker.record(grpc.StatusCode.OK)
-            _stamp(response, public_name, placed, attempts)
-            ROUTED.labels(public_name, response.model_version, replica.pool, replica.name).inc()
+            _stamp(response, ask.public_name, placed, attempts)
+            ROUTED.labels(ask.public_name, response.model_version, replica.pool, replica.name).inc()
             return response
 
     async def ModelStreamInfer(self, request_iterator, context):
@@ -252,15 +269,15 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await out.put(service_pb2.ModelStreamInferResponse(
                 error_message=stream_error_text(grpc.StatusCode.NOT_FOUND, self._unknown(public_name))))
             return
-        route = prepare(request, spec, _tenant(context))
-        asked_version = request.model_version
+        ask = asked(request, _tenant(context))
+        route = ask.route
         self._retrier.budget.on_request()
         progress = StreamProgress()
         attempts = Attempts()
         first_model = ""
         while True:
             try:
-                placed = self._place(public_name, spec, request, route, asked_version)
+                placed = self._place(spec, ask, route)
                 # Another model cannot continue this one's text.
                 if progress.started and placed.spec.triton_model != first_model:
                     raise NoReplicaError(f"no other replica of {first_model!r} can continue the stream")
@@ -272,10 +289,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 route = other
                 continue
             replica = placed.replica
-            if placed.choice.spilled:
-                request.parameters[SPILL_PARAMETER].bool_param = True
-            elif SPILL_PARAMETER in request.parameters:
-                del request.parameters[SPILL_PARAMETER]
+            placed.aim(request)
             first_model = first_model or placed.spec.triton_model
             attempt = progress.resume_request(request) if progress.started else request
             try:

@@ -47,8 +47,8 @@ class ModelSpec(BaseModel, extra="forbid"):
     context_tokens: int = 0
     max_batch_size: int = 0
     dimension: int = 0
-    # Seed guide: a semantic cache hit needs cosine similarity >= 0.92.
-    semantic_threshold: float = 0.92
+    # Cosine similarity for a semantic cache hit on this model; 0: the cache service's MESH_CACHE_SEMANTIC_THRESHOLD.
+    semantic_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     # Another model of the same kind that serves this one's requests when none of its pools can (one hop).
     fallback: str = ""
 

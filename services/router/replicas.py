@@ -14,6 +14,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.breakers import Breaker
 from services.common.channels import channel as mesh_channel
+from services.common.deadlines import GENERATION_BUDGET_S
 from services.common.internal_tls import InternalTls
 from services.common.resilience import ResilienceSettings
 from services.router.registry import Registry
@@ -129,8 +130,9 @@ class ReplicaSet:
         await asyncio.gather(*(r.channel.close() for r in self.replicas))
 
 
-async def retire(replica: Replica, grace_s: float = 120.0) -> None:
-    """A replica removed from the registry: close its channel once its in-flight work is done (bounded)."""
+async def retire(replica: Replica, grace_s: float = 2 * GENERATION_BUDGET_S) -> None:
+    """A replica removed from the registry: close its channel once its in-flight work is done. A call admitted
+    before the removal ends within one generation budget; twice that also covers one that was retried."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
     while replica.in_flight and loop.time() < deadline:  # noqa: ASYNC110 - in_flight is a plain counter

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import router_pb2, router_pb2_grpc
@@ -27,14 +26,9 @@ async def serve(settings: RouterSettings) -> None:
     balancer = Balancer(state.replicas, BalancerSettings(
         settings.queue_ms_per_slot, settings.affinity_load_factor, settings.affinity_max_load,
         max_in_flight_per_replica=settings.max_in_flight_per_replica))
-    inference = RoutingInferenceService(state, balancer, settings.default_timeout_s,
-                                        settings.resilience.retrier("replicas"), settings.stream_stall_timeout_s)
-    if settings.metrics_port:
-        REGISTRY.register(ReplicaCollector(state.replicas))
-        start_http_server(settings.metrics_port, addr=settings.host)
-
-    host = ServiceHost("router", settings.address, settings.shutdown_grace_s, settings.drain_delay_s,
-                       settings.max_in_flight, settings.tls)
+    inference = RoutingInferenceService(state, balancer, settings, settings.resilience.retrier("replicas"))
+    REGISTRY.register(ReplicaCollector(state.replicas))
+    host = ServiceHost("router", settings, settings.max_in_flight)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, host.server)
     router_pb2_grpc.add_RouterAdminServicer_to_server(
         RouterAdminService(state, balancer, settings.queue_ms_per_slot), host.server)
@@ -43,11 +37,8 @@ async def serve(settings: RouterSettings) -> None:
         router_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name,
     ])
 
-    async def publish_health() -> None:
-        # SERVING while at least one model has a ready replica: the router can do useful work.
-        while True:
-            await host.set_serving(inference.any_model_ready())
-            await asyncio.sleep(settings.probe_interval_s / 2)
+    async def a_model_is_ready() -> bool:
+        return inference.any_model_ready()
 
     async def probe() -> None:
         await probe_forever(state.replicas, settings.probe_interval_s, settings.probe_timeout_s)
@@ -59,7 +50,8 @@ async def serve(settings: RouterSettings) -> None:
         await state.watch(settings.registry_watch_s)
 
     try:
-        await host.run(background=[probe, scrape, watch, publish_health])
+        await host.run(background=[probe, scrape, watch,
+                                    host.serving_while(a_model_is_ready, settings.probe_interval_s / 2)])
     finally:
         await state.replicas.close()
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
+from services.common.deadlines import GENERATION_BUDGET_S
 from services.common.settings import ServiceSettings
 
 
@@ -13,8 +14,10 @@ class RouterSettings(ServiceSettings):
     # A replica that stops answering leaves rotation within probe_interval_s + probe_timeout_s (< 10 s).
     probe_interval_s: float = 2.0
     probe_timeout_s: float = 1.5
-    # Upper bound for one inference call when the caller sets no deadline (seed guide: 30-60 s).
-    default_timeout_s: float = 60.0
+    # Upper bound for one inference call to a replica; a caller's shorter deadline wins.
+    default_timeout_s: float = GENERATION_BUDGET_S
+    # ModelMetadata relayed to a replica: cheap, so it fails fast.
+    metadata_timeout_s: float = 10.0
     # A stream whose replica sends nothing for this long after its first response is resumed elsewhere.
     stream_stall_timeout_s: float = 15.0
     metrics_port: int = 9102

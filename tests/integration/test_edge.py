@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, quota_pb2
+from services.common.deadlines import GENERATION_BUDGET_S
 from services.common.tenants import Tenant, TenantConfig, Tier
 from services.edge.render import render
 from services.edge.settings import EdgeSettings
@@ -106,7 +107,8 @@ def test_rendered_config_follows_the_settings(stack):
     routes = {r["match"].get("path") or r["match"]["prefix"]: r["route"]
               for r in config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
               ["typed_config"]["route_config"]["virtual_hosts"][0]["routes"] if "route" in r}
-    assert routes["/inference_mesh.v1.InferenceMesh/Generate"]["timeout"] == "60s"
+    # A second longer than the gateway's own deadline: the caller gets its precise DEADLINE_EXCEEDED, not a 504.
+    assert routes["/inference_mesh.v1.InferenceMesh/Generate"]["timeout"] == f"{GENERATION_BUDGET_S + 1:.0f}s"
     assert "unavailable" not in routes["/inference_mesh.v1.InferenceMesh/Generate"]["retry_policy"]["retry_on"]
     assert "unavailable" in routes["/inference_mesh.v1.InferenceMesh/Embed"]["retry_policy"]["retry_on"]
     assert routes["/inference_mesh.v1.InferenceMesh/"]["timeout"] == "5s"

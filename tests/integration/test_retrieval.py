@@ -8,9 +8,10 @@ import time
 
 import grpc
 import pytest
+import yaml
 
 from inference_mesh.v1 import mesh_pb2, retrieval_pb2
-from tests.conftest import AUTH, KEYS, LLM
+from tests.conftest import AUTH, EMBEDDER, KEYS, LLM
 from tools.stack import ROOT, SERVICE_ENV
 
 AUTH_B = (("x-api-key", KEYS["tenant-b"]),)
@@ -60,6 +61,12 @@ def test_search_finds_the_right_chunk(mesh, corpus):
     assert hits[0].score > hits[-1].score
     assert search(mesh, "what happens when magma reaches the surface")[0].document_id == "geo/volcano"
 
+
+def test_the_index_takes_its_vector_size_from_the_registry(mesh, corpus):
+    registry = yaml.safe_load((ROOT / "config" / "registry.yaml").read_text())
+    answer = mesh.CollectionStats(retrieval_pb2.CollectionStatsRequest(), metadata=AUTH, timeout=30)
+    assert answer.dimension == registry["models"][EMBEDDER]["dimension"] == 384
+    assert answer.index == "HNSW(M=16, efConstruction=200), COSINE"
 
 def test_long_document_chunks_overlap_and_cover_the_text(mesh, corpus):
     hits = search(mesh, "lighthouse keepers history", top_k=50, filter='metadata["topic"] == "history"')

@@ -4,6 +4,8 @@ anywhere in a handler reaches the caller as its status, with its message and tra
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -41,57 +43,40 @@ async def _stream_then_refuse(request: bytes, context):
     raise MeshError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
 
 
-def _run(scenario) -> None:
-    # A private loop: asyncio.run would leave the thread without a current loop for the tests that follow.
-    loop = asyncio.new_event_loop()
+@contextlib.asynccontextmanager
+async def serving(handlers: dict) -> AsyncIterator[grpc.aio.Channel]:
+    """The mesh's own server (new_server: every interceptor) with these handlers, and a channel to it."""
+    server = new_server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Errors", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
     try:
-        loop.run_until_complete(scenario)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
     finally:
-        loop.close()
+        await server.stop(None)
 
 
-def test_every_handler_answers_a_mesh_error_with_its_status():
-    async def scenario() -> None:
-        server = new_server()
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Errors", {
-            "Async": grpc.unary_unary_rpc_method_handler(_refuse_async),
-            "Stream": grpc.unary_stream_rpc_method_handler(_stream_then_refuse)})])
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await channel.unary_unary("/test.Errors/Async")(b"", timeout=5)
-                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert refused.value.details() == "max_tokens must be within 1..1024"
-                received = []
-                with pytest.raises(grpc.aio.AioRpcError) as cut:
-                    async for item in channel.unary_stream("/test.Errors/Stream")(b"", timeout=5):
-                        received.append(item)
-                assert received == [b"first"] and cut.value.code() == grpc.StatusCode.UNAVAILABLE
-        finally:
-            await server.stop(None)
-
-    _run(scenario())
+async def test_every_handler_answers_a_mesh_error_with_its_status():
+    async with serving({"Async": grpc.unary_unary_rpc_method_handler(_refuse_async),
+                        "Stream": grpc.unary_stream_rpc_method_handler(_stream_then_refuse)}) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary_unary("/test.Errors/Async")(b"", timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == "max_tokens must be within 1..1024"
+        received = []
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            async for item in channel.unary_stream("/test.Errors/Stream")(b"", timeout=5):
+                received.append(item)
+        assert received == [b"first"] and cut.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_trailing_metadata_reaches_the_caller():
-    async def scenario() -> None:
-        async def refuse(request: bytes, context) -> bytes:
-            return _refuse(request, context)
+async def test_trailing_metadata_reaches_the_caller():
+    async def refuse(request: bytes, context) -> bytes:
+        return _refuse(request, context)
 
-        server = new_server()
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Errors", {
-            "Budget": grpc.unary_unary_rpc_method_handler(refuse)})])
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await channel.unary_unary("/test.Errors/Budget")(b"", timeout=5)
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert ("retry-after", "3") in tuple(refused.value.trailing_metadata())
-        finally:
-            await server.stop(None)
-
-    _run(scenario())
+    async with serving({"Budget": grpc.unary_unary_rpc_method_handler(refuse)}) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary_unary("/test.Errors/Budget")(b"", timeout=5)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ("retry-after", "3") in tuple(refused.value.trailing_metadata())

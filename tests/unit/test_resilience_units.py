@@ -3,8 +3,6 @@ requests, registry fallbacks and the pools a placement passed over. No servers."
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 import pytest
@@ -47,12 +45,25 @@ def test_breaker_opens_after_ten_consecutive_faults_only():
         breaker.admit()
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_half_open_lets_one_probe_through_and_closes_or_reopens():
-    breaker = Breaker("unit-b", BreakerSettings(fail_max=2, reset_timeout_s=0.05))
+    clock = FakeClock()
+    breaker = Breaker("unit-b", BreakerSettings(fail_max=2, reset_timeout_s=60), clock=clock)
     for _ in range(2):
         breaker.admit()
         breaker.record(UNAVAILABLE)
-    time.sleep(0.06)
+    clock.now += 59.9
+    assert not breaker.available()
+    with pytest.raises(BreakerOpenError, match="next probe in 0 s"):
+        breaker.admit()
+    clock.now += 0.1
     assert breaker.available()
     breaker.admit()  # the probe
     assert breaker.state == "half-open" and state_metric("unit-b") == 1
@@ -60,7 +71,10 @@ def test_half_open_lets_one_probe_through_and_closes_or_reopens():
         breaker.admit()  # one probe at a time
     breaker.record(UNAVAILABLE)
     assert breaker.state == "open", "a failed probe opens it again"
-    time.sleep(0.06)
+    clock.now += 30
+    with pytest.raises(BreakerOpenError, match="next probe in 30 s"):
+        breaker.admit()  # the reset timeout counts from the failed probe
+    clock.now += 30
     breaker.admit()
     breaker.abandon()  # the probe's caller went away: the slot is free again
     breaker.admit()

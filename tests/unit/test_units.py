@@ -296,12 +296,11 @@ async def test_replicas_at_their_in_flight_bound_are_skipped_then_shed():
 def test_the_canary_version_sticks_to_the_session_else_the_tenant_on_a_retry_and_a_fallback():
     from tritonclient.grpc import service_pb2
 
-    from services.router.inference_service import prepare
+    from services.router.inference_service import asked
 
-    spec = Registry.model_validate(REGISTRY).models["llm"]
-    without_session = prepare(service_pb2.ModelInferRequest(model_name="llm"), spec, "tenant-1")
+    without_session = asked(service_pb2.ModelInferRequest(model_name="llm"), "tenant-1").route
     assert without_session.version_key == "tenant-1" and without_session.affinity_key == ""
     assert without_session.excluding("c0").version_key == "tenant-1"  # a retry elsewhere keeps it
     with_session = service_pb2.ModelInferRequest(model_name="llm")
     with_session.parameters["mesh_session"].string_param = "s-9"
-    assert prepare(with_session, spec, "tenant-1").version_key == "s-9"
+    assert asked(with_session, "tenant-1").route.version_key == "s-9"

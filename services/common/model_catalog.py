@@ -1,4 +1,5 @@
-"""The gateway's view of the model registry, fetched from the router (the registry's one owner)."""
+"""A process's view of the model registry, fetched from the router (the registry's one owner): the gateway's
+models and groups, the cache's and retrieval's embedder dimension."""
 
 from __future__ import annotations
 
@@ -56,3 +57,12 @@ class ModelCatalog:
         while True:
             await self.refresh()
             await asyncio.sleep(self._refresh_s)
+
+    async def embed_dimension(self, name: str) -> int:
+        """The vector size of an embed model as the registry declares it; 0 while the router cannot say."""
+        model = await self.get(name)
+        if model is None or model.kind != models_pb2.MODEL_KIND_EMBED:
+            if self.loaded:
+                log.error("the embedder is not an embed model of the registry", extra={"model": name})
+            return 0
+        return model.dimension

@@ -1,0 +1,41 @@
+"""What one request will do, decided once right after validation: the model (a group's member, with the version
+this caller gets), the deadline, the session and prefix the router keeps on one replica, the headers every hop
+carries and the cache scope. The orchestration below reads the plan; nothing downstream decides again."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
+from services.common.wire import TENANT_HEADER
+from services.gateway.auth import Caller
+from services.gateway.routing_hints import with_version
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    caller: Caller
+    model: models_pb2.ModelInfo
+    # Filled in as the request runs (cache status, placement, degradations) and sent with its last response.
+    metadata: mesh_pb2.ResponseMetadata
+    timeout_s: float
+    affinity: str = ""
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return (TENANT_HEADER, self.caller.tenant), ("x-request-id", self.metadata.request_id)
+
+    @property
+    def cache_scope(self) -> cache_pb2.CacheScope:
+        # The version is part of the scope: a cached answer is only ever one of the version this caller is routed to.
+        return cache_pb2.CacheScope(tenant=self.caller.tenant, model=self.model.name, model_version=self.model.version)
+
+
+def plan_request(caller: Caller, model: models_pb2.ModelInfo, request_id: str, timeout_s: float, *,
+                 session: str = "", affinity: str = "", group: str = "") -> RequestPlan:
+    """The version is sticky on the session, else on the tenant: the same key the router uses for a fallback."""
+    model = with_version(model, session or caller.tenant)
+    metadata = mesh_pb2.ResponseMetadata(request_id=request_id or uuid.uuid4().hex, model=model.name,
+                                         tenant=caller.tenant, model_group=group)
+    return RequestPlan(caller, model, metadata, timeout_s, affinity)
