@@ -51,6 +51,7 @@ def build(settings: dict, target: Path) -> None:
         import tensorrt_llm
         from tensorrt_llm import BuildConfig
         from tensorrt_llm import build as build_engine
+        from tensorrt_llm.bindings import KVCacheType
         from tensorrt_llm.models import MODEL_MAP
         from tensorrt_llm.models.modeling_utils import QuantConfig
         from tensorrt_llm.quantization import QuantAlgo
@@ -70,7 +71,7 @@ def build(settings: dict, target: Path) -> None:
     config = BuildConfig(max_batch_size=settings["max_batch_size"], max_input_len=settings["max_input_len"],
                          max_seq_len=settings["max_seq_len"], max_num_tokens=settings["max_num_tokens"],
                          max_beam_width=1)
-    config.kv_cache_type = "paged"  # the current spelling of the old --paged_kv_cache enable
+    config.kv_cache_type = KVCacheType.PAGED  # what the old `--paged_kv_cache enable` flag became
     plugins = config.plugin_config
     plugins.gemm_plugin = "auto"
     plugins.gpt_attention_plugin = "auto"
