@@ -1,14 +1,17 @@
 """A GPU pool against the CPU pool, through the mesh and on Triton directly, in one run on a GPU machine.
 
-Starts two real tritonservers (nvidia-pytriton's binary, python backend) serving the same SmolLM2 GGUF with
-llama.cpp built with CUDA: one with every layer on the GPU (pool `gpu`), one on CPU cores (pool `cpu`); the
-router with both pools (public models `smollm2-135m-instruct` on gpu, `smollm2-135m-instruct-cpu` on cpu)
-and a gateway. Measures time to first token and tokens/s at concurrency 1 and 4, through the mesh and directly,
-and prints a table (and JSON with --json).
-
-Needs a Triton environment (MESH_TRITON_VENV, default .venv-triton) whose llama-cpp-python is a CUDA build:
-`CMAKE_ARGS="-DGGML_CUDA=on" pip install llama-cpp-python==0.3.16` in it. With a CPU build the "gpu" pool runs
-on the CPU too (llama.cpp ignores the GPU layers), which is how the harness itself is checked without a GPU.
+The cpu pool is a real tritonserver (nvidia-pytriton's binary, python backend) serving the SmolLM2 GGUF with
+llama.cpp on CPU cores. The gpu pool (`--gpu-pool`) is one of:
+- `llama-cuda` (default): a second such tritonserver with every layer on the GPU; needs a Triton environment
+  (MESH_TRITON_VENV) whose llama-cpp-python is a CUDA build (`CMAKE_ARGS="-DGGML_CUDA=on" pip install
+  llama-cpp-python==0.3.16`). With a CPU build it runs on the CPU too, which checks the harness without a GPU.
+- `triton`: an already running Triton at `--gpu-triton HOST:GRPC_PORT` (with `--gpu-metrics HOST:PORT`) serving
+  `--gpu-model`, e.g. compose's triton-a100 with the TensorRT-LLM BLS model `smollm2-trtllm`.
+- `trtllm-standin`: the TensorRT-LLM repository with the CPU stand-in (tools/fill_trtllm.py --standin), which
+  checks the TensorRT-LLM harness without a GPU (its numbers then say nothing about a GPU).
+Router and gateway route public models `smollm2-135m-instruct` (gpu pool) and `smollm2-135m-instruct-cpu`.
+Measures time to first token and tokens/s at concurrency 1 and 4, through the mesh and directly, and prints a
+table (and JSON with --json).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 from bench.inference_path import ROOT, direct_generate, mesh_generate, pct, run_load
 from inference_mesh.v1 import mesh_pb2_grpc
+from tools.fill_trtllm import STANDIN, TrtllmPools
+from tools.fill_trtllm import write as write_trtllm
 from tools.processes import free_port, wait_grpc_serving
 from tools.stack import start_service
 from tools.triton import TritonInstall, TritonPorts, wait_triton_ready
@@ -43,14 +48,15 @@ def gpu_model() -> str:
     return answer.stdout.strip() or "no GPU found"
 
 
-def registry(ports: dict[str, TritonPorts]) -> dict:
+def registry(endpoints: dict[str, tuple[str, str]], triton_models: dict[str, str]) -> dict:
+    """endpoints: pool -> (gRPC host:port, metrics host:port)."""
     def model(pool: str) -> dict:
-        return {"kind": "generate", "triton_model": "smollm2", "version": "1", "pools": [pool],
-                "max_output_tokens": 1024, "context_tokens": 2048}
-    return {"pools": {pool: {"gpu_class": pool, "replicas": [{
-                "name": f"triton-{pool}-0", "grpc": f"127.0.0.1:{p.grpc}", "metrics": f"127.0.0.1:{p.metrics}"}]}
-                      for pool, p in ports.items()},
-            "models": {MODELS[pool]: model(pool) for pool in ports}}
+        return {"kind": "generate", "triton_model": triton_models[pool], "version": "1", "pools": [pool],
+                "max_output_tokens": 512, "context_tokens": 2048}
+    return {"pools": {pool: {"gpu_class": pool, "replicas": [{"name": f"triton-{pool}-0", "grpc": grpc_address,
+                                                             "metrics": metrics}]}
+                      for pool, (grpc_address, metrics) in endpoints.items()},
+            "models": {MODELS[pool]: model(pool) for pool in endpoints}}
 
 
 def summary(samples: list, elapsed_s: float) -> dict:
@@ -61,15 +67,15 @@ def summary(samples: list, elapsed_s: float) -> dict:
             "total_tok_s": tokens / elapsed_s, "requests": len(samples)}
 
 
-async def measure(tritons: dict[str, TritonPorts], gateway: str, concurrencies: list[int], requests: int,
-                  max_tokens: int) -> list[dict]:
+async def measure(endpoints: dict[str, tuple[str, str]], triton_models: dict[str, str], gateway: str,
+                  concurrencies: list[int], requests: int, max_tokens: int) -> list[dict]:
     rows = []
     async with grpc.aio.insecure_channel(gateway) as mesh_channel:
         mesh = mesh_pb2_grpc.InferenceMeshStub(mesh_channel)
-        for pool, ports in tritons.items():
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as triton_channel:
+        for pool, (grpc_address, _) in endpoints.items():
+            async with grpc.aio.insecure_channel(grpc_address) as triton_channel:
                 triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
-                paths = {"direct": direct_generate(triton, max_tokens),
+                paths = {"direct": direct_generate(triton, max_tokens, triton_models[pool]),
                          "mesh": mesh_generate(mesh, model=MODELS[pool], max_tokens=max_tokens)}
                 for call in paths.values():
                     await run_load(call, 1, 3)  # warm: CUDA kernels, KV buffers, connections
@@ -81,9 +87,9 @@ async def measure(tritons: dict[str, TritonPorts], gateway: str, concurrencies: 
     return rows
 
 
-def render(rows: list[dict], gpu_name: str, max_tokens: int) -> str:
-    lines = [f"Machine: {gpu_name}, {os.cpu_count()} CPU cores, {platform.machine()}; SmolLM2-135M-Instruct "
-             f"(Q4_1 GGUF) on llama.cpp, greedy, {max_tokens} tokens per request, one model instance per pool.",
+def render(rows: list[dict], gpu_name: str, max_tokens: int, gpu_pool: str) -> str:
+    lines = [f"Machine: {gpu_name}, {os.cpu_count()} CPU cores, {platform.machine()}; SmolLM2-135M-Instruct, "
+             f"greedy, {max_tokens} tokens per request. gpu pool: {gpu_pool}; cpu pool: llama.cpp (Q4_1 GGUF).",
              "",
              "| pool | path | concurrency | TTFT p50 ms | TTFT p95 ms | tokens/s per stream | tokens/s total |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -109,21 +115,40 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--cpu-threads", type=int, default=8)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--gpu-pool", choices=["llama-cuda", "triton", "trtllm-standin"], default="llama-cuda")
+    parser.add_argument("--gpu-triton", help="HOST:GRPC_PORT of a running Triton (--gpu-pool triton)")
+    parser.add_argument("--gpu-metrics", default="", help="HOST:PORT of its metrics (--gpu-pool triton)")
+    parser.add_argument("--gpu-model", default="smollm2-trtllm", help="its Triton model (--gpu-pool triton)")
     args = parser.parse_args()
     run = ROOT / "build" / "gpu-pool"
     run.mkdir(parents=True, exist_ok=True)
     install = TritonInstall()
-    ports = {"gpu": TritonPorts.free(), "cpu": TritonPorts.free()}
-    processes = {
-        "gpu": install.start("triton-gpu", ports["gpu"], run / "triton-gpu.log", models=["smollm2"], cpu_threads=4,
-                             gpu_layers=-1),
-        "cpu": install.start("triton-cpu", ports["cpu"], run / "triton-cpu.log", models=["smollm2"],
-                             cpu_threads=args.cpu_threads),
-    }
+    ports = {"cpu": TritonPorts.free()}
+    processes = {"cpu": install.start("triton-cpu", ports["cpu"], run / "triton-cpu.log", models=["smollm2"],
+                                      cpu_threads=args.cpu_threads)}
+    triton_models = {"cpu": "smollm2", "gpu": "smollm2"}
+    if args.gpu_pool == "triton":
+        if not args.gpu_triton:
+            parser.error("--gpu-pool triton needs --gpu-triton HOST:GRPC_PORT")
+        endpoints = {"gpu": (args.gpu_triton, args.gpu_metrics)}
+        triton_models["gpu"] = args.gpu_model
+    else:
+        ports["gpu"] = TritonPorts.free()
+        if args.gpu_pool == "trtllm-standin":
+            write_trtllm(run / "trtllm", standin=True)
+            triton_models["gpu"] = TrtllmPools.load().model.triton_name
+            processes["gpu"] = install.start("triton-gpu", ports["gpu"], run / "triton-gpu.log",
+                                             models=[triton_models["gpu"]], repository=run / "trtllm" / STANDIN,
+                                             cpu_threads=4)
+        else:
+            processes["gpu"] = install.start("triton-gpu", ports["gpu"], run / "triton-gpu.log", models=["smollm2"],
+                                             cpu_threads=4, gpu_layers=-1)
+        endpoints = {"gpu": (f"127.0.0.1:{ports['gpu'].grpc}", f"127.0.0.1:{ports['gpu'].metrics}")}
+    endpoints["cpu"] = (f"127.0.0.1:{ports['cpu'].grpc}", f"127.0.0.1:{ports['cpu'].metrics}")
     try:
         for pool, process in processes.items():
             wait_triton_ready(process, ports[pool], 300)
-        (run / "registry.yaml").write_text(yaml.safe_dump(registry(ports)))
+        (run / "registry.yaml").write_text(yaml.safe_dump(registry(endpoints, triton_models)))
         router_port, gateway_port = free_port(), free_port()
         processes["router"] = start_service("services.router", "router", {
             "MESH_ROUTER_PORT": str(router_port), "MESH_ROUTER_REGISTRY_FILE": str(run / "registry.yaml"),
@@ -133,13 +158,13 @@ def main() -> None:
             "MESH_GATEWAY_PORT": str(gateway_port), "MESH_GATEWAY_METRICS_PORT": str(free_port()),
             "MESH_GATEWAY_ROUTER_ADDRESS": f"127.0.0.1:{router_port}"}, run / "gateway.log")
         wait_grpc_serving(f"127.0.0.1:{gateway_port}", processes["gateway"], 60)
-        rows = asyncio.run(measure(ports, f"127.0.0.1:{gateway_port}", args.concurrency, args.requests,
-                                   args.max_tokens))
+        rows = asyncio.run(measure(endpoints, triton_models, f"127.0.0.1:{gateway_port}", args.concurrency,
+                                   args.requests, args.max_tokens))
     finally:
         for process in reversed(list(processes.values())):
             process.stop()
     gpu_name = gpu_model()
-    print(render(rows, gpu_name, args.max_tokens))
+    print(render(rows, gpu_name, args.max_tokens, args.gpu_pool))
     if args.json:
         args.json.write_text(json.dumps({"gpu": gpu_name, "rows": rows}, indent=1))
 

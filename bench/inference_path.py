@@ -86,9 +86,9 @@ def _stream_sample(t0: float, first: float | None, last: float, tokens: int) -> 
     return Sample(last - t0, first - t0, (last - first) / max(tokens - 1, 1))
 
 
-def direct_generate(triton: service_pb2_grpc.GRPCInferenceServiceStub,
-                    max_tokens: int = MAX_TOKENS) -> Callable[[], Awaitable[Sample]]:
-    builder = InferRequestBuilder("smollm2").add_bytes("messages", [json.dumps(PROMPT).encode()])
+def direct_generate(triton: service_pb2_grpc.GRPCInferenceServiceStub, max_tokens: int = MAX_TOKENS,
+                    triton_model: str = "smollm2") -> Callable[[], Awaitable[Sample]]:
+    builder = InferRequestBuilder(triton_model).add_bytes("messages", [json.dumps(PROMPT).encode()])
     request = builder.add_array("max_tokens", np.array([max_tokens], np.int32)).add_array(
         "temperature", np.array([0.0], np.float32)).build()
 
