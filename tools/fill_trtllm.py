@@ -92,6 +92,7 @@ def values(pools: TrtllmPools, pool: str) -> dict[str, str]:
         "enable_kv_cache_reuse": str(profile.kv_cache_reuse).lower(),
         "enable_chunked_context": str(profile.chunked_context).lower(),
         "generate_instances": str(profile.generate_instances),
+        "max_streams": str(profile.max_batch_size + profile.max_queue_size),
     }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -51,6 +52,10 @@ class TritonPythonModel:
         self.max_input_len = int(params["max_input_len"])
         self.max_output_tokens = int(params["max_output_tokens"])
         self.default_max_tokens = int(params.get("default_max_tokens", "128"))
+        # A BLS response iterator blocks its thread until the engine answers: one waiting thread per stream the
+        # engine may hold (in flight and queued), or streams would wait for a thread rather than for the engine.
+        self.waiters = ThreadPoolExecutor(max_workers=int(params.get("max_streams", "64")),
+                                          thread_name_prefix="engine-stream")
 
     async def execute(self, requests: list) -> None:
         await asyncio.gather(*(self._serve(request) for request in requests))
@@ -100,7 +105,7 @@ class TritonPythonModel:
         ], requested_output_names=["output_ids"])
         try:
             responses = await stop.async_exec(decoupled=True)
-            await asyncio.get_running_loop().run_in_executor(None, lambda: list(responses))
+            await asyncio.get_running_loop().run_in_executor(self.waiters, lambda: list(responses))
         except Exception:  # the request may have ended on its own meanwhile
             pass
 
@@ -139,7 +144,7 @@ class TritonPythonModel:
         produced = len(resume)
         while True:
             # The iterator blocks until the engine answers: wait for it off the event loop.
-            response = await loop.run_in_executor(None, next, responses, _DONE)
+            response = await loop.run_in_executor(self.waiters, next, responses, _DONE)
             if response is _DONE:
                 # The engine ended the request: at max tokens, else at its end token (never in the output).
                 return ("length" if produced >= max_tokens else "stop"), produced
@@ -168,6 +173,9 @@ class TritonPythonModel:
             if produced >= max_tokens:
                 await self._stop_engine(request_id)
                 return "length", produced
+
+    def finalize(self) -> None:
+        self.waiters.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _send(sender, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
