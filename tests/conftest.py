@@ -20,7 +20,10 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         "tenant-budget": "test-key-tenant-budget", "tenant-bulk": "test-key-tenant-bulk",
         # The adversarial suite's own: one stores documents, the other attacks them.
         "tenant-victim": "test-key-tenant-victim", "tenant-attacker": "test-key-tenant-attacker",
-        "tenant-budget-kserve": "test-key-tenant-budget-kserve"}
+        "tenant-budget-kserve": "test-key-tenant-budget-kserve",
+        # The OpenAI API suite's own: a roomy tenant, one with a tiny request limit, one with a small token budget.
+        "tenant-openai": "test-key-tenant-openai", "tenant-openai-limited": "test-key-tenant-openai-limited",
+        "tenant-openai-budget": "test-key-tenant-openai-budget"}
 # Request limits: the production tiers' own (config/tenants.yaml). Token budgets: large, except for the budget
 # test's own tier, so that no other test runs out.
 _PRODUCTION = yaml.safe_load((Path(__file__).parent.parent / "config" / "tenants.yaml").read_text())["tiers"]
@@ -30,10 +33,12 @@ TIERS = {
     "small-budget": {"requests_per_minute": 1000, "burst": 50, "tokens_per_minute": 300,
                      "tokens_per_month": 1_000_000},
     "bulk": {"requests_per_minute": 100_000, "burst": 10_000},
+    "tiny": {"requests_per_minute": 60, "burst": 3},
 }
 TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": "standard",
                 "tenant-budget": "small-budget", "tenant-bulk": "bulk", "tenant-victim": "bulk",
-                "tenant-attacker": "bulk", "tenant-budget-kserve": "small-budget"}
+                "tenant-attacker": "bulk", "tenant-budget-kserve": "small-budget", "tenant-openai": "bulk",
+                "tenant-openai-limited": "tiny", "tenant-openai-budget": "small-budget"}
 
 
 def write_tenants(path: Path) -> Path:

@@ -46,13 +46,14 @@ def start_envoy(settings: EdgeSettings, run_dir: Path, name: str = "envoy") -> M
                           run_dir / f"{name}.log")
 
 
-def healthy_gateways(admin_port: int) -> set[str]:
-    """Gateway endpoints Envoy currently considers healthy (from its admin /clusters)."""
+def healthy_gateways(admin_port: int, cluster: str = "gateways") -> set[str]:
+    """Endpoints of a gateway cluster (gRPC: gateways, HTTP: gateways_http) Envoy currently considers healthy
+    (from its admin /clusters)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=2).read().decode()
     found = set()
     for line in text.splitlines():
         parts = line.split("::")
-        if len(parts) == 4 and parts[0] == "gateways" and parts[2] == "health_flags" and parts[3] == "healthy":
+        if len(parts) == 4 and parts[0] == cluster and parts[2] == "health_flags" and parts[3] == "healthy":
             found.add(parts[1])
     return found
 
@@ -64,14 +65,16 @@ def gateway_stat(admin_port: int, endpoint: str, stat: str) -> int:
 
 
 def wait_edge_ready(process: ManagedProcess, settings: EdgeSettings, timeout_s: float = 30.0) -> None:
-    """Until Envoy is live and has seen every gateway pass a health check."""
+    """Until Envoy is live and has seen every gateway (gRPC and HTTP ports) pass a health check."""
     deadline = time.monotonic() + timeout_s
-    wanted = set(settings.gateways)
+    wanted = set(settings.gateways) | set(settings.gateways_http)
     seen: set[str] = set()
     while time.monotonic() < deadline:
         process.ensure_alive()
         try:
             seen = healthy_gateways(settings.admin_port)
+            if settings.gateways_http:
+                seen |= healthy_gateways(settings.admin_port, "gateways_http")
             if wanted <= seen:
                 return
         except OSError:

@@ -54,6 +54,8 @@ class StackPorts:
     edge_metrics: int = 0
     # Redis for rate-limit and budget state (noeviction, persisted), apart from the cache's LRU Redis.
     state_redis: int = 0
+    # The OpenAI-compatible HTTP port of each gateway replica, in gateway_ports() order.
+    gateway_http: list[int] = field(default_factory=list)
 
     @classmethod
     def free(cls, replicas: int = 1, gateways: int = 2) -> StackPorts:
@@ -61,7 +63,8 @@ class StackPorts:
                    free_port(), free_port(), free_port(), free_port(), free_port(),
                    [free_port() for _ in range(gateways - 1)], [free_port() for _ in range(gateways - 1)],
                    free_port(), free_port(), free_port(), free_port(), free_port(), free_port(),
-                   edge_metrics=free_port(), state_redis=free_port())
+                   edge_metrics=free_port(), state_redis=free_port(),
+                   gateway_http=[free_port() for _ in range(gateways)])
 
     def gateway_ports(self) -> list[tuple[int, int]]:
         """(gRPC, metrics) of every gateway replica."""
@@ -121,6 +124,10 @@ class LocalStack:
     @property
     def gateway_addresses(self) -> list[str]:
         return [f"127.0.0.1:{port}" for port, _ in self.ports.gateway_ports()]
+
+    @property
+    def gateway_http_addresses(self) -> list[str]:
+        return [f"127.0.0.1:{port}" for port in self.ports.gateway_http]
 
     @property
     def edge_address(self) -> str:
@@ -287,9 +294,10 @@ class LocalStack:
         })
         wait_grpc_serving(self.ratelimit_address, ratelimit, 30, self.admin_credentials())
 
-    def gateway_env(self, port: int, metrics_port: int) -> dict[str, str]:
+    def gateway_env(self, port: int, metrics_port: int, http_port: int = 0) -> dict[str, str]:
         return {
             "MESH_GATEWAY_PORT": str(port),
+            "MESH_GATEWAY_HTTP_PORT": str(http_port),
             "MESH_GATEWAY_METRICS_PORT": str(metrics_port),
             "MESH_GATEWAY_ROUTER_ADDRESS": self.router_address,
             "MESH_GATEWAY_CACHE_ADDRESS": self.cache_address if self.with_cache else "",
@@ -303,8 +311,10 @@ class LocalStack:
         """Starts (or restarts) gateway replica `index` and waits until it is SERVING."""
         port, metrics_port = self.ports.gateway_ports()[index]
         name = "gateway" if index == 0 else f"gateway-{index}"
-        wait_grpc_serving(f"127.0.0.1:{port}", self._start(name, self.gateway_env(port, metrics_port)), 30,
-                          self.admin_credentials())
+        http_ports = self.ports.gateway_http
+        http_port = http_ports[index] if index < len(http_ports) else 0
+        wait_grpc_serving(f"127.0.0.1:{port}", self._start(name, self.gateway_env(port, metrics_port, http_port)),
+                          30, self.admin_credentials())
 
     def start_gateways(self) -> None:
         for index in range(len(self.ports.gateway_ports())):
@@ -314,7 +324,7 @@ class LocalStack:
         pki = self.pki
         return EdgeSettings(**{
             "port": self.ports.edge, "admin_port": self.ports.edge_admin, "metrics_port": self.ports.edge_metrics,
-            "gateways": self.gateway_addresses,
+            "gateways": self.gateway_addresses, "gateways_http": self.gateway_http_addresses,
             "ratelimit_address": self.ratelimit_address, "edge_secret": self._edge_secret,
             "tls_cert": str(pki.server_cert), "tls_key": str(pki.server_key), "client_ca": str(pki.ca_cert),
             "jwks_file": str(pki.jwks), "otlp_address": self.otlp_grpc,
@@ -339,7 +349,7 @@ def _up(args: argparse.Namespace) -> None:
                        retrieval=50054, extra_gateways=[args.gateway_port + 10], extra_gateway_metrics=[9111],
                        edge=args.edge_port, edge_admin=9901, ratelimit=50055, ratelimit_metrics=9105,
                        router_metrics=9102, retrieval_metrics=9104, edge_metrics=9902,
-                       state_redis=6380)
+                       state_redis=6380, gateway_http=[8080, 8090])
     stack = LocalStack(ROOT / "run", ports, internal_tls=args.internal_tls)
     print("starting Triton, router, milvus-lite, retrieval, Redis, cache, rate limits, 2 gateways and Envoy "
           "(logs in run/) ...", flush=True)
@@ -353,6 +363,7 @@ def _up(args: argparse.Namespace) -> None:
 inference mesh is up
   edge (public: TLS, JWT or API key, rate limits): {stack.edge_address}   (Envoy admin 127.0.0.1:{ports.edge_admin})
   gateways (InferenceMesh + KServe):       {", ".join(stack.gateway_addresses)}
+  gateways (OpenAI API, HTTP):             {", ".join(stack.gateway_http_addresses)}   (public: https://{stack.edge_address}/v1)
   router (internal):                       {stack.router_address}
   cache (internal):                        {stack.cache_address}  redis :{ports.redis}  milvus-lite :{ports.milvus}
   retrieval (internal):                    {stack.retrieval_address}
@@ -366,6 +377,10 @@ try it:
     -d '{{"model": "smollm2-135m-instruct", "max_tokens": 32,
          "messages": [{{"role": "ROLE_USER", "content": "Name three colours."}}]}}' \\
     localhost:{ports.edge} inference_mesh.v1.InferenceMesh/Generate
+  curl --cacert {pki.ca_cert.relative_to(ROOT)} https://localhost:{ports.edge}/v1/chat/completions \\
+    -H 'Authorization: Bearer mesh-dev-key' -H 'Content-Type: application/json' \\
+    -d '{{"model": "smollm2-135m-instruct", "max_tokens": 32,
+         "messages": [{{"role": "user", "content": "Name three colours."}}]}}'
 
 Ctrl-C (or `make down`) stops everything.""", flush=True)
     stop = threading.Event()

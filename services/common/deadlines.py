@@ -12,9 +12,13 @@ GENERATION_BUDGET_S = 60.0
 DOWNSTREAM_MARGIN_S = 0.05
 
 
-def downstream_timeout(context: grpc.aio.ServicerContext, default_s: float) -> float:
-    """The timeout for a downstream call: the caller's remaining time less a margin, capped at default_s."""
-    remaining = context.time_remaining()
-    if remaining is None:
+def within(default_s: float, remaining_s: float | None) -> float:
+    """The timeout for a downstream call: the caller's remaining time (None: no deadline) less a margin, capped
+    at default_s."""
+    if remaining_s is None:
         return default_s
-    return max(0.0, min(default_s, remaining - DOWNSTREAM_MARGIN_S))
+    return max(0.0, min(default_s, remaining_s - DOWNSTREAM_MARGIN_S))
+
+
+def downstream_timeout(context: grpc.aio.ServicerContext, default_s: float) -> float:
+    return within(default_s, context.time_remaining())

@@ -10,6 +10,7 @@ where `allow_plaintext` says so explicitly.
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,13 @@ class InternalTls(BaseModel):
         key, cert, ca = self._read()
         return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
+    def ssl_server_context(self) -> ssl.SSLContext:
+        """The same policy for an HTTP server: a certificate from the internal CA is required."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=self.ca)
+        context.load_cert_chain(self.cert, self.key)
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
     def check_listen_address(self, address: str) -> None:
         """Refuses to serve plaintext beyond loopback unless allow_plaintext says so."""
         if self.enabled or self.allow_plaintext:
@@ -92,6 +100,15 @@ def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
     """The common name of the peer's verified certificate; None over plaintext."""
     names = context.auth_context().get("x509_common_name") or []
     return names[0].decode() if names else None
+
+
+def peer_identity_of_certificate(certificate: dict | None) -> str | None:
+    """The common name of a verified peer certificate as Python's ssl module gives it (getpeercert())."""
+    for rdn in (certificate or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
 
 
 def refusal(service: str, method: str, identity: str | None) -> str | None:

@@ -53,6 +53,9 @@ class ModelCatalog:
     def group(self, name: str) -> models_pb2.ModelGroup | None:
         return self._groups.get(name)
 
+    def groups(self) -> list[models_pb2.ModelGroup]:
+        return list(self._groups.values())
+
     async def refresh_forever(self) -> None:
         while True:
             await self.refresh()

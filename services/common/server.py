@@ -55,6 +55,11 @@ class ServiceHost:
         self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
         self._stop = asyncio.Event()
 
+    @property
+    def stopping(self) -> bool:
+        """Asked to stop (draining): health says NOT_SERVING from here on."""
+        return self._stop.is_set()
+
     def expose(self, service_full_names: Iterable[str]) -> None:
         self._service_names.extend(service_full_names)
 

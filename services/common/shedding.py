@@ -26,13 +26,21 @@ class LoadShedder:
             SHED.labels(self._service, "deadline").inc()
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the deadline leaves {max(remaining, 0) * 1000:.0f} ms: too little to start")
+        if not self.enter():
+            context.set_trailing_metadata((("retry-after", "1"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.refusal())
+
+    def enter(self) -> bool:
+        """Takes a place if there is one (every protocol a process serves shares the bound)."""
         if self.in_flight >= self._max:
             SHED.labels(self._service, "capacity").inc()
-            context.set_trailing_metadata((("retry-after", "1"),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"{self._service} at capacity ({self._max} requests in flight); retry with backoff")
+            return False
         self.in_flight += 1
         IN_FLIGHT.labels(self._service).set(self.in_flight)
+        return True
+
+    def refusal(self) -> str:
+        return f"{self._service} at capacity ({self._max} requests in flight); retry with backoff"
 
     def release(self) -> None:
         self.in_flight -= 1

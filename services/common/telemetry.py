@@ -8,7 +8,9 @@ trace context travels in gRPC metadata (traceparent) from Envoy through the serv
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 
 import grpc
 from opentelemetry import trace
@@ -65,3 +67,17 @@ def current_trace_id() -> str:
     """The active span's trace id as 32 hex digits, or "" outside a sampled trace."""
     context = trace.get_current_span().get_span_context()
     return format(context.trace_id, "032x") if context.is_valid else ""
+
+
+@contextlib.contextmanager
+def http_server_span(method: str, route: str, headers: Mapping[str, str]) -> Iterator[None]:
+    """A server span for an HTTP request, child of the caller's W3C trace context (Envoy's traceparent); the
+    gRPC client interceptors carry it on to the router and Triton. Nothing when tracing is off."""
+    if _provider is None:
+        yield
+        return
+    from opentelemetry.propagate import extract
+    tracer = trace.get_tracer("inference_mesh.http")
+    with tracer.start_as_current_span(f"{method} {route}", context=extract(headers), kind=trace.SpanKind.SERVER,
+                                      attributes={"http.request.method": method, "http.route": route}):
+        yield

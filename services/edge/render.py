@@ -23,6 +23,7 @@ MESH = "/inference_mesh.v1.InferenceMesh/"
 KSERVE = "/inference.GRPCInferenceService/"
 STREAMING = [MESH + "Generate", MESH + "Ask", KSERVE + "ModelStreamInfer"]
 INGEST = [MESH + "UpsertDocuments"]
+OPENAI_PREFIX = "/v1/"
 UNARY_INFERENCE = [MESH + "Embed", MESH + "Search", MESH + "DeleteDocuments", KSERVE + "ModelInfer"]
 
 
@@ -41,7 +42,8 @@ def _socket(address: str) -> dict[str, Any]:
 
 def _tls_context(s: EdgeSettings) -> dict[str, Any]:
     common: dict[str, Any] = {
-        "alpn_protocols": ["h2"],
+        # gRPC needs h2; OpenAI clients (httpx, curl) mostly speak HTTP/1.1.
+        "alpn_protocols": ["h2", "http/1.1"],
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
         "tls_certificates": [{"certificate_chain": {"filename": s.tls_cert},
                               "private_key": {"filename": s.tls_key}}],
@@ -83,6 +85,16 @@ def _route(match: dict[str, Any], timeout_s: float, retry_on: str, limited: bool
     return {"match": {**match, "grpc": {}}, "route": action}
 
 
+def _openai_route(s: EdgeSettings, limited: bool) -> dict[str, Any]:
+    """The OpenAI-compatible API (services/gateway/openai_http): retried only where no gateway saw the request,
+    since a POST that reached one may have started a generation."""
+    action: dict[str, Any] = {"cluster": "gateways_http", "timeout": _seconds(s.inference_timeout_s),
+                              "retry_policy": _retry("connect-failure,refused-stream")}
+    if limited:
+        action["rate_limits"] = _rate_limits()
+    return {"match": {"prefix": OPENAI_PREFIX}, "route": action}
+
+
 def _refusal(headers: list[dict[str, Any]], message: str) -> dict[str, Any]:
     # 401 becomes UNAUTHENTICATED for gRPC callers and the body their grpc-message. Answered by the route,
     # so a refused request never reaches the rate-limit service or a gateway.
@@ -113,6 +125,8 @@ def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
     unary = "unavailable,connect-failure,refused-stream,reset"
     limited = s.global_rate_limit
     routes = _credential_routes()
+    if s.gateways_http:
+        routes.append(_openai_route(s, limited))
     routes += [_route({"path": p}, s.inference_timeout_s, never_reached, limited) for p in STREAMING]
     routes += [_route({"path": p}, s.ingest_timeout_s, never_reached, limited) for p in INGEST]
     routes += [_route({"path": p}, s.inference_timeout_s, unary, limited) for p in UNARY_INFERENCE]
@@ -179,6 +193,26 @@ def _http_filters(s: EdgeSettings) -> list[dict[str, Any]]:
     return filters
 
 
+# What Envoy answers itself on the OpenAI routes (refused credentials, rate limits, no healthy gateway, route
+# timeouts) in OpenAI's error shape, as the gateways answer theirs (services/gateway/openai_http/errors.py).
+_OPENAI_LOCAL_ERRORS = ((401, "authentication_error", "invalid_api_key"), (403, "permission_error", "forbidden"),
+                        (429, "rate_limit_error", "rate_limit_exceeded"), (503, "server_error", "service_unavailable"),
+                        (504, "server_error", "timeout"), (None, "server_error", "edge_error"))
+
+
+def _openai_local_replies() -> dict[str, Any]:
+    on_openai_path = {"header_filter": {"header": {"name": ":path", "string_match": {"prefix": OPENAI_PREFIX}}}}
+    mappers = []
+    for status, kind, code in _OPENAI_LOCAL_ERRORS:
+        match = on_openai_path if status is None else {"and_filter": {"filters": [
+            on_openai_path, {"status_code_filter": {"comparison": {
+                "op": "EQ", "value": {"default_value": status, "runtime_key": f"openai_local_reply_{status}"}}}}]}}
+        mappers.append({"filter": match, "body_format_override": {
+            "json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}},
+            "content_type": "application/json"}})
+    return {"mappers": mappers}
+
+
 def _listener(s: EdgeSettings) -> dict[str, Any]:
     manager = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -207,6 +241,8 @@ def _listener(s: EdgeSettings) -> dict[str, Any]:
         }]},
         http_filters=_http_filters(s),
     )
+    if s.gateways_http:
+        manager["local_reply_config"] = _openai_local_replies()
     if s.otlp_address:
         manager["tracing"] = _tracing(s)
     return {"name": "public", "address": _socket(f"{s.host}:{s.port}"),
@@ -240,12 +276,33 @@ def _http2_cluster(name: str, addresses: list[str], connect_timeout_s: float) ->
     }
 
 
-def _upstream_mtls(s: EdgeSettings, peer: str) -> dict[str, Any]:
+def _openai_cluster(s: EdgeSettings, grpc_gateways: dict[str, Any]) -> dict[str, Any]:
+    """The gateways' HTTP ports (HTTP/1.1: aiohttp), balanced, checked and ejected like their gRPC ports."""
+    cluster = {key: value for key, value in grpc_gateways.items()
+               if key in ("lb_policy", "least_request_lb_config", "outlier_detection", "circuit_breakers")}
+    interval = _seconds(s.health_check_interval_s)
+    cluster.update({
+        "name": "gateways_http",
+        "type": "STATIC" if all(_is_ip(a) for a in s.gateways_http) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "per_connection_buffer_limit_bytes": 1024 * 1024,
+        "health_checks": [{"timeout": "2s", "interval": interval, "no_traffic_interval": interval,
+                           "unhealthy_threshold": 2, "healthy_threshold": 1,
+                           "http_health_check": {"path": "/health"}}],
+        "load_assignment": {"cluster_name": "gateways_http", "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket(address)}} for address in s.gateways_http]}]},
+    })
+    if s.tls.enabled:
+        cluster["transport_socket"] = _upstream_mtls(s, "gateway", alpn=())
+    return cluster
+
+
+def _upstream_mtls(s: EdgeSettings, peer: str, alpn: tuple[str, ...] = ("h2",)) -> dict[str, Any]:
     """Envoy presents the edge identity and accepts only `peer`'s certificate from the internal CA."""
     return {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
         "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         common_tls_context={
-            "alpn_protocols": ["h2"],
+            "alpn_protocols": list(alpn),
             "tls_certificates": [{"certificate_chain": {"filename": s.tls.cert},
                                   "private_key": {"filename": s.tls.key}}],
             "validation_context": {"trusted_ca": {"filename": s.tls.ca}, "match_typed_subject_alt_names": [
@@ -272,6 +329,8 @@ def _clusters(s: EdgeSettings) -> list[dict[str, Any]]:
         gateways["transport_socket"] = _upstream_mtls(s, "gateway")
         ratelimit["transport_socket"] = _upstream_mtls(s, "ratelimit")
     clusters = [gateways, ratelimit]
+    if s.gateways_http:
+        clusters.append(_openai_cluster(s, gateways))
     if s.otlp_address:
         clusters.append(_http2_cluster("otel_collector", [s.otlp_address], 1.0))
     return clusters

@@ -48,6 +48,8 @@ class EdgeSettings(ServiceSettings):
     limits: EdgeLimits = EdgeLimits()
     # Gateway replicas behind the edge (least_request over all of them).
     gateways: list[str] = Field(default_factory=lambda: ["127.0.0.1:50051", "127.0.0.1:50061"])
+    # Their OpenAI-compatible HTTP ports: /v1/* on the public listener goes there. Empty: no HTTP API.
+    gateways_http: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080", "127.0.0.1:8090"])
     ratelimit_address: str = "127.0.0.1:50055"
     ratelimit_domain: str = "inference-mesh"
     # Envoy's wait for a rate-limit answer, then the failure mode applies (open by default, counted in Envoy's

@@ -10,12 +10,19 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.deadlines import downstream_timeout
+from services.common.errors import MeshError
+from services.common.version import MESH_NAME, MESH_VERSION
 from services.common.wire import TENANT_HEADER
 from services.gateway.auth import Authenticator, Caller
 from services.gateway.budgets import TokenBudgets
 from services.gateway.errors import from_rpc_error
 from services.gateway.kserve_governance import StreamWindow, check_infer_request, tokens_used
 from services.gateway.settings import KServeLimits
+
+# What the mesh answers of Triton's extensions: configuration and statistics per public model, a read-only index.
+EXTENSIONS = ["model_configuration", "statistics", "model_repository(read-only)"]
+_READ_ONLY = ("the mesh's model repository is read-only: which models run where is the router's registry "
+              "(config/registry.yaml, reloaded with RouterAdmin/ReloadRegistry), not a load or unload call")
 
 
 class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -58,6 +65,28 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         return await self._unary(self._router.ModelMetadata, request, context, self._metadata_timeout_s)
+
+    async def ModelConfig(self, request, context):
+        return await self._unary(self._router.ModelConfig, request, context, self._metadata_timeout_s)
+
+    async def ModelStatistics(self, request, context):
+        return await self._unary(self._router.ModelStatistics, request, context, self._metadata_timeout_s)
+
+    async def RepositoryIndex(self, request, context):
+        return await self._unary(self._router.RepositoryIndex, request, context, self._metadata_timeout_s)
+
+    async def ServerMetadata(self, request, context):
+        """The mesh, not one Triton: which replica would answer is the router's choice per request."""
+        await self._auth.require(context)
+        return service_pb2.ServerMetadataResponse(name=MESH_NAME, version=MESH_VERSION, extensions=EXTENSIONS)
+
+    async def RepositoryModelLoad(self, request, context):
+        await self._auth.require(context)
+        raise MeshError(grpc.StatusCode.UNIMPLEMENTED, _READ_ONLY)
+
+    async def RepositoryModelUnload(self, request, context):
+        await self._auth.require(context)
+        raise MeshError(grpc.StatusCode.UNIMPLEMENTED, _READ_ONLY)
 
     async def ModelInfer(self, request, context):
         caller = await self._auth.require(context)

@@ -38,6 +38,9 @@ class GenerationLog:
                 if getattr(meta, name):
                     self.fields[name] = getattr(meta, name)
 
+    def failed(self, error: Exception) -> None:
+        self.fields["status"] = getattr(getattr(error, "code", None), "name", type(error).__name__)
+
     def write(self) -> None:
         self.fields["duration_ms"] = round((time.perf_counter() - self._started) * 1000, 1)
         if self._first_token_ms is not None:

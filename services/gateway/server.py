@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
@@ -13,10 +16,14 @@ from services.common.tenants import TenantConfig
 from services.gateway.auth import Authenticator
 from services.gateway.budgets import TokenBudgets
 from services.gateway.cache_client import CacheClient
+from services.gateway.core import MeshCore
 from services.gateway.documents import DocumentsRelay
 from services.gateway.kserve_proxy import KServeProxyService
 from services.gateway.mesh_service import InferenceMeshService
+from services.gateway.openai_http.app import OpenAIApi
 from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
 
 
 async def serve(settings: GatewaySettings) -> None:
@@ -40,8 +47,8 @@ async def serve(settings: GatewaySettings) -> None:
     budgets = TokenBudgets(budget_channel, settings.budget_timeout_s, settings.budget_charge_timeout_s,
                            settings.budget_fail_open) if budget_channel else None
     host = ServiceHost("gateway", settings, settings.max_in_flight)
-    mesh_pb2_grpc.add_InferenceMeshServicer_to_server(
-        InferenceMeshService(settings, auth, catalog, router, cache, documents, budgets), host.server)
+    core = MeshCore(settings, catalog, router, cache, documents, budgets)
+    mesh_pb2_grpc.add_InferenceMeshServicer_to_server(InferenceMeshService(auth, core), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeProxyService(auth, router, settings.generate_timeout_s, settings.metadata_timeout_s,
                            is_ready=lambda: serving, budgets=budgets, limits=settings.kserve_limits), host.server)
@@ -59,9 +66,15 @@ async def serve(settings: GatewaySettings) -> None:
             catalog.loaded or await catalog.refresh())
         return serving
 
+    http = await _start_http(settings, OpenAIApi(
+        auth, core, host.shedder, is_ready=lambda: serving and not host.stopping,
+        max_body_bytes=settings.kserve_limits.max_request_bytes, internal_tls=settings.tls.enabled)) \
+        if settings.http_port else None
     try:
         await host.run(background=[host.serving_while(router_serves), catalog.refresh_forever])
     finally:
+        if http is not None:
+            await http.cleanup()
         if cache is not None:
             await cache.drain()
             await cache_channel.close()
@@ -71,6 +84,19 @@ async def serve(settings: GatewaySettings) -> None:
             await budgets.drain()
             await budget_channel.close()
         await channel.close()
+
+
+async def _start_http(settings: GatewaySettings, api: OpenAIApi) -> web.AppRunner:
+    """The OpenAI-compatible API on its own port, on this event loop. A client that disconnects cancels its
+    handler (and so its generation); a stop lets in-flight requests finish within the grace period."""
+    settings.tls.check_listen_address(f"{settings.host}:{settings.http_port}")
+    runner = web.AppRunner(api.application(), handler_cancellation=True, access_log=None,
+                           shutdown_timeout=settings.shutdown_grace_s)
+    await runner.setup()
+    ssl_context = settings.tls.ssl_server_context() if settings.tls.enabled else None
+    await web.TCPSite(runner, settings.host, settings.http_port, ssl_context=ssl_context).start()
+    log.info("listening", extra={"address": f"{settings.host}:{settings.http_port}", "service": "gateway-http"})
+    return runner
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
     port: int = 50051
+    # The OpenAI-compatible HTTP API (services/gateway/openai_http), reached through Envoy; 0: not served.
+    http_port: int = 8080
     router_address: str = "127.0.0.1:50052"
     tenants_file: str = "config/tenants.yaml"
     # A shorter caller deadline always wins.

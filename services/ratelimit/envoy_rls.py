@@ -26,6 +26,17 @@ def as_duration(seconds: float) -> Duration:
     return Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
 
+# The names OpenAI's API gives its request limits (Envoy adds its own x-ratelimit-limit/-remaining/-reset too):
+# OpenAI clients and dashboards read these.
+OPENAI_LIMIT = "x-ratelimit-limit-requests"
+
+
+def _openai_headers(per_minute: int, level: float, until_reset_s: float) -> list[rls.HeaderValue]:
+    return [rls.HeaderValue(key=OPENAI_LIMIT, value=str(per_minute)),
+            rls.HeaderValue(key="x-ratelimit-remaining-requests", value=str(max(0, int(level)))),
+            rls.HeaderValue(key="x-ratelimit-reset-requests", value=f"{max(0.0, until_reset_s):.3f}s")]
+
+
 class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, config: TenantConfig, store: LimitStore, domain: str) -> None:
         self._config = config
@@ -59,6 +70,9 @@ class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
                     metrics.REQUEST_DECISIONS.labels(tenant.tier, "ok" if state.allowed else "over_limit").inc()
                 rate = tier.requests_per_minute / 60.0
                 until_reset = state.wait_s if not state.allowed else (tier.burst - state.level) / rate
+                if len(decided) == 1 and not any(h.key == OPENAI_LIMIT for h in reply.response_headers_to_add):
+                    reply.response_headers_to_add.extend(_openai_headers(tier.requests_per_minute, state.level,
+                                                                         until_reset))
                 reply.statuses.append(Status(
                     code=OK if state.allowed else OVER_LIMIT,
                     current_limit=rls.RateLimitResponse.RateLimit(

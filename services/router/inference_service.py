@@ -18,6 +18,7 @@ from services.common.errors import MeshError, stream_error_text
 from services.common.kserve import is_final_response, read_to_end
 from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER, SPILL_PARAMETER, TENANT_HEADER
+from services.router import kserve_metadata
 from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica
@@ -199,6 +200,35 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise MeshError(exc.code(), exc.details() or "") from exc
         answer.name = request.name
         return answer
+
+    async def ModelConfig(self, request, context):
+        spec = self._resolve(request.name)
+        return await kserve_metadata.model_config(
+            spec, request.name, request.version, kserve_metadata.hosting(self._state.replicas.replicas, spec),
+            downstream_timeout(context, self._metadata_timeout_s))
+
+    async def ModelStatistics(self, request, context):
+        """One model's statistics, or (no name) every public model's, summed over the replicas hosting it."""
+        names = [request.name] if request.name else sorted(self._state.registry.models)
+        response = service_pb2.ModelStatisticsResponse()
+        timeout_s = downstream_timeout(context, self._metadata_timeout_s)
+        for name in names:
+            spec = self._resolve(name)
+            response.model_stats.extend(await kserve_metadata.model_statistics(
+                spec, name, request.version, kserve_metadata.hosting(self._state.replicas.replicas, spec), timeout_s))
+        return response
+
+    async def RepositoryIndex(self, request, context):
+        """The registry's public models, READY when a replica (or the fallback) can serve them now."""
+        registry = self._state.registry
+        response = service_pb2.RepositoryIndexResponse()
+        for name, spec in sorted(registry.models.items()):
+            ready = self._balancer.can_serve_any(spec, registry.fallback_of(spec))
+            if request.ready and not ready:
+                continue
+            response.models.add(name=name, version=spec.version, state="READY" if ready else "UNAVAILABLE",
+                                reason="" if ready else "no replica of its pools can serve it now")
+        return response
 
     async def ModelInfer(self, request, context):
         spec = self._resolve(request.model_name)

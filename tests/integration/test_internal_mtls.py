@@ -5,6 +5,7 @@ identity."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 
 import grpc
@@ -100,6 +101,36 @@ def test_admin_rpcs_need_the_admin_identity(secured):
         assert router_pb2_grpc.RouterAdminStub(channel).ReloadRegistry(router_pb2.ReloadRequest(), timeout=10)
     with as_identity(secured, "mesh-admin", secured.cache_address) as channel:
         cache_pb2_grpc.CacheAdminStub(channel).Flush(cache_pb2.FlushRequest(tenant="tenant-a"), timeout=10)
+
+
+def test_the_openai_api_rides_mtls_too(secured):
+    """Envoy → the gateway's HTTP port on mTLS; around Envoy, only the edge identity gets an answer."""
+    import httpx
+
+    body = {"model": EMBEDDER, "input": "a lighthouse", "encoding_format": "float"}
+    auth = {"authorization": AUTH[0][1]}
+    public = ssl.create_default_context(cafile=str(secured.pki.ca_cert))
+    through_edge = httpx.post(f"https://localhost:{secured.ports.edge}/v1/embeddings", json=body, headers=auth,
+                              verify=public, timeout=30)
+    assert through_edge.status_code == 200 and len(through_edge.json()["data"][0]["embedding"]) == 384
+
+    direct = f"https://127.0.0.1:{secured.ports.gateway_http[0]}/v1/embeddings"
+
+    def internal(identity: str | None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(secured.pki.internal_ca))
+        context.check_hostname = False  # the certificate names "gateway", not 127.0.0.1
+        if identity:
+            tls = secured.internal_tls_of(identity)
+            context.load_cert_chain(tls.cert, tls.key)
+        return context
+
+    with pytest.raises(httpx.HTTPError):
+        httpx.post(direct.replace("https", "http"), json=body, headers=auth, timeout=5)
+    with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+        httpx.post(direct, json=body, headers=auth, verify=internal(None), timeout=5)
+    refused = httpx.post(direct, json=body, headers=auth, verify=internal("cache"), timeout=5)
+    assert refused.status_code == 403 and "edge" in refused.json()["error"]["message"]
+    assert httpx.post(direct, json=body, headers=auth, verify=internal("edge"), timeout=30).status_code == 200
 
 
 def test_triton_takes_only_clients_with_an_internal_certificate(secured):

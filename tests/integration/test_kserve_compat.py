@@ -68,3 +68,43 @@ def test_missing_key_is_refused(client):
     with pytest.raises(InferenceServerException) as info:
         client.is_model_ready(EMBEDDER)
     assert "UNAUTHENTICATED" in str(info.value.status())
+
+
+def test_model_config_answers_for_the_public_name(client):
+    config = client.get_model_config(EMBEDDER, headers=HEADERS, as_json=True)["config"]
+    assert config["name"] == EMBEDDER
+    assert config["max_batch_size"] == 64
+    assert [i["name"] for i in config["input"]] == ["TEXT"]
+    llm = client.get_model_config(LLM, headers=HEADERS).config
+    assert llm.name == LLM and llm.model_transaction_policy.decoupled
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.get_model_config("no-such-model", headers=HEADERS)
+
+
+def test_model_statistics_count_what_the_mesh_served(client, stack):
+    def served() -> int:
+        stats = client.get_inference_statistics(EMBEDDER, headers=HEADERS).model_stats
+        assert {s.name for s in stats} == {EMBEDDER}
+        return sum(s.inference_stats.success.count for s in stats)
+
+    before = served()
+    text = triton_grpc.InferInput("TEXT", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[b"statistics please"]], dtype=object))
+    client.infer(EMBEDDER, [text], headers=HEADERS)
+    assert served() == before + 1
+    every = {s.name for s in client.get_inference_statistics(headers=HEADERS).model_stats}
+    assert {EMBEDDER, LLM} <= every
+
+
+def test_server_metadata_and_a_read_only_repository(client):
+    server = client.get_server_metadata(headers=HEADERS)
+    assert server.name == "inference-mesh" and server.version
+    assert "statistics" in server.extensions
+    index = {m.name: m for m in client.get_model_repository_index(headers=HEADERS).models}
+    assert index[EMBEDDER].state == "READY" and index[LLM].state == "READY"
+    assert client.is_model_ready(LLM, headers=HEADERS)
+    assert not client.is_model_ready("no-such-model", headers=HEADERS)
+    with pytest.raises(InferenceServerException, match="read-only"):
+        client.load_model(EMBEDDER, headers=HEADERS)
+    with pytest.raises(InferenceServerException, match="read-only"):
+        client.unload_model(EMBEDDER, headers=HEADERS)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -106,6 +107,33 @@ def test_one_ask_through_envoy_is_one_trace_across_every_process(traced):
             assert {"gateway", "envoy"} <= chain, (span, chain)
     # The query embedding: retrieval -> router -> Triton, inside the same trace.
     assert any(s.service == "router" and "retrieval" in {a.service for a in ancestors(s, by_id)} for s in spans)
+
+
+def test_an_openai_request_is_one_trace_too(traced):
+    """The HTTP API joins Envoy's trace (traceparent) and carries it on to the router and Triton."""
+    import httpx
+
+    stack, receiver = traced
+    answer = httpx.post(f"https://localhost:{stack.ports.edge}/v1/chat/completions", timeout=60,
+                        verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)),
+                        headers={"authorization": f"Bearer {KEYS['tenant-a']}"},
+                        json={"model": LLM, "max_tokens": 4, "cache_mode": "bypass",
+                              "messages": [{"role": "user", "content": "Name a river."}]})
+    assert answer.status_code == 200, answer.text
+    request_id = answer.headers["x-request-id"]
+    logged = [line for line in log_lines(stack, "gateway")
+              if line["msg"] == "generate" and line.get("request_id") == request_id]
+    trace_id = logged[-1]["trace_id"]
+    wanted = {"envoy", "gateway", "router", "triton-0"}
+    deadline = time.monotonic() + 30
+    while {s.service for s in receiver.trace(trace_id)} < wanted and time.monotonic() < deadline:
+        time.sleep(0.5)
+    spans = receiver.trace(trace_id)
+    by_id = {s.span_id: s for s in spans}
+    http_span = next(s for s in spans if s.service == "gateway" and s.name == "POST /v1/chat/completions")
+    assert {a.service for a in ancestors(http_span, by_id)} == {"envoy"}
+    triton = [s for s in spans if s.service == "triton-0"]
+    assert triton and all(http_span in ancestors(s, by_id) for s in triton)
 
 
 def test_logs_are_json_with_trace_ids_and_prompts_only_redacted(traced):

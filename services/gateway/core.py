@@ -1,0 +1,218 @@
+"""The gateway's core: one request from an identified caller, validated, planned and orchestrated (cache →
+retrieval → router), whatever protocol it came in by. The gRPC InferenceMesh service (mesh_service.py) and the
+OpenAI-compatible HTTP API (services/gateway/openai/) are thin adapters over it; neither decides anything the
+other does not.
+
+`remaining_s` is what is left of the caller's deadline (None: no deadline); every downstream call gets at most
+that, less a margin."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from tritonclient.grpc import service_pb2_grpc
+
+from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2, retrieval_pb2
+from services.common.deadlines import within
+from services.common.errors import MeshError, invalid
+from services.common.model_catalog import ModelCatalog
+from services.gateway import cached_generation, rag
+from services.gateway.auth import Caller
+from services.gateway.budgets import TokenBudgets, metered
+from services.gateway.cache_client import CacheClient
+from services.gateway.documents import DocumentsRelay
+from services.gateway.embedding import embed_texts
+from services.gateway.genai_metrics import observed
+from services.gateway.plan import RequestPlan, plan_request
+from services.gateway.request_log import GenerationLog, prompt_text
+from services.gateway.routing_hints import affinity_key, group_member
+from services.gateway.settings import GatewaySettings
+from services.gateway.validation import check_embed, check_generate, check_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A started generation: its metadata (cache status and request id known before the first chunk, placement
+    and usage by the last) and its chunks, which must be read to the end or closed."""
+
+    metadata: mesh_pb2.ResponseMetadata
+    chunks: AsyncIterator[mesh_pb2.GenerateChunk]
+
+
+async def _logged(chunks: AsyncIterator[mesh_pb2.GenerateChunk],
+                  record: GenerationLog) -> AsyncIterator[mesh_pb2.GenerateChunk]:
+    try:
+        async for chunk in chunks:
+            record.seen(chunk)
+            yield chunk
+    except MeshError as exc:
+        record.failed(exc)
+        raise
+    finally:
+        record.write()
+
+
+async def _cited(chunks: AsyncIterator[mesh_pb2.GenerateChunk],
+                 citations: list[mesh_pb2.Citation]) -> AsyncIterator[mesh_pb2.GenerateChunk]:
+    async for chunk in chunks:
+        if chunk.finish_reason:
+            chunk.metadata.citations.extend(citations)
+        yield chunk
+
+
+class MeshCore:
+    def __init__(self, settings: GatewaySettings, catalog: ModelCatalog,
+                 router: service_pb2_grpc.GRPCInferenceServiceStub, cache: CacheClient | None,
+                 documents: DocumentsRelay, budgets: TokenBudgets | None = None) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.documents = documents
+        self._router = router
+        self._cache = cache
+        self._budgets = budgets
+        self._stream_retrier = settings.resilience.retrier("router-streams")
+
+    async def _cascade(self, request: mesh_pb2.GenerateRequest) -> tuple[mesh_pb2.GenerateRequest, str]:
+        """A request naming a model group, rewritten to the member the group's rule picks."""
+        await self.catalog.get(request.model)
+        group = self.catalog.group(request.model)
+        if group is None:
+            return request, ""
+        chosen = mesh_pb2.GenerateRequest()
+        chosen.CopyFrom(request)
+        chosen.model = group_member(group, request)
+        return chosen, group.name
+
+    async def model(self, name: str, kind: models_pb2.ModelKind.ValueType) -> models_pb2.ModelInfo:
+        return check_model(name, await self.catalog.get(name), self.catalog.all(), kind)
+
+    async def _generate(self, request: mesh_pb2.GenerateRequest, plan: RequestPlan):
+        """The cached generation, admitted and charged against the tenant's token budget."""
+        plan.metadata.model_version = plan.model.version
+        chunks = cached_generation.generate(self._cache, self._router, request, plan, self._stream_retrier)
+        chunks = observed(chunks, plan.caller.tenant, plan.model.name)
+        if self._budgets is None:
+            return chunks
+        await self._budgets.admit(plan.caller)
+        return metered(self._budgets, plan.caller, chunks)
+
+    async def generate(self, caller: Caller, request: mesh_pb2.GenerateRequest,
+                       remaining_s: float | None) -> Generation:
+        """Validated, planned and admitted here (errors raise now); the tokens come from the result's chunks."""
+        record = GenerationLog("generate", caller.tenant, request.model, self.settings.log_prompts)
+        try:
+            request, group = await self._cascade(request)
+            record.prompt = prompt_text(request) if self.settings.log_prompts else ""
+            model = await self.model(request.model, models_pb2.MODEL_KIND_GENERATE)
+            check_generate(request, model, self.settings.limits)
+            plan = plan_request(caller, model, request.request_id,
+                                within(self.settings.generate_timeout_s, remaining_s),
+                                session=request.session_id, group=group,
+                                affinity=affinity_key(request, self.settings.affinity_min_prefix_chars))
+            return Generation(plan.metadata, _logged(await self._generate(request, plan), record))
+        except MeshError as exc:
+            record.failed(exc)
+            record.write()
+            raise
+
+    async def embed(self, caller: Caller, request: mesh_pb2.EmbedRequest,
+                    remaining_s: float | None) -> mesh_pb2.EmbedResponse:
+        model = await self.model(request.model, models_pb2.MODEL_KIND_EMBED)
+        check_embed(request, self.settings.limits)
+        plan = plan_request(caller, model, request.request_id, within(self.settings.embed_timeout_s, remaining_s))
+        return await self._embed(list(request.texts), request.cache_mode, plan)
+
+    async def _embed(self, texts: list[str], mode: mesh_pb2.CacheMode.ValueType,
+                     plan: RequestPlan) -> mesh_pb2.EmbedResponse:
+        """Cached vectors per text; only the misses go to Triton, and are stored afterwards."""
+        metadata = plan.metadata
+        vectors: list[list[float] | None] = [None] * len(texts)
+        cache = None if mode == mesh_pb2.CACHE_MODE_BYPASS else self._cache
+        if cache is None:
+            metadata.cache_status = mesh_pb2.CACHE_STATUS_DISABLED if self._cache is None \
+                else mesh_pb2.CACHE_STATUS_BYPASS
+        elif mode == mesh_pb2.CACHE_MODE_REFRESH:
+            metadata.cache_status = mesh_pb2.CACHE_STATUS_MISS
+        else:
+            found = await cache.get_embeddings(plan.cache_scope, texts)
+            if found is None:
+                metadata.cache_status = mesh_pb2.CACHE_STATUS_UNAVAILABLE
+                metadata.degraded.append("cache")
+            else:
+                vectors = [list(e.values) or None for e in found.embeddings]
+        missing = [i for i, v in enumerate(vectors) if v is None]
+        if missing:
+            rows = (await embed_texts(self._router, plan, [texts[i] for i in missing])).tolist()
+            for row, index in enumerate(missing):
+                vectors[index] = rows[row]
+            if cache is not None and metadata.cache_status != mesh_pb2.CACHE_STATUS_UNAVAILABLE:
+                metadata.cache_status = mesh_pb2.CACHE_STATUS_MISS
+                cache.put_embeddings(cache_pb2.PutEmbeddingsRequest(
+                    scope=plan.cache_scope, texts=[texts[i] for i in missing],
+                    embeddings=[mesh_pb2.Embedding(values=row) for row in rows]))
+        else:
+            metadata.cache_status = mesh_pb2.CACHE_STATUS_EXACT_HIT
+            metadata.model_version = plan.model.version
+        response = mesh_pb2.EmbedResponse(dimension=plan.model.dimension, cached=len(texts) - len(missing),
+                                          metadata=metadata)
+        for vector in vectors:
+            response.embeddings.add().values.extend(vector)
+        return response
+
+    async def ask(self, caller: Caller, request: mesh_pb2.AskRequest, remaining_s: float | None) -> Generation:
+        """Search the caller's documents, answer from them, cite the chunks; retrieval down → no context."""
+        settings = self.settings
+        record = GenerationLog("ask", caller.tenant, request.model, settings.log_prompts)
+        limits = settings.limits
+        try:
+            model = await self.model(request.model, models_pb2.MODEL_KIND_GENERATE)
+            if not request.question.strip():
+                raise invalid("question is empty")
+            if len(request.question) > limits.max_question_chars:
+                raise invalid(f"question is {len(request.question)} characters; the limit is "
+                              f"{limits.max_question_chars}")
+            top_k = request.top_k or settings.ask_default_top_k
+            if not 1 <= top_k <= settings.ask_default_top_k:
+                raise invalid(f"top_k must be within 1..{settings.ask_default_top_k}, got {top_k}")
+            max_tokens = request.max_tokens or min(settings.ask_default_max_tokens, model.max_output_tokens)
+            plan = plan_request(caller, model, request.request_id, within(settings.generate_timeout_s, remaining_s))
+            hits = []
+            try:
+                search = retrieval_pb2.SearchRequest(query=request.question, top_k=top_k, filter=request.filter)
+                if request.HasField("where"):
+                    search.where.CopyFrom(request.where)
+                found = await self.documents.search(caller, search, within(settings.search_timeout_s, remaining_s))
+                hits = list(found.hits)
+            except MeshError as exc:
+                if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                plan.metadata.degraded.append("retrieval")
+                log.warning("ask without context", extra={"tenant": caller.tenant, "error": exc.message})
+            generate, citations = rag.build_request(request, hits, settings.ask_max_context_chars, max_tokens)
+            record.prompt = prompt_text(generate) if settings.log_prompts else ""
+            check_generate(generate, model, limits)
+            chunks = _cited(await self._generate(generate, plan), citations)
+            return Generation(plan.metadata, _logged(chunks, record))
+        except MeshError as exc:
+            record.failed(exc)
+            record.write()
+            raise
+
+    async def output_limit(self, name: str) -> int:
+        """The most tokens a generation by `name` may ask for (a group: the least of its members'); 0 when
+        unknown, which validation then reports."""
+        model = await self.catalog.get(name)
+        group = self.catalog.group(name)
+        members = [await self.catalog.get(group.small), await self.catalog.get(group.large)] if group else [model]
+        limits = [m.max_output_tokens for m in members if m is not None]
+        return min(limits) if limits else 0
+
+    async def models(self) -> list[models_pb2.ModelInfo]:
+        if not self.catalog.loaded and not await self.catalog.refresh():
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, "router unavailable: the model list cannot be read")
+        return sorted(self.catalog.all(), key=lambda m: m.name)

@@ -1,0 +1,124 @@
+"""The request bodies the OpenAI API takes, parsed strictly: a field the mesh would silently ignore in a way that
+changes the answer (n > 1, tools, logprobs, penalties) is refused with a message rather than dropped. Fields that
+only describe the caller (user, metadata) are accepted. The mesh's own options are extra body fields
+(`extra_body=` in the openai SDK), named in MeshOptions."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    # A string, or text parts (images and audio are refused by the Literal above).
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Body):
+    include_usage: StrictBool = False
+    include_obfuscation: StrictBool | None = None
+
+
+class Retrieval(_Body):
+    """Mesh extension: answer from the caller's documents (the Ask RPC), citing the chunks used."""
+
+    top_k: Annotated[int, Field(strict=True, ge=1)] | None = None
+    filter: StrictStr = ""
+    where: dict[str, Any] | None = None
+
+
+_Number = Annotated[float, Field(strict=False)]
+
+
+class _Sampling(_Body):
+    """Fields shared by chat completions and completions, and the mesh's extensions."""
+
+    model: StrictStr
+    max_tokens: StrictInt | None = None
+    temperature: _Number | None = None
+    top_p: _Number | None = None
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    # Accepted as OpenAI defines them only at their neutral value: anything else would be ignored.
+    presence_penalty: Literal[0, 0.0] | None = None
+    frequency_penalty: Literal[0, 0.0] | None = None
+    logprobs: Literal[False] | None = None
+    user: StrictStr | None = None
+    # Mesh extensions (documented in docs/openai-api.md).
+    cache_mode: Literal["default", "bypass", "refresh"] = "default"
+    no_semantic_cache: StrictBool = False
+    session_id: StrictStr = ""
+    quality: Literal["default", "high"] = "default"
+    request_id: StrictStr = ""
+
+    def stops(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: StrictInt | None = None
+    top_logprobs: Literal[0] | None = None
+    metadata: dict[str, StrictStr] | None = None
+    store: Literal[False] | None = None
+    response_format: dict[Literal["type"], Literal["text"]] | None = None
+    retrieval: Retrieval | None = None
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | list[StrictStr]
+    echo: Literal[False] = False
+    suffix: None = None
+    best_of: Literal[1] | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError("send one prompt (a string, or a list of one string); batches are not supported")
+        return value
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def output_limit(self) -> int | None:
+        return self.max_tokens
+
+
+class EmbeddingRequest(_Body):
+    model: StrictStr
+    # Text only: token arrays belong to OpenAI's tokenizer, not to the mesh's embedding models.
+    input: StrictStr | list[StrictStr]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: StrictStr | None = None
+    cache_mode: Literal["default", "bypass", "refresh"] = "default"
+    request_id: StrictStr = ""
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
