@@ -145,7 +145,9 @@ def render(rows: list[dict]) -> str:
         lines.append(f"| {answer} | {row['concurrency']} | {a['p50']:.2f} | {u['p50']:.2f} | {a['p99']:.2f} "
                      f"| {u['p99']:.2f} | {a['rps']:.0f} | {u['rps']:.0f} | {a['rps'] / u['rps']:.2f} |")
     ratios = [row["aiohttp"]["rps"] / row["uvicorn"]["rps"] for row in rows]
-    lines += ["", f"aiohttp/uvicorn req/s: {min(ratios):.2f} to {max(ratios):.2f} over these rows."]
+    gaps = [row["aiohttp"]["p50"] - row["uvicorn"]["p50"] for row in rows if row["concurrency"] == 1]
+    lines += ["", f"aiohttp/uvicorn req/s: {min(ratios):.2f} to {max(ratios):.2f} over these rows; aiohttp - uvicorn "
+              f"p50 at concurrency 1: {', '.join(f'{g:+.2f} ms' for g in gaps)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ import pytest
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from tests.conftest import EMBEDDER, KEYS, LLM, chat, triton_metric
 from tests.integration.test_retrieval import doc, upsert
+from tools.pki import mint_jwt
 from tools.stack import LocalStack
 
 KEY = KEYS["tenant-openai"]
@@ -177,6 +178,17 @@ def test_bad_key_and_two_credentials(stack):
     with _client(stack, default_headers={"x-api-key": KEY}) as doubled, \
             pytest.raises(openai.AuthenticationError, match="exactly one credential"):
         doubled.models.list()
+
+
+def test_a_jwt_is_an_api_key_to_the_sdk(stack):
+    """Envoy verifies the JWT and hands the gateway its tenant claim; an expired one is refused in OpenAI's shape."""
+    with _client(stack, key=mint_jwt(stack.pki, "tenant-openai")) as signed:
+        answer = signed.chat.completions.with_raw_response.create(
+            model=LLM, messages=[{"role": "user", "content": QUESTION}], max_tokens=4, temperature=0)
+    assert answer.parse().model_extra["mesh"]["tenant"] == "tenant-openai"
+    with _client(stack, key=mint_jwt(stack.pki, "tenant-openai", ttl_s=-600)) as expired, \
+            pytest.raises(openai.AuthenticationError, match=r"(?i)expired"):
+        expired.models.list()
 
 
 def test_request_rate_limit_is_a_rate_limit_error(stack):
