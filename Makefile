@@ -109,6 +109,7 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.internal_mtls
 	PYTHONPATH=.:gen $(PY) -m bench.openai_api
 	PYTHONPATH=.:gen $(PY) -m bench.http_stack
+	PYTHONPATH=.:gen $(PY) -m bench.semantic_cache
 
 # 20 minutes at half the measured capacity: errors, p99 and every process's memory (docs/soak.png, BENCHMARKS.md).
 soak: setup

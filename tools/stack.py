@@ -274,15 +274,21 @@ class LocalStack:
         })
         wait_grpc_serving(self.retrieval_address, retrieval, 60, self.admin_credentials())
 
-    def start_cache(self) -> None:
-        cache = self._start("cache", {
-            "MESH_CACHE_PORT": str(self.ports.cache),
-            "MESH_CACHE_METRICS_PORT": str(self.ports.cache_metrics),
+    def start_cache(self, name: str = "cache", port: int = 0, env: dict[str, str] | None = None) -> str:
+        """Starts the cache service (or, with another name and port, a second one on the same Redis and Milvus,
+        e.g. with a setting changed for a benchmark) and returns its address once it is SERVING."""
+        port = port or self.ports.cache
+        cache = self._start(name, {
+            "MESH_CACHE_PORT": str(port),
+            "MESH_CACHE_METRICS_PORT": str(self.ports.cache_metrics if name == "cache" else 0),
             "MESH_CACHE_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
             "MESH_CACHE_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
             "MESH_CACHE_ROUTER_ADDRESS": self.router_address,
+            **(env or {}),
         })
-        wait_grpc_serving(self.cache_address, cache, 30, self.admin_credentials())
+        address = f"127.0.0.1:{port}"
+        wait_grpc_serving(address, cache, 30, self.admin_credentials())
+        return address
 
     def start_ratelimit(self) -> None:
         """Starts (or restarts) the rate-limit service and waits until it is SERVING."""

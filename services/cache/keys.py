@@ -77,3 +77,17 @@ def tenant_generation_key(tenant: str) -> str:
 
 def model_generation_key(model: str) -> str:
     return f"mesh:gen:model:{model}"
+
+
+def semantic_entry(key: str) -> str:
+    """The semantic index's row id for the exact entry `key`: what a semantic hit names."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def wrong_hits_key(key: str) -> str:
+    """The semantic entries reported as wrong answers to the question whose exact entry is `key`."""
+    return f"mesh:wrong:{key}"
+
+
+# Reported (question, wrong candidate) pairs, newest first: negative examples for the next calibration.
+NEGATIVES_KEY = "mesh:semantic:negatives"

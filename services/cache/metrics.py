@@ -11,3 +11,6 @@ STORED_BYTES = Counter("mesh_cache_stored_bytes_total", "Bytes written to the ca
 ENTRIES = Gauge("mesh_cache_entries", "Keys in the cache's Redis database")
 MEMORY_BYTES = Gauge("mesh_cache_memory_bytes", "Memory used by the cache's Redis")
 BACKEND_ERRORS = Counter("mesh_cache_backend_errors_total", "Failed calls to a cache backend", ["backend"])
+SEMANTIC_REFUSED = Counter("mesh_cache_semantic_refused_total",
+                           "Semantic candidates above the threshold that were not served, by why", ["reason"])
+WRONG_HITS = Counter("mesh_cache_wrong_hits_reported_total", "Semantic hits reported as wrong answers")

@@ -16,6 +16,7 @@ from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
 from services.common.model_catalog import ModelCatalog
 from services.common.resilient_channel import resilient_channel
+from services.common.semantic_calibration import SemanticCalibration
 from services.common.server import ServiceHost, run_service
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,16 @@ async def serve(settings: CacheSettings) -> None:
     router_channel = resilient_channel(settings.router_address, "router", settings.resilience, settings.tls)
     catalog = ModelCatalog(router_pb2_grpc.RouterAdminStub(router_channel), settings.model_refresh_s,
                            settings.embed_timeout_s)
+    calibration = SemanticCalibration.load()
+    # A default budget without a calibration for this embedder would make every semantic lookup a guess: refuse.
+    calibration.check(settings.semantic_max_false_hit_rate, settings.embedder_model)
     index = SemanticIndex(settings.milvus_uri, settings.milvus_collection,
                           lambda: catalog.embed_dimension(settings.embedder_model), settings.hnsw,
-                          settings.milvus_timeouts) if settings.milvus_uri else None
+                          settings.milvus_timeouts, settings.semantic_max_chars) if settings.milvus_uri else None
     host = ServiceHost("cache", settings)
     cache_pb2_grpc.add_ResponseCacheServicer_to_server(
-        ResponseCacheService(settings, store, index, service_pb2_grpc.GRPCInferenceServiceStub(router_channel)),
+        ResponseCacheService(settings, store, index, service_pb2_grpc.GRPCInferenceServiceStub(router_channel),
+                             calibration),
         host.server)
     cache_pb2_grpc.add_CacheAdminServicer_to_server(CacheAdminService(store, index), host.server)
     host.expose([cache_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("ResponseCache", "CacheAdmin")])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import json
 import logging
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -21,9 +22,11 @@ from services.cache import keys, metrics
 from services.cache.semantic import SemanticIndex
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
+from services.cache.verify import conflict
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
 from services.common.errors import invalid, unavailable
+from services.common.semantic_calibration import SemanticCalibration, UncalibratedBudget
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
@@ -72,10 +75,18 @@ class _VectorMemo:
             self._items.popitem(last=False)
 
 
+@dataclass(frozen=True)
+class SemanticHit:
+    response: cache_pb2.CachedResponse
+    similarity: float
+    entry: str
+
+
 class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
     def __init__(self, settings: CacheSettings, store: RedisStore, index: SemanticIndex | None,
-                 router: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
+                 router: service_pb2_grpc.GRPCInferenceServiceStub, calibration: SemanticCalibration) -> None:
         self._settings = settings
+        self._calibration = calibration
         self._store = store
         self._index = index
         self._router = router
@@ -90,13 +101,26 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
             self._vectors.put(text, vector)
         return vector
 
-    async def _semantic(self, request: cache_pb2.LookupRequest, generation: str,
-                        degraded: list[str]) -> tuple[cache_pb2.CachedResponse, float] | None:
+    def _threshold(self, request: cache_pb2.LookupRequest) -> float:
+        budget = request.semantic_max_false_hit_rate or self._settings.semantic_max_false_hit_rate
+        try:
+            return self._calibration.threshold(budget)
+        except UncalibratedBudget as exc:
+            raise invalid(str(exc)) from exc
+
+    async def _semantic(self, request: cache_pb2.LookupRequest, generation: str, key: str,
+                        degraded: list[str]) -> SemanticHit | None:
+        """The nearest entry above the calibrated threshold that the content gate lets through and that nobody
+        reported as a wrong answer to this question."""
+        threshold = self._threshold(request)
         if self._index is None or not self._index.ready:
             degraded.append("semantic-index")
             return None
         text = keys.user_text(request.request)
         if not text:
+            return None
+        if len(text) > self._settings.semantic_max_chars:
+            metrics.SEMANTIC_REFUSED.labels("too_long").inc()
             return None
         try:
             vector = await self._prompt_vector(text, reuse=False)
@@ -108,18 +132,28 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
         scope = request.scope
         try:
             found = await self._index.search(vector, scope.tenant, scope.model, scope.model_version, generation,
-                                             keys.context_digest(request.request))
+                                             keys.context_digest(request.request), self._settings.semantic_candidates)
         except Exception as exc:  # pymilvus raises several types; any failure means: no semantic answer now
             metrics.BACKEND_ERRORS.labels("milvus").inc()
             log.warning("semantic search failed", extra={"error": str(exc)})
             await self._index.mark_unavailable()
             degraded.append("semantic-index")
             return None
-        threshold = request.semantic_threshold or self._settings.semantic_threshold
-        if found is None or found[1] < threshold:
+        candidates = [c for c in found if c.similarity >= threshold]
+        if not candidates:
             return None
-        cached = await self._store.get_response(found[0])
-        return (cached, found[1]) if cached is not None else None
+        wrong = await self._store.wrong_entries(key)
+        for candidate in candidates:
+            if candidate.entry in wrong:
+                metrics.SEMANTIC_REFUSED.labels("reported").inc()
+                continue
+            if self._settings.semantic_gate and conflict(text, candidate.text) is not None:
+                metrics.SEMANTIC_REFUSED.labels("gate").inc()
+                continue
+            cached = await self._store.get_response(candidate.response_key)
+            if cached is not None:
+                return SemanticHit(cached, candidate.similarity, candidate.entry)
+        return None
 
     async def _wait_for_leader(self, key: str, context: grpc.aio.ServicerContext) -> cache_pb2.CachedResponse | None:
         """Another caller holds the lease for this exact request: wait (bounded) for its result."""
@@ -168,13 +202,14 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
                         result = "exact_hit"
                         return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
                 if request.semantic:
-                    similar = await self._semantic(request, generation, degraded)
+                    similar = await self._semantic(request, generation, key, degraded)
                     if similar is not None:
                         if lease:
                             await self._store.release_lease(key, lease)
                         result = "semantic_hit"
-                        return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT, response=similar[0],
-                                                     similarity=similar[1], degraded=degraded)
+                        return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_SEMANTIC_HIT,
+                                                     response=similar.response, similarity=similar.similarity,
+                                                     semantic_entry=similar.entry, degraded=degraded)
                 result = "miss"
                 return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_MISS, lease=lease, degraded=degraded)
         finally:
@@ -192,19 +227,46 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
             metrics.STORED_BYTES.labels("response").inc(size)
             if request.lease:
                 await self._store.release_lease(key, request.lease)
-        if request.semantic and self._index is not None and self._index.ready:
-            text = keys.user_text(request.request)
+        text = keys.user_text(request.request)
+        if request.semantic and self._index is not None and self._index.ready and \
+                0 < len(text) <= self._settings.semantic_max_chars:
             try:
                 vector = await self._prompt_vector(text, reuse=True)
                 scope = request.scope
-                await self._index.add(hashlib.sha256(key.encode()).hexdigest(), vector, scope.tenant, scope.model,
+                await self._index.add(keys.semantic_entry(key), vector, scope.tenant, scope.model,
                                       scope.model_version, generation, keys.context_digest(request.request), key,
-                                      self._settings.response_ttl_s)
+                                      text, self._settings.response_ttl_s)
             except Exception as exc:  # the exact entry is stored; the semantic one is best effort
                 metrics.BACKEND_ERRORS.labels("milvus").inc()
                 log.warning("semantic index write failed", extra={"error": str(exc)})
                 await self._index.mark_unavailable()
         return cache_pb2.StoreReply(stored=True)
+
+    async def ReportWrongHit(self, request, context):
+        _check_scope(request.scope)
+        if not re.fullmatch(r"[0-9a-f]{64}", request.semantic_entry):
+            raise invalid("semantic_entry must be the 64 hex digits a semantic hit named (LookupReply.semantic_entry)")
+        text = keys.user_text(request.request)
+        if not text:
+            raise invalid("request has no user message: nothing was asked that an entry could answer wrongly")
+        if self._index is None or not self._index.ready:
+            raise unavailable("the semantic index is unavailable; report the wrong hit again later")
+        try:
+            candidate_text = await self._index.text_of(request.semantic_entry, request.scope.tenant)
+        except Exception as exc:  # pymilvus raises several types
+            metrics.BACKEND_ERRORS.labels("milvus").inc()
+            raise unavailable(f"the semantic index did not answer: {exc}") from exc
+        if candidate_text is None:
+            return cache_pb2.ReportWrongHitReply(recorded=False)
+        with _redis_answers():
+            generation = await self._store.generation(request.scope)
+            key = keys.response_key(request.scope, generation, request.request)
+            negative = json.dumps({"question": text, "candidate": candidate_text, "entry": request.semantic_entry,
+                                   "model": request.scope.model, "reported_at": int(time.time())})
+            await self._store.report_wrong(key, request.semantic_entry, negative, self._settings.response_ttl_s,
+                                           self._settings.negatives_kept)
+        metrics.WRONG_HITS.inc()
+        return cache_pb2.ReportWrongHitReply(recorded=True)
 
     async def Release(self, request, context):
         _check_scope(request.scope)

@@ -28,7 +28,8 @@ class CacheSettings(ServiceSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Empty: no semantic index (exact matches only).
     milvus_uri: str = ""
-    milvus_collection: str = "mesh_semantic_cache"
+    # v2: rows keep their user text for the content gate (a v1 collection has no such field).
+    milvus_collection: str = "mesh_semantic_cache_v2"
     router_address: str = "127.0.0.1:50052"
     # Embeds prompts for the semantic index; its vector size is its registry entry's `dimension` (asked of the
     # router, which owns the registry).
@@ -38,9 +39,19 @@ class CacheSettings(ServiceSettings):
     # prompt age out; embeddings are small but tied to a model version that a canary may change within minutes.
     response_ttl_s: int = 3600
     embedding_ttl_s: int = 300
-    # Cosine similarity for a semantic hit, for models whose registry entry sets no `semantic_threshold`. Below
-    # 0.92, MiniLM starts to pair questions that differ in a number or a negation.
-    semantic_threshold: float = 0.92
+    # The share of near-miss questions a semantic hit may answer wrongly, for models whose registry entry sets
+    # none: one of the budgets calibrated for the embedder (services/common/semantic_calibration.yaml), which
+    # gives the cosine threshold. The content gate (services/cache/verify.py) checks every candidate as well.
+    semantic_max_false_hit_rate: float = 0.01
+    # The nearest entries the gate may look through before the lookup is a miss.
+    semantic_candidates: int = Field(default=4, ge=1, le=32)
+    # Longer user texts get exact hits only: the embedder reads ~256 tokens, so two long texts that differ after
+    # that would look identical to it.
+    semantic_max_chars: int = 1000
+    # The content gate on every semantic candidate. Off only to measure what it costs (bench/cache_lookup.py).
+    semantic_gate: bool = True
+    # Reported wrong hits kept (newest first) as negative examples for the next calibration.
+    negatives_kept: int = 10_000
     hnsw: HnswSettings = HnswSettings()
     milvus_timeouts: CacheMilvusTimeouts = CacheMilvusTimeouts()
     # A lease outlives the longest generation so that a slow leader is not doubled.

@@ -60,6 +60,22 @@ class RedisStore:
     async def release_lease(self, key: str, token: str) -> None:
         await self._release(keys=[keys.lease_key(key)], args=[token])
 
+    async def wrong_entries(self, key: str) -> set[str]:
+        """Semantic entries reported as wrong answers to the question stored (or to be stored) under `key`."""
+        return {m.decode() if isinstance(m, bytes) else m for m in await self.redis.smembers(keys.wrong_hits_key(key))}
+
+    async def report_wrong(self, key: str, entry: str, negative: str, ttl_s: int, keep: int) -> None:
+        """Excludes `entry` for this question for as long as entries live, and keeps the pair for calibration."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(keys.wrong_hits_key(key), entry)
+            pipe.expire(keys.wrong_hits_key(key), ttl_s)
+            pipe.lpush(keys.NEGATIVES_KEY, negative)
+            pipe.ltrim(keys.NEGATIVES_KEY, 0, keep - 1)
+            await pipe.execute()
+
+    async def negatives(self) -> list[str]:
+        return [n.decode() if isinstance(n, bytes) else n for n in await self.redis.lrange(keys.NEGATIVES_KEY, 0, -1)]
+
     async def get_embeddings(self, embedding_keys: list[str]) -> list[np.ndarray | None]:
         raws = await self.redis.mget(embedding_keys)
         return [np.frombuffer(raw, dtype=np.float32) if raw else None for raw in raws]

@@ -10,6 +10,7 @@ from prometheus_client import Counter
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
 from services.common.background import BackgroundCalls
+from services.gateway.errors import from_rpc_error
 
 log = logging.getLogger(__name__)
 CACHE_BYPASSED = Counter("mesh_gateway_cache_unavailable_total",
@@ -46,6 +47,15 @@ class CacheClient:
                              texts: list[str]) -> cache_pb2.GetEmbeddingsReply | None:
         return await self._call("get_embeddings", self._stub.GetEmbeddings(
             cache_pb2.GetEmbeddingsRequest(scope=scope, texts=texts), timeout=self._fast_timeout_s))
+
+    async def report_wrong_hit(self, request: cache_pb2.ReportWrongHitRequest,
+                               deadline_s: float) -> cache_pb2.ReportWrongHitReply:
+        """Unlike lookups, a report the cache cannot take is the caller's error to see (UNAVAILABLE): it asked
+        for something to happen."""
+        try:
+            return await self._stub.ReportWrongHit(request, timeout=min(self._store_timeout_s, deadline_s))
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "cache") from exc
 
     def in_background(self, name: str, coroutine: Coroutine) -> None:
         """Stores and releases run after the reply: the caller never waits for them."""

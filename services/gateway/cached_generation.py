@@ -55,7 +55,8 @@ async def generate(
     scope = plan.cache_scope
     semantic = request.cache_mode == mesh_pb2.CACHE_MODE_DEFAULT and not request.no_semantic_cache
     reply = await cache.lookup(cache_pb2.LookupRequest(
-        scope=scope, request=request, semantic=semantic, semantic_threshold=plan.model.semantic_threshold,
+        scope=scope, request=request, semantic=semantic,
+        semantic_max_false_hit_rate=plan.model.semantic_max_false_hit_rate,
         refresh=request.cache_mode == mesh_pb2.CACHE_MODE_REFRESH), plan.timeout_s)
     if reply is None:
         metadata.cache_status = mesh_pb2.CACHE_STATUS_UNAVAILABLE
@@ -67,6 +68,7 @@ async def generate(
     if reply.result in _HIT_STATUS:
         metadata.cache_status = _HIT_STATUS[reply.result]
         metadata.similarity = reply.similarity
+        metadata.cache_entry = reply.semantic_entry
         for chunk in replay(reply.response, metadata):
             yield chunk
         return

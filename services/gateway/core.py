@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2, retrieval_pb2
 from services.common.deadlines import within
-from services.common.errors import MeshError, invalid
+from services.common.errors import MeshError, invalid, unavailable
 from services.common.model_catalog import ModelCatalog
 from services.gateway import cached_generation, rag
 from services.gateway.auth import Caller
@@ -202,6 +202,23 @@ class MeshCore:
             record.failed(exc)
             record.write()
             raise
+
+    async def report_wrong_cache_hit(self, caller: Caller, report: mesh_pb2.ReportWrongCacheHitRequest,
+                                     remaining_s: float | None) -> mesh_pb2.ReportWrongCacheHitResponse:
+        """The entry named stops answering this question (in this tenant's scope: the cache checks that the
+        entry is the caller's own tenant's)."""
+        if self._cache is None:
+            raise unavailable("this deployment runs without a cache: there is no cached answer to report")
+        if not report.cache_entry:
+            raise invalid("cache_entry is required: the ResponseMetadata.cache_entry of the wrong answer")
+        request, group = await self._cascade(report.request)
+        model = await self.model(request.model, models_pb2.MODEL_KIND_GENERATE)
+        check_generate(request, model, self.settings.limits)
+        plan = plan_request(caller, model, request.request_id, within(self.settings.metadata_timeout_s, remaining_s),
+                            session=request.session_id, group=group)
+        reply = await self._cache.report_wrong_hit(cache_pb2.ReportWrongHitRequest(
+            scope=plan.cache_scope, request=request, semantic_entry=report.cache_entry), plan.timeout_s)
+        return mesh_pb2.ReportWrongCacheHitResponse(recorded=reply.recorded)
 
     async def output_limit(self, name: str) -> int:
         """The most tokens a generation by `name` may ask for (a group: the least of its members'); 0 when

@@ -49,6 +49,10 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
         caller = await self._auth.require(context)
         return await self._core.documents.stats(caller, downstream_timeout(context, self._settings.search_timeout_s))
 
+    async def ReportWrongCacheHit(self, request, context):
+        caller = await self._auth.require(context)
+        return await self._core.report_wrong_cache_hit(caller, request, context.time_remaining())
+
     async def ListModels(self, request, context):
         await self._auth.require(context)
         return mesh_pb2.ListModelsResponse(models=await self._core.models())

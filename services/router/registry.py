@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from inference_mesh.v1 import models_pb2
+from services.common.semantic_calibration import SemanticCalibration, UncalibratedBudget
 
 RoutingPolicy = Literal["least_outstanding", "queue_aware", "prefix_affinity"]
 
@@ -47,8 +48,10 @@ class ModelSpec(BaseModel, extra="forbid"):
     context_tokens: int = 0
     max_batch_size: int = 0
     dimension: int = 0
-    # Cosine similarity for a semantic cache hit on this model; 0: the cache service's MESH_CACHE_SEMANTIC_THRESHOLD.
-    semantic_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    # The share of near-miss questions a semantic cache hit may answer wrongly on this model: a budget calibrated
+    # for the cache's embedder (services/common/semantic_calibration.yaml); 0: the cache's
+    # MESH_CACHE_SEMANTIC_MAX_FALSE_HIT_RATE.
+    semantic_max_false_hit_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
     # Another model of the same kind that serves this one's requests when none of its pools can (one hop).
     fallback: str = ""
 
@@ -97,6 +100,11 @@ class Registry(BaseModel, extra="forbid"):
                                    or self.models[model.fallback].kind != model.kind):
                 raise ValueError(f"model {name!r}: fallback {model.fallback!r} must be another {model.kind} model "
                                  "of the registry")
+            if model.semantic_max_false_hit_rate:
+                try:
+                    SemanticCalibration.load().threshold(model.semantic_max_false_hit_rate)
+                except UncalibratedBudget as exc:
+                    raise ValueError(f"model {name!r}: {exc}") from None
         for name, group in self.groups.items():
             if name in self.models:
                 raise ValueError(f"group {name!r} has the name of a model")
@@ -119,7 +127,7 @@ class Registry(BaseModel, extra="forbid"):
             name=name, kind=kind, version=spec.version, pools=spec.pool_names, ready=ready,
             max_output_tokens=spec.max_output_tokens, context_tokens=spec.context_tokens,
             max_batch_size=spec.max_batch_size, dimension=spec.dimension,
-            semantic_threshold=spec.semantic_threshold,
+            semantic_max_false_hit_rate=spec.semantic_max_false_hit_rate,
             placements=[models_pb2.Placement(pool=p.pool, gpu_class=self.pools[p.pool].gpu_class,
                                              cost_per_1k_tokens=p.cost_per_1k_tokens,
                                              latency_class=p.latency_class) for p in spec.pools],

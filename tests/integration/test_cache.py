@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 
 import grpc
 import pytest
+import redis
 import tritonclient.grpc as triton_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
+from services.cache.keys import NEGATIVES_KEY
+from services.common.semantic_calibration import SemanticCalibration
 from tests.conftest import AUTH, EMBEDDER, KEYS, LLM, chat, generate, service_metric
 from tools.processes import free_port, wait_grpc_serving
 from tools.stack import start_service
@@ -113,7 +118,8 @@ def test_semantic_hit_and_its_guards(mesh, stack):
     wait_until_cached(stack, "tenant-a", greedy("what's the capital of France?", system=system), semantic=True)
     _, similar = generate(mesh, greedy("what's the capital of France?", system=system))
     assert status_of(similar) == mesh_pb2.CACHE_STATUS_SEMANTIC_HIT
-    assert 0.92 <= similar[-1].metadata.similarity < 1.0
+    assert SemanticCalibration.load().threshold(0.01) <= similar[-1].metadata.similarity < 1.0
+    assert re.fullmatch(r"[0-9a-f]{64}", similar[-1].metadata.cache_entry)
     # Guards: another question, another system prompt, other sampling, an opt-out: all misses.
     assert status_of(generate(mesh, greedy("What is the population of Brazil?", system=system))[1]) \
         == mesh_pb2.CACHE_STATUS_MISS
@@ -124,6 +130,66 @@ def test_semantic_hit_and_its_guards(mesh, stack):
     assert status_of(generate(mesh, other_sampling)[1]) == mesh_pb2.CACHE_STATUS_MISS
     opted_out = greedy("what is the capital of France ?", system=system, no_semantic_cache=True)
     assert status_of(generate(mesh, opted_out)[1]) == mesh_pb2.CACHE_STATUS_MISS
+
+
+def _refused(stack, reason: str) -> float:
+    return service_metric(stack.ports.cache_metrics, "mesh_cache_semantic_refused_total", reason=reason)
+
+
+def test_the_content_gate_refuses_a_near_miss_the_vectors_call_identical(mesh, stack):
+    """"Fahrenheit to Celsius" is 0.99 similar to "Celsius to Fahrenheit" by MiniLM, above any threshold: only
+    the gate keeps the one's answer from the other; a true paraphrase still hits."""
+    system = "You answer unit questions in one short sentence."
+    generate(mesh, greedy("How do I convert Celsius to Fahrenheit?", system=system))
+    wait_until_cached(stack, "tenant-a", greedy("How can I convert Celsius to Fahrenheit?", system=system),
+                      semantic=True)
+    refused = _refused(stack, "gate")
+    _, reversed_ = generate(mesh, greedy("How do I convert Fahrenheit to Celsius?", system=system))
+    assert status_of(reversed_) == mesh_pb2.CACHE_STATUS_MISS
+    assert _refused(stack, "gate") == refused + 1
+    _, paraphrase = generate(mesh, greedy("How can I convert Celsius to Fahrenheit?", system=system))
+    assert status_of(paraphrase) == mesh_pb2.CACHE_STATUS_SEMANTIC_HIT
+
+
+def test_a_reported_wrong_hit_never_answers_that_question_again(mesh, stack):
+    system = "You answer cooking questions in one short sentence."
+    asked = greedy("How long do I boil an egg for a soft yolk?", system=system)
+    generate(mesh, asked)
+    probe = greedy("How long should I boil an egg for a soft yolk?", system=system)
+    wait_until_cached(stack, "tenant-a", probe, semantic=True)
+    _, hit = generate(mesh, probe)
+    assert status_of(hit) == mesh_pb2.CACHE_STATUS_SEMANTIC_HIT
+    entry = hit[-1].metadata.cache_entry
+    report = mesh_pb2.ReportWrongCacheHitRequest(request=probe, cache_entry=entry)
+    # Another tenant cannot touch tenant A's entries, not even to exclude them.
+    assert not mesh.ReportWrongCacheHit(report, metadata=AUTH_B, timeout=10).recorded
+    assert mesh.ReportWrongCacheHit(report, metadata=AUTH, timeout=10).recorded
+    _, again = generate(mesh, probe)
+    assert status_of(again) == mesh_pb2.CACHE_STATUS_MISS
+    assert _refused(stack, "reported") >= 1
+    negatives = [json.loads(raw) for raw in redis.Redis(port=stack.ports.redis).lrange(NEGATIVES_KEY, 0, -1)]
+    assert {"question": "How long should I boil an egg for a soft yolk?", "entry": entry,
+            "candidate": "How long do I boil an egg for a soft yolk?"}.items() <= negatives[0].items()
+    with pytest.raises(grpc.RpcError) as malformed:
+        mesh.ReportWrongCacheHit(mesh_pb2.ReportWrongCacheHitRequest(request=probe, cache_entry="x"),
+                                 metadata=AUTH, timeout=10)
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_same_last_question_after_other_turns_gets_no_semantic_hit(mesh, stack):
+    def conversation(country: str, question: str) -> mesh_pb2.GenerateRequest:
+        request = greedy(question)
+        request.messages.insert(0, mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_USER, content=f"Tell me about {country}."))
+        request.messages.insert(1, mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_ASSISTANT,
+                                                        content=f"{country} is a country in Europe."))
+        return request
+
+    generate(mesh, conversation("Portugal", "What is its capital?"))
+    wait_until_cached(stack, "tenant-a", conversation("Portugal", "What's its capital?"), semantic=True)
+    # Each asked once, in a conversation of its own (an answer stored for one would rightly serve the other).
+    for country, question in (("Austria", "What is its capital?"), ("Norway", "What's its capital?")):
+        _, other = generate(mesh, conversation(country, question))
+        assert status_of(other) == mesh_pb2.CACHE_STATUS_MISS, (country, question)
 
 
 def test_no_cross_tenant_hits_exact_or_semantic(mesh, stack):

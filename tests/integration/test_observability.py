@@ -124,11 +124,18 @@ def test_an_openai_request_is_one_trace_too(traced):
     logged = [line for line in log_lines(stack, "gateway")
               if line["msg"] == "generate" and line.get("request_id") == request_id]
     trace_id = logged[-1]["trace_id"]
-    wanted = {"envoy", "gateway", "router", "triton-0"}
+    def arrived(spans: list[ReceivedSpan]) -> bool:
+        # The HTTP server span ends last (after the response): wait for it, and for every span's parent.
+        ids = {s.span_id for s in spans}
+        return any(s.service == "gateway" and s.name == "POST /v1/chat/completions" for s in spans) and \
+            {"envoy", "router", "triton-0"} <= {s.service for s in spans} and \
+            all(not s.parent_span_id or s.parent_span_id in ids for s in spans)
+
     deadline = time.monotonic() + 30
-    while {s.service for s in receiver.trace(trace_id)} < wanted and time.monotonic() < deadline:
+    while not arrived(receiver.trace(trace_id)) and time.monotonic() < deadline:
         time.sleep(0.5)
     spans = receiver.trace(trace_id)
+    assert arrived(spans), sorted((s.service, s.name) for s in spans)
     by_id = {s.span_id: s for s in spans}
     http_span = next(s for s in spans if s.service == "gateway" and s.name == "POST /v1/chat/completions")
     assert {a.service for a in ancestors(http_span, by_id)} == {"envoy"}

@@ -18,6 +18,7 @@ import pytest
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from tests.conftest import EMBEDDER, KEYS, LLM, chat, triton_metric
+from tests.integration.test_cache import wait_until_cached
 from tests.integration.test_retrieval import doc, upsert
 from tools.pki import mint_jwt
 from tools.stack import LocalStack
@@ -255,6 +256,31 @@ def test_retrieval_extension_cites_the_callers_documents(client, edge_mesh):
         client.chat.completions.create(
             model=LLM, max_tokens=4, extra_body={"retrieval": {}},
             messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Pump?"}])
+
+
+def test_a_wrong_semantic_hit_is_reported_through_the_http_api(client, stack):
+    system = {"role": "system", "content": "You answer gardening questions in one short sentence."}
+    asked = [system, {"role": "user", "content": "How often should I water a cactus?"}]
+    paraphrase = [system, {"role": "user", "content": "How often do I water a cactus?"}]
+    client.chat.completions.create(model=LLM, messages=asked, max_tokens=8, temperature=0)
+    wait_until_cached(stack, "tenant-openai", greedy_chat(paraphrase, 8), semantic=True)
+    hit = client.chat.completions.with_raw_response.create(model=LLM, messages=paraphrase, max_tokens=8,
+                                                           temperature=0)
+    assert hit.headers["x-mesh-cache"] == "semantic-hit"
+    entry = hit.parse().model_extra["mesh"]["cache_entry"]
+    body = {"model": LLM, "messages": paraphrase, "max_tokens": 8, "temperature": 0, "cache_entry": entry}
+    reported = httpx.post(f"https://localhost:{stack.ports.edge}/v1/mesh/cache/wrong-hit", json=body, timeout=30,
+                          headers={"authorization": f"Bearer {KEY}"}, verify=_trust(stack))
+    assert reported.status_code == 200 and reported.json() == {"recorded": True}
+    again = client.chat.completions.with_raw_response.create(model=LLM, messages=paraphrase, max_tokens=8,
+                                                             temperature=0)
+    assert again.headers["x-mesh-cache"] == "miss"
+
+
+def greedy_chat(messages: list[dict], max_tokens: int) -> mesh_pb2.GenerateRequest:
+    roles = {"system": mesh_pb2.ROLE_SYSTEM, "user": mesh_pb2.ROLE_USER}
+    return mesh_pb2.GenerateRequest(model=LLM, max_tokens=max_tokens, temperature=0.0, messages=[
+        mesh_pb2.ChatMessage(role=roles[m["role"]], content=m["content"]) for m in messages])
 
 
 def test_the_readmes_curl_example(stack):

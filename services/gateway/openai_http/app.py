@@ -31,7 +31,12 @@ from services.gateway.openai_http.errors import (
     from_mesh_error,
     invalid_body,
 )
-from services.gateway.openai_http.schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from services.gateway.openai_http.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    WrongHitReport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +111,7 @@ class OpenAIApi:
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_post("/v1/mesh/cache/wrong-hit", self.report_wrong_hit)
         app.router.add_get("/health", self.health)
         return app
 
@@ -187,6 +193,17 @@ class OpenAIApi:
                                                _remaining_s(request))
         return await _answer(request, body, generation,
                              convert.CompletionEnvelope(generation.metadata.request_id, body.model))
+
+    async def report_wrong_hit(self, request: web.Request) -> web.Response:
+        """Mesh extension: ReportWrongCacheHit for a chat completion (docs/openai-api.md)."""
+        caller = self._caller(request)
+        body: WrongHitReport = await self._body(request, WrongHitReport)
+        if body.retrieval is not None:
+            raise invalid_body("answers from documents are not cached semantically; nothing to report", "retrieval")
+        max_tokens = body.output_limit() or await self._core.output_limit(body.model)
+        answer = await self._core.report_wrong_cache_hit(caller, mesh_pb2.ReportWrongCacheHitRequest(
+            request=convert.chat_request(body, max_tokens), cache_entry=body.cache_entry), _remaining_s(request))
+        return web.Response(body=_json({"recorded": answer.recorded}), content_type="application/json")
 
     async def embeddings(self, request: web.Request) -> web.Response:
         caller = self._caller(request)

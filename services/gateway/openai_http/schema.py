@@ -90,6 +90,13 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class WrongHitReport(ChatCompletionRequest):
+    """Mesh extension: the chat completion body that got a wrong semantic-cache answer, as it was sent, and
+    the entry that answered (`mesh.cache_entry` of that response)."""
+
+    cache_entry: StrictStr
+
+
 class CompletionRequest(_Sampling):
     prompt: StrictStr | list[StrictStr]
     echo: Literal[False] = False
