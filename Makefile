@@ -17,7 +17,7 @@ PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup system-tools up down top test unit protos models bench soak gpu-smoke lint clean
+.PHONY: setup system-tools up down top test unit protos models bench profile soak gpu-smoke lint clean
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(LLAMA_STAMP) $(ONNX_MODEL) gen/.stamp
 
@@ -110,6 +110,11 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.openai_api
 	PYTHONPATH=.:gen $(PY) -m bench.http_stack
 	PYTHONPATH=.:gen $(PY) -m bench.semantic_cache
+
+# Where a cache hit's CPU goes, process by process, with a flame graph of each Python service (docs/profiles).
+profile: setup
+	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements/bench.txt
+	PYTHONPATH=.:gen $(PY) -m bench.profile_hot_path
 
 # 20 minutes at half the measured capacity: errors, p99 and every process's memory (docs/soak.png, BENCHMARKS.md).
 soak: setup
