@@ -18,7 +18,14 @@ KEEPALIVE_PING_MS = 20_000
 # them with GOAWAY too_many_pings and closes the connection under the calls in flight. Triton gets the same
 # bound (tools/triton.py, compose).
 MIN_PING_INTERVAL_MS = KEEPALIVE_PING_MS // 2
+# A peer that went away is dialled again within this long once it is back (gRPC's default backoff grows to two
+# minutes: a cache or router restarted after 20 s down would be ignored for several seconds more, its breaker
+# held open). Redialling a dead loopback or cluster address every two seconds costs nothing.
+MAX_RECONNECT_BACKOFF_MS = 2_000
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", KEEPALIVE_PING_MS),

@@ -227,8 +227,12 @@ def test_cache_service_killed_breaker_opens_requests_degrade_then_recover(deps):
         assert window[kind] and not failures(window[kind]), (kind, failures(window[kind])[:3])
     stack.start_cache()
     restarted = time.monotonic()
-    back = load.recovered_at("generate_hit", restarted,
-                             lambda o: o.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT)
-    assert back - restarted < RECOVERY_S, (f"no cache hit since the restart; breaker {breaker_state(stack, 'cache')}; "
-                                           f"{seen(load, 'generate_hit', restarted)}")
-    assert breaker_state(stack, "cache") == 0
+    while breaker_state(stack, "cache") != 0:
+        assert time.monotonic() - restarted < RECOVERY_S, \
+            f"the cache breaker did not close after the restart: {seen(load, 'embed', restarted)}"
+        time.sleep(0.2)
+    # Served from the cache again. Asked here rather than read off the load: with the cache down its cached
+    # generations became real ones, which queue behind Triton's other work for seconds on two cores.
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        chunks = list(mesh_pb2_grpc.InferenceMeshStub(channel).Generate(HIT_PROMPT, metadata=AUTH, timeout=30))
+    assert chunks[-1].metadata.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT, seen(load, "generate_hit", restarted)
