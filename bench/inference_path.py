@@ -108,7 +108,7 @@ def direct_generate(triton: service_pb2_grpc.GRPCInferenceServiceStub, max_token
 
 
 def mesh_generate(mesh: mesh_pb2_grpc.InferenceMeshStub, cached: bool = False, model: str = "smollm2-135m-instruct",
-                  max_tokens: int = MAX_TOKENS) -> Callable[[], Awaitable[Sample]]:
+                  max_tokens: int = MAX_TOKENS, auth: tuple = AUTH) -> Callable[[], Awaitable[Sample]]:
     mode = mesh_pb2.CACHE_MODE_DEFAULT if cached else mesh_pb2.CACHE_MODE_BYPASS
     request = mesh_pb2.GenerateRequest(
         model=model, max_tokens=max_tokens, temperature=0.0, cache_mode=mode,
@@ -116,7 +116,7 @@ def mesh_generate(mesh: mesh_pb2_grpc.InferenceMeshStub, cached: bool = False, m
 
     async def call() -> Sample:
         t0, first, tokens = time.perf_counter(), None, 0
-        async for chunk in mesh.Generate(request, metadata=AUTH, timeout=120):
+        async for chunk in mesh.Generate(request, metadata=auth, timeout=120):
             if chunk.text and first is None:
                 first = time.perf_counter()
             if chunk.finish_reason:

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.common.cache_keys import GATEWAY_READER, GATEWAY_READER_RULES
 from tools.processes import ManagedProcess, MissingPartError
 
 VENV_BIN = Path(sys.executable).parent
@@ -38,10 +39,17 @@ def redis_role_args(role: str, data_dir: Path) -> list[str]:
     raise ValueError(f"unknown Redis role {role!r}: cache or state")
 
 
-def start_redis(port: int, log_path: Path, role: str = "cache", name: str = "redis") -> ManagedProcess:
+def reader_user_args(password: str) -> list[str]:
+    """The gateways' read-only Redis user (services/common/cache_keys.py says what it may do)."""
+    return ["--user", GATEWAY_READER, "on", f">{password}", *GATEWAY_READER_RULES]
+
+
+def start_redis(port: int, log_path: Path, role: str = "cache", name: str = "redis",
+                reader_password: str = "") -> ManagedProcess:
+    users = reader_user_args(reader_password) if reader_password else []
     process = ManagedProcess(name, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
                                     "--protected-mode", "yes",
-                                    *redis_role_args(role, log_path.parent / f"{name}-data")], log_path)
+                                    *redis_role_args(role, log_path.parent / f"{name}-data"), *users], log_path)
     import redis
 
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)

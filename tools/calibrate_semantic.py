@@ -110,7 +110,7 @@ def reported_negatives(redis_url: str) -> list[dict]:
     """Wrong hits reported to a running cache (ReportWrongCacheHit): near misses for the tuning half."""
     import redis
 
-    from services.cache.keys import NEGATIVES_KEY
+    from services.common.cache_keys import NEGATIVES_KEY
 
     client = redis.Redis.from_url(redis_url)
     try:

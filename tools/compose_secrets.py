@@ -14,8 +14,8 @@ from pathlib import Path
 from tools.pki import ensure_pki
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET_NAMES = ("MESH_EDGE_SECRET", "REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
-                "GRAFANA_ADMIN_PASSWORD")
+SECRET_NAMES = ("MESH_EDGE_SECRET", "REDIS_PASSWORD", "REDIS_GATEWAY_PASSWORD", "MINIO_ROOT_USER",
+                "MINIO_ROOT_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
 
 
 def new_secrets() -> dict[str, str]:
@@ -23,10 +23,15 @@ def new_secrets() -> dict[str, str]:
 
 
 def write_env(path: Path) -> bool:
-    """True when a new file was written; an existing one is kept (its secrets are in use)."""
-    if path.exists():
+    """True when the file was written or completed; an existing secret is kept (it is in use), a secret added
+    since the file was made is appended."""
+    existing = path.read_text() if path.exists() else ""
+    have = {line.split("=", 1)[0] for line in existing.splitlines() if "=" in line}
+    missing = {name: value for name, value in new_secrets().items() if name not in have}
+    if not missing:
         return False
-    path.write_text("".join(f"{name}={value}\n" for name, value in new_secrets().items()))
+    prefix = existing if not existing or existing.endswith("\n") else existing + "\n"
+    path.write_text(prefix + "".join(f"{name}={value}\n" for name, value in missing.items()))
     path.chmod(0o600)
     return True
 

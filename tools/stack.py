@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 import yaml
 
+from services.common.cache_keys import GATEWAY_READER
 from services.common.internal_tls import InternalTls
 from services.edge.settings import EdgeSettings
 from tools.backends import MILVUS_SERVER_PORTS, start_milvus_lite, start_milvus_server, start_redis
@@ -116,6 +117,8 @@ class LocalStack:
     _milvus_server_ports: dict[str, int] = field(default_factory=dict)
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
     _edge_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # The gateways' read-only user on the cache's Redis (exact hits read directly).
+    _cache_reader_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
     @property
     def gateway_address(self) -> str:
@@ -150,11 +153,17 @@ class LocalStack:
         return f"127.0.0.1:{self.ports.cache}"
 
     @property
+    def cache_reader_url(self) -> str:
+        """The cache's Redis as the gateways see it: the read-only user."""
+        return f"redis://{GATEWAY_READER}:{self._cache_reader_password}@127.0.0.1:{self.ports.redis}/0"
+
+    @property
     def retrieval_address(self) -> str:
         return f"127.0.0.1:{self.ports.retrieval}"
 
     def start_redis(self) -> None:
-        self.processes["redis"] = start_redis(self.ports.redis, self.run_dir / "redis.log")
+        self.processes["redis"] = start_redis(self.ports.redis, self.run_dir / "redis.log",
+                                              reader_password=self._cache_reader_password)
 
     def start_state_redis(self) -> None:
         self.processes["redis-state"] = start_redis(self.ports.state_redis, self.run_dir / "redis-state.log",
@@ -307,6 +316,7 @@ class LocalStack:
             "MESH_GATEWAY_METRICS_PORT": str(metrics_port),
             "MESH_GATEWAY_ROUTER_ADDRESS": self.router_address,
             "MESH_GATEWAY_CACHE_ADDRESS": self.cache_address if self.with_cache else "",
+            "MESH_GATEWAY_CACHE_REDIS_URL": self.cache_reader_url if self.with_cache else "",
             "MESH_GATEWAY_RETRIEVAL_ADDRESS": self.retrieval_address if self.with_retrieval else "",
             "MESH_GATEWAY_TENANTS_FILE": str(self.tenants_file),
             "MESH_GATEWAY_BUDGET_ADDRESS": self.ratelimit_address if self.with_edge else "",

@@ -18,11 +18,12 @@ from redis.exceptions import RedisError
 from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
-from services.cache import keys, metrics
+from services.cache import metrics
 from services.cache.semantic import SemanticIndex
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
 from services.cache.verify import conflict
+from services.common import cache_keys as keys
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
 from services.common.errors import invalid, unavailable

@@ -5,10 +5,10 @@ from __future__ import annotations
 import secrets
 
 import numpy as np
-import redis.asyncio as aioredis
 
 from inference_mesh.v1 import cache_pb2
-from services.cache import keys
+from services.common import cache_keys as keys
+from services.common.cache_reads import CacheReads, redis_client
 
 # Releases a lease only if the caller still holds it (a lease that expired may belong to someone else now).
 _RELEASE = """
@@ -17,20 +17,10 @@ return 0
 """
 
 
-class RedisStore:
+class RedisStore(CacheReads):
     def __init__(self, url: str, timeout_s: float) -> None:
-        self.redis = aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                       retry_on_timeout=False, health_check_interval=0)
+        super().__init__(redis_client(url, timeout_s))
         self._release = self.redis.register_script(_RELEASE)
-
-    async def close(self) -> None:
-        await self.redis.aclose()
-
-    async def generation(self, scope: cache_pb2.CacheScope) -> str:
-        """Flush counters of the tenant and the model: bumping either orphans every older key at once."""
-        tenant_gen, model_gen = await self.redis.mget(keys.tenant_generation_key(scope.tenant),
-                                                      keys.model_generation_key(scope.model))
-        return f"{int(tenant_gen or 0)}.{int(model_gen or 0)}"
 
     async def bump(self, tenant: str = "", model: str = "") -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -39,10 +29,6 @@ class RedisStore:
             if model:
                 pipe.incr(keys.model_generation_key(model))
             await pipe.execute()
-
-    async def get_response(self, key: str) -> cache_pb2.CachedResponse | None:
-        raw = await self.redis.get(key)
-        return cache_pb2.CachedResponse.FromString(raw) if raw else None
 
     async def put_response(self, key: str, response: cache_pb2.CachedResponse, ttl_s: int) -> int:
         raw = response.SerializeToString()
@@ -75,10 +61,6 @@ class RedisStore:
 
     async def negatives(self) -> list[str]:
         return [n.decode() if isinstance(n, bytes) else n for n in await self.redis.lrange(keys.NEGATIVES_KEY, 0, -1)]
-
-    async def get_embeddings(self, embedding_keys: list[str]) -> list[np.ndarray | None]:
-        raws = await self.redis.mget(embedding_keys)
-        return [np.frombuffer(raw, dtype=np.float32) if raw else None for raw in raws]
 
     async def put_embeddings(self, embedding_keys: list[str], vectors: list[np.ndarray], ttl_s: int) -> int:
         stored = 0

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -119,6 +120,9 @@ def run_service(name: str, settings_factory: Callable[[], ServiceSettingsT],
     configure_logging(name, settings.log_level)
     setup_tracing(name)
     try:
-        asyncio.run(serve(settings))
+        if settings.event_loop == "uvloop":
+            uvloop.run(serve(settings))
+        else:
+            asyncio.run(serve(settings))
     finally:
         shutdown_tracing()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -50,6 +50,9 @@ class ServiceSettings(BaseSettings):
     resilience: ResilienceSettings = ResilienceSettings()
     # mTLS with the other mesh processes (e.g. MESH_ROUTER_TLS__CERT); none: plaintext, loopback only.
     tls: InternalTls = InternalTls()
+    # uvloop runs the event loop's callbacks in C: the hot path's profile is mostly event-loop machinery around
+    # grpc.aio, not handler code (BENCHMARKS.md, issue 17). `asyncio`: the standard loop, for comparison.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @classmethod
     def settings_customise_sources(

@@ -1,4 +1,8 @@
-"""The gateway's use of the cache service: every call bounded, every failure a bypass (never an error)."""
+"""The gateway's use of the cache: every call bounded, every failure a bypass (never an error).
+
+Exact hits are read from Redis directly when the gateway is given its address (`cache_redis_url`): a hit then
+costs two Redis reads instead of a gRPC hop to the cache service and its two Redis reads. Misses, semantic
+lookups, leases and every write still go through the cache service."""
 
 from __future__ import annotations
 
@@ -6,10 +10,14 @@ import logging
 from collections.abc import Coroutine
 
 import grpc
+import numpy as np
 from prometheus_client import Counter
+from redis.exceptions import RedisError
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
 from services.common.background import BackgroundCalls
+from services.common.breakers import Breaker, BreakerOpenError
+from services.common.cache_reads import LOOKUPS, CacheReads
 from services.gateway.errors import from_rpc_error
 
 log = logging.getLogger(__name__)
@@ -24,12 +32,48 @@ def is_deterministic(request: mesh_pb2.GenerateRequest) -> bool:
 
 class CacheClient:
     def __init__(self, channel: grpc.aio.Channel, lookup_timeout_s: float, fast_timeout_s: float,
-                 store_timeout_s: float) -> None:
+                 store_timeout_s: float, reads: CacheReads | None = None, reads_breaker: Breaker | None = None
+                 ) -> None:
         self._stub = cache_pb2_grpc.ResponseCacheStub(channel)
         self._lookup_timeout_s = lookup_timeout_s
         self._fast_timeout_s = fast_timeout_s
         self._store_timeout_s = store_timeout_s
         self._background = BackgroundCalls()
+        self._reads = reads
+        self._reads_breaker = reads_breaker or Breaker("cache-redis")
+
+    async def _read(self, name: str, coroutine: Coroutine):
+        """A direct Redis read; (False, None) when Redis failed or its breaker is open, so that a Redis that hangs
+        costs its timeout a few times, not on every request."""
+        try:
+            self._reads_breaker.admit()
+        except BreakerOpenError:
+            coroutine.close()
+            CACHE_BYPASSED.labels(name).inc()
+            return False, None
+        try:
+            value = await coroutine
+        except (RedisError, OSError) as exc:
+            self._reads_breaker.record(grpc.StatusCode.UNAVAILABLE, str(exc))
+            CACHE_BYPASSED.labels(name).inc()
+            log.warning("cache redis unavailable", extra={"call": name, "error": str(exc)})
+            return False, None
+        except BaseException:
+            self._reads_breaker.abandon()
+            raise
+        self._reads_breaker.record(None)
+        return True, value
+
+    async def exact_hit(self, scope: cache_pb2.CacheScope,
+                        request: mesh_pb2.GenerateRequest) -> cache_pb2.CachedResponse | None:
+        """The stored answer to exactly this request, read directly; None: a miss, or no direct reads (then the
+        cache service's Lookup decides, and counts)."""
+        if self._reads is None:
+            return None
+        _, cached = await self._read("exact_read", self._reads.exact_response(scope, request))
+        if cached is not None:
+            LOOKUPS.labels("response", "exact_hit").inc()
+        return cached
 
     async def _call(self, name: str, coroutine: Coroutine):
         try:
@@ -44,9 +88,22 @@ class CacheClient:
         return await self._call("lookup", self._stub.Lookup(request, timeout=timeout))
 
     async def get_embeddings(self, scope: cache_pb2.CacheScope,
-                             texts: list[str]) -> cache_pb2.GetEmbeddingsReply | None:
-        return await self._call("get_embeddings", self._stub.GetEmbeddings(
+                             texts: list[str]) -> list[np.ndarray | None] | None:
+        """Each text's stored vector (None where there is none); None when the cache did not answer."""
+        if self._reads is not None:
+            answered, vectors = await self._read("get_embeddings", self._reads.embeddings(scope, texts))
+            if answered:
+                hits = sum(v is not None for v in vectors)
+                LOOKUPS.labels("embedding", "hit").inc(hits)
+                LOOKUPS.labels("embedding", "miss").inc(len(vectors) - hits)
+                return vectors
+            # Redis did not answer this gateway (or its breaker is still open after Redis came back): the cache
+            # service may still reach it.
+        reply = await self._call("get_embeddings", self._stub.GetEmbeddings(
             cache_pb2.GetEmbeddingsRequest(scope=scope, texts=texts), timeout=self._fast_timeout_s))
+        if reply is None:
+            return None
+        return [np.asarray(e.values, dtype=np.float32) if e.values else None for e in reply.embeddings]
 
     async def report_wrong_hit(self, request: cache_pb2.ReportWrongHitRequest,
                                deadline_s: float) -> cache_pb2.ReportWrongHitReply:

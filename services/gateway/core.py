@@ -144,7 +144,7 @@ class MeshCore:
                 metadata.cache_status = mesh_pb2.CACHE_STATUS_UNAVAILABLE
                 metadata.degraded.append("cache")
             else:
-                vectors = [list(e.values) or None for e in found.embeddings]
+                vectors = [None if v is None else v.tolist() for v in found]
         missing = [i for i, v in enumerate(vectors) if v is None]
         if missing:
             rows = (await embed_texts(self._router, plan, [texts[i] for i in missing])).tolist()

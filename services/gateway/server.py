@@ -9,6 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2_grpc, router_pb2_grpc
+from services.common.cache_reads import CacheReads, redis_client
 from services.common.model_catalog import ModelCatalog
 from services.common.resilient_channel import resilient_channel
 from services.common.server import ServiceHost, run_service
@@ -37,8 +38,11 @@ async def serve(settings: GatewaySettings) -> None:
     serving = False
     cache_channel = resilient_channel(settings.cache_address, "cache", resilience, settings.tls) \
         if settings.cache_address else None
+    cache_reads = CacheReads(redis_client(settings.cache_redis_url, settings.cache_fast_timeout_s)) \
+        if cache_channel and settings.cache_redis_url else None
     cache = CacheClient(cache_channel, settings.cache_lookup_timeout_s, settings.cache_fast_timeout_s,
-                        settings.cache_store_timeout_s) if cache_channel else None
+                        settings.cache_store_timeout_s, cache_reads,
+                        resilience.breaker("cache-redis")) if cache_channel else None
     retrieval_channel = resilient_channel(settings.retrieval_address, "retrieval", resilience, settings.tls) \
         if settings.retrieval_address else None
     documents = DocumentsRelay(retrieval_pb2_grpc.RetrievalStub(retrieval_channel) if retrieval_channel else None)
@@ -78,6 +82,8 @@ async def serve(settings: GatewaySettings) -> None:
         if cache is not None:
             await cache.drain()
             await cache_channel.close()
+            if cache_reads is not None:
+                await cache_reads.close()
         if retrieval_channel is not None:
             await retrieval_channel.close()
         if budgets is not None:

@@ -48,6 +48,9 @@ class GatewaySettings(ServiceSettings):
     model_refresh_s: float = 5.0
     # Empty: no cache (responses say CACHE_STATUS_DISABLED).
     cache_address: str = ""
+    # The cache's Redis, read-only: exact hits are read from it directly, saving the hop to the cache service
+    # (misses, semantic lookups and writes still go there). Empty: every lookup through the cache service.
+    cache_redis_url: str = ""
     # A lookup may wait for an identical in-flight generation (stampede protection); bounded by the deadline.
     cache_lookup_timeout_s: float = 25.0
     # Embedding lookups and lease releases are cheap or skipped; stores run after the reply and carry a whole

@@ -26,7 +26,16 @@ local level = tonumber(state[1]) or capacity
 local ts = tonumber(state[2]) or now
 level = math.min(capacity, level + math.max(0, now - ts) * rate)
 local allowed = 1
-if mode == 'take' then
+local granted = 0
+if mode == 'lease' then
+  -- ARGV[5]: tokens of an earlier lease given back first; ARGV[6]: the most tokens to lease. The caller needs
+  -- `cost` of them now: the lease is refused unless that many are there, and never takes more than there are.
+  level = math.min(capacity, level + tonumber(ARGV[5]))
+  if level >= cost then
+    granted = math.max(cost, math.min(tonumber(ARGV[6]), math.floor(level)))
+    level = level - granted
+  else allowed = 0 end
+elseif mode == 'take' then
   if level >= cost then level = level - cost else allowed = 0 end
 elseif mode == 'charge' then
   level = level - cost
@@ -38,9 +47,9 @@ if mode ~= 'peek' then
   redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - math.min(level, 0)) / rate * 1000) + 1000)
 end
 local wait = 0
-if mode == 'take' and allowed == 0 then wait = (cost - level) / rate
+if (mode == 'take' or mode == 'lease') and allowed == 0 then wait = (cost - level) / rate
 elseif level <= 0 then wait = (-level) / rate + 0.001 end
-return {allowed, tostring(level), tostring(wait)}
+return {allowed, tostring(level), tostring(wait), tostring(granted)}
 """
 
 MONTH_KEY_TTL_S = 40 * 24 * 3600
@@ -51,6 +60,7 @@ class BucketState:
     allowed: bool
     level: float
     wait_s: float
+    granted: float = 0.0
 
 
 def seconds_to_next_month(now: dt.datetime) -> float:
@@ -68,12 +78,27 @@ class LimitStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def _run(self, key: str, capacity: float, rate_per_s: float, cost: float, mode: str) -> BucketState:
-        allowed, level, wait = await self._bucket(keys=[key], args=[capacity, rate_per_s, cost, mode])
-        return BucketState(bool(allowed), float(level), float(wait))
+    async def _run(self, key: str, capacity: float, rate_per_s: float, cost: float, mode: str,
+                   *lease: float) -> BucketState:
+        allowed, level, wait, granted = await self._bucket(keys=[key], args=[capacity, rate_per_s, cost, mode,
+                                                                             *lease])
+        return BucketState(bool(allowed), float(level), float(wait), float(granted))
+
+    def _requests_key(self, tenant: str) -> str:
+        return f"{self._prefix}:requests:{tenant}"
 
     async def take_request(self, tenant: str, requests_per_minute: int, burst: int, hits: int = 1) -> BucketState:
-        return await self._run(f"{self._prefix}:requests:{tenant}", burst, requests_per_minute / 60.0, hits, "take")
+        return await self._run(self._requests_key(tenant), burst, requests_per_minute / 60.0, hits, "take")
+
+    async def lease_requests(self, tenant: str, requests_per_minute: int, burst: int, hits: int, most: int,
+                             give_back: float = 0.0) -> BucketState:
+        """Takes `hits` and up to `most` in all (`granted`), after giving back `give_back` unspent tokens."""
+        return await self._run(self._requests_key(tenant), burst, requests_per_minute / 60.0, hits, "lease",
+                               give_back, most)
+
+    async def give_back(self, tenant: str, requests_per_minute: int, burst: int, tokens: float) -> None:
+        """Unspent leased tokens back into the shared bucket (capped at its capacity)."""
+        await self._run(self._requests_key(tenant), burst, requests_per_minute / 60.0, 0, "lease", tokens, 0)
 
     async def minute_tokens(self, tenant: str, tokens_per_minute: int, charge: int = 0) -> BucketState:
         key = f"{self._prefix}:tokens-minute:{tenant}"

@@ -14,7 +14,8 @@ from inference_mesh.edge import envoy_ratelimit_pb2_grpc
 from services.common.errors import MeshError
 from services.common.tenants import TenantConfig
 from services.ratelimit import metrics
-from services.ratelimit.buckets import BucketState, LimitStore
+from services.ratelimit.buckets import BucketState
+from services.ratelimit.leases import LeasedRequests
 from services.ratelimit.tenants import TenantResolver
 
 Status = rls.RateLimitResponse.DescriptorStatus
@@ -38,10 +39,10 @@ def _openai_headers(per_minute: int, level: float, until_reset_s: float) -> list
 
 
 class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
-    def __init__(self, config: TenantConfig, store: LimitStore, domain: str) -> None:
+    def __init__(self, config: TenantConfig, requests: LeasedRequests, domain: str) -> None:
         self._config = config
         self._resolver = TenantResolver(config)
-        self._store = store
+        self._requests = requests
         self._domain = domain
 
     async def ShouldRateLimit(self, request: rls.RateLimitRequest, context: grpc.aio.ServicerContext
@@ -64,8 +65,7 @@ class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
                 state = decided.get(tenant.id)
                 if state is None:
                     hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else request.hits_addend
-                    state = await self._store.take_request(tenant.id, tier.requests_per_minute, tier.burst,
-                                                           max(1, hits))
+                    state = await self._requests.take(tenant.id, tier.requests_per_minute, tier.burst, max(1, hits))
                     decided[tenant.id] = state
                     metrics.REQUEST_DECISIONS.labels(tenant.tier, "ok" if state.allowed else "over_limit").inc()
                 rate = tier.requests_per_minute / 60.0

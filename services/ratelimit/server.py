@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+from redis.exceptions import RedisError
+
 from inference_mesh.edge import envoy_ratelimit_pb2, envoy_ratelimit_pb2_grpc
 from inference_mesh.v1 import quota_pb2, quota_pb2_grpc
 from services.common.server import ServiceHost, run_service
 from services.common.tenants import TenantConfig
 from services.ratelimit.buckets import LimitStore
 from services.ratelimit.envoy_rls import EnvoyRateLimitService
+from services.ratelimit.leases import LeasedRequests, LeaseSettings
 from services.ratelimit.settings import RateLimitSettings
 from services.ratelimit.token_budget import TokenBudgetService
+
+log = logging.getLogger(__name__)
 
 
 async def serve(settings: RateLimitSettings) -> None:
     config = TenantConfig.load(settings.tenants_file)
     store = LimitStore(settings.redis_url, settings.key_prefix, settings.redis_timeout_s)
     host = ServiceHost("ratelimit", settings)
+    requests = LeasedRequests(store, LeaseSettings(settings.lease_burst_fraction, settings.lease_max_size,
+                                                   settings.lease_ttl_s))
     envoy_ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
-        EnvoyRateLimitService(config, store, settings.domain), host.server)
+        EnvoyRateLimitService(config, requests, settings.domain), host.server)
     quota_pb2_grpc.add_TokenBudgetServicer_to_server(TokenBudgetService(config, store), host.server)
     host.expose([envoy_ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
                  quota_pb2.DESCRIPTOR.services_by_name["TokenBudget"].full_name])
@@ -25,8 +35,16 @@ async def serve(settings: RateLimitSettings) -> None:
     async def redis_answers() -> bool:
         return bool(await store.redis.ping())
 
+    async def give_back_leases() -> None:
+        while True:
+            await asyncio.sleep(settings.lease_ttl_s / 2)
+            try:
+                await requests.give_back_expired()
+            except RedisError as exc:  # those tokens are lost; the bucket refills them at its rate
+                log.warning("expired leases not given back", extra={"error": str(exc)})
+
     try:
-        await host.run(background=[host.serving_while(redis_answers)])
+        await host.run(background=[host.serving_while(redis_answers), give_back_leases])
     finally:
         await store.close()
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import ServiceSettings
@@ -18,3 +19,9 @@ class RateLimitSettings(ServiceSettings):
     key_prefix: str = "mesh:limits"
     # Envoy waits at most its own rate-limit timeout; answering later than that is wasted work.
     redis_timeout_s: float = 0.1
+    # Request limits decided from a quota leased per replica (services/ratelimit/leases.py: no overshoot, at most
+    # one lease per replica held unspent): a lease is this share of the tier's burst, at most lease_max_size
+    # tokens, given back after lease_ttl_s. 0: one Redis call per request.
+    lease_burst_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    lease_max_size: int = Field(100, ge=0)
+    lease_ttl_s: float = Field(1.0, gt=0.0)

@@ -13,7 +13,7 @@ import redis
 import tritonclient.grpc as triton_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
-from services.cache.keys import NEGATIVES_KEY
+from services.common.cache_keys import NEGATIVES_KEY
 from services.common.semantic_calibration import SemanticCalibration
 from tests.conftest import AUTH, EMBEDDER, KEYS, LLM, chat, generate, service_metric
 from tools.processes import free_port, wait_grpc_serving
@@ -80,7 +80,7 @@ def greedy(content: str, system: str | None = None, **kwargs) -> mesh_pb2.Genera
     return request
 
 
-def test_miss_then_exact_hit_replays_the_same_stream(mesh, stack):
+def test_miss_then_exact_hit_replays_the_same_answer_in_one_message(mesh, stack):
     request = greedy("Give me a one-word name for a boat.")
     calls_before = triton_successes(stack, "smollm2")
     text, first = generate(mesh, request)
@@ -88,12 +88,51 @@ def test_miss_then_exact_hit_replays_the_same_stream(mesh, stack):
     again_text, again = generate(mesh, request)
     assert status_of(again) == mesh_pb2.CACHE_STATUS_EXACT_HIT
     assert again_text == text
-    assert [(c.text, c.token_index) for c in again] == [(c.text, c.token_index) for c in first]
+    assert len(first) > 1 and len(again) == 1, "a hit is one message: the whole text as one delta"
+    assert again[0].token_index == first[-1].token_index
     assert again[-1].usage == first[-1].usage and again[-1].finish_reason == first[-1].finish_reason
     assert triton_successes(stack, "smollm2") == calls_before + 1, "the hit must not reach Triton"
     # Whitespace does not change the answer, so it does not change the key either.
     spaced = greedy("Give me a   one-word name for a boat. ")
     assert status_of(generate(mesh, spaced)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
+
+
+def test_gateways_read_exact_hits_from_redis_as_a_user_that_can_only_read(mesh, stack):
+    request = greedy("Name one colour of a clear sky.")
+    generate(mesh, request)
+    wait_until_cached(stack, "tenant-a", request)
+    before = service_metric(stack.ports.gateway_metrics, "mesh_cache_lookups_total", kind="response",
+                            result="exact_hit")
+    served_by_cache = service_metric(stack.ports.cache_metrics, "mesh_cache_lookups_total", kind="response")
+    assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
+    assert service_metric(stack.ports.gateway_metrics, "mesh_cache_lookups_total", kind="response",
+                          result="exact_hit") == before + 1, "the gateway read the hit itself"
+    assert service_metric(stack.ports.cache_metrics, "mesh_cache_lookups_total", kind="response") == \
+        served_by_cache, "a direct hit never reaches the cache service"
+
+    admin = redis.Redis(port=stack.ports.redis)
+    reader = redis.Redis.from_url(stack.cache_reader_url)
+    try:
+        entry = next(iter(admin.scan_iter(match="mesh:resp:*")))
+        assert reader.get(entry) == admin.get(entry) and reader.mget([entry])[0] is not None
+        attempts = {
+            "overwrite an answer": lambda: reader.set(entry, b"forged"),
+            "delete an answer": lambda: reader.delete(entry),
+            "bump a flush counter": lambda: reader.incr("mesh:gen:tenant:tenant-a"),
+            "take a stampede lease": lambda: reader.set(f"mesh:lease:{entry.decode()}", "x", nx=True),
+            "read a lease": lambda: reader.get(f"mesh:lease:{entry.decode()}"),
+            "read the wrong-hit reports": lambda: reader.lrange(NEGATIVES_KEY, 0, -1),
+            "list keys": lambda: reader.keys("mesh:*"),
+            "flush everything": lambda: reader.flushall(),
+            "run a script": lambda: reader.eval("return 1", 0),
+        }
+        for what, attempt in attempts.items():
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                attempt()
+                pytest.fail(f"the gateways' Redis user could {what}")
+    finally:
+        reader.close()
+        admin.close()
 
 
 def test_refresh_bypass_and_nondeterministic_requests(mesh, stack):
@@ -382,7 +421,9 @@ def test_redis_down_every_request_succeeds_and_hits_resume(mesh, stack):
     assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_MISS  # a restarted Redis is empty
     wait_until_cached(stack, "tenant-a", request)
     assert status_of(generate(mesh, request)[1]) == mesh_pb2.CACHE_STATUS_EXACT_HIT
-    hits = service_metric(stack.ports.cache_metrics, "mesh_cache_lookups_total", kind="response", result="exact_hit")
+    # Exact hits are counted where they are decided: a gateway's direct read, or the cache service's lookup.
+    hits = sum(service_metric(port, "mesh_cache_lookups_total", kind="response", result="exact_hit")
+               for port in (stack.ports.cache_metrics, stack.ports.gateway_metrics))
     assert hits > 0
     assert service_metric(stack.ports.cache_metrics, "mesh_cache_stored_bytes_total", kind="response") > 0
 

@@ -110,13 +110,20 @@ class _ReplicaStub:
 
 @dataclass
 class RecordingCache:
-    """The gateway's CacheClient: a scripted lookup reply, and every store and release it was asked for."""
+    """The gateway's CacheClient: a scripted lookup reply (and direct exact read), and every store and release it
+    was asked for."""
 
     reply: cache_pb2.LookupReply | None
     stored: list[cache_pb2.StoreRequest] = field(default_factory=list)
     released: list[cache_pb2.ReleaseRequest] = field(default_factory=list)
+    direct: cache_pb2.CachedResponse | None = None
+    looked_up: bool = False
+
+    async def exact_hit(self, scope: cache_pb2.CacheScope, request) -> cache_pb2.CachedResponse | None:
+        return self.direct
 
     async def lookup(self, request: cache_pb2.LookupRequest, deadline_s: float) -> cache_pb2.LookupReply | None:
+        self.looked_up = True
         return self.reply
 
     def store(self, request: cache_pb2.StoreRequest) -> None:

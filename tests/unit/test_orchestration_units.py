@@ -106,6 +106,29 @@ def test_a_cache_hit_replays_without_calling_the_router():
     chunks = asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, plan)))
     assert "".join(c.text for c in chunks) == "Hello" and not router.made
     assert plan.metadata.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT and chunks[-1].usage.total_tokens == 5
+    assert len(chunks) == 1 and chunks[0].token_index == 1 and chunks[0].finish_reason == mesh_pb2.FINISH_REASON_STOP
+
+
+def test_an_exact_hit_read_directly_skips_the_cache_service_and_the_router():
+    cached = cache_pb2.CachedResponse(chunks=["Hi", "!"], token_indices=[0, 1], prompt_tokens=3, completion_tokens=2,
+                                      finish_reason=mesh_pb2.FINISH_REASON_STOP, pool="cpu", replica="c1")
+    cache, router = RecordingCache(reply=None, direct=cached), ScriptedStreams([])
+    plan = _plan()
+    chunks = asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, plan)))
+    assert [c.text for c in chunks] == ["Hi!"] and not router.made and not cache.looked_up
+    assert plan.metadata.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT and plan.metadata.replica == "c1"
+
+
+def test_a_refresh_never_reads_the_entry_it_replaces():
+    cached = cache_pb2.CachedResponse(chunks=["old"], token_indices=[0], finish_reason=mesh_pb2.FINISH_REASON_STOP)
+    miss = cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_MISS, lease="l1")
+    cache = RecordingCache(reply=miss, direct=cached)
+    router = ScriptedStreams([ScriptedCall([token("new", 1, 11), token("", 1, finish="stop")])])
+    refresh = mesh_pb2.GenerateRequest()
+    refresh.CopyFrom(GREEDY)
+    refresh.cache_mode = mesh_pb2.CACHE_MODE_REFRESH
+    chunks = asyncio.run(_drain(cached_generation.generate(cache, router, refresh, _plan())))
+    assert "".join(c.text for c in chunks) == "new" and cache.looked_up
 
 
 # The router: two cpu replicas for `llm`; `llm` falls back to `backup` (a canary split) on the a100 pool.

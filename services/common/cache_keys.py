@@ -1,4 +1,5 @@
-"""Cache keys: a hash of everything that decides the answer, scoped by tenant, model, version, generation."""
+"""Cache keys: a hash of everything that decides the answer, scoped by tenant, model, version, generation. The
+cache service writes under them; gateways read exact entries under them directly (services/common/cache_reads.py)."""
 
 from __future__ import annotations
 
@@ -59,12 +60,30 @@ def scope_prefix(scope: cache_pb2.CacheScope, generation: str) -> str:
     return f"{scope.tenant}:{scope.model}:{scope.model_version}:{generation}"
 
 
+def response_key_of(scope: cache_pb2.CacheScope, generation: str, digest: str) -> str:
+    return f"mesh:resp:{scope_prefix(scope, generation)}:{digest}"
+
+
 def response_key(scope: cache_pb2.CacheScope, generation: str, request: mesh_pb2.GenerateRequest) -> str:
-    return f"mesh:resp:{scope_prefix(scope, generation)}:{exact_digest(request)}"
+    return response_key_of(scope, generation, exact_digest(request))
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def embedding_key_of(scope: cache_pb2.CacheScope, generation: str, digest: str) -> str:
+    return f"mesh:emb:{scope_prefix(scope, generation)}:{digest}"
 
 
 def embedding_key(scope: cache_pb2.CacheScope, generation: str, text: str) -> str:
-    return f"mesh:emb:{scope_prefix(scope, generation)}:{hashlib.sha256(text.encode('utf-8')).hexdigest()}"
+    return embedding_key_of(scope, generation, text_digest(text))
+
+
+# The Redis user a gateway reads exact entries as: GET and MGET of responses, embeddings and flush counters, and
+# nothing else (no writes, no leases, no other keys). Local stack and compose both create it from this.
+GATEWAY_READER = "gateway"
+GATEWAY_READER_RULES = ("~mesh:resp:*", "~mesh:emb:*", "~mesh:gen:*", "resetchannels", "-@all", "+get", "+mget")
 
 
 def lease_key(key: str) -> str:

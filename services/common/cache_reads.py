@@ -1,0 +1,92 @@
+"""Reading exact cache entries from Redis: the cache service's lookups, and the gateways' own reads of exact hits.
+
+A gateway that reads an exact entry itself saves a whole gRPC hop (the largest single cost of a cache hit in the
+profile, BENCHMARKS.md "Hot path profile"). Only reads live here: writes, leases against stampedes, semantic
+search and flushes stay in the cache service, so a gateway needs read-only access to Redis (compose gives it a
+Redis user that may only GET and MGET under `mesh:`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from inference_mesh.v1 import cache_pb2, mesh_pb2
+from services.common import cache_keys as keys
+
+# One counter for every process that reads the cache (the cache service and each gateway's direct reads): a
+# dashboard's hit rate sums it over all of them, and each lookup is counted once, where it was decided.
+LOOKUPS = Counter("mesh_cache_lookups_total", "Cache lookups by kind and result", ["kind", "result"])
+
+
+def redis_client(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client that fails within `timeout_s` instead of retrying: the caller goes around the cache."""
+    return aioredis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                             retry_on_timeout=False, health_check_interval=0)
+
+
+def _generation(tenant_gen: bytes | None, model_gen: bytes | None) -> str:
+    return f"{int(tenant_gen or 0)}.{int(model_gen or 0)}"
+
+
+class CacheReads:
+    def __init__(self, redis: aioredis.Redis, remembered_scopes: int = 10_000) -> None:
+        self.redis = redis
+        # The last flush generation seen per (tenant, model): a read asks for the counters and the entries under
+        # that generation in one MGET, which Redis answers atomically, so the entries are valid exactly when the
+        # counters it returns still say that generation. Only after a flush does a read take a second round trip.
+        self._generations: dict[tuple[str, str], str] = {}
+        self._remembered_scopes = remembered_scopes
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def generation(self, scope: cache_pb2.CacheScope) -> str:
+        """Flush counters of the tenant and the model: bumping either orphans every older key at once."""
+        tenant_gen, model_gen = await self.redis.mget(keys.tenant_generation_key(scope.tenant),
+                                                      keys.model_generation_key(scope.model))
+        return _generation(tenant_gen, model_gen)
+
+    async def get_response(self, key: str) -> cache_pb2.CachedResponse | None:
+        raw = await self.redis.get(key)
+        return cache_pb2.CachedResponse.FromString(raw) if raw else None
+
+    async def get_embeddings(self, embedding_keys: list[str]) -> list[np.ndarray | None]:
+        raws = await self.redis.mget(embedding_keys)
+        return [np.frombuffer(raw, dtype=np.float32) if raw else None for raw in raws]
+
+    async def _read_current(self, scope: cache_pb2.CacheScope, keys_under: Callable[[str], list[str]]
+                            ) -> list[bytes | None]:
+        """The values of `keys_under(generation)` for the scope's current flush generation."""
+        counters = [keys.tenant_generation_key(scope.tenant), keys.model_generation_key(scope.model)]
+        remembered = self._generations.get((scope.tenant, scope.model))
+        if remembered is not None:
+            tenant_gen, model_gen, *values = await self.redis.mget([*counters, *keys_under(remembered)])
+            current = _generation(tenant_gen, model_gen)
+            if current == remembered:
+                return values
+        else:
+            current = _generation(*await self.redis.mget(counters))
+        if len(self._generations) >= self._remembered_scopes:
+            self._generations.clear()
+        self._generations[(scope.tenant, scope.model)] = current
+        tenant_gen, model_gen, *values = await self.redis.mget([*counters, *keys_under(current)])
+        if _generation(tenant_gen, model_gen) != current:
+            return [None] * len(values)  # flushed between the two reads: whatever was there is orphaned now
+        return values
+
+    async def exact_response(self, scope: cache_pb2.CacheScope,
+                             request: mesh_pb2.GenerateRequest) -> cache_pb2.CachedResponse | None:
+        """The stored answer to exactly this request in this scope, if any (never a semantic match)."""
+        digest = keys.exact_digest(request)
+        (raw,) = await self._read_current(scope, lambda generation: [keys.response_key_of(scope, generation, digest)])
+        return cache_pb2.CachedResponse.FromString(raw) if raw else None
+
+    async def embeddings(self, scope: cache_pb2.CacheScope, texts: list[str]) -> list[np.ndarray | None]:
+        """The stored vector of each text in this scope, None where there is none."""
+        digests = [keys.text_digest(t) for t in texts]
+        raws = await self._read_current(
+            scope, lambda generation: [keys.embedding_key_of(scope, generation, d) for d in digests])
+        return [np.frombuffer(raw, dtype=np.float32) if raw else None for raw in raws]
