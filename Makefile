@@ -17,7 +17,7 @@ PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup system-tools up down top test unit protos models bench profile soak gpu-smoke lint clean
+.PHONY: setup system-tools up down top test unit protos models bench bench-hot-path profile soak gpu-smoke lint clean
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(LLAMA_STAMP) $(ONNX_MODEL) gen/.stamp
 
@@ -110,6 +110,12 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.openai_api
 	PYTHONPATH=.:gen $(PY) -m bench.http_stack
 	PYTHONPATH=.:gen $(PY) -m bench.semantic_cache
+	PYTHONPATH=.:gen $(PY) -m bench.hot_path
+
+# The hot path against the commit before issue 17, two stacks side by side in one run (BENCHMARKS.md).
+bench-hot-path: setup
+	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements/bench.txt
+	PYTHONPATH=.:gen $(PY) -m bench.hot_path $(BENCH_ARGS)
 
 # Where a cache hit's CPU goes, process by process, with a flame graph of each Python service (docs/profiles).
 profile: setup

@@ -103,9 +103,10 @@ def baseline_tree(revision: str, into: Path) -> Path:
                     "--grpc_python_out=gen", *protos], cwd=into, check=True)
     for package in ("gen/inference_mesh", "gen/inference_mesh/v1", "gen/inference_mesh/edge"):
         (into / package / "__init__.py").touch()
-    # The baseline's services run with its tree first on PYTHONPATH: this makes `import hiredis` fail there, so
-    # redis-py parses replies in Python as it did before hiredis was a requirement.
-    (into / "hiredis.py").write_text("raise ImportError('hidden from the baseline stack')\n")
+    # The baseline's services run with its tree first on PYTHONPATH: for a baseline without hiredis in its
+    # requirements this makes `import hiredis` fail there, so redis-py parses replies in Python as it did then.
+    if "hiredis" not in (into / "requirements" / "runtime.txt").read_text():
+        (into / "hiredis.py").write_text("raise ImportError('hidden from the baseline stack')\n")
     return into
 
 
@@ -187,8 +188,8 @@ async def measure(probes: dict[str, Probe], rounds: int, scale: float) -> dict:
         "triton_embed_c1": lambda p: (direct_embed(p.triton), 1, n(300)),
         "mesh_embed_c32": lambda p: (embed_hit_bypass(p.gateway), 32, n(1200)),
         "triton_embed_c32": lambda p: (direct_embed(p.triton), 32, n(1200)),
-        "mesh_ttft": lambda p: (mesh_generate(p.gateway, max_tokens=4, auth=AUTH), 1, max(5, n(12))),
-        "triton_ttft": lambda p: (direct_generate(p.triton, max_tokens=4), 1, max(5, n(12))),
+        "mesh_ttft": lambda p: (mesh_generate(p.gateway, max_tokens=4, auth=AUTH), 1, max(5, n(30))),
+        "triton_ttft": lambda p: (direct_generate(p.triton, max_tokens=4), 1, max(5, n(30))),
     }
     samples = {name: {kind: [] for kind in kinds} for name in probes}
     elapsed = {name: dict.fromkeys(kinds, 0.0) for name in probes}
