@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import itertools
 import os
 import platform
 import time
@@ -29,6 +30,7 @@ from tools.processes import free_port
 from tools.stack import LocalStack, StackPorts
 
 BENCH_KEY = "bench-edge-key"
+PEAK_CONNECTIONS = 4
 AUTH = (("x-api-key", BENCH_KEY),)
 REQUEST = mesh_pb2.GenerateRequest(
     model="smollm2-135m-instruct", max_tokens=32, temperature=0.0,
@@ -121,12 +123,20 @@ async def measure(stack: LocalStack, unlimited_edge: str, concurrencies: list[in
             results["rows"].append({"kind": kind, "concurrency": c,
                                     **{name: summary(samples[name], elapsed[name]) for name in stubs}})
     results["peak"] = {}
+    # The peak spreads over several connections, as a real load does: Envoy's local shield is a token bucket per
+    # connection (1,000 requests/s), which one connection at the peak would exceed.
+    spread = [grpc.aio.secure_channel(stack.edge_address, credentials, options=[("grpc.use_local_subchannel_pool", 1)])
+              for _ in range(PEAK_CONNECTIONS)]
+    spread_stubs = [mesh_pb2_grpc.InferenceMeshStub(channel) for channel in spread]
     for kind, make in kinds.items():
         best = 0.0
         for c in (64, 128, 256):
-            got, seconds = await run_load(make(stubs["edge"]), c, 2000)
+            calls = itertools.cycle([make(stub) for stub in spread_stubs])
+            got, seconds = await run_load(lambda: next(calls)(), c, 2000)  # noqa: B023 - used within this pass
             best = max(best, len(got) / seconds)
         results["peak"][kind] = best
+    for channel in spread:
+        await channel.close()
     direct, _ = await run_load(direct_generate(service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)), 1, 5)
     results["triton_generate_p50"] = pct([s.latency_s * 1000 for s in direct], 50)
     decisions, _ = await run_load(rls_decision(envoy_ratelimit_pb2_grpc.RateLimitServiceStub(rls_channel)), 1, 500)
@@ -169,7 +179,8 @@ def render(results: dict) -> str:
         envoy_only = c1["edge_no_rls"]["p50"] - c1["gateway"]["p50"]
         lines.append(f"{kind}: Envoy adds {added:+.2f} ms p50 at concurrency 1 ({envoy_only:+.2f} ms without the "
                      f"rate-limit call): target ≤ 1 ms {'met' if added <= 1.0 else 'missed'}. Highest cache-hit "
-                     f"req/s through Envoy (best of concurrency 64/128/256): **{results['peak'][kind]:.0f}**.  ")
+                     f"req/s through Envoy (best of concurrency 64/128/256 over {PEAK_CONNECTIONS} connections): "
+                     f"**{results['peak'][kind]:.0f}**.  ")
     generate_c1 = next(r for r in results["rows"] if r["kind"] == "generate" and r["concurrency"] == 1)
     lines += [
         f"One rate-limit decision called directly (gRPC + Redis Lua): {results['rls_p50']:.2f} ms p50.  ",
