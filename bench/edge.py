@@ -51,7 +51,7 @@ EMBED = mesh_pb2.EmbedRequest(model="all-minilm-l6-v2", texts=[PROMPT[0]["conten
 
 
 def generate_hit(mesh: mesh_pb2_grpc.InferenceMeshStub):
-    """A streamed cache hit: the replay of a 32-token answer, 32 messages on the wire."""
+    """A streamed cache hit: the replay of a 32-token answer (one message since issue 17; 32 before)."""
     async def call() -> Sample:
         t0 = time.perf_counter()
         status = None
@@ -147,7 +147,7 @@ async def measure(stack: LocalStack, unlimited_edge: str, concurrencies: list[in
 
 
 _TITLES = {"embed": "Embed, unary (embedding-cache hit)",
-           "generate": "Generate, streamed (response-cache hit replayed as 32 messages)"}
+           "generate": "Generate, streamed (response-cache hit of a 32-token answer, replayed as one message)"}
 
 
 def render(results: dict) -> str:

@@ -157,6 +157,16 @@ class Probe:
             await channel.close()
 
 
+async def peak(probe: Probe, requests: int) -> float:
+    """The highest req/s of cache-hit Embed through the edge at concurrency 64, 128 or 256 (as bench/edge.py)."""
+    best = 0.0
+    for concurrency in (64, 128, 256):
+        calls = itertools.cycle([embed_hit(stub) for stub in probe.edge_spread])
+        got, seconds = await run_load(lambda: next(calls)(), concurrency, requests)  # noqa: B023 - this pass only
+        best = max(best, len(got) / seconds)
+    return best
+
+
 async def cpu_per_request(probe: Probe, concurrency: int, requests: int) -> tuple[float, dict[str, float]]:
     """req/s of cache-hit Embed through the edge, and each process's CPU ms per request meanwhile."""
     before = {name: cpu_seconds(pid) for name, pid in probe.pids.items()}
@@ -203,9 +213,9 @@ async def measure(probes: dict[str, Probe], rounds: int, scale: float) -> dict:
                 samples[name][kind] += got
                 elapsed[name][kind] += seconds
         for name, probe in probes.items():
-            rps, per_process = await cpu_per_request(probe, 64, n(4000))
-            peaks[name].append(rps)
+            _, per_process = await cpu_per_request(probe, 64, n(4000))
             cpu[name].append(per_process)
+            peaks[name].append(await peak(probe, n(2000)))
     results: dict = {}
     for name in probes:
         rows = {}
@@ -254,7 +264,7 @@ def render(results: dict, baseline: str, rounds: int) -> str:
         "",
         "| measure | baseline | current | current / baseline |",
         "|---|---:|---:|---:|",
-        row(f"cache-hit Embed through Envoy, peak req/s (concurrency 64 over {PEAK_CONNECTIONS} connections)",
+        row(f"cache-hit Embed through Envoy, peak req/s (best of concurrency 64/128/256, {PEAK_CONNECTIONS} connections)",
             lambda res: res["peak"], "req/s", "{:.0f}"),
         row("cache-hit Embed through Envoy, p50 at concurrency 1", r("edge_c1", "p50"), "ms"),
         row("cache-hit Embed through Envoy, p99 at concurrency 1", r("edge_c1", "p99"), "ms"),
