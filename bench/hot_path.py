@@ -264,7 +264,7 @@ def render(results: dict, baseline: str, rounds: int) -> str:
         "",
         "| measure | baseline | current | current / baseline |",
         "|---|---:|---:|---:|",
-        row(f"cache-hit Embed through Envoy, peak req/s (best of concurrency 64/128/256, {PEAK_CONNECTIONS} connections)",
+        row(f"cache-hit Embed through Envoy, peak req/s (best of concurrency 64/128/256, {PEAK_CONNECTIONS} conns)",
             lambda res: res["peak"], "req/s", "{:.0f}"),
         row("cache-hit Embed through Envoy, p50 at concurrency 1", r("edge_c1", "p50"), "ms"),
         row("cache-hit Embed through Envoy, p99 at concurrency 1", r("edge_c1", "p99"), "ms"),
