@@ -23,7 +23,11 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         "tenant-budget-kserve": "test-key-tenant-budget-kserve",
         # The OpenAI API suite's own: a roomy tenant, one with a tiny request limit, one with a small token budget.
         "tenant-openai": "test-key-tenant-openai", "tenant-openai-limited": "test-key-tenant-openai-limited",
-        "tenant-openai-budget": "test-key-tenant-openai-budget"}
+        "tenant-openai-budget": "test-key-tenant-openai-budget",
+        # The fair-sharing suite's own: weights 2 and 1, and a quiet tenant beside a flooder.
+        "tenant-heavy": "test-key-tenant-heavy", "tenant-light": "test-key-tenant-light",
+        "tenant-quiet": "test-key-tenant-quiet", "tenant-flood": "test-key-tenant-flood",
+        "tenant-reserve": "test-key-tenant-reserve"}
 # Request limits: the production tiers' own (config/tenants.yaml). Token budgets: large, except for the budget
 # test's own tier, so that no other test runs out.
 _PRODUCTION = yaml.safe_load((Path(__file__).parent.parent / "config" / "tenants.yaml").read_text())["tiers"]
@@ -34,11 +38,14 @@ TIERS = {
                      "tokens_per_month": 1_000_000},
     "bulk": {"requests_per_minute": 100_000, "burst": 10_000},
     "tiny": {"requests_per_minute": 60, "burst": 3},
+    "bulk-double": {"requests_per_minute": 100_000, "burst": 10_000, "share_weight": 2.0},
 }
 TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": "standard",
                 "tenant-budget": "small-budget", "tenant-bulk": "bulk", "tenant-victim": "bulk",
                 "tenant-attacker": "bulk", "tenant-budget-kserve": "small-budget", "tenant-openai": "bulk",
-                "tenant-openai-limited": "tiny", "tenant-openai-budget": "small-budget"}
+                "tenant-openai-limited": "tiny", "tenant-openai-budget": "small-budget",
+                "tenant-heavy": "bulk-double", "tenant-light": "bulk", "tenant-quiet": "bulk", "tenant-flood": "bulk",
+                "tenant-reserve": "small-budget"}
 
 
 def write_tenants(path: Path) -> Path:

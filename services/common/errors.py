@@ -6,6 +6,7 @@ reader here as well.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,11 +44,13 @@ def stream_error_text(code: grpc.StatusCode, detail: str) -> str:
     return f"{code.name}: {detail}"
 
 
-def from_stream_error(text: str) -> MeshError:
-    """The status a stream's error_message names (see stream_error_text)."""
+def from_stream_error(text: str, retry_after_s: float = 0.0) -> MeshError:
+    """The status a stream's error_message names (see stream_error_text), with a retry-after hint when the
+    writer gave one."""
     name, separator, detail = text.partition(": ")
+    trailing = (("retry-after", str(max(1, math.ceil(retry_after_s)))),) if retry_after_s > 0 else ()
     if separator and name in _STREAM_CODES:
-        return MeshError(_STREAM_CODES[name], detail)
+        return MeshError(_STREAM_CODES[name], detail, trailing)
     return MeshError(grpc.StatusCode.INTERNAL, f"model error: {text}")
 
 

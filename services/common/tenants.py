@@ -18,6 +18,9 @@ class Tier(BaseModel, extra="forbid"):
     # Token budgets, charged with each generation's real usage (prompt + completion tokens); 0 = unlimited.
     tokens_per_minute: int = Field(default=0, ge=0)
     tokens_per_month: int = Field(default=0, ge=0)
+    # Under overload (every replica of a model busy), waiting tenants are served in proportion to their tier's
+    # weight, on token cost (services/router/admission.py).
+    share_weight: float = Field(default=1.0, gt=0.0, le=100.0)
 
 
 class Tenant(BaseModel, extra="forbid"):

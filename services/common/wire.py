@@ -14,6 +14,11 @@ EDGE_SECRET_HEADER = "x-mesh-edge-secret"
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 # Gateway → router: the authenticated tenant (sticky key for canary versions when there is no session).
 TENANT_HEADER = "x-mesh-tenant"
+# Gateway → router, for fair queuing under overload (services/router/admission.py): the tenant's tier weight,
+# the request's priority ("interactive" or "batch") and its estimated cost in tokens (prompt + max_tokens).
+SHARE_WEIGHT_HEADER = "x-mesh-share-weight"
+PRIORITY_HEADER = "x-mesh-priority"
+COST_HEADER = "x-mesh-cost"
 
 # Envoy rate-limit descriptor keys (services/edge/render.py → services/ratelimit/tenants.py).
 DESCRIPTOR_TENANT = "tenant"
@@ -24,3 +29,5 @@ DESCRIPTOR_AUTHORIZATION = "authorization"
 SESSION_PARAMETER = "mesh_session"      # sticky key for canary versions and prefix affinity
 AFFINITY_PARAMETER = "mesh_affinity"    # key of the request's long shared prefix
 SPILL_PARAMETER = "mesh_spill"          # router → Triton: served away from its prefix's home, do not cache it
+# Router → gateway, on a stream response refusing a request it could not start in time: when to try again.
+RETRY_AFTER_PARAMETER = "mesh_retry_after_s"

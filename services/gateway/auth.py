@@ -18,12 +18,14 @@ from services.common.wire import EDGE_SECRET_HEADER, JWT_TENANT_HEADER
 class Caller:
     tenant: str
     tier: str
+    share_weight: float = 1.0
 
 
 class Authenticator:
     def __init__(self, config: TenantConfig, edge_secret: str = "") -> None:
-        self._by_hash = {digest: Caller(t.id, t.tier) for t in config.tenants for digest in t.api_key_sha256}
-        self._by_id = {t.id: Caller(t.id, t.tier) for t in config.tenants}
+        callers = {t.id: Caller(t.id, t.tier, config.tiers[t.tier].share_weight) for t in config.tenants}
+        self._by_hash = {digest: callers[t.id] for t in config.tenants for digest in t.api_key_sha256}
+        self._by_id = callers
         self._edge_secret = edge_secret
 
     def _from_edge(self, headers: dict[str, str]) -> tuple[Caller | None, str]:

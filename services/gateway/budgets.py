@@ -7,6 +7,7 @@ import math
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from prometheus_client import Counter
 
 from inference_mesh.v1 import mesh_pb2, quota_pb2, quota_pb2_grpc
@@ -51,6 +52,49 @@ class TokenBudgets:
             f"{_WINDOW.get(reply.exhausted, 'tokens')}; retry after {retry_after} s",
             (("retry-after", str(retry_after)),))
 
+    async def reserve(self, caller: Caller, tokens: int, ttl_s: float) -> str:
+        """Holds a generation's worst case against the tenant's budget before it starts; raises RESOURCE_EXHAUSTED
+        (with retry-after) when what is left cannot cover it. The reservation to settle ("" when nothing is held:
+        no budget, or the service down and failing open, then the real use is charged at the end)."""
+        try:
+            reply = await self._stub.Reserve(quota_pb2.BudgetReserveRequest(
+                tenant=caller.tenant, tokens=tokens, ttl=Duration(seconds=max(1, math.ceil(ttl_s)))),
+                timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            BUDGET_UNAVAILABLE.labels("allowed" if self._fail_open else "refused").inc()
+            log.warning("token budget unavailable", extra={"status": exc.code().name, "error": exc.details(),
+                                                           "fail_open": self._fail_open})
+            if self._fail_open:
+                return ""
+            raise MeshError(grpc.StatusCode.UNAVAILABLE,
+                            "token budgets cannot be checked right now (rate-limit service down); retry") from exc
+        check = reply.check
+        if check.allowed:
+            return reply.reservation
+        retry_after = max(1, math.ceil(check.retry_after.ToTimedelta().total_seconds()))
+        raise MeshError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"token budget: tenant {caller.tenant!r} ({caller.tier} tier) cannot cover this request's worst case of "
+            f"{tokens} tokens (prompt + max_tokens) within its {check.limit} {_WINDOW.get(check.exhausted, 'tokens')}"
+            f"; retry after {retry_after} s, or ask for fewer max_tokens",
+            (("retry-after", str(retry_after)),))
+
+    def settle(self, caller: Caller, reservation: str, used: int) -> None:
+        """What a generation really used: the rest of its reservation goes back (after the reply)."""
+        if reservation:
+            self._background.start(self._settle(caller, reservation, used))
+        else:
+            self.charge(caller, used)
+
+    async def _settle(self, caller: Caller, reservation: str, used: int) -> None:
+        try:
+            await self._stub.Settle(quota_pb2.BudgetSettleRequest(tenant=caller.tenant, reservation=reservation,
+                                                                  used_tokens=used), timeout=self._charge_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            # Its reservation expires and gives everything back: the budget loses this use, never more.
+            log.warning("token settlement lost", extra={"tenant": caller.tenant, "tokens": used,
+                                                        "status": exc.code().name})
+
     def charge(self, caller: Caller, tokens: int) -> None:
         if tokens > 0:
             self._background.start(self._charge(caller, tokens))
@@ -67,9 +111,9 @@ class TokenBudgets:
         await self._background.drain()
 
 
-async def metered(budgets: TokenBudgets, caller: Caller,
-                  chunks: AsyncIterator[mesh_pb2.GenerateChunk]) -> AsyncIterator[mesh_pb2.GenerateChunk]:
-    """Charges what the stream really used: the final usage, or the tokens sent before a cancel or failure.
+async def metered(budgets: TokenBudgets, caller: Caller, chunks: AsyncIterator[mesh_pb2.GenerateChunk],
+                  reservation: str = "") -> AsyncIterator[mesh_pb2.GenerateChunk]:
+    """Settles what the stream really used: the final usage, or the tokens sent before a cancel or failure.
 
     A cache hit is free: it used no model time.
     """
@@ -82,4 +126,4 @@ async def metered(budgets: TokenBudgets, caller: Caller,
                 total = 0 if chunk.metadata.cache_status in _CACHE_HITS else chunk.usage.total_tokens
             yield chunk
     finally:
-        budgets.charge(caller, streamed if total is None else total)
+        budgets.settle(caller, reservation, streamed if total is None else total)

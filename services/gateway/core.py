@@ -8,6 +8,7 @@ that, less a margin."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,13 +27,15 @@ from services.gateway.cache_client import CacheClient
 from services.gateway.documents import DocumentsRelay
 from services.gateway.embedding import embed_texts
 from services.gateway.genai_metrics import observed
-from services.gateway.plan import RequestPlan, plan_request
+from services.gateway.plan import RequestPlan, estimated_cost, plan_request
 from services.gateway.request_log import GenerationLog, prompt_text
 from services.gateway.routing_hints import affinity_key, group_member
 from services.gateway.settings import GatewaySettings
 from services.gateway.validation import check_embed, check_generate, check_model
 
 log = logging.getLogger(__name__)
+# A reservation outlives its generation's deadline by this much before it expires unsettled.
+_SETTLE_MARGIN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,10 @@ class MeshCore:
         chunks = observed(chunks, plan.caller.tenant, plan.model.name)
         if self._budgets is None:
             return chunks
-        await self._budgets.admit(plan.caller)
-        return metered(self._budgets, plan.caller, chunks)
+        # The worst case is held before the generation starts (and the rest given back when it ends), so that a
+        # tenant's concurrent streams cannot spend past its budget together.
+        reservation = await self._budgets.reserve(plan.caller, plan.cost, plan.timeout_s + _SETTLE_MARGIN_S)
+        return metered(self._budgets, plan.caller, chunks, reservation)
 
     async def generate(self, caller: Caller, request: mesh_pb2.GenerateRequest,
                        remaining_s: float | None) -> Generation:
@@ -113,7 +118,8 @@ class MeshCore:
             plan = plan_request(caller, model, request.request_id,
                                 within(self.settings.generate_timeout_s, remaining_s),
                                 session=request.session_id, group=group,
-                                affinity=affinity_key(request, self.settings.affinity_min_prefix_chars))
+                                affinity=affinity_key(request, self.settings.affinity_min_prefix_chars),
+                                priority=request.priority, cost=estimated_cost(request))
             return Generation(plan.metadata, _logged(await self._generate(request, plan), record))
         except MeshError as exc:
             record.failed(exc)
@@ -124,7 +130,8 @@ class MeshCore:
                     remaining_s: float | None) -> mesh_pb2.EmbedResponse:
         model = await self.model(request.model, models_pb2.MODEL_KIND_EMBED)
         check_embed(request, self.settings.limits)
-        plan = plan_request(caller, model, request.request_id, within(self.settings.embed_timeout_s, remaining_s))
+        plan = plan_request(caller, model, request.request_id, within(self.settings.embed_timeout_s, remaining_s),
+                            cost=sum(len(t) for t in request.texts) // 4)
         return await self._embed(list(request.texts), request.cache_mode, plan)
 
     async def _embed(self, texts: list[str], mode: mesh_pb2.CacheMode.ValueType,
@@ -180,7 +187,8 @@ class MeshCore:
             if not 1 <= top_k <= settings.ask_default_top_k:
                 raise invalid(f"top_k must be within 1..{settings.ask_default_top_k}, got {top_k}")
             max_tokens = request.max_tokens or min(settings.ask_default_max_tokens, model.max_output_tokens)
-            plan = plan_request(caller, model, request.request_id, within(settings.generate_timeout_s, remaining_s))
+            plan = plan_request(caller, model, request.request_id, within(settings.generate_timeout_s, remaining_s),
+                                priority=request.priority)
             hits = []
             try:
                 search = retrieval_pb2.SearchRequest(query=request.question, top_k=top_k, filter=request.filter)
@@ -194,6 +202,7 @@ class MeshCore:
                 plan.metadata.degraded.append("retrieval")
                 log.warning("ask without context", extra={"tenant": caller.tenant, "error": exc.message})
             generate, citations = rag.build_request(request, hits, settings.ask_max_context_chars, max_tokens)
+            plan = dataclasses.replace(plan, cost=estimated_cost(generate))
             record.prompt = prompt_text(generate) if settings.log_prompts else ""
             check_generate(generate, model, limits)
             chunks = _cited(await self._generate(generate, plan), citations)

@@ -15,7 +15,7 @@ from inference_mesh.v1 import mesh_pb2
 from services.common.errors import MeshError, from_stream_error
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays, read_to_end
 from services.common.retries import Retrier
-from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER
+from services.common.wire import AFFINITY_PARAMETER, RETRY_AFTER_PARAMETER, SESSION_PARAMETER
 from services.gateway.errors import from_rpc_error
 from services.gateway.plan import RequestPlan
 from services.gateway.served_by import record_placement
@@ -77,7 +77,8 @@ async def stream_generation(
             async for item in stream:
                 started = True
                 if item.error_message:
-                    raise from_stream_error(item.error_message)
+                    hint = item.infer_response.parameters.get(RETRY_AFTER_PARAMETER)
+                    raise from_stream_error(item.error_message, hint.double_param if hint is not None else 0.0)
                 chunk = _chunk(item.infer_response, metadata)
                 if chunk is not None:
                     yield chunk

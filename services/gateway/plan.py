@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
-from services.common.wire import TENANT_HEADER
+from services.common.wire import COST_HEADER, PRIORITY_HEADER, SHARE_WEIGHT_HEADER, TENANT_HEADER
 from services.gateway.auth import Caller
 from services.gateway.routing_hints import with_version
 
@@ -21,10 +21,16 @@ class RequestPlan:
     metadata: mesh_pb2.ResponseMetadata
     timeout_s: float
     affinity: str = ""
+    # For the router's fair queues under overload: batch or interactive, and the tokens this may cost.
+    priority: mesh_pb2.Priority.ValueType = mesh_pb2.PRIORITY_INTERACTIVE
+    cost: int = 1
 
     @property
     def headers(self) -> tuple[tuple[str, str], ...]:
-        return (TENANT_HEADER, self.caller.tenant), ("x-request-id", self.metadata.request_id)
+        return ((TENANT_HEADER, self.caller.tenant), ("x-request-id", self.metadata.request_id),
+                (SHARE_WEIGHT_HEADER, f"{self.caller.share_weight:g}"),
+                (PRIORITY_HEADER, "batch" if self.priority == mesh_pb2.PRIORITY_BATCH else "interactive"),
+                (COST_HEADER, str(self.cost)))
 
     @property
     def cache_scope(self) -> cache_pb2.CacheScope:
@@ -33,9 +39,22 @@ class RequestPlan:
 
 
 def plan_request(caller: Caller, model: models_pb2.ModelInfo, request_id: str, timeout_s: float, *,
-                 session: str = "", affinity: str = "", group: str = "") -> RequestPlan:
+                 session: str = "", affinity: str = "", group: str = "",
+                 priority: mesh_pb2.Priority.ValueType = mesh_pb2.PRIORITY_INTERACTIVE, cost: int = 1) -> RequestPlan:
     """The version is sticky on the session, else on the tenant: the same key the router uses for a fallback."""
     model = with_version(model, session or caller.tenant)
     metadata = mesh_pb2.ResponseMetadata(request_id=request_id or uuid.uuid4().hex, model=model.name,
                                          tenant=caller.tenant, model_group=group)
-    return RequestPlan(caller, model, metadata, timeout_s, affinity)
+    return RequestPlan(caller, model, metadata, timeout_s, affinity, priority, max(1, cost))
+
+
+# A chat template's own tokens: a default system prompt (SmolLM2's is ~15 tokens) and each turn's role markers.
+_TEMPLATE_TOKENS, _TOKENS_PER_TURN = 32, 4
+
+
+def estimated_cost(request: mesh_pb2.GenerateRequest) -> int:
+    """A generation's worst case before it runs, in tokens: the prompt (no tokenizer here: at most one token per 3
+    characters, which over-counts English text) and its template, plus everything the answer may take. Budgets
+    reserve it; the router's fair queues charge it; both are corrected by what was really used."""
+    chars = sum(len(m.content) for m in request.messages)
+    return chars // 3 + _TEMPLATE_TOKENS + _TOKENS_PER_TURN * len(request.messages) + request.max_tokens

@@ -7,6 +7,7 @@ Buckets read the clock from Redis (TIME), so replicas on hosts with skewed clock
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from dataclasses import dataclass
 
 import redis.asyncio as redis
@@ -54,6 +55,96 @@ return {allowed, tostring(level), tostring(wait), tostring(granted)}
 
 MONTH_KEY_TTL_S = 40 * 24 * 3600
 
+# Reserve a generation's worst case against both token windows, or refuse. KEYS: minute bucket, month counter,
+# reservation hash, reservations by expiry. ARGV: minute capacity (0: no minute window), rate, tokens, month limit
+# (0: none), month key ttl, reservation id, ttl seconds, tenant, month key name. A worst case larger than a whole
+# window is admitted only from a full window (it would never fit otherwise). Returns {allowed, window refused
+# (1 minute, 2 month), minute level, seconds until it fits, month used}.
+_RESERVE = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local tokens = tonumber(ARGV[3])
+local month_limit = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local level, ts = capacity, now
+if capacity > 0 then
+  local state = redis.call('HMGET', KEYS[1], 'level', 'ts')
+  level = tonumber(state[1]) or capacity
+  ts = tonumber(state[2]) or now
+  level = math.min(capacity, level + math.max(0, now - ts) * rate)
+  local needed = math.min(tokens, capacity)
+  if level < needed then
+    return {0, 1, tostring(level), tostring((needed - level) / rate), '0'}
+  end
+end
+local used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if month_limit > 0 and used + math.min(tokens, month_limit) > month_limit then
+  return {0, 2, tostring(level), '0', tostring(used)}
+end
+if capacity > 0 then
+  level = level - tokens
+  redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - math.min(level, 0)) / rate * 1000) + 1000)
+end
+if month_limit > 0 then
+  used = redis.call('INCRBY', KEYS[2], tokens)
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
+end
+local ttl = tonumber(ARGV[7])
+redis.call('HSET', KEYS[3], 'tenant', ARGV[8], 'tokens', tokens, 'month_key', ARGV[9])
+redis.call('PEXPIRE', KEYS[3], math.ceil(ttl * 2000) + 60000)
+redis.call('ZADD', KEYS[4], now + ttl, ARGV[6])
+return {1, 0, tostring(level), '0', tostring(used)}
+"""
+
+# Settle a reservation with what was really used: the rest goes back to both windows (or, if the reservation is
+# gone, the use is charged as it is). KEYS: minute bucket, reservation hash, reservations by expiry. ARGV: minute
+# capacity (0: none), rate, used tokens, reservation id, month limit (0: none), month key ttl, current month key.
+_SETTLE = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local used = tonumber(ARGV[3])
+local reserved = redis.call('HMGET', KEYS[2], 'tokens', 'month_key')
+local found = reserved[1] ~= false and reserved[1] ~= nil
+local back = used
+local month_key = ARGV[7]
+if found then
+  back = tonumber(reserved[1]) - used
+  month_key = reserved[2]
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[4])
+else
+  back = -used
+end
+if back ~= 0 and capacity > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local state = redis.call('HMGET', KEYS[1], 'level', 'ts')
+  local level = tonumber(state[1]) or capacity
+  local ts = tonumber(state[2]) or now
+  level = math.min(capacity, level + math.max(0, now - ts) * rate + back)
+  redis.call('HSET', KEYS[1], 'level', tostring(level), 'ts', tostring(now))
+  redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - math.min(level, 0)) / rate * 1000) + 1000)
+end
+if back ~= 0 and tonumber(ARGV[5]) > 0 then
+  redis.call('INCRBY', month_key, -back)
+  redis.call('EXPIRE', month_key, tonumber(ARGV[6]))
+end
+if found then return 1 end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    allowed: bool
+    refused_window: int     # 0 none, 1 minute, 2 month
+    minute_level: float
+    wait_s: float
+    month_used: int
+    reservation: str = ""
+
 
 @dataclass(frozen=True)
 class BucketState:
@@ -73,6 +164,8 @@ class LimitStore:
     def __init__(self, redis_url: str, key_prefix: str, timeout_s: float) -> None:
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._bucket = self.redis.register_script(_BUCKET)
+        self._reserve = self.redis.register_script(_RESERVE)
+        self._settle = self.redis.register_script(_SETTLE)
         self._prefix = key_prefix
 
     async def close(self) -> None:
@@ -101,7 +194,7 @@ class LimitStore:
         await self._run(self._requests_key(tenant), burst, requests_per_minute / 60.0, 0, "lease", tokens, 0)
 
     async def minute_tokens(self, tenant: str, tokens_per_minute: int, charge: int = 0) -> BucketState:
-        key = f"{self._prefix}:tokens-minute:{tenant}"
+        key = self._minute_key(tenant)
         rate = tokens_per_minute / 60.0
         return await self._run(key, tokens_per_minute, rate, charge, "charge" if charge else "peek")
 
@@ -116,6 +209,49 @@ class LimitStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             used, _ = await pipe.incrby(key, tokens).expire(key, MONTH_KEY_TTL_S).execute()
         return int(used)
+
+    def _minute_key(self, tenant: str) -> str:
+        return f"{self._prefix}:tokens-minute:{tenant}"
+
+    def _reservation_key(self, reservation: str) -> str:
+        return f"{self._prefix}:reservation:{reservation}"
+
+    @property
+    def _reservations_key(self) -> str:
+        return f"{self._prefix}:reservations"
+
+    async def reserve(self, tenant: str, tokens_per_minute: int, tokens_per_month: int, tokens: int, ttl_s: float,
+                      now: dt.datetime) -> Reservation:
+        reservation = secrets.token_hex(12)
+        month_key = self._month_key(tenant, now)
+        allowed, window, level, wait, used = await self._reserve(
+            keys=[self._minute_key(tenant), month_key, self._reservation_key(reservation), self._reservations_key],
+            args=[tokens_per_minute, tokens_per_minute / 60.0, tokens, tokens_per_month, MONTH_KEY_TTL_S,
+                  reservation, ttl_s, tenant, month_key])
+        return Reservation(bool(allowed), int(window), float(level), float(wait), int(float(used)),
+                           reservation if allowed else "")
+
+    async def settle(self, tenant: str, tokens_per_minute: int, tokens_per_month: int, reservation: str, used: int,
+                     now: dt.datetime) -> bool:
+        """True when the reservation was there (the rest went back); False: it had expired, `used` was charged."""
+        return bool(await self._settle(
+            keys=[self._minute_key(tenant), self._reservation_key(reservation), self._reservations_key],
+            args=[tokens_per_minute, tokens_per_minute / 60.0, used, reservation, tokens_per_month, MONTH_KEY_TTL_S,
+                  self._month_key(tenant, now)]))
+
+    async def expired_reservations(self, limit: int = 100) -> list[tuple[str, str]]:
+        """(reservation, tenant) of reservations past their time (by Redis's clock)."""
+        seconds, micros = await self.redis.time()
+        ids = await self.redis.zrangebyscore(self._reservations_key, "-inf", seconds + micros / 1e6, start=0, num=limit)
+        found = []
+        for raw in ids:
+            reservation = raw.decode() if isinstance(raw, bytes) else raw
+            tenant = await self.redis.hget(self._reservation_key(reservation), "tenant")
+            if tenant is None:  # its hash is gone: nothing held any more
+                await self.redis.zrem(self._reservations_key, reservation)
+                continue
+            found.append((reservation, tenant.decode() if isinstance(tenant, bytes) else tenant))
+        return found
 
     async def reset(self, tenant: str) -> None:
         """Operators: forget a tenant's buckets and this month's usage (e.g. after raising its tier)."""

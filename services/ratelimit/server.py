@@ -28,23 +28,25 @@ async def serve(settings: RateLimitSettings) -> None:
                                                    settings.lease_ttl_s))
     envoy_ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
         EnvoyRateLimitService(config, requests, settings.domain), host.server)
-    quota_pb2_grpc.add_TokenBudgetServicer_to_server(TokenBudgetService(config, store), host.server)
+    budgets = TokenBudgetService(config, store)
+    quota_pb2_grpc.add_TokenBudgetServicer_to_server(budgets, host.server)
     host.expose([envoy_ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
                  quota_pb2.DESCRIPTOR.services_by_name["TokenBudget"].full_name])
 
     async def redis_answers() -> bool:
         return bool(await store.redis.ping())
 
-    async def give_back_leases() -> None:
+    async def sweep() -> None:
         while True:
             await asyncio.sleep(settings.lease_ttl_s / 2)
             try:
                 await requests.give_back_expired()
-            except RedisError as exc:  # those tokens are lost; the bucket refills them at its rate
-                log.warning("expired leases not given back", extra={"error": str(exc)})
+                await budgets.expire_reservations()
+            except RedisError as exc:  # tried again at the next sweep (leases: lost; the bucket refills them)
+                log.warning("expired leases or reservations not given back", extra={"error": str(exc)})
 
     try:
-        await host.run(background=[host.serving_while(redis_answers), give_back_leases])
+        await host.run(background=[host.serving_while(redis_answers), sweep])
     finally:
         await store.close()
 

@@ -81,3 +81,58 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
             raise MeshError(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}") from exc
         metrics.TOKENS_CHARGED.labels(tenant.tier).inc(request.tokens)
         return reply
+
+    async def Reserve(self, request: quota_pb2.BudgetReserveRequest, context: grpc.aio.ServicerContext
+                      ) -> quota_pb2.BudgetReserveReply:
+        tenant, tier = await self._tenant(request.tenant, context)
+        if not tier.tokens_per_minute and not tier.tokens_per_month:
+            return quota_pb2.BudgetReserveReply(check=quota_pb2.BudgetCheckReply(allowed=True))
+        ttl_s = request.ttl.ToTimedelta().total_seconds()
+        if request.tokens <= 0 or ttl_s <= 0:
+            raise MeshError(grpc.StatusCode.INVALID_ARGUMENT, "a reservation needs tokens > 0 and a ttl > 0")
+        now = self._clock()
+        try:
+            held = await self._store.reserve(tenant.id, tier.tokens_per_minute, tier.tokens_per_month,
+                                             request.tokens, ttl_s, now)
+        except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("token_budget").inc()
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}") from exc
+        check = quota_pb2.BudgetCheckReply(allowed=held.allowed, minute_remaining=max(0, int(held.minute_level)),
+                                           month_remaining=max(0, tier.tokens_per_month - held.month_used))
+        if held.refused_window == 1:
+            check.exhausted, check.limit = quota_pb2.BUDGET_WINDOW_MINUTE, tier.tokens_per_minute
+            check.retry_after.CopyFrom(as_duration(held.wait_s))
+        elif held.refused_window == 2:
+            check.exhausted, check.limit = quota_pb2.BUDGET_WINDOW_MONTH, tier.tokens_per_month
+            check.retry_after.CopyFrom(as_duration(seconds_to_next_month(now)))
+        metrics.BUDGET_DECISIONS.labels(tenant.tier, "ok" if held.allowed else "exhausted").inc()
+        return quota_pb2.BudgetReserveReply(check=check, reservation=held.reservation)
+
+    async def Settle(self, request: quota_pb2.BudgetSettleRequest, context: grpc.aio.ServicerContext
+                     ) -> quota_pb2.BudgetSettleReply:
+        tenant, tier = await self._tenant(request.tenant, context)
+        if not request.reservation:
+            raise MeshError(grpc.StatusCode.INVALID_ARGUMENT, "reservation is required: what Reserve returned")
+        try:
+            settled = await self._store.settle(tenant.id, tier.tokens_per_minute, tier.tokens_per_month,
+                                               request.reservation, request.used_tokens, self._clock())
+        except RedisError as exc:
+            metrics.REDIS_ERRORS.labels("token_budget").inc()
+            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}") from exc
+        metrics.TOKENS_CHARGED.labels(tenant.tier).inc(request.used_tokens)
+        return quota_pb2.BudgetSettleReply(settled=settled)
+
+    async def expire_reservations(self) -> int:
+        """Gives back everything held by reservations past their ttl (their gateway never settled them)."""
+        expired = 0
+        for reservation, tenant_id in await self._store.expired_reservations():
+            tenant = self._config.tenant(tenant_id)
+            if tenant is None:
+                continue
+            tier = self._config.tiers[tenant.tier]
+            await self._store.settle(tenant.id, tier.tokens_per_minute, tier.tokens_per_month, reservation, 0,
+                                     self._clock())
+            expired += 1
+        if expired:
+            metrics.RESERVATIONS_EXPIRED.inc(expired)
+        return expired

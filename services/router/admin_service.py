@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
 
 from inference_mesh.v1 import router_pb2, router_pb2_grpc
 from services.common.errors import MeshError
+from services.router.admission import FairAdmission
 from services.router.balancer import Balancer
 from services.router.replicas import Replica
 from services.router.state import RouterState
 
 
 class RouterAdminService(router_pb2_grpc.RouterAdminServicer):
-    def __init__(self, state: RouterState, balancer: Balancer, queue_ms_per_slot: float) -> None:
+    def __init__(self, state: RouterState, balancer: Balancer, queue_ms_per_slot: float,
+                 admissions: Callable[[], dict[str, FairAdmission]] = dict) -> None:
         self._state = state
         self._balancer = balancer
         self._queue_ms_per_slot = queue_ms_per_slot
+        self._admissions = admissions
 
     def _info(self, replica: Replica) -> router_pb2.ReplicaInfo:
         load = max((replica.load(m, self._queue_ms_per_slot) for m in replica.models), default=replica.in_flight)
@@ -33,7 +38,12 @@ class RouterAdminService(router_pb2_grpc.RouterAdminServicer):
             groups=[registry.group_info(name) for name in sorted(registry.groups)])
 
     async def ListReplicas(self, request, context):
-        return router_pb2.ListReplicasResponse(replicas=[self._info(r) for r in self._state.replicas.replicas])
+        queues = [router_pb2.AdmissionQueue(triton_model=model, tenant=tenant,
+                                            interactive=waiting.get("interactive", 0), batch=waiting.get("batch", 0))
+                  for model, admission in sorted(self._admissions().items())
+                  for tenant, waiting in sorted(admission.queues().items())]
+        return router_pb2.ListReplicasResponse(replicas=[self._info(r) for r in self._state.replicas.replicas],
+                                               queues=queues)
 
     async def ListPools(self, request, context):
         pools = []

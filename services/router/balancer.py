@@ -48,6 +48,8 @@ class BalancerSettings:
     max_keys: int = 100_000
     # A replica with this many requests in flight from this router takes no more (0: no bound).
     max_in_flight_per_replica: int = 0
+    # Placements' own bounds per model (the fair queues' trigger); off: first come, first served in Triton.
+    placement_bounds: bool = True
 
 
 @dataclass(frozen=True)
@@ -137,11 +139,14 @@ class Balancer:
         bound = self._settings.max_in_flight_per_replica
         full = 0
         passed_over: list[str] = []
-        for pool in model.pool_names:
+        for placement in model.pools:
+            pool = placement.pool
+            model_bound = placement.max_in_flight_per_replica if self._settings.placement_bounds else 0
             members = self._replicas.in_pool(pool)
             found = [r for r in members if r.serves(model.triton_model) and r.name not in exclude]
-            if bound:
-                free = [r for r in found if r.in_flight < bound]
+            if bound or model_bound:
+                free = [r for r in found if (not bound or r.in_flight < bound)
+                        and (not model_bound or r.in_flight_of(model.triton_model) < model_bound)]
                 full += len(found) - len(free)
                 found = free
             if found:
@@ -149,9 +154,18 @@ class Balancer:
             if members:
                 passed_over.append(pool)
         if full:
-            raise AtCapacityError(f"every ready replica for {model.triton_model!r} has {bound} requests in flight; "
-                                  "retry with backoff")
+            raise AtCapacityError(f"every ready replica for {model.triton_model!r} is at its bound of requests in "
+                                  f"flight ({bound} per replica, or its pool's own for this model); retry with backoff")
         raise NoReplicaError(f"no ready replica for Triton model {model.triton_model!r} in pools {model.pool_names}")
+
+    def slots(self, model: ModelSpec) -> int:
+        """How many requests of `model` its first usable pool runs at once (for admission's wait estimates)."""
+        for placement in model.pools:
+            ready = [r for r in self._replicas.in_pool(placement.pool) if r.serves(model.triton_model)]
+            if ready:
+                per = placement.max_in_flight_per_replica or self._settings.max_in_flight_per_replica or 1
+                return per * len(ready)
+        return 1
 
     def load(self, replica: Replica, model: ModelSpec) -> float:
         return replica.load(model.triton_model, self._settings.queue_ms_per_slot)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -15,10 +16,20 @@ from services.common.breakers import BreakerOpenError
 from services.common.canary import choose_version
 from services.common.deadlines import downstream_timeout
 from services.common.errors import MeshError, stream_error_text
-from services.common.kserve import is_final_response, read_to_end
+from services.common.kserve import is_final_response, output_arrays, read_to_end
 from services.common.retries import Retrier
-from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER, SPILL_PARAMETER, TENANT_HEADER
+from services.common.wire import (
+    AFFINITY_PARAMETER,
+    COST_HEADER,
+    PRIORITY_HEADER,
+    RETRY_AFTER_PARAMETER,
+    SESSION_PARAMETER,
+    SHARE_WEIGHT_HEADER,
+    SPILL_PARAMETER,
+    TENANT_HEADER,
+)
 from services.router import kserve_metadata
+from services.router.admission import AdmissionSettings, FairAdmission, Priority, QueueRefusal, Ticket
 from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica
@@ -97,6 +108,42 @@ def _tenant(context: grpc.aio.ServicerContext) -> str:
     return next((v for k, v in context.invocation_metadata() or () if k == TENANT_HEADER), "")
 
 
+def _bounded(text: str | None, default: float, low: float, high: float) -> float:
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        return default
+    return min(high, max(low, value)) if value == value else default  # NaN: the default
+
+
+def _ticket(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Ticket:
+    """Who asks and what the request may cost, from the gateway's headers; a caller without them (a KServe client
+    inside the mesh) counts as one interactive token of weight 1 under the tenant header it sent, if any."""
+    headers = dict(context.invocation_metadata() or ())
+    remaining = context.time_remaining()
+    return Ticket(tenant=str(headers.get(TENANT_HEADER, "")),
+                  weight=_bounded(headers.get(SHARE_WEIGHT_HEADER), 1.0, 0.01, 100.0),
+                  cost=_bounded(headers.get(COST_HEADER), 1.0, 1.0, 1e7),
+                  priority=Priority.BATCH if headers.get(PRIORITY_HEADER) == "batch" else Priority.INTERACTIVE,
+                  deadline=time.monotonic() + (remaining if remaining is not None else default_timeout_s))
+
+
+def _used_tokens(response: service_pb2.ModelInferResponse, fallback: float) -> float:
+    """Prompt + completion tokens from a generation's last response, when the model reports them."""
+    try:
+        outputs = output_arrays(response)
+        return float(outputs["prompt_tokens"].reshape(-1)[0] + outputs["completion_tokens"].reshape(-1)[0])
+    except (KeyError, IndexError, ValueError):
+        return fallback
+
+
+def _refusal(exc: QueueRefusal) -> service_pb2.ModelStreamInferResponse:
+    refused = service_pb2.ModelStreamInferResponse(
+        error_message=stream_error_text(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)))
+    refused.infer_response.parameters[RETRY_AFTER_PARAMETER].double_param = exc.retry_after_s
+    return refused
+
+
 @dataclass(frozen=True)
 class Asked:
     """What the caller asked for, read once before any attempt rewrites the request."""
@@ -123,6 +170,38 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._retrier = retrier
         # A stream whose replica sends nothing for this long after its first response has stalled: fail over.
         self._stall_timeout_s = settings.stream_stall_timeout_s
+        # Fair queues per Triton model, for requests that find every replica of it at its bound.
+        self._admission_settings = AdmissionSettings(settings.batch_aging_s, settings.max_queued_per_tenant)
+        self._admissions: dict[str, FairAdmission] = {}
+
+    def admission(self, spec: ModelSpec) -> FairAdmission:
+        found = self._admissions.get(spec.triton_model)
+        if found is None:
+            found = FairAdmission(self._admission_settings, slots=lambda: self._balancer.slots(spec))
+            self._admissions[spec.triton_model] = found
+        return found
+
+    def admissions(self) -> dict[str, FairAdmission]:
+        return dict(self._admissions)
+
+    def _released(self) -> None:
+        """A slot freed somewhere: the router-wide bound may have held back any model's queue."""
+        for admission in list(self._admissions.values()):
+            if admission.waiting():
+                admission.released()
+
+    def _claimed(self, spec: ModelSpec, ask: Asked, route: Route) -> Placed:
+        placed = self._place(spec, ask, route)
+        placed.replica.claim(placed.spec.triton_model)
+        return placed
+
+    @staticmethod
+    def _unclaim(placed: Placed) -> None:
+        placed.replica.unclaim(placed.spec.triton_model)
+
+    async def _admitted_placement(self, spec: ModelSpec, ask: Asked, route: Route, ticket: Ticket) -> Placed:
+        """The first placement of a request: now, or after its turn in the model's fair queue; its slot claimed."""
+        return await self.admission(spec).enter(ticket, lambda: self._claimed(spec, ask, route), self._unclaim)
 
     def any_model_ready(self) -> bool:
         registry = self._state.registry
@@ -236,18 +315,27 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         route = ask.route
         self._retrier.budget.on_request()
         attempts = Attempts()
+        ticket = _ticket(context, self._default_timeout_s)
+        claimed = True
         while True:
             try:
-                placed = self._place(spec, ask, route)
+                placed = await self._admitted_placement(spec, ask, route, ticket) if claimed \
+                    else self._place(spec, ask, route)
+            except QueueRefusal as exc:
+                raise MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                                (("retry-after", str(max(1, round(exc.retry_after_s)))),)) from exc
             except NoReplicaError as exc:
                 raise MeshError(_no_replica_code(exc), str(exc)) from exc
             if (other := self._admitted(placed, route)) is not None:
-                route = other
+                if claimed:
+                    self._unclaim(placed)
+                    self._released()
+                route, claimed = other, False
                 continue
             replica = placed.replica
             placed.aim(request)
             try:
-                with replica.track():
+                with replica.track(placed.spec.triton_model, claimed=claimed):
                     response = await replica.stub.ModelInfer(
                         request, timeout=downstream_timeout(context, self._default_timeout_s))
             except asyncio.CancelledError:
@@ -259,9 +347,11 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     replica.mark_failed(f"{exc.code().name}: {exc.details()}")
                     if await self._retry(attempts.retries, exc.code()):
                         attempts.retries += 1
-                        route = route.excluding(replica.name)
+                        route, claimed = route.excluding(replica.name), False
                         continue
                 raise MeshError(exc.code(), exc.details() or "") from exc
+            finally:
+                self._released()
             replica.breaker.record(grpc.StatusCode.OK)
             _stamp(response, ask.public_name, placed, attempts)
             ROUTED.labels(ask.public_name, response.model_version, replica.pool, replica.name).inc()
@@ -305,31 +395,49 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         progress = StreamProgress()
         attempts = Attempts()
         first_model = ""
+        ticket = _ticket(context, self._default_timeout_s)
+        # The first placement waits its fair turn when every replica is busy; a retry or resume already had one.
+        claimed = True
         while True:
             try:
-                placed = self._place(spec, ask, route)
+                placed = await self._admitted_placement(spec, ask, route, ticket) if claimed \
+                    else self._place(spec, ask, route)
                 # Another model cannot continue this one's text.
                 if progress.started and placed.spec.triton_model != first_model:
                     raise NoReplicaError(f"no other replica of {first_model!r} can continue the stream")
+            except QueueRefusal as exc:
+                await out.put(_refusal(exc))
+                return
             except NoReplicaError as exc:
                 await out.put(service_pb2.ModelStreamInferResponse(
                     error_message=stream_error_text(_no_replica_code(exc), f"{exc}{self._progress_note(progress)}")))
                 return
             if (other := self._admitted(placed, route)) is not None:
-                route = other
+                if claimed:
+                    self._unclaim(placed)
+                    self._released()
+                route, claimed = other, False
                 continue
             replica = placed.replica
             placed.aim(request)
             first_model = first_model or placed.spec.triton_model
             attempt = progress.resume_request(request) if progress.started else request
+            started = time.monotonic()
             try:
-                failure = await self._relay_attempt(attempt, public_name, placed, attempts, progress, context, out)
+                failure = await self._relay_attempt(attempt, public_name, placed, attempts, progress, context, out,
+                                                    claimed)
             except asyncio.CancelledError:
                 replica.breaker.abandon()  # the caller went away: no verdict on the replica
                 raise
+            finally:
+                self._released()
+            claimed = False
             if failure is None:
                 if attempts.resumed:
                     RESUMED.labels(public_name, "completed").inc()
+                self.admission(spec).settle(ticket.tenant, ticket.weight, ticket.cost,
+                                            _used_tokens(progress.last, ticket.cost) if progress.last is not None
+                                            else ticket.cost, time.monotonic() - started)
                 return
             code, detail = failure
             replica.breaker.record(code, detail)
@@ -359,13 +467,13 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _relay_attempt(self, request: service_pb2.ModelInferRequest, public_name: str, placed: Placed,
                              attempts: Attempts, progress: StreamProgress, context: grpc.aio.ServicerContext,
-                             out: asyncio.Queue) -> tuple[grpc.StatusCode, str] | None:
+                             out: asyncio.Queue, claimed: bool = False) -> tuple[grpc.StatusCode, str] | None:
         """One replica's part of a stream: None when it ended with its final response, else why it failed."""
         replica = placed.replica
         call = replica.stub.ModelStreamInfer(iter([request]),
                                              timeout=downstream_timeout(context, self._default_timeout_s))
         try:
-            with replica.track():
+            with replica.track(placed.spec.triton_model, claimed=claimed):
                 stream = aiter(call)
                 first = True
                 while True:

@@ -32,6 +32,10 @@ class Placement(BaseModel, extra="forbid"):
     pool: str
     cost_per_1k_tokens: float = 0.0
     latency_class: Literal["interactive", "standard", "batch"] = "standard"
+    # Requests of this model one replica of this pool runs at once (what its engine batches: 1 for llama.cpp on
+    # CPU, the engine's max batch for TensorRT-LLM); beyond, requests wait in the router's fair queues
+    # (services/router/admission.py) instead of Triton's first-come queue. 0: only the router-wide bound.
+    max_in_flight_per_replica: int = Field(default=0, ge=0)
 
 
 class ModelSpec(BaseModel, extra="forbid"):

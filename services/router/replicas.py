@@ -44,6 +44,8 @@ class Replica:
     metrics_endpoint: str = ""
     gpu_class: str = "cpu"
     in_flight: int = 0
+    # Per Triton model: what a model's own bound (ModelSpec.max_in_flight_per_replica) counts.
+    in_flight_by_model: dict[str, int] = field(default_factory=dict)
     ready_models: set[str] = field(default_factory=set)
     last_error: str = ""
     draining: bool = False
@@ -72,13 +74,28 @@ class Replica:
     def mean_queue_ms(self) -> float:
         return max((q.queue_ms for q in self.queues.values()), default=0.0)
 
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
+    def in_flight_of(self, triton_model: str) -> int:
+        return self.in_flight_by_model.get(triton_model, 0)
+
+    def claim(self, triton_model: str) -> None:
+        """Counts a request on this replica from the moment it is placed (admission hands out slots before the
+        call starts: a slot must not be given twice)."""
         self.in_flight += 1
+        self.in_flight_by_model[triton_model] = self.in_flight_of(triton_model) + 1
+
+    def unclaim(self, triton_model: str) -> None:
+        self.in_flight -= 1
+        self.in_flight_by_model[triton_model] = self.in_flight_of(triton_model) - 1
+
+    @contextlib.contextmanager
+    def track(self, triton_model: str = "", claimed: bool = False) -> Iterator[None]:
+        """In flight for the block (already counted when `claimed`), not after it."""
+        if not claimed:
+            self.claim(triton_model)
         try:
             yield
         finally:
-            self.in_flight -= 1
+            self.unclaim(triton_model)
 
     def mark_failed(self, error: str) -> None:
         """Called when a call fails with UNAVAILABLE: leave rotation now, the prober brings it back."""

@@ -25,13 +25,13 @@ async def serve(settings: RouterSettings) -> None:
     state = RouterState.load(settings.registry_file, settings.resilience, settings.tls)
     balancer = Balancer(state.replicas, BalancerSettings(
         settings.queue_ms_per_slot, settings.affinity_load_factor, settings.affinity_max_load,
-        max_in_flight_per_replica=settings.max_in_flight_per_replica))
+        max_in_flight_per_replica=settings.max_in_flight_per_replica, placement_bounds=settings.fair_queuing))
     inference = RoutingInferenceService(state, balancer, settings, settings.resilience.retrier("replicas"))
     REGISTRY.register(ReplicaCollector(state.replicas))
     host = ServiceHost("router", settings, settings.max_in_flight)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, host.server)
     router_pb2_grpc.add_RouterAdminServicer_to_server(
-        RouterAdminService(state, balancer, settings.queue_ms_per_slot), host.server)
+        RouterAdminService(state, balancer, settings.queue_ms_per_slot, inference.admissions), host.server)
     host.expose([
         service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         router_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name,

@@ -25,6 +25,14 @@ class RouterSettings(ServiceSettings):
     # bound is skipped, and with every replica at it the call gets RESOURCE_EXHAUSTED at once.
     max_in_flight: int = 2048
     max_in_flight_per_replica: int = 64
+    # Fair queues (services/router/admission.py) in front of replicas at their bound (this one, or a model's own
+    # max_in_flight_per_replica in the registry): a batch request waiting this long competes as interactive;
+    # a tenant may have this many requests waiting in this router.
+    batch_aging_s: float = 10.0
+    max_queued_per_tenant: int = 256
+    # Off: placements' own bounds are ignored and requests go straight to Triton's first-come queue (the behaviour
+    # before fair queuing; for comparison, bench/fair_sharing.py).
+    fair_queuing: bool = True
     # The registry file is re-read when it changes (and on RouterAdmin/ReloadRegistry).
     registry_watch_s: float = 2.0
     # Queue-aware choice: how often each replica's Triton metrics are read, and how many ms of measured queue

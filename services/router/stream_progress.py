@@ -36,10 +36,14 @@ class StreamProgress:
     tokens: list[int] = field(default_factory=list)
     # False once a response arrived without a token id: that model cannot be resumed.
     resumable: bool = True
+    # The final response once delivered (its usage settles the request's cost in the fair queues).
+    last: service_pb2.ModelInferResponse | None = None
 
     def delivered(self, response: service_pb2.ModelInferResponse, final: bool) -> None:
         """Note a response that was passed on to the caller."""
         self.responses += 1
+        if final:
+            self.last = response
         index = _output_index(response, TOKEN_OUTPUT)
         if index < 0 or index >= len(response.raw_output_contents):
             self.resumable = self.resumable and final

@@ -30,7 +30,8 @@ def _sampled(body: _Sampling, messages: Sequence[mesh_pb2.ChatMessage], max_toke
     request = mesh_pb2.GenerateRequest(
         model=body.model, messages=messages, max_tokens=max_tokens, stop=body.stops(),
         request_id=body.request_id, cache_mode=_CACHE_MODES[body.cache_mode],
-        no_semantic_cache=body.no_semantic_cache, session_id=body.session_id, quality=_QUALITY[body.quality])
+        no_semantic_cache=body.no_semantic_cache, session_id=body.session_id, quality=_QUALITY[body.quality],
+        priority=priority(body))
     if body.max_tokens is not None and body.max_tokens < 1:
         raise invalid_body(f"max_tokens must be at least 1, got {body.max_tokens}", "max_tokens")
     if body.temperature is not None:
@@ -42,6 +43,10 @@ def _sampled(body: _Sampling, messages: Sequence[mesh_pb2.ChatMessage], max_toke
             raise invalid_body(f"seed must be a non-negative integer, got {body.seed}", "seed")
         request.seed = body.seed
     return request
+
+
+def priority(body: _Sampling) -> mesh_pb2.Priority.ValueType:
+    return mesh_pb2.PRIORITY_BATCH if body.service_tier == "flex" else mesh_pb2.PRIORITY_INTERACTIVE
 
 
 def chat_request(body: ChatCompletionRequest, max_tokens: int) -> mesh_pb2.GenerateRequest:
@@ -62,7 +67,8 @@ def ask_request(body: ChatCompletionRequest, max_tokens: int) -> mesh_pb2.AskReq
     if body.stop or body.top_p is not None or body.session_id or body.cache_mode != "default":
         raise invalid_body("with retrieval, only model, messages, max_tokens, temperature, seed and retrieval apply")
     request = mesh_pb2.AskRequest(model=body.model, question=body.messages[0].text(), max_tokens=max_tokens,
-                                  top_k=retrieval.top_k or 0, filter=retrieval.filter, request_id=body.request_id)
+                                  top_k=retrieval.top_k or 0, filter=retrieval.filter, request_id=body.request_id,
+                                  priority=priority(body))
     if retrieval.where is not None:
         try:
             json_format.ParseDict(retrieval.where, request.where)

@@ -64,6 +64,9 @@ class _Sampling(_Body):
     frequency_penalty: Literal[0, 0.0] | None = None
     logprobs: Literal[False] | None = None
     user: StrictStr | None = None
+    # OpenAI's processing tier: "flex" (slower, cheaper) is the mesh's batch priority under overload; the others
+    # are interactive.
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
     # Mesh extensions (documented in docs/openai-api.md).
     cache_mode: Literal["default", "bypass", "refresh"] = "default"
     no_semantic_cache: StrictBool = False

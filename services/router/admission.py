@@ -1,0 +1,218 @@
+"""Admission to saturated replicas: requests that find every replica at its in-flight bound wait in per-tenant
+queues, served by start-time fair queuing on their estimated token cost, interactive before batch (batch ages
+into the interactive class, so it never starves), and a request that cannot start before its deadline is refused
+at once with a retry-after computed from the queue.
+
+Start-time fair queuing (Goyal et al.): a request of tenant t gets the virtual start tag max(V, F_t) and finish
+tag start + cost / weight_t, where F_t is t's last finish tag and V the start tag of the request last sent to a
+replica; the waiting request with the smallest start tag goes next. Under saturation each backlogged tenant's
+share of the tokens served follows its weight, whatever its request rate; an idle tenant does not bank credit
+(its tags restart at V). A request's cost is its prompt tokens + max_tokens; when it ends, the tenant's tags move
+by what it really used, so a tenant asking for 512 tokens and using 20 is not charged for 512.
+
+Per router: several routers each share their own view fairly; with N routers a tenant's share can deviate by at
+most what the others admit in their turn (each router's queue holds only its own callers' requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Generic, TypeVar
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.router.balancer import AtCapacityError
+
+Placement = TypeVar("Placement")
+
+QUEUED = Gauge("mesh_router_admission_queued", "Requests waiting for a replica slot, by tenant and priority",
+               ["tenant", "priority"])
+WAIT_SECONDS = Histogram("mesh_router_admission_wait_seconds", "Time waited for a replica slot, by tenant",
+                         ["tenant"], buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+SERVED_TOKENS = Counter("mesh_router_admission_served_tokens_total",
+                        "Estimated tokens of requests admitted past a full pool, by tenant (their share)", ["tenant"])
+REFUSED = Counter("mesh_router_admission_refused_total", "Requests refused instead of queued, by tenant and reason",
+                  ["tenant", "reason"])
+
+
+class Priority(IntEnum):
+    INTERACTIVE = 0
+    BATCH = 1
+
+
+class QueueRefusal(AtCapacityError):
+    """The request cannot start before its deadline (or the queue is full): refuse now, with when to retry."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    # A batch request waiting this long competes with interactive ones on its tags alone.
+    batch_aging_s: float = 10.0
+    # Requests one tenant may have waiting in this router (beyond: refused at once).
+    max_queued_per_tenant: int = 256
+    # Before anything has finished: the assumed seconds one request holds a slot (for the first estimates).
+    initial_service_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What admission knows of a request: who asks, how much it may cost, how urgent it is, until when."""
+
+    tenant: str
+    weight: float
+    cost: float
+    priority: Priority
+    deadline: float  # on the admission's clock
+
+
+@dataclass(eq=False)
+class _Waiter(Generic[Placement]):
+    ticket: Ticket
+    start_tag: float
+    enqueued: float
+    try_start: Callable[[], Placement]
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class FairAdmission:
+    def __init__(self, settings: AdmissionSettings | None = None, slots: Callable[[], int] = lambda: 1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._settings = settings or AdmissionSettings()
+        self._slots = slots  # how many requests the saturated replicas run at once (for wait estimates)
+        self._clock = clock
+        self._virtual = 0.0
+        self._finish: dict[str, float] = {}
+        self._waiting: list[_Waiter] = []
+        self._service_s = self._settings.initial_service_s
+
+    def _start_tag(self, ticket: Ticket) -> float:
+        return max(self._virtual, self._finish.get(ticket.tenant, 0.0))
+
+    def _tag(self, ticket: Ticket) -> float:
+        """Tags a request on arrival: its start tag; the tenant's next request starts where this one finishes."""
+        start = self._start_tag(ticket)
+        self._finish[ticket.tenant] = start + ticket.cost / ticket.weight
+        return start
+
+    def _rank(self, waiter: _Waiter, now: float) -> tuple[int, float]:
+        aged = now - waiter.enqueued >= self._settings.batch_aging_s
+        klass = Priority.INTERACTIVE if aged else waiter.ticket.priority
+        return int(klass), waiter.start_tag
+
+    def _ordered(self) -> list[_Waiter]:
+        now = self._clock()
+        return sorted(self._waiting, key=lambda w: self._rank(w, now))
+
+    def _unclaim(self, ticket: Ticket) -> None:
+        finish = self._finish.get(ticket.tenant)
+        if finish is not None:
+            self._finish[ticket.tenant] = max(self._virtual, finish - ticket.cost / ticket.weight)
+
+    def waiting(self, tenant: str | None = None) -> int:
+        return sum(1 for w in self._waiting if tenant is None or w.ticket.tenant == tenant)
+
+    def queues(self) -> dict[str, dict[str, int]]:
+        """{tenant: {priority name: requests waiting}} for the admin API."""
+        found: dict[str, dict[str, int]] = {}
+        for waiter in self._waiting:
+            per = found.setdefault(waiter.ticket.tenant, {})
+            name = waiter.ticket.priority.name.lower()
+            per[name] = per.get(name, 0) + 1
+        return found
+
+    def estimated_wait_s(self, ahead: int) -> float:
+        """Seconds until a request with `ahead` requests before it gets a slot."""
+        return (ahead + 1) * self._service_s / max(1, self._slots())
+
+    def _admit(self, ticket: Ticket, start_tag: float) -> None:
+        self._virtual = max(self._virtual, start_tag)
+        SERVED_TOKENS.labels(ticket.tenant).inc(ticket.cost)
+
+    async def enter(self, ticket: Ticket, try_start: Callable[[], Placement],
+                    give_back: Callable[[Placement], None]) -> Placement:
+        """`try_start` places the request and claims its replica slot at once, or raises AtCapacityError. With
+        nobody waiting it is tried right away; else, or when it fails, the request waits its turn. `give_back`
+        returns a slot claimed for a request that went away before it could use it."""
+        if not self._waiting:
+            try:
+                placed = try_start()
+            except AtCapacityError:
+                pass
+            else:
+                self._admit(ticket, self._tag(ticket))
+                return placed
+        return await self._wait(ticket, try_start, give_back)
+
+    async def _wait(self, ticket: Ticket, try_start: Callable[[], Placement],
+                    give_back: Callable[[Placement], None]) -> Placement:
+        now = self._clock()
+        if self.waiting(ticket.tenant) >= self._settings.max_queued_per_tenant:
+            REFUSED.labels(ticket.tenant, "queue_full").inc()
+            raise QueueRefusal(f"tenant {ticket.tenant!r} already has {self._settings.max_queued_per_tenant} requests "
+                               "waiting for a replica; retry with backoff", self.estimated_wait_s(self.waiting()))
+        waiter = _Waiter(ticket, self._start_tag(ticket), now, try_start)
+        rank = self._rank(waiter, now)
+        ahead = sum(1 for w in self._waiting if self._rank(w, now) <= rank)
+        wait_s = self.estimated_wait_s(ahead)
+        if now + wait_s > ticket.deadline:
+            REFUSED.labels(ticket.tenant, "deadline").inc()
+            raise QueueRefusal(
+                f"every replica is busy and {ahead} requests are ahead of this one: it would start in about "
+                f"{wait_s:.1f} s, after its deadline ({max(0.0, ticket.deadline - now):.1f} s left); retry later or "
+                "with a longer deadline", wait_s)
+        waiter.start_tag = self._tag(ticket)
+        self._waiting.append(waiter)
+        QUEUED.labels(ticket.tenant, ticket.priority.name.lower()).inc()
+        try:
+            async with asyncio.timeout(max(0.0, ticket.deadline - now)):
+                placed = await waiter.future
+        except TimeoutError:
+            self._unclaim(ticket)
+            REFUSED.labels(ticket.tenant, "deadline").inc()
+            raise QueueRefusal("every replica stayed busy until this request's deadline; retry later",
+                               self.estimated_wait_s(self.waiting())) from None
+        except asyncio.CancelledError:
+            # Its turn came just as its caller went away: the slot it was given goes to the next in line.
+            if waiter.future.done() and not waiter.future.cancelled():
+                give_back(waiter.future.result())
+                self.released()
+            else:  # never served: the tenant's later requests need not wait for its turn
+                self._unclaim(ticket)
+            raise
+        finally:
+            QUEUED.labels(ticket.tenant, ticket.priority.name.lower()).dec()
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+        WAIT_SECONDS.labels(ticket.tenant).observe(self._clock() - now)
+        return placed
+
+    def released(self) -> None:
+        """A slot may have freed: start waiting requests in fair order while their placement succeeds."""
+        for waiter in self._ordered():
+            if waiter.future.done():
+                continue
+            try:
+                placed = waiter.try_start()
+            except AtCapacityError:
+                continue  # its pools are full; another waiter's (a different model) may not be
+            self._waiting.remove(waiter)
+            self._admit(waiter.ticket, waiter.start_tag)
+            waiter.future.set_result(placed)
+
+    def settle(self, tenant: str, weight: float, estimated: float, used: float, seconds: float) -> None:
+        """A request admitted with `estimated` cost used `used` tokens and held its slot `seconds`: the tenant's
+        tags move by the difference, and the service time estimate learns."""
+        if tenant in self._finish:
+            self._finish[tenant] = max(self._virtual, self._finish[tenant] + (used - estimated) / weight)
+        self._service_s = 0.8 * self._service_s + 0.2 * max(seconds, 0.001)
+
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil(self.estimated_wait_s(self.waiting())))

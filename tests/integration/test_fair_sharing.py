@@ -1,0 +1,166 @@
+"""Fair sharing under overload on real Triton: the local registry lets one generation per replica run at a time
+(llama.cpp on CPU), so the session stack's one replica is saturated by a few concurrent requests, and what waits,
+waits in the router's fair queues (services/router/admission.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import grpc
+import pytest
+
+from inference_mesh.v1 import mesh_pb2, router_pb2, router_pb2_grpc
+from tests.conftest import KEYS, chat
+
+
+def key(tenant: str) -> tuple[tuple[str, str], ...]:
+    return (("x-api-key", KEYS[tenant]),)
+
+
+def sampled(content: str, max_tokens: int = 6, **kwargs) -> mesh_pb2.GenerateRequest:
+    # Sampled and uncached: every request runs on Triton.
+    return chat(content, max_tokens=max_tokens, temperature=0.9, cache_mode=mesh_pb2.CACHE_MODE_BYPASS, **kwargs)
+
+
+class Load:
+    """Closed loops of requests per tenant (each keeps `depth` requests outstanding) until stopped; records the
+    order in which requests finish."""
+
+    def __init__(self, mesh, requests: dict[str, mesh_pb2.GenerateRequest], depth: int) -> None:
+        self._mesh = mesh
+        self._requests = requests
+        self._depth = depth
+        self._stop = threading.Event()
+        self.finished: list[str] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, args=(tenant,), daemon=True)
+                         for tenant in requests for _ in range(depth)]
+
+    def _loop(self, tenant: str) -> None:
+        while not self._stop.is_set():
+            try:
+                list(self._mesh.Generate(self._requests[tenant], metadata=key(tenant), timeout=120))
+            except grpc.RpcError as exc:
+                with self._lock:
+                    self.errors.append(f"{tenant}: {exc.code().name} {exc.details()}")
+                return
+            with self._lock:
+                if not self._stop.is_set():
+                    self.finished.append(tenant)
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def wait_for(self, count: int, timeout_s: float = 120) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.finished) < count:
+            assert not self.errors, self.errors
+            assert time.monotonic() < deadline, f"only {len(self.finished)} of {count} requests finished"
+            time.sleep(0.05)
+        return list(self.finished)
+
+
+def test_service_shares_under_saturation_follow_the_tier_weights(mesh):
+    # Same prompt length and max_tokens: the same estimated cost, so shares of requests are shares of tokens.
+    requests = {"tenant-heavy": sampled("Name a colour."), "tenant-light": sampled("Name a fruit.")}
+    with Load(mesh, requests, depth=4) as load:
+        load.wait_for(6)  # past the start, with both tenants' queues full
+        skip = len(load.finished)
+        done = load.wait_for(skip + 30)[skip:skip + 30]
+    shares = Counter(done)
+    heavy = shares["tenant-heavy"] / len(done)
+    assert heavy == pytest.approx(2 / 3, abs=0.1), f"weights 2:1 gave {shares}"
+
+
+def test_a_quiet_tenant_does_not_wait_behind_a_flood(mesh):
+    with Load(mesh, {"tenant-flood": sampled("Count to ten.")}, depth=8) as load:
+        load.wait_for(2)
+        started = time.monotonic()
+        _ = list(mesh.Generate(sampled("Name a bird."), metadata=key("tenant-quiet"), timeout=60))
+        quiet_s = time.monotonic() - started
+        finished_meanwhile = len(load.finished) - 2
+    # First come, first served it would wait for all 8 of the flooder's; fairly it waits for the one running
+    # (and at most one more that the flooder had queued before it arrived).
+    assert finished_meanwhile <= 2, f"{finished_meanwhile} of the flooder's requests went first ({quiet_s:.2f} s)"
+
+
+def test_batch_waits_behind_interactive_and_still_completes(mesh):
+    requests = {"tenant-flood": sampled("Name a river.")}
+    with Load(mesh, requests, depth=3) as load:
+        load.wait_for(1)
+        done: dict[str, float] = {}
+
+        def one(name: str, priority: mesh_pb2.Priority.ValueType) -> None:
+            list(mesh.Generate(sampled("Name a tree.", priority=priority), metadata=key("tenant-quiet"), timeout=90))
+            done[name] = time.monotonic()
+
+        batch = threading.Thread(target=one, args=("batch", mesh_pb2.PRIORITY_BATCH))
+        batch.start()
+        time.sleep(0.3)
+        interactive = threading.Thread(target=one, args=("interactive", mesh_pb2.PRIORITY_INTERACTIVE))
+        interactive.start()
+        interactive.join(90)
+        batch.join(90)
+    assert set(done) == {"batch", "interactive"}, "both complete"
+    assert done["interactive"] < done["batch"], "the batch request came first but yields to the interactive one"
+
+
+def test_a_request_that_cannot_start_in_time_is_refused_at_once_with_retry_after(mesh, stack):
+    with Load(mesh, {"tenant-flood": sampled("Name a city.", max_tokens=16)}, depth=10) as load:
+        load.wait_for(2)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            list(mesh.Generate(sampled("Name a lake."), metadata=key("tenant-flood"), timeout=0.6))
+        took = time.monotonic() - started
+        with grpc.insecure_channel(stack.router_address) as channel:
+            queues = router_pb2_grpc.RouterAdminStub(channel).ListReplicas(router_pb2.ListReplicasRequest(),
+                                                                          timeout=5).queues
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+    assert took < 0.4, f"refused after {took:.2f} s: not at once"
+    assert "deadline" in refused.value.details()
+    assert int(dict(refused.value.trailing_metadata())["retry-after"]) >= 1
+    flooded = [q for q in queues if q.tenant == "tenant-flood"]
+    assert flooded and flooded[0].interactive >= 1 and flooded[0].triton_model == "smollm2", queues
+
+
+def test_concurrent_streams_cannot_spend_past_a_token_budget(mesh):
+    # 300 tokens per minute (the small-budget tier); each request may cost its prompt + 40 tokens: reserved
+    # before it starts, so only as many start as the budget covers, whatever their concurrency.
+    budget, refill_per_s = 300, 300 / 60
+    results: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def one(index: int) -> None:
+        try:
+            chunks = list(mesh.Generate(sampled(f"Write a long story, part {index}.", max_tokens=40),
+                                        metadata=key("tenant-reserve"), timeout=120))
+            outcome = ("ok", chunks[-1].usage.total_tokens)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+            assert "worst case" in exc.details() and "300 tokens per minute" in exc.details(), exc.details()
+            assert int(dict(exc.trailing_metadata())["retry-after"]) >= 1
+            outcome = ("refused", 0)
+        with lock:
+            results.append(outcome)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    elapsed = time.monotonic() - started
+    used = sum(tokens for outcome, tokens in results if outcome == "ok")
+    admitted = sum(1 for outcome, _ in results if outcome == "ok")
+    assert len(results) == 12 and 1 <= admitted < 12, results
+    assert used <= budget + refill_per_s * elapsed, (used, elapsed, results)

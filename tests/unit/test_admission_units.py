@@ -1,0 +1,216 @@
+"""Fair admission (services/router/admission.py) against a pool of slots served in simulated time: shares follow
+weights on token cost, batch yields to interactive but is not starved, a request that cannot start in time is
+refused at once, a slot given to a request that went away goes to the next."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+
+from services.router.admission import AdmissionSettings, FairAdmission, Priority, QueueRefusal, Ticket
+from services.router.balancer import AtCapacityError
+
+
+class Slots:
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+    def take(self) -> str:
+        if self.free <= 0:
+            raise AtCapacityError("full")
+        self.free -= 1
+        return "slot"
+
+    def give_back(self, _: str) -> None:
+        self.free += 1
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ticket(tenant: str, weight: float = 1.0, cost: float = 10.0, priority: Priority = Priority.INTERACTIVE,
+           deadline: float = 1e9) -> Ticket:
+    return Ticket(tenant, weight, cost, priority, deadline)
+
+
+async def _serve(admission: FairAdmission, slots: Slots, tickets: list[Ticket], serve_first: int,
+                 clock: Clock) -> list[str]:
+    """Everyone arrives at once (slot full); then requests are completed one at a time: the order they start."""
+    started: list[str] = []
+
+    async def one(t: Ticket) -> None:
+        await admission.enter(t, slots.take, slots.give_back)
+        started.append(t.tenant)
+
+    slots.free = 0
+    tasks = [asyncio.create_task(one(t)) for t in tickets]
+    await asyncio.sleep(0)
+    for _ in range(serve_first):
+        clock.now += 0.01
+        slots.give_back("slot")
+        admission.released()
+        await asyncio.sleep(0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return started
+
+
+def test_shares_under_saturation_follow_the_weights_on_token_cost():
+    async def run() -> Counter:
+        clock = Clock()
+        admission = FairAdmission(clock=clock)
+        tickets = [ticket("heavy", weight=2.0) for _ in range(60)] + [ticket("light", weight=1.0) for _ in range(60)]
+        return Counter(await _serve(admission, Slots(0), tickets, 60, clock))
+
+    shares = asyncio.run(run())
+    assert shares["heavy"] == pytest.approx(40, abs=2) and shares["light"] == pytest.approx(20, abs=2), shares
+
+
+def test_a_flooder_does_not_set_a_quiet_tenants_wait():
+    async def run() -> list[str]:
+        clock = Clock()
+        admission = FairAdmission(clock=clock)
+        flood = [ticket("flooder") for _ in range(100)]
+        return await _serve(admission, Slots(0), [*flood, ticket("quiet")], 3, clock)
+
+    started = asyncio.run(run())
+    assert "quiet" in started[:2], f"the quiet tenant's one request goes within the first turns: {started}"
+
+
+def test_shares_count_tokens_not_requests():
+    async def run() -> Counter:
+        clock = Clock()
+        admission = FairAdmission(clock=clock)
+        tickets = [ticket("long", cost=40.0) for _ in range(40)] + [ticket("short", cost=10.0) for _ in range(40)]
+        return Counter(await _serve(admission, Slots(0), tickets, 25, clock))
+
+    shares = asyncio.run(run())
+    assert shares["short"] == pytest.approx(20, abs=2) and shares["long"] == pytest.approx(5, abs=2), shares
+
+
+def test_batch_yields_to_interactive_and_ages_into_its_turn():
+    async def run() -> tuple[list[str], list[str]]:
+        clock = Clock()
+        admission = FairAdmission(AdmissionSettings(batch_aging_s=5.0), clock=clock)
+        slots = Slots(0)
+        started: list[str] = []
+
+        async def one(t: Ticket, name: str) -> None:
+            await admission.enter(t, slots.take, slots.give_back)
+            started.append(name)
+
+        batch = asyncio.create_task(one(ticket("t", priority=Priority.BATCH), "batch"))
+        await asyncio.sleep(0)
+        interactive = [asyncio.create_task(one(ticket("t"), f"i{i}")) for i in range(5)]
+        await asyncio.sleep(0)
+        for _ in range(3):
+            slots.give_back("slot")
+            admission.released()
+            await asyncio.sleep(0)
+        first = list(started)
+        clock.now += 6.0  # the batch request has now waited past its aging
+        later = [asyncio.create_task(one(ticket("u"), "late")) for _ in range(3)]
+        await asyncio.sleep(0)
+        slots.give_back("slot")
+        admission.released()
+        await asyncio.sleep(0)
+        for task in [batch, *interactive, *later]:
+            task.cancel()
+        await asyncio.gather(batch, *interactive, *later, return_exceptions=True)
+        return first, started
+
+    first, started = asyncio.run(run())
+    assert first == ["i0", "i1", "i2"], first
+    assert started[3] == "batch", f"aged batch work goes before newer interactive work: {started}"
+
+
+def test_a_request_that_can_start_in_time_waits_and_takes_its_fair_turn():
+    async def run() -> list[str]:
+        clock = Clock()
+        admission = FairAdmission(AdmissionSettings(initial_service_s=2.0), slots=lambda: 1, clock=clock)
+        slots = Slots(0)
+        started: list[str] = []
+
+        async def one(t: Ticket, name: str) -> None:
+            await admission.enter(t, slots.take, slots.give_back)
+            started.append(name)
+
+        tasks = [asyncio.create_task(one(ticket("a"), f"a{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        # Behind one of a's (equal start tags, a came first): about 4 s, within its 5 s.
+        tasks.append(asyncio.create_task(one(ticket("b", deadline=clock.now + 5.0), "b")))
+        await asyncio.sleep(0)
+        for _ in range(2):
+            slots.give_back("slot")
+            admission.released()
+            await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return started
+
+    assert asyncio.run(run()) == ["a0", "b"]
+
+
+def test_deadline_refusal_is_immediate_and_names_the_wait():
+    async def run() -> tuple[QueueRefusal, float]:
+        clock = Clock()
+        admission = FairAdmission(AdmissionSettings(initial_service_s=2.0), slots=lambda: 1, clock=clock)
+        slots = Slots(0)
+        waiting = [asyncio.create_task(admission.enter(ticket("a"), slots.take, slots.give_back)) for _ in range(5)]
+        await asyncio.sleep(0)
+        started = asyncio.get_running_loop().time()
+        try:
+            with pytest.raises(QueueRefusal) as refused:
+                await admission.enter(ticket("a", deadline=clock.now + 3.0), slots.take, slots.give_back)
+            return refused.value, asyncio.get_running_loop().time() - started
+        finally:
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+    refusal, took = asyncio.run(run())
+    assert took < 0.05 and refusal.retry_after_s == pytest.approx(12.0) and "after its deadline" in str(refusal)
+
+
+def test_a_slot_given_to_a_request_that_went_away_goes_to_the_next():
+    async def run() -> tuple[int, bool]:
+        admission = FairAdmission()
+        slots = Slots(0)
+        first = asyncio.create_task(admission.enter(ticket("a"), slots.take, slots.give_back))
+        second = asyncio.create_task(admission.enter(ticket("b"), slots.take, slots.give_back))
+        await asyncio.sleep(0)
+        slots.give_back("slot")
+        admission.released()  # `first` gets the slot ...
+        first.cancel()        # ... and goes away before it runs
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.sleep(0)
+        got = second.done() and second.result() == "slot"
+        return slots.free, got
+
+    free, second_got_it = asyncio.run(run())
+    assert second_got_it and free == 0
+
+
+def test_an_idle_tenant_does_not_bank_credit():
+    async def run() -> list[str]:
+        clock = Clock()
+        admission = FairAdmission(clock=clock)
+        slots = Slots(0)
+        # "busy" is served alone for a long time; then "idle" arrives: it gets its share from now on, not a
+        # backlog of turns it did not use.
+        early = await _serve(admission, slots, [ticket("busy") for _ in range(30)], 30, clock)
+        assert early == ["busy"] * 30
+        return await _serve(admission, slots, [ticket("busy") for _ in range(10)] + [ticket("idle") for _ in range(10)],
+                            10, clock)
+
+    started = asyncio.run(run())
+    assert Counter(started)["idle"] == pytest.approx(5, abs=1), started
