@@ -200,7 +200,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         placed.replica.unclaim(placed.spec.triton_model)
 
     async def _admitted_placement(self, spec: ModelSpec, ask: Asked, route: Route, ticket: Ticket) -> Placed:
-        """The first placement of a request: now, or after its turn in the model's fair queue; its slot claimed."""
+        """A placement: now, or after the request's turn in the model's fair queue; its replica slot claimed."""
         return await self.admission(spec).enter(ticket, lambda: self._claimed(spec, ask, route), self._unclaim)
 
     def any_model_ready(self) -> bool:
@@ -316,26 +316,25 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._retrier.budget.on_request()
         attempts = Attempts()
         ticket = _ticket(context, self._default_timeout_s)
-        claimed = True
         while True:
             try:
-                placed = await self._admitted_placement(spec, ask, route, ticket) if claimed \
-                    else self._place(spec, ask, route)
+                # Every attempt takes its turn: a retry after a replica failed waits like a new request when
+                # the rest are busy, rather than failing for want of a free slot.
+                placed = await self._admitted_placement(spec, ask, route, ticket)
             except QueueRefusal as exc:
                 raise MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
                                 (("retry-after", str(max(1, round(exc.retry_after_s)))),)) from exc
             except NoReplicaError as exc:
                 raise MeshError(_no_replica_code(exc), str(exc)) from exc
             if (other := self._admitted(placed, route)) is not None:
-                if claimed:
-                    self._unclaim(placed)
-                    self._released()
-                route, claimed = other, False
+                self._unclaim(placed)
+                self._released()
+                route = other
                 continue
             replica = placed.replica
             placed.aim(request)
             try:
-                with replica.track(placed.spec.triton_model, claimed=claimed):
+                with replica.track(placed.spec.triton_model, claimed=True):
                     response = await replica.stub.ModelInfer(
                         request, timeout=downstream_timeout(context, self._default_timeout_s))
             except asyncio.CancelledError:
@@ -347,7 +346,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     replica.mark_failed(f"{exc.code().name}: {exc.details()}")
                     if await self._retry(attempts.retries, exc.code()):
                         attempts.retries += 1
-                        route, claimed = route.excluding(replica.name), False
+                        route = route.excluding(replica.name)
                         continue
                 raise MeshError(exc.code(), exc.details() or "") from exc
             finally:
@@ -396,14 +395,14 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         attempts = Attempts()
         first_model = ""
         ticket = _ticket(context, self._default_timeout_s)
-        # The first placement waits its fair turn when every replica is busy; a retry or resume already had one.
-        claimed = True
         while True:
             try:
-                placed = await self._admitted_placement(spec, ask, route, ticket) if claimed \
-                    else self._place(spec, ask, route)
+                # Every attempt takes its turn when every replica is busy (a resume too, rather than fail).
+                placed = await self._admitted_placement(spec, ask, route, ticket)
                 # Another model cannot continue this one's text.
                 if progress.started and placed.spec.triton_model != first_model:
+                    self._unclaim(placed)
+                    self._released()
                     raise NoReplicaError(f"no other replica of {first_model!r} can continue the stream")
             except QueueRefusal as exc:
                 await out.put(_refusal(exc))
@@ -413,10 +412,9 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     error_message=stream_error_text(_no_replica_code(exc), f"{exc}{self._progress_note(progress)}")))
                 return
             if (other := self._admitted(placed, route)) is not None:
-                if claimed:
-                    self._unclaim(placed)
-                    self._released()
-                route, claimed = other, False
+                self._unclaim(placed)
+                self._released()
+                route = other
                 continue
             replica = placed.replica
             placed.aim(request)
@@ -424,14 +422,12 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             attempt = progress.resume_request(request) if progress.started else request
             started = time.monotonic()
             try:
-                failure = await self._relay_attempt(attempt, public_name, placed, attempts, progress, context, out,
-                                                    claimed)
+                failure = await self._relay_attempt(attempt, public_name, placed, attempts, progress, context, out)
             except asyncio.CancelledError:
                 replica.breaker.abandon()  # the caller went away: no verdict on the replica
                 raise
             finally:
                 self._released()
-            claimed = False
             if failure is None:
                 if attempts.resumed:
                     RESUMED.labels(public_name, "completed").inc()
@@ -467,13 +463,13 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _relay_attempt(self, request: service_pb2.ModelInferRequest, public_name: str, placed: Placed,
                              attempts: Attempts, progress: StreamProgress, context: grpc.aio.ServicerContext,
-                             out: asyncio.Queue, claimed: bool = False) -> tuple[grpc.StatusCode, str] | None:
+                             out: asyncio.Queue) -> tuple[grpc.StatusCode, str] | None:
         """One replica's part of a stream: None when it ended with its final response, else why it failed."""
         replica = placed.replica
         call = replica.stub.ModelStreamInfer(iter([request]),
                                              timeout=downstream_timeout(context, self._default_timeout_s))
         try:
-            with replica.track(placed.spec.triton_model, claimed=claimed):
+            with replica.track(placed.spec.triton_model, claimed=True):
                 stream = aiter(call)
                 first = True
                 while True:
