@@ -154,8 +154,10 @@ class Balancer:
             if members:
                 passed_over.append(pool)
         if full:
-            raise AtCapacityError(f"every ready replica for {model.triton_model!r} is at its bound of requests in "
-                                  f"flight ({bound} per replica, or its pool's own for this model); retry with backoff")
+            raise AtCapacityError(f"every ready replica for {model.triton_model!r} is at its bound ({bound} requests "
+                                  "in "
+                                  "flight per replica, fewer of this model where its pool sets "
+                                  "max_in_flight_per_replica); retry with backoff")
         raise NoReplicaError(f"no ready replica for Triton model {model.triton_model!r} in pools {model.pool_names}")
 
     def slots(self, model: ModelSpec) -> int:

@@ -22,7 +22,8 @@ class RouterSettings(ServiceSettings):
     stream_stall_timeout_s: float = 15.0
     metrics_port: int = 9102
     # Load shedding: RPCs worked on at once (0: no bound), and requests in flight per replica; a replica at its
-    # bound is skipped, and with every replica at it the call gets RESOURCE_EXHAUSTED at once.
+    # bound is skipped, and with every replica at it the request waits in the fair queues (refused at once with
+    # RESOURCE_EXHAUSTED when it could not start before its deadline).
     max_in_flight: int = 2048
     max_in_flight_per_replica: int = 64
     # Fair queues (services/router/admission.py) in front of replicas at their bound (this one, or a model's own
