@@ -55,6 +55,14 @@ def test_chat_body_to_mesh_request():
     assert not convert.chat_request(_chat(), 5).HasField("temperature")
 
 
+@pytest.mark.parametrize(("tier", "priority"), [
+    ("flex", mesh_pb2.PRIORITY_BATCH), ("default", mesh_pb2.PRIORITY_INTERACTIVE),
+    ("priority", mesh_pb2.PRIORITY_INTERACTIVE), (None, mesh_pb2.PRIORITY_INTERACTIVE)])
+def test_service_tier_flex_is_batch_priority(tier, priority):
+    body = _chat(**({"service_tier": tier} if tier else {}))
+    assert convert.chat_request(body, 5).priority == priority
+
+
 @pytest.mark.parametrize(("fields", "param"), [
     ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"tools": []}, "tools"), ({"max_tokens": "10"}, "max_tokens"), ({"stream": "yes"}, "stream"),
