@@ -25,6 +25,7 @@ from services.common.deadlines import GENERATION_BUDGET_S
 from services.common.tenants import Tenant, TenantConfig, Tier
 from services.edge.render import render
 from services.edge.settings import EdgeSettings
+from services.gateway.plan import estimated_cost
 from services.ratelimit.buckets import LimitStore
 from services.ratelimit.token_budget import TokenBudgetService
 from tests.conftest import EMBEDDER, KEYS, TIERS, chat
@@ -289,9 +290,11 @@ def test_token_budget_exhaustion_and_reset(edge):
     else:
         pytest.fail(f"40 generations ({used} tokens) never exhausted a {budget}-token budget")
     refilled = refill_per_s * (time.monotonic() - started)
-    # A charge lands just after its reply, so the next request may be admitted before it: allow two requests
-    # (each ~16 completion + ~30 prompt tokens) beyond the budget and its refill.
-    assert budget <= used <= budget + refilled + 100, (used, refilled)
+    # Each generation reserves its worst case before it starts (services/gateway/plan.py: the prompt at a token per
+    # 3 characters, the template, max_tokens) and settles its real use: the last one is refused once less than a
+    # worst case is left, and nothing is ever spent past the budget and its refill.
+    worst = estimated_cost(chat("Count from one to twenty.", max_tokens=16))
+    assert budget - worst <= used <= budget + refilled, (used, refilled, worst)
     assert 1 <= retry_after <= 20
     time.sleep(retry_after)
     chunks = list(edge.Generate(chat("Say hi.", max_tokens=4, temperature=0.8), metadata=key("tenant-budget"),
