@@ -29,14 +29,15 @@ from services.router.balancer import AtCapacityError
 
 Placement = TypeVar("Placement")
 
-QUEUED = Gauge("mesh_router_admission_queued", "Requests waiting for a replica slot, by tenant and priority",
-               ["tenant", "priority"])
-WAIT_SECONDS = Histogram("mesh_router_admission_wait_seconds", "Time waited for a replica slot, by tenant",
-                         ["tenant"], buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+QUEUED = Gauge("mesh_router_admission_queued", "Requests waiting for a replica slot, by model, tenant and priority",
+               ["model", "tenant", "priority"])
+WAIT_SECONDS = Histogram("mesh_router_admission_wait_seconds", "Time waited for a replica slot, by model and tenant",
+                         ["model", "tenant"], buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 SERVED_TOKENS = Counter("mesh_router_admission_served_tokens_total",
-                        "Estimated tokens of requests admitted past a full pool, by tenant (their share)", ["tenant"])
-REFUSED = Counter("mesh_router_admission_refused_total", "Requests refused instead of queued, by tenant and reason",
-                  ["tenant", "reason"])
+                        "Estimated tokens of the requests admitted, by model and tenant (each tenant's share)",
+                        ["model", "tenant"])
+REFUSED = Counter("mesh_router_admission_refused_total",
+                  "Requests refused instead of queued, by model, tenant and reason", ["model", "tenant", "reason"])
 
 
 class Priority(IntEnum):
@@ -84,7 +85,8 @@ class _Waiter(Generic[Placement]):
 
 class FairAdmission:
     def __init__(self, settings: AdmissionSettings | None = None, slots: Callable[[], int] = lambda: 1,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, model: str = "") -> None:
+        self._model = model  # the Triton model whose replicas this admits to (metric label)
         self._settings = settings or AdmissionSettings()
         self._slots = slots  # how many requests the saturated replicas run at once (for wait estimates)
         self._clock = clock
@@ -134,7 +136,7 @@ class FairAdmission:
 
     def _admit(self, ticket: Ticket, start_tag: float) -> None:
         self._virtual = max(self._virtual, start_tag)
-        SERVED_TOKENS.labels(ticket.tenant).inc(ticket.cost)
+        SERVED_TOKENS.labels(self._model, ticket.tenant).inc(ticket.cost)
 
     async def enter(self, ticket: Ticket, try_start: Callable[[], Placement],
                     give_back: Callable[[Placement], None]) -> Placement:
@@ -155,7 +157,7 @@ class FairAdmission:
                     give_back: Callable[[Placement], None]) -> Placement:
         now = self._clock()
         if self.waiting(ticket.tenant) >= self._settings.max_queued_per_tenant:
-            REFUSED.labels(ticket.tenant, "queue_full").inc()
+            REFUSED.labels(self._model, ticket.tenant, "queue_full").inc()
             raise QueueRefusal(f"tenant {ticket.tenant!r} already has {self._settings.max_queued_per_tenant} requests "
                                "waiting for a replica; retry with backoff", self.estimated_wait_s(self.waiting()))
         waiter = _Waiter(ticket, self._start_tag(ticket), now, try_start)
@@ -163,20 +165,20 @@ class FairAdmission:
         ahead = sum(1 for w in self._waiting if self._rank(w, now) <= rank)
         wait_s = self.estimated_wait_s(ahead)
         if now + wait_s > ticket.deadline:
-            REFUSED.labels(ticket.tenant, "deadline").inc()
+            REFUSED.labels(self._model, ticket.tenant, "deadline").inc()
             raise QueueRefusal(
                 f"every replica is busy and {ahead} requests are ahead of this one: it would start in about "
                 f"{wait_s:.1f} s, after its deadline ({max(0.0, ticket.deadline - now):.1f} s left); retry later or "
                 "with a longer deadline", wait_s)
         waiter.start_tag = self._tag(ticket)
         self._waiting.append(waiter)
-        QUEUED.labels(ticket.tenant, ticket.priority.name.lower()).inc()
+        QUEUED.labels(self._model, ticket.tenant, ticket.priority.name.lower()).inc()
         try:
             async with asyncio.timeout(max(0.0, ticket.deadline - now)):
                 placed = await waiter.future
         except TimeoutError:
             self._unclaim(ticket)
-            REFUSED.labels(ticket.tenant, "deadline").inc()
+            REFUSED.labels(self._model, ticket.tenant, "deadline").inc()
             raise QueueRefusal("every replica stayed busy until this request's deadline; retry later",
                                self.estimated_wait_s(self.waiting())) from None
         except asyncio.CancelledError:
@@ -188,10 +190,10 @@ class FairAdmission:
                 self._unclaim(ticket)
             raise
         finally:
-            QUEUED.labels(ticket.tenant, ticket.priority.name.lower()).dec()
+            QUEUED.labels(self._model, ticket.tenant, ticket.priority.name.lower()).dec()
             if waiter in self._waiting:
                 self._waiting.remove(waiter)
-        WAIT_SECONDS.labels(ticket.tenant).observe(self._clock() - now)
+        WAIT_SECONDS.labels(self._model, ticket.tenant).observe(self._clock() - now)
         return placed
 
     def released(self) -> None:

@@ -177,7 +177,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def admission(self, spec: ModelSpec) -> FairAdmission:
         found = self._admissions.get(spec.triton_model)
         if found is None:
-            found = FairAdmission(self._admission_settings, slots=lambda: self._balancer.slots(spec))
+            found = FairAdmission(self._admission_settings, slots=lambda: self._balancer.slots(spec),
+                                  model=spec.triton_model)
             self._admissions[spec.triton_model] = found
         return found
 

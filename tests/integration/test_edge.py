@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import subprocess
 import threading
@@ -19,6 +20,7 @@ import tritonclient.grpc as triton_grpc
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from google.protobuf.duration_pb2 import Duration
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, quota_pb2
 from services.common.deadlines import GENERATION_BUDGET_S
@@ -403,3 +405,40 @@ def test_load_spreads_over_both_gateways_and_survives_one_killed_under_load(stac
         assert done["ok"] == 240, "every unary call succeeds: Envoy retries the ones the killed gateway had"
     finally:
         stack.start_gateway(1)
+
+
+async def test_reservations_hold_the_worst_case_settle_the_rest_and_expire_when_never_settled(stack):
+    config = TenantConfig(tiers={"t": Tier(requests_per_minute=60, burst=5, tokens_per_minute=600,
+                                           tokens_per_month=10_000)},
+                          tenants=[Tenant(id="acme", tier="t")])
+    store = LimitStore(f"redis://127.0.0.1:{stack.ports.state_redis}/0", "test-reserve", 1.0)
+    service = TokenBudgetService(config, store)
+
+    def reserve(tokens: int, ttl_s: int = 60) -> quota_pb2.BudgetReserveRequest:
+        return quota_pb2.BudgetReserveRequest(tenant="acme", tokens=tokens, ttl=Duration(seconds=ttl_s))
+
+    try:
+        await store.reset("acme")
+        first = await service.Reserve(reserve(400), None)
+        assert first.check.allowed and first.reservation and first.check.minute_remaining <= 200
+        refused = await service.Reserve(reserve(400), None)
+        assert not refused.check.allowed and refused.check.exhausted == quota_pb2.BUDGET_WINDOW_MINUTE
+        assert refused.check.limit == 600 and refused.check.retry_after.ToTimedelta().total_seconds() > 0
+        # 100 used of 400 held: 300 go back, so another 400 fit now.
+        settled = await service.Settle(quota_pb2.BudgetSettleRequest(tenant="acme", reservation=first.reservation,
+                                                                    used_tokens=100), None)
+        assert settled.settled
+        second = await service.Reserve(reserve(400, ttl_s=1), None)
+        assert second.check.allowed and second.check.month_remaining == 10_000 - 100 - 400
+        # Its gateway never settles it: after its ttl the sweep gives everything back.
+        await asyncio.sleep(1.2)
+        assert await service.expire_reservations() >= 1
+        after = await service.Check(quota_pb2.BudgetCheckRequest(tenant="acme"), None)
+        assert after.month_remaining == 10_000 - 100 and after.minute_remaining >= 490
+        late = await service.Settle(quota_pb2.BudgetSettleRequest(tenant="acme", reservation=second.reservation,
+                                                                 used_tokens=50), None)
+        assert not late.settled, "an expired reservation cannot be settled twice; its use is charged instead"
+        assert (await service.Check(quota_pb2.BudgetCheckRequest(tenant="acme"), None)).month_remaining == 9_850
+    finally:
+        await store.reset("acme")
+        await store.close()

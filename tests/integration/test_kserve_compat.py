@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 
 import numpy as np
 import pytest
@@ -91,6 +92,10 @@ def test_model_statistics_count_what_the_mesh_served(client, stack):
     text = triton_grpc.InferInput("TEXT", [1, 1], "BYTES")
     text.set_data_from_numpy(np.array([[b"statistics please"]], dtype=object))
     client.infer(EMBEDDER, [text], headers=HEADERS)
+    # Triton counts a request a moment after its response: wait (bounded) for the count, then it must be exact.
+    deadline = time.monotonic() + 5
+    while served() == before and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert served() == before + 1
     every = {s.name for s in client.get_inference_statistics(headers=HEADERS).model_stats}
     assert {EMBEDDER, LLM} <= every
