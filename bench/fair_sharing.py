@@ -100,8 +100,9 @@ def plot(results: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    figure, axis = plt.subplots(figsize=(7, 3.6))
+    figure, axis = plt.subplots(figsize=(8, 3.4))
     labels = {"alone": "alone", "fifo": "beside a flooder, FIFO", "fair": "beside a flooder, fair queuing"}
     for index, name in enumerate(labels):
         values = sorted(results[name]["ttft"])
@@ -109,15 +110,18 @@ def plot(results: dict) -> None:
         axis.plot([results[name]["ttft_p99"]] * 2, [index - 0.3, index + 0.3], color="black")
     axis.set_yticks(range(len(labels)), list(labels.values()))
     axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axis.set_xlabel("quiet tenant's time to first token, ms (bar: p99)")
-    axis.set_title("One saturated CPU replica, a flooder keeping 8 requests outstanding")
+    axis.set_title("A quiet tenant on a saturated CPU replica", fontsize=10)
     figure.tight_layout()
     figure.savefig(PLOT, dpi=110)
 
 
 def render(results: dict, flooders: int) -> str:
     alone, fifo, fair = results["alone"], results["fifo"], results["fair"]
-    floor = alone["ttft_p99"] + fair["generation_s"] * 1000
+    # One generation already running when the quiet request arrives: at most a whole generation alone.
+    floor = alone["ttft_p99"] + alone["generation_s"] * 1000
     lines = [
         "Command: `python -m bench.fair_sharing` (part of `make bench`)  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores; one Triton replica (llama.cpp, one generation at a "
@@ -136,10 +140,10 @@ def render(results: dict, flooders: int) -> str:
     lines += [
         "",
         f"FIFO / fair TTFT p99: **{gain:.1f}x** (target ≥ 5x: {'met' if gain >= 5 else 'missed'}). Floor (alone p99 "
-        f"+ one running generation, {fair['generation_s'] * 1000:.0f} ms): {floor:.0f} ms; fair p99 / floor "
+        f"+ one whole generation alone, {alone['generation_s'] * 1000:.0f} ms): {floor:.0f} ms; fair p99 / floor "
         f"**{fair['ttft_p99'] / floor:.2f}** (target ≤ 1.5: {'met' if fair['ttft_p99'] <= 1.5 * floor else 'missed'}). "
-        f"Throughput fair / FIFO **{throughput:.2f}** (target within 5%: "
-        f"{'met' if abs(throughput - 1) <= 0.05 else 'missed'}). Plot: [docs/bench-fair-sharing.png]"
+        f"Throughput fair / FIFO **{throughput:.2f}** (target: at most 5% below FIFO: "
+        f"{'met' if throughput >= 0.95 else 'missed'}). Plot: [docs/bench-fair-sharing.png]"
         "(docs/bench-fair-sharing.png).",
     ]
     return "\n".join(lines) + "\n"
@@ -148,7 +152,7 @@ def render(results: dict, flooders: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flooders", type=int, default=8)
-    parser.add_argument("--quiet-requests", type=int, default=12)
+    parser.add_argument("--quiet-requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
