@@ -12,7 +12,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.common.deadlines import downstream_timeout
 from services.common.errors import MeshError
 from services.common.version import MESH_NAME, MESH_VERSION
-from services.common.wire import TENANT_HEADER
+from services.common.wire import SHARE_WEIGHT_HEADER, TENANT_HEADER
 from services.gateway.auth import Authenticator, Caller
 from services.gateway.budgets import TokenBudgets
 from services.gateway.errors import from_rpc_error
@@ -39,7 +39,9 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @staticmethod
     def _headers(caller: Caller) -> tuple[tuple[str, str], ...]:
-        return ((TENANT_HEADER, caller.tenant),)
+        # The tier's weight for the router's fair queues; a raw KServe request's cost is unknown before it runs
+        # (the router charges its real use when it ends).
+        return (TENANT_HEADER, caller.tenant), (SHARE_WEIGHT_HEADER, f"{caller.share_weight:g}")
 
     async def _unary(self, method, request, context, timeout_s: float):
         caller = await self._auth.require(context)

@@ -63,15 +63,25 @@ async def _serve(admission: FairAdmission, slots: Slots, tickets: list[Ticket], 
     return started
 
 
-def test_shares_under_saturation_follow_the_weights_on_token_cost():
+def _shares(tickets: list[Ticket], turns: int) -> Counter:
+    """Who got the first `turns` slots when `tickets` all wait at once."""
     async def run() -> Counter:
         clock = Clock()
-        admission = FairAdmission(clock=clock)
-        tickets = [ticket("heavy", weight=2.0) for _ in range(60)] + [ticket("light", weight=1.0) for _ in range(60)]
-        return Counter(await _serve(admission, Slots(0), tickets, 60, clock))
+        return Counter(await _serve(FairAdmission(clock=clock), Slots(0), tickets, turns, clock))
+    return asyncio.run(run())
 
-    shares = asyncio.run(run())
-    assert shares["heavy"] == pytest.approx(40, abs=2) and shares["light"] == pytest.approx(20, abs=2), shares
+
+@pytest.mark.parametrize(("tickets", "turns", "expected"), [
+    # Weights 2:1 on equal costs: 2/3 and 1/3 of the turns.
+    ([ticket("heavy", weight=2.0) for _ in range(60)] + [ticket("light", weight=1.0) for _ in range(60)], 60,
+     {"heavy": 40, "light": 20}),
+    # Equal weights, costs 4:1: equal tokens, so four short requests for each long one.
+    ([ticket("long", cost=40.0) for _ in range(40)] + [ticket("short", cost=10.0) for _ in range(40)], 25,
+     {"short": 20, "long": 5}),
+], ids=["weights", "token-cost"])
+def test_shares_under_saturation_follow_weights_on_token_cost(tickets, turns, expected):
+    shares = _shares(tickets, turns)
+    assert all(shares[tenant] == pytest.approx(count, abs=2) for tenant, count in expected.items()), shares
 
 
 def test_a_flooder_does_not_set_a_quiet_tenants_wait():
@@ -83,17 +93,6 @@ def test_a_flooder_does_not_set_a_quiet_tenants_wait():
 
     started = asyncio.run(run())
     assert "quiet" in started[:2], f"the quiet tenant's one request goes within the first turns: {started}"
-
-
-def test_shares_count_tokens_not_requests():
-    async def run() -> Counter:
-        clock = Clock()
-        admission = FairAdmission(clock=clock)
-        tickets = [ticket("long", cost=40.0) for _ in range(40)] + [ticket("short", cost=10.0) for _ in range(40)]
-        return Counter(await _serve(admission, Slots(0), tickets, 25, clock))
-
-    shares = asyncio.run(run())
-    assert shares["short"] == pytest.approx(20, abs=2) and shares["long"] == pytest.approx(5, abs=2), shares
 
 
 def test_batch_yields_to_interactive_and_ages_into_its_turn():
@@ -136,28 +135,11 @@ def test_a_request_that_can_start_in_time_waits_and_takes_its_fair_turn():
     async def run() -> list[str]:
         clock = Clock()
         admission = FairAdmission(AdmissionSettings(initial_service_s=2.0), slots=lambda: 1, clock=clock)
-        slots = Slots(0)
-        started: list[str] = []
+        # b is behind one of a's (equal start tags, a came first): about 4 s, within its 5 s, so it waits.
+        tickets = [ticket("a"), ticket("a"), ticket("a"), ticket("b", deadline=clock.now + 5.0)]
+        return await _serve(admission, Slots(0), tickets, 2, clock)
 
-        async def one(t: Ticket, name: str) -> None:
-            await admission.enter(t, slots.take, slots.give_back)
-            started.append(name)
-
-        tasks = [asyncio.create_task(one(ticket("a"), f"a{i}")) for i in range(3)]
-        await asyncio.sleep(0)
-        # Behind one of a's (equal start tags, a came first): about 4 s, within its 5 s.
-        tasks.append(asyncio.create_task(one(ticket("b", deadline=clock.now + 5.0), "b")))
-        await asyncio.sleep(0)
-        for _ in range(2):
-            slots.give_back("slot")
-            admission.released()
-            await asyncio.sleep(0)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return started
-
-    assert asyncio.run(run()) == ["a0", "b"]
+    assert asyncio.run(run()) == ["a", "b"]
 
 
 def test_deadline_refusal_is_immediate_and_names_the_wait():
