@@ -25,7 +25,7 @@ from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.router.balancer import AtCapacityError
+from services.router.balancer import AtCapacityError, NoReplicaError
 
 Placement = TypeVar("Placement")
 
@@ -205,6 +205,10 @@ class FairAdmission:
                 placed = waiter.try_start()
             except AtCapacityError:
                 continue  # its pools are full; another waiter's (a different model) may not be
+            except NoReplicaError as exc:  # nothing can serve it any more (its replicas went away): it fails now
+                self._waiting.remove(waiter)
+                waiter.future.set_exception(exc)
+                continue
             self._waiting.remove(waiter)
             self._admit(waiter.ticket, waiter.start_tag)
             waiter.future.set_result(placed)

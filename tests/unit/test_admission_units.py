@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from services.router.admission import AdmissionSettings, FairAdmission, Priority, QueueRefusal, Ticket
-from services.router.balancer import AtCapacityError
+from services.router.balancer import AtCapacityError, NoReplicaError
 
 
 class Slots:
@@ -196,3 +196,24 @@ def test_an_idle_tenant_does_not_bank_credit():
 
     started = asyncio.run(run())
     assert Counter(started)["idle"] == pytest.approx(5, abs=1), started
+
+
+def test_a_waiting_request_whose_replicas_went_away_fails_instead_of_waiting():
+    async def run() -> BaseException | None:
+        admission = FairAdmission()
+        slots = Slots(0)
+        waiting = asyncio.create_task(admission.enter(ticket("a"), slots.take, slots.give_back))
+        await asyncio.sleep(0)
+
+        def gone() -> str:
+            raise NoReplicaError("no ready replica")
+        other = asyncio.create_task(admission.enter(ticket("b"), gone, slots.give_back))
+        await asyncio.sleep(0)
+        slots.give_back("slot")
+        admission.released()  # `a` starts; `b` can no longer be placed anywhere: told so, not left waiting
+        await asyncio.sleep(0)
+        assert waiting.done() and waiting.result() == "slot"
+        return other.exception() if other.done() else None
+
+    failure = asyncio.run(run())
+    assert isinstance(failure, NoReplicaError)
