@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -51,7 +53,27 @@ class DocumentIndex(MilvusCollection):
         if rows:
             await self.run(lambda client: client.insert(self.name, rows, timeout=self.timeouts.write_s))
         if previous:
+            if rows:
+                await self._searchable(tenant, rows)
             await self.run(lambda client: client.delete(self.name, ids=previous, timeout=self.timeouts.query_s))
+
+    async def _searchable(self, tenant: str, rows: list[dict]) -> None:
+        """Waits (bounded) until a vector search finds the rows just inserted. A delete can be visible to searches
+        before an insert acknowledged earlier is (seen with milvus-lite: a search during a re-ingest found
+        neither version); deleting the old version only once the new one is found keeps "old or new, never
+        neither". After the bound the delete goes ahead: a moment without the document beats keeping both."""
+        keys = [row["pk"] for row in rows]
+        expr = f"tenant == {quote(tenant)} and pk in [{', '.join(quote(k) for k in keys)}]"
+        deadline = time.monotonic() + self.timeouts.search_s
+        while True:
+            hits = await self.run(lambda client: client.search(
+                self.name, data=[rows[0]["vector"]], filter=expr, limit=len(keys), output_fields=["pk"],
+                timeout=self.timeouts.search_s, consistency_level="Strong"))
+            if hits and len(hits[0]) >= len(keys):
+                return
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(0.02)
 
     async def _chunk_keys(self, tenant: str, document_ids: list[str]) -> list[str]:
         ids = ", ".join(quote(d) for d in document_ids)
