@@ -104,6 +104,7 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.inference_path
 	PYTHONPATH=.:gen $(PY) -m bench.cache_lookup
 	PYTHONPATH=.:gen $(PY) -m bench.retrieval
+	PYTHONPATH=.:gen $(PY) -m bench.retrieval_quality
 	PYTHONPATH=.:gen $(PY) -m bench.edge
 	PYTHONPATH=.:gen $(PY) -m bench.routing
 	PYTHONPATH=.:gen $(PY) -m bench.internal_mtls

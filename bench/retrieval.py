@@ -39,10 +39,13 @@ def clustered(count: int, clusters: int, seed: int) -> np.ndarray:
 def load_vectors(uri: str, vectors: np.ndarray) -> tuple[float, dict]:
     """Insert, flush, and wait until HNSW has indexed every row: recall must come from the index."""
     client = MilvusClient(uri=uri, timeout=120)
+    # The text fields the collection was created with (BM25 terms only where the Milvus has sparse vectors).
+    fields = {field["name"] for field in client.describe_collection("mesh_documents")["fields"]}
+    text_fields = {name: "" for name in ("heading", "terms") if name in fields}
     started = time.perf_counter()
     for start in range(0, len(vectors), 2000):
         rows = [{"pk": primary_key(TENANT, f"v{i}"), "tenant": TENANT, "document_id": f"v{i}", "chunk_id": f"v{i}",
-                 "text": "", "metadata": {}, "vector": vectors[i].tolist()}
+                 "text": "", "metadata": {}, "vector": vectors[i].tolist(), **text_fields}
                 for i in range(start, min(start + 2000, len(vectors)))]
         client.insert("mesh_documents", rows)
     client.flush("mesh_documents")
@@ -119,7 +122,7 @@ async def measure_search(stack: LocalStack, vectors: np.ndarray, queries: np.nda
 async def measure_ingest(stack: LocalStack, documents: int) -> dict:
     texts = [" ".join(f"Document {d} sentence {s} describes topic {(d * 7 + s) % 50} in some detail."
                       for s in range(40)) for d in range(documents)]
-    chunker = Chunker(str(ROOT / "triton_models/minilm/1/tokenizer.json"), 256, 64)
+    chunker = Chunker(str(ROOT / "triton_models/minilm/1/tokenizer.json"), 512, 128)
     chunks = [c.text for t in texts for c in chunker.split(t)]
     router = grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports.tritons[0].grpc}")
     triton = service_pb2_grpc.GRPCInferenceServiceStub(router)

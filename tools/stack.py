@@ -280,6 +280,8 @@ class LocalStack:
             "MESH_RETRIEVAL_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
             "MESH_RETRIEVAL_ROUTER_ADDRESS": self.router_address,
             "MESH_RETRIEVAL_TOKENIZER_FILE": str(MODEL_REPOSITORY / "minilm" / "1" / "tokenizer.json"),
+            # Milvus 2.3 (the `milvus` package's standalone) has no sparse vectors: dense search only there.
+            "MESH_RETRIEVAL_LEXICAL_SEARCH": str(self.milvus_backend != "server").lower(),
         })
         wait_grpc_serving(self.retrieval_address, retrieval, 60, self.admin_credentials())
 

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 from pymilvus import AsyncMilvusClient, DataType
 
-from services.common.milvus import HnswSettings, MilvusCollection, MilvusTimeouts, hnsw_cosine_index, quote
+from services.common.milvus import (
+    HnswSettings,
+    MilvusCollection,
+    MilvusTimeouts,
+    create_collection,
+    hnsw_cosine_index,
+    quote,
+)
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,8 @@ class SemanticIndex(MilvusCollection):
         schema.add_field("text", DataType.VARCHAR, max_length=4 * self._max_text_chars)
         schema.add_field("expires_at", DataType.INT64)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dimension)
-        await client.create_collection(name, schema=schema,
-                                       index_params=hnsw_cosine_index("vector", self._hnsw),
-                                       timeout=self.timeouts.create_s)
+        await create_collection(client, name, schema, [("vector", hnsw_cosine_index(self._hnsw))],
+                                self.timeouts.create_s)
 
     async def search(self, vector: list[float], tenant: str, model: str, version: str, generation: str,
                      context: str, limit: int) -> list[Candidate]:

@@ -194,14 +194,15 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
                         result = "exact_hit_after_wait"
                         return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
                     lease = await self._store.take_lease(key, self._settings.lease_s)
-                if lease:
-                    # The entry may have been stored (and its leader's lease released) between the first read and
-                    # our lease: read again, or an identical request would be answered by the semantic row.
-                    cached = await self._store.get_response(key)
-                    if cached is not None:
+                # The entry may have been stored since the first read (its leader's lease released, or still held
+                # after a wait that ran out while the leader was storing): read again, or an identical request
+                # would be answered by the semantic row the leader stored with it.
+                cached = await self._store.get_response(key)
+                if cached is not None:
+                    if lease:
                         await self._store.release_lease(key, lease)
-                        result = "exact_hit"
-                        return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
+                    result = "exact_hit"
+                    return cache_pb2.LookupReply(result=cache_pb2.LOOKUP_RESULT_EXACT_HIT, response=cached)
                 if request.semantic:
                     similar = await self._semantic(request, generation, key, degraded)
                     if similar is not None:

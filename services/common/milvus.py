@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlparse
 
+import grpc
 from pydantic import BaseModel, Field
 from pymilvus import AsyncMilvusClient
 from pymilvus.exceptions import MilvusException
@@ -55,12 +56,28 @@ class MilvusTimeouts(BaseModel, extra="forbid"):
     connect_s: float = Field(default=20.0, gt=0)   # the whole connect sequence, and the TCP probe before it
 
 
-def hnsw_cosine_index(field: str, hnsw: HnswSettings):
-    """Index parameters for an HNSW graph on a vector field, cosine metric (the mesh's vectors are unit norm)."""
-    index = AsyncMilvusClient.prepare_index_params()
-    index.add_index(field, index_type="HNSW", metric_type="COSINE",
-                    params={"M": hnsw.m, "efConstruction": hnsw.ef_construction})
-    return index
+def hnsw_cosine_index(hnsw: HnswSettings) -> dict:
+    """An HNSW graph on a vector field, cosine metric (the mesh's vectors are unit norm)."""
+    return {"index_type": "HNSW", "metric_type": "COSINE",
+            "params": {"M": hnsw.m, "efConstruction": hnsw.ef_construction}}
+
+
+async def create_collection(client: AsyncMilvusClient, name: str, schema, indexes: list[tuple[str, dict]],
+                            timeout_s: float, **options) -> None:
+    """The collection, then each (field, index) one by one, each checked by describe_index. pymilvus waits for
+    an index through GetIndexState, which Milvus Lite 3 does not implement (UNIMPLEMENTED, after the index was
+    made): with the indexes passed to create_collection the first failed wait skipped the others."""
+    await client.create_collection(name, schema=schema, timeout=timeout_s, **options)
+    for field, params in indexes:
+        one = AsyncMilvusClient.prepare_index_params()
+        one.add_index(field, **params)
+        try:
+            await client.create_index(name, one, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+        if not await client.describe_index(name, field, timeout=timeout_s):
+            raise MilvusException(message=f"index on {name}.{field} was not created")
 
 
 class MilvusCollection:
@@ -122,11 +139,15 @@ class MilvusCollection:
                 if not await self._client.has_collection(self.name, timeout=self.timeouts.query_s):
                     await self._create(self._client, self.name)
                 await self._client.load_collection(self.name, timeout=self.timeouts.load_s)
+                await self._loaded(self._client)
             self.ready = True
         except Exception as exc:  # pymilvus raises several types for one cause: not reachable now
             log.warning("milvus unavailable", extra={"collection": self.name, "error": str(exc)})
             await self.mark_unavailable()
         return self.ready
+
+    async def _loaded(self, client: AsyncMilvusClient) -> None:
+        """Called once the collection is loaded, before it is marked ready: learn what it was created with."""
 
     async def run(self, operation: Callable[[AsyncMilvusClient], Awaitable[T]]) -> T:
         """Run one call; if Milvus restarted behind our back the collection is no longer loaded: load, retry once."""

@@ -60,6 +60,11 @@ async def _logged(chunks: AsyncIterator[mesh_pb2.GenerateChunk],
         record.write()
 
 
+async def _listed(chunks: list[mesh_pb2.GenerateChunk]) -> AsyncIterator[mesh_pb2.GenerateChunk]:
+    for chunk in chunks:
+        yield chunk
+
+
 async def _cited(chunks: AsyncIterator[mesh_pb2.GenerateChunk],
                  citations: list[mesh_pb2.Citation]) -> AsyncIterator[mesh_pb2.GenerateChunk]:
     async for chunk in chunks:
@@ -191,7 +196,8 @@ class MeshCore:
                                 priority=request.priority)
             hits = []
             try:
-                search = retrieval_pb2.SearchRequest(query=request.question, top_k=top_k, filter=request.filter)
+                search = retrieval_pb2.SearchRequest(query=request.question, top_k=top_k, filter=request.filter,
+                                                     mode=request.mode)
                 if request.HasField("where"):
                     search.where.CopyFrom(request.where)
                 found = await self.documents.search(caller, search, within(settings.search_timeout_s, remaining_s))
@@ -201,6 +207,10 @@ class MeshCore:
                     raise
                 plan.metadata.degraded.append("retrieval")
                 log.warning("ask without context", extra={"tenant": caller.tenant, "error": exc.message})
+            if "retrieval" not in plan.metadata.degraded and not rag.relevant(hits, settings.ask_min_similarity):
+                plan.metadata.documents_do_not_answer = True
+                chunks = rag.not_answered(hits, plan.metadata)
+                return Generation(plan.metadata, _logged(_listed(chunks), record))
             generate, citations = rag.build_request(request, hits, settings.ask_max_context_chars, max_tokens)
             plan = dataclasses.replace(plan, cost=estimated_cost(generate))
             record.prompt = prompt_text(generate) if settings.log_prompts else ""

@@ -16,6 +16,30 @@ NO_CONTEXT = "No documents could be searched for this question. Answer from gene
 _FENCE = re.compile(r"<\s*/?\s*(context|chunk)\b[^>]*>?", re.IGNORECASE)
 
 
+NOT_ANSWERED = ("The documents do not answer this question: none of the passages found is close enough to it. "
+                "The closest ones are cited.")
+
+
+def citation(hit: retrieval_pb2.SearchHit) -> mesh_pb2.Citation:
+    return mesh_pb2.Citation(chunk_id=hit.chunk_id, document_id=hit.document_id, score=hit.score,
+                             heading_path=hit.heading_path, similarity=hit.similarity)
+
+
+def relevant(hits: list[retrieval_pb2.SearchHit], min_similarity: float) -> bool:
+    """Whether any chunk is close enough to the question to answer from. A sparse search reports no similarity
+    (0): its hits matched the question's words, which is taken as enough."""
+    return any(hit.similarity >= min_similarity or hit.similarity == 0.0 for hit in hits)
+
+
+def not_answered(hits: list[retrieval_pb2.SearchHit], metadata: mesh_pb2.ResponseMetadata) -> list[
+        mesh_pb2.GenerateChunk]:
+    """The reply when no chunk is relevant: said at once, with the closest chunks cited, without a model: a
+    small model given unrelated text answers from it anyway."""
+    metadata.citations.extend(citation(hit) for hit in hits)
+    last = mesh_pb2.GenerateChunk(text=NOT_ANSWERED, finish_reason=mesh_pb2.FINISH_REASON_STOP, metadata=metadata)
+    return [last]
+
+
 def build_request(ask: mesh_pb2.AskRequest, hits: list[retrieval_pb2.SearchHit], max_context_chars: int,
                   max_tokens: int) -> tuple[mesh_pb2.GenerateRequest, list[mesh_pb2.Citation]]:
     blocks: list[str] = []
@@ -32,7 +56,7 @@ def build_request(ask: mesh_pb2.AskRequest, hits: list[retrieval_pb2.SearchHit],
             block = f'<chunk id="{hit.chunk_id}">\n{text[:remaining]}\n</chunk>'
         blocks.append(block)
         used += len(block)
-        citations.append(mesh_pb2.Citation(chunk_id=hit.chunk_id, document_id=hit.document_id, score=hit.score))
+        citations.append(citation(hit))
     system = f"{INSTRUCTIONS}\n\n<context>\n" + "\n".join(blocks) + "\n</context>" if blocks else NO_CONTEXT
     request = mesh_pb2.GenerateRequest(
         model=ask.model, max_tokens=max_tokens, request_id=ask.request_id,

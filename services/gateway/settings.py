@@ -69,6 +69,9 @@ class GatewaySettings(ServiceSettings):
     ask_default_top_k: int = 5
     ask_max_context_chars: int = 3_000    # ~750 tokens of SmolLM2's 2,048-token context
     ask_default_max_tokens: int = 256
+    # Ask's relevance floor: below this cosine similarity between the question and every chunk found, the reply
+    # says the documents do not answer (no generation). Measured on the retrieval evaluation set (BENCHMARKS.md).
+    ask_min_similarity: float = 0.25
     # A system prompt at least this long is a prefix worth keeping on one replica (prefix affinity).
     affinity_min_prefix_chars: int = 200
     limits: RequestLimits = RequestLimits()

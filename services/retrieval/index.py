@@ -1,18 +1,31 @@
-"""Document chunks in Milvus: partition key per tenant, HNSW (cosine), replace-by-document-id upserts."""
+"""Document chunks in Milvus: partition key per tenant, HNSW (cosine) on embeddings and BM25 on stemmed terms,
+replace-by-document-id upserts."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from pymilvus import AsyncMilvusClient, DataType
+from pymilvus import AsyncMilvusClient, DataType, Function, FunctionType
 
-from services.common.milvus import HnswSettings, MilvusCollection, MilvusTimeouts, hnsw_cosine_index, quote
+from services.common.milvus import (
+    HnswSettings,
+    MilvusCollection,
+    MilvusTimeouts,
+    create_collection,
+    hnsw_cosine_index,
+    quote,
+)
+from services.retrieval.lexical import ANALYZER_PARAMS
 
+log = logging.getLogger(__name__)
 _OUTPUT = ["chunk_id", "document_id", "text", "metadata"]
+# BM25's usual constants: k1 saturates a term's repeats, b normalises by chunk length.
+_BM25_INDEX = {"index_type": "SPARSE_INVERTED_INDEX", "metric_type": "BM25", "params": {"bm25_k1": 1.2, "bm25_b": 0.75}}
 
 
 def primary_key(tenant: str, chunk_id: str, version: str = "") -> str:
@@ -21,11 +34,17 @@ def primary_key(tenant: str, chunk_id: str, version: str = "") -> str:
 
 
 class DocumentIndex(MilvusCollection):
+    """lexical: create collections with a BM25 field (Milvus 2.5 and later, and Milvus Lite 3). A collection
+    created without one (by an older Milvus or an earlier version of the mesh) is searched dense-only."""
+
     def __init__(self, uri: str, collection: str, dimension: Callable[[], Awaitable[int]], hnsw: HnswSettings,
-                 timeouts: MilvusTimeouts, consistency_level: str = "Session") -> None:
+                 timeouts: MilvusTimeouts, consistency_level: str = "Session", lexical: bool = True) -> None:
         super().__init__(uri, collection, timeouts, dimension, self._create_collection)
         self._consistency = consistency_level
         self._hnsw = hnsw
+        self._create_lexical = lexical
+        self.lexical = False
+        self._output = list(_OUTPUT)
 
     async def _create_collection(self, client: AsyncMilvusClient, name: str) -> None:
         schema = AsyncMilvusClient.create_schema(auto_id=False)
@@ -34,12 +53,32 @@ class DocumentIndex(MilvusCollection):
         schema.add_field("document_id", DataType.VARCHAR, max_length=256)
         schema.add_field("chunk_id", DataType.VARCHAR, max_length=300)
         schema.add_field("text", DataType.VARCHAR, max_length=65_535)
+        schema.add_field("heading", DataType.VARCHAR, max_length=4_096)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dimension)
-        await client.create_collection(name, schema=schema,
-                                       index_params=hnsw_cosine_index("vector", self._hnsw),
-                                       timeout=self.timeouts.create_s,
-                                       consistency_level=self._consistency)
+        indexes = [("vector", hnsw_cosine_index(self._hnsw))]
+        if self._create_lexical:
+            # The stemmed terms of the chunk (services/retrieval/lexical.py); Milvus computes BM25 weights from them.
+            schema.add_field("terms", DataType.VARCHAR, max_length=65_535, enable_analyzer=True,
+                             analyzer_params=ANALYZER_PARAMS)
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(Function(name="terms_bm25", function_type=FunctionType.BM25,
+                                         input_field_names=["terms"], output_field_names=["sparse"]))
+            indexes.append(("sparse", _BM25_INDEX))
+        await create_collection(client, name, schema, indexes, self.timeouts.create_s,
+                                consistency_level=self._consistency)
+
+    async def _loaded(self, client: AsyncMilvusClient) -> None:
+        described = await client.describe_collection(self.name, timeout=self.timeouts.query_s)
+        fields = {field["name"] for field in described["fields"]}
+        self.lexical = "sparse" in fields
+        self._output = _OUTPUT + (["heading"] if "heading" in fields else [])
+        if self._create_lexical and not self.lexical:
+            log.warning("collection has no BM25 field: searches are dense-only until it is re-created",
+                        extra={"collection": self.name})
+
+    def describe(self) -> str:
+        return self._hnsw.describe() + (" + BM25 (SPARSE_INVERTED_INDEX)" if self.lexical else "")
 
     async def replace_documents(self, tenant: str, rows: list[dict], document_ids: list[str]) -> None:
         """Insert the new version under new keys first, then delete the old version's chunks. A reader, or a
@@ -90,13 +129,30 @@ class DocumentIndex(MilvusCollection):
             await self.run(lambda client: client.delete(self.name, ids=keys, timeout=self.timeouts.query_s))
         return len(keys)
 
-    async def search(self, tenant: str, vector: list[float], top_k: int, user_filter: str, ef: int) -> list[dict]:
-        expr = f"tenant == {quote(tenant)}" + (f" and ({user_filter})" if user_filter else "")
+    def _filter(self, tenant: str, user_filter: str) -> str:
+        return f"tenant == {quote(tenant)}" + (f" and ({user_filter})" if user_filter else "")
+
+    async def dense(self, tenant: str, vector: list[float], limit: int, user_filter: str, ef: int) -> list[dict]:
+        """Nearest chunks by cosine similarity (the hit's `score`)."""
         hits = await self.run(lambda client: client.search(
-            self.name, data=[vector], filter=expr, limit=top_k, output_fields=_OUTPUT,
-            search_params={"params": {"ef": max(ef, top_k)}}, timeout=self.timeouts.search_s,
-            consistency_level=self._consistency))
+            self.name, data=[vector], anns_field="vector", filter=self._filter(tenant, user_filter), limit=limit,
+            output_fields=self._output, search_params={"params": {"ef": max(ef, limit)}},
+            timeout=self.timeouts.search_s, consistency_level=self._consistency))
         return [dict(hit["entity"], score=float(hit["distance"])) for hit in (hits[0] if hits else [])]
+
+    async def sparse(self, tenant: str, terms: str, limit: int, user_filter: str,
+                     with_vectors: bool = False) -> list[dict]:
+        """Best chunks by BM25 over the query's stemmed terms (the hit's `score`); with_vectors also returns
+        each chunk's embedding, so the caller can say how similar it is."""
+        if not terms or not self.lexical:
+            return []
+        output = self._output + (["vector"] if with_vectors else [])
+        hits = await self.run(lambda client: client.search(
+            self.name, data=[terms], anns_field="sparse", filter=self._filter(tenant, user_filter), limit=limit,
+            output_fields=output, search_params={"metric_type": "BM25"}, timeout=self.timeouts.search_s,
+            consistency_level=self._consistency))
+        # Milvus Lite reports BM25 as a distance (negated: smaller is closer); a cluster reports the score.
+        return [dict(hit["entity"], score=abs(float(hit["distance"]))) for hit in (hits[0] if hits else [])]
 
     async def count(self, tenant: str) -> int:
         expr = f"tenant == {quote(tenant)}"

@@ -20,7 +20,7 @@ async def serve(settings: RetrievalSettings) -> None:
                            settings.milvus_timeouts.search_s)
     index = DocumentIndex(settings.milvus_uri, settings.collection,
                           lambda: catalog.embed_dimension(settings.embedder_model), settings.hnsw,
-                          settings.milvus_timeouts, settings.consistency_level)
+                          settings.milvus_timeouts, settings.consistency_level, settings.lexical_search)
     chunker = Chunker(settings.tokenizer_file, settings.chunk_tokens, settings.chunk_overlap_tokens)
     host = ServiceHost("retrieval", settings)
     retrieval_pb2_grpc.add_RetrievalServicer_to_server(

@@ -16,7 +16,9 @@ from services.common.embeddings import embed_via_kserve
 from services.common.errors import invalid, unavailable
 from services.retrieval.chunking import Chunker
 from services.retrieval.filters import FilterError, render, to_milvus
+from services.retrieval.fusion import cosine, reciprocal_rank_fusion
 from services.retrieval.index import DocumentIndex
+from services.retrieval.lexical import lexical_text
 from services.retrieval.metrics import STAGE_SECONDS
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.typed_filters import from_message
@@ -27,6 +29,9 @@ def _connection_error(exc: MilvusException) -> bool:
     return any(word in text for word in ("connect", "unavailable", "deadline", "timeout", "closed"))
 
 
+_MODES = {retrieval_pb2.SEARCH_MODE_DENSE: "dense", retrieval_pb2.SEARCH_MODE_SPARSE: "sparse",
+          retrieval_pb2.SEARCH_MODE_HYBRID: "hybrid"}
+_STAGES = {mode: f"{name}_search" for mode, name in _MODES.items()}
 _ID = re.compile(r"^[A-Za-z0-9._:/@+-]{1,200}$")
 _TENANT = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
@@ -87,7 +92,11 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
             # Chunking is CPU work: keep the event loop free for other calls.
             split = await asyncio.to_thread(lambda docs=docs: [self._chunker.split(d.text) for d in docs])
             rows = [{"document_id": d.id, "chunk_id": f"{d.id}#{c.index}", "text": c.text,
-                     "metadata": dict(d.metadata)} for d, pieces in zip(docs, split, strict=True) for c in pieces]
+                     "heading": c.heading_path[:1_000], "metadata": dict(d.metadata)}
+                    for d, pieces in zip(docs, split, strict=True) for c in pieces]
+            if self._index.lexical:
+                for row in rows:
+                    row["terms"] = lexical_text(row["text"])
             vectors = await self._embed([r["text"] for r in rows], context)
             for row, vector in zip(rows, vectors, strict=True):
                 row["vector"] = vector
@@ -111,6 +120,22 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
             await self._milvus_unavailable(exc)
         return retrieval_pb2.DeleteDocumentsResponse(chunks_deleted=deleted)
 
+    def _mode(self, query: retrieval_pb2.SearchRequest) -> int:
+        # A vector has no words to match: unspecified means dense for it.
+        lexical = self._index.lexical and not query.vector
+        default = retrieval_pb2.SEARCH_MODE_HYBRID if lexical else retrieval_pb2.SEARCH_MODE_DENSE
+        mode = query.mode or default
+        if mode not in _MODES:
+            raise invalid(f"mode {query.mode} is not one of dense, sparse, hybrid")
+        if mode != retrieval_pb2.SEARCH_MODE_DENSE:
+            name = _MODES[mode]
+            if query.vector:
+                raise invalid(f"mode {name} searches words: send query text, not a vector (or use mode dense)")
+            if not self._index.lexical:
+                raise invalid(f"mode {name} needs BM25, which this collection lacks (created without it, or on a "
+                              "Milvus older than 2.5): use mode dense")
+        return mode
+
     async def Search(self, request, context):
         tenant = self._tenant(request.tenant)
         query = request.request
@@ -132,21 +157,60 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
             raise invalid(str(exc)) from exc
         if not self._index.ready:
             raise unavailable("vector database unavailable; retrying in the background")
-        vector = list(query.vector) if query.vector else (await self._embed([query.query], context))[0]
+        mode = self._mode(query)
+        depth = max(query.top_k, limits.fusion_depth) if mode == retrieval_pb2.SEARCH_MODE_HYBRID else query.top_k
+        lexical: asyncio.Future[list[dict]] | None = None
+        if mode != retrieval_pb2.SEARCH_MODE_DENSE:
+            # BM25 needs no embedding: it runs while the query is embedded, so hybrid costs little over dense.
+            lexical = asyncio.ensure_future(self._index.sparse(
+                tenant, lexical_text(query.query), depth, user_filter,
+                with_vectors=mode == retrieval_pb2.SEARCH_MODE_HYBRID))
+            lexical.add_done_callback(lambda done: done.cancelled() or done.exception())
+        vector: list[float] = []
         try:
-            with STAGE_SECONDS.labels("vector_search").time():
-                hits = await self._index.search(tenant, vector, query.top_k, user_filter, query.ef or limits.hnsw.ef)
+            if mode != retrieval_pb2.SEARCH_MODE_SPARSE:
+                vector = list(query.vector) if query.vector else (await self._embed([query.query], context))[0]
+        except BaseException:
+            if lexical is not None:
+                lexical.cancel()
+            raise
+        try:
+            with STAGE_SECONDS.labels(_STAGES[mode]).time():
+                hits = await self._find(mode, tenant, query, vector, user_filter, depth, lexical)
         except MilvusException as exc:
             if user_filter and not _connection_error(exc):
                 raise invalid(f"filter rejected by Milvus: {exc.message}") from exc
             await self._milvus_unavailable(exc)
         except Exception as exc:  # pymilvus raises several types for one cause
             await self._milvus_unavailable(exc)
-        response = retrieval_pb2.SearchResponse()
+        response = retrieval_pb2.SearchResponse(mode=mode)
         for hit in hits:
             response.hits.add(chunk_id=hit["chunk_id"], document_id=hit["document_id"], text=hit["text"],
-                              score=hit["score"], metadata={k: str(v) for k, v in (hit["metadata"] or {}).items()})
+                              score=hit["score"], similarity=hit.get("similarity", 0.0),
+                              heading_path=hit.get("heading") or "",
+                              metadata={k: str(v) for k, v in (hit["metadata"] or {}).items()})
         return response
+
+    async def _find(self, mode: int, tenant: str, query: retrieval_pb2.SearchRequest, vector: list[float],
+                    user_filter: str, depth: int, lexical: asyncio.Future[list[dict]] | None) -> list[dict]:
+        settings = self._settings
+        ef = query.ef or settings.hnsw.ef
+        if mode == retrieval_pb2.SEARCH_MODE_SPARSE and lexical is not None:
+            # Not Milvus' BM25 values: their IDF counts every tenant's chunks, so a tenant could watch a term's
+            # score move as other tenants ingest it. The rank's reciprocal (as fused) says only what it may.
+            return [dict(hit, score=1.0 / (settings.rrf_k + rank)) for rank, hit in enumerate(await lexical, 1)]
+        dense = await self._index.dense(tenant, vector, depth, user_filter, ef)
+        if mode == retrieval_pb2.SEARCH_MODE_DENSE or lexical is None:
+            return [dict(hit, similarity=hit["score"]) for hit in dense]
+        sparse = await lexical
+        by_key = {hit["chunk_id"]: dict(hit, similarity=hit["score"]) for hit in dense}
+        lexical_only = [hit for hit in sparse if hit["chunk_id"] not in by_key]
+        for hit, similarity in zip(lexical_only, cosine(vector, [hit["vector"] for hit in lexical_only]),
+                                   strict=True):
+            by_key[hit["chunk_id"]] = dict(hit, similarity=similarity)
+        fused = reciprocal_rank_fusion([[hit["chunk_id"] for hit in dense], [hit["chunk_id"] for hit in sparse]],
+                                       settings.rrf_k, [settings.dense_weight, settings.lexical_weight])
+        return [dict(by_key[key], score=score) for key, score in fused[:query.top_k]]
 
     async def CollectionStats(self, request, context):
         tenant = self._tenant(request.tenant)
@@ -155,4 +219,4 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
         except Exception as exc:
             await self._milvus_unavailable(exc)
         return retrieval_pb2.CollectionStatsResponse(
-            chunks=count, dimension=self._index.dimension, index=self._settings.hnsw.describe())
+            chunks=count, dimension=self._index.dimension, index=self._index.describe())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -324,7 +325,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 placed = await self._admitted_placement(spec, ask, route, ticket)
             except QueueRefusal as exc:
                 raise MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
-                                (("retry-after", str(max(1, round(exc.retry_after_s)))),)) from exc
+                                (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)) from exc
             except NoReplicaError as exc:
                 raise MeshError(_no_replica_code(exc), str(exc)) from exc
             if (other := self._admitted(placed, route)) is not None:

@@ -66,7 +66,8 @@ def test_the_index_takes_its_vector_size_from_the_registry(mesh, corpus):
     registry = yaml.safe_load((ROOT / "config" / "registry.yaml").read_text())
     answer = mesh.CollectionStats(retrieval_pb2.CollectionStatsRequest(), metadata=AUTH, timeout=30)
     assert answer.dimension == registry["models"][EMBEDDER]["dimension"] == 384
-    assert answer.index == "HNSW(M=16, efConstruction=200), COSINE"
+    lexical = " + BM25 (SPARSE_INVERTED_INDEX)" if has_bm25(mesh) else ""
+    assert answer.index == "HNSW(M=16, efConstruction=200), COSINE" + lexical
 
 def test_long_document_chunks_overlap_and_cover_the_text(mesh, corpus):
     hits = search(mesh, "lighthouse keepers history", top_k=50, filter='metadata["topic"] == "history"')
@@ -174,6 +175,109 @@ def test_ask_answers_with_citations(mesh, corpus):
     with pytest.raises(grpc.RpcError) as info:
         ask(mesh, "Why?", top_k=6)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def has_bm25(mesh) -> bool:
+    """milvus-lite has BM25; the Milvus 2.3 standalone of the milvus_server tests does not (dense only there)."""
+    index = mesh.CollectionStats(retrieval_pb2.CollectionStatsRequest(), metadata=AUTH, timeout=30).index
+    return "BM25" in index
+
+
+SEED_CONFIG = (ROOT / "data" / "retrieval-eval" / "documents" / "000_68831e299f720953.txt").read_text()
+BREAKER_PROSE = ("Circuit breakers protect a service from a failing dependency. When a breaker opens, calls fail fast "
+                 "instead of waiting; after a while the breaker lets one call through to test the dependency. "
+                 "Breakers are a failure-handling pattern, like retries with backoff and timeouts.")
+LIMITS_GUIDE = """# Operations guide
+
+## Request limits
+
+| Tier | Requests per minute | Burst |
+|---|---|---|
+| standard | 300 | 40 |
+| enterprise | 1000 | 50 |
+
+## Tracing
+
+Spans are exported over OTLP to the collector.
+"""
+
+
+@pytest.fixture(scope="module")
+def structured(mesh):
+    upsert(mesh, [doc("seed/config", SEED_CONFIG), doc("prose/breakers", BREAKER_PROSE),
+                  doc("ops/guide", LIMITS_GUIDE)])
+
+
+def test_hybrid_finds_the_config_card_that_dense_ranks_below_prose(mesh, structured):
+    """The question of issue 19: the chunk that says "Circuit Breaker: 10 failures to trigger" is cited."""
+    question = "How many failures trigger the circuit breaker?"
+    if not has_bm25(mesh):
+        with pytest.raises(grpc.RpcError) as info:
+            search(mesh, question, mode=retrieval_pb2.SEARCH_MODE_HYBRID)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs BM25" in info.value.details()
+        return
+    response = mesh.Search(retrieval_pb2.SearchRequest(query=question, top_k=3), metadata=AUTH, timeout=30)
+    assert response.mode == retrieval_pb2.SEARCH_MODE_HYBRID, "hybrid is the default"
+    assert any("10 failures to trigger" in hit.text for hit in response.hits), [h.text[:80] for h in response.hits]
+    assert all(0 < hit.similarity <= 1 for hit in response.hits), "every fused hit says how similar it is"
+    lexical = search(mesh, question, mode=retrieval_pb2.SEARCH_MODE_SPARSE)
+    assert any("10 failures to trigger" in hit.text for hit in lexical)
+    assert all(hit.similarity == 0 for hit in lexical), "a sparse search embeds nothing"
+    answer = ask(mesh, question, top_k=3)[-1].metadata
+    assert not answer.documents_do_not_answer
+    assert any(c.document_id == "seed/config" for c in answer.citations)
+
+
+def test_chunks_keep_their_heading_path(mesh, structured):
+    hits = search(mesh, "enterprise burst requests per minute", top_k=1,
+                  mode=retrieval_pb2.SEARCH_MODE_DENSE, filter="")
+    assert hits[0].document_id == "ops/guide"
+    assert hits[0].heading_path == "Operations guide > Request limits"
+    assert hits[0].text.startswith("Operations guide > Request limits\n| Tier |"), "the table stays with its title"
+    assert "Spans are exported" not in hits[0].text, "another section is another chunk"
+    cited = ask(mesh, "What is the burst limit of the enterprise tier?", top_k=1)[-1].metadata.citations
+    assert cited[0].heading_path == "Operations guide > Request limits" and cited[0].similarity > 0
+
+
+def test_ask_says_when_the_documents_do_not_answer(mesh, structured):
+    chunks = ask(mesh, "Who painted the ceiling of the Sistine Chapel?", top_k=3)
+    last = chunks[-1]
+    assert last.metadata.documents_do_not_answer
+    assert "do not answer" in "".join(c.text for c in chunks)
+    assert len(last.metadata.citations) == 3, "the closest chunks are still cited"
+    assert last.usage.prompt_tokens == 0, "no model was asked"
+
+
+def test_modes_are_checked_and_stay_in_the_tenant(mesh, structured):
+    vector = [0.1] * 384
+    for mode in (retrieval_pb2.SEARCH_MODE_SPARSE, retrieval_pb2.SEARCH_MODE_HYBRID):
+        with pytest.raises(grpc.RpcError) as info:
+            mesh.Search(retrieval_pb2.SearchRequest(vector=vector, top_k=3, mode=mode), metadata=AUTH, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as info:
+        search(mesh, "bread", mode=9)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not one of" in info.value.details()
+    if has_bm25(mesh):
+        # Tenant b has no document with these words; tenant a's must not reach it through BM25.
+        for mode in (retrieval_pb2.SEARCH_MODE_SPARSE, retrieval_pb2.SEARCH_MODE_HYBRID):
+            hits = search(mesh, "circuit breaker failures trigger", metadata=AUTH_B, mode=mode, top_k=10)
+            assert not any(h.document_id in ("seed/config", "prose/breakers", "ops/guide") for h in hits)
+
+
+def test_bm25_scores_do_not_reveal_other_tenants_documents(mesh, structured):
+    """BM25's term statistics span the collection: a tenant must not see another's ingest in its own scores."""
+    if not has_bm25(mesh):
+        return
+    upsert(mesh, [doc("probe/own", "The zebrafish thrives in a quiet aquarium.")], metadata=AUTH_B)
+
+    def probe():
+        return [(h.chunk_id, h.score) for h in search(mesh, "zebrafish aquarium", metadata=AUTH_B,
+                                                       mode=retrieval_pb2.SEARCH_MODE_SPARSE)]
+
+    before = probe()
+    upsert(mesh, [doc(f"probe/other{i}", f"Zebrafish note {i}: zebrafish, zebrafish everywhere.") for i in range(20)])
+    assert probe() == before
+    assert before[0] == ("probe/own#0", pytest.approx(1 / 61))
 
 
 def test_ingest_command_line(stack, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -243,21 +242,6 @@ def test_kserve_tensors_round_trip():
     arrays = output_arrays(response)
     assert list(arrays["T"]) == [b"a", b"", "é".encode()]
     np.testing.assert_array_equal(arrays["N"], np.array([[1.5, -2.0]], np.float32))
-
-
-def test_chunker_windows_overlap_on_token_boundaries():
-    from services.retrieval.chunking import Chunker
-
-    chunker = Chunker(str(ROOT / "triton_models/minilm/1/tokenizer.json"), size=16, overlap=4)
-    text = " ".join(f"word{i}" for i in range(60))
-    chunks = chunker.split(text)
-    assert len(chunks) > 3 and [c.index for c in chunks] == list(range(len(chunks)))
-    assert chunks[0].text.startswith("word0") and chunks[-1].text.endswith("word59")
-    for first, second in itertools.pairwise(chunks):
-        assert first.text[-6:] in second.text
-    assert chunker.split("   ") == []
-    with pytest.raises(ValueError):
-        Chunker(str(ROOT / "triton_models/minilm/1/tokenizer.json"), size=8, overlap=8)
 
 
 async def test_registry_sync_keeps_replicas_with_their_work_and_retires_the_rest():

@@ -1,0 +1,113 @@
+"""Issue 19's pure parts: structure-aware chunks, the BM25 terms, rank fusion, Ask's floor, the evaluation set."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from inference_mesh.v1 import mesh_pb2, retrieval_pb2
+from services.gateway import rag
+from services.retrieval.chunking import Chunker
+from services.retrieval.fusion import cosine, reciprocal_rank_fusion
+from services.retrieval.lexical import lexical_text, terms
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER = str(ROOT / "triton_models/minilm/1/tokenizer.json")
+EVAL = ROOT / "data" / "retrieval-eval"
+
+
+def chunker(size: int = 512, overlap: int = 128) -> Chunker:
+    return Chunker(TOKENIZER, size, overlap)
+
+
+def test_markdown_sections_keep_their_heading_path_and_tables_stay_whole():
+    text = ("# Guide\n\nIntro paragraph.\n\n## Limits\n\n| Tier | Burst |\n|---|---|\n| standard | 40 |\n"
+            "| enterprise | 50 |\n\n### Notes\n\nBursts refill each second.\n\n## Tracing\n\nSpans go to OTLP.\n")
+    chunks = chunker().split(text)
+    assert [c.heading_path for c in chunks] == ["Guide", "Guide > Limits", "Guide > Limits > Notes",
+                                                "Guide > Tracing"]
+    limits = chunks[1]
+    assert limits.text == "Guide > Limits\n| Tier | Burst |\n|---|---|\n| standard | 40 |\n| enterprise | 50 |"
+    assert [c.index for c in chunks] == [0, 1, 2, 3]
+
+
+def test_plain_text_titles_and_a_question_above_a_table():
+    text = ("Architecture Overview:\nA pipeline needs an entry point, a cache and a vector store.\n"
+            "Cache Layer\nPositioned near the entry point to intercept requests early.\n"
+            "How do you pick a cache?\n| Approach | Best for |\n|---|---|\n| Exact | deterministic prompts |\n")
+    chunks = chunker().split(text)
+    assert [c.heading_path for c in chunks] == ["Architecture Overview", "Cache Layer", "How do you pick a cache?"]
+    assert chunks[2].text.endswith("| Exact | deterministic prompts |")
+
+
+def test_code_comments_and_fenced_blocks_are_not_headings():
+    text = "# Real title\n\nrequirements.py\n# a comment inside code\nvalue = 1\n\n```\n# not a heading\n\nx\n```\n"
+    assert {c.heading_path for c in chunker().split(text)} == {"Real title"}
+
+
+def test_long_sections_split_at_sentences_with_overlap_and_cover_everything():
+    sentences = [f"Sentence number {i} talks about lighthouse keepers and their lamps." for i in range(80)]
+    chunks = chunker(64, 16).split("## History\n\n" + " ".join(sentences))
+    assert len(chunks) > 5
+    for chunk in chunks:
+        body = chunk.text.split("\n", 1)[1]
+        assert body.startswith("Sentence number") and body.endswith("lamps."), "cut at sentence boundaries"
+        assert chunk.text.startswith("History\n")
+    for first, second in itertools.pairwise(chunks):
+        assert first.text.rsplit(". ", 1)[-1] in second.text, "the next chunk repeats the last sentence"
+    joined = " ".join(c.text for c in chunks)
+    assert all(sentence in joined for sentence in sentences)
+
+
+def test_a_sentence_longer_than_a_chunk_falls_back_to_token_windows():
+    text = " ".join(f"word{i}" for i in range(300))
+    chunks = chunker(32, 8).split(text)
+    assert chunks[0].text.startswith("word0") and chunks[-1].text.endswith("word299")
+    assert chunker().split("   \n\n ") == []
+    with pytest.raises(ValueError):
+        Chunker(TOKENIZER, 8, 8)
+
+
+def test_bm25_terms_are_stemmed_without_stop_words():
+    assert terms("How many failures trigger the Circuit Breaker?") == ["failur", "trigger", "circuit", "breaker"]
+    assert lexical_text("Circuit Breaker: 10 failures to trigger") == "circuit breaker 10 failur trigger"
+    assert lexical_text("the of and") == ""
+
+
+def test_reciprocal_rank_fusion():
+    fused = reciprocal_rank_fusion([["a", "b", "c"], ["c", "d"]], k=60, weights=[1.0, 1.0])
+    assert [key for key, _ in fused] == ["c", "a", "b", "d"]
+    assert fused[0][1] == pytest.approx(1 / 63 + 1 / 61)
+    dense_only = reciprocal_rank_fusion([["a", "b"], ["b", "a"]], k=60, weights=[1.0, 0.0])
+    assert [key for key, _ in dense_only] == ["a", "b"]
+    with pytest.raises(ValueError):
+        reciprocal_rank_fusion([["a"]], k=60, weights=[1.0, 1.0])
+    assert cosine([1.0, 0.0], [[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]]) == [1.0, 0.0, 0.0]
+
+
+def test_ask_floor_refuses_only_when_nothing_is_close():
+    close = retrieval_pb2.SearchHit(chunk_id="d#0", document_id="d", similarity=0.6, heading_path="A > B")
+    far = retrieval_pb2.SearchHit(chunk_id="d#1", document_id="d", similarity=0.1)
+    lexical = retrieval_pb2.SearchHit(chunk_id="d#2", document_id="d", similarity=0.0)
+    assert rag.relevant([far, close], 0.25) and not rag.relevant([far], 0.25) and not rag.relevant([], 0.25)
+    assert rag.relevant([lexical], 0.25), "a BM25-only search has no similarity to judge by"
+    metadata = mesh_pb2.ResponseMetadata()
+    [reply] = rag.not_answered([far], metadata)
+    assert "do not answer" in reply.text and reply.finish_reason == mesh_pb2.FINISH_REASON_STOP
+    assert [c.chunk_id for c in reply.metadata.citations] == ["d#1"]
+    _, citations = rag.build_request(mesh_pb2.AskRequest(model="m", question="q"), [close], 4000, 16)
+    assert citations[0].heading_path == "A > B" and citations[0].similarity == pytest.approx(0.6)
+
+
+def test_the_evaluation_set_is_sound():
+    """At least 150 answerable questions, each answer a passage of its document, ids unique."""
+    rows = [json.loads(line) for line in (EVAL / "questions.jsonl").read_text().splitlines() if line.strip()]
+    answerable = [r for r in rows if r["document"]]
+    assert len(answerable) >= 150 and len(rows) - len(answerable) >= 20
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert len({r["question"] for r in rows}) == len(rows)
+    for row in answerable:
+        assert row["answer"] in (EVAL / "documents" / row["document"]).read_text(), row["id"]
