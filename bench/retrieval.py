@@ -39,9 +39,9 @@ def clustered(count: int, clusters: int, seed: int) -> np.ndarray:
 def load_vectors(uri: str, vectors: np.ndarray) -> tuple[float, dict]:
     """Insert, flush, and wait until HNSW has indexed every row: recall must come from the index."""
     client = MilvusClient(uri=uri, timeout=120)
-    # The text fields the collection was created with (BM25 terms only where the Milvus has sparse vectors).
+    # The fields the collection was created with (BM25 terms only where the Milvus has sparse vectors).
     fields = {field["name"] for field in client.describe_collection("mesh_documents")["fields"]}
-    text_fields = {name: "" for name in ("heading", "terms") if name in fields}
+    text_fields = {name: value for name, value in (("heading", ""), ("terms", ""), ("passage", 0)) if name in fields}
     started = time.perf_counter()
     for start in range(0, len(vectors), 2000):
         rows = [{"pk": primary_key(TENANT, f"v{i}"), "tenant": TENANT, "document_id": f"v{i}", "chunk_id": f"v{i}",

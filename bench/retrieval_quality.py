@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -181,7 +182,10 @@ def main() -> None:
                         help="retrieval settings to try, e.g. MESH_RETRIEVAL_CHUNK_TOKENS=256 (implies --no-write)")
     args = parser.parse_args()
     retrieval_env = dict(item.split("=", 1) for item in args.env)
-    stack = LocalStack(ROOT / "build" / "bench-retrieval-quality", StackPorts.free(1, gateways=1), with_edge=False,
+    run_dir = ROOT / "build" / "bench-retrieval-quality"
+    # A new collection each run: one left by an earlier run keeps the schema (and chunks) it was made with.
+    shutil.rmtree(run_dir, ignore_errors=True)
+    stack = LocalStack(run_dir, StackPorts.free(1, gateways=1), with_edge=False,
                        with_cache=False, service_env={"retrieval": retrieval_env})
     stack.start()
     try:

@@ -19,8 +19,12 @@ _FENCE = re.compile(r"^\s{0,3}(```|~~~)")
 _TABLE_ROW = re.compile(r"^\s*\|")
 _RULE = re.compile(r"^\s*([-*_=])(\s*\1){2,}\s*$")
 _LIST_ITEM = re.compile(r"^\s*([-*+•‣◦▪]|\d+[.)])\s")
-# A sentence ends at . ! ? (and a closing quote or bracket) followed by space and a capital, digit or opener.
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[•])")
+# A sentence ends at . ! ? (and a closing quote or bracket) followed by space and a capital, digit or opener;
+# a field starts where text flattened from a form glued "Label: value" pairs together ("…connectionsHealth
+# Check: Use…").
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[•])"
+                           r"|(?<=[a-z0-9)%\"])(?=[A-Z][A-Za-z/ -]{1,40}: )")
+_GLUED = re.compile(r"(?<=[a-z])(?=[A-Z])")
 _TITLE_MAX_CHARS = 80
 _TITLE_MAX_WORDS = 10
 # A plain-text title sits below every Markdown heading level.
@@ -32,6 +36,9 @@ class Chunk:
     index: int
     text: str                     # the heading path's line, then the body as written in the document
     headings: tuple[str, ...]     # outermost first
+    # What is searched for this chunk: consecutive pieces of it, each with the heading path (the whole chunk when
+    # passages are off or it is small). A passage found returns its chunk ("small to big").
+    passages: tuple[str, ...] = ()
 
     @property
     def heading_path(self) -> str:
@@ -134,21 +141,27 @@ def _sections(text: str) -> list[_Section]:
 
 
 class Chunker:
-    def __init__(self, tokenizer_file: str, size: int, overlap: int) -> None:
+    """size/overlap: the chunks returned to callers; passage_size: the pieces of a chunk that are embedded and
+    matched (0: the whole chunk)."""
+
+    def __init__(self, tokenizer_file: str, size: int, overlap: int, passage_size: int = 0) -> None:
         if not 0 <= overlap < size:
             raise ValueError(f"chunk overlap {overlap} must be in [0, {size})")
+        if not 0 <= passage_size <= size:
+            raise ValueError(f"passage size {passage_size} must be in [0, {size}]")
         self._tokenizer = Tokenizer.from_file(tokenizer_file)
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
         self.size = size
         self.overlap = overlap
+        self.passage_size = passage_size
 
     def _token_spans(self, text: str, start: int, end: int) -> list[tuple[int, int]]:
         encoding = self._tokenizer.encode(text[start:end])
         return [(start + a, start + b) for (a, b), special
                 in zip(encoding.offsets, encoding.special_tokens_mask, strict=True) if not special]
 
-    def _units(self, text: str, start: int, end: int, budget: int) -> list[tuple[int, int, int]]:
+    def _units(self, text: str, start: int, end: int, budget: int, overlap: int) -> list[tuple[int, int, int]]:
         """(start, end, tokens) pieces of one block, none over the budget: the block itself, else its lines
         (table rows, list items), else sentences, else token windows."""
         tokens = len(self._token_spans(text, start, end))
@@ -169,9 +182,9 @@ class Chunker:
                 cut = start + match.end()
             pieces.append((cut, end))
         if len(pieces) > 1:
-            return [unit for a, b in pieces for unit in self._units(text, a, b, budget)]
+            return [unit for a, b in pieces for unit in self._units(text, a, b, budget, overlap)]
         spans = self._token_spans(text, start, end)
-        step = max(1, budget - min(self.overlap, budget // 2))
+        step = max(1, budget - min(overlap, budget // 2))
         windows = []
         for first in range(0, len(spans), step):
             window = spans[first:first + budget]
@@ -186,15 +199,27 @@ class Chunker:
             prefix = HEADING_SEPARATOR.join(section.headings)
             prefix_tokens = len(self._token_spans(prefix, 0, len(prefix))) if prefix else 0
             budget = max(self.size - prefix_tokens, self.size // 2)
-            units = [u for start, end in section.blocks for u in self._units(text, start, end, budget)]
-            for start, end in self._pack(units, budget):
-                body = text[start:end].strip()
-                chunks.append(Chunk(len(chunks), f"{prefix}\n{body}" if prefix else body, section.headings))
+            units = [u for start, end in section.blocks for u in self._units(text, start, end, budget, self.overlap)]
+            for first, last in self._pack(units, budget, self.overlap):
+                body = text[units[first][0]:units[last][1]].strip()
+                passages = self._passages(text, units[first:last + 1], prefix, prefix_tokens)
+                chunks.append(Chunk(len(chunks), _titled(prefix, body), section.headings, passages))
         return chunks
 
-    def _pack(self, units: list[tuple[int, int, int]], budget: int) -> list[tuple[int, int]]:
-        """Consecutive units into chunks of at most `budget` tokens; the next chunk repeats the last units of
-        the previous one up to `overlap` tokens, so a fact cut at a boundary is whole in one of the two."""
+    def _passages(self, text: str, units: list[tuple[int, int, int]], prefix: str,
+                  prefix_tokens: int) -> tuple[str, ...]:
+        whole = _titled(prefix, text[units[0][0]:units[-1][1]].strip())
+        if not self.passage_size or sum(u[2] for u in units) + prefix_tokens <= self.passage_size:
+            return (unglue(whole),)
+        budget = max(self.passage_size - prefix_tokens, self.passage_size // 2)
+        pieces = [p for start, end, _ in units for p in self._units(text, start, end, budget, 0)]
+        return tuple(unglue(_titled(prefix, text[pieces[first][0]:pieces[last][1]].strip()))
+                     for first, last in self._pack(pieces, budget, 0))
+
+    @staticmethod
+    def _pack(units: list[tuple[int, int, int]], budget: int, overlap: int) -> list[tuple[int, int]]:
+        """Consecutive units into groups (first, last) of at most `budget` tokens; the next group repeats the
+        last units of the previous one up to `overlap` tokens, so a fact cut at a boundary is whole in one."""
         packed: list[tuple[int, int]] = []
         first = 0
         while first < len(units):
@@ -202,12 +227,23 @@ class Chunker:
             while last + 1 < len(units) and used + units[last + 1][2] <= budget:
                 last += 1
                 used += units[last][2]
-            packed.append((units[first][0], units[last][1]))
+            packed.append((first, last))
             if last + 1 >= len(units):
                 break
             carried, back, following = 0, last + 1, units[last + 1][2]
-            while back - 1 > first and carried + units[back - 1][2] <= min(self.overlap, budget - following):
+            while back - 1 > first and carried + units[back - 1][2] <= min(overlap, budget - following):
                 back -= 1
                 carried += units[back][2]
             first = back
         return packed
+
+
+def unglue(text: str) -> str:
+    """Words that text extraction glued together ("cachingTTL: 5 minutes", "enterpriseBurst Limit") apart, for
+    search only (a chunk's text is returned as written): BM25 would index "cachingttl", MiniLM "caching ##tt".
+    camelCase identifiers come apart the same way, which also lets their words match."""
+    return _GLUED.sub(" ", text)
+
+
+def _titled(prefix: str, body: str) -> str:
+    return f"{prefix}\n{body}" if prefix else body

@@ -38,12 +38,16 @@ class DocumentIndex(MilvusCollection):
     created without one (by an older Milvus or an earlier version of the mesh) is searched dense-only."""
 
     def __init__(self, uri: str, collection: str, dimension: Callable[[], Awaitable[int]], hnsw: HnswSettings,
-                 timeouts: MilvusTimeouts, consistency_level: str = "Session", lexical: bool = True) -> None:
+                 timeouts: MilvusTimeouts, consistency_level: str = "Session", lexical: bool = True,
+                 over_fetch: int = 1) -> None:
         super().__init__(uri, collection, timeouts, dimension, self._create_collection)
         self._consistency = consistency_level
         self._hnsw = hnsw
         self._create_lexical = lexical
+        # Rows asked for per chunk wanted: more than one when chunks are searched by several passages.
+        self._over_fetch = max(1, over_fetch)
         self.lexical = False
+        self.passages = False
         self._output = list(_OUTPUT)
 
     async def _create_collection(self, client: AsyncMilvusClient, name: str) -> None:
@@ -54,6 +58,8 @@ class DocumentIndex(MilvusCollection):
         schema.add_field("chunk_id", DataType.VARCHAR, max_length=300)
         schema.add_field("text", DataType.VARCHAR, max_length=65_535)
         schema.add_field("heading", DataType.VARCHAR, max_length=4_096)
+        # Rows are passages of chunks: `passage` numbers them within their chunk, `text` is the whole chunk.
+        schema.add_field("passage", DataType.INT64)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dimension)
         indexes = [("vector", hnsw_cosine_index(self._hnsw))]
@@ -72,6 +78,7 @@ class DocumentIndex(MilvusCollection):
         described = await client.describe_collection(self.name, timeout=self.timeouts.query_s)
         fields = {field["name"] for field in described["fields"]}
         self.lexical = "sparse" in fields
+        self.passages = "passage" in fields
         self._output = _OUTPUT + (["heading"] if "heading" in fields else [])
         if self._create_lexical and not self.lexical:
             log.warning("collection has no BM25 field: searches are dense-only until it is re-created",
@@ -87,8 +94,10 @@ class DocumentIndex(MilvusCollection):
         previous = await self._chunk_keys(tenant, document_ids)
         version = uuid.uuid4().hex
         for row in rows:
-            row["pk"] = primary_key(tenant, row["chunk_id"], version)
+            row["pk"] = primary_key(tenant, f"{row['chunk_id']}@{row.get('passage', 0)}", version)
             row["tenant"] = tenant
+            if not self.passages:
+                row.pop("passage", None)
         if rows:
             await self.run(lambda client: client.insert(self.name, rows, timeout=self.timeouts.write_s))
         if previous:
@@ -132,13 +141,26 @@ class DocumentIndex(MilvusCollection):
     def _filter(self, tenant: str, user_filter: str) -> str:
         return f"tenant == {quote(tenant)}" + (f" and ({user_filter})" if user_filter else "")
 
+    def _fetch(self, limit: int) -> int:
+        # Several passages of one chunk may be found: ask for more, keep each chunk's best.
+        return min(limit * self._over_fetch, 16_384)
+
+    @staticmethod
+    def _distinct(hits: list[dict], limit: int) -> list[dict]:
+        best: dict[str, dict] = {}
+        for hit in hits:
+            best.setdefault(hit["chunk_id"], hit)
+        return list(best.values())[:limit]
+
     async def dense(self, tenant: str, vector: list[float], limit: int, user_filter: str, ef: int) -> list[dict]:
-        """Nearest chunks by cosine similarity (the hit's `score`)."""
+        """Nearest chunks by their best passage's cosine similarity (the hit's `score`)."""
+        fetch = self._fetch(limit)
         hits = await self.run(lambda client: client.search(
-            self.name, data=[vector], anns_field="vector", filter=self._filter(tenant, user_filter), limit=limit,
-            output_fields=self._output, search_params={"params": {"ef": max(ef, limit)}},
+            self.name, data=[vector], anns_field="vector", filter=self._filter(tenant, user_filter), limit=fetch,
+            output_fields=self._output, search_params={"params": {"ef": max(ef, fetch)}},
             timeout=self.timeouts.search_s, consistency_level=self._consistency))
-        return [dict(hit["entity"], score=float(hit["distance"])) for hit in (hits[0] if hits else [])]
+        return self._distinct([dict(hit["entity"], score=float(hit["distance"])) for hit in (hits[0] if hits else [])],
+                              limit)
 
     async def sparse(self, tenant: str, terms: str, limit: int, user_filter: str,
                      with_vectors: bool = False) -> list[dict]:
@@ -148,14 +170,16 @@ class DocumentIndex(MilvusCollection):
             return []
         output = self._output + (["vector"] if with_vectors else [])
         hits = await self.run(lambda client: client.search(
-            self.name, data=[terms], anns_field="sparse", filter=self._filter(tenant, user_filter), limit=limit,
-            output_fields=output, search_params={"metric_type": "BM25"}, timeout=self.timeouts.search_s,
-            consistency_level=self._consistency))
+            self.name, data=[terms], anns_field="sparse", filter=self._filter(tenant, user_filter),
+            limit=self._fetch(limit), output_fields=output, search_params={"metric_type": "BM25"},
+            timeout=self.timeouts.search_s, consistency_level=self._consistency))
         # Milvus Lite reports BM25 as a distance (negated: smaller is closer); a cluster reports the score.
-        return [dict(hit["entity"], score=abs(float(hit["distance"]))) for hit in (hits[0] if hits else [])]
+        return self._distinct([dict(hit["entity"], score=abs(float(hit["distance"])))
+                               for hit in (hits[0] if hits else [])], limit)
 
     async def count(self, tenant: str) -> int:
-        expr = f"tenant == {quote(tenant)}"
+        """The tenant's chunks (one row per passage: the first passages are counted)."""
+        expr = f"tenant == {quote(tenant)}" + (" and passage == 0" if self.passages else "")
         rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["count(*)"],
                                                           timeout=self.timeouts.query_s, consistency_level="Strong"))
         return int(rows[0]["count(*)"]) if rows else 0

@@ -20,8 +20,10 @@ async def serve(settings: RetrievalSettings) -> None:
                            settings.milvus_timeouts.search_s)
     index = DocumentIndex(settings.milvus_uri, settings.collection,
                           lambda: catalog.embed_dimension(settings.embedder_model), settings.hnsw,
-                          settings.milvus_timeouts, settings.consistency_level, settings.lexical_search)
-    chunker = Chunker(settings.tokenizer_file, settings.chunk_tokens, settings.chunk_overlap_tokens)
+                          settings.milvus_timeouts, settings.consistency_level, settings.lexical_search,
+                          over_fetch=4 if settings.passage_tokens else 1)
+    chunker = Chunker(settings.tokenizer_file, settings.chunk_tokens, settings.chunk_overlap_tokens,
+                      settings.passage_tokens)
     host = ServiceHost("retrieval", settings)
     retrieval_pb2_grpc.add_RetrievalServicer_to_server(
         RetrievalService(settings, index, chunker, service_pb2_grpc.GRPCInferenceServiceStub(router_channel)),

@@ -14,7 +14,7 @@ from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
 from services.common.errors import invalid, unavailable
-from services.retrieval.chunking import Chunker
+from services.retrieval.chunking import Chunker, unglue
 from services.retrieval.filters import FilterError, render, to_milvus
 from services.retrieval.fusion import cosine, reciprocal_rank_fusion
 from services.retrieval.index import DocumentIndex
@@ -91,13 +91,15 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
                 raise unavailable("vector database unavailable")
             # Chunking is CPU work: keep the event loop free for other calls.
             split = await asyncio.to_thread(lambda docs=docs: [self._chunker.split(d.text) for d in docs])
-            rows = [{"document_id": d.id, "chunk_id": f"{d.id}#{c.index}", "text": c.text,
-                     "heading": c.heading_path[:1_000], "metadata": dict(d.metadata)}
-                    for d, pieces in zip(docs, split, strict=True) for c in pieces]
+            # One row per passage of each chunk: passages are embedded and matched, the chunk is returned.
+            passages = [(d, c, j, passage) for d, pieces in zip(docs, split, strict=True) for c in pieces
+                        for j, passage in enumerate(c.passages if self._index.passages else (unglue(c.text),))]
+            rows = [{"document_id": d.id, "chunk_id": f"{d.id}#{c.index}", "passage": j, "text": c.text,
+                     "heading": c.heading_path[:1_000], "metadata": dict(d.metadata)} for d, c, j, _ in passages]
             if self._index.lexical:
-                for row in rows:
-                    row["terms"] = lexical_text(row["text"])
-            vectors = await self._embed([r["text"] for r in rows], context)
+                for row, (*_, passage) in zip(rows, passages, strict=True):
+                    row["terms"] = lexical_text(passage)
+            vectors = await self._embed([passage for *_, passage in passages], context)
             for row, vector in zip(rows, vectors, strict=True):
                 row["vector"] = vector
             try:
@@ -105,7 +107,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
             except Exception as exc:  # pymilvus raises several types for one cause
                 await self._milvus_unavailable(exc)
             documents += len(docs)
-            chunks += len(rows)
+            chunks += sum(len(pieces) for pieces in split)
         return retrieval_pb2.UpsertDocumentsResponse(documents=documents, chunks=chunks,
                                                      seconds=time.perf_counter() - started)
 

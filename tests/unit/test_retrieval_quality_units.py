@@ -10,8 +10,9 @@ import pytest
 
 from inference_mesh.v1 import mesh_pb2, retrieval_pb2
 from services.gateway import rag
-from services.retrieval.chunking import Chunker
+from services.retrieval.chunking import Chunker, unglue
 from services.retrieval.fusion import cosine, reciprocal_rank_fusion
+from services.retrieval.index import DocumentIndex
 from services.retrieval.lexical import lexical_text, terms
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +70,21 @@ def test_a_sentence_longer_than_a_chunk_falls_back_to_token_windows():
     assert chunker().split("   \n\n ") == []
     with pytest.raises(ValueError):
         Chunker(TOKENIZER, 8, 8)
+
+
+def test_passages_search_a_chunk_in_pieces_and_unglue_flattened_fields():
+    fields = " ".join(f"Setting{i}: value number {i} for the platform" for i in range(40)).replace(" Setting",
+                                                                                                  "Setting")
+    [chunk] = Chunker(TOKENIZER, 512, 128, passage_size=64).split("Config\nThe settings follow.\n" + fields)
+    assert len(chunk.passages) > 3 and "platformSetting1:" in chunk.text, "the chunk is returned as written"
+    assert all(p.startswith("Config\n") for p in chunk.passages), "every passage keeps the heading path"
+    assert "platform Setting1:" in " ".join(chunk.passages), "glued words come apart for search"
+    assert unglue("cachingTTL: 5 minutes, maxTokens") == "caching TTL: 5 minutes, max Tokens"
+    [whole] = Chunker(TOKENIZER, 512, 128).split("Short\nA short section.")
+    assert whole.passages == (whole.text,)
+    hits = [{"chunk_id": "a#0", "score": 0.9}, {"chunk_id": "a#1", "score": 0.8}, {"chunk_id": "a#0", "score": 0.7}]
+    assert [h["score"] for h in DocumentIndex._distinct(hits, 5)] == [0.9, 0.8]
+    assert len(DocumentIndex._distinct(hits, 1)) == 1
 
 
 def test_bm25_terms_are_stemmed_without_stop_words():
