@@ -252,6 +252,11 @@ def test_retrieval_extension_cites_the_callers_documents(client, edge_mesh):
     assert finishing[0].model_extra["citations"] == cited
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
         answer.choices[0].message.content
+    unrelated = client.chat.completions.create(
+        model=LLM, messages=[{"role": "user", "content": "Who won the 1966 football World Cup final?"}],
+        max_tokens=24, temperature=0, extra_body={"retrieval": {"top_k": 2, "mode": "dense"}})
+    assert unrelated.model_extra["mesh"]["documents_do_not_answer"] is True
+    assert "do not answer" in unrelated.choices[0].message.content and unrelated.model_extra["citations"]
     with pytest.raises(openai.BadRequestError, match="exactly one message"):
         client.chat.completions.create(
             model=LLM, max_tokens=4, extra_body={"retrieval": {}},

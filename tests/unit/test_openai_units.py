@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from inference_mesh.v1 import mesh_pb2
+from inference_mesh.v1 import mesh_pb2, retrieval_pb2
 from services.common.errors import MeshError
 from services.gateway.openai_http import convert
 from services.gateway.openai_http.app import _parsed
@@ -53,6 +53,16 @@ def test_chat_body_to_mesh_request():
     assert list(request.stop) == ["END"] and request.cache_mode == mesh_pb2.CACHE_MODE_BYPASS
     assert request.session_id == "s"
     assert not convert.chat_request(_chat(), 5).HasField("temperature")
+
+
+def test_retrieval_mode_reaches_ask():
+    body = _chat(retrieval={"top_k": 3, "mode": "sparse"})
+    request = convert.ask_request(body, 16)
+    assert request.mode == retrieval_pb2.SEARCH_MODE_SPARSE and request.top_k == 3
+    assert convert.ask_request(_chat(retrieval={}), 16).mode == retrieval_pb2.SEARCH_MODE_UNSPECIFIED
+    with pytest.raises(OpenAIError) as info:
+        _chat(retrieval={"mode": "fuzzy"})
+    assert info.value.param == "retrieval.mode"
 
 
 @pytest.mark.parametrize(("tier", "priority"), [

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 from google.protobuf import json_format
 
-from inference_mesh.v1 import mesh_pb2
+from inference_mesh.v1 import mesh_pb2, retrieval_pb2
 from services.gateway.openai_http.errors import invalid_body
 from services.gateway.openai_http.schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling
 
@@ -59,6 +59,10 @@ def completion_request(body: CompletionRequest, max_tokens: int) -> mesh_pb2.Gen
     return _sampled(body, [mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_USER, content=body.prompt_text())], max_tokens)
 
 
+_SEARCH_MODES = {None: retrieval_pb2.SEARCH_MODE_UNSPECIFIED, "dense": retrieval_pb2.SEARCH_MODE_DENSE,
+                 "sparse": retrieval_pb2.SEARCH_MODE_SPARSE, "hybrid": retrieval_pb2.SEARCH_MODE_HYBRID}
+
+
 def ask_request(body: ChatCompletionRequest, max_tokens: int) -> mesh_pb2.AskRequest:
     """A chat completion with `retrieval`: one user message, the question the caller's documents answer."""
     if len(body.messages) != 1 or body.messages[0].role != "user":
@@ -68,7 +72,7 @@ def ask_request(body: ChatCompletionRequest, max_tokens: int) -> mesh_pb2.AskReq
         raise invalid_body("with retrieval, only model, messages, max_tokens, temperature, seed and retrieval apply")
     request = mesh_pb2.AskRequest(model=body.model, question=body.messages[0].text(), max_tokens=max_tokens,
                                   top_k=retrieval.top_k or 0, filter=retrieval.filter, request_id=body.request_id,
-                                  priority=priority(body))
+                                  priority=priority(body), mode=_SEARCH_MODES[retrieval.mode])
     if retrieval.where is not None:
         try:
             json_format.ParseDict(retrieval.where, request.where)

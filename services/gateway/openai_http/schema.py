@@ -42,6 +42,7 @@ class Retrieval(_Body):
     top_k: Annotated[int, Field(strict=True, ge=1)] | None = None
     filter: StrictStr = ""
     where: dict[str, Any] | None = None
+    mode: Literal["dense", "sparse", "hybrid"] | None = None   # SearchMode; default hybrid
 
 
 _Number = Annotated[float, Field(strict=False)]
