@@ -174,12 +174,16 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         # Fair queues per Triton model, for requests that find every replica of it at its bound.
         self._admission_settings = AdmissionSettings(settings.batch_aging_s, settings.max_queued_per_tenant)
         self._admissions: dict[str, FairAdmission] = {}
+        # The latest spec each queue was asked for: a registry reload changes placements and slot counts.
+        self._admission_specs: dict[str, ModelSpec] = {}
 
     def admission(self, spec: ModelSpec) -> FairAdmission:
-        found = self._admissions.get(spec.triton_model)
+        model = spec.triton_model
+        self._admission_specs[model] = spec
+        found = self._admissions.get(model)
         if found is None:
-            found = FairAdmission(self._admission_settings, slots=lambda: self._balancer.slots(spec),
-                                  model=spec.triton_model)
+            found = FairAdmission(self._admission_settings,
+                                  slots=lambda: self._balancer.slots(self._admission_specs[model]), model=model)
             self._admissions[spec.triton_model] = found
         return found
 

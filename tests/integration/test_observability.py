@@ -121,8 +121,14 @@ def test_an_openai_request_is_one_trace_too(traced):
                               "messages": [{"role": "user", "content": "Name a river."}]})
     assert answer.status_code == 200, answer.text
     request_id = answer.headers["x-request-id"]
-    logged = [line for line in log_lines(stack, "gateway")
-              if line["msg"] == "generate" and line.get("request_id") == request_id]
+    deadline = time.monotonic() + 10
+    while True:  # the line is written by another process: give its stderr a moment to reach the file
+        logged = [line for line in log_lines(stack, "gateway")
+                  if line["msg"] == "generate" and line.get("request_id") == request_id]
+        if logged or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert logged, f"no request log line for {request_id}"
     trace_id = logged[-1]["trace_id"]
     def arrived(spans: list[ReceivedSpan]) -> bool:
         # The HTTP server span ends last (after the response): wait for it, and for every span's parent.

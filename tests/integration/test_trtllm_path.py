@@ -145,14 +145,17 @@ def test_an_engine_queue_past_its_bound_sheds_with_resource_exhausted(trt_stack)
     assert all(seconds < 5.0 for _, seconds in refused), "overload is refused at once, not after a wait"
 
 def test_a_stream_resumes_on_the_other_replica_when_its_replica_dies(trt_stack):
-    # The stand-in serves one stream at a time per replica: when the first reaches 8 tokens, the other replica is
-    # in the middle of one too.
+    # The stand-in serves one stream at a time per replica: once two streams are under way at once (one on each
+    # replica) and one of them has 8 tokens, the replica killed is in the middle of a stream. (Killing at the first
+    # stream's 8th token alone failed once under load: the other replica had not sent its first token yet, so its
+    # stream was retried from scratch, not resumed.)
     streams, max_tokens = 4, 48
 
     async def run(kill: bool) -> list[tuple[str, mesh_pb2.GenerateChunk | str]]:
         async with grpc.aio.insecure_channel(trt_stack.gateway_address) as channel:
             mesh = mesh_pb2_grpc.InferenceMeshStub(channel)
             killed = False
+            under_way: dict[int, int] = {}   # stream -> tokens so far, while it streams
 
             async def one(i: int):
                 nonlocal killed
@@ -164,9 +167,11 @@ def test_a_stream_resumes_on_the_other_replica_when_its_replica_dies(trt_stack):
                     async for chunk in mesh.Generate(request, metadata=AUTH, timeout=120):
                         text.append(chunk.text)
                         last = chunk
-                        if kill and not killed and len(text) == 8:
+                        under_way[i] = len(text)
+                        if kill and not killed and len(under_way) >= 2 and max(under_way.values()) >= 8:
                             killed = True
                             trt_stack.processes["triton-1"].kill()
+                    under_way.pop(i, None)
                 except grpc.aio.AioRpcError as exc:
                     return "".join(text), f"{exc.code().name}: {exc.details()}"
                 return "".join(text), last

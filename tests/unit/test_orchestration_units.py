@@ -216,3 +216,13 @@ async def test_the_fallback_models_version_sticks_to_the_session_else_the_tenant
     await service.ModelInfer(sessioned, FakeContext("tenant-0"))
     assert stub.unary[-1].model_version == choose_version("backup", weights, "session-7", "")
     await replicas.close()
+
+
+def test_a_model_queue_estimates_with_the_spec_of_the_latest_registry():
+    """After a reload the queue must count the new placement's slots, not those of the spec it was made with."""
+    service, _ = _router(ScriptedStreams([]), {"c0": {"llm_t"}, "c1": {"llm_t"}})
+    spec = Registry.model_validate(REGISTRY).models["llm"]
+    queue = service.admission(spec)
+    assert queue._slots() == 2, "two ready cpu replicas, one slot each"
+    reloaded = spec.model_copy(update={"pools": [spec.pools[0].model_copy(update={"max_in_flight_per_replica": 4})]})
+    assert service.admission(reloaded) is queue and queue._slots() == 8

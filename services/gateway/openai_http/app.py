@@ -241,10 +241,15 @@ class OpenAIApi:
 
 async def _collected(generation: Generation) -> tuple[str, mesh_pb2.GenerateChunk]:
     texts: list[str] = []
-    async for chunk in generation.chunks:
-        texts.append(chunk.text)
-        if chunk.finish_reason:
-            return "".join(texts), _completed(chunk)
+    try:
+        async for chunk in generation.chunks:
+            texts.append(chunk.text)
+            if chunk.finish_reason:
+                return "".join(texts), _completed(chunk)
+    finally:
+        # Closed before the response is sent (as a stream is): the generation's own endings (its request log
+        # line, the cache store) run now, not whenever the abandoned generator is collected.
+        await generation.chunks.aclose()
     raise from_mesh_error(MeshError(grpc.StatusCode.UNAVAILABLE, "the generation ended without its last chunk"))
 
 
