@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from services.common.lexical import unglue
+
 HEADING_SEPARATOR = " > "
 
 _MARKDOWN_HEADING = re.compile(r"^\s{0,3}(#{1,6})\s+(.+?)\s*#*\s*$")
@@ -24,7 +26,6 @@ _LIST_ITEM = re.compile(r"^\s*([-*+•‣◦▪]|\d+[.)])\s")
 # Check: Use…").
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(\[•])"
                            r"|(?<=[a-z0-9)%\"])(?=[A-Z][A-Za-z/ -]{1,40}: )")
-_GLUED = re.compile(r"(?<=[a-z])(?=[A-Z])")
 _TITLE_MAX_CHARS = 80
 _TITLE_MAX_WORDS = 10
 # A plain-text title sits below every Markdown heading level.
@@ -236,13 +237,6 @@ class Chunker:
                 carried += units[back][2]
             first = back
         return packed
-
-
-def unglue(text: str) -> str:
-    """Words that text extraction glued together ("cachingTTL: 5 minutes", "enterpriseBurst Limit") apart, for
-    search only (a chunk's text is returned as written): BM25 would index "cachingttl", MiniLM "caching ##tt".
-    camelCase identifiers come apart the same way, which also lets their words match."""
-    return _GLUED.sub(" ", text)
 
 
 def _titled(prefix: str, body: str) -> str:

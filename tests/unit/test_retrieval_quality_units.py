@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from inference_mesh.v1 import mesh_pb2, retrieval_pb2
+from services.common.lexical import lexical_text, terms, unglue
 from services.gateway import rag
-from services.retrieval.chunking import Chunker, unglue
+from services.retrieval.chunking import Chunker
 from services.retrieval.fusion import cosine, reciprocal_rank_fusion
 from services.retrieval.index import DocumentIndex
-from services.retrieval.lexical import lexical_text, terms
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = str(ROOT / "triton_models/minilm/1/tokenizer.json")
@@ -127,3 +127,17 @@ def test_the_evaluation_set_is_sound():
     assert len({r["question"] for r in rows}) == len(rows)
     for row in answerable:
         assert row["answer"] in (EVAL / "documents" / row["document"]).read_text(), row["id"]
+
+
+def test_ask_reads_the_part_of_each_chunk_nearest_the_question():
+    filler = " ".join(f"Line {i} says something about lighthouses and keepers." for i in range(60))
+    long_chunk = f"Config > Gateway\n{filler} Circuit Breaker: 10 failures to triggerRecovery Time: 60 seconds."
+    cut = rag.excerpt(long_chunk, "How many failures trigger the circuit breaker?", 500)
+    assert len(cut) <= 500 and cut.startswith("Config > Gateway\n") and "10 failures to trigger" in cut
+    assert rag.excerpt("short text", "anything", 500) == "short text"
+    hits = [retrieval_pb2.SearchHit(chunk_id=f"d#{i}", document_id="d", text=long_chunk, similarity=0.5)
+            for i in range(5)]
+    request, citations = rag.build_request(mesh_pb2.AskRequest(model="m", question="circuit breaker failures"),
+                                           hits, 3000, 16)
+    assert len(citations) == 5, "five long chunks share the context instead of two filling it"
+    assert request.messages[0].content.count("10 failures to trigger") == 5
