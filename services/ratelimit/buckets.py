@@ -1,16 +1,18 @@
 """Request buckets and token budgets in Redis, shared by every rate-limit replica.
 
 Each decision is one Lua script, so concurrent replicas never read-modify-write the same bucket in two steps.
-Buckets read the clock from Redis (TIME), so replicas on hosts with skewed clocks still agree.
+Buckets read the clock from Redis (TIME), so replicas on hosts with skewed clocks still agree. Every key of a
+tenant carries the tenant's hash tag, so on a Redis Cluster each script's keys share one slot (one master).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import redis.asyncio as redis
+from services.common.redis_connection import connect, slot_tag
 
 # A token bucket: `capacity` tokens, refilled at `rate` per second. mode "take": spend `cost` if that many are
 # there. mode "charge": spend `cost` even into debt (usage is known only after the fact). mode "peek": no change.
@@ -54,6 +56,16 @@ return {allowed, tostring(level), tostring(wait), tostring(granted)}
 """
 
 MONTH_KEY_TTL_S = 40 * 24 * 3600
+# How long a settled reservation is remembered, so that a settle sent twice is applied once.
+SETTLED_TOMBSTONE_MS = 10 * 60 * 1000
+
+# Usage charged to a month counter, which expires after the month (one key: atomic without MULTI, which a cluster
+# client cannot run across nodes).
+_CHARGE = """
+local used = redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return used
+"""
 
 # Reserve a generation's worst case against both token windows, or refuse. KEYS: minute bucket, month counter,
 # reservation hash, reservations by expiry. ARGV: minute capacity (0: no minute window), rate, tokens, month limit
@@ -65,6 +77,10 @@ local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3])
 local month_limit = tonumber(ARGV[4])
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  -- Made already: the client sent this call again after a timeout or a failover (ids are never reused).
+  return {1, 0, tostring(capacity), '0', tostring(redis.call('GET', KEYS[2]) or '0')}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local level, ts = capacity, now
@@ -100,19 +116,28 @@ return {1, 0, tostring(level), '0', tostring(used)}
 
 # Settle a reservation with what was really used: the rest goes back to both windows (or, if the reservation is
 # gone, the use is charged as it is). KEYS: minute bucket, reservation hash, reservations by expiry. ARGV: minute
-# capacity (0: none), rate, used tokens, reservation id, month limit (0: none), month key ttl, current month key.
+# capacity (0: none), rate, used tokens, reservation id, month limit (0: none), month key ttl, current month key,
+# tombstone ms (0: none). A settled reservation leaves a tombstone for that long, so the same call sent again
+# (a client's retry after a timeout or a failover) changes nothing; the sweep of expired ones leaves none, so a
+# gateway settling after its reservation expired is charged.
 _SETTLE = """
 local capacity = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local used = tonumber(ARGV[3])
-local reserved = redis.call('HMGET', KEYS[2], 'tokens', 'month_key')
+local reserved = redis.call('HMGET', KEYS[2], 'tokens', 'month_key', 'settled')
+if reserved[3] then return 1 end
 local found = reserved[1] ~= false and reserved[1] ~= nil
 local back = used
 local month_key = ARGV[7]
 if found then
   back = tonumber(reserved[1]) - used
   month_key = reserved[2]
-  redis.call('DEL', KEYS[2])
+  if tonumber(ARGV[8]) > 0 then
+    redis.call('HSET', KEYS[2], 'settled', '1')
+    redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[8]))
+  else
+    redis.call('DEL', KEYS[2])
+  end
   redis.call('ZREM', KEYS[3], ARGV[4])
 else
   back = -used
@@ -134,6 +159,11 @@ end
 if found then return 1 end
 return 0
 """
+
+
+def glob_escape(text: str) -> str:
+    """`text` matched literally by SCAN's MATCH (tenant ids and prefixes may hold glob characters)."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
 
 
 @dataclass(frozen=True)
@@ -162,8 +192,9 @@ def seconds_to_next_month(now: dt.datetime) -> float:
 
 class LimitStore:
     def __init__(self, redis_url: str, key_prefix: str, timeout_s: float) -> None:
-        self.redis = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self.redis = connect(redis_url, timeout_s)
         self._bucket = self.redis.register_script(_BUCKET)
+        self._charge = self.redis.register_script(_CHARGE)
         self._reserve = self.redis.register_script(_RESERVE)
         self._settle = self.redis.register_script(_SETTLE)
         self._prefix = key_prefix
@@ -177,8 +208,11 @@ class LimitStore:
                                                                              *lease])
         return BucketState(bool(allowed), float(level), float(wait), float(granted))
 
+    def _tenant_key(self, tenant: str, what: str) -> str:
+        return f"{self._prefix}:{slot_tag(tenant)}:{what}"
+
     def _requests_key(self, tenant: str) -> str:
-        return f"{self._prefix}:requests:{tenant}"
+        return self._tenant_key(tenant, "requests")
 
     async def take_request(self, tenant: str, requests_per_minute: int, burst: int, hits: int = 1) -> BucketState:
         return await self._run(self._requests_key(tenant), burst, requests_per_minute / 60.0, hits, "take")
@@ -199,62 +233,66 @@ class LimitStore:
         return await self._run(key, tokens_per_minute, rate, charge, "charge" if charge else "peek")
 
     def _month_key(self, tenant: str, now: dt.datetime) -> str:
-        return f"{self._prefix}:tokens-month:{tenant}:{now:%Y-%m}"
+        return self._tenant_key(tenant, f"tokens-month:{now:%Y-%m}")
 
     async def month_used(self, tenant: str, now: dt.datetime) -> int:
         return int(await self.redis.get(self._month_key(tenant, now)) or 0)
 
     async def charge_month(self, tenant: str, tokens: int, now: dt.datetime) -> int:
-        key = self._month_key(tenant, now)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            used, _ = await pipe.incrby(key, tokens).expire(key, MONTH_KEY_TTL_S).execute()
-        return int(used)
+        return int(await self._charge(keys=[self._month_key(tenant, now)], args=[tokens, MONTH_KEY_TTL_S]))
 
     def _minute_key(self, tenant: str) -> str:
-        return f"{self._prefix}:tokens-minute:{tenant}"
+        return self._tenant_key(tenant, "tokens-minute")
 
-    def _reservation_key(self, reservation: str) -> str:
-        return f"{self._prefix}:reservation:{reservation}"
+    def _reservation_key(self, tenant: str, reservation: str) -> str:
+        return self._tenant_key(tenant, f"reservation:{reservation}")
 
-    @property
-    def _reservations_key(self) -> str:
-        return f"{self._prefix}:reservations"
+    def _reservations_key(self, tenant: str) -> str:
+        """The tenant's reservations by expiry (one set per tenant: a shared one would sit in another slot)."""
+        return self._tenant_key(tenant, "reservations")
 
     async def reserve(self, tenant: str, tokens_per_minute: int, tokens_per_month: int, tokens: int, ttl_s: float,
                       now: dt.datetime) -> Reservation:
         reservation = secrets.token_hex(12)
         month_key = self._month_key(tenant, now)
         allowed, window, level, wait, used = await self._reserve(
-            keys=[self._minute_key(tenant), month_key, self._reservation_key(reservation), self._reservations_key],
+            keys=[self._minute_key(tenant), month_key, self._reservation_key(tenant, reservation),
+                  self._reservations_key(tenant)],
             args=[tokens_per_minute, tokens_per_minute / 60.0, tokens, tokens_per_month, MONTH_KEY_TTL_S,
                   reservation, ttl_s, tenant, month_key])
         return Reservation(bool(allowed), int(window), float(level), float(wait), int(float(used)),
                            reservation if allowed else "")
 
     async def settle(self, tenant: str, tokens_per_minute: int, tokens_per_month: int, reservation: str, used: int,
-                     now: dt.datetime) -> bool:
-        """True when the reservation was there (the rest went back); False: it had expired, `used` was charged."""
+                     now: dt.datetime, expiring: bool = False) -> bool:
+        """True when the reservation was there (the rest went back); False: it had expired, `used` was charged.
+        `expiring`: the sweep giving back a reservation nobody settled (no tombstone: a late settle is charged)."""
         return bool(await self._settle(
-            keys=[self._minute_key(tenant), self._reservation_key(reservation), self._reservations_key],
+            keys=[self._minute_key(tenant), self._reservation_key(tenant, reservation),
+                  self._reservations_key(tenant)],
             args=[tokens_per_minute, tokens_per_minute / 60.0, used, reservation, tokens_per_month, MONTH_KEY_TTL_S,
-                  self._month_key(tenant, now)]))
+                  self._month_key(tenant, now), 0 if expiring else SETTLED_TOMBSTONE_MS]))
 
-    async def expired_reservations(self, limit: int = 100) -> list[tuple[str, str]]:
-        """(reservation, tenant) of reservations past their time (by Redis's clock)."""
+    async def expired_reservations(self, tenants: Iterable[str], limit: int = 100) -> list[tuple[str, str]]:
+        """(reservation, tenant) of the tenants' reservations past their time (by Redis's clock)."""
         seconds, micros = await self.redis.time()
-        ids = await self.redis.zrangebyscore(self._reservations_key, "-inf", seconds + micros / 1e6, start=0, num=limit)
-        found = []
-        for raw in ids:
-            reservation = raw.decode() if isinstance(raw, bytes) else raw
-            tenant = await self.redis.hget(self._reservation_key(reservation), "tenant")
-            if tenant is None:  # its hash is gone: nothing held any more
-                await self.redis.zrem(self._reservations_key, reservation)
-                continue
-            found.append((reservation, tenant.decode() if isinstance(tenant, bytes) else tenant))
+        found: list[tuple[str, str]] = []
+        for tenant in tenants:
+            ids = await self.redis.zrangebyscore(self._reservations_key(tenant), "-inf", seconds + micros / 1e6,
+                                                 start=0, num=limit - len(found))
+            for raw in ids:
+                reservation = raw.decode() if isinstance(raw, bytes) else raw
+                if not await self.redis.exists(self._reservation_key(tenant, reservation)):
+                    await self.redis.zrem(self._reservations_key(tenant), reservation)  # nothing held any more
+                    continue
+                found.append((reservation, tenant))
+            if len(found) >= limit:
+                break
         return found
 
     async def reset(self, tenant: str) -> None:
         """Operators: forget a tenant's buckets and this month's usage (e.g. after raising its tier)."""
-        keys = [key async for key in self.redis.scan_iter(match=f"{self._prefix}:*:{tenant}*")]
-        if keys:
-            await self.redis.delete(*keys)
+        pattern = glob_escape(f"{self._prefix}:{slot_tag(tenant)}:") + "*"
+        keys = [key async for key in self.redis.scan_iter(match=pattern)]
+        for key in keys:  # one by one: on a cluster a multi-key DEL must stay in one slot
+            await self.redis.delete(key)

@@ -125,13 +125,14 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
     async def expire_reservations(self) -> int:
         """Gives back everything held by reservations past their ttl (their gateway never settled them)."""
         expired = 0
-        for reservation, tenant_id in await self._store.expired_reservations():
+        tenant_ids = [tenant.id for tenant in self._config.tenants]
+        for reservation, tenant_id in await self._store.expired_reservations(tenant_ids):
             tenant = self._config.tenant(tenant_id)
             if tenant is None:
                 continue
             tier = self._config.tiers[tenant.tier]
             await self._store.settle(tenant.id, tier.tokens_per_minute, tier.tokens_per_month, reservation, 0,
-                                     self._clock())
+                                     self._clock(), expiring=True)
             expired += 1
         if expired:
             metrics.RESERVATIONS_EXPIRED.inc(expired)

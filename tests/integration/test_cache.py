@@ -13,7 +13,7 @@ import redis
 import tritonclient.grpc as triton_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
-from services.common.cache_keys import NEGATIVES_KEY
+from services.common.cache_keys import NEGATIVES_KEY, tenant_generation_key
 from services.common.semantic_calibration import SemanticCalibration
 from tests.conftest import AUTH, EMBEDDER, KEYS, LLM, chat, generate, service_metric
 from tools.processes import free_port, wait_grpc_serving
@@ -118,7 +118,7 @@ def test_gateways_read_exact_hits_from_redis_as_a_user_that_can_only_read(mesh, 
         attempts = {
             "overwrite an answer": lambda: reader.set(entry, b"forged"),
             "delete an answer": lambda: reader.delete(entry),
-            "bump a flush counter": lambda: reader.incr("mesh:gen:tenant:tenant-a"),
+            "bump a flush counter": lambda: reader.incr(tenant_generation_key("tenant-a")),
             "take a stampede lease": lambda: reader.set(f"mesh:lease:{entry.decode()}", "x", nx=True),
             "read a lease": lambda: reader.get(f"mesh:lease:{entry.decode()}"),
             "read the wrong-hit reports": lambda: reader.lrange(NEGATIVES_KEY, 0, -1),

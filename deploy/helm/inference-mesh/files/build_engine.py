@@ -1,0 +1,1 @@
+../../../../compose/trtllm/build_engine.py
