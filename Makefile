@@ -125,6 +125,7 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.http_stack
 	PYTHONPATH=.:gen $(PY) -m bench.semantic_cache
 	PYTHONPATH=.:gen $(PY) -m bench.fair_sharing
+	PYTHONPATH=.:gen $(PY) -m bench.autoscaling
 	PYTHONPATH=.:gen $(PY) -m bench.hot_path
 
 # The hot path against the commit before issue 17, two stacks side by side in one run (BENCHMARKS.md).

@@ -39,10 +39,13 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def channel(target: str, tls: InternalTls | None = None) -> grpc.aio.Channel:
-    """A channel to another mesh process: mTLS with this process's certificate when `tls` has one."""
+def channel(target: str, tls: InternalTls | None = None, authority: str = "") -> grpc.aio.Channel:
+    """A channel to another mesh process: mTLS with this process's certificate when `tls` has one. authority:
+    the peer's name when `target` is its address (a replica found in DNS): its certificate is checked against it."""
     interceptors = client_interceptors() or None
+    options = list(CHANNEL_OPTIONS)
+    if authority:
+        options += [("grpc.default_authority", authority), ("grpc.ssl_target_name_override", authority)]
     if tls is not None and tls.enabled:
-        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=CHANNEL_OPTIONS,
-                                       interceptors=interceptors)
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

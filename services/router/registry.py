@@ -20,12 +20,32 @@ class ReplicaSpec(BaseModel, extra="forbid"):
     grpc: str = Field(description="host:port of the replica's KServe gRPC endpoint")
     # host:port of its Prometheus endpoint: the queue-aware choice reads pending requests and queue time there.
     metrics: str = ""
+    # The name its TLS certificate carries when `grpc` is an address (replicas found in DNS: the SRV target).
+    authority: str = ""
+
+
+class DnsDiscovery(BaseModel, extra="forbid"):
+    """A pool's replicas from DNS SRV records instead of a list: a Kubernetes headless Service publishes one per
+    ready pod (`_<port name>._tcp.<service>.<namespace>.svc.cluster.local` -> `<pod>.<service>...:<port>`), so
+    replicas that start, stop or fail readiness are picked up, and removed ones drained
+    (services/router/discovery.py)."""
+
+    srv: str = Field(min_length=1, description="the SRV name of the replicas' KServe gRPC port")
+    # Their Prometheus port on the same hosts (Triton's 8002); 0: not read (no queue-aware signal).
+    metrics_port: int = Field(default=8002, ge=0, le=65535)
 
 
 class PoolSpec(BaseModel, extra="forbid"):
     # a100: throughput, t4: cost, cpu: local development.
     gpu_class: Literal["a100", "t4", "cpu", "gpu"] = "cpu"
     replicas: list[ReplicaSpec] = Field(default_factory=list)
+    discover: DnsDiscovery | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PoolSpec:
+        if self.discover is not None and self.replicas:
+            raise ValueError("a pool lists its replicas or discovers them (discover.srv), not both")
+        return self
 
 
 class Placement(BaseModel, extra="forbid"):

@@ -127,7 +127,7 @@ class ReplicaSet:
                 if replica is None or replica.endpoint != spec.grpc:
                     if replica is not None:  # same name, new endpoint: a new replica
                         retired.append(replica)
-                    channel = mesh_channel(spec.grpc, self._tls)
+                    channel = mesh_channel(spec.grpc, self._tls, spec.authority)
                     replica = Replica(name=spec.name, pool=pool_name, endpoint=spec.grpc, models=hosted,
                                       stub=service_pb2_grpc.GRPCInferenceServiceStub(channel), channel=channel,
                                       breaker=self._resilience.breaker(spec.name))

@@ -11,6 +11,7 @@ from inference_mesh.v1 import router_pb2, router_pb2_grpc
 from services.common.server import ServiceHost, run_service
 from services.router.admin_service import RouterAdminService
 from services.router.balancer import Balancer, BalancerSettings
+from services.router.discovery import SrvDiscovery
 from services.router.inference_service import RoutingInferenceService
 from services.router.metrics import ReplicaCollector
 from services.router.queue_metrics import scrape_forever
@@ -49,8 +50,12 @@ async def serve(settings: RouterSettings) -> None:
     async def watch() -> None:
         await state.watch(settings.registry_watch_s)
 
+    async def discover() -> None:
+        await state.discover_forever(SrvDiscovery(settings.dns_nameservers, settings.discovery_timeout_s),
+                                     settings.discovery_interval_s)
+
     try:
-        await host.run(background=[probe, scrape, watch,
+        await host.run(background=[probe, scrape, watch, discover,
                                     host.serving_while(a_model_is_ready, settings.probe_interval_s / 2)])
     finally:
         await state.replicas.close()

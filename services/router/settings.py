@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.deadlines import GENERATION_BUDGET_S
@@ -36,6 +37,11 @@ class RouterSettings(ServiceSettings):
     fair_queuing: bool = True
     # The registry file is re-read when it changes (and on RouterAdmin/ReloadRegistry).
     registry_watch_s: float = 2.0
+    # Pools that discover their replicas (registry `discover.srv`) ask DNS this often; a replica that leaves the
+    # records is drained. Nameservers "host:port" to ask instead of the system's resolver (empty: the system's).
+    discovery_interval_s: float = 5.0
+    discovery_timeout_s: float = 2.0
+    dns_nameservers: list[str] = Field(default_factory=list)
     # Queue-aware choice: how often each replica's Triton metrics are read, and how many ms of measured queue
     # time count as one more request in flight.
     scrape_interval_s: float = 0.5

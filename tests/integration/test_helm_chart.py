@@ -258,24 +258,48 @@ def test_every_metrics_port_has_a_service_monitor_and_the_rules_are_the_tested_o
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
-def test_the_registry_config_map_is_a_valid_registry_naming_every_triton_pod(rendered, value_set, tmp_path):
+def test_the_registry_config_map_is_a_valid_registry_whose_pools_discover_their_pods(rendered, value_set, tmp_path):
     objects = _objects(rendered[value_set])
     (config_map,) = [c for c in _by_kind(objects, "ConfigMap") if c["metadata"]["name"] == "mesh-registry"]
     path = tmp_path / "registry.yaml"
     path.write_text(config_map["data"]["registry.yaml"])
     registry = Registry.load(path)
-    for statefulset in _by_kind(objects, "StatefulSet"):
-        name, service = statefulset["metadata"]["name"], statefulset["spec"]["serviceName"]
+    services = {s["metadata"]["name"]: s for s in _by_kind(objects, "Service")}
+    statefulsets = _by_kind(objects, "StatefulSet")
+    assert set(registry.pools) == {s["metadata"]["name"].removeprefix("triton-") for s in statefulsets}
+    for statefulset in statefulsets:
+        name, service = statefulset["metadata"]["name"], services[statefulset["spec"]["serviceName"]]
         pool = registry.pools[name.removeprefix("triton-")]
-        assert [r.grpc for r in pool.replicas] == [f"{name}-{i}.{service}:8001"
-                                                   for i in range(statefulset["spec"]["replicas"])]
-    headless = {s["metadata"]["name"] for s in _by_kind(objects, "Service") if s["spec"].get("clusterIP") == "None"}
-    assert {s["spec"]["serviceName"] for s in _by_kind(objects, "StatefulSet")} <= headless
+        assert not pool.replicas and pool.discover is not None
+        # Kubernetes names a headless Service's SRV records after the port's name: _<port>._tcp.<svc>.<ns>.svc...
+        port = next(p for p in service["spec"]["ports"] if p["port"] == 8001)
+        assert pool.discover.srv == f"_{port['name']}._tcp.{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+        assert service["spec"]["clusterIP"] == "None" and not service["spec"].get("publishNotReadyAddresses"), \
+            "only ready pods are published (and so discovered)"
+        assert pool.discover.metrics_port == next(p["port"] for p in service["spec"]["ports"] if p["name"] == "metrics")
     if value_set == "gpu":
         compose = yaml.safe_load((ROOT / "config" / "registry.compose.yaml").read_text())
         chart = yaml.safe_load((CHART / "files" / "models-gpu.yaml").read_text())
         assert chart == {"models": compose["models"], "groups": compose["groups"]}, \
             "the chart's GPU models are the compose registry's"
+
+
+def test_autoscaling_scales_every_pool_and_the_gateways_on_metrics_the_mesh_exports(rendered):
+    objects = _objects(rendered["gpu"])
+    scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in _by_kind(objects, "ScaledObject")}
+    statefulsets = {s["metadata"]["name"]: s for s in _by_kind(objects, "StatefulSet")}
+    assert set(scaled) == {"mesh-gateway", *statefulsets}
+    exported = (ROOT / "services" / "router" / "metrics.py").read_text() + \
+        (ROOT / "services" / "router" / "admission.py").read_text() + \
+        (ROOT / "services" / "common" / "shedding.py").read_text()
+    for target, scaler in scaled.items():
+        query = scaler["spec"]["triggers"][0]["metadata"]["query"]
+        for metric in re.findall(r"(mesh_[a-z_]+)\{", query):
+            assert f'"{metric}"' in exported, f"{target} scales on {metric}, which no service exports"
+        assert float(scaler["spec"]["triggers"][0]["metadata"]["threshold"]) > 0
+        if target in statefulsets:
+            assert "replicas" not in statefulsets[target]["spec"], "the autoscaler owns the replica count"
+            assert scaler["spec"]["minReplicaCount"] >= 2
 
 
 def test_the_envoy_config_is_rendered_from_its_settings_and_names_the_charts_services(rendered, monkeypatch):
