@@ -54,7 +54,7 @@ async def run_streams(address: str, on_chunk=None) -> list[tuple[str, mesh_pb2.G
                 async for chunk in mesh.Generate(stream_request(i), metadata=AUTH, timeout=240):
                     text.append(chunk.text)
                     if on_chunk is not None:
-                        on_chunk(i, len(text))
+                        on_chunk(i, len(text), chunk)
                     last = chunk
             except grpc.aio.AioRpcError as exc:
                 return "".join(text), f"{exc.code().name}: {exc.details()}"
@@ -69,10 +69,16 @@ def test_replica_killed_during_100_streams_every_stream_completes_with_the_right
     assert all(not isinstance(last, str) for _, last in expected), [e for e in expected if isinstance(e[1], str)][:3]
     assert {last.metadata.replica for _, last in expected} == {"triton-cpu-0", "triton-cpu-1"}
 
-    def kill_mid_stream(i: int, chunks: int) -> None:
-        # Once the streams are well under way, halfway through one of them: the other replica's stream is then
-        # somewhere in the middle too (or this one is on the replica killed).
-        if i >= STREAMS // 5 and chunks == MAX_TOKENS // 2 and stack.processes["triton-1"].alive():
+    progress: dict[int, int] = {}
+
+    def kill_mid_stream(i: int, chunks: int, chunk: mesh_pb2.GenerateChunk) -> None:
+        # Once the streams are well under way, halfway through one of them, and only while another stream is in
+        # the middle of its generation too: each replica generates one stream at a time, so one of the two is
+        # on the replica killed. (Killing on the first condition alone once landed while triton-1 was between two
+        # generations, and no stream was cut.)
+        progress[i] = MAX_TOKENS if chunk.finish_reason else chunks   # a finished stream is no longer under way
+        under_way = sum(1 for n in progress.values() if 0 < n < MAX_TOKENS - 4)
+        if i >= STREAMS // 5 and chunks == MAX_TOKENS // 2 and under_way >= 2 and stack.processes["triton-1"].alive():
             stack.processes["triton-1"].kill()  # SIGKILL: no goodbye
 
     got = asyncio.run(run_streams(stack.gateway_address, kill_mid_stream))
