@@ -35,10 +35,6 @@ RedisClient = aioredis.Redis | RedisCluster
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
-def is_cluster_url(url: str) -> bool:
-    return urlsplit(url).scheme in _CLUSTER_SCHEMES
-
-
 def connect(url: str, timeout_s: float, **options: Any) -> RedisClient:
     """A client whose calls fail within `timeout_s` rather than wait: callers degrade or answer UNAVAILABLE."""
     options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s, **options}

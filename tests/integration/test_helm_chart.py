@@ -27,6 +27,8 @@ SCHEMA_VERSIONS = ("1.30.0", "1.33.0")
 NAMESPACE = "mesh"
 # Kinds of CRDs the chart uses (Prometheus Operator, cert-manager, KEDA): no OpenAPI schema in Kubernetes itself.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate", "ScaledObject"}
+# The labels the chart selects pods and Services by (templates/_helpers.tpl "mesh.selector").
+SELECTOR_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")
 
 # The request flow (ARCHITECTURE.md): (caller, callee, port). Cache and retrieval embed text through the router.
 SERVICE_PORTS = {"gateway": 50051, "router": 50052, "cache": 50053, "retrieval": 50054, "ratelimit": 50055}
@@ -246,10 +248,7 @@ def test_every_metrics_port_has_a_service_monitor_and_the_rules_are_the_tested_o
                  for m in _by_kind(objects, "ServiceMonitor")}
     for service in _by_kind(objects, "Service"):
         if any(p["name"] == "metrics" for p in service["spec"]["ports"]):
-            selector = {k: v for k, v in service["metadata"]["labels"].items()
-                        if k.startswith("app.kubernetes.io/") and k in ("app.kubernetes.io/name",
-                                                                      "app.kubernetes.io/instance",
-                                                                      "app.kubernetes.io/component")}
+            selector = {k: v for k, v in service["metadata"]["labels"].items() if k in SELECTOR_LABELS}
             assert json.dumps(selector, sort_keys=True) in monitored, service["metadata"]["name"]
     (rule,) = _by_kind(objects, "PrometheusRule")
     assert rule["spec"] == yaml.safe_load((ROOT / "compose" / "prometheus" / "alerts.yml").read_text())
