@@ -27,12 +27,17 @@ POOLS_FILE = ROOT / "config" / "trtllm_pools.yaml"
 OUT = ROOT / "build" / "trtllm"
 ENGINES = "/engines"
 STANDIN = "standin"
+# The engine path a filled repository names until build_engine.py points it at a built engine (the same constant
+# there; a test holds them equal): a Triton started without its builder fails with this name in the message.
+UNBUILT = "unbuilt-run-build_engine.py"
+# How long one engine build may take before a waiting builder takes over its lock (a 70B build takes ~30 min).
+BUILD_TIMEOUT_S = 3600
 
 
 class ModelSource(BaseModel, extra="forbid"):
     triton_name: str
+    # The model class comes from the checkpoint's own config.json (compose/trtllm/build_engine.py).
     hf_checkpoint: str
-    architecture: str
 
 
 class PoolProfile(BaseModel, extra="forbid"):
@@ -83,7 +88,7 @@ def values(pools: TrtllmPools, pool: str) -> dict[str, str]:
         "triton_max_batch_size": str(profile.max_batch_size),
         "max_queue_delay_microseconds": str(profile.max_queue_delay_microseconds),
         "max_queue_size": str(profile.max_queue_size),
-        "engine_dir": f"{ENGINES}/{pool}",
+        "engine_dir": f"{ENGINES}/{pool}" if pool == STANDIN else f"{ENGINES}/{pool}/{UNBUILT}",
         "tokenizer": "gguf:" if pool == STANDIN else f"hf:{pools.model.hf_checkpoint}",
         "max_input_len": str(profile.max_input_len),
         "max_output_len": str(profile.max_seq_len - profile.max_input_len),
@@ -138,13 +143,15 @@ def rendered(pools: TrtllmPools, pool: str) -> dict[str, str]:
 def build_settings(pools: TrtllmPools, pool: str) -> dict:
     """What compose/trtllm/build_engine.py needs for one pool."""
     profile = pools.profile(pool)
-    return {"pool": pool, "hf_checkpoint": pools.model.hf_checkpoint, "architecture": pools.model.architecture,
-            "engine_dir": f"{ENGINES}/{pool}", **profile.model_dump()}
+    return {"pool": pool, "hf_checkpoint": pools.model.hf_checkpoint, "engines_root": f"{ENGINES}/{pool}",
+            "build_timeout_s": BUILD_TIMEOUT_S, **profile.model_dump()}
 
 
-def write(out: Path = OUT, standin: bool = False) -> None:
+def write(out: Path = OUT, standin: bool = False, only: str | None = None) -> None:
     pools = TrtllmPools.load()
-    for pool in [STANDIN] if standin else list(pools.pools):
+    if only is not None and only not in pools.pools:
+        raise SystemExit(f"no pool {only!r} in {POOLS_FILE}; pools: {', '.join(pools.pools)}")
+    for pool in [STANDIN] if standin else [only] if only else list(pools.pools):
         target = out / pool
         shutil.rmtree(target, ignore_errors=True)
         for relative, text in rendered(pools, pool).items():
@@ -158,8 +165,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--standin", action="store_true", help="the CPU stand-in repository only")
+    parser.add_argument("--pool", help="one GPU pool only (a Triton pod's own repository)")
     args = parser.parse_args()
-    write(args.out, args.standin)
+    write(args.out, args.standin, args.pool)
     print(f"wrote {args.out}")
 
 

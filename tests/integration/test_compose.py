@@ -24,7 +24,7 @@ from services.router.registry import Registry
 from tests.conftest import debian_tool
 from tools.compose_secrets import SECRET_NAMES, write_env
 from tools.edge import validate
-from tools.fill_trtllm import PoolProfile, TrtllmPools, rendered, write
+from tools.fill_trtllm import UNBUILT, PoolProfile, TrtllmPools, rendered, write
 from tools.pki import ensure_pki
 from tools.stack import ROOT
 from tools.triton import KEEPALIVE_ARGS
@@ -66,6 +66,9 @@ def test_compose_file_is_valid_per_profile(profile):
         assert "trtllm" in triton["image"] and triton["ulimits"]["memlock"] == -1 and triton["ulimits"]["stack"]
         assert "curl" not in triton["healthcheck"]["test"], "use what the image has: python3"
         assert services[f"engine-builder-{pool}"]["command"][-2:] == ["/build/build_engine.py", pool]
+        # The builder points the pool's repository at its engine; Triton only reads it.
+        assert "trtllm-models:/trtllm-models" in services[f"engine-builder-{pool}"]["volumes"]
+        assert "trtllm-models:/trtllm-models:ro" in triton["volumes"]
         devices = triton["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and devices[0]["device_ids"] and "gpu" in devices[0]["capabilities"]
         assert triton["depends_on"][f"engine-builder-{pool}"]["condition"] == "service_completed_successfully"
@@ -160,7 +163,7 @@ def test_a_pools_repository_is_the_contract_over_the_engine_by_tritons_rules(fil
     # The engine: in-flight batching with a batch dimension, decoupled, a bounded queue.
     params = {k: v.string_value for k, v in engine.parameters.items()}
     assert engine.backend == "tensorrtllm" and engine.model_transaction_policy.decoupled
-    assert params["gpt_model_type"] == "inflight_fused_batching" and params["gpt_model_path"] == f"/engines/{pool}"
+    assert params["gpt_model_type"] == "inflight_fused_batching" and params["gpt_model_path"] == f"/engines/{pool}/{UNBUILT}"
     assert engine.max_batch_size == profile.max_batch_size > 0
     assert engine.dynamic_batching.default_queue_policy.max_queue_size == profile.max_queue_size
     assert params["enable_kv_cache_reuse"] == str(profile.kv_cache_reuse).lower()
@@ -173,8 +176,10 @@ def test_a_pools_repository_is_the_contract_over_the_engine_by_tritons_rules(fil
     assert required <= generation and required <= stop
     assert yaml.safe_load((filled / pool / name / "needs.yaml").read_text())["calls"] == ["tensorrt_llm"]
     build = json.loads((filled / f"{pool}.json").read_text())
-    assert (build["dtype"], build["max_batch_size"], build["engine_dir"]) == \
+    assert (build["dtype"], build["max_batch_size"], build["engines_root"]) == \
         (profile.dtype, profile.max_batch_size, f"/engines/{pool}")
+    # Until its builder points it at an engine, the repository names none that exists.
+    assert params["gpt_model_path"] == f"/engines/{pool}/{UNBUILT}"
 
 
 def test_the_standin_serves_the_engines_own_config(filled):

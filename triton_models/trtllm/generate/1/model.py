@@ -95,8 +95,15 @@ class TritonPythonModel:
         return pb_utils.InferenceRequest(model_name=self.engine, request_id=request_id, inputs=inputs,
                                          requested_output_names=["output_ids", "sequence_length"])
 
-    async def _stop_engine(self, request_id: str) -> None:
-        """TensorRT-LLM stops an in-flight request when a request with its id says `stop`."""
+    async def _drain(self, responses) -> None:
+        """Reads a stream to its end. python_backend r24.10 holds every unread response of a BLS stream (the final
+        one in shared memory) until it is read, and the iterator's destructor blocks reading them: so the rest of
+        a stream the mesh no longer needs is read here, in a waiter thread, never dropped."""
+        await asyncio.get_running_loop().run_in_executor(self.waiters, _exhaust, responses)
+
+    async def _stop_engine(self, request_id: str, responses) -> None:
+        """TensorRT-LLM stops an in-flight request when a request with its id says `stop`; the stopped stream then
+        ends with a final response, which is read (`_drain`)."""
         stop = pb_utils.InferenceRequest(model_name=self.engine, request_id=request_id, inputs=[
             pb_utils.Tensor("input_ids", np.array([[self.tokenizer.eos_id]], dtype=np.int32)),
             pb_utils.Tensor("input_lengths", _one(1, np.int32)),
@@ -104,19 +111,21 @@ class TritonPythonModel:
             pb_utils.Tensor("stop", _one(True, np.bool_)),
         ], requested_output_names=["output_ids"])
         try:
-            responses = await stop.async_exec(decoupled=True)
-            await asyncio.get_running_loop().run_in_executor(self.waiters, lambda: list(responses))
+            await self._drain(await stop.async_exec(decoupled=True))
         except Exception:  # the request may have ended on its own meanwhile
             pass
+        await self._drain(responses)
 
     async def _generate(self, request, sender) -> None:
         sampling = parse_sampling(lambda name: _optional(request, name), self.default_max_tokens,
                                   self.max_output_tokens)
         max_tokens, temperature, top_p, seed = sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed
         prompt = self.tokenizer.chat_ids(self._messages(request))
-        if len(prompt) > self.max_input_len:
-            raise ValueError(f"{INVALID}prompt is {len(prompt)} tokens; the engine takes {self.max_input_len}")
         resume = parse_resume(lambda name: _optional(request, name), max_tokens, self.tokenizer.vocab_size)
+        # The engine reads prompt and resumed tokens as one context: past max_input_len it fails the request.
+        if len(prompt) + len(resume) > self.max_input_len:
+            raise ValueError(f"{INVALID}prompt is {len(prompt)} tokens with {len(resume)} resumed; the engine "
+                             f"takes {self.max_input_len} in all")
         # Sampled text cannot be continued exactly elsewhere: no token ids, so the router does not try.
         resumable = temperature == 0.0
         text_stream = self.tokenizer.text_stream()
@@ -151,7 +160,7 @@ class TritonPythonModel:
             if response.has_error():
                 raise EngineError(_engine_status(response.error().message()))
             if request.is_cancelled():
-                await self._stop_engine(request_id)
+                await self._stop_engine(request_id, responses)
                 return "cancelled", produced
             output = pb_utils.get_output_tensor_by_name(response, "output_ids")
             tokens = [int(t) for t in output.as_numpy().reshape(-1) if t >= 0] if output is not None else []
@@ -168,10 +177,11 @@ class TritonPythonModel:
                     break
             self._send(sender, text, "", len(prompt), produced, sent if resumable else None)
             if stop.stopped:
-                await self._stop_engine(request_id)
+                await self._stop_engine(request_id, responses)
                 return "stop", produced
             if produced >= max_tokens:
-                await self._stop_engine(request_id)
+                # The engine was asked for exactly these tokens and ends the request itself: no stop to send.
+                await self._drain(responses)
                 return "length", produced
 
     def finalize(self) -> None:
@@ -190,6 +200,13 @@ class TritonPythonModel:
             outputs.append(pb_utils.Tensor("token_id", np.array(tokens, dtype=np.int32)))
         sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
+
+
+def _exhaust(responses) -> int:
+    read = 0
+    for _ in responses:
+        read += 1
+    return read
 
 
 def _engine_status(message: str) -> str:
