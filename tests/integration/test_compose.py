@@ -163,7 +163,7 @@ def test_a_pools_repository_is_the_contract_over_the_engine_by_tritons_rules(fil
     # The engine: in-flight batching with a batch dimension, decoupled, a bounded queue.
     params = {k: v.string_value for k, v in engine.parameters.items()}
     assert engine.backend == "tensorrtllm" and engine.model_transaction_policy.decoupled
-    assert params["gpt_model_type"] == "inflight_fused_batching" and params["gpt_model_path"] == f"/engines/{pool}/{UNBUILT}"
+    assert params["gpt_model_type"] == "inflight_fused_batching"
     assert engine.max_batch_size == profile.max_batch_size > 0
     assert engine.dynamic_batching.default_queue_policy.max_queue_size == profile.max_queue_size
     assert params["enable_kv_cache_reuse"] == str(profile.kv_cache_reuse).lower()

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from google.protobuf import text_format
 from tools import fill_trtllm
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,6 +18,7 @@ they wait on the engine, which batches them in flight). Per request it:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -110,10 +111,8 @@ class TritonPythonModel:
             pb_utils.Tensor("request_output_len", _one(1, np.int32)),
             pb_utils.Tensor("stop", _one(True, np.bool_)),
         ], requested_output_names=["output_ids"])
-        try:
+        with contextlib.suppress(Exception):  # the request may have ended on its own meanwhile
             await self._drain(await stop.async_exec(decoupled=True))
-        except Exception:  # the request may have ended on its own meanwhile
-            pass
         await self._drain(responses)
 
     async def _generate(self, request, sender) -> None:
