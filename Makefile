@@ -17,7 +17,7 @@ PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup system-tools k8s-tools chart up down top test unit protos models bench bench-hot-path profile soak gpu-smoke lint clean
+.PHONY: setup system-tools k8s-tools kube-tools trtllm-image-tools chart up down top test unit protos models bench bench-hot-path profile soak gpu-smoke lint clean
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(LLAMA_STAMP) $(ONNX_MODEL) gen/.stamp
 
@@ -78,7 +78,7 @@ top: $(VENV)/.installed gen/.stamp
 down:
 	PYTHONPATH=.:gen $(PY) -m tools.stack down
 
-test: setup system-tools k8s-tools
+test: setup system-tools k8s-tools kube-tools trtllm-image-tools
 	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 # The Helm chart's checks (deploy/helm/inference-mesh): helm, kubernetes-validate, checkov in their own environment.
@@ -93,6 +93,20 @@ $(K8S_VENV)/.installed: requirements/k8s.txt
 chart: k8s-tools
 	$(K8S_VENV)/bin/helm template mesh deploy/helm/inference-mesh --namespace mesh \
 	  -f deploy/helm/inference-mesh/values-$(or $(VALUES),cpu).yaml
+
+# A real Kubernetes control plane (kube-apiserver, kube-scheduler, kube-controller-manager, kubectl, etcd) for the
+# chart's scheduling test: built once from Debian's kubernetes source package into the user cache (minutes).
+kube-tools:
+	@bash tools/kube/build_control_plane.sh
+
+# The TensorRT-LLM image's own Python packages (requirements/trtllm-image.txt): the GPU path's tokenizer and
+# checkpoint code runs on them in CI.
+TRTLLM_VENV := .venv-trtllm
+trtllm-image-tools: $(TRTLLM_VENV)/.installed
+$(TRTLLM_VENV)/.installed: requirements/trtllm-image.txt
+	$(PYTHON) -m venv $(TRTLLM_VENV)
+	$(TRTLLM_VENV)/bin/pip install $(PIP_QUIET) -r requirements/trtllm-image.txt
+	touch $@
 
 # In-process tests only (tests/unit): seconds, no servers started.
 unit: $(VENV)/.installed gen/.stamp
@@ -145,9 +159,27 @@ soak: setup
 
 # On a host with an NVIDIA GPU: build the pool's TensorRT-LLM engine, start the stack with its profile, run the
 # pass/fail checklist through the edge and measure it against the CPU pool (tools/gpu_smoke.py).
+# It needs only Docker, the NVIDIA container toolkit and Python >= 3.10 (GPU_SMOKE_PYTHON): its own small environment
+# (requirements/gpu-smoke.txt) and stubs, compose/.env and run/pki made when missing; none of the CPU setup.
 POOL ?= a100
-gpu-smoke: setup
-	PYTHONPATH=.:gen $(PY) -m tools.gpu_smoke --pool $(POOL) $(GPU_SMOKE_ARGS)
+GPU_SMOKE_PYTHON ?= python3
+GPU_SMOKE_VENV := .venv-gpu-smoke
+GPU_SMOKE_GEN := build/gpu-smoke/gen
+$(GPU_SMOKE_VENV)/.installed: requirements/gpu-smoke.txt
+	@$(GPU_SMOKE_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { \
+	  echo "gpu-smoke needs Python 3.10+ (GPU_SMOKE_PYTHON=$(GPU_SMOKE_PYTHON))"; exit 1; }
+	$(GPU_SMOKE_PYTHON) -m venv $(GPU_SMOKE_VENV)
+	$(GPU_SMOKE_VENV)/bin/pip install $(PIP_QUIET) -r requirements/gpu-smoke.txt
+	touch $@
+$(GPU_SMOKE_GEN)/.stamp: $(PROTOS) $(GPU_SMOKE_VENV)/.installed
+	rm -rf $(GPU_SMOKE_GEN) && mkdir -p $(GPU_SMOKE_GEN)
+	$(GPU_SMOKE_VENV)/bin/python -m grpc_tools.protoc -Iprotos --python_out=$(GPU_SMOKE_GEN) \
+	  --grpc_python_out=$(GPU_SMOKE_GEN) $(PROTOS)
+	touch $(GPU_SMOKE_GEN)/inference_mesh/__init__.py $(GPU_SMOKE_GEN)/inference_mesh/v1/__init__.py \
+	  $(GPU_SMOKE_GEN)/inference_mesh/edge/__init__.py $@
+gpu-smoke: $(GPU_SMOKE_GEN)/.stamp
+	@[ -f compose/.env ] || PYTHONPATH=. $(GPU_SMOKE_VENV)/bin/python -m tools.compose_secrets
+	PYTHONPATH=.:$(GPU_SMOKE_GEN) $(GPU_SMOKE_VENV)/bin/python -m tools.gpu_smoke --pool $(POOL) $(GPU_SMOKE_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

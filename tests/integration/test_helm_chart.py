@@ -161,16 +161,17 @@ def test_every_workload_has_probes_resources_a_pdb_spread_and_a_locked_down_pod(
 def test_gpu_pools_request_gpus_on_their_gpu_class_and_nothing_else_does(rendered, value_set):
     objects = _objects(rendered[value_set])
     gpu_users = {}
-    for workload in [*_workloads(objects), *_by_kind(objects, "Job")]:
+    assert not _by_kind(objects, "Job"), "engines are built by the serving pods' init containers, not a Job"
+    for workload in _workloads(objects):
         pod = workload["spec"]["template"]["spec"]
-        gpus = {c["resources"]["requests"].get("nvidia.com/gpu") for c in pod["containers"]} - {None}
+        containers = [*pod.get("initContainers", []), *pod["containers"]]
+        gpus = {c["resources"]["requests"].get("nvidia.com/gpu") for c in containers} - {None}
         if gpus:
             gpu_users[workload["metadata"]["name"]] = pod
-            for container in pod["containers"]:
-                assert container["resources"]["limits"]["nvidia.com/gpu"] == \
-                    container["resources"]["requests"]["nvidia.com/gpu"], "GPUs cannot be overcommitted"
-    expected = {"cpu": set(), "gpu": {"triton-a100", "triton-t4", "triton-a100-engine-0-1-0",
-                                      "triton-t4-engine-0-1-0"}}[value_set]
+            for container in containers:
+                assert container["resources"]["limits"].get("nvidia.com/gpu") == \
+                    container["resources"]["requests"].get("nvidia.com/gpu"), "GPUs cannot be overcommitted"
+    expected = {"cpu": set(), "gpu": {"triton-a100", "triton-t4"}}[value_set]
     assert set(gpu_users) == expected
     products = {"a100": "NVIDIA-A100-SXM4-80GB", "t4": "Tesla-T4"}
     for name, pod in gpu_users.items():
@@ -329,7 +330,7 @@ def test_no_secret_is_in_values_or_rendered_and_every_secret_named_is_a_value(re
         objects = _objects(rendered[value_set])
         assert not _by_kind(objects, "Secret"), "the chart makes no Secret: they are made outside it"
         referenced = set()
-        for workload in [*_workloads(objects), *_by_kind(objects, "Job")]:
+        for workload in _workloads(objects):
             pod = workload["spec"]["template"]["spec"]
             referenced |= {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
             referenced |= {e["valueFrom"]["secretKeyRef"]["name"] for c in pod["containers"] for e in c.get("env", [])
@@ -342,3 +343,36 @@ def test_helm_lint_passes(value_set):
     result = subprocess.run([_tool("helm"), "lint", str(CHART), "--strict", "-f",
                              str(CHART / f"values-{value_set}.yaml")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_gpu_pod_builds_its_engine_on_its_own_gpu_before_triton_starts(rendered):
+    """No build waits for GPUs that serving pods hold (the Job of old stayed Pending on a full pool), no immutable
+    Job blocks an upgrade, and Triton starts on a built engine. The scheduling itself is run on a real
+    kube-scheduler in test_chart_scheduling.py."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    workloads = {o["metadata"]["name"]: o for o in _workloads(_objects(rendered["gpu"]))}
+    for pool in ("a100", "t4"):
+        statefulset = workloads[f"triton-{pool}"]
+        pod = statefulset["spec"]["template"]["spec"]
+        fill, build = pod["initContainers"]
+        triton = pod["containers"][0]
+        assert fill["args"] == ["tools.fill_trtllm", "--out", "/trtllm-models", "--pool", pool]
+        assert build["command"] == ["python3", "/build/build_engine.py", pool]
+        assert build["resources"] == triton["resources"], "the pod's one GPU set builds, then serves"
+        mounts = {m["name"]: m for m in build["volumeMounts"]}
+        assert not mounts["engines"].get("readOnly") and not mounts["repository"].get("readOnly")
+        served = {m["name"]: m for m in triton["volumeMounts"]}
+        assert served["engines"]["readOnly"] and served["repository"]["readOnly"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes["repository"], "each pod's repository points at the engine it built or found"
+        assert volumes["engines"]["persistentVolumeClaim"]["claimName"] == f"triton-{pool}-engines"
+        probe = triton["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] == values["pools"][pool]["startupSeconds"]
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_no_disruption_budget_holds_a_node_drain_behind_an_unready_pod(rendered, value_set):
+    budgets = _by_kind(_objects(rendered[value_set]), "PodDisruptionBudget")
+    assert budgets
+    for budget in budgets:
+        assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", budget["metadata"]["name"]

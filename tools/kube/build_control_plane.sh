@@ -36,6 +36,7 @@ dpkg-source -q -x kubernetes_*.dsc src >/dev/null
 # The vendored reflect2 1.0.1 segfaults under Go 1.19: Debian's 1.0.2 replaces it.
 apt-get download -q golang-github-modern-go-reflect2-dev >/dev/null
 dpkg -x golang-github-modern-go-reflect2-dev_*.deb reflect2
+rm -f src/vendor/github.com/modern-go/reflect2/*.go
 cp reflect2/usr/share/gocode/src/github.com/modern-go/reflect2/*.go src/vendor/github.com/modern-go/reflect2/
 cd src
 echo "building kubernetes $VERSION ($TOOLS) from Debian's source, once (about 5 minutes on 2 cores) ..."

@@ -98,16 +98,24 @@ class GgufTokenizer:
 
 class HfTokenizer:
     def __init__(self, directory: str) -> None:
+        from tokenizers import Tokenizer
         from transformers import AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        if not getattr(self._tokenizer, "is_fast", False):
+            raise ValueError(f"{directory} has no tokenizer.json: the pools need a fast (Rust) tokenizer")
+        # Message contents as plain text: a copy of the Rust tokenizer that never matches special tokens in its
+        # input. transformers' own `split_special_tokens` argument only exists from 4.42; the TensorRT-LLM 0.14
+        # image's range (>=4.38.2,<=4.45.1) starts below that, so the copy works on every version it allows.
+        self._text = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
+        self._text.encode_special_tokens = True
         self.eos_id = int(self._tokenizer.eos_token_id)
         self.vocab_size = len(self._tokenizer)
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
         return chat_ids(
             lambda ms: self._tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=True),
-            lambda t: self._tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True),
+            lambda t: self._text.encode(t, add_special_tokens=False).ids,
             lambda t: self._tokenizer.encode(t, add_special_tokens=False), messages)
 
     def text_stream(self) -> TextStream:

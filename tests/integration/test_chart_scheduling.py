@@ -1,0 +1,210 @@
+"""The Helm chart applied by the real helm to a real kube-apiserver, placed by the real kube-scheduler (with the
+real controller-manager making pods from Deployments and StatefulSets and binding volumes) on fake nodes of each
+class: CPU nodes, and exactly as many A100 and T4 GPUs as the pools have replicas. Every pod of both value sets
+must be scheduled, the engine builds included (they are init containers of the serving pods: a build that needed a
+GPU of its own would stay Pending forever on a full pool, as the Job of old did), and `helm upgrade` with a changed
+value must be accepted and its new pod placed on the GPU the old one held. Containers never run (no kubelet):
+what a cluster adds beyond placement is named in README's Kubernetes section.
+
+The control plane is Kubernetes 1.20 (Debian's source package; tools/kube/build_control_plane.sh), older than the
+chart's floor (1.30): the post-renderer below rewrites only what 1.20 cannot read, each rewrite named, and keeps
+everything else as rendered."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tools.kube import control_plane
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "inference-mesh"
+HELM = ROOT / ".venv-k8s" / "bin" / "helm"
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate", "ScaledObject"}
+GPU_PRODUCTS = {"a100": "NVIDIA-A100-SXM4-80GB", "t4": "Tesla-T4"}
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+
+
+def rewrite_for_1_20(documents: list[dict]) -> list[dict]:
+    """What a 1.20 API server cannot read, rewritten; every other field as the chart rendered it."""
+    kept, replicas = [], {}
+    for doc in documents:
+        if doc["kind"] in CUSTOM_KINDS:
+            # No operator runs here to own these. KEDA's first act is to scale its target to minReplicaCount.
+            if doc["kind"] == "ScaledObject":
+                target = doc["spec"]["scaleTargetRef"]
+                replicas[(target.get("kind", "Deployment"), target["name"])] = doc["spec"]["minReplicaCount"]
+            continue
+        if doc["kind"] == "PodDisruptionBudget":
+            doc["apiVersion"] = "policy/v1beta1"  # policy/v1 is 1.21+
+            doc["spec"].pop("unhealthyPodEvictionPolicy", None)  # 1.26+
+        if doc["kind"] == "Service":
+            for port in doc["spec"].get("ports", []):
+                port.setdefault("protocol", "TCP")
+        template = doc.get("spec", {}).get("template", {}).get("spec")
+        if template:
+            for container in [*template.get("initContainers", []), *template["containers"]]:
+                pre_stop = container.get("lifecycle", {}).get("preStop", {})
+                if "sleep" in pre_stop:  # lifecycle sleep is 1.29+
+                    pre_stop["exec"] = {"command": ["sleep", str(pre_stop.pop("sleep")["seconds"])]}
+                for bound in ("requests", "limits"):
+                    quantities = container.get("resources", {}).get(bound, {})
+                    for name, value in quantities.items():
+                        quantities[name] = str(value)
+        kept.append(doc)
+    for doc in kept:
+        if (doc["kind"], doc["metadata"]["name"]) in replicas and "replicas" not in doc["spec"]:
+            doc["spec"]["replicas"] = replicas[(doc["kind"], doc["metadata"]["name"])]
+    return kept
+
+
+def _post_renderer(tmp_path: Path) -> Path:
+    script = tmp_path / "rewrite-for-1.20"
+    script.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys, yaml; "
+                      f"sys.path.insert(0, \"{ROOT}\"); "
+                      "from tests.integration.test_chart_scheduling import rewrite_for_1_20; "
+                      "docs = [d for d in yaml.safe_load_all(sys.stdin) if d]; "
+                      "yaml.safe_dump_all(rewrite_for_1_20(docs), sys.stdout)'\n")
+    script.chmod(0o755)
+    return script
+
+
+def _chart_for_1_20(tmp_path: Path) -> Path:
+    """The chart (its symlinked files copied in) with its kubeVersion floor lowered to the server's."""
+    copy = tmp_path / "inference-mesh"
+    shutil.copytree(CHART, copy, symlinks=False)
+    chart = yaml.safe_load((copy / "Chart.yaml").read_text())
+    chart["kubeVersion"] = ">=1.20.0-0"
+    (copy / "Chart.yaml").write_text(yaml.safe_dump(chart))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    if not HELM.exists():
+        pytest.fail(f"{HELM} is missing: `make k8s-tools` installs it (`make test` does it first)")
+    try:
+        control_plane.binaries()
+    except FileNotFoundError as missing:
+        pytest.fail(str(missing))
+    workdir = tmp_path_factory.mktemp("kube")
+    with control_plane.running(workdir) as running:
+        for index, zone in enumerate(("zone-a", "zone-b", "zone-c")):
+            running.add_node(f"cpu-{index}", {"topology.kubernetes.io/zone": zone},
+                             {"cpu": "16", "memory": "64Gi", "pods": "110"})
+        for pool, product in GPU_PRODUCTS.items():
+            for index, zone in enumerate(("zone-a", "zone-b")):
+                running.add_node(f"{pool}-{index}", {"topology.kubernetes.io/zone": zone,
+                                                     "nvidia.com/gpu.product": product},
+                                 {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "1"},
+                                 taints=[GPU_TAINT])
+        yield running
+
+
+def _helm(cluster: control_plane.Cluster, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(HELM), "--kubeconfig", str(cluster.kubeconfig), *args,
+                           "--post-renderer", str(_post_renderer(tmp_path))],
+                          capture_output=True, text=True, timeout=180)
+
+
+def _expected_pods(cluster: control_plane.Cluster, namespace: str) -> int:
+    total = 0
+    for kind in ("deployments", "statefulsets"):
+        for item in cluster.request("GET", f"/apis/apps/v1/namespaces/{namespace}/{kind}")["items"]:
+            total += item["spec"].get("replicas", 1)
+    return total
+
+
+def _scheduled(cluster: control_plane.Cluster, namespace: str, timeout_s: float = 90) -> list[dict]:
+    """Every pod the workloads ask for exists and has a node, or the scheduler's reasons for the ones that do not."""
+    expected = _expected_pods(cluster, namespace)
+    end = time.monotonic() + timeout_s
+    while True:
+        pods = [p for p in cluster.pods(namespace) if not p["metadata"].get("deletionTimestamp")]
+        pending = [p for p in pods if not p["spec"].get("nodeName")]
+        if len(pods) >= expected and not pending:
+            return pods
+        if time.monotonic() > end:
+            reasons = {p["metadata"]["name"]: [c.get("message") for c in p["status"].get("conditions", [])]
+                       for p in pending}
+            pytest.fail(f"{len(pods)}/{expected} pods exist, unscheduled: {json.dumps(reasons, indent=1)}")
+        time.sleep(1)
+
+
+def _install(cluster, tmp_path: Path, namespace: str, value_set: str) -> list[dict]:
+    result = _helm(cluster, tmp_path, "install", "mesh", str(_chart_for_1_20(tmp_path)), "--namespace", namespace,
+                   "--create-namespace", "-f", str(CHART / f"values-{value_set}.yaml"))
+    assert result.returncode == 0, result.stderr
+    return _scheduled(cluster, namespace)
+
+
+def test_every_pod_of_the_cpu_value_set_is_scheduled(cluster, tmp_path):
+    pods = _install(cluster, tmp_path, "mesh-cpu", "cpu")
+    assert all(p["spec"]["nodeName"].startswith("cpu-") for p in pods), "nothing lands on GPU nodes"
+    assert {p["metadata"]["name"] for p in pods} >= {"triton-cpu-0", "triton-cpu-1"}
+
+
+def _claims_for_gpu_pools(cluster, namespace: str) -> None:
+    """What the operator provides (the checkpoint's claim) and what a storage class would (volumes)."""
+    cluster.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    cluster.create(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "mesh-hf-models"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "resources": {"requests": {"storage": "10Gi"}}}})
+    cluster.add_volume(f"{namespace}-hf", ["ReadOnlyMany"], "10Gi", claim=(namespace, "mesh-hf-models"))
+    for pool in GPU_PRODUCTS:
+        cluster.add_volume(f"{namespace}-{pool}-engines", ["ReadWriteMany"], "50Gi",
+                           claim=(namespace, f"triton-{pool}-engines"))
+
+
+def test_every_pod_of_the_gpu_value_set_is_scheduled_on_exactly_its_pools_gpus_and_upgrades(cluster, tmp_path):
+    namespace = "mesh-gpu"
+    _claims_for_gpu_pools(cluster, namespace)
+    result = _helm(cluster, tmp_path, "install", "mesh", str(_chart_for_1_20(tmp_path)), "--namespace", namespace,
+                   "-f", str(CHART / "values-gpu.yaml"))
+    assert result.returncode == 0, result.stderr
+    pods = _scheduled(cluster, namespace)
+    assert not cluster.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs")["items"]
+    on_gpus = {}
+    for pod in pods:
+        name, node = pod["metadata"]["name"], pod["spec"]["nodeName"]
+        pool = next((p for p in GPU_PRODUCTS if name.startswith(f"triton-{p}-")), None)
+        assert node.startswith(f"{pool}-") if pool else node.startswith("cpu-"), f"{name} on {node}"
+        if pool:
+            on_gpus.setdefault(pool, set()).add(node)
+            assert [c["name"] for c in pod["spec"]["initContainers"]] == ["fill-repository", "build-engine"]
+    # Two replicas a pool, one GPU a node: each pool holds every GPU of its class, builds included.
+    assert on_gpus == {pool: {f"{pool}-0", f"{pool}-1"} for pool in GPU_PRODUCTS}
+
+    # An image bump (a new engine key: the pod rebuilds or finds its engine) through `helm upgrade`.
+    new_tag = "24.11-trtllm-python-py3"
+    result = _helm(cluster, tmp_path, "upgrade", "mesh", str(_chart_for_1_20(tmp_path)), "--namespace", namespace,
+                   "-f", str(CHART / "values-gpu.yaml"), "--set", f"pools.a100.image.tag={new_tag}")
+    assert result.returncode == 0, f"an upgrade with a changed value is refused: {result.stderr}"
+    statefulset = cluster.request("GET", f"/apis/apps/v1/namespaces/{namespace}/statefulsets/triton-a100")
+    template = statefulset["spec"]["template"]["spec"]
+    assert all(c["image"].endswith(new_tag) for c in [template["initContainers"][1], *template["containers"]])
+    # The rollout deletes the highest ordinal; without a kubelet its pod would stay Terminating, so it is removed
+    # as a kubelet would once its containers stopped. Its replacement must take the GPU it held.
+    end = time.monotonic() + 90
+    while time.monotonic() < end:
+        pods = cluster.pods(namespace)
+        for pod in pods:
+            if pod["metadata"].get("deletionTimestamp"):
+                cluster.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}",
+                                {"gracePeriodSeconds": 0})
+        replaced = [p for p in pods if p["metadata"]["name"] == "triton-a100-1"
+                    and not p["metadata"].get("deletionTimestamp") and p["spec"].get("nodeName")
+                    and p["spec"]["containers"][0]["image"].endswith(new_tag)]
+        if replaced:
+            assert replaced[0]["spec"]["nodeName"].startswith("a100-")
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the upgraded triton-a100-1 was not scheduled on an A100 within 90 s")
