@@ -108,7 +108,7 @@ def _certificate(subject: str, key: PrivateKey, issuer: x509.Certificate | None,
                  client: bool = False, hosts: tuple[str, ...] = (), days: int = 825) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject),
                       x509.NameAttribute(NameOID.ORGANIZATION_NAME, "inference-mesh (local)")])
-    now = dt.datetime.now(dt.UTC)  # dt.UTC is 3.11+: gpu-smoke hosts may run 3.10
+    now = dt.datetime.now(dt.timezone.utc)  # noqa: UP017 - dt.UTC is 3.11+; gpu-smoke hosts may run 3.10
     builder = (x509.CertificateBuilder().subject_name(name)
                .issuer_name(issuer.subject if issuer else name).public_key(key.public_key())
                .serial_number(x509.random_serial_number())

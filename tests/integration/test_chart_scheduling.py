@@ -156,7 +156,8 @@ def _claims_for_gpu_pools(cluster, namespace: str) -> None:
     cluster.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     cluster.create(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "mesh-hf-models"},
-        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "resources": {"requests": {"storage": "10Gi"}}}})
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                 "resources": {"requests": {"storage": "10Gi"}}}})
     cluster.add_volume(f"{namespace}-hf", ["ReadOnlyMany"], "10Gi", claim=(namespace, "mesh-hf-models"))
     for pool in GPU_PRODUCTS:
         cluster.add_volume(f"{namespace}-{pool}-engines", ["ReadWriteMany"], "50Gi",
