@@ -67,7 +67,7 @@ def test_compose_file_is_valid_per_profile(profile):
         assert "curl" not in triton["healthcheck"]["test"], "use what the image has: python3"
         assert services[f"engine-builder-{pool}"]["command"][-2:] == ["/build/build_engine.py", pool]
         # The builder points the pool's repository at its engine; Triton only reads it.
-        assert "trtllm-models:/trtllm-models" in services[f"engine-builder-{pool}"]["volumes"]
+        assert "trtllm-models:/trtllm-models:rw" in services[f"engine-builder-{pool}"]["volumes"]
         assert "trtllm-models:/trtllm-models:ro" in triton["volumes"]
         devices = triton["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and devices[0]["device_ids"] and "gpu" in devices[0]["capabilities"]
