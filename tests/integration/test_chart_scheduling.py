@@ -167,7 +167,8 @@ def _claims_for_gpu_pools(cluster, namespace: str) -> None:
 def test_every_pod_of_the_gpu_value_set_is_scheduled_on_exactly_its_pools_gpus_and_upgrades(cluster, tmp_path):
     namespace = "mesh-gpu"
     _claims_for_gpu_pools(cluster, namespace)
-    result = _helm(cluster, tmp_path, "install", "mesh", str(_chart_for_1_20(tmp_path)), "--namespace", namespace,
+    chart = str(_chart_for_1_20(tmp_path))
+    result = _helm(cluster, tmp_path, "install", "mesh", chart, "--namespace", namespace,
                    "-f", str(CHART / "values-gpu.yaml"))
     assert result.returncode == 0, result.stderr
     pods = _scheduled(cluster, namespace)
@@ -185,7 +186,7 @@ def test_every_pod_of_the_gpu_value_set_is_scheduled_on_exactly_its_pools_gpus_a
 
     # An image bump (a new engine key: the pod rebuilds or finds its engine) through `helm upgrade`.
     new_tag = "24.11-trtllm-python-py3"
-    result = _helm(cluster, tmp_path, "upgrade", "mesh", str(_chart_for_1_20(tmp_path)), "--namespace", namespace,
+    result = _helm(cluster, tmp_path, "upgrade", "mesh", chart, "--namespace", namespace,
                    "-f", str(CHART / "values-gpu.yaml"), "--set", f"pools.a100.image.tag={new_tag}")
     assert result.returncode == 0, f"an upgrade with a changed value is refused: {result.stderr}"
     statefulset = cluster.request("GET", f"/apis/apps/v1/namespaces/{namespace}/statefulsets/triton-a100")

@@ -74,6 +74,10 @@ class Cluster:
                                   "message": "fake node", "lastHeartbeatTime": _now(), "lastTransitionTime": _now()}]}
         self.request("PATCH", f"/api/v1/nodes/{name}/status", {"status": status},
                      content_type="application/merge-patch+json")
+        # Admission taints a new node not-ready until the node lifecycle controller sees it Ready; that controller
+        # is off (no kubelet heartbeats), so the node's taints are set to its own, as that controller would.
+        self.request("PATCH", f"/api/v1/nodes/{name}", {"spec": {"taints": taints or None}},
+                     content_type="application/merge-patch+json")
 
     def add_volume(self, name: str, access_modes: list[str], size: str, claim: tuple[str, str] | None = None) -> None:
         """A PersistentVolume (hostPath: nothing mounts it here), optionally reserved for one claim."""
