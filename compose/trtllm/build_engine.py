@@ -213,7 +213,7 @@ def checked(obj, names: tuple[str, ...], what: str) -> None:
 
 
 BUILD_CONFIG_FIELDS = ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "max_beam_width",
-                       "kv_cache_type", "plugin_config")
+                       "kv_cache_type", "plugin_config", "output_timing_cache")
 PLUGIN_FIELDS = ("gemm_plugin", "gpt_attention_plugin", "remove_input_padding", "use_paged_context_fmha")
 
 
@@ -241,6 +241,8 @@ def build(settings: dict, architecture: str, checkpoint: Path, target: Path) -> 
     config.max_num_tokens = settings["max_num_tokens"]
     config.max_beam_width = 1
     config.kv_cache_type = KVCacheType.PAGED  # what the old `--paged_kv_cache enable` flag became
+    # Its default is model.cache in the working directory, which is read-only in the chart's pods.
+    config.output_timing_cache = "/tmp/mesh-engine-timing.cache"
     plugins = config.plugin_config
     plugins.gemm_plugin = "auto"
     plugins.gpt_attention_plugin = "auto"

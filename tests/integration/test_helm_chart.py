@@ -359,6 +359,7 @@ def test_a_gpu_pod_builds_its_engine_on_its_own_gpu_before_triton_starts(rendere
         assert fill["args"] == ["tools.fill_trtllm", "--out", "/trtllm-models", "--pool", pool]
         assert build["command"] == ["python3", "/build/build_engine.py", pool]
         assert build["resources"] == triton["resources"], "the pod's one GPU set builds, then serves"
+        assert {"name": "HOME", "value": "/tmp"} in build["env"], "caches must not hit the read-only root"
         mounts = {m["name"]: m for m in build["volumeMounts"]}
         assert not mounts["engines"].get("readOnly") and not mounts["repository"].get("readOnly")
         served = {m["name"]: m for m in triton["volumeMounts"]}

@@ -189,3 +189,60 @@ def test_a_stream_resumes_on_the_other_replica_when_its_replica_dies(trt_stack):
     assert resumed and all(last.metadata.replica == "triton-cpu-0" for last in resumed), seen
     assert all("\ufffd" not in text for text, _ in got)
 
+
+
+def _stream_once(client, inputs: list) -> tuple[list, list]:
+    """One decoupled request to Triton: its responses and its errors."""
+    import queue
+
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    client.async_stream_infer(TRT, inputs, enable_empty_final_response=True)
+    results, errors = [], []
+    while True:
+        result, error = answers.get(timeout=120)
+        if error is not None:
+            errors.append(error)
+            break
+        results.append(result)
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    return results, errors
+
+
+def test_prompt_and_resumed_tokens_past_max_input_len_are_invalid_argument(trt_stack):
+    """The engine reads prompt + resumed tokens as one context: past max_input_len the BLS model refuses the
+    request itself (the engine would fail it as INTERNAL)."""
+    import numpy as np
+    import tritonclient.grpc as triton
+
+    limit = TrtllmPools.load().standin.max_input_len
+
+    def inputs(words: int, resume: list[int], max_tokens: int) -> list:
+        tensors = []
+        for name, value, dtype in (("messages", np.array([f'[{{"role": "user", "content": "{"lighthouse " * words}"}}]'
+                                                          .encode()], dtype=np.object_), "BYTES"),
+                                   ("max_tokens", np.array([max_tokens], dtype=np.int32), "INT32"),
+                                   ("temperature", np.array([0.0], dtype=np.float32), "FP32"),
+                                   ("resume_tokens", np.array(resume or [0], dtype=np.int32), "INT32")):
+            if name == "resume_tokens" and not resume:
+                continue
+            tensor = triton.InferInput(name, list(value.shape), dtype)
+            tensor.set_data_from_numpy(value)
+            tensors.append(tensor)
+        return tensors
+
+    client = triton.InferenceServerClient(f"127.0.0.1:{trt_stack.ports.tritons[0].grpc}")
+    results, errors = _stream_once(client, inputs(300, [], 1))
+    assert not errors, errors
+    per_word = int(results[-1].as_numpy("prompt_tokens")[0]) / 300
+    words = int((limit - 200) / per_word)
+    results, errors = _stream_once(client, inputs(words, [], 1))
+    prompt = int(results[-1].as_numpy("prompt_tokens")[0])
+    assert limit - 400 < prompt <= limit, prompt
+    resume = [28] * (limit - prompt + 1)  # one token past the engine's context
+    _, errors = _stream_once(client, inputs(words, resume, len(resume) + 8))
+    assert errors and "INVALID_ARGUMENT" in str(errors[0]), errors
+    assert f"{len(resume)} resumed; the engine takes {limit} in all" in str(errors[0])
+    client.close()

@@ -18,6 +18,7 @@ they wait on the engine, which batches them in flight). Per request it:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import uuid
@@ -201,11 +202,8 @@ class TritonPythonModel:
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0)
 
 
-def _exhaust(responses) -> int:
-    read = 0
-    for _ in responses:
-        read += 1
-    return read
+def _exhaust(responses) -> None:
+    collections.deque(responses, maxlen=0)
 
 
 def _engine_status(message: str) -> str:
