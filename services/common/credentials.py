@@ -7,12 +7,14 @@ credential is refused outright (Envoy refuses it at the edge too: services/edge/
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from services.common.wire import CREDENTIAL_HEADERS
 
 MAX_CREDENTIAL_CHARS = 8_192
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 
 class CredentialError(ValueError):
@@ -41,7 +43,13 @@ def single_credential(metadata: Iterable[tuple[str, str | bytes]] | None) -> Cre
         if value[:7].lower() != "bearer ":
             raise CredentialError("authorization must be 'Bearer <API key or JWT>'")
         value = value[7:]
-    token = value.strip()
+    # Keys and JWTs are visible ASCII. Anything else is refused, never trimmed: str.strip() removed a trailing
+    # U+00A0 from "key\xa0" (an HTTP header read as latin-1), so a key the rate-limit service could not read as
+    # a descriptor (it failed open) was accepted here as the clean key.
+    token = value.strip(" ")
     if not token or "," in token:
         raise CredentialError(f"{header} holds no single credential")
+    if not _VISIBLE_ASCII.fullmatch(token):
+        raise CredentialError(f"{header} must be visible ASCII characters only (a key or a JWT, no spaces or "
+                              "other bytes)")
     return Credential(header, token)

@@ -27,6 +27,9 @@ OPENAI_PREFIX = "/v1/"
 UNARY_INFERENCE = [MESH + "Embed", MESH + "Search", MESH + "DeleteDocuments", KSERVE + "ModelInfer"]
 
 
+BUFFER = "envoy.filters.http.buffer"
+
+
 def _typed(kind: str, **fields: Any) -> dict[str, Any]:
     return {"@type": f"type.googleapis.com/{kind}", **fields}
 
@@ -82,7 +85,9 @@ def _route(match: dict[str, Any], timeout_s: float, retry_on: str, limited: bool
     }
     if limited:
         action["rate_limits"] = _rate_limits()
-    return {"match": {**match, "grpc": {}}, "route": action}
+    # gRPC streams flow through as they come (the buffer is for the HTTP API's bodies).
+    return {"match": {**match, "grpc": {}}, "route": action, "typed_per_filter_config": {
+        BUFFER: _typed("envoy.extensions.filters.http.buffer.v3.BufferPerRoute", disabled=True)}}
 
 
 def _openai_route(s: EdgeSettings, limited: bool) -> dict[str, Any]:
@@ -102,6 +107,10 @@ def _refusal(headers: list[dict[str, Any]], message: str) -> dict[str, Any]:
             "direct_response": {"status": 401, "body": {"inline_string": message}}}
 
 
+# Envoy matches a header regex against the whole value. authorization is "Bearer <token>": one space.
+VISIBLE_CREDENTIAL = {"authorization": r"[\x21-\x7e]+ [\x21-\x7e]+", "x-api-key": r"[\x21-\x7e]+"}
+
+
 def _credential_routes() -> list[dict[str, Any]]:
     """One credential per request. The rate-limit service and the gateway each read the credential: with two
     (a repeated header, or a key beside a JWT) they could read different ones and disagree on the tenant.
@@ -115,6 +124,11 @@ def _credential_routes() -> list[dict[str, Any]]:
         *(_refusal([{"name": header, **repeated}],
                    f"send exactly one credential: {header!r} was sent more than once (or holds a comma)")
           for header in CREDENTIAL_HEADERS),
+        # A byte the rate-limit service cannot put in a descriptor made its call fail (and the filter fail open)
+        # while a lenient reader behind accepted the key: such a credential is refused here, before either.
+        *(_refusal([{"name": header, "string_match": {"safe_regex": {"regex": pattern}}, "invert_match": True}],
+                   f"{header!r} must be visible ASCII characters only (a key or a JWT)")
+          for header, pattern in VISIBLE_CREDENTIAL.items()),
     ]
 
 
@@ -185,17 +199,23 @@ def _http_filters(s: EdgeSettings) -> list[dict[str, Any]]:
             rate_limit_service={"transport_api_version": "V3",
                                 "grpc_service": {"envoy_grpc": {"cluster_name": "ratelimit"},
                                                  "timeout": _seconds(s.ratelimit_timeout_s)}})},
+        # The HTTP API's bodies are received whole here before a gateway is picked (gRPC routes turn it off).
+        {"name": BUFFER, "typed_config": _typed("envoy.extensions.filters.http.buffer.v3.Buffer",
+                                                max_request_bytes=s.limits.http_body_max_bytes)},
         {"name": "envoy.filters.http.router",
          "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")},
     ]
     if not s.global_rate_limit:
         filters = [f for f in filters if f["name"] != "envoy.filters.http.ratelimit"]
+    if not s.gateways_http:
+        filters = [f for f in filters if f["name"] != BUFFER]
     return filters
 
 
 # What Envoy answers itself on the OpenAI routes (refused credentials, rate limits, no healthy gateway, route
 # timeouts) in OpenAI's error shape, as the gateways answer theirs (services/gateway/openai_http/errors.py).
 _OPENAI_LOCAL_ERRORS = ((401, "authentication_error", "invalid_api_key"), (403, "permission_error", "forbidden"),
+                        (413, "invalid_request_error", "request_too_large"),
                         (429, "rate_limit_error", "rate_limit_exceeded"), (503, "server_error", "service_unavailable"),
                         (504, "server_error", "timeout"), (None, "server_error", "edge_error"))
 
@@ -402,5 +422,9 @@ def render(s: EdgeSettings) -> dict[str, Any]:
         # The admin interface can change state (drain, quit, runtime): loopback only, always.
         "admin": {"address": _socket(f"127.0.0.1:{s.admin_port}")},
         "overload_manager": _overload_manager(s),
+        # Envoy folds a repeated inline header into one comma-joined value, which the credential routes refuse;
+        # a repeated custom header stays separate entries and a route matcher reads only the first. So
+        # x-api-key is made inline, like authorization already is.
+        "inline_headers": [{"inline_header_name": CREDENTIAL_HEADERS[1], "inline_header_type": "REQUEST_HEADER"}],
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }

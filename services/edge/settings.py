@@ -32,6 +32,9 @@ class EdgeLimits(BaseModel, extra="forbid"):
     # every few seconds, ingest streams a batch.
     stream_idle_timeout_s: float = 300.0
     connection_idle_timeout_s: float = 900.0
+    # An HTTP API body is received whole by Envoy before a gateway sees the request: a client that dribbles its
+    # body holds Envoy's buffer (bounded here), never one of a gateway's slots. The gateway's own limit.
+    http_body_max_bytes: int = 8 * 1024 * 1024
     max_heap_bytes: int = 1024 * 1024 * 1024
     max_connections: int = 10_000
 

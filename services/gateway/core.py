@@ -31,7 +31,7 @@ from services.gateway.plan import RequestPlan, estimated_cost, plan_request
 from services.gateway.request_log import GenerationLog, prompt_text
 from services.gateway.routing_hints import affinity_key, group_member
 from services.gateway.settings import GatewaySettings
-from services.gateway.validation import check_embed, check_generate, check_model
+from services.gateway.validation import check_embed, check_generate, check_model, check_request_id
 
 log = logging.getLogger(__name__)
 # A reservation outlives its generation's deadline by this much before it expires unsettled.
@@ -182,6 +182,8 @@ class MeshCore:
         record = GenerationLog("ask", caller.tenant, request.model, settings.log_prompts)
         limits = settings.limits
         try:
+            # Before anything uses it: the "documents do not answer" reply echoes it in a header.
+            check_request_id(request.request_id, limits)
             model = await self.model(request.model, models_pb2.MODEL_KIND_GENERATE)
             if not request.question.strip():
                 raise invalid("question is empty")

@@ -137,7 +137,7 @@ class Balancer:
         """The usable replicas of the first pool (in the model's order) that has any, and the preferred pools
         passed over on the way (pools with replicas, none usable)."""
         bound = self._settings.max_in_flight_per_replica
-        full = 0
+        applied: list[str] = []  # the bounds that left a replica without a free slot, named as they applied
         passed_over: list[str] = []
         for placement in model.pools:
             pool = placement.pool
@@ -145,19 +145,22 @@ class Balancer:
             members = self._replicas.in_pool(pool)
             found = [r for r in members if r.serves(model.triton_model) and r.name not in exclude]
             if bound or model_bound:
-                free = [r for r in found if (not bound or r.in_flight < bound)
-                        and (not model_bound or r.in_flight_of(model.triton_model) < model_bound)]
-                full += len(found) - len(free)
+                free = []
+                for replica in found:
+                    if model_bound and replica.in_flight_of(model.triton_model) >= model_bound:
+                        applied.append(f"{model_bound} of this model in flight per replica, its bound in pool {pool}")
+                    elif bound and replica.in_flight >= bound:
+                        applied.append(f"{bound} requests in flight per replica")
+                    else:
+                        free.append(replica)
                 found = free
             if found:
                 return found, tuple(passed_over)
             if members:
                 passed_over.append(pool)
-        if full:
-            raise AtCapacityError(f"every ready replica for {model.triton_model!r} is at its bound ({bound} requests "
-                                  "in "
-                                  "flight per replica, fewer of this model where its pool sets "
-                                  "max_in_flight_per_replica); retry with backoff")
+        if applied:
+            raise AtCapacityError(f"every ready replica for {model.triton_model!r} is at its bound "
+                                  f"({'; '.join(dict.fromkeys(applied))}); retry with backoff")
         raise NoReplicaError(f"no ready replica for Triton model {model.triton_model!r} in pools {model.pool_names}")
 
     def slots(self, model: ModelSpec) -> int:

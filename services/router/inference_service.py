@@ -272,19 +272,9 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request, context):
         spec = self._resolve(request.name)
-        try:
-            replica = self._balancer.choose(spec)
-        except NoReplicaError as exc:
-            raise MeshError(_no_replica_code(exc), str(exc)) from exc
-        try:
-            answer = await replica.stub.ModelMetadata(
-                service_pb2.ModelMetadataRequest(name=spec.triton_model, version=spec.version),
-                timeout=downstream_timeout(context, self._metadata_timeout_s),
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise MeshError(exc.code(), exc.details() or "") from exc
-        answer.name = request.name
-        return answer
+        return await kserve_metadata.model_metadata(
+            spec, request.name, kserve_metadata.hosting(self._state.replicas.replicas, spec),
+            downstream_timeout(context, self._metadata_timeout_s))
 
     async def ModelConfig(self, request, context):
         spec = self._resolve(request.name)

@@ -54,6 +54,23 @@ def merge_statistics(public_name: str, answers: list[service_pb2.ModelStatistics
     return [merged[version] for version in sorted(merged)]
 
 
+async def model_metadata(spec: ModelSpec, public_name: str, replicas: list[Replica],
+                         timeout_s: float) -> service_pb2.ModelMetadataResponse:
+    """Read from the least busy hosting replica whatever its generation load: a metadata read is not a
+    generation and takes no generation slot (it waited behind them, or was refused at their bound)."""
+    if not replicas:
+        raise MeshError(grpc.StatusCode.UNAVAILABLE, f"no replica has {public_name!r} loaded; its metadata "
+                                                     "cannot be read now")
+    replica = min(replicas, key=lambda r: r.in_flight)
+    try:
+        answer = await replica.stub.ModelMetadata(service_pb2.ModelMetadataRequest(
+            name=spec.triton_model, version=spec.version), timeout=timeout_s)
+    except grpc.aio.AioRpcError as exc:
+        raise MeshError(exc.code(), f"{replica.name}: {exc.details()}") from exc
+    answer.name = public_name
+    return answer
+
+
 async def model_config(spec: ModelSpec, public_name: str, version: str, replicas: list[Replica],
                        timeout_s: float) -> service_pb2.ModelConfigResponse:
     if not replicas:

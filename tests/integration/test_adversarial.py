@@ -12,6 +12,7 @@ import ssl
 import time
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -221,6 +222,47 @@ def test_more_than_one_credential_is_refused_at_the_edge_and_the_gateway(stack, 
             stub.Embed(request, metadata=CONFUSED[case], timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, (case, info.value.details())
         assert "exactly one credential" in info.value.details()
+
+
+def test_envoy_itself_refuses_every_repeated_credential_header(edge):
+    """The edge's own refusal (its message), not only the gateway's: a request the edge lets through has already
+    been counted by the rate-limit service under whichever credential it read."""
+    for case, metadata in CONFUSED.items():
+        with pytest.raises(grpc.RpcError) as info:
+            edge.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=["who am i"]), metadata=metadata, timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, case
+        assert ("was sent more than once" in info.value.details()
+                or "were sent" in info.value.details()), (case, info.value.details())
+
+
+def _http_status(stack, headers: dict[str, bytes]) -> int:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
+        return client.get(f"https://localhost:{stack.ports.edge}/v1/models", headers=headers).status_code
+
+
+def test_a_credential_with_a_byte_outside_visible_ascii_is_refused_not_trimmed(stack):
+    """Found in the field: `x-api-key: mesh-dev-key<0xA0>` failed the rate-limit service's descriptor (Envoy's
+    filter failed open) and the gateway trimmed the byte and accepted the key: 45 of 45 passed an empty bucket.
+    Every byte outside 0x21..0x7E, before, inside and after a valid key, in either credential header, is
+    refused at the edge (HTTP strips leading and trailing spaces and tabs as whitespace around a value, so
+    those are only tried inside)."""
+    key = KEYS["tenant-std"].encode()
+    assert _http_status(stack, {"x-api-key": key}) == 200
+    sent = 0
+    for byte in [*range(0x00, 0x21), 0x7F, *range(0x80, 0x100)]:
+        places = [key[:4] + bytes([byte]) + key[4:]]
+        if byte not in (0x09, 0x20):
+            places += [key + bytes([byte]), bytes([byte]) + key]
+        for value in places:
+            for header, credential in (("x-api-key", value), ("authorization", b"Bearer " + value)):
+                try:
+                    status = _http_status(stack, {header: credential})
+                except httpx.LocalProtocolError:  # bytes the HTTP client itself will not put on the wire
+                    continue
+                sent += 1
+                # 401 from the credential routes, or 400 where Envoy's HTTP codec refuses the byte itself.
+                assert status in (400, 401), (header, credential, status)
+    assert sent > 400, f"only {sent} credentials reached the edge"
 
 
 def test_a_key_beside_a_jwt_is_refused(stack, edge):

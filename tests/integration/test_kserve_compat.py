@@ -113,3 +113,35 @@ def test_server_metadata_and_a_read_only_repository(client):
         client.load_model(EMBEDDER, headers=HEADERS)
     with pytest.raises(InferenceServerException, match="read-only"):
         client.unload_model(EMBEDDER, headers=HEADERS)
+
+
+def test_metadata_reads_never_wait_behind_generations(stack):
+    """With the CPU pool's one LLM slot per replica taken by a generation, tritonclient's metadata, config, ready
+    and statistics reads through Envoy still answer at once (a metadata read once took a generation slot and was
+    refused RESOURCE_EXHAUSTED at a bound it then misnamed)."""
+    edge = triton_grpc.InferenceServerClient(f"localhost:{stack.ports.edge}", ssl=True,
+                                             root_certificates=str(stack.pki.ca_cert))
+    generations: queue.Queue = queue.Queue()
+    edge.start_stream(callback=lambda result, error: generations.put((result, error)), headers=HEADERS)
+    try:
+        messages = triton_grpc.InferInput("messages", [1], "BYTES")
+        story = f'[{{"role": "user", "content": "Tell a long story about lighthouse {time.time_ns()}."}}]'
+        messages.set_data_from_numpy(np.array([story.encode()], dtype=object))
+        max_tokens = triton_grpc.InferInput("max_tokens", [1], "INT32")
+        max_tokens.set_data_from_numpy(np.array([400], dtype=np.int32))
+        edge.async_stream_infer(LLM, [messages, max_tokens], request_id="kserve-busy-1")
+        _first, error = generations.get(timeout=60)  # the generation is under way: its slot is taken
+        assert error is None, error
+        started = time.monotonic()
+        meta = edge.get_model_metadata(LLM, headers=HEADERS, client_timeout=10)
+        assert meta.name == LLM and {o.name for o in meta.outputs} >= {"text_output", "completion_tokens"}
+        assert edge.get_model_config(LLM, headers=HEADERS, client_timeout=10).config.name == LLM
+        assert edge.is_model_ready(LLM, headers=HEADERS, client_timeout=10)
+        assert edge.get_inference_statistics(LLM, headers=HEADERS, client_timeout=10).model_stats
+        assert time.monotonic() - started < 5.0, "metadata waited for the generation"
+        finals = [r for r, e in list(generations.queue)
+                  if e is None and r.get_response().parameters["triton_final_response"].bool_param]
+        assert not finals, "the generation had ended: the reads did not run beside it"
+    finally:
+        edge.stop_stream(cancel_requests=True)
+        edge.close()

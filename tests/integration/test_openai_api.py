@@ -165,6 +165,41 @@ def test_bad_requests_raise_the_sdks_own_errors(client, body, error, param):
         assert caught.value.param == param
 
 
+@pytest.mark.parametrize(("path", "fields", "param"), [
+    ("chat/completions", {"max_tokens": -5}, "max_tokens"),
+    ("chat/completions", {"max_tokens": 99999999999}, "max_tokens"),
+    ("chat/completions", {"max_completion_tokens": -5}, "max_completion_tokens"),
+    ("chat/completions", {"seed": 1e23}, "seed"),
+    ("chat/completions", {"seed": 2**64}, "seed"),
+    ("chat/completions", {"retrieval": {"top_k": 10**12}}, "retrieval.top_k"),
+    ("completions", {"max_tokens": 99999999999}, "max_tokens"),
+    ("embeddings", {"dimensions": 2**40}, "dimensions"),
+])
+def test_out_of_range_numbers_are_400s_naming_the_field_never_500s(stack, path, fields, param):
+    """Each of these once reached the proto request unchecked and failed there with a 500 and a traceback."""
+    body = {"model": LLM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    if path == "completions":
+        body = {"model": LLM, "prompt": "hi"}
+    if path == "embeddings":
+        body = {"model": EMBEDDER, "input": "hi"}
+    answer = httpx.post(f"https://localhost:{stack.ports.edge}/v1/{path}", json={**body, **fields}, timeout=30,
+                        headers={"authorization": f"Bearer {KEY}"}, verify=_trust(stack))
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"], error
+
+
+def test_a_bad_request_id_on_the_documents_do_not_answer_path_is_a_400(stack):
+    """Ask answered "the documents do not answer" before it checked request_id, and the reply that echoed it
+    dropped the connection (a 503 at the edge)."""
+    body = {"model": LLM, "messages": [{"role": "user", "content": "Who won the 1966 football World Cup final?"}],
+            "max_tokens": 8, "retrieval": {"top_k": 2}, "request_id": "bad\u0007id\nx"}
+    answer = httpx.post(f"https://localhost:{stack.ports.edge}/v1/chat/completions", json=body, timeout=30,
+                        headers={"authorization": f"Bearer {KEY}"}, verify=_trust(stack))
+    assert answer.status_code == 400, answer.text
+    assert "request_id must be printable ASCII" in answer.json()["error"]["message"]
+
+
 def test_unknown_mesh_option_is_refused(client):
     with pytest.raises(openai.BadRequestError, match="Unrecognized request argument supplied: cache_moed"):
         client.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
@@ -310,3 +345,36 @@ def test_langchain_chat_model(stack):
                                                   max_tokens=8, temperature=0).choices[0].message.content
     assert model.invoke(QUESTION).content == expected
     assert "".join(part.content for part in model.stream(QUESTION)) == expected
+
+
+def test_a_dribbled_body_holds_no_gateway_slot(stack):
+    """Envoy receives an HTTP API body whole before it picks a gateway: clients that send headers and then trickle
+    their bodies hold Envoy's bounded buffers, not the gateways' shared slots (512, for every tenant)."""
+    import socket
+
+    from tests.conftest import service_metric
+
+    def in_flight() -> float:
+        return sum(service_metric(metrics, "mesh_in_flight_requests", service="gateway")
+                   for _, metrics in stack.ports.gateway_ports())
+
+    body = json.dumps({"model": LLM, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {KEY}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n").encode()
+    baseline = in_flight()
+    dribblers = []
+    try:
+        for _ in range(6):
+            raw = socket.create_connection(("127.0.0.1", stack.ports.edge), timeout=10)
+            connection = _trust(stack).wrap_socket(raw, server_hostname="localhost")
+            connection.sendall(head + body[:10])
+            dribblers.append(connection)
+        time.sleep(1.0)  # time for a gateway to have taken them, had they been passed on
+        assert in_flight() == baseline, "dribbling clients hold gateway slots"
+        for connection in dribblers:
+            connection.sendall(body[10:])
+        answers = [connection.recv(65536).split(b"\r\n", 1)[0] for connection in dribblers]
+        assert all(b" 200 " in status for status in answers), answers
+    finally:
+        for connection in dribblers:
+            connection.close()

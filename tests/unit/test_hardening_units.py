@@ -70,3 +70,16 @@ def test_the_edge_renders_envoys_edge_best_practices():
     assert shield["typed_config"]["local_rate_limit_per_downstream_connection"] is True
     first_routes = manager["route_config"]["virtual_hosts"][0]["routes"][:3]
     assert all(r["direct_response"]["status"] == 401 for r in first_routes)
+
+
+@pytest.mark.parametrize("value", ["mesh-dev-key\xa0", "\u2003mesh-dev-key", "mesh\x00dev-key", "mesh dev-key",
+                                   "Bearer mesh-dev-key\xa0", "mesh-dev-kéy"])
+def test_a_credential_outside_visible_ascii_is_refused_never_trimmed(value):
+    header = "authorization" if value.startswith("Bearer") else "x-api-key"
+    with pytest.raises(CredentialError, match="visible ASCII"):
+        single_credential([(header, value)])
+
+
+def test_a_visible_ascii_credential_is_read_as_sent():
+    assert single_credential([("x-api-key", "mesh-dev-key")]).token == "mesh-dev-key"
+    assert single_credential([("authorization", "Bearer abc.def-ghi_jkl")]).token == "abc.def-ghi_jkl"

@@ -277,6 +277,24 @@ async def test_replicas_at_their_in_flight_bound_are_skipped_then_shed():
     await replicas.close()
 
 
+async def test_a_refusal_names_the_bound_that_applied():
+    """The LLM's pool bound (1 a replica) refused it while the router-wide bound (64) had room: the message
+    named 64."""
+    registry = Registry.model_validate({**REGISTRY, "models": {"llm": {
+        "kind": "generate", "triton_model": "llm_t", "pools": [{"pool": "cpu", "max_in_flight_per_replica": 1}]}}})
+    replicas = ReplicaSet(registry)
+    for replica in replicas.replicas:
+        replica.ready_models = {"llm_t"}
+        replica.in_flight_by_model["llm_t"] = 1
+        replica.in_flight = 1
+    balancer = Balancer(replicas, BalancerSettings(max_in_flight_per_replica=64))
+    with pytest.raises(AtCapacityError) as refused:
+        balancer.choose(registry.models["llm"])
+    assert "1 of this model in flight per replica, its bound in pool cpu" in str(refused.value)
+    assert "64" not in str(refused.value)
+    await replicas.close()
+
+
 def test_the_canary_version_sticks_to_the_session_else_the_tenant_on_a_retry_and_a_fallback():
     from tritonclient.grpc import service_pb2
 

@@ -32,15 +32,11 @@ def _sampled(body: _Sampling, messages: Sequence[mesh_pb2.ChatMessage], max_toke
         request_id=body.request_id, cache_mode=_CACHE_MODES[body.cache_mode],
         no_semantic_cache=body.no_semantic_cache, session_id=body.session_id, quality=_QUALITY[body.quality],
         priority=priority(body))
-    if body.max_tokens is not None and body.max_tokens < 1:
-        raise invalid_body(f"max_tokens must be at least 1, got {body.max_tokens}", "max_tokens")
     if body.temperature is not None:
         request.temperature = body.temperature
     if body.top_p is not None:
         request.top_p = body.top_p
     if body.seed is not None:
-        if body.seed < 0:
-            raise invalid_body(f"seed must be a non-negative integer, got {body.seed}", "seed")
         request.seed = body.seed
     return request
 

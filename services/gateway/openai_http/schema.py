@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, field_validator
 
 
 class _Body(BaseModel):
@@ -36,10 +36,18 @@ class StreamOptions(_Body):
     include_obfuscation: StrictBool | None = None
 
 
+# The ranges of the proto fields these become: past them, building the request would raise (a 500), so the body
+# is refused as a 400 naming the field. The mesh's own, tighter limits are checked after (validation.py).
+_UINT32_MAX = 2**32 - 1
+_UINT64_MAX = 2**64 - 1
+_Count = Annotated[int, Field(strict=True, ge=1, le=_UINT32_MAX)]
+_Seed = Annotated[int, Field(strict=True, ge=0, le=_UINT64_MAX)]
+
+
 class Retrieval(_Body):
     """Mesh extension: answer from the caller's documents (the Ask RPC), citing the chunks used."""
 
-    top_k: Annotated[int, Field(strict=True, ge=1)] | None = None
+    top_k: _Count | None = None
     filter: StrictStr = ""
     where: dict[str, Any] | None = None
     mode: Literal["dense", "sparse", "hybrid"] | None = None   # SearchMode; default hybrid
@@ -52,10 +60,10 @@ class _Sampling(_Body):
     """Fields shared by chat completions and completions, and the mesh's extensions."""
 
     model: StrictStr
-    max_tokens: StrictInt | None = None
+    max_tokens: _Count | None = None
     temperature: _Number | None = None
     top_p: _Number | None = None
-    seed: StrictInt | None = None
+    seed: _Seed | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -83,7 +91,7 @@ class _Sampling(_Body):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message]
-    max_completion_tokens: StrictInt | None = None
+    max_completion_tokens: _Count | None = None
     top_logprobs: Literal[0] | None = None
     metadata: dict[str, StrictStr] | None = None
     store: Literal[False] | None = None
@@ -126,7 +134,7 @@ class EmbeddingRequest(_Body):
     # Text only: token arrays belong to OpenAI's tokenizer, not to the mesh's embedding models.
     input: StrictStr | list[StrictStr]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: StrictInt | None = None
+    dimensions: _Count | None = None
     user: StrictStr | None = None
     cache_mode: Literal["default", "bypass", "refresh"] = "default"
     request_id: StrictStr = ""
