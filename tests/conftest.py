@@ -27,7 +27,9 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         # The fair-sharing suite's own: weights 2 and 1, and a quiet tenant beside a flooder.
         "tenant-heavy": "test-key-tenant-heavy", "tenant-light": "test-key-tenant-light",
         "tenant-quiet": "test-key-tenant-quiet", "tenant-flood": "test-key-tenant-flood",
-        "tenant-reserve": "test-key-tenant-reserve"}
+        "tenant-reserve": "test-key-tenant-reserve",
+        # The cancelled-stream charge test's own: a month budget nothing else spends.
+        "tenant-metered": "test-key-tenant-metered"}
 # Request limits: the production tiers' own (config/tenants.yaml). Token budgets: large, except for the budget
 # test's own tier, so that no other test runs out.
 _PRODUCTION = yaml.safe_load((Path(__file__).parent.parent / "config" / "tenants.yaml").read_text())["tiers"]
@@ -39,13 +41,15 @@ TIERS = {
     "bulk": {"requests_per_minute": 100_000, "burst": 10_000},
     "tiny": {"requests_per_minute": 60, "burst": 3},
     "bulk-double": {"requests_per_minute": 100_000, "burst": 10_000, "share_weight": 2.0},
+    "metered": {"requests_per_minute": 1000, "burst": 50, "tokens_per_minute": 1_000_000,
+                "tokens_per_month": 10_000_000},
 }
 TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": "standard",
                 "tenant-budget": "small-budget", "tenant-bulk": "bulk", "tenant-victim": "bulk",
                 "tenant-attacker": "bulk", "tenant-budget-kserve": "small-budget", "tenant-openai": "bulk",
                 "tenant-openai-limited": "tiny", "tenant-openai-budget": "small-budget",
                 "tenant-heavy": "bulk-double", "tenant-light": "bulk", "tenant-quiet": "bulk", "tenant-flood": "bulk",
-                "tenant-reserve": "small-budget"}
+                "tenant-reserve": "small-budget", "tenant-metered": "metered"}
 
 
 def write_tenants(path: Path) -> Path:

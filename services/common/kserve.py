@@ -12,6 +12,10 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
+# The input a resumable generation model takes the token ids already delivered in (triton_models/smollm2). Only
+# the router sets it, to continue a stream on another replica; the gateway refuses it from callers.
+RESUME_INPUT = "resume_tokens"
+
 _NP_TO_TRITON = {
     np.dtype(np.float32): "FP32",
     np.dtype(np.int32): "INT32",

@@ -227,9 +227,14 @@ def _openai_local_replies() -> dict[str, Any]:
         match = on_openai_path if status is None else {"and_filter": {"filters": [
             on_openai_path, {"status_code_filter": {"comparison": {
                 "op": "EQ", "value": {"default_value": status, "runtime_key": f"openai_local_reply_{status}"}}}}]}}
-        mappers.append({"filter": match, "body_format_override": {
+        mapper = {"filter": match, "body_format_override": {
             "json_format": {"error": {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": code}},
-            "content_type": "application/json"}})
+            "content_type": "application/json"}}
+        if status == 503:
+            # No gateway, or the rate-limit service could not decide: a retry after a short wait may pass.
+            mapper["headers_to_add"] = [{"header": {"key": "retry-after", "value": "1"},
+                                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]
+        mappers.append(mapper)
     return {"mappers": mappers}
 
 

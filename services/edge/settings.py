@@ -55,10 +55,12 @@ class EdgeSettings(ServiceSettings):
     gateways_http: list[str] = Field(default_factory=lambda: ["127.0.0.1:8080", "127.0.0.1:8090"])
     ratelimit_address: str = "127.0.0.1:50055"
     ratelimit_domain: str = "inference-mesh"
-    # Envoy's wait for a rate-limit answer, then the failure mode applies (open by default, counted in Envoy's
-    # ratelimit.failure_mode_allowed / ratelimit.error stats).
+    # Envoy's wait for a rate-limit answer, then the failure mode applies. Closed by default: an error is a deny
+    # (UNAVAILABLE; over HTTP 503 with retry-after), counted in Envoy's ratelimit.error stat. Open would let any
+    # request that makes the rate-limit service fail pass unlimited (a credential byte did, issue 30); set it
+    # only to trade that for availability, counted in ratelimit.failure_mode_allowed.
     ratelimit_timeout_s: float = 0.25
-    ratelimit_fail_open: bool = True
+    ratelimit_fail_open: bool = False
     # Off: no call to the rate-limit service (the local shield and the gateways' token budgets remain).
     global_rate_limit: bool = True
     shield: LocalShield = LocalShield()

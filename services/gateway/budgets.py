@@ -14,6 +14,7 @@ from inference_mesh.v1 import mesh_pb2, quota_pb2, quota_pb2_grpc
 from services.common.background import BackgroundCalls
 from services.common.errors import MeshError
 from services.gateway.auth import Caller
+from services.gateway.plan import Delivered
 
 log = logging.getLogger(__name__)
 BUDGET_UNAVAILABLE = Counter("mesh_gateway_budget_unavailable_total",
@@ -112,18 +113,20 @@ class TokenBudgets:
 
 
 async def metered(budgets: TokenBudgets, caller: Caller, chunks: AsyncIterator[mesh_pb2.GenerateChunk],
-                  reservation: str = "") -> AsyncIterator[mesh_pb2.GenerateChunk]:
-    """Settles what the stream really used: the final usage, or the tokens sent before a cancel or failure.
+                  reservation: str = "", delivered: Delivered | None = None) -> AsyncIterator[mesh_pb2.GenerateChunk]:
+    """Settles what the stream really used: the final usage, or, after a cancel or failure, the prompt the model
+    read and the tokens it produced (a delta may span tokens: its token_index counts them).
 
     A cache hit is free: it used no model time.
     """
-    streamed = 0
+    produced = 0
     total: int | None = None
     try:
         async for chunk in chunks:
-            streamed += 1
+            produced = max(produced + 1, chunk.token_index + 1)
             if chunk.finish_reason:
                 total = 0 if chunk.metadata.cache_status in _CACHE_HITS else chunk.usage.total_tokens
             yield chunk
     finally:
-        budgets.settle(caller, reservation, streamed if total is None else total)
+        prompt = delivered.prompt_tokens if delivered is not None else 0
+        budgets.settle(caller, reservation, prompt + produced if total is None else total)

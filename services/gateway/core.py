@@ -109,7 +109,7 @@ class MeshCore:
         # The worst case is held before the generation starts (and the rest given back when it ends), so that a
         # tenant's concurrent streams cannot spend past its budget together.
         reservation = await self._budgets.reserve(plan.caller, plan.cost, plan.timeout_s + _SETTLE_MARGIN_S)
-        return metered(self._budgets, plan.caller, chunks, reservation)
+        return metered(self._budgets, plan.caller, chunks, reservation, plan.delivered)
 
     async def generate(self, caller: Caller, request: mesh_pb2.GenerateRequest,
                        remaining_s: float | None) -> Generation:

@@ -17,7 +17,7 @@ from services.common.kserve import InferRequestBuilder, is_final_response, outpu
 from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, RETRY_AFTER_PARAMETER, SESSION_PARAMETER
 from services.gateway.errors import from_rpc_error
-from services.gateway.plan import RequestPlan
+from services.gateway.plan import Delivered, RequestPlan
 from services.gateway.served_by import record_placement
 
 _ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant"}
@@ -79,7 +79,7 @@ async def stream_generation(
                 if item.error_message:
                     hint = item.infer_response.parameters.get(RETRY_AFTER_PARAMETER)
                     raise from_stream_error(item.error_message, hint.double_param if hint is not None else 0.0)
-                chunk = _chunk(item.infer_response, metadata)
+                chunk = _chunk(item.infer_response, metadata, plan.delivered)
                 if chunk is not None:
                     yield chunk
                 if chunk is not None and chunk.finish_reason:
@@ -100,12 +100,14 @@ async def stream_generation(
                 call.cancel()
 
 
-def _chunk(response: service_pb2.ModelInferResponse,
-           metadata: mesh_pb2.ResponseMetadata) -> mesh_pb2.GenerateChunk | None:
+def _chunk(response: service_pb2.ModelInferResponse, metadata: mesh_pb2.ResponseMetadata,
+           delivered: Delivered) -> mesh_pb2.GenerateChunk | None:
     """A text delta (None when empty), or the last chunk with finish reason, usage and metadata."""
     outputs = output_arrays(response)
     text = outputs["text_output"].reshape(-1)[0].decode("utf-8", "replace")
     produced = int(outputs["completion_tokens"].reshape(-1)[0])
+    if "prompt_tokens" in outputs:  # the contract sends it with every response; the final one must have it
+        delivered.prompt_tokens = int(outputs["prompt_tokens"].reshape(-1)[0])
     if not is_final_response(response):
         return mesh_pb2.GenerateChunk(text=text, token_index=max(produced - 1, 0)) if text else None
     prompt = int(outputs["prompt_tokens"].reshape(-1)[0])

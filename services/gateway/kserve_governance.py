@@ -10,7 +10,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from services.common.errors import MeshError, invalid
-from services.common.kserve import is_final_response, output_arrays
+from services.common.kserve import RESUME_INPUT, is_final_response, output_arrays
 from services.gateway.settings import KServeLimits
 
 # The usage tensors of the mesh's LLM contract (triton_models/smollm2, the TensorRT-LLM BLS model).
@@ -34,6 +34,11 @@ def check_infer_request(request: service_pb2.ModelInferRequest, limits: KServeLi
     if size > limits.max_request_bytes:
         raise invalid(f"the inputs hold {size} bytes; the limit is {limits.max_request_bytes}")
     for tensor in request.inputs:
+        if tensor.name == RESUME_INPUT:
+            # Token ids go into the model's context as they are: a caller's could hold control tokens (a turn of
+            # its own) or ids the text never had. Only the router resumes a stream, with the ids it relayed.
+            raise invalid(f"input {RESUME_INPUT!r} is the mesh's own (the router resumes streams with it); "
+                          "send the conversation as messages")
         if any(d < 0 for d in tensor.shape) or int(np.prod(tensor.shape, dtype=np.int64)) > limits.max_elements:
             raise invalid(f"input {tensor.name!r} has shape {list(tensor.shape)}; at most "
                           f"{limits.max_elements} elements")

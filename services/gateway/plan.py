@@ -5,12 +5,20 @@ carries and the cache scope. The orchestration below reads the plan; nothing dow
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
 from services.common.wire import COST_HEADER, PRIORITY_HEADER, SHARE_WEIGHT_HEADER, TENANT_HEADER
 from services.gateway.auth import Caller
 from services.gateway.routing_hints import with_version
+
+
+@dataclass
+class Delivered:
+    """What the model has reported so far (its prompt, counted by its own tokenizer): a stream cancelled before
+    its usage arrives is still charged the prompt it made the model read."""
+
+    prompt_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -24,6 +32,7 @@ class RequestPlan:
     # For the router's fair queues under overload: batch or interactive, and the tokens this may cost.
     priority: mesh_pb2.Priority.ValueType = mesh_pb2.PRIORITY_INTERACTIVE
     cost: int = 1
+    delivered: Delivered = field(default_factory=Delivered)
 
     @property
     def headers(self) -> tuple[tuple[str, str], ...]:

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tritonclient.grpc import service_pb2
 
+from services.common.kserve import RESUME_INPUT
+
 TOKEN_OUTPUT = "token_id"
-RESUME_INPUT = "resume_tokens"
 
 
 def _output_index(response: service_pb2.ModelInferResponse, name: str) -> int:

@@ -345,6 +345,32 @@ def test_kserve_requests_are_validated(stack):
     assert "parameters" in str(info.value) and "INVALID_ARGUMENT" in str(info.value.status())
 
 
+def test_kserve_callers_cannot_send_resume_tokens(stack):
+    """resume_tokens go into the model's context as ids: a caller's could be control tokens (<|im_start|> is 1)
+    that open a turn no message could. Only the router sets them; through Envoy, stream and unary, refused."""
+    client = triton_grpc.InferenceServerClient(stack.edge_address, ssl=True, root_certificates=str(stack.pki.ca_cert))
+    inputs = []
+    for name, value, dtype in (("messages", np.array([b'[{"role": "user", "content": "hi"}]'], dtype=object), "BYTES"),
+                               ("max_tokens", np.array([8], dtype=np.int32), "INT32"),
+                               ("resume_tokens", np.array([1, 9690, 198], dtype=np.int32), "INT32")):
+        tensor = triton_grpc.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    headers = {"x-api-key": KEYS["tenant-bulk"]}
+    with pytest.raises(triton_grpc.InferenceServerException) as unary:
+        client.infer(LLM, inputs, headers=headers)
+    assert "resume_tokens" in str(unary.value) and "INVALID_ARGUMENT" in str(unary.value.status())
+    answers: list = []
+    client.start_stream(callback=lambda result, error: answers.append(error), headers=headers)
+    client.async_stream_infer(LLM, inputs, request_id="resume-attempt")
+    deadline = time.monotonic() + 30
+    while not answers and time.monotonic() < deadline:
+        time.sleep(0.1)
+    client.stop_stream()
+    assert answers and answers[0] is not None and "resume_tokens" in str(answers[0]), answers
+    client.close()
+
+
 # --- prompts and sizes ---------------------------------------------------------------------------------------
 
 def test_an_oversized_message_is_refused_at_every_entry(stack, edge, channel):

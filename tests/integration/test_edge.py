@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ssl
 import subprocess
 import threading
 import time
@@ -14,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -84,7 +86,7 @@ def test_rendered_configs_pass_envoy_validate(stack, tmp_path):
     base = stack.edge_settings()
     for name, settings in {"stack": base,
                            "mtls": base.model_copy(update={"require_client_cert": True}),
-                           "fail-closed": base.model_copy(update={"ratelimit_fail_open": False})}.items():
+                           "fail-open": base.model_copy(update={"ratelimit_fail_open": True})}.items():
         checked = validate(write_config(settings, tmp_path / f"{name}.yaml"))
         assert checked.returncode == 0 and "OK" in checked.stdout, f"{name}: {checked.stdout}{checked.stderr}"
     broken = render(base)
@@ -304,6 +306,39 @@ def test_token_budget_exhaustion_and_reset(edge):
     assert chunks[-1].usage.completion_tokens > 0, "the budget refills after the retry-after hint"
 
 
+def test_a_cancelled_stream_is_charged_its_prompt_and_the_tokens_produced(stack, edge):
+    """Found in the field: a stream cancelled after 3 events of a 1,841-token reservation settled at 3 tokens:
+    the prompt the model had read was never charged."""
+    from inference_mesh.v1 import quota_pb2_grpc
+
+    def month_remaining() -> int:
+        with grpc.insecure_channel(stack.ratelimit_address) as channel:
+            return quota_pb2_grpc.TokenBudgetStub(channel).Check(
+                quota_pb2.BudgetCheckRequest(tenant="tenant-metered"), timeout=5).month_remaining
+
+    story = "Tell a long story about a lighthouse keeper and the sea. " * 12
+    first = list(edge.Generate(chat(story, max_tokens=1, temperature=0.0, cache_mode=mesh_pb2.CACHE_MODE_BYPASS),
+                               metadata=key("tenant-metered"), timeout=60))
+    prompt = first[-1].usage.prompt_tokens
+    assert prompt > 100
+    time.sleep(0.5)  # its settlement is written in the background
+    before = month_remaining()
+    call = edge.Generate(chat(story, max_tokens=200, temperature=0.0, cache_mode=mesh_pb2.CACHE_MODE_BYPASS),
+                         metadata=key("tenant-metered"), timeout=60)
+    read = [chunk for _, chunk in zip(range(3), call, strict=False)]
+    call.cancel()
+    assert len(read) == 3 and not read[-1].finish_reason
+    # The worst case is held while the stream runs; the settlement (in the background) gives back the rest.
+    worst = estimated_cost(chat(story, max_tokens=200))
+    charged, deadline = 0, time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        charged = before - month_remaining()
+        if 0 < charged < worst:
+            break
+    assert prompt + 3 <= charged < worst, (prompt, charged, worst)
+
+
 async def test_month_budget_resets_with_the_calendar_month(stack):
     config = TenantConfig(tiers={"t": Tier(requests_per_minute=60, burst=5, tokens_per_month=1000)},
                           tenants=[Tenant(id="acme", tier="t")])
@@ -339,28 +374,32 @@ def _gateway_metric(stack: LocalStack, name: str) -> float:
     return total
 
 
-def test_rate_limit_service_down_fails_open_and_is_counted(stack, edge):
-    allowed_before = _edge_stat(stack, "ratelimit.failure_mode_allowed")
-    budget_before = _gateway_metric(stack, 'mesh_gateway_budget_unavailable_total{decision="allowed"}')
+def test_rate_limit_service_down_is_a_refusal_with_a_retry_hint_and_counted(stack, edge):
+    """Fail closed: a rate-limit error is a deny, never an unlimited pass (a credential byte that made the
+    rate-limit service fail once let 45 of 45 requests through an empty bucket). gRPC callers get UNAVAILABLE,
+    their cue to retry with backoff; HTTP callers 503 in OpenAI's shape with retry-after."""
+    errors_before = _edge_stat(stack, "ratelimit.error")
     stack.processes["ratelimit"].stop()
     try:
         for _ in range(3):
-            assert embed(edge, key("tenant-a")).metadata.tenant == "tenant-a"
-        chunks = list(edge.Generate(chat("Say hi.", max_tokens=2, temperature=0.5), metadata=key("tenant-a"),
-                                    timeout=60))
-        assert chunks[-1].usage.completion_tokens == 2
+            with pytest.raises(grpc.RpcError) as refused:
+                embed(edge, key("tenant-a"))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        answer = httpx.get(f"https://localhost:{stack.ports.edge}/v1/models", timeout=10,
+                           headers={"authorization": f"Bearer {KEYS['tenant-a']}"},
+                           verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)))
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+        assert answer.json()["error"]["type"] == "server_error"
     finally:
         stack.start_ratelimit()
-    assert _edge_stat(stack, "ratelimit.failure_mode_allowed") >= allowed_before + 4
-    assert _gateway_metric(stack, 'mesh_gateway_budget_unavailable_total{decision="allowed"}') >= budget_before + 1
+    assert _edge_stat(stack, "ratelimit.error") >= errors_before + 4
+    assert embed(edge, key("tenant-a")).metadata.tenant == "tenant-a", "served again once it is back"
 
 
-def test_fail_closed_switch_refuses_when_the_rate_limit_service_is_down(stack, tmp_path):
-    with variant_edge(stack, tmp_path, ratelimit_fail_open=False, ratelimit_address=f"127.0.0.1:{free_port()}") \
+def test_the_fail_open_switch_lets_requests_through_when_the_rate_limit_service_is_down(stack, tmp_path):
+    with variant_edge(stack, tmp_path, ratelimit_fail_open=True, ratelimit_address=f"127.0.0.1:{free_port()}") \
             as settings, tls_channel(stack, f"127.0.0.1:{settings.port}") as channel:
-        with pytest.raises(grpc.RpcError) as refused:
-            embed(mesh_pb2_grpc.InferenceMeshStub(channel), key("tenant-a"))
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert embed(mesh_pb2_grpc.InferenceMeshStub(channel), key("tenant-a")).metadata.tenant == "tenant-a"
 
 
 # --- balancing and failover (last: it stops a gateway) -------------------------------------------------------
