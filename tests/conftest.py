@@ -29,7 +29,9 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         "tenant-quiet": "test-key-tenant-quiet", "tenant-flood": "test-key-tenant-flood",
         "tenant-reserve": "test-key-tenant-reserve",
         # The cancelled-stream charge test's own: a month budget nothing else spends.
-        "tenant-metered": "test-key-tenant-metered"}
+        "tenant-metered": "test-key-tenant-metered",
+        # The KServe metering test's own month budget.
+        "tenant-metered-kserve": "test-key-tenant-metered-kserve"}
 # Request limits: the production tiers' own (config/tenants.yaml). Token budgets: large, except for the budget
 # test's own tier, so that no other test runs out.
 _PRODUCTION = yaml.safe_load((Path(__file__).parent.parent / "config" / "tenants.yaml").read_text())["tiers"]
@@ -49,7 +51,8 @@ TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": 
                 "tenant-attacker": "bulk", "tenant-budget-kserve": "small-budget", "tenant-openai": "bulk",
                 "tenant-openai-limited": "tiny", "tenant-openai-budget": "small-budget",
                 "tenant-heavy": "bulk-double", "tenant-light": "bulk", "tenant-quiet": "bulk", "tenant-flood": "bulk",
-                "tenant-reserve": "small-budget", "tenant-metered": "metered"}
+                "tenant-reserve": "small-budget", "tenant-metered": "metered",
+                "tenant-metered-kserve": "metered"}
 
 
 def write_tenants(path: Path) -> Path:

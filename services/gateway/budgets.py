@@ -21,6 +21,8 @@ BUDGET_UNAVAILABLE = Counter("mesh_gateway_budget_unavailable_total",
                              "Budget checks the rate-limit service did not answer, by what the gateway did",
                              ["decision"])
 _CACHE_HITS = (mesh_pb2.CACHE_STATUS_EXACT_HIT, mesh_pb2.CACHE_STATUS_SEMANTIC_HIT)
+# A reservation outlives its call's deadline by this much before it expires unsettled.
+SETTLE_MARGIN_S = 30.0
 _WINDOW = {quota_pb2.BUDGET_WINDOW_MINUTE: "tokens per minute", quota_pb2.BUDGET_WINDOW_MONTH: "tokens per month"}
 
 

@@ -22,7 +22,7 @@ from services.common.errors import MeshError, invalid, unavailable
 from services.common.model_catalog import ModelCatalog
 from services.gateway import cached_generation, rag
 from services.gateway.auth import Caller
-from services.gateway.budgets import TokenBudgets, metered
+from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets, metered
 from services.gateway.cache_client import CacheClient
 from services.gateway.documents import DocumentsRelay
 from services.gateway.embedding import embed_texts
@@ -34,8 +34,6 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.validation import check_embed, check_generate, check_model, check_request_id
 
 log = logging.getLogger(__name__)
-# A reservation outlives its generation's deadline by this much before it expires unsettled.
-_SETTLE_MARGIN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -108,7 +106,7 @@ class MeshCore:
             return chunks
         # The worst case is held before the generation starts (and the rest given back when it ends), so that a
         # tenant's concurrent streams cannot spend past its budget together.
-        reservation = await self._budgets.reserve(plan.caller, plan.cost, plan.timeout_s + _SETTLE_MARGIN_S)
+        reservation = await self._budgets.reserve(plan.caller, plan.cost, plan.timeout_s + SETTLE_MARGIN_S)
         return metered(self._budgets, plan.caller, chunks, reservation, plan.delivered)
 
     async def generate(self, caller: Caller, request: mesh_pb2.GenerateRequest,

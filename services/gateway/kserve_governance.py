@@ -4,7 +4,7 @@ the work one stream may have outstanding at the router bounded."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 from tritonclient.grpc import service_pb2
@@ -57,22 +57,27 @@ def tokens_used(response: service_pb2.ModelInferResponse) -> int | None:
 
 class StreamWindow:
     """At most `limit` requests of one stream outstanding at the router: the next is read from the caller only
-    when an earlier one has had its final response. Each request is checked on the way."""
+    when an earlier one has had its final response. Each request is checked, then admitted (`admit` raises
+    MeshError to refuse it), on the way; a refusal ends the stream after what was sent is answered."""
 
-    def __init__(self, limit: int, limits: KServeLimits) -> None:
+    def __init__(self, limit: int, limits: KServeLimits,
+                 admit: Callable[[service_pb2.ModelInferRequest], Awaitable[None]] | None = None) -> None:
         self._slots = asyncio.Semaphore(limit)
         self._limits = limits
+        self._admit = admit
         self.refused: MeshError | None = None
 
     async def requests(self, incoming: AsyncIterator[service_pb2.ModelInferRequest]
                        ) -> AsyncIterator[service_pb2.ModelInferRequest]:
         async for request in incoming:
+            await self._slots.acquire()
             try:
                 check_infer_request(request, self._limits)
+                if self._admit is not None:
+                    await self._admit(request)
             except MeshError as exc:
                 self.refused = exc
                 return
-            await self._slots.acquire()
             yield request
 
     def answered(self, response: service_pb2.ModelStreamInferResponse) -> bool:

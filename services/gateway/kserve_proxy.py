@@ -1,7 +1,8 @@
 """KServe v2 GRPCInferenceService on the gateway: stock Triton clients, same API keys, via the router.
 
-Governed like the mesh API (services/gateway/kserve_governance.py): inputs checked, token budgets admitted
-before and charged after with the usage the model reports, and one stream's outstanding work bounded.
+Governed like the mesh API: inputs checked and one stream's outstanding work bounded
+(services/gateway/kserve_governance.py); each request's worst case reserved before it runs and settled with the
+usage the model reports, asked for whatever the caller asked (services/gateway/kserve_metering.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from services.common.errors import MeshError
 from services.common.version import MESH_NAME, MESH_VERSION
 from services.common.wire import SHARE_WEIGHT_HEADER, TENANT_HEADER
 from services.gateway.auth import Authenticator, Caller
-from services.gateway.budgets import TokenBudgets
 from services.gateway.errors import from_rpc_error
-from services.gateway.kserve_governance import StreamWindow, check_infer_request, tokens_used
+from services.gateway.kserve_governance import StreamWindow, check_infer_request
+from services.gateway.kserve_metering import KServeMeter, MeteredCall
 from services.gateway.settings import KServeLimits
 
 # What the mesh answers of Triton's extensions: configuration and statistics per public model, a read-only index.
@@ -27,14 +28,14 @@ _READ_ONLY = ("the mesh's model repository is read-only: which models run where 
 
 class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, auth: Authenticator, router: service_pb2_grpc.GRPCInferenceServiceStub,
-                 infer_timeout_s: float, metadata_timeout_s: float, is_ready,
-                 budgets: TokenBudgets | None = None, limits: KServeLimits | None = None) -> None:
+                 infer_timeout_s: float, metadata_timeout_s: float, is_ready, meter: KServeMeter,
+                 limits: KServeLimits | None = None) -> None:
         self._auth = auth
         self._router = router
         self._infer_timeout_s = infer_timeout_s
         self._metadata_timeout_s = metadata_timeout_s
         self._is_ready = is_ready
-        self._budgets = budgets
+        self._meter = meter
         self._limits = limits or KServeLimits()
 
     @staticmethod
@@ -49,10 +50,6 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
             return await method(request, timeout=downstream_timeout(context, timeout_s), metadata=self._headers(caller))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "router") from exc
-
-    def _charge(self, caller: Caller, tokens: int) -> None:
-        if self._budgets is not None and tokens > 0:
-            self._budgets.charge(caller, tokens)
 
     async def ServerLive(self, request, context):
         await self._auth.require(context)
@@ -93,24 +90,30 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         caller = await self._auth.require(context)
         check_infer_request(request, self._limits)
-        if self._budgets is not None:
-            await self._budgets.admit(caller)
+        call = await self._meter.open(caller, request)
         try:
             response = await self._router.ModelInfer(
                 request, timeout=downstream_timeout(context, self._infer_timeout_s), metadata=self._headers(caller))
+            call.answered(response)
+            return response
         except grpc.aio.AioRpcError as exc:
+            call.failed()
             raise from_rpc_error(exc, "router") from exc
-        self._charge(caller, tokens_used(response) or 0)
-        return response
+        except BaseException:
+            call.failed()
+            raise
+        finally:
+            self._meter.settle(call)
 
     async def ModelStreamInfer(self, request_iterator, context):
         caller = await self._auth.require(context)
-        if self._budgets is not None:
-            await self._budgets.admit(caller)
-        window = StreamWindow(self._limits.max_outstanding_per_stream, self._limits)
-        # Each request's latest usage (the model counts across its own responses); added up when it ends.
-        open_usage: dict[str, int] = {}
-        charged = 0
+        # Each request's account by its id, oldest first (ids may repeat: a caller's responses carry only the id).
+        open_calls: dict[str, list[MeteredCall]] = {}
+
+        async def metered(request) -> None:
+            open_calls.setdefault(request.id, []).append(await self._meter.open(caller, request))
+
+        window = StreamWindow(self._limits.max_outstanding_per_stream, self._limits, metered)
         call = None
         try:
             # Inside the try: an open breaker refuses the call right here, with UNAVAILABLE.
@@ -118,11 +121,13 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
                                                  timeout=downstream_timeout(context, self._infer_timeout_s))
             async for response in call:
                 final = window.answered(response)
-                used = tokens_used(response.infer_response)
-                if used is not None:
-                    open_usage[response.infer_response.id] = used
-                if final:
-                    charged += open_usage.pop(response.infer_response.id, 0)
+                pending = open_calls.get(response.infer_response.id)
+                if pending:
+                    pending[0].answered(response.infer_response)
+                    if final:
+                        if response.error_message:
+                            pending[0].failed()
+                        self._meter.settle(pending.pop(0))
                 yield response
             if window.refused is not None:
                 raise window.refused
@@ -131,4 +136,8 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             if call is not None:
                 call.cancel()
-            self._charge(caller, charged + sum(open_usage.values()))
+            # Cancelled or failed midway: each is charged what its model had reported (prompt and tokens).
+            for pending in open_calls.values():
+                for metered_call in pending:
+                    metered_call.failed()
+                    self._meter.settle(metered_call)

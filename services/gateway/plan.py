@@ -58,7 +58,7 @@ def plan_request(caller: Caller, model: models_pb2.ModelInfo, request_id: str, t
 
 
 # A chat template's own tokens: a default system prompt (SmolLM2's is ~15 tokens) and each turn's role markers.
-_TEMPLATE_TOKENS, _TOKENS_PER_TURN = 32, 4
+TEMPLATE_TOKENS, _TOKENS_PER_TURN = 32, 4
 
 
 def estimated_cost(request: mesh_pb2.GenerateRequest) -> int:
@@ -66,4 +66,4 @@ def estimated_cost(request: mesh_pb2.GenerateRequest) -> int:
     characters, which over-counts English text) and its template, plus everything the answer may take. Budgets
     reserve it; the router's fair queues charge it; both are corrected by what was really used."""
     chars = sum(len(m.content) for m in request.messages)
-    return chars // 3 + _TEMPLATE_TOKENS + _TOKENS_PER_TURN * len(request.messages) + request.max_tokens
+    return chars // 3 + TEMPLATE_TOKENS + _TOKENS_PER_TURN * len(request.messages) + request.max_tokens

@@ -15,10 +15,11 @@ from services.common.resilient_channel import resilient_channel
 from services.common.server import ServiceHost, run_service
 from services.common.tenants import TenantConfig
 from services.gateway.auth import Authenticator
-from services.gateway.budgets import TokenBudgets
+from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets
 from services.gateway.cache_client import CacheClient
 from services.gateway.core import MeshCore
 from services.gateway.documents import DocumentsRelay
+from services.gateway.kserve_metering import KServeMeter
 from services.gateway.kserve_proxy import KServeProxyService
 from services.gateway.mesh_service import InferenceMeshService
 from services.gateway.openai_http.app import OpenAIApi
@@ -55,7 +56,9 @@ async def serve(settings: GatewaySettings) -> None:
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(InferenceMeshService(auth, core), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeProxyService(auth, router, settings.generate_timeout_s, settings.metadata_timeout_s,
-                           is_ready=lambda: serving, budgets=budgets, limits=settings.kserve_limits), host.server)
+                           is_ready=lambda: serving,
+                           meter=KServeMeter(budgets, catalog, settings.generate_timeout_s + SETTLE_MARGIN_S),
+                           limits=settings.kserve_limits), host.server)
     host.expose([
         mesh_pb2.DESCRIPTOR.services_by_name["InferenceMesh"].full_name,
         service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,

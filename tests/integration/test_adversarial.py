@@ -335,6 +335,85 @@ def test_kserve_generations_are_charged_to_the_token_budget(stack):
     assert "token budget" in str(refused)
 
 
+def _month_remaining(stack, tenant: str) -> int:
+    from inference_mesh.v1 import quota_pb2, quota_pb2_grpc
+
+    with grpc.insecure_channel(stack.ratelimit_address) as channel:
+        return quota_pb2_grpc.TokenBudgetStub(channel).Check(
+            quota_pb2.BudgetCheckRequest(tenant=tenant), timeout=5).month_remaining
+
+
+def _charged_since(stack, tenant: str, before: int, below: int) -> int:
+    """What the tenant was charged since `before`, once its settlement (written in the background) is in."""
+    charged, deadline = 0, time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        charged = before - _month_remaining(stack, tenant)
+        if 0 < charged < below:
+            break
+    return charged
+
+
+def _llm_inputs(content: str, max_tokens: int) -> list:
+    messages = triton_grpc.InferInput("messages", [1], "BYTES")
+    messages.set_data_from_numpy(np.array([f'[{{"role": "user", "content": "{content}"}}]'.encode()], dtype=object))
+    tokens = triton_grpc.InferInput("max_tokens", [1], "INT32")
+    tokens.set_data_from_numpy(np.array([max_tokens], dtype=np.int32))
+    return [messages, tokens]
+
+
+def test_kserve_generation_asking_only_for_text_is_still_charged(stack):
+    """Found in the field: a ModelStreamInfer listing only text_output and finish_reason got no usage tensors, and
+    the gateway charged nothing. The gateway now asks for them itself, and hides them from this caller."""
+    tenant = "tenant-metered-kserve"
+    client = triton_grpc.InferenceServerClient(stack.edge_address, ssl=True, root_certificates=str(stack.pki.ca_cert))
+    before = _month_remaining(stack, tenant)
+    results: list = []
+    client.start_stream(callback=lambda result, error: results.append((result, error)),
+                        headers={"x-api-key": KEYS[tenant]})
+    outputs = [triton_grpc.InferRequestedOutput("text_output"), triton_grpc.InferRequestedOutput("finish_reason")]
+    client.async_stream_infer(LLM, _llm_inputs("Name three colours of the sea.", 24), request_id="text-only",
+                              outputs=outputs)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            e is not None or r.get_response().parameters["triton_final_response"].bool_param for r, e in results):
+        time.sleep(0.05)
+    client.stop_stream()
+    client.close()
+    assert results and all(e is None for _, e in results), results
+    names = {output.name for r, _ in results for output in r.get_response().outputs}
+    assert names == {"text_output", "finish_reason"}, names
+    produced = sum(1 for r, _ in results if r.as_numpy("text_output") is not None
+                   and r.as_numpy("text_output").reshape(-1)[0])
+    worst = len(b'[{"role": "user", "content": "Name three colours of the sea."}]') // 3 + 32 + 24
+    charged = _charged_since(stack, tenant, before, worst)
+    # SmolLM2's chat template alone is over 20 tokens; the reservation's unused rest was given back.
+    assert produced + 20 <= charged < worst, (produced, charged, worst)
+
+
+def test_a_cancelled_kserve_stream_is_charged_what_its_model_read_and_wrote(stack):
+    tenant = "tenant-metered-kserve"
+    client = triton_grpc.InferenceServerClient(stack.edge_address, ssl=True, root_certificates=str(stack.pki.ca_cert))
+    time.sleep(0.5)  # an earlier test's settlement lands first
+    before = _month_remaining(stack, tenant)
+    results: list = []
+    client.start_stream(callback=lambda result, error: results.append((result, error)),
+                        headers={"x-api-key": KEYS[tenant]})
+    story = "Tell a long story about a lighthouse keeper and the sea. " * 8
+    client.async_stream_infer(LLM, _llm_inputs(story, 200), request_id="cancelled")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(results) < 3:
+        time.sleep(0.02)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    assert len(results) >= 3 and all(e is None for _, e in results[:3]), results[:3]
+    seen = results[2][0]
+    reported = int(seen.as_numpy("prompt_tokens")[0]) + int(seen.as_numpy("completion_tokens")[0])
+    worst = len(f'[{{"role": "user", "content": "{story}"}}]'.encode()) // 3 + 32 + 200
+    charged = _charged_since(stack, tenant, before, worst)
+    assert reported <= charged < worst, (reported, charged, worst)
+
+
 def test_kserve_requests_are_validated(stack):
     client = triton_grpc.InferenceServerClient(stack.edge_address, ssl=True, root_certificates=str(stack.pki.ca_cert))
     text = triton_grpc.InferInput("TEXT", [1, 1], "BYTES")

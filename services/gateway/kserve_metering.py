@@ -1,0 +1,138 @@
+"""KServe calls metered like the mesh API's (services/gateway/core.py): a generation's worst case is reserved
+before it reaches the router and settled with what the model reports; an embedding is charged its input.
+
+The usage tensors are the meter: the gateway asks for them whatever the caller asked (a caller listing only
+`text_output` used to run unmetered) and strips them from the answers when the caller did not ask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from inference_mesh.v1 import models_pb2
+from services.common.model_catalog import ModelCatalog
+from services.gateway.auth import Caller
+from services.gateway.budgets import TokenBudgets
+from services.gateway.kserve_governance import tokens_used
+from services.gateway.plan import TEMPLATE_TOKENS
+
+# The mesh's LLM contract (triton_models/smollm2, the TensorRT-LLM BLS model): what it reads and what it counts.
+USAGE_OUTPUTS = ("prompt_tokens", "completion_tokens")
+_MAX_TOKENS_INPUT = "max_tokens"
+# No tokenizer here: a prompt is at most a token per 3 bytes of its text inputs (plan.estimated_cost's rule), an
+# embedding's input a token per 4 (the mesh API's Embed cost).
+_BYTES_PER_PROMPT_TOKEN, _BYTES_PER_EMBED_TOKEN = 3, 4
+
+
+def _text_bytes(request: service_pb2.ModelInferRequest) -> int:
+    raw = request.raw_input_contents
+    return sum(len(raw[i]) if i < len(raw) else sum(map(len, t.contents.bytes_contents))
+               for i, t in enumerate(request.inputs) if t.datatype == "BYTES")
+
+
+def _asked_max_tokens(request: service_pb2.ModelInferRequest) -> int | None:
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name != _MAX_TOKENS_INPUT or tensor.datatype != "INT32":
+            continue
+        if index < len(request.raw_input_contents):
+            values = np.frombuffer(request.raw_input_contents[index][:4], dtype="<i4")
+            return int(values[0]) if values.size else None
+        return tensor.contents.int_contents[0] if tensor.contents.int_contents else None
+    return None
+
+
+def worst_case(request: service_pb2.ModelInferRequest, model: models_pb2.ModelInfo) -> int:
+    """Everything a generation may cost before it runs: its prompt and template, plus the most the model will
+    write for it (what the caller asked, within the model's own bound)."""
+    asked = _asked_max_tokens(request)
+    limit = model.max_output_tokens
+    answer = limit if asked is None or asked <= 0 else min(asked, limit) if limit else asked
+    return _text_bytes(request) // _BYTES_PER_PROMPT_TOKEN + TEMPLATE_TOKENS + answer
+
+
+def ask_for_usage(request: service_pb2.ModelInferRequest) -> frozenset[str]:
+    """Adds the usage outputs to a request that lists its outputs (none listed: Triton returns them all); the
+    names added, to strip from its answers."""
+    if not request.outputs:
+        return frozenset()
+    asked = {output.name for output in request.outputs}
+    added = [name for name in USAGE_OUTPUTS if name not in asked]
+    for name in added:
+        request.outputs.add(name=name)
+    return frozenset(added)
+
+
+def strip_outputs(response: service_pb2.ModelInferResponse, names: frozenset[str]) -> None:
+    if not names or not any(output.name in names for output in response.outputs):
+        return
+    raw = list(response.raw_output_contents)
+    kept = [(output, raw[i] if i < len(raw) else None) for i, output in enumerate(response.outputs)
+            if output.name not in names]
+    del response.outputs[:]
+    del response.raw_output_contents[:]
+    response.outputs.extend(output for output, _ in kept)
+    if raw:
+        response.raw_output_contents.extend(content or b"" for _, content in kept)
+
+
+@dataclass
+class MeteredCall:
+    """One KServe request's account: held before it runs, settled once with what it used."""
+
+    caller: Caller
+    reservation: str = ""
+    generation: bool = False
+    # Charged when the model reports nothing (an embedding; a generation that never answered reads 0).
+    unreported: int = 0
+    strip: frozenset[str] = field(default_factory=frozenset)
+    used: int | None = None
+    settled: bool = False
+
+    def answered(self, response: service_pb2.ModelInferResponse) -> None:
+        """Reads the usage (cumulative over a stream's responses) and hides what the caller did not ask for."""
+        if self.generation:
+            used = tokens_used(response)
+            if used is not None:
+                self.used = used
+            strip_outputs(response, self.strip)
+
+    def failed(self) -> None:
+        """A call that failed before the model reported anything used nothing (a generation that failed midway
+        keeps what it had produced)."""
+        if self.used is None:
+            self.used = 0
+
+    def settle(self, budgets: TokenBudgets | None) -> None:
+        if budgets is None or self.settled:
+            return
+        self.settled = True
+        budgets.settle(self.caller, self.reservation, self.unreported if self.used is None else self.used)
+
+
+class KServeMeter:
+    def __init__(self, budgets: TokenBudgets | None, catalog: ModelCatalog, reservation_ttl_s: float) -> None:
+        self._budgets = budgets
+        self._catalog = catalog
+        self._ttl_s = reservation_ttl_s
+
+    async def open(self, caller: Caller, request: service_pb2.ModelInferRequest) -> MeteredCall:
+        """Raises RESOURCE_EXHAUSTED (with retry-after) when the tenant's budget cannot cover the call. A model
+        the registry does not know is only checked (the router refuses it by name)."""
+        model = await self._catalog.get(request.model_name)
+        call = MeteredCall(caller)
+        if model is not None and model.kind == models_pb2.MODEL_KIND_GENERATE:
+            call.generation = True
+            call.strip = ask_for_usage(request)
+            if self._budgets is not None:
+                call.reservation = await self._budgets.reserve(caller, worst_case(request, model), self._ttl_s)
+            return call
+        if self._budgets is not None:
+            await self._budgets.admit(caller)
+        if model is not None and model.kind == models_pb2.MODEL_KIND_EMBED:
+            call.unreported = max(1, _text_bytes(request) // _BYTES_PER_EMBED_TOKEN)
+        return call
+
+    def settle(self, call: MeteredCall) -> None:
+        call.settle(self._budgets)
