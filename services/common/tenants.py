@@ -21,6 +21,8 @@ class Tier(BaseModel, extra="forbid"):
     # Under overload (every replica of a model busy), waiting tenants are served in proportion to their tier's
     # weight, on token cost (services/router/admission.py).
     share_weight: float = Field(default=1.0, gt=0.0, le=100.0)
+    # Storage: the vectors (one per chunk passage) a tenant may keep in the document index; 0 = unlimited.
+    max_stored_vectors: int = Field(default=0, ge=0)
 
 
 class Tenant(BaseModel, extra="forbid"):

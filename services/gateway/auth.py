@@ -19,11 +19,13 @@ class Caller:
     tenant: str
     tier: str
     share_weight: float = 1.0
+    max_stored_vectors: int = 0
 
 
 class Authenticator:
     def __init__(self, config: TenantConfig, edge_secret: str = "") -> None:
-        callers = {t.id: Caller(t.id, t.tier, config.tiers[t.tier].share_weight) for t in config.tenants}
+        callers = {t.id: Caller(t.id, t.tier, config.tiers[t.tier].share_weight,
+                                config.tiers[t.tier].max_stored_vectors) for t in config.tenants}
         self._by_hash = {digest: callers[t.id] for t in config.tenants for digest in t.api_key_sha256}
         self._by_id = callers
         self._edge_secret = edge_secret

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -21,6 +21,19 @@ BUDGET_UNAVAILABLE = Counter("mesh_gateway_budget_unavailable_total",
                              "Budget checks the rate-limit service did not answer, by what the gateway did",
                              ["decision"])
 _CACHE_HITS = (mesh_pb2.CACHE_STATUS_EXACT_HIT, mesh_pb2.CACHE_STATUS_SEMANTIC_HIT)
+# No tokenizer for an embedder's input here: a token per 4 bytes of text, at least one per text.
+_BYTES_PER_INPUT_TOKEN = 4
+
+
+def input_tokens_of(size_bytes: int) -> int:
+    """What embedding one text of this size costs (Embed, KServe embeddings, ingest)."""
+    return max(1, size_bytes // _BYTES_PER_INPUT_TOKEN)
+
+
+def input_tokens(texts: Iterable[str]) -> int:
+    return sum(input_tokens_of(len(text.encode())) for text in texts)
+
+
 # A reservation outlives its call's deadline by this much before it expires unsettled.
 SETTLE_MARGIN_S = 30.0
 _WINDOW = {quota_pb2.BUDGET_WINDOW_MINUTE: "tokens per minute", quota_pb2.BUDGET_WINDOW_MONTH: "tokens per month"}

@@ -22,7 +22,7 @@ from services.common.errors import MeshError, invalid, unavailable
 from services.common.model_catalog import ModelCatalog
 from services.gateway import cached_generation, rag
 from services.gateway.auth import Caller
-from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets, metered
+from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets, input_tokens, metered
 from services.gateway.cache_client import CacheClient
 from services.gateway.documents import DocumentsRelay
 from services.gateway.embedding import embed_texts
@@ -133,9 +133,12 @@ class MeshCore:
                     remaining_s: float | None) -> mesh_pb2.EmbedResponse:
         model = await self.model(request.model, models_pb2.MODEL_KIND_EMBED)
         check_embed(request, self.settings.limits)
+        texts = list(request.texts)
         plan = plan_request(caller, model, request.request_id, within(self.settings.embed_timeout_s, remaining_s),
-                            cost=sum(len(t) for t in request.texts) // 4)
-        return await self._embed(list(request.texts), request.cache_mode, plan)
+                            cost=input_tokens(texts))
+        if self._budgets is not None:
+            await self._budgets.admit(caller)
+        return await self._embed(texts, request.cache_mode, plan)
 
     async def _embed(self, texts: list[str], mode: mesh_pb2.CacheMode.ValueType,
                      plan: RequestPlan) -> mesh_pb2.EmbedResponse:
@@ -158,6 +161,9 @@ class MeshCore:
         missing = [i for i, v in enumerate(vectors) if v is None]
         if missing:
             rows = (await embed_texts(self._router, plan, [texts[i] for i in missing])).tolist()
+            if self._budgets is not None:
+                # Like a cache hit for a generation, a cached vector used no model time: only misses are charged.
+                self._budgets.charge(plan.caller, input_tokens(texts[i] for i in missing))
             for row, index in enumerate(missing):
                 vectors[index] = rows[row]
             if cache is not None and metadata.cache_status != mesh_pb2.CACHE_STATUS_UNAVAILABLE:
@@ -173,6 +179,28 @@ class MeshCore:
         for vector in vectors:
             response.embeddings.add().values.extend(vector)
         return response
+
+    async def upsert(self, caller: Caller, batches: AsyncIterator[retrieval_pb2.UpsertDocumentsRequest],
+                     timeout_s: float) -> retrieval_pb2.UpsertDocumentsResponse:
+        """Ingest, metered: each batch's text is embedded, so it is charged like Embed (the rate limit counts a
+        whole stream as one request). A tier's storage quota travels with each batch to the retrieval service."""
+        if self._budgets is not None:
+            await self._budgets.admit(caller)
+        relayed: list[int] = []
+
+        async def counted() -> AsyncIterator[retrieval_pb2.UpsertDocumentsRequest]:
+            async for batch in batches:
+                relayed.append(input_tokens(d.text for d in batch.documents))
+                yield batch
+        try:
+            return await self.documents.upsert(caller, counted(), timeout_s)
+        except MeshError:
+            # The batch being read when it failed was refused or lost; the ones before it were stored.
+            del relayed[-1:]
+            raise
+        finally:
+            if self._budgets is not None:
+                self._budgets.charge(caller, sum(relayed))
 
     async def ask(self, caller: Caller, request: mesh_pb2.AskRequest, remaining_s: float | None) -> Generation:
         """Search the caller's documents, answer from them, cite the chunks; retrieval down → no context."""

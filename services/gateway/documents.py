@@ -31,7 +31,8 @@ class DocumentsRelay:
 
         async def scoped():
             async for batch in batches:
-                yield retrieval_pb2.TenantUpsertRequest(tenant=caller.tenant, request=batch)
+                yield retrieval_pb2.TenantUpsertRequest(tenant=caller.tenant, request=batch,
+                                                        max_vectors=caller.max_stored_vectors)
         try:
             return await stub.UpsertDocuments(scoped(), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:

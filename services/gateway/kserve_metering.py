@@ -14,16 +14,15 @@ from tritonclient.grpc import service_pb2
 from inference_mesh.v1 import models_pb2
 from services.common.model_catalog import ModelCatalog
 from services.gateway.auth import Caller
-from services.gateway.budgets import TokenBudgets
+from services.gateway.budgets import TokenBudgets, input_tokens_of
 from services.gateway.kserve_governance import tokens_used
 from services.gateway.plan import TEMPLATE_TOKENS
 
 # The mesh's LLM contract (triton_models/smollm2, the TensorRT-LLM BLS model): what it reads and what it counts.
 USAGE_OUTPUTS = ("prompt_tokens", "completion_tokens")
 _MAX_TOKENS_INPUT = "max_tokens"
-# No tokenizer here: a prompt is at most a token per 3 bytes of its text inputs (plan.estimated_cost's rule), an
-# embedding's input a token per 4 (the mesh API's Embed cost).
-_BYTES_PER_PROMPT_TOKEN, _BYTES_PER_EMBED_TOKEN = 3, 4
+# No tokenizer here: a prompt is at most a token per 3 bytes of its text inputs (plan.estimated_cost's rule).
+_BYTES_PER_PROMPT_TOKEN = 3
 
 
 def _text_bytes(request: service_pb2.ModelInferRequest) -> int:
@@ -131,7 +130,7 @@ class KServeMeter:
         if self._budgets is not None:
             await self._budgets.admit(caller)
         if model is not None and model.kind == models_pb2.MODEL_KIND_EMBED:
-            call.unreported = max(1, _text_bytes(request) // _BYTES_PER_EMBED_TOKEN)
+            call.unreported = input_tokens_of(_text_bytes(request))
         return call
 
     def settle(self, call: MeteredCall) -> None:

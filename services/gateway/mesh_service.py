@@ -32,8 +32,8 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
 
     async def UpsertDocuments(self, request_iterator, context):
         caller = await self._auth.require(context)
-        return await self._core.documents.upsert(caller, request_iterator,
-                                                 downstream_timeout(context, self._settings.ingest_timeout_s))
+        return await self._core.upsert(caller, request_iterator,
+                                       downstream_timeout(context, self._settings.ingest_timeout_s))
 
     async def DeleteDocuments(self, request, context):
         caller = await self._auth.require(context)

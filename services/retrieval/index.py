@@ -131,6 +131,16 @@ class DocumentIndex(MilvusCollection):
                                                           timeout=self.timeouts.query_s, consistency_level="Strong"))
         return [row["pk"] for row in rows]
 
+    async def vectors_after(self, tenant: str, new_vectors: int, document_ids: list[str]) -> int:
+        """What the tenant would store once these documents are replaced by `new_vectors` rows: its quota is
+        checked before anything is embedded. Two concurrent ingests may each fit and together pass it by one
+        batch; the next is refused."""
+        expr = f"tenant == {quote(tenant)}"
+        rows = await self.run(lambda client: client.query(self.name, filter=expr, output_fields=["count(*)"],
+                                                          timeout=self.timeouts.query_s, consistency_level="Strong"))
+        held = int(rows[0]["count(*)"]) if rows else 0
+        return held - len(await self._chunk_keys(tenant, document_ids)) + new_vectors
+
     async def delete_documents(self, tenant: str, document_ids: list[str]) -> int:
         """Deletes by primary key after a query, so the count is exact whatever the backend reports."""
         keys = await self._chunk_keys(tenant, document_ids)

@@ -13,7 +13,7 @@ from tritonclient.grpc import service_pb2_grpc
 from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
-from services.common.errors import invalid, unavailable
+from services.common.errors import MeshError, invalid, unavailable
 from services.common.lexical import lexical_text, unglue
 from services.retrieval.chunking import Chunker
 from services.retrieval.filters import FilterError, render, to_milvus
@@ -99,6 +99,8 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
             if self._index.lexical:
                 for row, (*_, passage) in zip(rows, passages, strict=True):
                     row["terms"] = lexical_text(passage)
+            if batch.max_vectors:
+                await self._check_storage(tenant, len(rows), docs, batch.max_vectors)
             vectors = await self._embed([passage for *_, passage in passages], context)
             for row, vector in zip(rows, vectors, strict=True):
                 row["vector"] = vector
@@ -110,6 +112,17 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
             chunks += sum(len(pieces) for pieces in split)
         return retrieval_pb2.UpsertDocumentsResponse(documents=documents, chunks=chunks,
                                                      seconds=time.perf_counter() - started)
+
+    async def _check_storage(self, tenant: str, new_vectors: int, docs, max_vectors: int) -> None:
+        try:
+            after = await self._index.vectors_after(tenant, new_vectors, [d.id for d in docs])
+        except Exception as exc:
+            await self._milvus_unavailable(exc)
+        if after > max_vectors:
+            raise MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"storage quota: this batch would leave the tenant {after} stored vectors (one per chunk "
+                            f"passage); its tier keeps at most {max_vectors}. Delete documents, or ask for a larger "
+                            "tier; the batches before this one were stored")
 
     async def DeleteDocuments(self, request, context):
         tenant = self._tenant(request.tenant)

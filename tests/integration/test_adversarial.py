@@ -414,6 +414,46 @@ def test_a_cancelled_kserve_stream_is_charged_what_its_model_read_and_wrote(stac
     assert reported <= charged < worst, (reported, charged, worst)
 
 
+def test_embed_and_ingest_are_charged_to_the_token_budget(stack, edge):
+    """Embed and ingest used to be unmetered: an upsert stream counted as one request for up to 600 s."""
+    from services.gateway.budgets import input_tokens
+
+    tenant = "tenant-metered-kserve"
+    time.sleep(0.5)
+    before = _month_remaining(stack, tenant)
+    texts = [f"Lighthouse log entry {i}: the lamp was trimmed at dusk and the sea was calm." for i in range(5)]
+    edge.Embed(mesh_pb2.EmbedRequest(model=EMBEDDER, texts=texts, cache_mode=mesh_pb2.CACHE_MODE_BYPASS),
+               metadata=(("x-api-key", KEYS[tenant]),), timeout=60)
+    assert _charged_since(stack, tenant, before, 10_000) == input_tokens(texts)
+    before = _month_remaining(stack, tenant)
+    docs = [_doc(f"log/{i}", text) for i, text in enumerate(texts)]
+    edge.UpsertDocuments(iter([retrieval_pb2.UpsertDocumentsRequest(documents=docs[:3]),
+                               retrieval_pb2.UpsertDocumentsRequest(documents=docs[3:])]),
+                         metadata=(("x-api-key", KEYS[tenant]),), timeout=120)
+    assert _charged_since(stack, tenant, before, 10_000) == input_tokens(texts)
+
+
+def test_a_tier_storage_quota_refuses_what_would_pass_it(edge):
+    """tenant-storage's tier keeps 6 vectors. Replacing a document at the quota still works (its old vectors go);
+    a new one past it is refused with RESOURCE_EXHAUSTED before anything is embedded."""
+    metadata = (("x-api-key", KEYS["tenant-storage"]),)
+
+    def upsert(*docs):
+        return edge.UpsertDocuments(iter([retrieval_pb2.UpsertDocumentsRequest(documents=list(docs))]),
+                                    metadata=metadata, timeout=120)
+
+    stored = [_doc(f"quota/{i}", f"Short note number {i} about the harbour.") for i in range(6)]
+    upsert(*stored)
+    assert edge.CollectionStats(retrieval_pb2.CollectionStatsRequest(), metadata=metadata, timeout=30).chunks == 6
+    upsert(_doc("quota/0", "A new version of note zero about the harbour wall."))
+    with pytest.raises(grpc.RpcError) as refused:
+        upsert(_doc("quota/extra", "One note too many about the harbour."))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "storage quota" in refused.value.details() and "at most 6" in refused.value.details()
+    edge.DeleteDocuments(retrieval_pb2.DeleteDocumentsRequest(ids=["quota/1"]), metadata=metadata, timeout=30)
+    upsert(_doc("quota/extra", "One note too many about the harbour, now that there is room."))
+
+
 def test_kserve_requests_are_validated(stack):
     client = triton_grpc.InferenceServerClient(stack.edge_address, ssl=True, root_certificates=str(stack.pki.ca_cert))
     text = triton_grpc.InferInput("TEXT", [1, 1], "BYTES")
