@@ -41,23 +41,21 @@ class ServedCalls(HandlerInterceptor):
         self._counters: dict[tuple[str, str], Any] = {}
         self._timers: dict[str, Any] = {}
 
-    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        """A refused call is counted with its status (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) and not timed."""
+    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> str | None:
+        """The party the place is held for (see LoadShedder). A refused call is counted with its status
+        (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) and not timed."""
         if self.shedder is None:
-            return
+            return None
         try:
-            await self.shedder.admit(context)
+            return await self.shedder.admit(context)
         except BaseException as exc:
             REQUESTS.labels(self._service, method, _code(context, exc)).inc()
             raise
 
-    def _release(self) -> None:
-        if self.shedder is not None:
-            self.shedder.release()
-
     def _observe(self, method: str, context: grpc.aio.ServicerContext, started: float,
-                 failed: BaseException | None) -> None:
-        self._release()
+                 failed: BaseException | None, party: str | None) -> None:
+        if self.shedder is not None:
+            self.shedder.release(party)
         code = _code(context, failed)
         # Children looked up once: labels() takes a lock and builds a key on every call.
         counter = self._counters.get((method, code))
@@ -75,20 +73,20 @@ class ServedCalls(HandlerInterceptor):
     def around_unary(self, inner: Unary, method: str) -> Unary:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started, failed = time.perf_counter(), None
-            await self._admit(context, method)
+            party = await self._admit(context, method)
             try:
                 return await inner(request, context)
             except BaseException as exc:
                 failed = exc
                 raise
             finally:
-                self._observe(method, context, started, failed)
+                self._observe(method, context, started, failed, party)
         return unary
 
     def around_stream(self, inner: Stream, method: str) -> Stream:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started, failed = time.perf_counter(), None
-            await self._admit(context, method)
+            party = await self._admit(context, method)
             try:
                 async for response in inner(request, context):
                     yield response
@@ -96,5 +94,5 @@ class ServedCalls(HandlerInterceptor):
                 failed = exc
                 raise
             finally:
-                self._observe(method, context, started, failed)
+                self._observe(method, context, started, failed, party)
         return stream

@@ -21,7 +21,7 @@ from services.common.logging import configure_logging
 from services.common.malformed import MalformedRequestInterceptor
 from services.common.served_calls import ServedCalls
 from services.common.settings import ServiceSettings
-from services.common.shedding import LoadShedder
+from services.common.shedding import LoadShedder, Metadata
 from services.common.telemetry import server_interceptors, setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,11 @@ class ServiceHost:
     """Owns a service's grpc.aio server with grpc.health.v1 and reflection, and its Prometheus endpoint; keeps its
     health in step with its dependencies; stops gracefully on SIGTERM/SIGINT."""
 
-    def __init__(self, name: str, settings: ServiceSettings, max_in_flight: int = 0) -> None:
+    def __init__(self, name: str, settings: ServiceSettings, max_in_flight: int = 0, *, party_share: float = 1.0,
+                 party_of: Callable[[Metadata], str | None] | None = None) -> None:
         self.name = name
-        self.shedder = LoadShedder(name, max_in_flight) if max_in_flight else None
+        self.shedder = LoadShedder(name, max_in_flight, party_share=party_share, party_of=party_of) \
+            if max_in_flight else None
         address, tls = settings.address, settings.tls
         tls.check_listen_address(address)
         # The caller policy inside ServedCalls: refused calls are counted as PERMISSION_DENIED.

@@ -52,6 +52,11 @@ class Authenticator:
         caller = self._by_hash.get(hash_key(credential.token))
         return caller, "" if caller else "invalid API key"
 
+    def tenant_of(self, metadata) -> str | None:
+        """The tenant a call's credentials name, or None (the call is then refused by require)."""
+        caller, _ = self.identify(metadata)
+        return caller.tenant if caller else None
+
     async def require(self, context: grpc.aio.ServicerContext) -> Caller:
         caller, problem = self.identify(context.invocation_metadata())
         if caller is None:

@@ -51,7 +51,8 @@ async def serve(settings: GatewaySettings) -> None:
         if settings.budget_address else None
     budgets = TokenBudgets(budget_channel, settings.budget_timeout_s, settings.budget_charge_timeout_s,
                            settings.budget_fail_open) if budget_channel else None
-    host = ServiceHost("gateway", settings, settings.max_in_flight)
+    host = ServiceHost("gateway", settings, settings.max_in_flight, party_share=settings.tenant_share_of_in_flight,
+                       party_of=auth.tenant_of)
     core = MeshCore(settings, catalog, router, cache, documents, budgets)
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(InferenceMeshService(auth, core), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(

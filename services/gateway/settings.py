@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.deadlines import GENERATION_BUDGET_S
@@ -85,6 +85,8 @@ class GatewaySettings(ServiceSettings):
     budget_fail_open: bool = True
     # Load shedding: RPCs worked on at once; beyond, RESOURCE_EXHAUSTED at once (0: no bound).
     max_in_flight: int = 512
+    # The most of those one tenant may hold (its slow bodies or floods cannot take every place from the others).
+    tenant_share_of_in_flight: float = Field(default=0.25, gt=0.0, le=1.0)
     # Shared with Envoy, which sends it with every request: only then is a JWT tenant header trusted.
     edge_secret: str = ""
     # Prompts and completions in the request log (redacted: emails, phone numbers, keys). Off: never logged.

@@ -8,14 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from inference_mesh.v1 import mesh_pb2_grpc
-from tests.conftest import AUTH, chat
+from tests.conftest import AUTH, KEYS, chat
 from tools.processes import free_port, wait_grpc_serving
 from tools.stack import start_service
 
 
 def test_a_gateway_at_capacity_sheds_at_once_and_recovers(stack):
     port = free_port()
-    env = {**stack.gateway_env(port, free_port()), "MESH_GATEWAY_MAX_IN_FLIGHT": "2"}
+    env = {**stack.gateway_env(port, free_port()), "MESH_GATEWAY_MAX_IN_FLIGHT": "2",
+           "MESH_GATEWAY_TENANT_SHARE_OF_IN_FLIGHT": "1.0"}
     process = start_service("services.gateway", "gateway-shedding", env, stack.run_dir / "gateway-shedding.log")
     try:
         wait_grpc_serving(f"127.0.0.1:{port}", process, 30)
@@ -41,5 +42,38 @@ def test_a_gateway_at_capacity_sheds_at_once_and_recovers(stack):
                 assert seconds < 1.0, "shed at once, not after queueing"
                 assert "at capacity (2 requests in flight)" in extra["details"] and extra["retry-after"] == "1"
             assert call(99)[0] == "OK", "capacity comes back when the work is done"
+    finally:
+        process.stop()
+
+
+def test_one_tenant_cannot_hold_every_place_of_a_gateway(stack):
+    """Slow or many calls of one tenant used to be able to take all of a gateway's places (512, shared): each
+    tenant now holds at most its share (here 25 % of 8), and another tenant still gets in."""
+    port = free_port()
+    env = {**stack.gateway_env(port, free_port()), "MESH_GATEWAY_MAX_IN_FLIGHT": "8",
+           "MESH_GATEWAY_TENANT_SHARE_OF_IN_FLIGHT": "0.25"}
+    process = start_service("services.gateway", "gateway-shares", env, stack.run_dir / "gateway-shares.log")
+    try:
+        wait_grpc_serving(f"127.0.0.1:{port}", process, 30)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            mesh = mesh_pb2_grpc.InferenceMeshStub(channel)
+
+            def call(i: int, metadata=AUTH) -> tuple[str, str]:
+                try:
+                    list(mesh.Generate(chat(f"Count to {i + 40}.", max_tokens=48, temperature=0.5),
+                                       metadata=metadata, timeout=120))
+                    return "OK", ""
+                except grpc.RpcError as exc:
+                    return exc.code().name, exc.details()
+
+            with ThreadPoolExecutor(7) as pool:
+                flood = [pool.submit(call, i) for i in range(6)]
+                time.sleep(0.3)
+                other = pool.submit(call, 99, (("x-api-key", KEYS["tenant-b"]),))
+                outcomes = [f.result() for f in flood]
+                assert other.result() == ("OK", ""), "another tenant gets a place while one floods"
+            refused = [details for code, details in outcomes if code == "RESOURCE_EXHAUSTED"]
+            assert len([o for o in outcomes if o[0] == "OK"]) >= 2 and len(refused) >= 3, outcomes
+            assert all("'tenant-a' has 2 requests in flight" in d and "25% of 8" in d for d in refused), refused
     finally:
         process.stop()

@@ -120,15 +120,16 @@ class OpenAIApi:
         """Every failure in OpenAI's shape; metrics, a server span and the in-flight bound around each call."""
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
         started = time.perf_counter()
-        entered = False
+        entered, party = False, None
         status = 500
         try:
             with http_server_span(request.method, route, request.headers):
                 self._check_peer(request)
                 if route != "/health" and self._shedder is not None:
-                    if not self._shedder.enter():
-                        raise from_mesh_error(MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED, self._shedder.refusal(),
-                                                         (("retry-after", "1"),)))
+                    party = self._shedder.party(tuple(request.headers.items()))
+                    if not self._shedder.enter(party):
+                        raise from_mesh_error(MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                                        self._shedder.refusal(party), (("retry-after", "1"),)))
                     entered = True
                 try:
                     response = await handler(request)
@@ -148,7 +149,7 @@ class OpenAIApi:
             return _error_response(exc)
         finally:
             if entered:
-                self._shedder.release()
+                self._shedder.release(party)
             REQUESTS.labels(route, str(status)).inc()
             LATENCY.labels(route).observe(time.perf_counter() - started)
 
