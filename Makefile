@@ -178,7 +178,7 @@ $(GPU_SMOKE_GEN)/.stamp: $(PROTOS) $(GPU_SMOKE_VENV)/.installed
 	touch $(GPU_SMOKE_GEN)/inference_mesh/__init__.py $(GPU_SMOKE_GEN)/inference_mesh/v1/__init__.py \
 	  $(GPU_SMOKE_GEN)/inference_mesh/edge/__init__.py $@
 gpu-smoke: $(GPU_SMOKE_GEN)/.stamp
-	@[ -f compose/.env ] || PYTHONPATH=. $(GPU_SMOKE_VENV)/bin/python -m tools.compose_secrets
+	PYTHONPATH=. $(GPU_SMOKE_VENV)/bin/python -m tools.compose_secrets   # makes only what is missing
 	PYTHONPATH=.:$(GPU_SMOKE_GEN) $(GPU_SMOKE_VENV)/bin/python -m tools.gpu_smoke --pool $(POOL) $(GPU_SMOKE_ARGS)
 
 lint: $(VENV)/.installed

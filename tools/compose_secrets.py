@@ -1,15 +1,21 @@
-"""Makes compose/.env with fresh random secrets (edge secret, Redis, MinIO, Grafana) when it is absent, and the
-PKI (CA, server and client certificates, JWT key) in run/pki. Compose refuses to start without them: nothing
-secret is committed or baked into an image. Rotate by deleting compose/.env (and run/pki) and running it again.
+"""Makes compose/.env with fresh random secrets (edge secret, Redis, MinIO, Grafana) when it is absent, the PKI
+(CA, server and client certificates, JWT key) in run/pki, and a tenants file with one tenant and a fresh API key
+(run/compose/tenants.yaml; the key is printed once and kept in compose/.env as MESH_API_KEY). Compose refuses to
+start without them: nothing secret is committed or baked into an image, and the development key of `make up`
+(config/tenants.yaml) is never what compose serves. Rotate by deleting them and running it again.
 
-    python -m tools.compose_secrets            # writes compose/.env and run/pki if missing
+    python -m tools.compose_secrets            # writes what is missing
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import secrets
 from pathlib import Path
+
+import yaml
 
 from tools.pki import ensure_pki
 
@@ -36,12 +42,37 @@ def write_env(path: Path) -> bool:
     return True
 
 
+def write_tenants(path: Path, env_file: Path, tiers_from: Path = ROOT / "config" / "tenants.yaml") -> str | None:
+    """The first tenant of a compose deployment, `default` on the standard tier, with a new key (returned; None
+    when the file exists). The file holds key hashes only: readable by the containers' user."""
+    if path.exists():
+        return None
+    # services/common/tenants.py's format (not imported: gpu-smoke runs this without the services' packages).
+    key = "mk_" + secrets.token_urlsafe(32)
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    tiers = yaml.safe_load(tiers_from.read_text())["tiers"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Made by tools/compose_secrets.py. Add tenants with `python -m services.common.tenants`.\n"
+                    + yaml.safe_dump({"tiers": tiers, "tenants": [
+                        {"id": "default", "tier": "standard", "api_key_sha256": [digest]}]}, sort_keys=False))
+    path.chmod(0o644)
+    relative = os.path.relpath(path, env_file.parent)
+    with env_file.open("a") as env:
+        env.write(f"MESH_TENANTS_FILE={relative}\nMESH_API_KEY={key}\n")
+    env_file.chmod(0o600)
+    return key
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env-file", type=Path, default=ROOT / "compose" / ".env")
     parser.add_argument("--pki", type=Path, default=ROOT / "run" / "pki")
+    parser.add_argument("--tenants", type=Path, default=ROOT / "run" / "compose" / "tenants.yaml")
     args = parser.parse_args()
     print(("wrote " if write_env(args.env_file) else "kept ") + str(args.env_file))
+    key = write_tenants(args.tenants, args.env_file)
+    print(f"wrote {args.tenants}; tenant 'default' API key (also MESH_API_KEY in {args.env_file}): {key}" if key
+          else f"kept {args.tenants}")
     ensure_pki(args.pki)
     print(f"PKI in {args.pki}")
 

@@ -44,6 +44,14 @@ def preflight(pool: str) -> None:
                          capture_output=True, text=True).stdout)
 
 
+def compose_api_key() -> str:
+    """The key tools/compose_secrets.py made for compose's first tenant (compose never serves the dev key)."""
+    for line in (COMPOSE / ".env").read_text().splitlines():
+        if line.startswith("MESH_API_KEY="):
+            return line.split("=", 1)[1]
+    sys.exit("compose/.env has no MESH_API_KEY: run `python -m tools.compose_secrets` (it adds what is missing)")
+
+
 def compose(*args: str) -> None:
     subprocess.run(["docker", "compose", "-f", str(COMPOSE / "docker-compose.yml"), *args], check=True)
 
@@ -138,14 +146,14 @@ def main() -> None:
     parser.add_argument("--pool", choices=["a100", "t4"], required=True)
     parser.add_argument("--edge", default="localhost:8443")
     parser.add_argument("--ca", type=Path, default=ROOT / "run" / "pki" / "ca.pem")
-    parser.add_argument("--api-key", default="mesh-dev-key")
+    parser.add_argument("--api-key", default="", help="default: MESH_API_KEY of compose/.env (compose's tenant)")
     parser.add_argument("--no-up", action="store_true", help="the stack is already running")
     args = parser.parse_args()
     preflight(args.pool)
     if not args.no_up:
         compose("--profile", args.pool, "up", "-d")
     credentials = grpc.ssl_channel_credentials(args.ca.read_bytes())
-    metadata = (("x-api-key", args.api_key),)
+    metadata = (("x-api-key", args.api_key or compose_api_key()),)
     with grpc.secure_channel(args.edge, credentials) as channel:
         stub = mesh_pb2_grpc.InferenceMeshStub(channel)
         wait_ready(stub, metadata, timeout_s=1800)  # the first start builds the engine

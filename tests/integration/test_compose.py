@@ -22,7 +22,7 @@ from services.edge.render import render
 from services.edge.settings import EdgeSettings
 from services.router.registry import Registry
 from tests.conftest import debian_tool
-from tools.compose_secrets import SECRET_NAMES, write_env
+from tools.compose_secrets import SECRET_NAMES, write_env, write_tenants
 from tools.edge import validate
 from tools.fill_trtllm import UNBUILT, PoolProfile, TrtllmPools, rendered, write
 from tools.pki import ensure_pki
@@ -42,7 +42,8 @@ def docker_compose() -> str:
 def resolved(profile: str) -> dict:
     answer = subprocess.run([docker_compose(), "--profile", profile, "config"], cwd=COMPOSE, capture_output=True,
                             text=True, timeout=60,
-                            env={**os.environ, "MESH_HF_MODELS": "/srv/models", **COMPOSE_SECRETS})
+                            env={**os.environ, "MESH_HF_MODELS": "/srv/models", **COMPOSE_SECRETS,
+                                 "MESH_TENANTS_FILE": "/srv/tenants.yaml"})
     assert answer.returncode == 0, answer.stderr
     return yaml.safe_load(answer.stdout)
 
@@ -259,6 +260,52 @@ def test_secrets_file_is_generated_random_and_kept(tmp_path):
     values = dict(line.split("=", 1) for line in first.splitlines())
     assert set(values) == set(SECRET_NAMES) and len(set(values.values())) == len(SECRET_NAMES)
     assert all(len(v) >= 40 for v in values.values()) and env.stat().st_mode & 0o077 == 0
+
+
+# What each container may hold of the PKI: its own identity's certificate and key, and the CA certificate.
+_IDENTITY = {"envoy": "edge", "router": "router", "cache": "cache", "retrieval": "retrieval", "ratelimit": "ratelimit",
+             **{f"gateway-{i}": "gateway" for i in (1, 2, 3)},
+             **{f"triton-{pool}": "triton" for pool in ("cpu", *GPU_POOLS)}}
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_each_container_holds_only_its_own_key_and_the_ca_certificate(profile):
+    """Compose used to mount all of run/pki (the internal CA key, the JWT signing key, the admin key) into every
+    service, Envoy and Triton: a compromised model could mint a JWT for any tenant. Now one secret per file, and
+    each container is given its own."""
+    config = resolved(profile)
+    files = {name: Path(secret["file"]).name for name, secret in config["secrets"].items()}
+    assert not any("ca-key" in f or "jwt" in f or "mesh-admin" in f or "client" in f for f in files.values()), files
+    for name, service in config["services"].items():
+        mounted = [volume if isinstance(volume, str) else f"{volume.get('source')}:{volume.get('target')}"
+                   for volume in service.get("volumes", [])]
+        assert not any("pki" in volume for volume in mounted), (name, mounted)
+        held = {files[s["source"] if isinstance(s, dict) else s] for s in service.get("secrets", [])}
+        keys = {f for f in held if f.endswith("-key.pem")}
+        if name in _IDENTITY:
+            identity = _IDENTITY[name]
+            assert keys == {f"internal-{identity}-key.pem"} | ({"server-key.pem"} if name == "envoy" else set()), \
+                (name, held)
+            assert "internal-ca.pem" in held
+        else:
+            assert not keys, (name, held)
+
+
+def test_compose_serves_a_fresh_key_never_the_development_one(tmp_path):
+    env = tmp_path / ".env"
+    write_env(env)
+    tenants = tmp_path / "run" / "tenants.yaml"
+    key = write_tenants(tenants, env)
+    assert key and key != "mesh-dev-key" and write_tenants(tenants, env) is None, "made once, then kept"
+    from services.common.tenants import TenantConfig, hash_key
+
+    config = TenantConfig.load(str(tenants))
+    assert [t.api_key_sha256 for t in config.tenants] == [[hash_key(key)]]
+    values = dict(line.split("=", 1) for line in env.read_text().splitlines())
+    assert values["MESH_API_KEY"] == key and (env.parent / values["MESH_TENANTS_FILE"]).resolve() == tenants
+    assert env.stat().st_mode & 0o077 == 0
+    raw = (COMPOSE / "docker-compose.yml").read_text()
+    assert "config/tenants.yaml" not in raw, "the development tenants (mesh-dev-key) are not compose's default"
 
 
 _SECRET_WORDS = ("password", "secret", "token", "access_key", "api_key")

@@ -1,5 +1,5 @@
 """`make gpu-smoke` on a stock GPU host: only Docker, the NVIDIA container toolkit and Python >= 3.10. Run here
-with Python 3.10 in a copy of the files it may use (Makefile, protos, tools, requirements): its own environment
+with Python 3.10 in a copy of the files it may use (Makefile, protos, tools, requirements, config): its own environment
 and stubs are made, compose's secrets too, and it stops at the first GPU-host check with what to install, having
 needed none of the CPU setup (no shared libpython, llama.cpp build or ONNX export)."""
 
@@ -27,7 +27,7 @@ def _python_310() -> str:
 
 
 def test_gpu_smoke_needs_only_python_3_10_docker_and_the_gpu(tmp_path):
-    for name in ("Makefile", "protos", "tools", "requirements"):
+    for name in ("Makefile", "protos", "tools", "requirements", "config"):
         source = ROOT / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp_path / name)
     (tmp_path / "compose").mkdir()
@@ -43,6 +43,7 @@ def test_gpu_smoke_needs_only_python_3_10_docker_and_the_gpu(tmp_path):
     assert run.returncode != 0
     assert "gpu-smoke cannot start" in run.stderr and "nvidia-smi not found" in run.stderr, run.stderr[-2000:]
     assert (tmp_path / "compose" / ".env").is_file() and (tmp_path / "run" / "pki" / "ca.pem").is_file()
+    assert (tmp_path / "run" / "compose" / "tenants.yaml").is_file(), "compose's own tenant and key, not the dev key"
     version = subprocess.run([str(tmp_path / ".venv-gpu-smoke" / "bin" / "python"), "--version"],
                              capture_output=True, text=True).stdout
     assert version.startswith("Python 3.10"), version

@@ -339,6 +339,30 @@ def test_no_secret_is_in_values_or_rendered_and_every_secret_named_is_a_value(re
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_each_workload_mounts_only_its_own_key_and_the_ca_certificate(rendered, value_set):
+    """The internal PKI Secret may hold every identity's key (and, made carelessly, the CA's): each pod projects
+    only its own certificate and key and the CA certificate, so a compromised Triton model cannot present the
+    router's identity or sign one. Nothing else a pod mounts holds a private key."""
+    internal = yaml.safe_load((CHART / "values.yaml").read_text())["secrets"]["internalTls"]
+    identities = set()
+    for workload in _workloads(_objects(rendered[value_set])):
+        pod = workload["spec"]["template"]["spec"]
+        pki = [v["secret"] for v in pod["volumes"] if v.get("secret", {}).get("secretName") == internal]
+        assert len(pki) == 1, workload["metadata"]["name"]
+        keys = [item["key"] for item in pki[0].get("items", [])]
+        own = {key.removeprefix("internal-").removesuffix("-key.pem").removesuffix(".pem") for key in keys} - {"ca"}
+        assert len(own) == 1, (workload["metadata"]["name"], keys)
+        identity = own.pop()
+        assert sorted(keys) == sorted(["internal-ca.pem", f"internal-{identity}.pem", f"internal-{identity}-key.pem"])
+        identities.add(identity)
+        for container in pod["containers"] + pod.get("initContainers", []):
+            for env in container.get("env", []):
+                assert not env.get("value", "").startswith("/run/mesh/pki/internal-") or identity in env["value"] \
+                    or env["value"].endswith("internal-ca.pem"), (workload["metadata"]["name"], env)
+    assert {"edge", "gateway", "router", "triton"} <= identities, identities
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_helm_lint_passes(value_set):
     result = subprocess.run([_tool("helm"), "lint", str(CHART), "--strict", "-f",
                              str(CHART / f"values-{value_set}.yaml")], capture_output=True, text=True, timeout=120)

@@ -38,6 +38,18 @@ exec:
 timeoutSeconds: 5
 {{- end -}}
 
+{{/* One identity's files of the internal PKI Secret, and the CA certificate: whatever else the Secret holds (a
+CA key, another service's key) never enters the pod, so a compromised workload can only be itself. */}}
+{{- define "mesh.identityPki" -}}
+secret:
+  secretName: {{ .root.Values.secrets.internalTls }}
+  defaultMode: 0440
+  items:
+    - {key: internal-ca.pem, path: internal-ca.pem}
+    - {key: internal-{{ .identity }}.pem, path: internal-{{ .identity }}.pem}
+    - {key: internal-{{ .identity }}-key.pem, path: internal-{{ .identity }}-key.pem}
+{{- end -}}
+
 {{- define "mesh.preStop" -}}
 lifecycle:
   preStop:
