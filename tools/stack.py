@@ -119,6 +119,8 @@ class LocalStack:
     _edge_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     # The gateways' read-only user on the cache's Redis (exact hits read directly).
     _cache_reader_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # The default users of both Redises (the cache service's, the rate-limit service's).
+    _redis_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
     @property
     def gateway_address(self) -> str:
@@ -158,16 +160,25 @@ class LocalStack:
         return f"redis://{GATEWAY_READER}:{self._cache_reader_password}@127.0.0.1:{self.ports.redis}/0"
 
     @property
+    def cache_redis_url(self) -> str:
+        return f"redis://:{self._redis_password}@127.0.0.1:{self.ports.redis}/0"
+
+    @property
+    def state_redis_url(self) -> str:
+        return f"redis://:{self._redis_password}@127.0.0.1:{self.ports.state_redis}/0"
+
+    @property
     def retrieval_address(self) -> str:
         return f"127.0.0.1:{self.ports.retrieval}"
 
     def start_redis(self) -> None:
         self.processes["redis"] = start_redis(self.ports.redis, self.run_dir / "redis.log",
-                                              reader_password=self._cache_reader_password)
+                                              reader_password=self._cache_reader_password,
+                                              password=self._redis_password)
 
     def start_state_redis(self) -> None:
         self.processes["redis-state"] = start_redis(self.ports.state_redis, self.run_dir / "redis-state.log",
-                                                    role="state", name="redis-state")
+                                                    role="state", name="redis-state", password=self._redis_password)
 
     def start_milvus(self) -> None:
         if self.milvus_backend == "server":
@@ -292,7 +303,7 @@ class LocalStack:
         cache = self._start(name, {
             "MESH_CACHE_PORT": str(port),
             "MESH_CACHE_METRICS_PORT": str(self.ports.cache_metrics if name == "cache" else 0),
-            "MESH_CACHE_REDIS_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
+            "MESH_CACHE_REDIS_URL": self.cache_redis_url,
             "MESH_CACHE_MILVUS_URI": f"http://127.0.0.1:{self.ports.milvus}",
             "MESH_CACHE_ROUTER_ADDRESS": self.router_address,
             **(env or {}),
@@ -306,7 +317,7 @@ class LocalStack:
         ratelimit = self._start("ratelimit", {
             "MESH_RATELIMIT_PORT": str(self.ports.ratelimit),
             "MESH_RATELIMIT_METRICS_PORT": str(self.ports.ratelimit_metrics),
-            "MESH_RATELIMIT_REDIS_URL": f"redis://127.0.0.1:{self.ports.state_redis}/0",
+            "MESH_RATELIMIT_REDIS_URL": self.state_redis_url,
             "MESH_RATELIMIT_TENANTS_FILE": str(self.tenants_file),
         })
         wait_grpc_serving(self.ratelimit_address, ratelimit, 30, self.admin_credentials())
@@ -360,7 +371,8 @@ class LocalStack:
         self.processes.clear()
 
 
-def _up(args: argparse.Namespace) -> None:
+def local_stack(args: argparse.Namespace) -> LocalStack:
+    """`make up`'s stack: fixed ports, internal mTLS unless --plaintext-internal."""
     ports = StackPorts(args.gateway_port, args.router_port,
                        [TritonPorts(args.triton_grpc_port, args.triton_grpc_port - 1, args.triton_grpc_port + 1)],
                        cache=50053, redis=6379, milvus=19530, gateway_metrics=9101, cache_metrics=9103,
@@ -368,7 +380,12 @@ def _up(args: argparse.Namespace) -> None:
                        edge=args.edge_port, edge_admin=9901, ratelimit=50055, ratelimit_metrics=9105,
                        router_metrics=9102, retrieval_metrics=9104, edge_metrics=9902,
                        state_redis=6380, gateway_http=[8080, 8090])
-    stack = LocalStack(ROOT / "run", ports, internal_tls=args.internal_tls)
+    return LocalStack(ROOT / "run", ports, internal_tls=not args.plaintext_internal)
+
+
+def _up(args: argparse.Namespace) -> None:
+    stack = local_stack(args)
+    ports = stack.ports
     print("starting Triton, router, milvus-lite, retrieval, Redis, cache, rate limits, 2 gateways and Envoy "
           "(logs in run/) ...", flush=True)
     stack.start()
@@ -377,6 +394,8 @@ def _up(args: argparse.Namespace) -> None:
                                                                             stack.processes.values()]))
     t = ports.tritons[0]
     pki = stack.pki
+    internal = (f"mTLS (an admin client: {pki.internal_cert('mesh-admin').relative_to(ROOT)} and its key; "
+                "--plaintext-internal turns it off)") if stack.internal_tls else "PLAINTEXT (--plaintext-internal)"
     print(f"""
 inference mesh is up
   edge (public: TLS, JWT or API key, rate limits): {stack.edge_address}   (Envoy admin 127.0.0.1:{ports.edge_admin})
@@ -388,6 +407,7 @@ inference mesh is up
   rate limits + token budgets (internal):  {stack.ratelimit_address}  redis (noeviction) :{ports.state_redis}
   triton:                                  grpc 127.0.0.1:{t.grpc}  http :{t.http}  metrics :{t.metrics}
   CA certificate (trust it):               {pki.ca_cert.relative_to(ROOT)}
+  internal hops:                           {internal}
   dev API key:                             mesh-dev-key    (a JWT: .venv/bin/python -m tools.pki mint --tenant dev)
 
 try it:
@@ -444,7 +464,7 @@ def _down(_: argparse.Namespace) -> None:
     print("stopped")
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(required=True)
     up = sub.add_parser("up", help="start the stack in the foreground")
@@ -452,12 +472,17 @@ def main() -> None:
     up.add_argument("--gateway-port", type=int, default=50051)
     up.add_argument("--router-port", type=int, default=50052)
     up.add_argument("--triton-grpc-port", type=int, default=8001)
-    up.add_argument("--internal-tls", action="store_true",
-                    help="mTLS on every internal hop, as in compose (internal calls then need run/pki/internal-*)")
+    up.add_argument("--plaintext-internal", action="store_true",
+                    help="internal hops in plaintext on loopback, without mTLS: any local process may then call the "
+                         "router, cache and retrieval directly as any tenant (measured cost of mTLS: BENCHMARKS.md)")
     up.set_defaults(func=_up)
     down = sub.add_parser("down", help="stop a stack started by `up`")
     down.set_defaults(func=_down)
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = arguments()
     args.func(args)
 
 

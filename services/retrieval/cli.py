@@ -1,4 +1,5 @@
-"""`python -m services.retrieval ingest DIR`: upsert every .txt and .md file under DIR through the gateway."""
+"""`python -m services.retrieval ingest DIR`: upsert every .txt and .md file under DIR through the public edge
+(Envoy, TLS), where the caller's key is checked, rate-limited and metered like any other call."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def batches(root: Path, files: list[Path], size: int) -> Iterator[retrieval_pb2.
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.retrieval ingest", description=__doc__)
     parser.add_argument("directory", type=Path)
-    parser.add_argument("--gateway", default="127.0.0.1:50051")
+    parser.add_argument("--edge", default="localhost:8443", help="the mesh's public address (Envoy)")
+    parser.add_argument("--ca", type=Path, default=Path("run/pki/ca.pem"),
+                        help="the CA certificate to trust for the edge (make up's own: run/pki/ca.pem)")
     parser.add_argument("--api-key", default=os.environ.get("MESH_API_KEY", "mesh-dev-key"))
     parser.add_argument("--batch", type=int, default=16, help="documents per streamed batch")
     args = parser.parse_args(argv)
@@ -52,8 +55,10 @@ def main(argv: list[str]) -> None:
     files = find_documents(args.directory)
     if not files:
         parser.error(f"no .txt or .md files under {args.directory}")
+    if not args.ca.is_file():
+        parser.error(f"{args.ca} is missing: start the stack (make up) or give --ca")
     started = time.monotonic()
-    with grpc.insecure_channel(args.gateway) as channel:
+    with grpc.secure_channel(args.edge, grpc.ssl_channel_credentials(args.ca.read_bytes())) as channel:
         stub = mesh_pb2_grpc.InferenceMeshStub(channel)
         try:
             summary = stub.UpsertDocuments(batches(args.directory, files, args.batch),

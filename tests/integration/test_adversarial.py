@@ -516,13 +516,37 @@ def test_a_long_session_id_is_refused(channel):
 def test_state_that_must_not_be_lost_is_never_evicted(stack):
     import redis
 
-    state = redis.Redis(host="127.0.0.1", port=stack.ports.state_redis)
-    cache = redis.Redis(host="127.0.0.1", port=stack.ports.redis)
+    state = redis.Redis.from_url(stack.state_redis_url)
+    cache = redis.Redis.from_url(stack.cache_redis_url)
     assert state.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
     assert state.config_get("appendonly")["appendonly"] == "yes"
     assert cache.config_get("maxmemory-policy")["maxmemory-policy"] == "allkeys-lru"
     # Limits and budgets live in the state store: their keys are there, not in the LRU cache.
     assert any(state.scan_iter(count=1000)), "no rate-limit or budget state in the state Redis"
+
+
+def test_a_local_process_without_the_password_gets_nothing_from_either_redis(stack):
+    """Found on `make up`: both Redises answered anyone on loopback (read cached answers, reset budgets)."""
+    import redis
+
+    for port in (stack.ports.redis, stack.ports.state_redis):
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=2).get("anything")
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, password="mesh").ping()
+
+
+def test_neither_the_envoy_config_nor_its_admin_dump_holds_the_edge_secret(stack):
+    """The edge secret makes a gateway trust a tenant header: in a world-readable run/envoy.yaml or Envoy admin's
+    config dump, a local user could forge any tenant. Envoy now reads it from its environment."""
+    import urllib.request
+
+    secret = stack.edge_settings().edge_secret
+    config = stack.run_dir / "envoy.yaml"
+    assert config.stat().st_mode & 0o077 == 0, oct(config.stat().st_mode)
+    assert secret not in config.read_text() and "%ENVIRONMENT(MESH_EDGE_SECRET)%" in config.read_text()
+    dump = urllib.request.urlopen(f"http://127.0.0.1:{stack.ports.edge_admin}/config_dump", timeout=5).read()
+    assert secret.encode() not in dump and b"x-mesh-edge-secret" in dump
 
 
 def test_control_tokens_in_a_message_are_text_not_a_new_turn(edge):

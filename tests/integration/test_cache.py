@@ -110,7 +110,7 @@ def test_gateways_read_exact_hits_from_redis_as_a_user_that_can_only_read(mesh, 
     assert service_metric(stack.ports.cache_metrics, "mesh_cache_lookups_total", kind="response") == \
         served_by_cache, "a direct hit never reaches the cache service"
 
-    admin = redis.Redis(port=stack.ports.redis)
+    admin = redis.Redis.from_url(stack.cache_redis_url)
     reader = redis.Redis.from_url(stack.cache_reader_url)
     try:
         entry = next(iter(admin.scan_iter(match="mesh:resp:*")))
@@ -206,7 +206,7 @@ def test_a_reported_wrong_hit_never_answers_that_question_again(mesh, stack):
     _, again = generate(mesh, probe)
     assert status_of(again) == mesh_pb2.CACHE_STATUS_MISS
     assert _refused(stack, "reported") >= 1
-    negatives = [json.loads(raw) for raw in redis.Redis(port=stack.ports.redis).lrange(NEGATIVES_KEY, 0, -1)]
+    negatives = [json.loads(raw) for raw in redis.Redis.from_url(stack.cache_redis_url).lrange(NEGATIVES_KEY, 0, -1)]
     assert {"question": "How long should I boil an egg for a soft yolk?", "entry": entry,
             "candidate": "How long do I boil an egg for a soft yolk?"}.items() <= negatives[0].items()
     with pytest.raises(grpc.RpcError) as malformed:
@@ -364,7 +364,7 @@ def test_expired_entries_are_never_served(stack, tmp_path):
     port = free_port()
     short_lived = start_service("services.cache", "cache-ttl", {
         "MESH_CACHE_PORT": str(port), "MESH_CACHE_METRICS_PORT": "0",
-        "MESH_CACHE_REDIS_URL": f"redis://127.0.0.1:{stack.ports.redis}/0",
+        "MESH_CACHE_REDIS_URL": stack.cache_redis_url,
         "MESH_CACHE_MILVUS_URI": f"http://127.0.0.1:{stack.ports.milvus}",
         "MESH_CACHE_ROUTER_ADDRESS": stack.router_address,
         "MESH_CACHE_RESPONSE_TTL_S": "2", "MESH_CACHE_DRAIN_DELAY_S": "0",

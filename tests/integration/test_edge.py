@@ -343,7 +343,7 @@ async def test_month_budget_resets_with_the_calendar_month(stack):
     config = TenantConfig(tiers={"t": Tier(requests_per_minute=60, burst=5, tokens_per_month=1000)},
                           tenants=[Tenant(id="acme", tier="t")])
     now = [dt.datetime(2026, 1, 31, 23, 59, tzinfo=dt.UTC)]
-    store = LimitStore(f"redis://127.0.0.1:{stack.ports.state_redis}/0", "test-month", 1.0)
+    store = LimitStore(stack.state_redis_url, "test-month", 1.0)
     service = TokenBudgetService(config, store, clock=lambda: now[0])
     try:
         await store.reset("acme")
@@ -450,7 +450,7 @@ async def test_reservations_hold_the_worst_case_settle_the_rest_and_expire_when_
     config = TenantConfig(tiers={"t": Tier(requests_per_minute=60, burst=5, tokens_per_minute=600,
                                            tokens_per_month=10_000)},
                           tenants=[Tenant(id="acme", tier="t")])
-    store = LimitStore(f"redis://127.0.0.1:{stack.ports.state_redis}/0", "test-reserve", 1.0)
+    store = LimitStore(stack.state_redis_url, "test-reserve", 1.0)
     service = TokenBudgetService(config, store)
 
     def reserve(tokens: int, ttl_s: int = 60) -> quota_pb2.BudgetReserveRequest:

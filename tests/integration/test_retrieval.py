@@ -286,7 +286,8 @@ def test_ingest_command_line(stack, tmp_path):
     (tmp_path / "tides.txt").write_text("Tides are caused mainly by the gravitational pull of the Moon.")
     (tmp_path / "ignored.pdf").write_text("not a text document")
     done = subprocess.run([sys.executable, "-m", "services.retrieval", "ingest", str(tmp_path),
-                           "--gateway", stack.gateway_address, "--api-key", KEYS["tenant-b"]],
+                           "--edge", stack.edge_address, "--ca", str(stack.pki.ca_cert),
+                           "--api-key", KEYS["tenant-b"]],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env={**SERVICE_ENV, "PATH": ""})
     assert done.returncode == 0, done.stderr
     assert "ingested 2 documents, 2 chunks in" in done.stdout

@@ -323,3 +323,10 @@ def test_a_party_holds_at_most_its_share_of_the_places():
     for party in ("a", "a", "b", "b", None, None, None, None):
         shedder.release(party)
     assert shedder.in_flight == 0 and not shedder._held
+
+
+def test_make_up_runs_internal_mtls_unless_told_otherwise():
+    from tools.stack import arguments, local_stack
+
+    assert local_stack(arguments(["up"])).internal_tls
+    assert not local_stack(arguments(["up", "--plaintext-internal"])).internal_tls
