@@ -26,7 +26,7 @@ from services.cache.verify import conflict
 from services.common import cache_keys as keys
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
-from services.common.errors import invalid, unavailable
+from services.common.errors import internal_failure, invalid, unavailable
 from services.common.semantic_calibration import SemanticCalibration, UncalibratedBudget
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _redis_answers() -> Iterator[None]:
         yield
     except RedisError as exc:
         metrics.BACKEND_ERRORS.labels("redis").inc()
-        raise unavailable(f"redis unavailable: {exc}") from exc
+        raise internal_failure("the cache's Redis is unavailable", exc) from exc
 
 
 class _VectorMemo:
@@ -257,7 +257,7 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
             candidate_text = await self._index.text_of(request.semantic_entry, request.scope.tenant)
         except Exception as exc:  # pymilvus raises several types
             metrics.BACKEND_ERRORS.labels("milvus").inc()
-            raise unavailable(f"the semantic index did not answer: {exc}") from exc
+            raise internal_failure("the semantic index did not answer", exc) from exc
         if candidate_text is None:
             return cache_pb2.ReportWrongHitReply(recorded=False)
         with _redis_answers():

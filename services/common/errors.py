@@ -6,13 +6,23 @@ reader here as well.
 
 from __future__ import annotations
 
+import logging
 import math
+import re
+import uuid
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
 
 from services.common.handler_wrapping import HandlerInterceptor, Stream, Unary
+
+log = logging.getLogger(__name__)
+# The request a task serves (the gateway's request id, carried to every hop in x-request-id): what a caller quotes
+# and what every service's log lines carry.
+REQUEST_ID: ContextVar[str] = ContextVar("mesh_request_id", default="")
+_REQUEST_ID_SHAPE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class MeshError(Exception):
@@ -31,6 +41,26 @@ def invalid(message: str) -> MeshError:
 
 def unavailable(message: str) -> MeshError:
     return MeshError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def adopt_request_id(metadata) -> None:
+    """The x-request-id a call carries becomes this task's (ignored unless it is a plain id: it goes into logs);
+    none: the task's is cleared (an HTTP connection's task serves one request after another)."""
+    for key, value in metadata or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID_SHAPE.match(value):
+            REQUEST_ID.set(value)
+            return
+    REQUEST_ID.set("")
+
+
+def internal_failure(public: str, detail: BaseException | str,
+                     code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> MeshError:
+    """What a caller is told of a failure inside the mesh: what failed and the request id to find it by. The
+    detail (a dependency's own words: Milvus, Redis, a traceback) is logged here, never sent: it can name
+    hosts, collections, keys or code."""
+    reference = REQUEST_ID.get() or uuid.uuid4().hex
+    log.warning("internal failure", extra={"request_id": reference, "failure": public, "detail": str(detail)[:2000]})
+    return MeshError(code, f"{public}; request id {reference} (the detail is in the mesh's logs)")
 
 
 # Codes a stream error may name; anything else from a model is its own failure (INTERNAL).
@@ -54,22 +84,41 @@ def from_stream_error(text: str, retry_after_s: float = 0.0) -> MeshError:
     return MeshError(grpc.StatusCode.INTERNAL, f"model error: {text}")
 
 
+def _unexpected(exc: Exception, method: str) -> MeshError:
+    log.error("unexpected error", exc_info=exc, extra={"method": method, "request_id": REQUEST_ID.get()})
+    return internal_failure(f"{method} failed inside the mesh", f"{type(exc).__name__}: {exc}",
+                            grpc.StatusCode.INTERNAL)
+
+
 class AnswersMeshErrors(HandlerInterceptor):
-    """Turns a MeshError raised by any handler into its status, with its message and trailing metadata."""
+    """Turns a MeshError raised by any handler into its status, with its message and trailing metadata; anything
+    else is a bug, answered INTERNAL with the request id (grpc would send the exception's own text)."""
 
     def around_unary(self, inner: Unary, method: str) -> Unary:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            adopt_request_id(context.invocation_metadata())
             try:
                 return await inner(request, context)
             except MeshError as exc:
                 await context.abort(exc.code, exc.message, exc.trailing)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                error = _unexpected(exc, method)
+                await context.abort(error.code, error.message)
         return unary
 
     def around_stream(self, inner: Stream, method: str) -> Stream:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            adopt_request_id(context.invocation_metadata())
             try:
                 async for response in inner(request, context):
                     yield response
             except MeshError as exc:
                 await context.abort(exc.code, exc.message, exc.trailing)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                error = _unexpected(exc, method)
+                await context.abort(error.code, error.message)
         return stream

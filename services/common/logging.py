@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from services.common.errors import REQUEST_ID
 from services.common.telemetry import current_trace_id
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -29,6 +30,8 @@ class JsonFormatter(logging.Formatter):
         trace_id = current_trace_id()
         if trace_id:
             entry["trace_id"] = trace_id
+        if request_id := REQUEST_ID.get():
+            entry["request_id"] = request_id
         entry.update({k: v for k, v in record.__dict__.items() if k not in _RESERVED})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

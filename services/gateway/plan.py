@@ -8,6 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
+from services.common.errors import REQUEST_ID
 from services.common.wire import COST_HEADER, PRIORITY_HEADER, SHARE_WEIGHT_HEADER, TENANT_HEADER
 from services.gateway.auth import Caller
 from services.gateway.routing_hints import with_version
@@ -54,6 +55,7 @@ def plan_request(caller: Caller, model: models_pb2.ModelInfo, request_id: str, t
     model = with_version(model, session or caller.tenant)
     metadata = mesh_pb2.ResponseMetadata(request_id=request_id or uuid.uuid4().hex, model=model.name,
                                          tenant=caller.tenant, model_group=group)
+    REQUEST_ID.set(metadata.request_id)
     return RequestPlan(caller, model, metadata, timeout_s, affinity, priority, max(1, cost))
 
 

@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from inference_mesh.edge import envoy_ratelimit_pb2 as rls
 from inference_mesh.edge import envoy_ratelimit_pb2_grpc
-from services.common.errors import MeshError
+from services.common.errors import MeshError, internal_failure
 from services.common.tenants import TenantConfig
 from services.ratelimit import metrics
 from services.ratelimit.buckets import BucketState
@@ -89,7 +89,7 @@ class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
                         f"requests/min with a burst of {tier.burst}; retry after {retry_after} s").encode()
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("envoy_rls").inc()
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"rate-limit store (Redis) unavailable: {exc}") from exc
+            raise internal_failure("rate-limit store (Redis) unavailable", exc) from exc
         finally:
             metrics.DECISION_SECONDS.labels("envoy_rls").observe(time.perf_counter() - started)
         return reply

@@ -10,7 +10,7 @@ import grpc
 from redis.exceptions import RedisError
 
 from inference_mesh.v1 import quota_pb2, quota_pb2_grpc
-from services.common.errors import MeshError
+from services.common.errors import MeshError, internal_failure
 from services.common.tenants import Tenant, TenantConfig, Tier
 from services.ratelimit import metrics
 from services.ratelimit.buckets import LimitStore, seconds_to_next_month
@@ -58,7 +58,7 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
                     reply.retry_after.CopyFrom(as_duration(seconds_to_next_month(now)))
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("token_budget").inc()
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}") from exc
+            raise internal_failure("token-budget store (Redis) unavailable", exc) from exc
         finally:
             metrics.DECISION_SECONDS.labels("token_budget").observe(time.perf_counter() - started)
         metrics.BUDGET_DECISIONS.labels(tenant.tier, "ok" if reply.allowed else "exhausted").inc()
@@ -78,7 +78,7 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
                 reply.month_used = await self._store.charge_month(tenant.id, request.tokens, self._clock())
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("token_budget").inc()
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}") from exc
+            raise internal_failure("token-budget store (Redis) unavailable", exc) from exc
         metrics.TOKENS_CHARGED.labels(tenant.tier).inc(request.tokens)
         return reply
 
@@ -96,7 +96,7 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
                                              request.tokens, ttl_s, now)
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("token_budget").inc()
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}") from exc
+            raise internal_failure("token-budget store (Redis) unavailable", exc) from exc
         check = quota_pb2.BudgetCheckReply(allowed=held.allowed, minute_remaining=max(0, int(held.minute_level)),
                                            month_remaining=max(0, tier.tokens_per_month - held.month_used))
         if held.refused_window == 1:
@@ -118,7 +118,7 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
                                                request.reservation, request.used_tokens, self._clock())
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("token_budget").inc()
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, f"token-budget store (Redis) unavailable: {exc}") from exc
+            raise internal_failure("token-budget store (Redis) unavailable", exc) from exc
         metrics.TOKENS_CHARGED.labels(tenant.tier).inc(request.used_tokens)
         return quota_pb2.BudgetSettleReply(settled=settled)
 

@@ -13,7 +13,7 @@ from tritonclient.grpc import service_pb2_grpc
 from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
-from services.common.errors import MeshError, invalid, unavailable
+from services.common.errors import MeshError, internal_failure, invalid, unavailable
 from services.common.lexical import lexical_text, unglue
 from services.retrieval.chunking import Chunker
 from services.retrieval.filters import FilterError, render, to_milvus
@@ -52,7 +52,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
 
     async def _milvus_unavailable(self, exc: Exception) -> None:
         await self._index.mark_unavailable()
-        raise unavailable(f"vector database unavailable: {exc}")
+        raise internal_failure("vector database unavailable", exc)
 
     async def _embed(self, texts: list[str], context: grpc.aio.ServicerContext) -> list[list[float]]:
         try:

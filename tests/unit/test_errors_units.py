@@ -80,3 +80,43 @@ async def test_trailing_metadata_reaches_the_caller():
             await channel.unary_unary("/test.Errors/Budget")(b"", timeout=5)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert ("retry-after", "3") in tuple(refused.value.trailing_metadata())
+
+
+async def test_a_bug_answers_internal_with_the_request_id_never_its_own_text(caplog):
+    """grpc sends an unexpected exception's text ("Unexpected <class 'KeyError'>: ...") to the caller: it can name
+    hosts, collections or code. The mesh answers INTERNAL with the request id, and logs the text under that id."""
+    async def crash(request: bytes, context) -> bytes:
+        raise KeyError("milvus://10.0.3.7:19530/collection mesh_chunks_v7")
+
+    async def crash_streaming(request: bytes, context):
+        yield b"first"
+        raise RuntimeError("redis://:hunter2@10.0.3.9:6379 refused")
+
+    async with serving({"Crash": grpc.unary_unary_rpc_method_handler(crash),
+                        "CrashStream": grpc.unary_stream_rpc_method_handler(crash_streaming)}) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as crashed:
+            await channel.unary_unary("/test.Errors/Crash")(b"", timeout=5,
+                                                            metadata=(("x-request-id", "req-42"),))
+        with pytest.raises(grpc.aio.AioRpcError) as cut:
+            async for _ in channel.unary_stream("/test.Errors/CrashStream")(b"", timeout=5):
+                pass
+    assert crashed.value.code() == cut.value.code() == grpc.StatusCode.INTERNAL
+    assert "request id req-42" in crashed.value.details() and "10.0.3" not in crashed.value.details()
+    assert "10.0.3" not in cut.value.details() and "hunter2" not in cut.value.details()
+    logged = [r for r in caplog.records if getattr(r, "request_id", "") == "req-42" and hasattr(r, "detail")]
+    assert logged and "mesh_chunks_v7" in logged[0].detail
+
+
+def test_a_hops_own_failure_is_not_relayed_to_the_caller():
+    from services.gateway.errors import from_rpc_error
+
+    class Failed(grpc.aio.AioRpcError):
+        def __init__(self, code: grpc.StatusCode, details: str) -> None:
+            super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+    internal = from_rpc_error(Failed(grpc.StatusCode.UNKNOWN, "Unexpected <class 'KeyError'>: 'pk'"), "retrieval")
+    assert internal.code == grpc.StatusCode.UNKNOWN and "KeyError" not in internal.message
+    assert internal.message.startswith("retrieval failed; request id")
+    # What a hop wrote for callers still reaches them.
+    refused = from_rpc_error(Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "every replica at its bound"), "router")
+    assert refused.message == "router: every replica at its bound"

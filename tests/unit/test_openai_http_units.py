@@ -172,3 +172,19 @@ async def test_a_gateway_at_capacity_sheds_with_retry_after():
         await client.close()
     assert response.status == 429 and response.headers["retry-after"] == "1"
     assert health.status == 200, "health checks are never shed"
+
+
+async def test_a_bug_is_a_500_in_openais_shape_with_the_request_id_and_none_of_its_text():
+    class Crashing(ScriptedCore):
+        async def generate(self, caller, request, remaining_s):
+            raise KeyError("milvus://10.0.3.7:19530 mesh_chunks_v7")
+
+    client = await _client(Crashing(["a"]))
+    try:
+        response = await client.post("/v1/chat/completions", json=CHAT,
+                                     headers={**HEADERS, "x-request-id": "req-7"})
+        body = await response.json()
+    finally:
+        await client.close()
+    assert response.status == 500 and body["error"]["type"] == "server_error"
+    assert "request id req-7" in body["error"]["message"] and "10.0.3" not in body["error"]["message"]

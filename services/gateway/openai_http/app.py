@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from inference_mesh.v1 import mesh_pb2, models_pb2
-from services.common.errors import MeshError
+from services.common.errors import MeshError, adopt_request_id, internal_failure
 from services.common.internal_tls import peer_identity_of_certificate, refusal
 from services.common.shedding import LoadShedder
 from services.common.telemetry import http_server_span
@@ -122,6 +122,7 @@ class OpenAIApi:
         started = time.perf_counter()
         entered, party = False, None
         status = 500
+        adopt_request_id(((key.lower(), value) for key, value in request.headers.items()))
         try:
             with http_server_span(request.method, route, request.headers):
                 self._check_peer(request)
@@ -147,6 +148,15 @@ class OpenAIApi:
         except OpenAIError as exc:
             status = exc.kind.status
             return _error_response(exc)
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            # A bug: its text (a traceback's last line) is not for the caller; the log has it, by request id.
+            log.error("unexpected error", exc_info=exc, extra={"route": route})
+            error = from_mesh_error(internal_failure(f"{request.method} {route} failed inside the mesh",
+                                                     f"{type(exc).__name__}: {exc}", grpc.StatusCode.INTERNAL))
+            status = error.kind.status
+            return _error_response(error)
         finally:
             if entered:
                 self._shedder.release(party)
