@@ -33,7 +33,9 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         # The KServe metering test's own month budget.
         "tenant-metered-kserve": "test-key-tenant-metered-kserve",
         # The storage quota test's own: a tier that keeps 6 vectors.
-        "tenant-storage": "test-key-tenant-storage"}
+        "tenant-storage": "test-key-tenant-storage",
+        # The OpenAPI fuzz's own: many requests, few tokens (a generation the fuzz starts is short or refused).
+        "tenant-fuzz": "test-key-tenant-fuzz"}
 # Request limits: the production tiers' own (config/tenants.yaml). Token budgets: large, except for the budget
 # test's own tier, so that no other test runs out.
 _PRODUCTION = yaml.safe_load((Path(__file__).parent.parent / "config" / "tenants.yaml").read_text())["tiers"]
@@ -47,6 +49,7 @@ TIERS = {
     "bulk-double": {"requests_per_minute": 100_000, "burst": 10_000, "share_weight": 2.0},
     "metered": {"requests_per_minute": 1000, "burst": 50, "tokens_per_minute": 1_000_000,
                 "tokens_per_month": 10_000_000},
+    "fuzz": {"requests_per_minute": 100_000, "burst": 10_000, "tokens_per_minute": 300},
     "storage-small": {"requests_per_minute": 1000, "burst": 50, "tokens_per_minute": 1_000_000,
                       "tokens_per_month": 10_000_000, "max_stored_vectors": 6},
 }
@@ -56,7 +59,8 @@ TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": 
                 "tenant-openai-limited": "tiny", "tenant-openai-budget": "small-budget",
                 "tenant-heavy": "bulk-double", "tenant-light": "bulk", "tenant-quiet": "bulk", "tenant-flood": "bulk",
                 "tenant-reserve": "small-budget", "tenant-metered": "metered",
-                "tenant-metered-kserve": "metered", "tenant-storage": "storage-small"}
+                "tenant-metered-kserve": "metered", "tenant-storage": "storage-small",
+                "tenant-fuzz": "fuzz"}
 
 
 def write_tenants(path: Path) -> Path:

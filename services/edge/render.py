@@ -245,13 +245,17 @@ def _listener(s: EdgeSettings) -> dict[str, Any]:
         codec_type="AUTO",
         use_remote_address=True,
         # Envoy's edge best practices: small windows and few streams per connection bound what one client
-        # can make Envoy buffer; headers with underscores and escaped slashes are refused rather than guessed.
+        # can make Envoy buffer; headers with underscores are dropped and escaped slashes refused, never guessed.
         http2_protocol_options={"max_concurrent_streams": s.limits.max_concurrent_streams,
                                 "initial_stream_window_size": s.limits.stream_window_bytes,
                                 "initial_connection_window_size": s.limits.connection_window_bytes},
         common_http_protocol_options={"max_stream_duration": _seconds(s.max_stream_duration_s),
                                       "idle_timeout": _seconds(s.limits.connection_idle_timeout_s),
-                                      "headers_with_underscores_action": "REJECT_REQUEST",
+                                      # Dropped, not refused: no upstream ever sees x_mesh_tenant for
+                                      # x-mesh-tenant either way, and a refusal is the HTTP/1 codec's own plain
+                                      # "Bad Request", which local_reply_config cannot put in OpenAI's shape
+                                      # (found by the OpenAPI fuzz).
+                                      "headers_with_underscores_action": "DROP_HEADER",
                                       "max_headers_count": s.limits.max_headers_count},
         max_request_headers_kb=s.limits.max_request_headers_kb,
         request_headers_timeout=_seconds(s.limits.request_headers_timeout_s),

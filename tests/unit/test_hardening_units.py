@@ -61,7 +61,7 @@ def test_the_edge_renders_envoys_edge_best_practices():
     h2 = manager["http2_protocol_options"]
     assert (h2["max_concurrent_streams"], h2["initial_stream_window_size"], h2["initial_connection_window_size"]) \
         == (100, 65_536, 1_048_576)
-    assert manager["common_http_protocol_options"]["headers_with_underscores_action"] == "REJECT_REQUEST"
+    assert manager["common_http_protocol_options"]["headers_with_underscores_action"] == "DROP_HEADER"
     assert manager["normalize_path"] and manager["merge_slashes"] and manager["request_headers_timeout"]
     assert public["per_connection_buffer_limit_bytes"] == 32_768
     assert {m["name"] for m in config["overload_manager"]["resource_monitors"]} == {

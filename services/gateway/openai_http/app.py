@@ -22,7 +22,7 @@ from services.common.shedding import LoadShedder
 from services.common.telemetry import http_server_span
 from services.gateway.auth import Authenticator, Caller
 from services.gateway.core import Generation, MeshCore
-from services.gateway.openai_http import convert
+from services.gateway.openai_http import convert, openapi
 from services.gateway.openai_http.errors import (
     NOT_A_ROUTE,
     REQUEST_TOO_LARGE,
@@ -109,6 +109,7 @@ class OpenAIApi:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/openapi.json", self.openapi)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/mesh/cache/wrong-hit", self.report_wrong_hit)
@@ -245,6 +246,10 @@ class OpenAIApi:
                 return web.Response(body=_json(entry), content_type="application/json")
         raise from_mesh_error(MeshError(grpc.StatusCode.NOT_FOUND, f"The model {name!r} does not exist; "
                                         "GET /v1/models lists the models this key can use"))
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The API's description is public (no key): a client generator needs it before it has one."""
+        return web.Response(body=_json(openapi.document()), content_type="application/json")
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self._is_ready() else 503, text="ok" if self._is_ready() else "not ready")
