@@ -21,7 +21,7 @@ from tools.pki import ensure_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_NAMES = ("MESH_EDGE_SECRET", "REDIS_PASSWORD", "REDIS_GATEWAY_PASSWORD", "MINIO_ROOT_USER",
-                "MINIO_ROOT_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
+                "MINIO_ROOT_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "TRITON_HTTP_KEY")
 
 
 def new_secrets() -> dict[str, str]:

@@ -27,7 +27,15 @@ from tools.backends import MILVUS_SERVER_PORTS, start_milvus_lite, start_milvus_
 from tools.edge import start_envoy, wait_edge_ready
 from tools.pki import Pki, ensure_pki
 from tools.processes import ManagedProcess, free_port, wait_grpc_serving
-from tools.triton import MODEL_REPOSITORY, ROOT, TritonInstall, TritonPorts, registry_models, wait_triton_ready
+from tools.triton import (
+    MODEL_REPOSITORY,
+    ROOT,
+    TritonInstall,
+    TritonPorts,
+    registry_models,
+    restricted_http_arg,
+    wait_triton_ready,
+)
 
 SERVICE_ENV = {"PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}", "PYTHONUNBUFFERED": "1"}
 
@@ -119,6 +127,8 @@ class LocalStack:
     _edge_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     # The gateways' read-only user on the cache's Redis (exact hits read directly).
     _cache_reader_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # The header value Triton's HTTP APIs (all but health) need: nothing in the mesh uses them.
+    _triton_http_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     # The default users of both Redises (the cache service's, the rate-limit service's).
     _redis_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
 
@@ -238,7 +248,7 @@ class LocalStack:
                 "OTEL_SERVICE_NAME": name}
 
     def triton_args(self, index: int) -> list[str]:
-        args = []
+        args = [restricted_http_arg(self._triton_http_key)]
         if self.internal_tls:
             # Triton's gRPC with SSL and client certificates from the internal CA: only the router gets in.
             tls = self.internal_tls_of("triton")

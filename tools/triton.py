@@ -178,6 +178,18 @@ class TritonInstall:
         return ManagedProcess(name, argv + (extra_args or []), log_path, env=env)
 
 
+# Triton's HTTP port has no TLS: every API on it but health (what probes and readiness checks read) needs a header
+# only the deployment knows. The mesh itself calls Triton over gRPC with mTLS. The categories are Triton's own
+# (server src/restricted_features.h, RESTRICTED_CATEGORY_NAMES; checked against the tritonserver here).
+RESTRICTED_HTTP_APIS = ("inference", "model-repository", "metadata", "model-config", "shared-memory", "statistics",
+                        "trace", "logging")
+RESTRICTED_HTTP_HEADER = "x-mesh-restricted"
+
+
+def restricted_http_arg(key: str) -> str:
+    return f"--http-restricted-api={','.join(RESTRICTED_HTTP_APIS)}:{RESTRICTED_HTTP_HEADER}={key}"
+
+
 def wait_triton_ready(process: ManagedProcess, ports: TritonPorts, timeout_s: float = 120.0) -> None:
     wait_http_ok(f"http://127.0.0.1:{ports.http}/v2/health/ready", process, timeout_s)
 

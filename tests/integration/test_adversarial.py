@@ -549,6 +549,23 @@ def test_neither_the_envoy_config_nor_its_admin_dump_holds_the_edge_secret(stack
     assert secret.encode() not in dump and b"x-mesh-edge-secret" in dump
 
 
+def test_tritons_plaintext_http_port_answers_only_health(stack):
+    """Triton's HTTP port has no TLS: any local process could run inference or read model configs around the mesh.
+    Every API on it but health now needs a header the stack keeps to itself."""
+    import urllib.error
+    import urllib.request
+
+    http = f"http://127.0.0.1:{stack.ports.tritons[0].http}"
+    assert urllib.request.urlopen(f"{http}/v2/health/ready", timeout=5).status == 200
+    body = b'{"inputs": [{"name": "messages", "shape": [1], "datatype": "BYTES", "data": ["hi"]}]}'
+    for path, data in (("/v2/models/smollm2", None), ("/v2/models/smollm2/config", None),
+                       ("/v2/models/smollm2/infer", body), ("/v2/repository/index", b"{}"),
+                       ("/v2/models/stats", None)):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(urllib.request.Request(f"{http}{path}", data=data), timeout=5)
+        assert refused.value.code == 403, (path, refused.value.code)
+
+
 def test_control_tokens_in_a_message_are_text_not_a_new_turn(edge):
     # Spelled out in a message, <|im_start|> and <|im_end|> must reach the model as text (several tokens each),
     # never as the one control token that would close the user's turn and open a system turn.

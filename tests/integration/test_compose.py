@@ -291,6 +291,17 @@ def test_each_container_holds_only_its_own_key_and_the_ca_certificate(profile):
             assert not keys, (name, held)
 
 
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_every_triton_restricts_its_plaintext_http_apis(profile):
+    from tools.triton import restricted_http_arg
+
+    services = resolved(profile)["services"]
+    tritons = [name for name in services if name.startswith("triton-")]
+    assert tritons
+    for name in tritons:
+        assert restricted_http_arg(COMPOSE_SECRETS["TRITON_HTTP_KEY"]) in services[name]["command"], name
+
+
 def test_compose_serves_a_fresh_key_never_the_development_one(tmp_path):
     env = tmp_path / ".env"
     write_env(env)

@@ -363,6 +363,21 @@ def test_each_workload_mounts_only_its_own_key_and_the_ca_certificate(rendered, 
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_tritons_plaintext_http_port_serves_only_health_without_a_header(rendered, value_set):
+    from tools.triton import restricted_http_arg
+
+    tritons = [w for w in _workloads(_objects(rendered[value_set])) if _component(w["metadata"]["labels"])
+               .startswith("triton")]
+    assert tritons
+    for workload in tritons:
+        container = next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "triton")
+        assert restricted_http_arg("$(MESH_TRITON_HTTP_KEY)") in container["args"]
+        key = next(e for e in container["env"] if e["name"] == "MESH_TRITON_HTTP_KEY")
+        assert key["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
+        assert container["readinessProbe"]["httpGet"]["path"].startswith("/v2/health/")
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_helm_lint_passes(value_set):
     result = subprocess.run([_tool("helm"), "lint", str(CHART), "--strict", "-f",
                              str(CHART / f"values-{value_set}.yaml")], capture_output=True, text=True, timeout=120)
