@@ -13,10 +13,11 @@ from tritonclient.grpc import service_pb2
 
 from inference_mesh.v1 import models_pb2
 from services.common.model_catalog import ModelCatalog
+from services.common.wire import SHARE_WEIGHT_HEADER, TENANT_HEADER
 from services.gateway.auth import Caller
 from services.gateway.budgets import TokenBudgets, input_tokens_of
 from services.gateway.kserve_governance import tokens_used
-from services.gateway.plan import TEMPLATE_TOKENS
+from services.gateway.plan import TEMPLATE_TOKENS, plan_request
 
 # The mesh's LLM contract (triton_models/smollm2, the TensorRT-LLM BLS model): what it reads and what it counts.
 USAGE_OUTPUTS = ("prompt_tokens", "completion_tokens")
@@ -88,6 +89,9 @@ class MeteredCall:
     strip: frozenset[str] = field(default_factory=frozenset)
     used: int | None = None
     settled: bool = False
+    # The plan's headers for the router (tenant, weight, request id, priority, this call's cost), when the
+    # registry knows the model; else the caller's tenant and weight only.
+    headers: tuple[tuple[str, str], ...] = ()
 
     def answered(self, response: service_pb2.ModelInferResponse) -> None:
         """Reads the usage (cumulative over a stream's responses) and hides what the caller did not ask for."""
@@ -110,6 +114,12 @@ class MeteredCall:
         budgets.settle(self.caller, self.reservation, self.unreported if self.used is None else self.used)
 
 
+def caller_headers(caller: Caller) -> tuple[tuple[str, str], ...]:
+    """What the router needs of a call it has no plan for: the tenant and its tier's weight for the fair queues
+    (a raw KServe request's cost is unknown before it runs; the router charges its real use when it ends)."""
+    return (TENANT_HEADER, caller.tenant), (SHARE_WEIGHT_HEADER, f"{caller.share_weight:g}")
+
+
 class KServeMeter:
     def __init__(self, budgets: TokenBudgets | None, catalog: ModelCatalog, reservation_ttl_s: float) -> None:
         self._budgets = budgets
@@ -120,17 +130,21 @@ class KServeMeter:
         """Raises RESOURCE_EXHAUSTED (with retry-after) when the tenant's budget cannot cover the call. A model
         the registry does not know is only checked (the router refuses it by name)."""
         model = await self._catalog.get(request.model_name)
-        call = MeteredCall(caller)
+        call = MeteredCall(caller, headers=caller_headers(caller))
         if model is not None and model.kind == models_pb2.MODEL_KIND_GENERATE:
+            worst = worst_case(request, model)
+            # The mesh API's plan (services/gateway/plan.py): one request id and cost from here to Triton.
+            call.headers = plan_request(caller, model, request.id, self._ttl_s, cost=worst).headers
             call.generation = True
             call.strip = ask_for_usage(request)
             if self._budgets is not None:
-                call.reservation = await self._budgets.reserve(caller, worst_case(request, model), self._ttl_s)
+                call.reservation = await self._budgets.reserve(caller, worst, self._ttl_s)
             return call
         if self._budgets is not None:
             await self._budgets.admit(caller)
         if model is not None and model.kind == models_pb2.MODEL_KIND_EMBED:
             call.unreported = input_tokens_of(_text_bytes(request))
+            call.headers = plan_request(caller, model, request.id, self._ttl_s, cost=call.unreported).headers
         return call
 
     def settle(self, call: MeteredCall) -> None:

@@ -13,11 +13,10 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.common.deadlines import downstream_timeout
 from services.common.errors import MeshError
 from services.common.version import MESH_NAME, MESH_VERSION
-from services.common.wire import SHARE_WEIGHT_HEADER, TENANT_HEADER
-from services.gateway.auth import Authenticator, Caller
+from services.gateway.auth import Authenticator
 from services.gateway.errors import from_rpc_error
 from services.gateway.kserve_governance import StreamWindow, check_infer_request
-from services.gateway.kserve_metering import KServeMeter, MeteredCall
+from services.gateway.kserve_metering import KServeMeter, MeteredCall, caller_headers
 from services.gateway.settings import KServeLimits
 
 # What the mesh answers of Triton's extensions: configuration and statistics per public model, a read-only index.
@@ -38,16 +37,11 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._meter = meter
         self._limits = limits or KServeLimits()
 
-    @staticmethod
-    def _headers(caller: Caller) -> tuple[tuple[str, str], ...]:
-        # The tier's weight for the router's fair queues; a raw KServe request's cost is unknown before it runs
-        # (the router charges its real use when it ends).
-        return (TENANT_HEADER, caller.tenant), (SHARE_WEIGHT_HEADER, f"{caller.share_weight:g}")
-
     async def _unary(self, method, request, context, timeout_s: float):
         caller = await self._auth.require(context)
         try:
-            return await method(request, timeout=downstream_timeout(context, timeout_s), metadata=self._headers(caller))
+            return await method(request, timeout=downstream_timeout(context, timeout_s),
+                                metadata=caller_headers(caller))
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, "router") from exc
 
@@ -93,7 +87,7 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
         call = await self._meter.open(caller, request)
         try:
             response = await self._router.ModelInfer(
-                request, timeout=downstream_timeout(context, self._infer_timeout_s), metadata=self._headers(caller))
+                request, timeout=downstream_timeout(context, self._infer_timeout_s), metadata=call.headers)
             call.answered(response)
             return response
         except grpc.aio.AioRpcError as exc:
@@ -117,7 +111,7 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
         call = None
         try:
             # Inside the try: an open breaker refuses the call right here, with UNAVAILABLE.
-            call = self._router.ModelStreamInfer(window.requests(request_iterator), metadata=self._headers(caller),
+            call = self._router.ModelStreamInfer(window.requests(request_iterator), metadata=caller_headers(caller),
                                                  timeout=downstream_timeout(context, self._infer_timeout_s))
             async for response in call:
                 final = window.answered(response)
