@@ -215,6 +215,7 @@ def _http_filters(s: EdgeSettings) -> list[dict[str, Any]]:
 # What Envoy answers itself on the OpenAI routes (refused credentials, rate limits, no healthy gateway, route
 # timeouts) in OpenAI's error shape, as the gateways answer theirs (services/gateway/openai_http/errors.py).
 _OPENAI_LOCAL_ERRORS = ((401, "authentication_error", "invalid_api_key"), (403, "permission_error", "forbidden"),
+                        (408, "invalid_request_error", "request_timeout"),
                         (413, "invalid_request_error", "request_too_large"),
                         (429, "rate_limit_error", "rate_limit_exceeded"), (503, "server_error", "service_unavailable"),
                         (504, "server_error", "timeout"), (None, "server_error", "edge_error"))
@@ -259,6 +260,7 @@ def _listener(s: EdgeSettings) -> dict[str, Any]:
                                       "max_headers_count": s.limits.max_headers_count},
         max_request_headers_kb=s.limits.max_request_headers_kb,
         request_headers_timeout=_seconds(s.limits.request_headers_timeout_s),
+        request_timeout=_seconds(s.limits.request_timeout_s),
         stream_idle_timeout=_seconds(s.limits.stream_idle_timeout_s),
         normalize_path=True,
         merge_slashes=True,

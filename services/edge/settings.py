@@ -28,6 +28,9 @@ class EdgeLimits(BaseModel, extra="forbid"):
     max_request_headers_kb: int = 60
     max_headers_count: int = 100
     request_headers_timeout_s: float = 10.0
+    # The whole request, body included, must arrive within this (408 after): the longest legitimate upload is an
+    # ingest stream, bounded by its own 600 s route timeout. A response that has started disarms it.
+    request_timeout_s: float = 610.0
     # A stream with no bytes either way for this long is reset; generation streams send a token at least
     # every few seconds, ingest streams a batch.
     stream_idle_timeout_s: float = 300.0

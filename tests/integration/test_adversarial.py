@@ -603,3 +603,33 @@ def test_a_client_dribbling_its_headers_is_cut_off_at_the_header_timeout(stack):
     assert answer is not None, f"the connection was still open after {held:.1f} s"
     assert limit - 1 <= held <= limit + 3, f"cut off after {held:.1f} s; request_headers_timeout is {limit} s"
     assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:80]
+
+
+def test_a_body_dribbled_past_the_request_timeout_is_cut_off(stack, tmp_path):
+    """Headers sent at once, then a body a byte every half second: Envoy's buffer filter holds it (no gateway slot)
+    and its request timeout ends it, answered 408 in OpenAI's shape. A variant edge with a 3 s request timeout
+    stands in for the default 610 s."""
+    from tests.integration.test_edge import variant_edge
+
+    limits = stack.edge_settings().limits.model_copy(update={"request_timeout_s": 3.0})
+    with variant_edge(stack, tmp_path, limits=limits) as settings:
+        context = ssl.create_default_context(cafile=str(stack.pki.ca_cert))
+        context.set_alpn_protocols(["http/1.1"])
+        with socket.create_connection(("127.0.0.1", settings.port), timeout=5) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as connection:
+            connection.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: mesh\r\nContent-Type: application/json\r\n"
+                               b"x-api-key: " + KEYS["tenant-bulk"].encode() + b"\r\nContent-Length: 400\r\n\r\n{")
+            connection.settimeout(0.5)
+            started, answer = time.monotonic(), b""
+            while not answer and time.monotonic() - started < 15:
+                try:
+                    connection.sendall(b" ")
+                    answer = connection.recv(4096)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+            held = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), (held, answer[:200])
+    assert 2 <= held <= 6, held
+    assert b'"request_timeout"' in answer and b"application/json" in answer, answer[:400]
