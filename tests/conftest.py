@@ -79,7 +79,9 @@ def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory, tenants_file: Path) -> Iterator[LocalStack]:
-    mesh = LocalStack(tmp_path_factory.mktemp("stack"), StackPorts.free(1, gateways=2), tenants_file=tenants_file)
+    # Semantic hits on: the cache's own tests exercise them (every shipped registry leaves them off).
+    mesh = LocalStack(tmp_path_factory.mktemp("stack"), StackPorts.free(1, gateways=2), tenants_file=tenants_file,
+                      semantic_cache=True)
     mesh.start()
     yield mesh
     mesh.stop()

@@ -81,9 +81,14 @@ class StackPorts:
                                                             strict=True)]
 
 
-def render_registry(base: Path, tritons: list[TritonPorts]) -> dict:
-    """The registry with the cpu pool's replicas replaced by the Triton processes we started."""
+def render_registry(base: Path, tritons: list[TritonPorts], semantic_cache: bool = False) -> dict:
+    """The registry with the cpu pool's replicas replaced by the Triton processes we started (and, with
+    semantic_cache, every generation model opted into semantic hits)."""
     registry = yaml.safe_load(base.read_text())
+    if semantic_cache:
+        for spec in registry["models"].values():
+            if spec["kind"] == "generate":
+                spec["semantic_cache"] = True
     registry["pools"]["cpu"]["replicas"] = [
         {"name": f"triton-cpu-{i}", "grpc": f"127.0.0.1:{p.grpc}", "metrics": f"127.0.0.1:{p.metrics}"}
         for i, p in enumerate(tritons)
@@ -105,6 +110,8 @@ class LocalStack:
     # None: the models the registry places on the cpu pool.
     triton_models: list[str] | None = None
     model_repository: Path = MODEL_REPOSITORY
+    # Semantic hits for the registry's generation models (off in every shipped registry: opt-in per model).
+    semantic_cache: bool = False
     with_cache: bool = True
     with_retrieval: bool = True
     # "lite": milvus-lite (embedded HNSW server); "server": a Milvus standalone (milvus-server).
@@ -214,7 +221,8 @@ class LocalStack:
                     extra_args=self.triton_args(i))
             for i, ports in enumerate(self.ports.tritons):
                 wait_triton_ready(self.processes[f"triton-{i}"], ports)
-            self.registry_path.write_text(yaml.safe_dump(render_registry(self.registry_file, self.ports.tritons)))
+            registry = render_registry(self.registry_file, self.ports.tritons, self.semantic_cache)
+            self.registry_path.write_text(yaml.safe_dump(registry))
             self.start_router()
             if self.with_cache or self.with_retrieval:
                 self.start_milvus()

@@ -60,7 +60,8 @@ async def generate(
             for chunk in replay(cached, metadata):
                 yield chunk
             return
-    semantic = request.cache_mode == mesh_pb2.CACHE_MODE_DEFAULT and not request.no_semantic_cache
+    semantic = plan.model.semantic_cache and request.cache_mode == mesh_pb2.CACHE_MODE_DEFAULT \
+        and not request.no_semantic_cache
     reply = await cache.lookup(cache_pb2.LookupRequest(
         scope=scope, request=request, semantic=semantic,
         semantic_max_false_hit_rate=plan.model.semantic_max_false_hit_rate,

@@ -76,6 +76,10 @@ class ModelSpec(BaseModel, extra="forbid"):
     # for the cache's embedder (services/common/semantic_calibration.yaml); 0: the cache's
     # MESH_CACHE_SEMANTIC_MAX_FALSE_HIT_RATE.
     semantic_max_false_hit_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Semantic hits (a similar question answered with another's cached answer) are opt-in: on an independent set
+    # of 150 near misses the content gate served 12% with another question's answer (issue 31; BENCHMARKS.md
+    # "Semantic cache"). Exact hits need no opt-in.
+    semantic_cache: bool = False
     # Another model of the same kind that serves this one's requests when none of its pools can (one hop).
     fallback: str = ""
 
@@ -151,7 +155,7 @@ class Registry(BaseModel, extra="forbid"):
             name=name, kind=kind, version=spec.version, pools=spec.pool_names, ready=ready,
             max_output_tokens=spec.max_output_tokens, context_tokens=spec.context_tokens,
             max_batch_size=spec.max_batch_size, dimension=spec.dimension,
-            semantic_max_false_hit_rate=spec.semantic_max_false_hit_rate,
+            semantic_max_false_hit_rate=spec.semantic_max_false_hit_rate, semantic_cache=spec.semantic_cache,
             placements=[models_pb2.Placement(pool=p.pool, gpu_class=self.pools[p.pool].gpu_class,
                                              cost_per_1k_tokens=p.cost_per_1k_tokens,
                                              latency_class=p.latency_class) for p in spec.pools],

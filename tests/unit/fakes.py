@@ -118,12 +118,14 @@ class RecordingCache:
     released: list[cache_pb2.ReleaseRequest] = field(default_factory=list)
     direct: cache_pb2.CachedResponse | None = None
     looked_up: bool = False
+    asked: list[cache_pb2.LookupRequest] = field(default_factory=list)
 
     async def exact_hit(self, scope: cache_pb2.CacheScope, request) -> cache_pb2.CachedResponse | None:
         return self.direct
 
     async def lookup(self, request: cache_pb2.LookupRequest, deadline_s: float) -> cache_pb2.LookupReply | None:
         self.looked_up = True
+        self.asked.append(request)
         return self.reply
 
     def store(self, request: cache_pb2.StoreRequest) -> None:

@@ -33,6 +33,7 @@ from tests.unit.fakes import (
     rpc_error,
     token,
 )
+from tools.stack import ROOT
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 MODEL = models_pb2.ModelInfo(name="llm", kind=models_pb2.MODEL_KIND_GENERATE, version="1", max_output_tokens=64)
@@ -226,3 +227,27 @@ def test_a_model_queue_estimates_with_the_spec_of_the_latest_registry():
     assert queue._slots() == 2, "two ready cpu replicas, one slot each"
     reloaded = spec.model_copy(update={"pools": [spec.pools[0].model_copy(update={"max_in_flight_per_replica": 4})]})
     assert service.admission(reloaded) is queue and queue._slots() == 8
+
+
+def test_semantic_hits_are_opt_in_per_model():
+    from services.router.registry import Registry
+
+    registry = Registry.load(ROOT / "config" / "registry.yaml")
+    generation = [name for name, spec in registry.models.items() if spec.kind == "generate"]
+    assert generation and not any(registry.model_info(name, True).semantic_cache for name in generation), \
+        "every shipped registry leaves semantic hits off until a held-out measurement meets the budget"
+    opted = registry.models[generation[0]].model_copy(update={"semantic_cache": True})
+    registry.models[generation[0]] = opted
+    assert registry.model_info(generation[0], True).semantic_cache
+
+
+def test_the_gateway_asks_for_a_semantic_hit_only_for_an_opted_in_model():
+    for opted_in in (False, True):
+        model = models_pb2.ModelInfo()
+        model.CopyFrom(MODEL)
+        model.semantic_cache = opted_in
+        cache, router = RecordingCache(MISS), ScriptedStreams([_complete()])
+        plan = plan_request(Caller("tenant-1", "standard"), model, "req-1", timeout_s=5.0)
+        asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, plan)))
+        assert [asked.semantic for asked in cache.asked] == [opted_in]
+        assert [stored.semantic for stored in cache.stored] == [opted_in], "a semantic row only where one may answer"
