@@ -80,11 +80,15 @@ async def stream_generation(
                     hint = item.infer_response.parameters.get(RETRY_AFTER_PARAMETER)
                     raise from_stream_error(item.error_message, hint.double_param if hint is not None else 0.0)
                 chunk = _chunk(item.infer_response, metadata, plan.delivered)
+                if chunk is not None and chunk.finish_reason:
+                    # Before the last chunk is handed on: a consumer that stops at it (the HTTP API's
+                    # non-streamed answer) closes this generator there, and the call's tracing span would then
+                    # end only when the garbage collector gets to it (found missing from traces).
+                    await read_to_end(stream)
+                    yield chunk
+                    return
                 if chunk is not None:
                     yield chunk
-                if chunk is not None and chunk.finish_reason:
-                    await read_to_end(stream)
-                    return
             raise MeshError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
         except grpc.aio.AioRpcError as exc:
             pause = retrier.backoff_s(retry) if retrier is not None else 0.0

@@ -47,6 +47,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--edge", default="localhost:8443", help="the mesh's public address (Envoy)")
     parser.add_argument("--ca", type=Path, default=Path("run/pki/ca.pem"),
                         help="the CA certificate to trust for the edge (make up's own: run/pki/ca.pem)")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="no TLS: --edge names a gateway on loopback (a stack without Envoy)")
     parser.add_argument("--api-key", default=os.environ.get("MESH_API_KEY", "mesh-dev-key"))
     parser.add_argument("--batch", type=int, default=16, help="documents per streamed batch")
     args = parser.parse_args(argv)
@@ -55,10 +57,11 @@ def main(argv: list[str]) -> None:
     files = find_documents(args.directory)
     if not files:
         parser.error(f"no .txt or .md files under {args.directory}")
-    if not args.ca.is_file():
+    if not args.plaintext and not args.ca.is_file():
         parser.error(f"{args.ca} is missing: start the stack (make up) or give --ca")
     started = time.monotonic()
-    with grpc.secure_channel(args.edge, grpc.ssl_channel_credentials(args.ca.read_bytes())) as channel:
+    with (grpc.insecure_channel(args.edge) if args.plaintext else
+          grpc.secure_channel(args.edge, grpc.ssl_channel_credentials(args.ca.read_bytes()))) as channel:
         stub = mesh_pb2_grpc.InferenceMeshStub(channel)
         try:
             summary = stub.UpsertDocuments(batches(args.directory, files, args.batch),

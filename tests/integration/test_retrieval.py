@@ -286,7 +286,8 @@ def test_ingest_command_line(stack, tmp_path):
     (tmp_path / "tides.txt").write_text("Tides are caused mainly by the gravitational pull of the Moon.")
     (tmp_path / "ignored.pdf").write_text("not a text document")
     done = subprocess.run([sys.executable, "-m", "services.retrieval", "ingest", str(tmp_path),
-                           "--edge", stack.edge_address, "--ca", str(stack.pki.ca_cert),
+                           *(["--edge", stack.edge_address, "--ca", str(stack.pki.ca_cert)] if stack.with_edge
+                             else ["--edge", stack.gateway_address, "--plaintext"]),
                            "--api-key", KEYS["tenant-b"]],
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env={**SERVICE_ENV, "PATH": ""})
     assert done.returncode == 0, done.stderr
