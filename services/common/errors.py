@@ -43,11 +43,16 @@ def unavailable(message: str) -> MeshError:
     return MeshError(grpc.StatusCode.UNAVAILABLE, message)
 
 
+def is_plain_request_id(value: str) -> bool:
+    """Safe in a header and a log line: what a caller-chosen id must be before the mesh carries it on."""
+    return bool(_REQUEST_ID_SHAPE.match(value))
+
+
 def adopt_request_id(metadata) -> None:
     """The x-request-id a call carries becomes this task's (ignored unless it is a plain id: it goes into logs);
     none: the task's is cleared (an HTTP connection's task serves one request after another)."""
     for key, value in metadata or ():
-        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID_SHAPE.match(value):
+        if key == "x-request-id" and isinstance(value, str) and is_plain_request_id(value):
             REQUEST_ID.set(value)
             return
     REQUEST_ID.set("")

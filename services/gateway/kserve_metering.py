@@ -12,6 +12,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from inference_mesh.v1 import models_pb2
+from services.common.errors import is_plain_request_id
 from services.common.model_catalog import ModelCatalog
 from services.common.wire import SHARE_WEIGHT_HEADER, TENANT_HEADER
 from services.gateway.auth import Caller
@@ -126,6 +127,13 @@ class KServeMeter:
         self._catalog = catalog
         self._ttl_s = reservation_ttl_s
 
+    def _plan_headers(self, caller: Caller, model: models_pb2.ModelInfo, request: service_pb2.ModelInferRequest,
+                      cost: int) -> tuple[tuple[str, str], ...]:
+        """The mesh API's plan (services/gateway/plan.py): one request id and cost from here to Triton. A KServe
+        id is the caller's free text: carried on only if it is a plain id, else the plan makes one."""
+        request_id = request.id if is_plain_request_id(request.id) else ""
+        return plan_request(caller, model, request_id, self._ttl_s, cost=cost).headers
+
     async def open(self, caller: Caller, request: service_pb2.ModelInferRequest) -> MeteredCall:
         """Raises RESOURCE_EXHAUSTED (with retry-after) when the tenant's budget cannot cover the call. A model
         the registry does not know is only checked (the router refuses it by name)."""
@@ -133,8 +141,7 @@ class KServeMeter:
         call = MeteredCall(caller, headers=caller_headers(caller))
         if model is not None and model.kind == models_pb2.MODEL_KIND_GENERATE:
             worst = worst_case(request, model)
-            # The mesh API's plan (services/gateway/plan.py): one request id and cost from here to Triton.
-            call.headers = plan_request(caller, model, request.id, self._ttl_s, cost=worst).headers
+            call.headers = self._plan_headers(caller, model, request, worst)
             call.generation = True
             call.strip = ask_for_usage(request)
             if self._budgets is not None:
@@ -144,7 +151,7 @@ class KServeMeter:
             await self._budgets.admit(caller)
         if model is not None and model.kind == models_pb2.MODEL_KIND_EMBED:
             call.unreported = input_tokens_of(_text_bytes(request))
-            call.headers = plan_request(caller, model, request.id, self._ttl_s, cost=call.unreported).headers
+            call.headers = self._plan_headers(caller, model, request, call.unreported)
         return call
 
     def settle(self, call: MeteredCall) -> None:

@@ -63,3 +63,18 @@ def test_a_failed_call_is_charged_nothing_unless_its_model_had_reported():
     generation = MeteredCall(Caller("t", "bulk"), generation=True, used=57)
     generation.failed()
     assert generation.used == 57
+
+
+async def test_a_kserve_id_reaches_the_router_only_if_it_is_a_plain_id():
+    from services.gateway.kserve_metering import KServeMeter
+
+    class Catalog:
+        async def get(self, name):
+            return models_pb2.ModelInfo(name=name, kind=models_pb2.MODEL_KIND_GENERATE, max_output_tokens=64)
+
+    meter = KServeMeter(None, Catalog(), 60.0)
+    for sent, plain in (("req-7", True), ("line\nbreak", False), ("é" * 3, False)):
+        request = _request(8)
+        request.id = sent
+        headers = dict((await meter.open(Caller("t", "bulk"), request)).headers)
+        assert (headers["x-request-id"] == sent) is plain and "\n" not in headers["x-request-id"]
