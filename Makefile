@@ -17,7 +17,7 @@ PROTOS := $(wildcard protos/inference_mesh/v1/*.proto protos/inference_mesh/edge
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup system-tools k8s-tools kube-tools trtllm-image-tools chart up down top test unit protos models bench bench-hot-path profile soak gpu-smoke lint clean
+.PHONY: setup system-tools wordnet k8s-tools kube-tools trtllm-image-tools chart up down top test unit protos models bench bench-hot-path profile soak gpu-smoke lint clean
 
 setup: $(VENV)/.installed $(TRITON_VENV)/.installed $(LLAMA_STAMP) $(ONNX_MODEL) gen/.stamp
 
@@ -68,7 +68,7 @@ gen/.stamp: $(PROTOS) $(VENV)/.installed
 	touch gen/inference_mesh/__init__.py gen/inference_mesh/v1/__init__.py gen/inference_mesh/edge/__init__.py gen/.stamp
 
 # --- running ---------------------------------------------------------------------------------------------
-up: setup
+up: setup wordnet
 	PYTHONPATH=.:gen $(PY) -m tools.stack up
 
 # A live view of the running stack: req/s, p99, errors and cache hit rate per service (Ctrl-C to leave).
@@ -112,19 +112,27 @@ $(TRTLLM_VENV)/.installed: requirements/trtllm-image.txt
 unit: $(VENV)/.installed gen/.stamp
 	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider -q tests/unit $(PYTEST_ARGS)
 
-# Tools from Debian's packages that the tests use: promtool (package prometheus) for the alert rules, and
-# docker-compose for checking the compose file. Installed when missing and running as root, else named.
+# Debian packages the project needs, each named by a file it installs: promtool (package prometheus) for the alert
+# rules, docker-compose for checking the compose file, and WordNet 3.0 (wordnet-base), which the semantic cache's
+# gate reads (the cache refuses to start a semantic index without it). Installed when missing and running as
+# root, else named.
 DEBIAN_TOOLS := promtool:prometheus docker-compose:docker-compose
-system-tools:
-	@for pair in $(DEBIAN_TOOLS); do tool=$${pair%%:*}; package=$${pair##*:}; \
-	  command -v $$tool >/dev/null && continue; \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing Debian's $$package package (for $$tool) ..."; \
-	    export DEBIAN_FRONTEND=noninteractive; \
-	    apt-get install -y -q --no-install-recommends $$package >/dev/null 2>&1 || \
-	      { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$package >/dev/null; } || exit 1; \
-	  else echo "$$tool is missing: install Debian's $$package package (sudo apt-get install $$package)"; exit 1; fi; \
-	done
+DEBIAN_FILES := /usr/share/wordnet/index.noun:wordnet-base
+define debian_install
+for pair in $(1); do need=$${pair%%:*}; package=$${pair##*:}; \
+  { [ -e "$$need" ] || command -v "$$need" >/dev/null; } && continue; \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+    echo "installing Debian's $$package package (for $$need) ..."; \
+    export DEBIAN_FRONTEND=noninteractive; \
+    apt-get install -y -q --no-install-recommends $$package >/dev/null 2>&1 || \
+      { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$package >/dev/null; } || exit 1; \
+  else echo "$$need is missing: install Debian's $$package package (sudo apt-get install $$package)"; exit 1; fi; \
+done
+endef
+system-tools: wordnet
+	@$(call debian_install,$(DEBIAN_TOOLS))
+wordnet:
+	@$(call debian_install,$(DEBIAN_FILES))
 
 bench: setup
 	$(VENV)/bin/pip install $(PIP_QUIET) -r requirements/bench.txt

@@ -17,7 +17,7 @@ import platform
 import time
 
 from bench.inference_path import ROOT, pct, write_section
-from services.cache.verify import conflict
+from services.cache.gate import load_gate
 from tools.calibrate_semantic import BUDGETS, Scored, calibrate, labelled_rows, rates, scored_set
 
 CURVE = tuple(round(0.80 + 0.01 * i, 2) for i in range(18))
@@ -31,6 +31,7 @@ def _ci(interval: tuple[float, float]) -> str:
 def gate_cost(repeats: int = 20) -> dict:
     """Microseconds per gate call over every labelled pair (both texts read, every check run)."""
     rows = labelled_rows()
+    conflict = load_gate().conflict
     timings = []
     for _ in range(repeats):
         for row in rows:

@@ -1,6 +1,6 @@
 """Calibrates the semantic cache on the labelled set: embeds every question with the cache's embedder on a real
 Triton, then, for each false-hit budget, picks the lowest cosine threshold whose expected false-hit rate, with the
-content gate (services/cache/verify.py) in front, stays within the budget (see `calibrate`).
+gate (services/cache/gate.py) in front, stays within the budget (see `calibrate`).
 Writes services/common/semantic_calibration.yaml; `bench/semantic_cache.py` reports the held-out half.
 
     python -m tools.calibrate_semantic            # starts its own Triton (MiniLM only)
@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from tritonclient.grpc import service_pb2_grpc
 
-from services.cache.verify import conflict
+from services.cache.gate import load_gate
 from services.common.embeddings import embed_via_kserve
 from services.common.semantic_calibration import CALIBRATION_FILE
 from tools.semantic_pairs import PAIRS_FILE, load
@@ -41,7 +41,8 @@ class Scored:
     label: str
     split: str
     similarity: float
-    gated: bool  # the content gate refuses the pair
+    gated: bool  # the gate refuses the pair
+    kind: str = ""  # the kind of difference a near miss has
 
 
 def wilson(hits: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -70,17 +71,18 @@ def rates(scored: Iterable[Scored], threshold: float, gate: bool) -> dict:
 
 
 def gate_miss_rate(validation: list[Scored], threshold: float) -> float:
-    """How often the content gate lets through a near miss at this similarity or above, on families it was not
-    written against (the validation split)."""
+    """How often the gate may let through a near miss at this similarity or above: the upper end of the 95%
+    interval on the validation split, not the point estimate. The gate lets none of the near misses it was
+    written against through, and a point estimate of 0 would vouch for any threshold; the interval's upper end
+    is what that many near misses can vouch for."""
     near = [s for s in validation if s.label == "near_miss" and s.similarity >= threshold]
-    return sum(1 for s in near if not s.gated) / len(near) if near else 0.0
+    return wilson(sum(1 for s in near if not s.gated), len(near))[1] if near else 0.0
 
 
 def calibrate(tuning: list[Scored], validation: list[Scored], budget: float) -> float:
     """The lowest threshold (the most paraphrase hits) whose expected false-hit rate is within the budget: the
-    share of tuning near misses at or above it, times the share of those the gate misses on validation families
-    (point estimates: the gate is near perfect on what it was written against, so the tuning split alone would
-    vouch for any threshold), and the tuning split's own gated rate within the budget too."""
+    share of tuning near misses at or above it, times how often the gate may miss one (`gate_miss_rate`), and
+    the tuning split's own gated rate within the budget too."""
     for threshold in THRESHOLDS:
         bare = rates(tuning, threshold, gate=False)["false_hit_rate"]
         if bare * gate_miss_rate(validation, threshold) <= budget and \
@@ -98,8 +100,9 @@ async def embed_all(texts: list[str], address: str) -> dict[str, np.ndarray]:
 
 def score(rows: list[dict], vectors: dict[str, np.ndarray]) -> list[Scored]:
     # MiniLM's vectors are L2-normalised in the graph: the dot product is the cosine.
+    gate = load_gate()
     return [Scored(r["label"], r["split"], float(vectors[r["a"]] @ vectors[r["b"]]),
-                   conflict(r["a"], r["b"]) is not None) for r in rows]
+                   gate.conflict(r["a"], r["b"]) is not None, r.get("kind") or r.get("category", "")) for r in rows]
 
 
 def labelled_rows() -> list[dict]:
@@ -145,7 +148,7 @@ def calibration(scored: list[Scored]) -> dict:
     thresholds = {budget: calibrate(tuning, validation, budget) for budget in BUDGETS}
     return {
         "embedder": EMBEDDER,
-        "gate": "content",
+        "gate": "explained-differences",
         "calibrated_on": dt.date.today().isoformat(),
         "tuning_pairs": {"paraphrases": sum(s.label == "paraphrase" for s in tuning),
                          "near_misses": sum(s.label == "near_miss" for s in tuning)},

@@ -2,7 +2,7 @@
 
 Rows are partitioned by tenant (partition key) and filtered by model, version, flush generation, the
 digest of everything but the user's text, and expiry, so a hit can only come from the same context. Each row
-keeps the user text it was made from, which the content gate (verify.py) compares with the question.
+keeps the user text it was made from, which the gate (gate.py) explains against the question.
 """
 
 from __future__ import annotations

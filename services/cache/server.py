@@ -10,6 +10,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, router_pb2_grpc
 from services.cache import metrics
+from services.cache.gate import load_gate
 from services.cache.semantic import SemanticIndex
 from services.cache.service import CacheAdminService, ResponseCacheService
 from services.cache.settings import CacheSettings
@@ -33,10 +34,13 @@ async def serve(settings: CacheSettings) -> None:
     index = SemanticIndex(settings.milvus_uri, settings.milvus_collection,
                           lambda: catalog.embed_dimension(settings.embedder_model), settings.hnsw,
                           settings.milvus_timeouts, settings.semantic_max_chars) if settings.milvus_uri else None
+    # WordNet is read before serving: a cache that cannot explain differences must not start serving similar
+    # questions (WordNetMissing names the package to install).
+    gate = load_gate(settings.wordnet_dir) if index is not None and settings.semantic_gate else None
     host = ServiceHost("cache", settings)
     cache_pb2_grpc.add_ResponseCacheServicer_to_server(
         ResponseCacheService(settings, store, index, service_pb2_grpc.GRPCInferenceServiceStub(router_channel),
-                             calibration),
+                             calibration, gate),
         host.server)
     cache_pb2_grpc.add_CacheAdminServicer_to_server(CacheAdminService(store, index), host.server)
     host.expose([cache_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("ResponseCache", "CacheAdmin")])

@@ -19,10 +19,10 @@ from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
 from services.cache import metrics
+from services.cache.gate import Gate
 from services.cache.semantic import SemanticIndex
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
-from services.cache.verify import conflict
 from services.common import cache_keys as keys
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
@@ -85,8 +85,10 @@ class SemanticHit:
 
 class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
     def __init__(self, settings: CacheSettings, store: RedisStore, index: SemanticIndex | None,
-                 router: service_pb2_grpc.GRPCInferenceServiceStub, calibration: SemanticCalibration) -> None:
+                 router: service_pb2_grpc.GRPCInferenceServiceStub, calibration: SemanticCalibration,
+                 gate: Gate | None) -> None:
         self._settings = settings
+        self._gate = gate
         self._calibration = calibration
         self._store = store
         self._index = index
@@ -148,7 +150,7 @@ class ResponseCacheService(cache_pb2_grpc.ResponseCacheServicer):
             if candidate.entry in wrong:
                 metrics.SEMANTIC_REFUSED.labels("reported").inc()
                 continue
-            if self._settings.semantic_gate and conflict(text, candidate.text) is not None:
+            if self._gate is not None and self._gate.conflict(text, candidate.text) is not None:
                 metrics.SEMANTIC_REFUSED.labels("gate").inc()
                 continue
             cached = await self._store.get_response(candidate.response_key)

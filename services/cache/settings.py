@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.cache.wordnet import DEFAULT_DIR
 from services.common.deadlines import GENERATION_BUDGET_S
 from services.common.milvus import HnswSettings, MilvusTimeouts
 from services.common.settings import ServiceSettings
@@ -41,15 +44,17 @@ class CacheSettings(ServiceSettings):
     embedding_ttl_s: int = 300
     # The share of near-miss questions a semantic hit may answer wrongly, for models whose registry entry sets
     # none: one of the budgets calibrated for the embedder (services/common/semantic_calibration.yaml), which
-    # gives the cosine threshold. The content gate (services/cache/verify.py) checks every candidate as well.
+    # gives the cosine threshold. The gate (services/cache/gate.py) must explain every difference as well.
     semantic_max_false_hit_rate: float = 0.01
     # The nearest entries the gate may look through before the lookup is a miss.
     semantic_candidates: int = Field(default=4, ge=1, le=32)
     # Longer user texts get exact hits only: the embedder reads ~256 tokens, so two long texts that differ after
     # that would look identical to it.
     semantic_max_chars: int = 1000
-    # The content gate on every semantic candidate. Off only to measure what it costs (bench/cache_lookup.py).
+    # The gate on every semantic candidate. Off only to measure what it costs (bench/cache_lookup.py).
     semantic_gate: bool = True
+    # WordNet 3.0's database files (Debian's wordnet-base), which the gate reads lemmas and synonyms from.
+    wordnet_dir: Path = DEFAULT_DIR
     # Reported wrong hits kept (newest first) as negative examples for the next calibration.
     negatives_kept: int = 10_000
     hnsw: HnswSettings = HnswSettings()

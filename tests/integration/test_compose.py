@@ -341,4 +341,10 @@ def test_static_security_rules_hold_for_compose(profile):
         assert weak not in raw, weak
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     assert "\nUSER " in dockerfile.replace("\r", "") and "mesh-dev-key" not in dockerfile
+    # The cache refuses to start a semantic index without WordNet where its settings look for it.
+    from services.cache.settings import CacheSettings
+
+    services_stage = dockerfile.split("AS services\n", 1)[1].split("\nFROM ", 1)[0]
+    assert "wordnet-base" in services_stage and str(CacheSettings.model_fields["wordnet_dir"].default) == \
+        "/usr/share/wordnet"
     assert "config/tenants.yaml" in (ROOT / ".dockerignore").read_text().splitlines()
