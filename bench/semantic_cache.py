@@ -1,47 +1,64 @@
-"""Does the semantic cache serve wrong answers? On the labelled set (data/semantic-cache), scored by the cache's
-real embedder on Triton: paraphrase hit rate and near-miss false-hit rate on the held-out split for bare cosine
-thresholds 0.80-0.97, the same with the content gate, and at the thresholds calibrated on the tuning and
-validation splits for each false-hit budget, with 95% Wilson intervals; the hand-written pairs (not from the
-generator's templates) reported apart; and what the gate costs per candidate. Prints tables, draws
-docs/bench-semantic-cache.png and rewrites its section of BENCHMARKS.md.
+"""Does the semantic cache serve wrong answers? Scored by the cache's real embedder on Triton, at the cosine threshold
+calibrated for each false-hit budget (tools/calibrate_semantic.py, on the tuning and validation splits), with the
+gate (services/cache/gate.py) deciding:
 
-Targets (issue 16): false hits <= 1% with paraphrase hits >= 60% on the held-out pairs; verification adds <= 5 ms
-p99.
+- the frozen set (data/semantic-cache/frozen.jsonl): six kinds of difference, 42 near misses and 25 paraphrases
+  each, written after the gate was frozen at commit FROZEN_AT and never used to change it. Per kind: false hits
+  and paraphrase hits with 95% Wilson intervals, beside bare cosine at the same threshold;
+- the pairs the gate was written against (generated and hand-written), reported apart: they say little about
+  kinds nobody listed;
+- what the gate costs per candidate, both texts read from scratch.
+
+Prints tables, draws docs/bench-semantic-cache.png and rewrites its section of BENCHMARKS.md.
+
+Targets (issue 31): false hits <= 1% overall and <= 2% in every kind, the upper 95% bound <= 3% overall,
+paraphrase hits >= 50%; the gate under 0.5 ms p99 per candidate.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
 
 from bench.inference_path import ROOT, pct, write_section
 from services.cache.gate import load_gate
-from tools.calibrate_semantic import BUDGETS, Scored, calibrate, labelled_rows, rates, scored_set
+from tools.calibrate_semantic import Scored, calibrate, labelled_rows, rates, scored_set
+from tools.semantic_pairs import PAIRS_FILE
 
-CURVE = tuple(round(0.80 + 0.01 * i, 2) for i in range(18))
+CURVE = tuple(round(0.70 + 0.02 * i, 2) for i in range(15))
 IMAGE = "docs/bench-semantic-cache.png"
+FROZEN_FILE = PAIRS_FILE.parent / "frozen.jsonl"
+FROZEN_AT = "075b45e"
 
 
 def _ci(interval: tuple[float, float]) -> str:
     return f"{interval[0] * 100:.1f}-{interval[1] * 100:.1f}"
 
 
-def gate_cost(repeats: int = 20) -> dict:
-    """Microseconds per gate call over every labelled pair (both texts read, every check run)."""
-    rows = labelled_rows()
-    conflict = load_gate().conflict
+def frozen_rows() -> list[dict]:
+    return [json.loads(line) for line in FROZEN_FILE.read_text().splitlines() if line.strip()]
+
+
+def gate_cost(rows: list[dict], repeats: int = 5) -> dict:
+    """Microseconds per gate call with both texts read from scratch (the service reads a question once and keeps
+    the readings of stored texts, so a candidate costs less than this)."""
+    gate = load_gate()
+    for row in rows:
+        gate.conflict(row["a"], row["b"])  # WordNet's lookups warm, as in a running cache
     timings = []
     for _ in range(repeats):
         for row in rows:
+            gate.read.cache_clear()
             t0 = time.perf_counter()
-            conflict(row["a"], row["b"])
+            gate.conflict(row["a"], row["b"])
             timings.append((time.perf_counter() - t0) * 1e6)
     return {"p50_us": pct(timings, 50), "p99_us": pct(timings, 99), "n": len(timings)}
 
 
-def plot(heldout: list[Scored], handwritten: list[Scored], path: str) -> None:
+def plot(frozen: list[Scored], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,75 +66,70 @@ def plot(heldout: list[Scored], handwritten: list[Scored], path: str) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for gate, style in ((False, "--"), (True, "-")):
-        points = [rates(heldout, t, gate) for t in CURVE]
-        label = "cosine + content gate" if gate else "bare cosine"
+        points = [rates(frozen, t, gate) for t in CURVE]
+        label = "cosine + gate" if gate else "bare cosine"
         axis.plot([p["false_hit_rate"] * 100 for p in points], [p["hit_rate"] * 100 for p in points], style,
                   marker="o", markersize=3, label=label)
-        for p in points[::3]:
+        for p in points[::2]:
             axis.annotate(f"{p['threshold']:.2f}", (p["false_hit_rate"] * 100, p["hit_rate"] * 100), fontsize=7)
-    written = [rates(handwritten, t, True) for t in CURVE]
-    axis.plot([p["false_hit_rate"] * 100 for p in written], [p["hit_rate"] * 100 for p in written], ":", marker="s",
-              markersize=3, label="cosine + content gate, hand-written pairs")
     axis.axvline(1.0, color="grey", linewidth=0.8)
-    axis.axhline(60.0, color="grey", linewidth=0.8)
+    axis.axhline(50.0, color="grey", linewidth=0.8)
     axis.set_xlabel("near-miss false hits, %")
     axis.set_ylabel("paraphrase hits, %")
-    axis.set_title("Semantic cache on the held-out pairs (MiniLM, thresholds annotated)")
+    axis.set_title("Semantic cache on the frozen per-kind set (MiniLM, thresholds annotated)")
     axis.legend()
     figure.tight_layout()
     figure.savefig(ROOT / path, dpi=110)
 
 
+def _row(name: str, scored: list[Scored], threshold: float) -> tuple[str, dict]:
+    gated, bare = rates(scored, threshold, True), rates(scored, threshold, False)
+    line = (f"| {name} | {gated['near_misses']} | {gated['false_hits']} | {gated['false_hit_rate'] * 100:.1f} "
+            f"({_ci(gated['false_hit_ci'])}) | {gated['paraphrases']} | {gated['hit_rate'] * 100:.1f} "
+            f"({_ci(gated['hit_ci'])}) | {bare['false_hit_rate'] * 100:.1f} | {bare['hit_rate'] * 100:.1f} |")
+    return line, gated
+
+
 def render(scored: list[Scored], cost: dict) -> str:
     tuning = [s for s in scored if s.split == "tuning"]
     validation = [s for s in scored if s.split == "validation"]
-    heldout = [s for s in scored if s.split == "heldout"]
-    handwritten = [s for s in scored if s.split == "handwritten"]
-    count = {name: (sum(s.label == "paraphrase" for s in rows), sum(s.label == "near_miss" for s in rows))
-             for name, rows in (("tuning", tuning), ("validation", validation), ("heldout", heldout),
-                                ("handwritten", handwritten))}
+    frozen = [s for s in scored if s.split == "frozen"]
+    threshold = calibrate(tuning, validation, 0.01)
+    kinds = sorted({s.kind for s in frozen})
     lines = [
         "Command: `make bench` (bench/semantic_cache.py)  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores. Embedder: all-minilm-l6-v2 on Triton (the cache's). "
-        f"Pairs (paraphrases / near misses): tuning {count['tuning'][0]} / {count['tuning'][1]}, validation "
-        f"{count['validation'][0]} / {count['validation'][1]}, held-out "
-        f"{count['heldout'][0]} / {count['heldout'][1]}, hand-written {count['handwritten'][0]} / "
-        f"{count['handwritten'][1]}.",
+        f"Threshold: {threshold:.3f}, calibrated for a 1% budget on the tuning and validation splits.",
         "", f"![paraphrase hits against false hits]({IMAGE})", "",
-        "### Held-out split: bare cosine against cosine with the content gate", "",
-        "| threshold | paraphrase hits % | false hits % | with gate: paraphrase hits % | with gate: false hits % |",
-        "|---:|---:|---:|---:|---:|"]
-    for threshold in CURVE:
-        bare, gated = rates(heldout, threshold, False), rates(heldout, threshold, True)
-        lines.append(f"| {threshold:.2f} | {bare['hit_rate'] * 100:.1f} | {bare['false_hit_rate'] * 100:.1f} "
-                     f"| {gated['hit_rate'] * 100:.1f} | {gated['false_hit_rate'] * 100:.1f} |")
-    lines += ["", "### At the thresholds calibrated on the tuning and validation splits (content gate on)", "",
-              "| false-hit budget | threshold | held-out paraphrase hits % (95% CI) | held-out false hits % (95% CI) "
-              "| hand-written paraphrase hits % (95% CI) | hand-written false hits % (95% CI) |",
-              "|---:|---:|---:|---:|---:|---:|"]
-    verdicts = []
-    for budget in BUDGETS:
-        threshold = calibrate(tuning, validation, budget)
-        held, hand = rates(heldout, threshold, True), rates(handwritten, threshold, True)
-        lines.append(f"| {budget * 100:g}% | {threshold:.3f} | {held['hit_rate'] * 100:.1f} ({_ci(held['hit_ci'])}) "
-                     f"| {held['false_hit_rate'] * 100:.1f} ({_ci(held['false_hit_ci'])}) "
-                     f"| {hand['hit_rate'] * 100:.1f} ({_ci(hand['hit_ci'])}) "
-                     f"| {hand['false_hit_rate'] * 100:.1f} ({_ci(hand['false_hit_ci'])}) |")
-        if budget == 0.01:
-            met = held["false_hit_rate"] <= 0.01 and held["hit_rate"] >= 0.60
-            verdicts.append(
-                f"Budget 1%: held-out false hits {held['false_hit_rate'] * 100:.1f}% (95% CI "
-                f"{_ci(held['false_hit_ci'])}) with paraphrase hits {held['hit_rate'] * 100:.1f}% (95% CI "
-                f"{_ci(held['hit_ci'])}): target ≤ 1% with ≥ 60% {'met' if met else 'missed'} on the point "
-                f"estimates; the upper end of the false-hit interval is what {count['heldout'][1]} near misses can "
-                "vouch for.  ")
-    bare_at = rates(heldout, 0.92, False)
-    verdicts.append(f"For comparison, the old setting (bare cosine 0.92): paraphrase hits "
-                    f"{bare_at['hit_rate'] * 100:.1f}%, false hits {bare_at['false_hit_rate'] * 100:.1f}%.  ")
-    within = "met" if cost["p99_us"] <= 5000 else "missed"
-    verdicts.append(f"The gate costs {cost['p50_us']:.0f} µs p50 / {cost['p99_us']:.0f} µs p99 per candidate "
-                    f"({cost['n']} calls, pure Python): target ≤ 5 ms p99 {within}.")
-    return "\n".join([*lines, "", *verdicts]) + "\n"
+        f"### The frozen set: kinds the gate was not written against (frozen at {FROZEN_AT}, measured once)", "",
+        "| kind | near misses | false hits | false hits % (95% CI) | paraphrases | paraphrase hits % (95% CI) "
+        "| bare cosine: false hits % | bare cosine: paraphrase hits % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    worst_kind = 0.0
+    for kind in kinds:
+        line, gated = _row(kind, [s for s in frozen if s.kind == kind], threshold)
+        lines.append(line)
+        worst_kind = max(worst_kind, gated["false_hit_rate"])
+    line, overall = _row("**all kinds**", frozen, threshold)
+    lines.append(line)
+    lines += ["", "### The pairs the gate was written against (seen while writing it: not evidence for new kinds)", "",
+              "| split | near misses | false hits | false hits % (95% CI) | paraphrases | paraphrase hits % (95% CI) "
+              "| bare cosine: false hits % | bare cosine: paraphrase hits % |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for split in ("tuning", "validation", "heldout", "handwritten"):
+        lines.append(_row(split, [s for s in scored if s.split == split], threshold)[0])
+    met = (overall["false_hit_rate"] <= 0.01 and worst_kind <= 0.02 and overall["false_hit_ci"][1] <= 0.03
+           and overall["hit_rate"] >= 0.50)
+    verdicts = [
+        "",
+        f"Frozen set, all kinds: false hits {overall['false_hit_rate'] * 100:.1f}% (95% CI "
+        f"{_ci(overall['false_hit_ci'])}), worst kind {worst_kind * 100:.1f}%, paraphrase hits "
+        f"{overall['hit_rate'] * 100:.1f}% (95% CI {_ci(overall['hit_ci'])}): targets (≤ 1% overall, ≤ 2% per kind, "
+        f"upper bound ≤ 3%, paraphrases ≥ 50%) {'met' if met else 'missed'}.  ",
+        f"The gate costs {cost['p50_us']:.0f} µs p50 / {cost['p99_us']:.0f} µs p99 per candidate with both texts "
+        f"read from scratch ({cost['n']} calls, pure Python): target ≤ 0.5 ms p99 "
+        f"{'met' if cost['p99_us'] <= 500 else 'missed'}."]
+    return "\n".join([*lines, *verdicts]) + "\n"
 
 
 def main() -> None:
@@ -125,11 +137,12 @@ def main() -> None:
     parser.add_argument("--triton", help="host:port of a running Triton serving minilm (default: start one)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    scored = scored_set(args.triton)
-    markdown = render(scored, gate_cost())
+    frozen = frozen_rows()
+    scored = scored_set(args.triton, frozen)
+    markdown = render(scored, gate_cost(labelled_rows() + frozen))
     print(markdown)
     if not args.no_write:
-        plot([s for s in scored if s.split == "heldout"], [s for s in scored if s.split == "handwritten"], IMAGE)
+        plot([s for s in scored if s.split == "frozen"], IMAGE)
         write_section(markdown, "semantic-cache", "Semantic cache: paraphrases served, near misses refused")
 
 

@@ -71,12 +71,12 @@ def rates(scored: Iterable[Scored], threshold: float, gate: bool) -> dict:
 
 
 def gate_miss_rate(validation: list[Scored], threshold: float) -> float:
-    """How often the gate may let through a near miss at this similarity or above: the upper end of the 95%
-    interval on the validation split, not the point estimate. The gate lets none of the near misses it was
-    written against through, and a point estimate of 0 would vouch for any threshold; the interval's upper end
-    is what that many near misses can vouch for."""
+    """How often the gate may let through a near miss at this similarity or above, on the validation split: the
+    rule of succession, (missed + 1) / (near misses + 2), not the raw share. The gate lets none of the near
+    misses it was written against through, and a raw 0 would vouch for any threshold; 0 of n counts as 1/(n+2),
+    which shrinks only as more near misses are labelled."""
     near = [s for s in validation if s.label == "near_miss" and s.similarity >= threshold]
-    return wilson(sum(1 for s in near if not s.gated), len(near))[1] if near else 0.0
+    return (sum(1 for s in near if not s.gated) + 1) / (len(near) + 2) if near else 0.0
 
 
 def calibrate(tuning: list[Scored], validation: list[Scored], budget: float) -> float:

@@ -15,6 +15,7 @@ stops the differences its author thought of; this stops every difference it cann
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class Word:
     form: str  # base, past, comparative or superlative: the same lemma in another form is another question
     lemmas: frozenset[str]
     clause: int  # clauses may come in either order ("If I X, what happens?"), words within one may not
+    plural: bool
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class _Raw:
     text: str
     capital: bool
     possessive: bool = False
+    acronym: bool = False  # written in capitals ("US"): a name, never a function word
 
 
 def _quotes(text: str) -> tuple[str, tuple[str, ...]]:
@@ -106,7 +109,8 @@ def _tokens(text: str) -> list[_Raw]:
             raw += [_Raw(stem, capital), _Raw({"re": "are", "ve": "have", "ll": "will", "d": "would",
                                                "m": "am"}.get(tail, tail), False)]
         else:
-            raw.append(_Raw(lowered, capital))
+            acronym = len(token) > 1 and token.isupper() and token.isalpha()
+            raw.append(_Raw(lowered, capital or acronym, acronym=acronym))
     return raw
 
 
@@ -150,10 +154,10 @@ class Gate:
             return "superlative"
         if word in ("better", "worse", "more", "less"):
             return "comparative"
-        if self._wordnet.is_lemma(word):
-            return "base"
         if self._wordnet.past_form(word):
             return "past"
+        if self._wordnet.is_lemma(word):
+            return "base"
         adjectives = {lemma for pos, lemma in self._wordnet.lemmas(word) if pos == "adj"}
         if adjectives and word.endswith("est"):
             return "superlative"
@@ -201,8 +205,16 @@ class Gate:
         for i, token in enumerate(raw):
             w = token.text
             following = raw[i + 1].text if i + 1 < len(raw) else ""
-            if w in words.QUESTION_MARKERS:
-                (in_situ.append if clause_has_content else questions.add)(w)
+            if token.acronym and w not in words.NUMBER_WORDS:
+                self._add_content(token, content, in_phrase, clause)
+                point(len(content) - 1)
+                content_seen()
+            elif w in words.QUESTION_MARKERS:
+                if clause_has_content:
+                    in_situ.append(w)
+                    clause += 1  # "what time is it in Tokyo | when it is noon in New York"
+                else:
+                    questions.add(w)
                 boundary()
             elif w == _QUOTE_MARK:
                 point("quoted")
@@ -233,9 +245,12 @@ class Gate:
             elif w in words.TIMES:
                 times.append(words.TIMES[w])
                 point(f"@{w}")
-            elif w in words.PERSONS:
+            elif w in words.ANAPHORIC:
+                continue
+            elif w in words.PERSONS and not token.acronym:
                 persons.add(words.PERSONS[w])
-                point(f"person {words.PERSONS[w]}")
+                if w not in words.DETERMINERS:
+                    point(f"person {words.PERSONS[w]}")
             elif w in words.OR_WORDS:
                 alternatives += 1
                 boundary()
@@ -255,13 +270,8 @@ class Gate:
             else:
                 if w == "free" and i > 0 and raw[i - 1].text not in words.FILLER:
                     negations += 1  # "gluten-free": the polarity of "contains gluten" turned
-                form = self._form(w)
-                past_words = past_words or form == "past"
-                lemmas = frozenset(lemma for _, lemma in self._wordnet.lemmas(w)) | {w}
-                if len(lemmas) == 1 and w.endswith("s") and len(w) > 3:
-                    lemmas |= {w[:-1]}  # a plural WordNet does not know ("dicts", "repos")
-                content.append(Word(w, token.capital or w in words.NAMES, in_phrase or token.possessive, form,
-                                    lemmas, clause))
+                added = self._add_content(token, content, in_phrase, clause)
+                past_words = past_words or added.form == "past"
                 point(len(content) - 1)
                 content_seen()
         boundary()
@@ -278,6 +288,17 @@ class Gate:
         return Reading(frozenset(questions), tuple(sorted(quantifiers)), tuple(sorted(times)),
                        tuple(sorted(numbers)), frozenset(modals), frozenset(persons), negations, past, alternatives,
                        tuple(sorted(linkers)), quoted, tuple(directions), tuple(content))
+
+    def _add_content(self, token: _Raw, content: list[Word], in_phrase: bool, clause: int) -> Word:
+        w = token.text
+        lemmas = frozenset(lemma for _, lemma in self._wordnet.lemmas(w)) | {w}
+        if len(lemmas) == 1 and w.endswith("s") and len(w) > 3:
+            lemmas |= {w[:-1]}  # a plural WordNet does not know ("dicts", "repos")
+        plural = w.endswith("s") and not self._wordnet.is_lemma(w) and len(lemmas) > 1
+        word = Word(w, token.capital or w in words.NAMES, in_phrase or token.possessive, self._form(w), lemmas,
+                    clause, plural)
+        content.append(word)
+        return word
 
     def _infinitive(self, word: str) -> bool:
         """`to` before a word that can only be a verb marks an infinitive, not a direction."""
@@ -320,6 +341,9 @@ class Gate:
 
     def _content(self, a: Reading, b: Reading) -> str | None:
         pairs, unexplained = _align(a.content, b.content, self._explains)
+        unexplained = _joined_compounds(unexplained, a, b)
+        restated = set().union(*(words.RESTATING.get(q, frozenset()) for q in a.questions | b.questions))
+        unexplained = [w for w in unexplained if w not in restated]
         if unexplained:
             return f"not explained by the other question: {unexplained}"
         mapped = Counter((d, pairs.get(t, t) if isinstance(t, int) and t >= 0 else t) for d, t in a.directions)
@@ -330,6 +354,15 @@ class Gate:
             theirs = Counter({k: v for k, v in theirs.items() if k[0] != "from"})
         if mapped != theirs:
             return "a relation points elsewhere (to / from / for / as ...)"
+        # A superlative picks one thing, or several: "the oldest university" is not "the oldest universities".
+        if any(w.form == "superlative" for w in (*a.content, *b.content)) or \
+                {"most", "least"} & {*a.quantifiers, *b.quantifiers}:
+            for i, j in pairs.items():
+                if a.content[i].plural != b.content[j].plural:
+                    return f"one or several: {a.content[i].text!r} against {b.content[j].text!r}"
+        reverse = {j: i for i, j in pairs.items()}
+        if not (_clause_map_is_function(pairs, a, b) or _clause_map_is_function(reverse, b, a)):
+            return "the clauses exchange their words"
         moved_out = [i for i, j in pairs.items() if a.content[i].movable and not b.content[j].movable]
         moved_in = [i for i, j in pairs.items() if not a.content[i].movable and b.content[j].movable]
         if moved_out and moved_in:
@@ -398,6 +431,27 @@ def _align(left: tuple[Word, ...], right: tuple[Word, ...], explains) -> tuple[d
     unexplained = [x.text for i, x in enumerate(left) if i not in pairs] + \
                   [y.text for j, y in enumerate(right) if j not in taken and y.text not in paired_right]
     return pairs, unexplained
+
+
+def _joined_compounds(unexplained: list[str], a: Reading, b: Reading) -> list[str]:
+    """A compound written as one word on one side and two on the other ("lightbulb" / "light bulb")."""
+    left = set(unexplained)
+    for one, other in ((a, b), (b, a)):
+        texts = [w.text for w in other.content]
+        for first, second in itertools.pairwise(texts):
+            joined = first + second
+            if left & {joined, first, second} and any(w.text == joined for w in one.content):
+                left -= {joined, first, second}
+    return [w for w in unexplained if w in left]
+
+
+def _clause_map_is_function(pairs: dict[int, int], a: Reading, b: Reading) -> bool:
+    """Each clause of `a` has its words in one clause of `b`: a's clauses group b's or match them."""
+    target: dict[int, int] = {}
+    for i, j in pairs.items():
+        if target.setdefault(a.content[i].clause, b.content[j].clause) != b.content[j].clause:
+            return False
+    return True
 
 
 def _degree(word: Word) -> str:

@@ -46,9 +46,9 @@ for _phrase in ("how long", "for how long", "how much time"):
     FRAMES[_phrase] = "@how-long"
 for _phrase in ("how often", "how frequently"):
     FRAMES[_phrase] = "@how-often"
-for _phrase in ("how far", "what distance"):
+for _phrase in ("how far", "what distance", "what is the distance"):
     FRAMES[_phrase] = "@how-far"
-for _phrase in ("how old", "what age"):
+for _phrase in ("how old", "what age", "what is the age of"):
     FRAMES[_phrase] = "@how-old"
 for _phrase in ("when", "what time", "at what time", "what year", "in what year", "what date", "on what date"):
     FRAMES[_phrase] = "@when"
@@ -77,6 +77,10 @@ for _phrase in ("need to", "have to", "has to", "ought to", "supposed to", "must
     FRAMES[_phrase] = "@should"
 for _phrase in ("going to", "gonna", "will", "shall"):
     FRAMES[_phrase] = "@future"
+for _phrase in ("able to", "be able to", "is it possible to", "is it possible for"):
+    FRAMES[_phrase] = "@can"
+for _phrase in ("right now", "at the moment", "at present"):
+    FRAMES[_phrase] = "now"
 FRAME_WORDS = {tuple(phrase.split()): marker for phrase, marker in FRAMES.items()}
 OPENING_FRAME_WORDS = {tuple(phrase.split()): marker for phrase, marker in OPENING_FRAMES.items()}
 # The frame lengths worth trying at a word, longest first.
@@ -108,7 +112,7 @@ saturday sunday january february april june july august september october novemb
 summer autumn winter daily weekly monthly yearly annually hourly""")}
 TIMES.update({"presently": "now", "lately": "recently"})
 NEGATIONS = _words("not no never without none nothing nor neither nobody nowhere n't")
-MODALS = {"can": "can", "could": "can", "may": "can", "might": "can", "able": "can", "would": "would",
+MODALS = {"can": "can", "could": "can", "may": "can", "might": "can", "@can": "can", "would": "would",
           "@should": "should", "@future": "will"}
 # Auxiliaries and copulas: dropped once their tense is read.
 AUXILIARIES = {"do": "", "does": "", "is": "", "are": "", "am": "", "be": "", "being": "", "have": "", "has": "",
@@ -118,6 +122,14 @@ PERSONS = {"i": "1", "me": "1", "my": "1", "mine": "1", "myself": "1", "we": "1p
            "yourselves": "2", "he": "3m", "him": "3m", "his": "3m", "himself": "3m", "she": "3f", "her": "3f",
            "hers": "3f", "herself": "3f", "they": "3p", "them": "3p", "their": "3p", "theirs": "3p",
            "themselves": "3p", "one's": "1"}
+# Possessive determiners: they name whose thing it is, and the direction before them points at the noun after
+# them ("from my phone to my TV").
+DETERMINERS = frozenset({"my", "your", "his", "her", "its", "our", "their"})
+# "What do doctors wish their patients knew?" asks what "... wish patients knew?" asks: these point back at a
+# noun of the question, not at a person.
+ANAPHORIC = frozenset({"its", "their"})
+# Words that restate what the question word already asks ("Where is the reef located?").
+RESTATING = {"@where": frozenset({"located", "situated", "location", "place"})}
 # A relation's direction: the word and what follows it must correspond ("from X to Y" is not "from Y to X").
 DIRECTIONS = _words("""to from into onto toward towards out up down over under above below before after between
 across through off than inside outside beyond behind within against along around as with for by""")
@@ -153,7 +165,7 @@ PARAPHRASES: tuple[frozenset[str], ...] = tuple(frozenset(group.split()) for gro
     "big large", "small little tiny", "car automobile", "doctor physician", "movie film", "phone smartphone",
     "laptop notebook", "pc computer", "email e-mail", "mac macos osx", "website site",
     "web internet online",
-    "reverse invert", "check verify", "get obtain", "calculate compute", "string str",
+    "reverse invert", "check verify", "get obtain", "calculate compute", "string str", "char character",
     "list array", "lists arrays", "kilometers km kilometres", "kilometer kilometre",
     "meters metres", "liters litres", "centimeters centimetres cm", "pounds lbs lb",
     "kilograms kg kilos", "miles mi"))

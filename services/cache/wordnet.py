@@ -92,13 +92,12 @@ class WordNet:
         return any(word in self._index[pos] for pos in POS)
 
     def past_form(self, word: str) -> bool:
-        """A verb's past form that is not also a lemma of its own ("sank", "released"; not "used", an adjective)."""
+        """A verb's past form: regular ("released", "discovered", also where WordNet lists the participle as an
+        adjective), or irregular and not a lemma of its own ("sank"; not "found", "left")."""
         word = word.lower()
-        if self.is_lemma(word):
-            return False
-        if word in self._exceptions["verb"] and not word.endswith(("s", "ing")):
+        if word.endswith("ed") and any(pos == "verb" and lemma != word for pos, lemma in self.lemmas(word)):
             return True
-        return word.endswith("ed") and any(pos == "verb" for pos, _ in self.lemmas(word))
+        return word in self._exceptions["verb"] and not word.endswith(("s", "ing")) and not self.is_lemma(word)
 
     @lru_cache(maxsize=65536)  # noqa: B019 - one WordNet per process, held for its life
     def senses(self, word: str, most: int) -> frozenset[Sense]:

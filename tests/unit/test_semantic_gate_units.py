@@ -49,6 +49,14 @@ REFUSED = {
     "tense and modality": [("When did the store open?", "When will the store open?"),
                            ("Can I eat raw eggs?", "Should I eat raw eggs?")],
     "quoted text": [("How do you say 'good night' in French?", "How do you say 'good morning' in French?")],
+    # Found by the frozen set (bench/semantic_cache.py): a direction read past a possessive, clauses that trade
+    # their places, one thing against several.
+    "direction past a possessive": [("How do I move photos from my iPhone to my PC?",
+                                     "How do I move photos from my PC to my iPhone?")],
+    "clauses exchanged": [("What time is it in Tokyo when it's noon in New York?",
+                           "What time is it in New York when it's noon in Tokyo?")],
+    "one or several": [("Which is the oldest university in the world?",
+                        "Which are the oldest universities in the world?")],
 }
 
 
@@ -75,6 +83,9 @@ EXPLAINED = {
     "implied origin": ("How do I convert liters to gallons?", "How do I convert from liters to gallons?"),
     "number written out": ("What is 15% of 120?", "Calculate 15 percent of 120."),
     "impersonal question": ("How do I reset my password?", "How to reset the password?"),
+    "a compound in one word or two": ("Who invented the light bulb?", "Who invented the lightbulb?"),
+    "an acronym is a name": ("Who was the first president of the US?", "Who was the first US president?"),
+    "a restated question word": ("Where is the Great Barrier Reef?", "Where is the Great Barrier Reef located?"),
 }
 
 
@@ -135,14 +146,15 @@ def test_calibration_trusts_the_gate_only_as_far_as_validation_can_vouch():
     few = [Scored("near_miss", "validation", s, True) for s in (0.96, 0.91, 0.86)]
     many = [Scored("near_miss", "validation", 0.86, True)] * 400
     half = [Scored("near_miss", "validation", 0.96, False), Scored("near_miss", "validation", 0.92, True)]
-    # A gate that missed none of 3 near misses may still miss 56% (the interval's upper end): the tuning near
-    # misses at or above t, times that, is within 20% only above 0.95.
-    assert calibrate(tuning, few, 0.20) == pytest.approx(0.955)
-    # 0 of 400 vouches for a miss rate under 1%: the loosest threshold.
+    # A gate that missed none of 3 near misses counts as missing 1 in 5 (1 in 3 above 0.91): the tuning near
+    # misses at or above t, times that, is within 10% only above 0.95.
+    assert gate_miss_rate(few, 0.80) == pytest.approx(1 / 5)
+    assert calibrate(tuning, few, 0.10) == pytest.approx(0.955)
+    # 0 of 400 counts as 1 in 402: the loosest threshold keeps the 1% budget.
     assert calibrate(tuning, many, 0.01) == pytest.approx(0.70)
-    # One that let the 0.96 near miss through: within 20% only above it.
-    assert calibrate(tuning, half, 0.20) == pytest.approx(0.965)
-    assert gate_miss_rate(half, 0.90) == pytest.approx(wilson(1, 2)[1]) and gate_miss_rate(half, 0.97) == 0.0
+    # One that let the 0.96 near miss through: within 10% only above it.
+    assert calibrate(tuning, half, 0.10) == pytest.approx(0.965)
+    assert gate_miss_rate(half, 0.90) == pytest.approx(0.5) and gate_miss_rate(half, 0.97) == 0.0
     at = rates(tuning, 0.955, gate=False)
     assert (at["paraphrase_hits"], at["false_hits"]) == (1, 1)
     assert rates(tuning, 0.955, gate=True)["false_hits"] == 0
