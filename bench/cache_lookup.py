@@ -1,5 +1,5 @@
 """Cache lookup cost: exact and semantic hits on the cache service, against generating on Triton directly, and
-what the semantic content gate adds (the same lookups on a second cache service with the gate off).
+what the semantic gate adds (the same lookups on a second cache service with the gate off).
 
 Targets: a semantic hit costs < 5 ms (a tenth of a fast generation's time to first token); the gate adds
 <= 5 ms p99. Prints a table and

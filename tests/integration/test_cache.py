@@ -175,17 +175,21 @@ def _refused(stack, reason: str) -> float:
     return service_metric(stack.ports.cache_metrics, "mesh_cache_semantic_refused_total", reason=reason)
 
 
-def test_the_content_gate_refuses_a_near_miss_the_vectors_call_identical(mesh, stack):
-    """"Fahrenheit to Celsius" is 0.99 similar to "Celsius to Fahrenheit" by MiniLM, above any threshold: only
-    the gate keeps the one's answer from the other; a true paraphrase still hits."""
+def test_the_gate_refuses_a_near_miss_the_vectors_call_identical(mesh, stack):
+    """"Fahrenheit to Celsius" is 0.99 similar to "Celsius to Fahrenheit" by MiniLM, and "Why did the Titanic
+    sink?" to "When ...", above the threshold: only the gate keeps the one's answer from the other (the question
+    word was a kind the first gate let through); a true paraphrase still hits."""
     system = "You answer unit questions in one short sentence."
     generate(mesh, greedy("How do I convert Celsius to Fahrenheit?", system=system))
     wait_until_cached(stack, "tenant-a", greedy("How can I convert Celsius to Fahrenheit?", system=system),
                       semantic=True)
-    refused = _refused(stack, "gate")
-    _, reversed_ = generate(mesh, greedy("How do I convert Fahrenheit to Celsius?", system=system))
-    assert status_of(reversed_) == mesh_pb2.CACHE_STATUS_MISS
-    assert _refused(stack, "gate") == refused + 1
+    generate(mesh, greedy("When did the Titanic sink?", system=system))
+    wait_until_cached(stack, "tenant-a", greedy("When did the Titanic sink ?", system=system), semantic=True)
+    for near_miss in ("How do I convert Fahrenheit to Celsius?", "Why did the Titanic sink?"):
+        refused = _refused(stack, "gate")
+        _, answer = generate(mesh, greedy(near_miss, system=system))
+        assert status_of(answer) == mesh_pb2.CACHE_STATUS_MISS, near_miss
+        assert _refused(stack, "gate") >= refused + 1, near_miss
     _, paraphrase = generate(mesh, greedy("How can I convert Celsius to Fahrenheit?", system=system))
     assert status_of(paraphrase) == mesh_pb2.CACHE_STATUS_SEMANTIC_HIT
 
