@@ -191,6 +191,7 @@ gpu-smoke: $(GPU_SMOKE_GEN)/.stamp
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	PYTHONPATH=.:gen $(VENV)/bin/lint-imports
 
 clean:
 	rm -rf gen build run

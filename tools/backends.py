@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from services.common.cache_keys import GATEWAY_READER, GATEWAY_READER_RULES
+from services.cache.keys import GATEWAY_READER, GATEWAY_READER_RULES
 from tools.processes import ManagedProcess, MissingPartError
 
 VENV_BIN = Path(sys.executable).parent
@@ -40,7 +40,7 @@ def redis_role_args(role: str, data_dir: Path) -> list[str]:
 
 
 def reader_user_args(password: str) -> list[str]:
-    """The gateways' read-only Redis user (services/common/cache_keys.py says what it may do)."""
+    """The gateways' read-only Redis user (services/cache/keys.py says what it may do)."""
     return ["--user", GATEWAY_READER, "on", f">{password}", *GATEWAY_READER_RULES]
 
 

@@ -1,7 +1,7 @@
 """Calibrates the semantic cache on the labelled set: embeds every question with the cache's embedder on a real
 Triton, then, for each false-hit budget, picks the lowest cosine threshold whose expected false-hit rate, with the
 gate (services/cache/gate.py) in front, stays within the budget (see `calibrate`).
-Writes services/common/semantic_calibration.yaml; `bench/semantic_cache.py` reports the held-out half.
+Writes config/semantic-calibration.yaml; `bench/semantic_cache.py` reports the held-out half.
 
     python -m tools.calibrate_semantic            # starts its own Triton (MiniLM only)
 """
@@ -23,9 +23,9 @@ import numpy as np
 import yaml
 from tritonclient.grpc import service_pb2_grpc
 
+from services.cache.calibration import CALIBRATION_FILE
 from services.cache.gate import load_gate
 from services.common.embeddings import embed_via_kserve
-from services.common.semantic_calibration import CALIBRATION_FILE
 from tools.semantic_pairs import PAIRS_FILE, load
 from tools.triton import TritonInstall, TritonPorts, wait_triton_ready
 
@@ -113,7 +113,7 @@ def reported_negatives(redis_url: str) -> list[dict]:
     """Wrong hits reported to a running cache (ReportWrongCacheHit): near misses for the tuning half."""
     import redis
 
-    from services.common.cache_keys import NEGATIVES_KEY
+    from services.cache.keys import NEGATIVES_KEY
 
     client = redis.Redis.from_url(redis_url)
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import yaml
 
-from services.common.cache_keys import GATEWAY_READER
+from services.cache.keys import GATEWAY_READER
 from services.common.internal_tls import InternalTls
 from services.edge.settings import EdgeSettings
 from tools.backends import MILVUS_SERVER_PORTS, start_milvus_lite, start_milvus_server, start_redis

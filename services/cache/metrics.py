@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 # Defined once, shared with the gateways' direct reads of exact entries.
-from services.common.cache_reads import LOOKUPS as LOOKUPS
+from services.cache.reads import LOOKUPS as LOOKUPS
 
 LOOKUP_SECONDS = Histogram("mesh_cache_lookup_duration_seconds", "Cache lookup latency", ["kind"],
                            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 20))

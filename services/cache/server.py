@@ -10,6 +10,7 @@ from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, router_pb2_grpc
 from services.cache import metrics
+from services.cache.calibration import SemanticCalibration
 from services.cache.gate import load_gate
 from services.cache.semantic import SemanticIndex
 from services.cache.service import CacheAdminService, ResponseCacheService
@@ -17,7 +18,6 @@ from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
 from services.common.model_catalog import ModelCatalog
 from services.common.resilient_channel import resilient_channel
-from services.common.semantic_calibration import SemanticCalibration
 from services.common.server import ServiceHost, run_service
 
 log = logging.getLogger(__name__)

@@ -18,16 +18,15 @@ from redis.exceptions import RedisError
 from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
-from services.cache import metrics
+from services.cache import keys, metrics
+from services.cache.calibration import SemanticCalibration, UncalibratedBudget
 from services.cache.gate import Gate
 from services.cache.semantic import SemanticIndex
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
-from services.common import cache_keys as keys
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
 from services.common.errors import internal_failure, invalid, unavailable
-from services.common.semantic_calibration import SemanticCalibration, UncalibratedBudget
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")

@@ -43,7 +43,7 @@ class CacheSettings(ServiceSettings):
     response_ttl_s: int = 3600
     embedding_ttl_s: int = 300
     # The share of near-miss questions a semantic hit may answer wrongly, for models whose registry entry sets
-    # none: one of the budgets calibrated for the embedder (services/common/semantic_calibration.yaml), which
+    # none: one of the budgets calibrated for the embedder (config/semantic-calibration.yaml), which
     # gives the cosine threshold. The gate (services/cache/gate.py) must explain every difference as well.
     semantic_max_false_hit_rate: float = 0.01
     # The nearest entries the gate may look through before the lookup is a miss.

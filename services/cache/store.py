@@ -7,8 +7,8 @@ import secrets
 import numpy as np
 
 from inference_mesh.v1 import cache_pb2
-from services.common import cache_keys as keys
-from services.common.cache_reads import CacheReads, redis_client
+from services.cache import keys
+from services.cache.reads import CacheReads, redis_client
 from services.common.redis_connection import key_count_and_memory
 
 # Releases a lease only if the caller still holds it (a lease that expired may belong to someone else now).

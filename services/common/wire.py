@@ -10,7 +10,7 @@ from __future__ import annotations
 JWT_TENANT_HEADER = "x-mesh-jwt-tenant"
 EDGE_SECRET_HEADER = "x-mesh-edge-secret"
 # Where a caller's credential may travel (an API key in either, or `Bearer <JWT>` in the first). A request
-# carries exactly one: services/edge/render.py refuses more at the edge, services/common/credentials.py behind it.
+# carries exactly one: services/edge/render.py refuses more at the edge, services/gateway/credentials.py behind it.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 # Gateway → router: the authenticated tenant (sticky key for canary versions when there is no session).
 TENANT_HEADER = "x-mesh-tenant"

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.common.credentials import CredentialError, single_credential
 from services.common.errors import MeshError
 from services.common.tenants import TenantConfig, hash_key
 from services.common.wire import EDGE_SECRET_HEADER, JWT_TENANT_HEADER
+from services.gateway.credentials import CredentialError, single_credential
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
+from services.cache.reads import LOOKUPS, CacheReads
 from services.common.background import BackgroundCalls
 from services.common.breakers import Breaker, BreakerOpenError
-from services.common.cache_reads import LOOKUPS, CacheReads
 from services.gateway.errors import from_rpc_error
 
 log = logging.getLogger(__name__)

@@ -12,12 +12,12 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.deadlines import downstream_timeout
 from services.common.errors import MeshError
-from services.common.version import MESH_NAME, MESH_VERSION
 from services.gateway.auth import Authenticator
 from services.gateway.errors import from_rpc_error
 from services.gateway.kserve_governance import StreamWindow, check_infer_request
 from services.gateway.kserve_metering import KServeMeter, MeteredCall, caller_headers
 from services.gateway.settings import KServeLimits
+from services.gateway.version import MESH_NAME, MESH_VERSION
 
 # What the mesh answers of Triton's extensions: configuration and statistics per public model, a read-only index.
 EXTENSIONS = ["model_configuration", "statistics", "model_repository(read-only)"]

@@ -8,7 +8,7 @@ import logging
 import time
 
 from inference_mesh.v1 import mesh_pb2
-from services.common.redaction import redact
+from services.gateway.redaction import redact
 
 log = logging.getLogger("services.gateway.requests")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 
 from inference_mesh.v1 import mesh_pb2, models_pb2
-from services.common.canary import choose_version
+from services.router.canary import choose_version
 
 
 def with_version(model: models_pb2.ModelInfo, sticky_key: str) -> models_pb2.ModelInfo:

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2_grpc, router_pb2_grpc
-from services.common.cache_reads import CacheReads, redis_client
+from services.cache.reads import CacheReads, redis_client
 from services.common.model_catalog import ModelCatalog
 from services.common.resilient_channel import resilient_channel
 from services.common.server import ServiceHost, run_service

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
-from services.common.lexical import unglue
+from services.retrieval.lexical import unglue
 
 HEADING_SEPARATOR = " > "
 

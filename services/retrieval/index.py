@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 
 from pymilvus import AsyncMilvusClient, DataType, Function, FunctionType
 
-from services.common.lexical import ANALYZER_PARAMS
 from services.common.milvus import (
     HnswSettings,
     MilvusCollection,
@@ -21,6 +20,7 @@ from services.common.milvus import (
     hnsw_cosine_index,
     quote,
 )
+from services.retrieval.lexical import ANALYZER_PARAMS
 
 log = logging.getLogger(__name__)
 _OUTPUT = ["chunk_id", "document_id", "text", "metadata"]
@@ -64,7 +64,7 @@ class DocumentIndex(MilvusCollection):
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dimension)
         indexes = [("vector", hnsw_cosine_index(self._hnsw))]
         if self._create_lexical:
-            # The stemmed terms of the chunk (services/common/lexical.py); Milvus computes BM25 weights from them.
+            # The stemmed terms of the chunk (services/retrieval/lexical.py); Milvus computes BM25 weights from them.
             schema.add_field("terms", DataType.VARCHAR, max_length=65_535, enable_analyzer=True,
                              analyzer_params=ANALYZER_PARAMS)
             schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)

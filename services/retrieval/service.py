@@ -14,11 +14,11 @@ from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
 from services.common.errors import MeshError, internal_failure, invalid, unavailable
-from services.common.lexical import lexical_text, unglue
 from services.retrieval.chunking import Chunker
 from services.retrieval.filters import FilterError, render, to_milvus
 from services.retrieval.fusion import cosine, reciprocal_rank_fusion
 from services.retrieval.index import DocumentIndex
+from services.retrieval.lexical import lexical_text, unglue
 from services.retrieval.metrics import STAGE_SECONDS
 from services.retrieval.settings import RetrievalSettings
 from services.retrieval.typed_filters import from_message

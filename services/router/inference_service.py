@@ -14,7 +14,6 @@ from prometheus_client import Counter
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.breakers import BreakerOpenError
-from services.common.canary import choose_version
 from services.common.deadlines import downstream_timeout
 from services.common.errors import MeshError, stream_error_text
 from services.common.kserve import is_final_response, output_arrays, read_to_end
@@ -32,6 +31,7 @@ from services.common.wire import (
 from services.router import kserve_metadata
 from services.router.admission import AdmissionSettings, FairAdmission, Priority, QueueRefusal, Ticket
 from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
+from services.router.canary import choose_version
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica
 from services.router.settings import RouterSettings

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from inference_mesh.v1 import models_pb2
-from services.common.semantic_calibration import SemanticCalibration, UncalibratedBudget
+from services.cache.calibration import SemanticCalibration, UncalibratedBudget
 
 RoutingPolicy = Literal["least_outstanding", "queue_aware", "prefix_affinity"]
 
@@ -73,7 +73,7 @@ class ModelSpec(BaseModel, extra="forbid"):
     max_batch_size: int = 0
     dimension: int = 0
     # The share of near-miss questions a semantic cache hit may answer wrongly on this model: a budget calibrated
-    # for the cache's embedder (services/common/semantic_calibration.yaml); 0: the cache's
+    # for the cache's embedder (config/semantic-calibration.yaml); 0: the cache's
     # MESH_CACHE_SEMANTIC_MAX_FALSE_HIT_RATE.
     semantic_max_false_hit_rate: float = Field(default=0.0, ge=0.0, lt=1.0)
     # Semantic hits (a similar question answered with another's cached answer) are opt-in: on an independent set

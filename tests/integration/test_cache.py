@@ -13,8 +13,8 @@ import redis
 import tritonclient.grpc as triton_grpc
 
 from inference_mesh.v1 import cache_pb2, cache_pb2_grpc, mesh_pb2
-from services.common.cache_keys import NEGATIVES_KEY, tenant_generation_key
-from services.common.semantic_calibration import SemanticCalibration
+from services.cache.calibration import SemanticCalibration
+from services.cache.keys import NEGATIVES_KEY, tenant_generation_key
 from tests.conftest import AUTH, EMBEDDER, KEYS, LLM, chat, generate, service_metric
 from tools.processes import free_port, wait_grpc_serving
 from tools.stack import start_service

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2
-from services.common.redaction import redact
+from services.gateway.redaction import redact
 from tests.conftest import AUTH, KEYS, LLM, chat, debian_tool, service_metric
 from tools import grafana_dashboard, top
 from tools.otlp_receiver import OtlpReceiver, ReceivedSpan

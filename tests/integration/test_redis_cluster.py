@@ -17,8 +17,8 @@ from google.protobuf.duration_pb2 import Duration
 from redis.exceptions import RedisError
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, quota_pb2
+from services.cache import keys
 from services.cache.store import RedisStore
-from services.common import cache_keys as keys
 from services.common.tenants import Tenant, TenantConfig, Tier
 from services.ratelimit.buckets import LimitStore
 from services.ratelimit.token_budget import TokenBudgetService

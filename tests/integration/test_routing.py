@@ -16,8 +16,8 @@ import yaml
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2, router_pb2_grpc
-from services.common.canary import choose_version
 from services.common.kserve import InferRequestBuilder, is_final_response
+from services.router.canary import choose_version
 from tests.conftest import AUTH, EMBEDDER, LLM, chat, triton_metric
 from tools.stack import ROOT, LocalStack, StackPorts
 

@@ -7,9 +7,9 @@ import tracemalloc
 
 import pytest
 
-from services.common.credentials import CredentialError, single_credential
 from services.edge.render import render
 from services.edge.settings import EdgeSettings
+from services.gateway.credentials import CredentialError, single_credential
 from services.router.balancer import KeyHomes
 
 

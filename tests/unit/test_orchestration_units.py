@@ -11,7 +11,6 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
-from services.common.canary import choose_version
 from services.common.errors import MeshError
 from services.common.resilience import ResilienceSettings
 from services.common.wire import SESSION_PARAMETER
@@ -19,6 +18,7 @@ from services.gateway import cached_generation
 from services.gateway.auth import Caller
 from services.gateway.plan import plan_request
 from services.router.balancer import Balancer
+from services.router.canary import choose_version
 from services.router.inference_service import RoutingInferenceService
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from inference_mesh.v1 import mesh_pb2, retrieval_pb2
-from services.common.lexical import lexical_text, terms, unglue
 from services.gateway import rag
 from services.retrieval.chunking import Chunker
 from services.retrieval.fusion import cosine, reciprocal_rank_fusion
 from services.retrieval.index import DocumentIndex
+from services.retrieval.lexical import lexical_text, terms, unglue
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = str(ROOT / "triton_models/minilm/1/tokenizer.json")

@@ -163,7 +163,7 @@ def test_calibration_trusts_the_gate_only_as_far_as_validation_can_vouch():
 def test_a_budget_without_calibration_is_refused_where_it_is_set():
     import yaml
 
-    from services.common.semantic_calibration import SemanticCalibration, UncalibratedBudget
+    from services.cache.calibration import SemanticCalibration, UncalibratedBudget
     from services.router.registry import Registry
 
     calibration = SemanticCalibration.load()

@@ -12,7 +12,6 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from inference_mesh.v1 import mesh_pb2, models_pb2
-from services.common.canary import choose_version
 from services.common.errors import from_stream_error
 from services.common.kserve import InferRequestBuilder, output_arrays
 from services.common.tenants import Tenant, TenantConfig, Tier, hash_key
@@ -20,6 +19,7 @@ from services.gateway.auth import Authenticator
 from services.gateway.settings import RequestLimits
 from services.gateway.validation import check_embed, check_generate
 from services.router.balancer import AtCapacityError, Balancer, BalancerSettings, NoReplicaError, Route
+from services.router.canary import choose_version
 from services.router.queue_metrics import parse, update
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet

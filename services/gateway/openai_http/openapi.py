@@ -10,13 +10,13 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from services.common.version import MESH_VERSION
 from services.gateway.openai_http.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     WrongHitReport,
 )
+from services.gateway.version import MESH_VERSION
 
 _REF = "#/components/schemas/{model}"
 _ERROR = {

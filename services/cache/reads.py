@@ -13,7 +13,7 @@ import numpy as np
 from prometheus_client import Counter
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2
-from services.common import cache_keys as keys
+from services.cache import keys
 from services.common.redis_connection import RedisClient, connect, is_cluster
 
 # One counter for every process that reads the cache (the cache service and each gateway's direct reads): a
@@ -33,7 +33,7 @@ def _generation(tenant_gen: bytes | None, model_gen: bytes | None) -> str:
 class CacheReads:
     def __init__(self, redis: RedisClient, remembered_scopes: int = 10_000) -> None:
         self.redis = redis
-        # On a Redis Cluster a tenant's keys share a slot (cache_keys.slot_tag) but a model's flush counter lives
+        # On a Redis Cluster a tenant's keys share a slot (keys.slot_tag) but a model's flush counter lives
         # in another: it is read after the entries, which is as good, because counters only grow (the same value
         # after the entries were read means the same value when they were read).
         self._cluster = is_cluster(redis)

@@ -1,7 +1,7 @@
 """The semantic cache's calibration: for the cache's embedder, the cosine threshold that keeps near-miss false
-hits within each false-hit budget, the content gate in front (written by `python -m tools.calibrate_semantic`
-into semantic_calibration.yaml beside this module, so that it ships with the services). The router refuses a
-registry that asks for a budget with no calibration; the cache turns a budget into its threshold."""
+hits within each false-hit budget, the gate in front (written by `python -m tools.calibrate_semantic` into
+config/semantic-calibration.yaml). The router refuses a registry that asks for a budget with no calibration; the
+cache turns a budget into its threshold."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-CALIBRATION_FILE = Path(__file__).with_name("semantic_calibration.yaml")
+# Data, not code: written by `python -m tools.calibrate_semantic`, read by the cache (thresholds) and the router
+# (which refuses a registry asking for a budget without one). The services image copies config/ beside services/.
+CALIBRATION_FILE = Path(__file__).resolve().parents[2] / "config" / "semantic-calibration.yaml"
 
 
 class UncalibratedBudget(ValueError):

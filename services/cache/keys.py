@@ -1,5 +1,5 @@
 """Cache keys: a hash of everything that decides the answer, scoped by tenant, model, version, generation. The
-cache service writes under them; gateways read exact entries under them directly (services/common/cache_reads.py)."""
+cache service writes under them; gateways read exact entries under them directly (services/cache/reads.py)."""
 
 from __future__ import annotations
 
