@@ -108,8 +108,8 @@ $(TRTLLM_VENV)/.installed: requirements/trtllm-image.txt
 	$(TRTLLM_VENV)/bin/pip install $(PIP_QUIET) -r requirements/trtllm-image.txt
 	touch $@
 
-# In-process tests only (tests/unit): seconds, no servers started.
-unit: $(VENV)/.installed gen/.stamp
+# In-process tests only (tests/unit): seconds, no servers started, no models needed (a clean checkout suffices).
+unit: $(VENV)/.installed gen/.stamp wordnet
 	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider -q tests/unit $(PYTEST_ARGS)
 
 # Debian packages the project needs, each named by a file it installs: promtool (package prometheus) for the alert

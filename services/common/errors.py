@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -35,12 +35,55 @@ class MeshError(Exception):
         self.trailing = trailing
 
 
+def retry_after(seconds: float) -> tuple[tuple[str, str], ...]:
+    """The retry-after hint a caller gets, in whole seconds (at least 1: "0" would invite a retry storm)."""
+    return (("retry-after", str(max(1, math.ceil(seconds)))),)
+
+
 def invalid(message: str) -> MeshError:
     return MeshError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def unavailable(message: str) -> MeshError:
-    return MeshError(grpc.StatusCode.UNAVAILABLE, message)
+def unavailable(message: str, retry_after_s: float | None = None) -> MeshError:
+    return MeshError(grpc.StatusCode.UNAVAILABLE, message, retry_after(retry_after_s) if retry_after_s else ())
+
+
+def exhausted(message: str, retry_after_s: float | None = None) -> MeshError:
+    """RESOURCE_EXHAUSTED (HTTP 429): a limit the caller may wait out, with when to try again."""
+    return MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED, message,
+                     retry_after(retry_after_s) if retry_after_s is not None else ())
+
+
+def not_found(message: str) -> MeshError:
+    return MeshError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def unauthenticated(message: str) -> MeshError:
+    return MeshError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def denied(message: str) -> MeshError:
+    return MeshError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def too_late(message: str) -> MeshError:
+    return MeshError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
+def unimplemented(message: str) -> MeshError:
+    return MeshError(grpc.StatusCode.UNIMPLEMENTED, message)
+
+
+def bug(message: str) -> MeshError:
+    """INTERNAL: the mesh broke its own contract (never a caller's mistake, never a dependency's outage)."""
+    return MeshError(grpc.StatusCode.INTERNAL, message)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: MeshError) -> NoReturn:
+    """Answers `error` from where no MeshError can be raised to the answering interceptor (the interceptors that
+    run before it: shedding, caller identity, malformed messages). The one place a context is aborted."""
+    await context.abort(error.code, error.message, error.trailing)
+    raise AssertionError("context.abort returned")  # it raises; this keeps NoReturn honest
 
 
 def is_plain_request_id(value: str) -> bool:
@@ -83,7 +126,7 @@ def from_stream_error(text: str, retry_after_s: float = 0.0) -> MeshError:
     """The status a stream's error_message names (see stream_error_text), with a retry-after hint when the
     writer gave one."""
     name, separator, detail = text.partition(": ")
-    trailing = (("retry-after", str(max(1, math.ceil(retry_after_s)))),) if retry_after_s > 0 else ()
+    trailing = retry_after(retry_after_s) if retry_after_s > 0 else ()
     if separator and name in _STREAM_CODES:
         return MeshError(_STREAM_CODES[name], detail, trailing)
     return MeshError(grpc.StatusCode.INTERNAL, f"model error: {text}")
@@ -105,12 +148,11 @@ class AnswersMeshErrors(HandlerInterceptor):
             try:
                 return await inner(request, context)
             except MeshError as exc:
-                await context.abort(exc.code, exc.message, exc.trailing)
+                await abort(context, exc)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                error = _unexpected(exc, method)
-                await context.abort(error.code, error.message)
+                await abort(context, _unexpected(exc, method))
         return unary
 
     def around_stream(self, inner: Stream, method: str) -> Stream:
@@ -120,10 +162,9 @@ class AnswersMeshErrors(HandlerInterceptor):
                 async for response in inner(request, context):
                     yield response
             except MeshError as exc:
-                await context.abort(exc.code, exc.message, exc.trailing)
+                await abort(context, exc)
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                error = _unexpected(exc, method)
-                await context.abort(error.code, error.message)
+                await abort(context, _unexpected(exc, method))
         return stream

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from pydantic import BaseModel, model_validator
 
+from services.common.errors import abort, denied
 from services.common.handler_wrapping import HandlerInterceptor, Stream, Unary
 
 ADMIN = "mesh-admin"
@@ -135,7 +136,7 @@ class CallerPolicy(HandlerInterceptor):
     async def _check(self, method: str, context: grpc.aio.ServicerContext) -> None:
         why = refusal(self._service, method, peer_identity(context))
         if why:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
+            await abort(context, denied(why))
 
     def around_unary(self, inner: Unary, method: str) -> Unary:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from services.common.errors import abort, invalid
 from services.common.handler_wrapping import HandlerInterceptor
 
 
@@ -34,8 +35,7 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
 
 
 async def _refuse(context: grpc.aio.ServicerContext, method: str, bad: Malformed) -> None:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"the request is not a valid message for {method}: {bad.error}")
+    await abort(context, invalid(f"the request is not a valid message for {method}: {bad.error}"))
 
 
 async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext,

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import grpc
 from prometheus_client import Counter, Gauge
 
+from services.common.errors import abort, exhausted, too_late
+
 SHED = Counter("mesh_shed_requests_total", "Requests refused at once, by service and reason", ["service", "reason"])
 IN_FLIGHT = Gauge("mesh_in_flight_requests", "RPCs being worked on", ["service"])
 
@@ -41,12 +43,11 @@ class LoadShedder:
         remaining = context.time_remaining()
         if remaining is not None and remaining < self._min_deadline_s:
             SHED.labels(self._service, "deadline").inc()
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"the deadline leaves {max(remaining, 0) * 1000:.0f} ms: too little to start")
+            left_ms = max(remaining, 0) * 1000
+            await abort(context, too_late(f"the deadline leaves {left_ms:.0f} ms: too little to start"))
         party = self.party(context.invocation_metadata())
         if not self.enter(party):
-            context.set_trailing_metadata((("retry-after", "1"),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self.refusal(party))
+            await abort(context, exhausted(self.refusal(party), retry_after_s=1))
         return party
 
     def enter(self, party: str | None = None) -> bool:

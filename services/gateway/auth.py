@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.common.errors import MeshError
+from services.common.errors import unauthenticated
 from services.common.tenants import TenantConfig, hash_key
 from services.common.wire import EDGE_SECRET_HEADER, JWT_TENANT_HEADER
 from services.gateway.credentials import CredentialError, single_credential
@@ -60,5 +60,5 @@ class Authenticator:
     async def require(self, context: grpc.aio.ServicerContext) -> Caller:
         caller, problem = self.identify(context.invocation_metadata())
         if caller is None:
-            raise MeshError(grpc.StatusCode.UNAUTHENTICATED, problem)
+            raise unauthenticated(problem)
         return caller

@@ -12,7 +12,7 @@ from prometheus_client import Counter
 
 from inference_mesh.v1 import mesh_pb2, quota_pb2, quota_pb2_grpc
 from services.common.background import BackgroundCalls
-from services.common.errors import MeshError
+from services.common.errors import exhausted, unavailable
 from services.gateway.auth import Caller
 from services.gateway.plan import Delivered
 
@@ -23,6 +23,8 @@ BUDGET_UNAVAILABLE = Counter("mesh_gateway_budget_unavailable_total",
 _CACHE_HITS = (mesh_pb2.CACHE_STATUS_EXACT_HIT, mesh_pb2.CACHE_STATUS_SEMANTIC_HIT)
 # No tokenizer for an embedder's input here: a token per 4 bytes of text, at least one per text.
 _BYTES_PER_INPUT_TOKEN = 4
+
+_BUDGETS_DOWN = "token budgets cannot be checked right now (rate-limit service down); retry"
 
 
 def input_tokens_of(size_bytes: int) -> int:
@@ -57,16 +59,12 @@ class TokenBudgets:
                                                            "fail_open": self._fail_open})
             if self._fail_open:
                 return
-            raise MeshError(grpc.StatusCode.UNAVAILABLE,
-                            "token budgets cannot be checked right now (rate-limit service down); retry") from exc
+            raise unavailable(_BUDGETS_DOWN) from exc
         if reply.allowed:
             return
-        retry_after = max(1, math.ceil(reply.retry_after.ToTimedelta().total_seconds()))
-        raise MeshError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"token budget: tenant {caller.tenant!r} ({caller.tier} tier) has used its {reply.limit} "
-            f"{_WINDOW.get(reply.exhausted, 'tokens')}; retry after {retry_after} s",
-            (("retry-after", str(retry_after)),))
+        wait_s = max(1, math.ceil(reply.retry_after.ToTimedelta().total_seconds()))
+        raise exhausted(f"token budget: tenant {caller.tenant!r} ({caller.tier} tier) has used its {reply.limit} "
+                        f"{_WINDOW.get(reply.exhausted, 'tokens')}; retry after {wait_s} s", wait_s)
 
     async def reserve(self, caller: Caller, tokens: int, ttl_s: float) -> str:
         """Holds a generation's worst case against the tenant's budget before it starts; raises RESOURCE_EXHAUSTED
@@ -82,18 +80,15 @@ class TokenBudgets:
                                                            "fail_open": self._fail_open})
             if self._fail_open:
                 return ""
-            raise MeshError(grpc.StatusCode.UNAVAILABLE,
-                            "token budgets cannot be checked right now (rate-limit service down); retry") from exc
+            raise unavailable(_BUDGETS_DOWN) from exc
         check = reply.check
         if check.allowed:
             return reply.reservation
-        retry_after = max(1, math.ceil(check.retry_after.ToTimedelta().total_seconds()))
-        raise MeshError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        wait_s = max(1, math.ceil(check.retry_after.ToTimedelta().total_seconds()))
+        raise exhausted(
             f"token budget: tenant {caller.tenant!r} ({caller.tier} tier) cannot cover this request's worst case of "
             f"{tokens} tokens (prompt + max_tokens) within its {check.limit} {_WINDOW.get(check.exhausted, 'tokens')}"
-            f"; retry after {retry_after} s, or ask for fewer max_tokens",
-            (("retry-after", str(retry_after)),))
+            f"; retry after {wait_s} s, or ask for fewer max_tokens", wait_s)
 
     def settle(self, caller: Caller, reservation: str, used: int) -> None:
         """What a generation really used: the rest of its reservation goes back (after the reply)."""

@@ -278,5 +278,5 @@ class MeshCore:
 
     async def models(self) -> list[models_pb2.ModelInfo]:
         if not self.catalog.loaded and not await self.catalog.refresh():
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, "router unavailable: the model list cannot be read")
+            raise unavailable("router unavailable: the model list cannot be read")
         return sorted(self.catalog.all(), key=lambda m: m.name)

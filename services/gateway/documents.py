@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
-from services.common.errors import MeshError
+from services.common.errors import unavailable
 from services.gateway.auth import Caller
 from services.gateway.errors import from_rpc_error
 
-NOT_CONFIGURED = MeshError(grpc.StatusCode.UNAVAILABLE, "retrieval is not configured on this gateway")
+NOT_CONFIGURED = unavailable("retrieval is not configured on this gateway")
 
 
 class DocumentsRelay:

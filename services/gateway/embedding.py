@@ -7,7 +7,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2_grpc
 
 from services.common.embeddings import embed_via_kserve
-from services.common.errors import MeshError
+from services.common.errors import bug
 from services.gateway.errors import from_rpc_error
 from services.gateway.plan import RequestPlan
 from services.gateway.served_by import record_placement
@@ -23,7 +23,6 @@ async def embed_texts(router: service_pb2_grpc.GRPCInferenceServiceStub, plan: R
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc, "router") from exc
     if vectors.shape[-1] != model.dimension:
-        raise MeshError(grpc.StatusCode.INTERNAL,
-                        f"model returned dimension {vectors.shape[-1]}, registry says {model.dimension}")
+        raise bug(f"model returned dimension {vectors.shape[-1]}, registry says {model.dimension}")
     record_placement(last, plan.metadata)
     return vectors

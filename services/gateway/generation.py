@@ -12,7 +12,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2
-from services.common.errors import MeshError, from_stream_error
+from services.common.errors import from_stream_error, unavailable
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays, read_to_end
 from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, RETRY_AFTER_PARAMETER, SESSION_PARAMETER
@@ -89,7 +89,7 @@ async def stream_generation(
                     return
                 if chunk is not None:
                     yield chunk
-            raise MeshError(grpc.StatusCode.UNAVAILABLE, "router: the stream ended before the last token")
+            raise unavailable("router: the stream ended before the last token")
         except grpc.aio.AioRpcError as exc:
             pause = retrier.backoff_s(retry) if retrier is not None else 0.0
             if (not started and retrier is not None and deadline - time.monotonic() > pause + 0.05

@@ -11,7 +11,7 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.deadlines import downstream_timeout
-from services.common.errors import MeshError
+from services.common.errors import unimplemented
 from services.gateway.auth import Authenticator
 from services.gateway.errors import from_rpc_error
 from services.gateway.kserve_governance import StreamWindow, check_infer_request
@@ -75,11 +75,11 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request, context):
         await self._auth.require(context)
-        raise MeshError(grpc.StatusCode.UNIMPLEMENTED, _READ_ONLY)
+        raise unimplemented(_READ_ONLY)
 
     async def RepositoryModelUnload(self, request, context):
         await self._auth.require(context)
-        raise MeshError(grpc.StatusCode.UNIMPLEMENTED, _READ_ONLY)
+        raise unimplemented(_READ_ONLY)
 
     async def ModelInfer(self, request, context):
         caller = await self._auth.require(context)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import grpc
-
 from inference_mesh.v1 import mesh_pb2, models_pb2
-from services.common.errors import MeshError, invalid
+from services.common.errors import MeshError, invalid, not_found
 from services.gateway.settings import RequestLimits
 
 
@@ -13,7 +11,7 @@ def _model_error(name: str, known: list[models_pb2.ModelInfo], kind: models_pb2.
     names = sorted(m.name for m in known if m.kind == kind)
     if not name:
         return invalid(f"model is required; one of {names}")
-    return MeshError(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; available: {names}")
+    return not_found(f"unknown model {name!r}; available: {names}")
 
 
 def check_model(name: str, model: models_pb2.ModelInfo | None, known: list[models_pb2.ModelInfo],

@@ -11,7 +11,7 @@ from redis.exceptions import RedisError
 
 from inference_mesh.edge import envoy_ratelimit_pb2 as rls
 from inference_mesh.edge import envoy_ratelimit_pb2_grpc
-from services.common.errors import MeshError, internal_failure
+from services.common.errors import internal_failure, invalid
 from services.common.tenants import TenantConfig
 from services.ratelimit import metrics
 from services.ratelimit.buckets import BucketState
@@ -48,8 +48,7 @@ class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
     async def ShouldRateLimit(self, request: rls.RateLimitRequest, context: grpc.aio.ServicerContext
                               ) -> rls.RateLimitResponse:
         if request.domain != self._domain:
-            raise MeshError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"unknown rate-limit domain {request.domain!r}; this service serves {self._domain!r}")
+            raise invalid(f"unknown rate-limit domain {request.domain!r}; this service serves {self._domain!r}")
         started = time.perf_counter()
         reply = rls.RateLimitResponse(overall_code=OK)
         # A request may carry a JWT and an API key for the same tenant: count it once.

@@ -10,7 +10,7 @@ import grpc
 from redis.exceptions import RedisError
 
 from inference_mesh.v1 import quota_pb2, quota_pb2_grpc
-from services.common.errors import MeshError, internal_failure
+from services.common.errors import internal_failure, invalid
 from services.common.tenants import Tenant, TenantConfig, Tier
 from services.ratelimit import metrics
 from services.ratelimit.buckets import LimitStore, seconds_to_next_month
@@ -30,7 +30,7 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
     async def _tenant(self, tenant_id: str, context: grpc.aio.ServicerContext) -> tuple[Tenant, Tier]:
         tenant = self._config.tenant(tenant_id)
         if tenant is None:
-            raise MeshError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown tenant {tenant_id!r}")
+            raise invalid(f"unknown tenant {tenant_id!r}")
         return tenant, self._config.tiers[tenant.tier]
 
     async def Check(self, request: quota_pb2.BudgetCheckRequest, context: grpc.aio.ServicerContext
@@ -89,7 +89,7 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
             return quota_pb2.BudgetReserveReply(check=quota_pb2.BudgetCheckReply(allowed=True))
         ttl_s = request.ttl.ToTimedelta().total_seconds()
         if request.tokens <= 0 or ttl_s <= 0:
-            raise MeshError(grpc.StatusCode.INVALID_ARGUMENT, "a reservation needs tokens > 0 and a ttl > 0")
+            raise invalid("a reservation needs tokens > 0 and a ttl > 0")
         now = self._clock()
         try:
             held = await self._store.reserve(tenant.id, tier.tokens_per_minute, tier.tokens_per_month,
@@ -112,7 +112,7 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
                      ) -> quota_pb2.BudgetSettleReply:
         tenant, tier = await self._tenant(request.tenant, context)
         if not request.reservation:
-            raise MeshError(grpc.StatusCode.INVALID_ARGUMENT, "reservation is required: what Reserve returned")
+            raise invalid("reservation is required: what Reserve returned")
         try:
             settled = await self._store.settle(tenant.id, tier.tokens_per_minute, tier.tokens_per_month,
                                                request.reservation, request.used_tokens, self._clock())

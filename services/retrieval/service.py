@@ -13,7 +13,7 @@ from tritonclient.grpc import service_pb2_grpc
 from inference_mesh.v1 import retrieval_pb2, retrieval_pb2_grpc
 from services.common.deadlines import downstream_timeout
 from services.common.embeddings import embed_via_kserve
-from services.common.errors import MeshError, internal_failure, invalid, unavailable
+from services.common.errors import exhausted, internal_failure, invalid, unavailable
 from services.retrieval.chunking import Chunker
 from services.retrieval.filters import FilterError, render, to_milvus
 from services.retrieval.fusion import cosine, reciprocal_rank_fusion
@@ -119,8 +119,7 @@ class RetrievalService(retrieval_pb2_grpc.RetrievalServicer):
         except Exception as exc:
             await self._milvus_unavailable(exc)
         if after > max_vectors:
-            raise MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            f"storage quota: this batch would leave the tenant {after} stored vectors (one per chunk "
+            raise exhausted(f"storage quota: this batch would leave the tenant {after} stored vectors (one per chunk "
                             f"passage); its tier keeps at most {max_vectors}. Delete documents, or ask for a larger "
                             "tier; the batches before this one were stored")
 

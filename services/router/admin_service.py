@@ -7,7 +7,7 @@ from collections.abc import Callable
 import grpc
 
 from inference_mesh.v1 import router_pb2, router_pb2_grpc
-from services.common.errors import MeshError
+from services.common.errors import not_found
 from services.router.admission import FairAdmission
 from services.router.balancer import Balancer
 from services.router.replicas import Replica
@@ -59,7 +59,7 @@ class RouterAdminService(router_pb2_grpc.RouterAdminServicer):
         replica = self._state.replicas.get(name)
         if replica is None:
             known = [r.name for r in self._state.replicas.replicas]
-            raise MeshError(grpc.StatusCode.NOT_FOUND, f"unknown replica {name!r}; known replicas: {known}")
+            raise not_found(f"unknown replica {name!r}; known replicas: {known}")
         return replica
 
     async def DrainReplica(self, request, context):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.breakers import BreakerOpenError
 from services.common.deadlines import downstream_timeout
-from services.common.errors import MeshError, stream_error_text
+from services.common.errors import MeshError, exhausted, not_found, stream_error_text
 from services.common.kserve import is_final_response, output_arrays, read_to_end
 from services.common.retries import Retrier
 from services.common.wire import (
@@ -219,7 +218,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _resolve(self, name: str) -> ModelSpec:
         spec = self._state.registry.models.get(name)
         if spec is None:
-            raise MeshError(grpc.StatusCode.NOT_FOUND, self._unknown(name))
+            raise not_found(self._unknown(name))
         return spec
 
     def _place(self, spec: ModelSpec, ask: Asked, route: Route) -> Placed:
@@ -318,8 +317,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 # the rest are busy, rather than failing for want of a free slot.
                 placed = await self._admitted_placement(spec, ask, route, ticket)
             except QueueRefusal as exc:
-                raise MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
-                                (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)) from exc
+                raise exhausted(str(exc), exc.retry_after_s) from exc
             except NoReplicaError as exc:
                 raise MeshError(_no_replica_code(exc), str(exc)) from exc
             if (other := self._admitted(placed, route)) is not None:

@@ -9,7 +9,7 @@ import asyncio
 import grpc
 from tritonclient.grpc import service_pb2
 
-from services.common.errors import MeshError
+from services.common.errors import MeshError, unavailable
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica
 
@@ -59,8 +59,7 @@ async def model_metadata(spec: ModelSpec, public_name: str, replicas: list[Repli
     """Read from the least busy hosting replica whatever its generation load: a metadata read is not a
     generation and takes no generation slot (it waited behind them, or was refused at their bound)."""
     if not replicas:
-        raise MeshError(grpc.StatusCode.UNAVAILABLE, f"no replica has {public_name!r} loaded; its metadata "
-                                                     "cannot be read now")
+        raise unavailable(f"no replica has {public_name!r} loaded; its metadata cannot be read now")
     replica = min(replicas, key=lambda r: r.in_flight)
     try:
         answer = await replica.stub.ModelMetadata(service_pb2.ModelMetadataRequest(
@@ -74,8 +73,7 @@ async def model_metadata(spec: ModelSpec, public_name: str, replicas: list[Repli
 async def model_config(spec: ModelSpec, public_name: str, version: str, replicas: list[Replica],
                        timeout_s: float) -> service_pb2.ModelConfigResponse:
     if not replicas:
-        raise MeshError(grpc.StatusCode.UNAVAILABLE, f"no replica has {public_name!r} loaded; its configuration "
-                                                     "cannot be read now")
+        raise unavailable(f"no replica has {public_name!r} loaded; its configuration cannot be read now")
     try:
         answer = await replicas[0].stub.ModelConfig(service_pb2.ModelConfigRequest(
             name=spec.triton_model, version=version or spec.version), timeout=timeout_s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -146,3 +147,18 @@ class FakeContext:
 
     def time_remaining(self) -> float | None:
         return None
+
+
+def word_tokenizer_file(directory: Path) -> str:
+    """A tokenizer with MiniLM's pre-tokenizer (BERT's: words and punctuation) and no vocabulary, written where the
+    Chunker can load it: the chunking tests need token offsets, not MiniLM's word pieces, and must run on a
+    checkout where `make models` has not exported the real tokenizer.json."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    tokenizer = Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = BertPreTokenizer()
+    path = directory / "word-tokenizer.json"
+    tokenizer.save(str(path))
+    return str(path)

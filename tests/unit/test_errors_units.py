@@ -120,3 +120,34 @@ def test_a_hops_own_failure_is_not_relayed_to_the_caller():
     # What a hop wrote for callers still reaches them.
     refused = from_rpc_error(Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "every replica at its bound"), "router")
     assert refused.message == "router: every replica at its bound"
+
+
+def test_helpers_carry_the_status_and_a_whole_second_retry_hint():
+    from services.common import errors
+
+    assert errors.exhausted("spent", 0.2).trailing == (("retry-after", "1"),), "never 0: that invites a storm"
+    assert errors.exhausted("spent", 61.5).trailing == (("retry-after", "62"),)
+    assert errors.exhausted("spent").trailing == ()
+    assert errors.unavailable("down", 3).trailing == (("retry-after", "3"),)
+    for make, code in ((errors.invalid, grpc.StatusCode.INVALID_ARGUMENT),
+                       (errors.not_found, grpc.StatusCode.NOT_FOUND),
+                       (errors.denied, grpc.StatusCode.PERMISSION_DENIED),
+                       (errors.unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+                       (errors.too_late, grpc.StatusCode.DEADLINE_EXCEEDED),
+                       (errors.unimplemented, grpc.StatusCode.UNIMPLEMENTED), (errors.bug, grpc.StatusCode.INTERNAL)):
+        error = make("why")
+        assert (error.code, error.message) == (code, "why")
+
+
+def test_only_the_error_module_builds_statuses_and_aborts():
+    """A status is made by a helper and answered by the interceptor (or errors.abort): a raw context.abort or a
+    hand-built MeshError elsewhere is how retry hints and messages drift apart."""
+    import re
+    from pathlib import Path
+
+    services = Path(__file__).resolve().parents[2] / "services"
+    raw = re.compile(r"context\.abort\(|MeshError\(\s*grpc\.StatusCode")
+    offenders = [f"{path.relative_to(services)}:{number}" for path in services.rglob("*.py")
+                 if path.name != "errors.py" or path.parent.name != "common"
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if raw.search(line)]
+    assert offenders == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,15 @@ from services.retrieval.chunking import Chunker
 from services.retrieval.fusion import cosine, reciprocal_rank_fusion
 from services.retrieval.index import DocumentIndex
 from services.retrieval.lexical import lexical_text, terms, unglue
+from tests.unit.fakes import word_tokenizer_file
 
 ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER = str(ROOT / "triton_models/minilm/1/tokenizer.json")
 EVAL = ROOT / "data" / "retrieval-eval"
+# Word-level tokens (tests/unit/fakes.py): the structure tests need offsets, not MiniLM's vocabulary; the real
+# tokenizer is exercised wherever the retrieval service runs (tests/integration).
+_SCRATCH = Path(tempfile.gettempdir()) / "mesh-unit-tests"
+_SCRATCH.mkdir(exist_ok=True)
+TOKENIZER = word_tokenizer_file(_SCRATCH)
 
 
 def chunker(size: int = 512, overlap: int = 128) -> Chunker:

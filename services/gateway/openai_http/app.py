@@ -16,7 +16,16 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from inference_mesh.v1 import mesh_pb2, models_pb2
-from services.common.errors import MeshError, adopt_request_id, internal_failure
+from services.common.errors import (
+    MeshError,
+    adopt_request_id,
+    denied,
+    exhausted,
+    internal_failure,
+    not_found,
+    unauthenticated,
+    unavailable,
+)
 from services.common.internal_tls import peer_identity_of_certificate, refusal
 from services.common.shedding import LoadShedder
 from services.common.telemetry import http_server_span
@@ -50,6 +59,8 @@ _CLIENT_TIMEOUT_HEADER = "x-stainless-timeout"
 _SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache",
                 "x-accel-buffering": "no"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_NO_LAST_CHUNK = "the generation ended without its last chunk"
 
 
 def _json(value: object) -> bytes:
@@ -130,8 +141,7 @@ class OpenAIApi:
                 if route != "/health" and self._shedder is not None:
                     party = self._shedder.party(tuple(request.headers.items()))
                     if not self._shedder.enter(party):
-                        raise from_mesh_error(MeshError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                                        self._shedder.refusal(party), (("retry-after", "1"),)))
+                        raise from_mesh_error(exhausted(self._shedder.refusal(party), retry_after_s=1))
                     entered = True
                 try:
                     response = await handler(request)
@@ -170,12 +180,12 @@ class OpenAIApi:
             return
         identity = peer_identity_of_certificate(request.transport.get_extra_info("peercert"))
         if why := refusal("gateway", request.path, identity):
-            raise from_mesh_error(MeshError(grpc.StatusCode.PERMISSION_DENIED, why))
+            raise from_mesh_error(denied(why))
 
     def _caller(self, request: web.Request) -> Caller:
         caller, problem = self._auth.identify(tuple(request.headers.items()))
         if caller is None:
-            raise from_mesh_error(MeshError(grpc.StatusCode.UNAUTHENTICATED, problem))
+            raise from_mesh_error(unauthenticated(problem))
         return caller
 
     async def _body(self, request: web.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
@@ -244,7 +254,7 @@ class OpenAIApi:
         for entry in await self._entries():
             if entry["id"] == name:
                 return web.Response(body=_json(entry), content_type="application/json")
-        raise from_mesh_error(MeshError(grpc.StatusCode.NOT_FOUND, f"The model {name!r} does not exist; "
+        raise from_mesh_error(not_found(f"The model {name!r} does not exist; "
                                         "GET /v1/models lists the models this key can use"))
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -266,13 +276,12 @@ async def _collected(generation: Generation) -> tuple[str, mesh_pb2.GenerateChun
         # Closed before the response is sent (as a stream is): the generation's own endings (its request log
         # line, the cache store) run now, not whenever the abandoned generator is collected.
         await generation.chunks.aclose()
-    raise from_mesh_error(MeshError(grpc.StatusCode.UNAVAILABLE, "the generation ended without its last chunk"))
+    raise from_mesh_error(unavailable(_NO_LAST_CHUNK))
 
 
 def _completed(last: mesh_pb2.GenerateChunk) -> mesh_pb2.GenerateChunk:
     if convert.finish_reason(last) is None:
-        raise from_mesh_error(MeshError(grpc.StatusCode.UNAVAILABLE,
-                                        "the generation was cancelled before it finished; retry"))
+        raise from_mesh_error(unavailable("the generation was cancelled before it finished; retry"))
     return last
 
 
@@ -309,7 +318,7 @@ async def _streamed(request: web.Request, generation: Generation, envelope: conv
                 break
             chunk = await anext(chunks, None)
         else:
-            raise from_mesh_error(MeshError(grpc.StatusCode.UNAVAILABLE, "the generation ended without its last chunk"))
+            raise from_mesh_error(unavailable(_NO_LAST_CHUNK))
     except MeshError as exc:
         # After the headers an error can only be an event; the openai SDK raises it as an APIError.
         await response.write(_event(from_mesh_error(exc).body()))
