@@ -18,6 +18,10 @@ from services.common.redis_connection import RedisClient, connect, is_cluster
 
 # One counter for every process that reads the cache (the cache service and each gateway's direct reads): a
 # dashboard's hit rate sums it over all of them, and each lookup is counted once, where it was decided.
+# How long a lookup waits for an identical in-flight generation's answer (stampede protection) before it
+# generates on its own. Here, in the module gateways read, because their lookup timeout is derived from it.
+STAMPEDE_WAIT_S = 20.0
+
 LOOKUPS = Counter("mesh_cache_lookups_total", "Cache lookups by kind and result", ["kind", "result"])
 
 

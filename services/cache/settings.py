@@ -5,10 +5,11 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.cache.reads import STAMPEDE_WAIT_S
 from services.cache.wordnet import DEFAULT_DIR
 from services.common.deadlines import GENERATION_BUDGET_S
 from services.common.milvus import HnswSettings, MilvusTimeouts
-from services.common.settings import ServiceSettings
+from services.common.settings import RouterClientSettings, ServiceSettings
 
 
 class CacheMilvusTimeouts(MilvusTimeouts):
@@ -23,7 +24,7 @@ class CacheMilvusTimeouts(MilvusTimeouts):
     connect_s: float = Field(default=5.0, gt=0)
 
 
-class CacheSettings(ServiceSettings):
+class CacheSettings(ServiceSettings, RouterClientSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_CACHE_", extra="forbid")
 
     port: int = 50053
@@ -33,11 +34,9 @@ class CacheSettings(ServiceSettings):
     milvus_uri: str = ""
     # v2: rows keep their user text for the content gate (a v1 collection has no such field).
     milvus_collection: str = "mesh_semantic_cache_v2"
-    router_address: str = "127.0.0.1:50052"
     # Embeds prompts for the semantic index; its vector size is its registry entry's `dimension` (asked of the
     # router, which owns the registry).
     embedder_model: str = "all-minilm-l6-v2"
-    model_refresh_s: float = 5.0
     # An hour keeps repeated questions cheap through a working day's peaks while answers from a replaced model or
     # prompt age out; embeddings are small but tied to a model version that a canary may change within minutes.
     response_ttl_s: int = 3600
@@ -62,7 +61,7 @@ class CacheSettings(ServiceSettings):
     # A lease outlives the longest generation so that a slow leader is not doubled.
     lease_s: float = GENERATION_BUDGET_S + 5.0
     # How long concurrent identical requests wait for the leader before generating on their own.
-    stampede_wait_s: float = 20.0
+    stampede_wait_s: float = STAMPEDE_WAIT_S
     stampede_poll_s: float = 0.02
     redis_timeout_s: float = 0.25
     embed_timeout_s: float = 2.0

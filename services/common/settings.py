@@ -32,6 +32,14 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         return dict(self._values)
 
 
+class RouterClientSettings(BaseSettings):
+    """For the services that ask the router for the model list (gateway, cache, retrieval): declared once."""
+
+    router_address: str = "127.0.0.1:50052"
+    # How often the model list is re-read: a registry reload reaches every caller within this.
+    model_refresh_s: float = 5.0
+
+
 class ServiceSettings(BaseSettings):
     """Base for each service's settings; subclasses set `env_prefix` (e.g. `MESH_GATEWAY_`)."""
 

@@ -1,6 +1,6 @@
 """The gateway's core: one request from an identified caller, validated, planned and orchestrated (cache →
 retrieval → router), whatever protocol it came in by. The gRPC InferenceMesh service (mesh_service.py) and the
-OpenAI-compatible HTTP API (services/gateway/openai/) are thin adapters over it; neither decides anything the
+OpenAI-compatible HTTP API (services/gateway/openai_http/) are thin adapters over it; neither decides anything the
 other does not.
 
 `remaining_s` is what is left of the caller's deadline (None: no deadline); every downstream call gets at most

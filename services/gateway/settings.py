@@ -3,8 +3,9 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from services.cache.reads import STAMPEDE_WAIT_S
 from services.common.deadlines import GENERATION_BUDGET_S
-from services.common.settings import ServiceSettings
+from services.common.settings import RouterClientSettings, ServiceSettings
 
 
 class RequestLimits(BaseModel, extra="forbid"):
@@ -33,26 +34,25 @@ class KServeLimits(BaseModel, extra="forbid"):
     max_outstanding_per_stream: int = 4
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(ServiceSettings, RouterClientSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
     port: int = 50051
     # The OpenAI-compatible HTTP API (services/gateway/openai_http), reached through Envoy; 0: not served.
     http_port: int = 8080
-    router_address: str = "127.0.0.1:50052"
     tenants_file: str = "config/tenants.yaml"
     # A shorter caller deadline always wins.
     generate_timeout_s: float = GENERATION_BUDGET_S
     embed_timeout_s: float = 30.0
     metadata_timeout_s: float = 5.0
-    model_refresh_s: float = 5.0
     # Empty: no cache (responses say CACHE_STATUS_DISABLED).
     cache_address: str = ""
     # The cache's Redis, read-only: exact hits are read from it directly, saving the hop to the cache service
     # (misses, semantic lookups and writes still go there). Empty: every lookup through the cache service.
     cache_redis_url: str = ""
-    # A lookup may wait for an identical in-flight generation (stampede protection); bounded by the deadline.
-    cache_lookup_timeout_s: float = 25.0
+    # A lookup may wait for an identical in-flight generation (the cache's stampede wait), plus the lookup itself;
+    # bounded by the caller's deadline.
+    cache_lookup_timeout_s: float = STAMPEDE_WAIT_S + 5.0
     # Embedding lookups and lease releases are cheap or skipped; stores run after the reply and carry a whole
     # response (or a batch of vectors), so they get longer.
     cache_fast_timeout_s: float = 0.3

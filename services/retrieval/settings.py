@@ -4,20 +4,18 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.milvus import HnswSettings, MilvusTimeouts
-from services.common.settings import ServiceSettings
+from services.common.settings import RouterClientSettings, ServiceSettings
 
 
-class RetrievalSettings(ServiceSettings):
+class RetrievalSettings(ServiceSettings, RouterClientSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_RETRIEVAL_", extra="forbid")
 
     port: int = 50054
     metrics_port: int = 9104
     milvus_uri: str = "http://127.0.0.1:19530"
     collection: str = "mesh_documents"
-    router_address: str = "127.0.0.1:50052"
     # Embeds chunks and queries; its vector size is its registry entry's `dimension` (asked of the router).
     embedder_model: str = "all-minilm-l6-v2"
-    model_refresh_s: float = 5.0
     embed_batch: int = 64
     # One ingest batch of up to `embed_batch` chunks per request to the embedder.
     embed_timeout_s: float = 60.0
