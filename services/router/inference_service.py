@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -137,11 +138,24 @@ def _used_tokens(response: service_pb2.ModelInferResponse, fallback: float) -> f
         return fallback
 
 
-def _refusal(exc: QueueRefusal) -> service_pb2.ModelStreamInferResponse:
-    refused = service_pb2.ModelStreamInferResponse(
-        error_message=stream_error_text(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)))
-    refused.infer_response.parameters[RETRY_AFTER_PARAMETER].double_param = exc.retry_after_s
-    return refused
+def _error_response(error: MeshError) -> service_pb2.ModelStreamInferResponse:
+    """A stream's failure as KServe carries it: "CODE: detail", and the retry-after hint as a parameter."""
+    response = service_pb2.ModelStreamInferResponse(error_message=stream_error_text(error.code, error.message))
+    for key, value in error.trailing:
+        if key == "retry-after":
+            response.infer_response.parameters[RETRY_AFTER_PARAMETER].double_param = float(value)
+    return response
+
+
+def _replica_failure(code: grpc.StatusCode) -> grpc.StatusCode:
+    """A replica's call that ends CANCELLED was cancelled by the replica's side (the router's own caller going
+    away raises CancelledError instead): the replica went away, UNAVAILABLE, which fails over (the gateway reads
+    its hops the same way, services/gateway/errors.py)."""
+    return grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.CANCELLED else code
+
+
+# One attempt on one placement: None when it succeeded, else the replica's failure (code, detail).
+Attempt = Callable[[Placed], Awaitable[tuple[grpc.StatusCode, str] | None]]
 
 
 @dataclass(frozen=True)
@@ -307,48 +321,84 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         spec = self._resolve(request.model_name)
         ask = asked(request, _tenant(context))
+        attempts = Attempts()
+        answered: list[service_pb2.ModelInferResponse] = []
+
+        async def call(placed: Placed) -> tuple[grpc.StatusCode, str] | None:
+            placed.aim(request)
+            with placed.replica.track(placed.spec.triton_model, claimed=True):
+                try:
+                    answered.append(await placed.replica.stub.ModelInfer(
+                        request, timeout=downstream_timeout(context, self._default_timeout_s)))
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code(), exc.details() or ""
+            return None
+
+        placed = await self._attempt_loop(spec, ask, _ticket(context, self._default_timeout_s), attempts, call)
+        response = answered[-1]
+        _stamp(response, ask.public_name, placed, attempts)
+        ROUTED.labels(ask.public_name, response.model_version, placed.replica.pool, placed.replica.name).inc()
+        return response
+
+    async def _attempt_loop(self, spec: ModelSpec, ask: Asked, ticket: Ticket, attempts: Attempts,
+                            attempt: Attempt, progress: StreamProgress | None = None) -> Placed:
+        """The one attempt loop, unary and streaming: each attempt takes its turn in the model's fair queue, is
+        placed on a replica whose breaker admits it, runs, and is recorded on that breaker; a failover failure is
+        tried again on another replica (a started stream only if the model can resume it) while the retry policy
+        allows. Returns the placement that succeeded; any other end is a MeshError, converted here only."""
         route = ask.route
         self._retrier.budget.on_request()
-        attempts = Attempts()
-        ticket = _ticket(context, self._default_timeout_s)
+        first_model = ""
         while True:
+            note = self._progress_note(progress)
             try:
-                # Every attempt takes its turn: a retry after a replica failed waits like a new request when
-                # the rest are busy, rather than failing for want of a free slot.
+                # A retry after a replica failed waits like a new request when the rest are busy, rather than
+                # failing for want of a free slot.
                 placed = await self._admitted_placement(spec, ask, route, ticket)
+                if progress is not None and progress.started and placed.spec.triton_model != first_model:
+                    self._unclaim(placed)
+                    self._released()
+                    raise NoReplicaError(f"no other replica of {first_model!r} can continue the stream")
             except QueueRefusal as exc:
                 raise exhausted(str(exc), exc.retry_after_s) from exc
             except NoReplicaError as exc:
-                raise MeshError(_no_replica_code(exc), str(exc)) from exc
+                raise MeshError(_no_replica_code(exc), f"{exc}{note}") from exc
             if (other := self._admitted(placed, route)) is not None:
                 self._unclaim(placed)
                 self._released()
                 route = other
                 continue
             replica = placed.replica
-            placed.aim(request)
+            first_model = first_model or placed.spec.triton_model
             try:
-                with replica.track(placed.spec.triton_model, claimed=True):
-                    response = await replica.stub.ModelInfer(
-                        request, timeout=downstream_timeout(context, self._default_timeout_s))
+                failure = await attempt(placed)
             except asyncio.CancelledError:
-                replica.breaker.abandon()
+                replica.breaker.abandon()  # the caller went away: no verdict on the replica
                 raise
-            except grpc.aio.AioRpcError as exc:
-                replica.breaker.record(exc.code(), exc.details() or "")
-                if exc.code() in _FAILOVER_CODES:
-                    replica.mark_failed(f"{exc.code().name}: {exc.details()}")
-                    if await self._retry(attempts.retries, exc.code()):
-                        attempts.retries += 1
-                        route = route.excluding(replica.name)
-                        continue
-                raise MeshError(exc.code(), exc.details() or "") from exc
             finally:
                 self._released()
-            replica.breaker.record(grpc.StatusCode.OK)
-            _stamp(response, ask.public_name, placed, attempts)
-            ROUTED.labels(ask.public_name, response.model_version, replica.pool, replica.name).inc()
-            return response
+            if failure is None:
+                replica.breaker.record(grpc.StatusCode.OK)
+                return placed
+            code, detail = _replica_failure(failure[0]), failure[1]
+            replica.breaker.record(code, detail)
+            if code in _FAILOVER_CODES:
+                replica.mark_failed(f"{code.name}: {detail}")
+            started = progress is not None and progress.started
+            resumable = not started or progress.resumable
+            if code in _FAILOVER_CODES and resumable and await self._retry(attempts.retries, code):
+                attempts.retries += 1
+                if started:
+                    attempts.resumed += 1
+                    log.warning("resuming a stream on another replica",
+                                extra={"model": ask.public_name, "failed_replica": replica.name,
+                                       "tokens_sent": len(progress.tokens)})
+                route = route.excluding(replica.name)
+                continue
+            if started:
+                RESUMED.labels(ask.public_name, "failed").inc()
+            why = "" if resumable else "; this model cannot resume a stream on another replica"
+            raise MeshError(code, f"replica {replica.name}: {detail}{why}{self._progress_note(progress)}")
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request on the stream is routed on its own and relayed concurrently, as Triton does."""
@@ -379,81 +429,35 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         public_name = request.model_name
         spec = self._state.registry.models.get(public_name)
         if spec is None:
-            await out.put(service_pb2.ModelStreamInferResponse(
-                error_message=stream_error_text(grpc.StatusCode.NOT_FOUND, self._unknown(public_name))))
+            await out.put(_error_response(not_found(self._unknown(public_name))))
             return
         ask = asked(request, _tenant(context))
-        route = ask.route
-        self._retrier.budget.on_request()
         progress = StreamProgress()
         attempts = Attempts()
-        first_model = ""
         ticket = _ticket(context, self._default_timeout_s)
-        while True:
-            try:
-                # Every attempt takes its turn when every replica is busy (a resume too, rather than fail).
-                placed = await self._admitted_placement(spec, ask, route, ticket)
-                # Another model cannot continue this one's text.
-                if progress.started and placed.spec.triton_model != first_model:
-                    self._unclaim(placed)
-                    self._released()
-                    raise NoReplicaError(f"no other replica of {first_model!r} can continue the stream")
-            except QueueRefusal as exc:
-                await out.put(_refusal(exc))
-                return
-            except NoReplicaError as exc:
-                await out.put(service_pb2.ModelStreamInferResponse(
-                    error_message=stream_error_text(_no_replica_code(exc), f"{exc}{self._progress_note(progress)}")))
-                return
-            if (other := self._admitted(placed, route)) is not None:
-                self._unclaim(placed)
-                self._released()
-                route = other
-                continue
-            replica = placed.replica
+        began = time.monotonic()
+
+        async def relay(placed: Placed) -> tuple[grpc.StatusCode, str] | None:
+            nonlocal began
             placed.aim(request)
-            first_model = first_model or placed.spec.triton_model
+            began = time.monotonic()
             attempt = progress.resume_request(request) if progress.started else request
-            started = time.monotonic()
-            try:
-                failure = await self._relay_attempt(attempt, public_name, placed, attempts, progress, context, out)
-            except asyncio.CancelledError:
-                replica.breaker.abandon()  # the caller went away: no verdict on the replica
-                raise
-            finally:
-                self._released()
-            if failure is None:
-                if attempts.resumed:
-                    RESUMED.labels(public_name, "completed").inc()
-                self.admission(spec).settle(ticket.tenant, ticket.weight, ticket.cost,
-                                            _used_tokens(progress.last, ticket.cost) if progress.last is not None
-                                            else ticket.cost, time.monotonic() - started)
-                return
-            code, detail = failure
-            replica.breaker.record(code, detail)
-            if code in _FAILOVER_CODES:
-                replica.mark_failed(f"{code.name}: {detail}")
-            resumable = not progress.started or progress.resumable
-            if code in _FAILOVER_CODES and resumable and await self._retry(attempts.retries, code):
-                attempts.retries += 1
-                if progress.started:
-                    attempts.resumed += 1
-                    log.warning("resuming a stream on another replica",
-                                extra={"model": public_name, "failed_replica": replica.name,
-                                       "tokens_sent": len(progress.tokens)})
-                route = route.excluding(replica.name)
-                continue
-            if progress.started:
-                RESUMED.labels(public_name, "failed").inc()
-            why = "" if resumable else "; this model cannot resume a stream on another replica"
-            await out.put(service_pb2.ModelStreamInferResponse(
-                error_message=stream_error_text(
-                    code, f"replica {replica.name}: {detail}{why}{self._progress_note(progress)}")))
+            return await self._relay_attempt(attempt, public_name, placed, attempts, progress, context, out)
+
+        try:
+            await self._attempt_loop(spec, ask, ticket, attempts, relay, progress)
+        except MeshError as error:
+            await out.put(_error_response(error))
             return
+        if attempts.resumed:
+            RESUMED.labels(public_name, "completed").inc()
+        used = _used_tokens(progress.last, ticket.cost) if progress.last is not None else ticket.cost
+        self.admission(spec).settle(ticket.tenant, ticket.weight, ticket.cost, used, time.monotonic() - began)
 
     @staticmethod
-    def _progress_note(progress: StreamProgress) -> str:
-        return f" (after {progress.responses} responses were sent)" if progress.started else ""
+    def _progress_note(progress: StreamProgress | None) -> str:
+        return f" (after {progress.responses} responses were sent)" if progress is not None and progress.started \
+            else ""
 
     async def _relay_attempt(self, request: service_pb2.ModelInferRequest, public_name: str, placed: Placed,
                              attempts: Attempts, progress: StreamProgress, context: grpc.aio.ServicerContext,
@@ -491,7 +495,6 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     progress.delivered(response.infer_response, final)
                     await out.put(response)
                     if final:
-                        replica.breaker.record(grpc.StatusCode.OK)
                         await read_to_end(stream)
                         return None
         except grpc.aio.AioRpcError as exc:

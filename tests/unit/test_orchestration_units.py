@@ -188,6 +188,19 @@ async def test_a_stream_that_loses_its_replica_resumes_on_another_from_the_token
     await replicas.close()
 
 
+async def test_a_replica_that_cancels_a_stream_is_failed_over_like_one_that_went_away():
+    # CANCELLED from a replica is the replica's side going away (the router's caller leaving raises
+    # CancelledError instead): UNAVAILABLE, tried elsewhere, as the gateway reads its hops.
+    cancelled = ScriptedCall([], fails_with=rpc_error(grpc.StatusCode.CANCELLED, "Triton is shutting down"))
+    streams = ScriptedStreams([cancelled, _complete()])
+    service, replicas = _router(streams, {"c0": {"llm_t"}, "c1": {"llm_t"}})
+    sent = await _relay(service, _stream_request())
+    assert not any(item.error_message for item in sent) and len(sent) == 3
+    assert sent[-1].infer_response.parameters["mesh_retries"].int64_param == 1
+    assert replicas.get(streams.replicas[0]).breaker._cb.fail_counter == 1, "counted against the replica"
+    await replicas.close()
+
+
 async def test_a_stream_is_not_continued_by_a_different_model():
     died = ScriptedCall([token("Hel", 1, 11)], fails_with=rpc_error(UNAVAILABLE, "gone"))
     streams = ScriptedStreams([died])
