@@ -27,10 +27,13 @@ from services.common.telemetry import server_interceptors, setup_tracing, shutdo
 log = logging.getLogger(__name__)
 ServiceSettingsT = TypeVar("ServiceSettingsT", bound=ServiceSettings)
 
-def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+def new_server(interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+               answered: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """`interceptors` run before the error interceptor (they abort with errors.abort); `answered` run inside it
+    (they raise MeshError, e.g. authentication)."""
     # Tracing outermost, so its span is the parent of everything the call does (when tracing is on).
     return grpc.aio.server(options=SERVER_OPTIONS, interceptors=[
-        *server_interceptors(), *interceptors, AnswersMeshErrors(), MalformedRequestInterceptor()])
+        *server_interceptors(), *interceptors, AnswersMeshErrors(), *answered, MalformedRequestInterceptor()])
 
 
 class ServiceHost:
@@ -38,14 +41,16 @@ class ServiceHost:
     health in step with its dependencies; stops gracefully on SIGTERM/SIGINT."""
 
     def __init__(self, name: str, settings: ServiceSettings, max_in_flight: int = 0, *, party_share: float = 1.0,
-                 party_of: Callable[[Metadata], str | None] | None = None) -> None:
+                 party_of: Callable[[Metadata], str | None] | None = None,
+                 answered: Iterable[grpc.aio.ServerInterceptor] = ()) -> None:
         self.name = name
         self.shedder = LoadShedder(name, max_in_flight, party_share=party_share, party_of=party_of) \
             if max_in_flight else None
         address, tls = settings.address, settings.tls
         tls.check_listen_address(address)
         # The caller policy inside ServedCalls: refused calls are counted as PERMISSION_DENIED.
-        self.server = new_server([ServedCalls(name, self.shedder), *([CallerPolicy(name)] if tls.enabled else [])])
+        self.server = new_server([ServedCalls(name, self.shedder), *([CallerPolicy(name)] if tls.enabled else [])],
+                                 answered)
         self.health = health.aio.HealthServicer()
         self._grace_s = settings.shutdown_grace_s
         self._drain_delay_s = settings.drain_delay_s

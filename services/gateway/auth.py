@@ -1,14 +1,20 @@
 """Who is calling: an API key (`authorization: Bearer <key>` or `x-api-key: <key>`) or, behind Envoy, the tenant
-claim of a JWT that Envoy's jwt_authn filter verified."""
+claim of a JWT that Envoy's jwt_authn filter verified. One identity per call: `Authenticates` (a server
+interceptor) decides it once for every RPC of the public services and handlers read it with `current_caller()`;
+the load shedder's lookup of the same call's tenant is remembered, so a key is hashed once per call."""
 
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from services.common.errors import unauthenticated
+from services.common.errors import bug, unauthenticated
+from services.common.handler_wrapping import HandlerInterceptor, Stream, Unary
 from services.common.tenants import TenantConfig, hash_key
 from services.common.wire import EDGE_SECRET_HEADER, JWT_TENANT_HEADER
 from services.gateway.credentials import CredentialError, single_credential
@@ -20,6 +26,21 @@ class Caller:
     tier: str
     share_weight: float = 1.0
     max_stored_vectors: int = 0
+
+
+# The call's identity, set by Authenticates before its handler runs (each grpc.aio call runs in its own task).
+_CALLER: ContextVar[Caller | None] = ContextVar("mesh_caller", default=None)
+# The last identification in this task, with the metadata it was made from: the shedder asks first, then the
+# interceptor, for the same call.
+_IDENTIFIED: ContextVar[tuple[Any, Caller | None, str] | None] = ContextVar("mesh_identified", default=None)
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being handled; only handlers behind Authenticates may ask."""
+    caller = _CALLER.get()
+    if caller is None:
+        raise bug("no caller: this handler is not behind the Authenticates interceptor")
+    return caller
 
 
 class Authenticator:
@@ -40,6 +61,14 @@ class Authenticator:
 
     def identify(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> tuple[Caller | None, str]:
         """The caller, or None and why not."""
+        remembered = _IDENTIFIED.get()
+        if remembered is not None and remembered[0] == metadata:
+            return remembered[1], remembered[2]
+        caller, problem = self._identify(metadata)
+        _IDENTIFIED.set((metadata, caller, problem))
+        return caller, problem
+
+    def _identify(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> tuple[Caller | None, str]:
         headers = {k.lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
         caller, problem = self._from_edge(headers)
         if caller or problem:
@@ -57,8 +86,37 @@ class Authenticator:
         caller, _ = self.identify(metadata)
         return caller.tenant if caller else None
 
-    async def require(self, context: grpc.aio.ServicerContext) -> Caller:
-        caller, problem = self.identify(context.invocation_metadata())
+    def require(self, metadata) -> Caller:
+        caller, problem = self.identify(metadata)
         if caller is None:
             raise unauthenticated(problem)
         return caller
+
+
+class Authenticates(HandlerInterceptor):
+    """Every RPC of the named services is refused UNAUTHENTICATED unless its credentials name a caller, who is
+    then `current_caller()` for its handler. Runs inside the error interceptor, so a refusal is a MeshError."""
+
+    def __init__(self, auth: Authenticator, services: tuple[str, ...]) -> None:
+        super().__init__()
+        self._auth = auth
+        self._prefixes = tuple(f"/{service}/" for service in services)
+
+    def around_unary(self, inner: Unary, method: str) -> Unary:
+        if not method.startswith(self._prefixes):
+            return inner
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            _CALLER.set(self._auth.require(context.invocation_metadata()))
+            return await inner(request, context)
+        return unary
+
+    def around_stream(self, inner: Stream, method: str) -> Stream:
+        if not method.startswith(self._prefixes):
+            return inner
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            _CALLER.set(self._auth.require(context.invocation_metadata()))
+            async for response in inner(request, context):
+                yield response
+        return stream

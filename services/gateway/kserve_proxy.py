@@ -12,7 +12,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.deadlines import downstream_timeout
 from services.common.errors import unimplemented
-from services.gateway.auth import Authenticator
+from services.gateway.auth import current_caller
 from services.gateway.errors import from_rpc_error
 from services.gateway.kserve_governance import StreamWindow, check_infer_request
 from services.gateway.kserve_metering import KServeMeter, MeteredCall, caller_headers
@@ -26,10 +26,9 @@ _READ_ONLY = ("the mesh's model repository is read-only: which models run where 
 
 
 class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, auth: Authenticator, router: service_pb2_grpc.GRPCInferenceServiceStub,
+    def __init__(self, router: service_pb2_grpc.GRPCInferenceServiceStub,
                  infer_timeout_s: float, metadata_timeout_s: float, is_ready, meter: KServeMeter,
                  limits: KServeLimits | None = None) -> None:
-        self._auth = auth
         self._router = router
         self._infer_timeout_s = infer_timeout_s
         self._metadata_timeout_s = metadata_timeout_s
@@ -38,7 +37,7 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._limits = limits or KServeLimits()
 
     async def _unary(self, method, request, context, timeout_s: float):
-        caller = await self._auth.require(context)
+        caller = current_caller()
         try:
             return await method(request, timeout=downstream_timeout(context, timeout_s),
                                 metadata=caller_headers(caller))
@@ -46,11 +45,9 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise from_rpc_error(exc, "router") from exc
 
     async def ServerLive(self, request, context):
-        await self._auth.require(context)
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        await self._auth.require(context)
         return service_pb2.ServerReadyResponse(ready=self._is_ready())
 
     async def ModelReady(self, request, context):
@@ -70,19 +67,16 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request, context):
         """The mesh, not one Triton: which replica would answer is the router's choice per request."""
-        await self._auth.require(context)
         return service_pb2.ServerMetadataResponse(name=MESH_NAME, version=MESH_VERSION, extensions=EXTENSIONS)
 
     async def RepositoryModelLoad(self, request, context):
-        await self._auth.require(context)
         raise unimplemented(_READ_ONLY)
 
     async def RepositoryModelUnload(self, request, context):
-        await self._auth.require(context)
         raise unimplemented(_READ_ONLY)
 
     async def ModelInfer(self, request, context):
-        caller = await self._auth.require(context)
+        caller = current_caller()
         check_infer_request(request, self._limits)
         call = await self._meter.open(caller, request)
         try:
@@ -100,7 +94,7 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
             self._meter.settle(call)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        caller = await self._auth.require(context)
+        caller = current_caller()
         # Each request's account by its id, oldest first (ids may repeat: a caller's responses carry only the id).
         open_calls: dict[str, list[MeteredCall]] = {}
 

@@ -14,7 +14,7 @@ from services.common.model_catalog import ModelCatalog
 from services.common.resilient_channel import resilient_channel
 from services.common.server import ServiceHost, run_service
 from services.common.tenants import TenantConfig
-from services.gateway.auth import Authenticator
+from services.gateway.auth import Authenticates, Authenticator
 from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets
 from services.gateway.cache_client import CacheClient
 from services.gateway.core import MeshCore
@@ -51,19 +51,18 @@ async def serve(settings: GatewaySettings) -> None:
         if settings.budget_address else None
     budgets = TokenBudgets(budget_channel, settings.budget_timeout_s, settings.budget_charge_timeout_s,
                            settings.budget_fail_open) if budget_channel else None
+    public = (mesh_pb2.DESCRIPTOR.services_by_name["InferenceMesh"].full_name,
+              service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
     host = ServiceHost("gateway", settings, settings.max_in_flight, party_share=settings.tenant_share_of_in_flight,
-                       party_of=auth.tenant_of)
+                       party_of=auth.tenant_of, answered=[Authenticates(auth, public)])
     core = MeshCore(settings, catalog, router, cache, documents, budgets)
-    mesh_pb2_grpc.add_InferenceMeshServicer_to_server(InferenceMeshService(auth, core), host.server)
+    mesh_pb2_grpc.add_InferenceMeshServicer_to_server(InferenceMeshService(core), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeProxyService(auth, router, settings.generate_timeout_s, settings.metadata_timeout_s,
+        KServeProxyService(router, settings.generate_timeout_s, settings.metadata_timeout_s,
                            is_ready=lambda: serving,
                            meter=KServeMeter(budgets, catalog, settings.generate_timeout_s + SETTLE_MARGIN_S),
                            limits=settings.kserve_limits), host.server)
-    host.expose([
-        mesh_pb2.DESCRIPTOR.services_by_name["InferenceMesh"].full_name,
-        service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-    ])
+    host.expose(public)
 
     async def router_serves() -> bool:
         # A gateway without a router (or without the model list) can do nothing useful.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import message_factory
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2
@@ -95,3 +96,31 @@ def test_servers_survive_the_bad_inputs(mesh, stack):
     assert text
     ready = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(stack.router_address))
     assert ready.ServerReady(service_pb2.ServerReadyRequest(), timeout=5).ready
+
+
+def test_every_public_method_refuses_a_call_without_credentials(channel):
+    """Authentication is one interceptor over both public services, not a line in each handler: every method
+    (and any added later) answers UNAUTHENTICATED to a caller with no key, before its handler runs."""
+    services = [mesh_pb2.DESCRIPTOR.services_by_name["InferenceMesh"],
+                service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]]
+    checked = 0
+    for service in services:
+        for method in service.methods:
+            path = f"/{service.full_name}/{method.name}"
+            empty = message_factory.GetMessageClass(method.input_type)().SerializeToString()
+            if method.client_streaming and method.server_streaming:
+                call = channel.stream_stream(path)(iter([empty]), timeout=10)
+            elif method.client_streaming:
+                call = channel.stream_unary(path).future(iter([empty]), timeout=10)
+            elif method.server_streaming:
+                call = channel.unary_stream(path)(empty, timeout=10)
+            else:
+                call = channel.unary_unary(path).future(empty, timeout=10)
+            with pytest.raises(grpc.RpcError) as refused:
+                if method.server_streaming:
+                    list(call)
+                else:
+                    call.result()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, path
+            checked += 1
+    assert checked >= 20
