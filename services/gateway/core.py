@@ -181,7 +181,7 @@ class MeshCore:
         return response
 
     async def upsert(self, caller: Caller, batches: AsyncIterator[retrieval_pb2.UpsertDocumentsRequest],
-                     timeout_s: float) -> retrieval_pb2.UpsertDocumentsResponse:
+                     remaining_s: float | None) -> retrieval_pb2.UpsertDocumentsResponse:
         """Ingest, metered: each batch's text is embedded, so it is charged like Embed (the rate limit counts a
         whole stream as one request). A tier's storage quota travels with each batch to the retrieval service."""
         if self._budgets is not None:
@@ -193,7 +193,7 @@ class MeshCore:
                 relayed.append(input_tokens(d.text for d in batch.documents))
                 yield batch
         try:
-            return await self.documents.upsert(caller, counted(), timeout_s)
+            return await self.documents.upsert(caller, counted(), within(self.settings.ingest_timeout_s, remaining_s))
         except MeshError:
             # The batch being read when it failed was refused or lost; the ones before it were stored.
             del relayed[-1:]
@@ -201,6 +201,18 @@ class MeshCore:
         finally:
             if self._budgets is not None:
                 self._budgets.charge(caller, sum(relayed))
+
+    async def delete_documents(self, caller: Caller, request: retrieval_pb2.DeleteDocumentsRequest,
+                               remaining_s: float | None) -> retrieval_pb2.DeleteDocumentsResponse:
+        return await self.documents.delete(caller, request, within(self.settings.delete_timeout_s, remaining_s))
+
+    async def search(self, caller: Caller, request: retrieval_pb2.SearchRequest,
+                     remaining_s: float | None) -> retrieval_pb2.SearchResponse:
+        return await self.documents.search(caller, request, within(self.settings.search_timeout_s, remaining_s))
+
+    async def collection_stats(self, caller: Caller,
+                               remaining_s: float | None) -> retrieval_pb2.CollectionStatsResponse:
+        return await self.documents.stats(caller, within(self.settings.search_timeout_s, remaining_s))
 
     async def ask(self, caller: Caller, request: mesh_pb2.AskRequest, remaining_s: float | None) -> Generation:
         """Search the caller's documents, answer from them, cite the chunks; retrieval down → no context."""

@@ -4,7 +4,6 @@ caller's deadline, then the core."""
 from __future__ import annotations
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
-from services.common.deadlines import downstream_timeout
 from services.gateway.auth import current_caller
 from services.gateway.core import MeshCore
 
@@ -12,7 +11,6 @@ from services.gateway.core import MeshCore
 class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
     def __init__(self, core: MeshCore) -> None:
         self._core = core
-        self._settings = core.settings
 
     async def Generate(self, request, context):
         caller = current_caller()
@@ -31,23 +29,16 @@ class InferenceMeshService(mesh_pb2_grpc.InferenceMeshServicer):
             yield chunk
 
     async def UpsertDocuments(self, request_iterator, context):
-        caller = current_caller()
-        return await self._core.upsert(caller, request_iterator,
-                                       downstream_timeout(context, self._settings.ingest_timeout_s))
+        return await self._core.upsert(current_caller(), request_iterator, context.time_remaining())
 
     async def DeleteDocuments(self, request, context):
-        caller = current_caller()
-        return await self._core.documents.delete(caller, request,
-                                                 downstream_timeout(context, self._settings.delete_timeout_s))
+        return await self._core.delete_documents(current_caller(), request, context.time_remaining())
 
     async def Search(self, request, context):
-        caller = current_caller()
-        return await self._core.documents.search(caller, request,
-                                                 downstream_timeout(context, self._settings.search_timeout_s))
+        return await self._core.search(current_caller(), request, context.time_remaining())
 
     async def CollectionStats(self, request, context):
-        caller = current_caller()
-        return await self._core.documents.stats(caller, downstream_timeout(context, self._settings.search_timeout_s))
+        return await self._core.collection_stats(current_caller(), context.time_remaining())
 
     async def ReportWrongCacheHit(self, request, context):
         caller = current_caller()
