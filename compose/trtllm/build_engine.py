@@ -16,7 +16,7 @@ its engine exists.
 - lets one builder build while others sharing the volume wait (a lock directory, taken over when stale);
 - rewrites the repository's `gpt_model_path` to that engine.
 Every name it uses from TensorRT-LLM is checked before the build starts (and against the pinned upstream source by
-tests/unit/test_upstream_facts_units.py), so a mismatch fails with a message, not half-way through a build.
+tests/unit/tools/test_upstream_facts.py), so a mismatch fails with a message, not half-way through a build.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from services.retrieval.index import DocumentIndex
 from services.retrieval.lexical import lexical_text, terms, unglue
 from tests.unit.fakes import word_tokenizer_file
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EVAL = ROOT / "data" / "retrieval-eval"
 # Word-level tokens (tests/unit/fakes.py): the structure tests need offsets, not MiniLM's vocabulary; the real
 # tokenizer is exercised wherever the retrieval service runs (tests/integration).

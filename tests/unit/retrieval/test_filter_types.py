@@ -8,7 +8,7 @@ from hypothesis import given
 from inference_mesh.v1 import retrieval_pb2 as r
 from services.retrieval.filters import Comparison, FilterError, Membership, Not, parse, render
 from services.retrieval.typed_filters import OPERATORS, from_message
-from tests.unit.test_filters_units import _trees
+from tests.unit.retrieval.test_filters import _trees
 
 SYMBOLS = {symbol: op for op, symbol in OPERATORS.items()}
 

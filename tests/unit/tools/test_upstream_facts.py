@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2
 
 from tools import fill_trtllm
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 FACTS = json.loads((ROOT / "tests" / "fixtures" / "upstream" / "trtllm-24.10.json").read_text())
 BACKEND, PYTHON_BACKEND, TRTLLM = FACTS["tensorrtllm_backend"], FACTS["python_backend"], FACTS["tensorrt_llm"]
 BUILDER_PATH = ROOT / "compose" / "trtllm" / "build_engine.py"

@@ -15,7 +15,7 @@ from services.router.balancer import Balancer
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet
 from services.router.stream_progress import RESUME_INPUT, StreamProgress
-from tests.unit.test_units import REGISTRY
+from tests.unit.router import REGISTRY
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 

@@ -145,7 +145,7 @@ def test_only_the_error_module_builds_statuses_and_aborts():
     import re
     from pathlib import Path
 
-    services = Path(__file__).resolve().parents[2] / "services"
+    services = Path(__file__).resolve().parents[3] / "services"
     raw = re.compile(r"context\.abort\(|MeshError\(\s*grpc\.StatusCode")
     offenders = [f"{path.relative_to(services)}:{number}" for path in services.rglob("*.py")
                  if path.name != "errors.py" or path.parent.name != "common"
