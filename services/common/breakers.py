@@ -33,7 +33,8 @@ TARGET_FAULTS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL
 
 @dataclass(frozen=True)
 class BreakerSettings:
-    # ResilienceSettings gives these (and says why); the defaults serve tests and tools.
+    # 10 consecutive faults are not a blip on a busy target; 60 s lets a restarting Triton load its models before a
+    # probe call. The defaults of every service's ResilienceSettings (services/common/resilience.py).
     fail_max: int = 10
     reset_timeout_s: float = 60.0
 

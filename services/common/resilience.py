@@ -13,18 +13,21 @@ class BreakerOverride(BaseModel, extra="forbid"):
     reset_timeout_s: float | None = Field(default=None, gt=0)
 
 
+_BREAKER, _RETRY = BreakerSettings(), RetrySettings()
+
+
 class ResilienceSettings(BaseModel, extra="forbid"):
-    # 10 consecutive faults are not a blip on a busy target; 60 s lets a restarting Triton load its models before a
-    # probe call; 3 retries ride out one replica's restart without tripling an outage's load (budgeted below).
-    breaker_fail_max: int = Field(default=10, ge=1)
-    breaker_reset_timeout_s: float = Field(default=60.0, gt=0)
-    max_retries: int = Field(default=3, ge=0, le=3)
-    retry_base_backoff_s: float = 0.025
-    retry_max_backoff_s: float = 1.0
-    # Retries add at most this share of the requests' load, plus a floor per second saved up over a window.
-    retry_budget_ratio: float = Field(default=0.2, ge=0, le=1)
-    retry_budget_floor_per_s: float = Field(default=10.0, ge=0)
-    retry_budget_window_s: float = Field(default=10.0, gt=0)
+    """Every service's breaker and retry settings, from the environment; the defaults are declared once, with
+    their reasons, in BreakerSettings (breakers.py) and RetrySettings (retries.py)."""
+
+    breaker_fail_max: int = Field(default=_BREAKER.fail_max, ge=1)
+    breaker_reset_timeout_s: float = Field(default=_BREAKER.reset_timeout_s, gt=0)
+    max_retries: int = Field(default=_RETRY.max_retries, ge=0, le=3)
+    retry_base_backoff_s: float = _RETRY.base_backoff_s
+    retry_max_backoff_s: float = _RETRY.max_backoff_s
+    retry_budget_ratio: float = Field(default=_RETRY.budget_ratio, ge=0, le=1)
+    retry_budget_floor_per_s: float = Field(default=_RETRY.budget_floor_per_s, ge=0)
+    retry_budget_window_s: float = Field(default=_RETRY.budget_window_s, gt=0)
     # Per target (e.g. "cache", or a Triton replica's name): breaker values that differ from the defaults.
     targets: dict[str, BreakerOverride] = Field(default_factory=dict)
 

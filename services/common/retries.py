@@ -22,11 +22,13 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
 @dataclass(frozen=True)
 class RetrySettings:
+    # 3 retries ride out one replica's restart without tripling an outage's load: retries add at most
+    # `budget_ratio` of the requests' load, plus a floor per second saved up over a window. The defaults of every
+    # service's ResilienceSettings (services/common/resilience.py).
     max_retries: int = 3
     base_backoff_s: float = 0.025
     max_backoff_s: float = 1.0
     budget_ratio: float = 0.2
-    # Retries allowed per second regardless of traffic, saved up over the window at most.
     budget_floor_per_s: float = 10.0
     budget_window_s: float = 10.0
 
