@@ -8,6 +8,10 @@ import grpc
 # Envoy's route timeout and the cache lease that must outlive a generation are all derived from it. Long enough for
 # a 1,024-token answer on a loaded GPU (~50 tokens/s), short enough that a hung replica is noticed by the caller.
 GENERATION_BUDGET_S = 60.0
+# An ingest stream (upload, chunk, embed, store) at the gateway; Envoy's route and request timeouts derive from it.
+INGEST_BUDGET_S = 600.0
+# Model metadata, readiness and lists: cheap, and a caller must hear fast when they cannot be read.
+METADATA_BUDGET_S = 5.0
 # Kept back from the caller's remaining time so that our reply (or a precise error) still reaches it.
 DOWNSTREAM_MARGIN_S = 0.05
 

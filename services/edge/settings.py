@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.deadlines import GENERATION_BUDGET_S
+from services.common.deadlines import GENERATION_BUDGET_S, INGEST_BUDGET_S, METADATA_BUDGET_S
 from services.common.settings import ServiceSettings
 
 
@@ -29,8 +29,8 @@ class EdgeLimits(BaseModel, extra="forbid"):
     max_headers_count: int = 100
     request_headers_timeout_s: float = 10.0
     # The whole request, body included, must arrive within this (408 after): the longest legitimate upload is an
-    # ingest stream, bounded by its own 600 s route timeout. A response that has started disarms it.
-    request_timeout_s: float = 610.0
+    # ingest stream, bounded by its own route timeout. A response that has started disarms it.
+    request_timeout_s: float = INGEST_BUDGET_S + 10.0
     # A stream with no bytes either way for this long is reset; generation streams send a token at least
     # every few seconds, ingest streams a batch.
     stream_idle_timeout_s: float = 300.0
@@ -84,8 +84,8 @@ class EdgeSettings(ServiceSettings):
     # A route outlives the gateway's own deadline by a second, so the caller gets the gateway's precise
     # DEADLINE_EXCEEDED rather than Envoy's bare 504; metadata calls are cheap and must fail fast.
     inference_timeout_s: float = GENERATION_BUDGET_S + 1.0
-    metadata_timeout_s: float = 5.0
-    ingest_timeout_s: float = 600.0
+    metadata_timeout_s: float = METADATA_BUDGET_S
+    ingest_timeout_s: float = INGEST_BUDGET_S
     # A hard cap on any stream's life, whatever the route.
     max_stream_duration_s: float = 900.0
     # A dead gateway leaves rotation within two intervals (outlier detection reacts sooner on failed calls).

@@ -4,7 +4,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from services.cache.reads import STAMPEDE_WAIT_S
-from services.common.deadlines import GENERATION_BUDGET_S
+from services.common.deadlines import GENERATION_BUDGET_S, INGEST_BUDGET_S, METADATA_BUDGET_S
 from services.common.settings import RouterClientSettings, ServiceSettings
 
 
@@ -44,7 +44,7 @@ class GatewaySettings(ServiceSettings, RouterClientSettings):
     # A shorter caller deadline always wins.
     generate_timeout_s: float = GENERATION_BUDGET_S
     embed_timeout_s: float = 30.0
-    metadata_timeout_s: float = 5.0
+    metadata_timeout_s: float = METADATA_BUDGET_S
     # Empty: no cache (responses say CACHE_STATUS_DISABLED).
     cache_address: str = ""
     # The cache's Redis, read-only: exact hits are read from it directly, saving the hop to the cache service
@@ -64,7 +64,7 @@ class GatewaySettings(ServiceSettings, RouterClientSettings):
     search_timeout_s: float = 2.0
     # Deleting documents: a Strong-consistency query for their chunks, then a delete by key.
     delete_timeout_s: float = 10.0
-    ingest_timeout_s: float = 600.0
+    ingest_timeout_s: float = INGEST_BUDGET_S
     # More than 5 chunks rarely adds the answer but crowds a small model's context (and its attention).
     ask_default_top_k: int = 5
     ask_max_context_chars: int = 3_000    # ~750 tokens of SmolLM2's 2,048-token context

@@ -20,3 +20,13 @@ def test_the_router_client_fields_are_declared_once():
         assert issubclass(settings, RouterClientSettings)
         own = inspect.get_annotations(settings)
         assert "router_address" not in own and "model_refresh_s" not in own, settings.__name__
+
+
+def test_the_edges_timeouts_outlast_the_gateways_they_front():
+    # A shorter route timeout would answer Envoy's bare 504 where the gateway has a precise status to give.
+    from services.edge.settings import EdgeSettings
+
+    edge, gateway = EdgeSettings(), GatewaySettings()
+    assert edge.inference_timeout_s > gateway.generate_timeout_s
+    assert edge.ingest_timeout_s >= gateway.ingest_timeout_s and edge.request_timeout_s > gateway.ingest_timeout_s
+    assert edge.metadata_timeout_s >= gateway.metadata_timeout_s
