@@ -28,5 +28,6 @@ def test_the_edges_timeouts_outlast_the_gateways_they_front():
 
     edge, gateway = EdgeSettings(), GatewaySettings()
     assert edge.inference_timeout_s > gateway.generate_timeout_s
-    assert edge.ingest_timeout_s >= gateway.ingest_timeout_s and edge.request_timeout_s > gateway.ingest_timeout_s
+    assert edge.ingest_timeout_s >= gateway.ingest_timeout_s
+    assert edge.limits.request_timeout_s > gateway.ingest_timeout_s
     assert edge.metadata_timeout_s >= gateway.metadata_timeout_s
