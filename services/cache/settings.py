@@ -9,7 +9,7 @@ from services.cache.reads import STAMPEDE_WAIT_S
 from services.cache.wordnet import DEFAULT_DIR
 from services.common.deadlines import GENERATION_BUDGET_S
 from services.common.milvus import HnswSettings, MilvusTimeouts
-from services.common.settings import RouterClientSettings, ServiceSettings
+from services.common.settings import RouterClientSettings
 
 
 class CacheMilvusTimeouts(MilvusTimeouts):
@@ -24,7 +24,7 @@ class CacheMilvusTimeouts(MilvusTimeouts):
     connect_s: float = Field(default=5.0, gt=0)
 
 
-class CacheSettings(ServiceSettings, RouterClientSettings):
+class CacheSettings(RouterClientSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_CACHE_", extra="forbid")
 
     port: int = 50053

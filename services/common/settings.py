@@ -32,14 +32,6 @@ class _YamlFileSource(PydanticBaseSettingsSource):
         return dict(self._values)
 
 
-class RouterClientSettings(BaseSettings):
-    """For the services that ask the router for the model list (gateway, cache, retrieval): declared once."""
-
-    router_address: str = "127.0.0.1:50052"
-    # How often the model list is re-read: a registry reload reaches every caller within this.
-    model_refresh_s: float = 5.0
-
-
 class ServiceSettings(BaseSettings):
     """Base for each service's settings; subclasses set `env_prefix` (e.g. `MESH_GATEWAY_`)."""
 
@@ -78,3 +70,13 @@ class ServiceSettings(BaseSettings):
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class RouterClientSettings(ServiceSettings):
+    """For the services that ask the router for the model list (gateway, cache, retrieval): declared once. A
+    subclass, not a mixin: a second BaseSettings base would bring its own config and undo ServiceSettings'
+    nested-variable delimiter (MESH_CACHE_TLS__CERT would be ignored)."""
+
+    router_address: str = "127.0.0.1:50052"
+    # How often the model list is re-read: a registry reload reaches every caller within this.
+    model_refresh_s: float = 5.0

@@ -5,7 +5,7 @@ from pydantic_settings import SettingsConfigDict
 
 from services.cache.reads import STAMPEDE_WAIT_S
 from services.common.deadlines import GENERATION_BUDGET_S, INGEST_BUDGET_S, METADATA_BUDGET_S
-from services.common.settings import RouterClientSettings, ServiceSettings
+from services.common.settings import RouterClientSettings
 
 
 class RequestLimits(BaseModel, extra="forbid"):
@@ -34,7 +34,7 @@ class KServeLimits(BaseModel, extra="forbid"):
     max_outstanding_per_stream: int = 4
 
 
-class GatewaySettings(ServiceSettings, RouterClientSettings):
+class GatewaySettings(RouterClientSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
     port: int = 50051

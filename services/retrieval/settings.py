@@ -4,10 +4,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.common.milvus import HnswSettings, MilvusTimeouts
-from services.common.settings import RouterClientSettings, ServiceSettings
+from services.common.settings import RouterClientSettings
 
 
-class RetrievalSettings(ServiceSettings, RouterClientSettings):
+class RetrievalSettings(RouterClientSettings):
     model_config = SettingsConfigDict(env_prefix="MESH_RETRIEVAL_", extra="forbid")
 
     port: int = 50054

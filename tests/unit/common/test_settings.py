@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+
+import pytest
 
 from services.cache.settings import CacheSettings
 from services.common.settings import RouterClientSettings
@@ -31,3 +34,22 @@ def test_the_edges_timeouts_outlast_the_gateways_they_front():
     assert edge.ingest_timeout_s >= gateway.ingest_timeout_s
     assert edge.limits.request_timeout_s > gateway.ingest_timeout_s
     assert edge.metadata_timeout_s >= gateway.metadata_timeout_s
+
+
+@pytest.mark.parametrize(("module", "name", "prefix"), [
+    ("services.gateway.settings", "GatewaySettings", "MESH_GATEWAY_"),
+    ("services.router.settings", "RouterSettings", "MESH_ROUTER_"),
+    ("services.cache.settings", "CacheSettings", "MESH_CACHE_"),
+    ("services.retrieval.settings", "RetrievalSettings", "MESH_RETRIEVAL_"),
+    ("services.ratelimit.settings", "RateLimitSettings", "MESH_RATELIMIT_"),
+    ("services.edge.settings", "EdgeSettings", "MESH_EDGE_"),
+])
+def test_every_service_reads_nested_settings_from_its_environment(monkeypatch, tmp_path, module, name, prefix):
+    # Internal mTLS arrives this way (MESH_CACHE_TLS__CERT ...): a settings class that lost the "__" delimiter
+    # would start in plaintext and every call to an mTLS router would fail.
+    monkeypatch.setenv(f"{prefix}RESILIENCE__MAX_RETRIES", "1")
+    for part in ("cert", "key", "ca"):
+        (tmp_path / f"{part}.pem").write_text("-")
+        monkeypatch.setenv(f"{prefix}TLS__{part.upper()}", str(tmp_path / f"{part}.pem"))
+    settings = getattr(importlib.import_module(module), name)()
+    assert settings.resilience.max_retries == 1 and str(settings.tls.cert) == str(tmp_path / "cert.pem")
