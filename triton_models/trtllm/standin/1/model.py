@@ -16,6 +16,11 @@ request at a time (requests queue instead of being batched in flight, so through
 nothing); numerics are llama.cpp's, not TensorRT's; sampling is numpy's (a seeded request is repeatable here but
 draws different tokens than the engine would); only the inputs above are read, the others are accepted and
 ignored; errors carry this model's words, not the engine's.
+
+The fast mode (`MESH_STANDIN_FAST_TOKENS_PER_S` in Triton's environment, bench/token_relay.py) computes nothing:
+each request streams the tokens of a fixed sentence (its real SmolLM2 ids, read from the GGUF's vocabulary only)
+at that rate per request (0: as fast as the loop turns), all requests at once as in-flight batching would, so
+that what the mesh spends passing tokens along shows instead of llama.cpp's ~22 ms per token.
 """
 
 from __future__ import annotations
@@ -43,9 +48,23 @@ def _response(tokens: list[int]) -> pb_utils.InferenceResponse:
     ])
 
 
+# What the fast mode streams, cycled to any length: ordinary prose, so the BLS model's detokenizer does its
+# usual work per token.
+FAST_TEXT = (" The mesh passes each token from the engine to the caller, and the benchmark measures what that"
+             " costs per token in every process along the way.")
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         params = {k: v["string_value"] for k, v in json.loads(args["model_config"]).get("parameters", {}).items()}
+        fast = os.environ.get("MESH_STANDIN_FAST_TOKENS_PER_S", "")
+        self.fast_gap_s = None if fast == "" else (1.0 / float(fast) if float(fast) > 0 else 0.0)
+        self.stopped: set[str] = set()
+        if self.fast_gap_s is not None:
+            vocabulary = Llama(model_path=params.get("gguf_path") or packaged_gguf(), vocab_only=True, verbose=False)
+            self.fast_tokens = vocabulary.tokenize(FAST_TEXT.encode(), add_bos=False)
+            vocabulary.close()
+            return
         threads = int(os.environ.get("MESH_MODEL_CPU_THREADS") or params.get("n_threads", "0")) or None
         self.llm = Llama(model_path=params.get("gguf_path") or packaged_gguf(), n_ctx=int(params["n_ctx"]),
                          n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -53,7 +72,6 @@ class TritonPythonModel:
         self.canonical = 0
         self.busy = asyncio.Lock()
         self.waiting = 0
-        self.stopped: set[str] = set()
 
     async def execute(self, requests: list) -> None:
         await asyncio.gather(*(self._serve(request) for request in requests))
@@ -65,6 +83,12 @@ class TritonPythonModel:
         if bool(_scalar(request, "stop", False)):
             self.stopped.add(request_id)
             sender.send(_response([]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        if self.fast_gap_s is not None:
+            try:
+                await self._fast(request, sender, request_id)
+            finally:
+                self.stopped.discard(request_id)
             return
         if self.max_queue_size and self.waiting >= self.max_queue_size:
             # Triton's own words when a model's queue policy refuses a request.
@@ -81,6 +105,26 @@ class TritonPythonModel:
                         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
             self.stopped.discard(request_id)
+
+    async def _fast(self, request, sender, request_id: str) -> None:
+        """The fast mode: the fixed sentence's tokens, at the configured gap, no compute."""
+        output_len = int(_scalar(request, "request_output_len", 0))
+        streaming = bool(_scalar(request, "streaming", False))
+        produced: list[int] = []
+        while len(produced) < output_len and request_id not in self.stopped and not request.is_cancelled():
+            token = self.fast_tokens[len(produced) % len(self.fast_tokens)]
+            produced.append(token)
+            last = len(produced) == output_len
+            if streaming:
+                sender.send(_response([token]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
+                if last:
+                    return
+            # Always yield: the other requests' tokens interleave with this one's, as in-flight batching's do.
+            await asyncio.sleep(self.fast_gap_s)
+        if streaming:
+            sender.send(_response([]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            sender.send(_response(produced), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _generate(self, request, sender, request_id: str) -> None:
         ids = [int(t) for t in pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy().reshape(-1)]
@@ -134,4 +178,5 @@ class TritonPythonModel:
         return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
 
     def finalize(self) -> None:
-        self.llm.close()
+        if self.fast_gap_s is None:
+            self.llm.close()
