@@ -33,7 +33,7 @@ import yaml
 from tritonclient.grpc import service_pb2_grpc
 
 from bench.edge import AUTH, bench_tenants
-from bench.inference_path import ROOT, pct, write_section
+from bench.inference_path import ROOT, pct, run_load, write_section
 from bench.profile_hot_path import cpu_seconds
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays
@@ -107,21 +107,6 @@ def mesh_stream(stub: mesh_pb2_grpc.InferenceMeshStub, max_tokens: int) -> Calla
     return call
 
 
-async def load(call: Callable, streams: int, requests: int) -> tuple[list[Streamed], float]:
-    done: list[Streamed] = []
-    remaining = requests
-
-    async def worker() -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            done.append(await call())
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(streams)))
-    return done, time.perf_counter() - started
-
-
 async def measure(stack: LocalStack, streams_list: list[int], max_tokens: int, tokens_per_point: int) -> list[dict]:
     credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
     channels = {"triton": grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports.tritons[0].grpc}"),
@@ -134,12 +119,12 @@ async def measure(stack: LocalStack, streams_list: list[int], max_tokens: int, t
     rows = []
     try:
         for call in calls.values():
-            await load(call, 4, 8)  # warm: connections, the BLS model's first requests
+            await run_load(call, 4, 8)  # warm: connections, the BLS model's first requests
         for streams in streams_list:
             requests = max(streams, -(-tokens_per_point // max_tokens))
             for path, call in calls.items():
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                done, seconds = await load(call, streams, requests)
+                done, seconds = await run_load(call, streams, requests)
                 tokens = sum(s.tokens for s in done)
                 cpu_us = {name: (cpu_seconds(pid) - before[name]) * 1e6 / max(tokens, 1) for name, pid in pids.items()}
                 rows.append({"path": path, "streams": streams, "tokens": tokens, "seconds": seconds,

@@ -48,6 +48,16 @@ def _response(tokens: list[int]) -> pb_utils.InferenceResponse:
     ])
 
 
+def _stream_token(sender, streaming: bool, produced: list[int], token: int, output_len: int) -> bool:
+    """Records a generated token and, when streaming, sends it (with the final flag on the last one). True when
+    that was the last token and the request is answered."""
+    produced.append(token)
+    last = len(produced) == output_len
+    if streaming:
+        sender.send(_response([token]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
+    return streaming and last
+
+
 # What the fast mode streams, cycled to any length: ordinary prose, so the BLS model's detokenizer does its
 # usual work per token.
 FAST_TEXT = (" The mesh passes each token from the engine to the caller, and the benchmark measures what that"
@@ -112,13 +122,9 @@ class TritonPythonModel:
         streaming = bool(_scalar(request, "streaming", False))
         produced: list[int] = []
         while len(produced) < output_len and request_id not in self.stopped and not request.is_cancelled():
-            token = self.fast_tokens[len(produced) % len(self.fast_tokens)]
-            produced.append(token)
-            last = len(produced) == output_len
-            if streaming:
-                sender.send(_response([token]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
-                if last:
-                    return
+            if _stream_token(sender, streaming, produced, self.fast_tokens[len(produced) % len(self.fast_tokens)],
+                             output_len):
+                return
             # Always yield: the other requests' tokens interleave with this one's, as in-flight batching's do.
             await asyncio.sleep(self.fast_gap_s)
         if streaming:
@@ -151,12 +157,8 @@ class TritonPythonModel:
             if token == end_id:
                 # The end token is not in the output; the final flag comes on an empty response.
                 break
-            produced.append(token)
-            last = len(produced) == output_len
-            if streaming:
-                sender.send(_response([token]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0)
-                if last:
-                    return
+            if _stream_token(sender, streaming, produced, token, output_len):
+                return
             self.llm.eval([token])
         if streaming:
             sender.send(_response([]), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
