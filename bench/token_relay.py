@@ -21,7 +21,7 @@ import asyncio
 import json
 import os
 import platform
-import tempfile
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -33,6 +33,7 @@ import yaml
 from tritonclient.grpc import service_pb2_grpc
 
 from bench.edge import AUTH, bench_tenants
+from bench.hot_path import baseline_tree
 from bench.inference_path import ROOT, pct, run_load, write_section
 from bench.profile_hot_path import cpu_seconds
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
@@ -42,6 +43,8 @@ from tools.stack import LocalStack, StackPorts
 from tools.triton import MODEL_REPOSITORY, REGISTRY_FILE
 
 IMAGE = "docs/bench-token-relay.png"
+# The last commit before issue 33 cut the relay's per-token cost.
+BASELINE = "9d169f5"
 MODEL = TrtllmPools.load().model.triton_name
 PROMPT = "Tell me about the mesh."
 # The processes a token passes through (the rest, e.g. Redis, are read too and shown when they spend anything).
@@ -53,14 +56,16 @@ class Streamed:
     tokens: int
     ttft_s: float
     gaps_s: list[float] = field(default_factory=list)
+    messages: int = 0
 
 
 async def _timed(chunks: AsyncIterator, tokens_of: Callable[[object], int | None]) -> Streamed:
     t0 = time.perf_counter()
     first = last = None
     gaps: list[float] = []
-    tokens = 0
+    tokens = messages = 0
     async for chunk in chunks:
+        messages += 1
         now = time.perf_counter()
         count = tokens_of(chunk)
         if count is None:
@@ -71,7 +76,7 @@ async def _timed(chunks: AsyncIterator, tokens_of: Callable[[object], int | None
             gaps.append(now - last)
         last = now
         tokens = max(tokens, count)
-    return Streamed(tokens, (first or time.perf_counter()) - t0, gaps)
+    return Streamed(tokens, (first or time.perf_counter()) - t0, gaps, messages)
 
 
 def triton_stream(stub: service_pb2_grpc.GRPCInferenceServiceStub, max_tokens: int) -> Callable:
@@ -107,62 +112,93 @@ def mesh_stream(stub: mesh_pb2_grpc.InferenceMeshStub, max_tokens: int) -> Calla
     return call
 
 
-async def measure(stack: LocalStack, streams_list: list[int], max_tokens: int, tokens_per_point: int) -> list[dict]:
-    credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
-    channels = {"triton": grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports.tritons[0].grpc}"),
-                "gateway": grpc.aio.insecure_channel(stack.gateway_address),
-                "edge": grpc.aio.secure_channel(stack.edge_address, credentials)}
-    calls = {"triton": triton_stream(service_pb2_grpc.GRPCInferenceServiceStub(channels["triton"]), max_tokens),
-             "gateway": mesh_stream(mesh_pb2_grpc.InferenceMeshStub(channels["gateway"]), max_tokens),
-             "edge": mesh_stream(mesh_pb2_grpc.InferenceMeshStub(channels["edge"]), max_tokens)}
-    pids = {name: process.pid for name, process in stack.processes.items()}
+@dataclass
+class RelayStack:
+    """One stack under test and its clients' calls by path."""
+
+    name: str
+    stack: LocalStack
+    channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
+    calls: dict[str, Callable] = field(default_factory=dict)
+
+    def open(self, max_tokens: int, paths: tuple[str, ...]) -> None:
+        credentials = grpc.ssl_channel_credentials(self.stack.pki.ca_cert.read_bytes())
+        self.channels = {"triton": grpc.aio.insecure_channel(f"127.0.0.1:{self.stack.ports.tritons[0].grpc}"),
+                         "gateway": grpc.aio.insecure_channel(self.stack.gateway_address),
+                         "edge": grpc.aio.secure_channel(self.stack.edge_address, credentials)}
+        makers = {"triton": lambda c: triton_stream(service_pb2_grpc.GRPCInferenceServiceStub(c), max_tokens),
+                  "gateway": lambda c: mesh_stream(mesh_pb2_grpc.InferenceMeshStub(c), max_tokens),
+                  "edge": lambda c: mesh_stream(mesh_pb2_grpc.InferenceMeshStub(c), max_tokens)}
+        self.calls = {path: makers[path](self.channels[path]) for path in paths}
+
+    async def close(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+
+
+async def measure(stacks: list[RelayStack], streams_list: list[int], max_tokens: int,
+                  tokens_per_point: int) -> list[dict]:
+    """Every path of every stack at each number of streams, the stacks taking turns so drift hits both alike."""
     rows = []
-    try:
-        for call in calls.values():
+    for relay in stacks:
+        for call in relay.calls.values():
             await run_load(call, 4, 8)  # warm: connections, the BLS model's first requests
-        for streams in streams_list:
-            requests = max(streams, -(-tokens_per_point // max_tokens))
-            for path, call in calls.items():
+    for streams in streams_list:
+        requests = max(streams, -(-tokens_per_point // max_tokens))
+        for relay in stacks:
+            pids = {name: process.pid for name, process in relay.stack.processes.items()}
+            for path, call in relay.calls.items():
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 done, seconds = await run_load(call, streams, requests)
                 tokens = sum(s.tokens for s in done)
                 cpu_us = {name: (cpu_seconds(pid) - before[name]) * 1e6 / max(tokens, 1) for name, pid in pids.items()}
-                rows.append({"path": path, "streams": streams, "tokens": tokens, "seconds": seconds,
-                             "tokens_per_s": tokens / seconds, "cpu_us": cpu_us,
+                rows.append({"stack": relay.name, "path": path, "streams": streams, "tokens": tokens,
+                             "seconds": seconds, "tokens_per_s": tokens / seconds, "cpu_us": cpu_us,
+                             "tokens_per_message": tokens / max(sum(s.messages for s in done), 1),
                              "ttft_p50_ms": pct([s.ttft_s for s in done], 50) * 1000,
                              "gap_p99_ms": pct([g for s in done for g in s.gaps_s], 99) * 1000})
-                print(f"{path:8} {streams:4} streams: {tokens / seconds:8.0f} tokens/s", flush=True)
-    finally:
-        for channel in channels.values():
-            await channel.close()
+                print(f"{relay.name:8} {path:8} {streams:4} streams: {tokens / seconds:8.0f} tokens/s", flush=True)
     return rows
 
 
-def render(rows: list[dict], max_tokens: int) -> str:
-    by = {(r["path"], r["streams"]): r for r in rows}
+def render(rows: list[dict], max_tokens: int, baseline: str) -> str:
+    by = {(r["stack"], r["path"], r["streams"]): r for r in rows}
     streams_list = sorted({r["streams"] for r in rows})
     processes = [p for p in (*MESH_PROCESSES, "triton-0", "ratelimit")
                  if any(r["cpu_us"].get(p, 0) > 1 for r in rows)]
     lines = ["Command: `make bench` (bench/token_relay.py)  ",
              f"Machine: {platform.machine()}, {os.cpu_count()} cores shared by every process and the client. Engine: "
              f"the TensorRT-LLM stand-in in its fast mode (no compute) under the BLS model; {max_tokens}-token "
-             "greedy streams, cache off.", "", f"![tokens/s against concurrent streams]({IMAGE})", "",
-             "| streams | direct Triton tokens/s | gateway tokens/s | edge tokens/s | edge / direct | TTFT p50 ms "
-             "(direct / edge) | gap p99 ms (direct / edge) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             f"greedy streams, cache off. Before: gateway, router and BLS model from `{baseline}` (the commit "
+             "before issue 33's cuts), beside this tree's, in the same run; Envoy, Triton, the stand-in engine and "
+             "the rest are this tree's in both.", "",
+             f"![tokens/s against concurrent streams]({IMAGE})", "",
+             "| streams | direct Triton tokens/s | gateway tokens/s (before / after) | edge tokens/s (before / after) "
+             "| edge / direct (after) | tokens per message at the client (edge before / after) "
+             "| TTFT p50 ms (direct / edge before / after) | gap p99 ms (direct / edge before / after) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in streams_list:
-        t, g, e = by[("triton", n)], by[("gateway", n)], by[("edge", n)]
-        lines.append(f"| {n} | {t['tokens_per_s']:.0f} | {g['tokens_per_s']:.0f} | {e['tokens_per_s']:.0f} "
-                     f"| {e['tokens_per_s'] / t['tokens_per_s']:.2f} | {t['ttft_p50_ms']:.1f} / {e['ttft_p50_ms']:.1f} "
-                     f"| {t['gap_p99_ms']:.1f} / {e['gap_p99_ms']:.1f} |")
-    lines += ["", "CPU µs per token by process, through the edge (Triton's is the same work on every path; the direct "
-              "path's row says what Triton alone spends):", "",
-              "| streams | " + " | ".join(processes) + " | mesh (Envoy + gateway + router) | direct: triton |",
-              "|---:|" + "---:|" * (len(processes) + 2)]
+        t = by[("current", "triton", n)]
+        gb, ga = by[("baseline", "gateway", n)], by[("current", "gateway", n)]
+        eb, ea = by[("baseline", "edge", n)], by[("current", "edge", n)]
+        lines.append(f"| {n} | {t['tokens_per_s']:.0f} | {gb['tokens_per_s']:.0f} / {ga['tokens_per_s']:.0f} "
+                     f"| {eb['tokens_per_s']:.0f} / {ea['tokens_per_s']:.0f} "
+                     f"| {ea['tokens_per_s'] / t['tokens_per_s']:.2f} "
+                     f"| {eb['tokens_per_message']:.2f} / {ea['tokens_per_message']:.2f} "
+                     f"| {t['ttft_p50_ms']:.1f} / {eb['ttft_p50_ms']:.1f} / {ea['ttft_p50_ms']:.1f} "
+                     f"| {t['gap_p99_ms']:.1f} / {eb['gap_p99_ms']:.1f} / {ea['gap_p99_ms']:.1f} |")
+    lines += ["", "CPU µs per token by process, through the edge, before / after (Triton's is the same work on every "
+              "path; the direct path's column says what Triton alone spends):", "",
+              "| streams | " + " | ".join(processes) + " | mesh (Envoy + gateway + router) | after / before "
+              "| direct: triton |", "|---:|" + "---:|" * (len(processes) + 3)]
     for n in streams_list:
-        e, t = by[("edge", n)], by[("triton", n)]
-        mesh = sum(e["cpu_us"].get(p, 0.0) for p in MESH_PROCESSES)
-        lines.append(f"| {n} | " + " | ".join(f"{e['cpu_us'].get(p, 0.0):.0f}" for p in processes)
-                     + f" | {mesh:.0f} | {t['cpu_us'].get('triton-0', 0.0):.0f} |")
+        eb, ea, t = by[("baseline", "edge", n)], by[("current", "edge", n)], by[("current", "triton", n)]
+        mesh_b = sum(eb["cpu_us"].get(p, 0.0) for p in MESH_PROCESSES)
+        mesh_a = sum(ea["cpu_us"].get(p, 0.0) for p in MESH_PROCESSES)
+        lines.append(f"| {n} | " + " | ".join(f"{eb['cpu_us'].get(p, 0.0):.0f} / {ea['cpu_us'].get(p, 0.0):.0f}"
+                                              for p in processes)
+                     + f" | {mesh_b:.0f} / {mesh_a:.0f} | {mesh_a / mesh_b:.2f} "
+                     f"| {t['cpu_us'].get('triton-0', 0.0):.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -173,9 +209,11 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, label in (("triton", "direct Triton"), ("gateway", "one gateway"), ("edge", "through Envoy")):
-        points = sorted((r["streams"], r["tokens_per_s"]) for r in rows if r["path"] == name)
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    for stack, name, label in (("current", "triton", "direct Triton"), ("current", "gateway", "one gateway"),
+                               ("current", "edge", "through Envoy"), ("baseline", "edge", "through Envoy, before")):
+        points = sorted((r["streams"], r["tokens_per_s"]) for r in rows if r["path"] == name and r["stack"] == stack)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
+                  linestyle="--" if stack == "baseline" else "-")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("concurrent streams")
     axis.set_ylabel("tokens/s")
@@ -185,22 +223,40 @@ def plot(rows: list[dict], path: str) -> None:
     figure.savefig(ROOT / path, dpi=110)
 
 
-def relay_stack(root: Path) -> LocalStack:
-    """The TensorRT-LLM repository with the stand-in, one gateway, the edge; no cache, no retrieval."""
-    write(root / "repository", standin=True)
+def relay_stack(root: Path, code: Path | None = None) -> LocalStack:
+    """The TensorRT-LLM repository with the stand-in, one gateway, the edge; no cache, no retrieval. With `code`,
+    the gateway, the router and the BLS model run that tree's code (the before of a before/after)."""
+    pools = TrtllmPools.load()
+    # The stand-in's queue is sized for the tests' overload cases (4); here it queues like a GPU pool's, so that
+    # 256 streams wait for their turn instead of being refused.
+    pools.standin = pools.standin.model_copy(update={"max_queue_size": 1024, "max_batch_size": 64})
+    write(root / "repository", standin=True, pools=pools)
     repository = root / "repository" / STANDIN
     (repository / "smollm2").symlink_to(MODEL_REPOSITORY / "smollm2")
+    if code is not None:  # the BLS model's code from that tree too (the stand-in engine is this tree's in both)
+        bls = repository / MODEL / "1"
+        for path in bls.glob("*.py"):
+            path.unlink()
+        for path in (code / "triton_models" / "trtllm" / "generate" / "1").glob("*.py"):
+            (bls / path.name).write_text(path.read_text())
     registry = yaml.safe_load(REGISTRY_FILE.read_text())
     cpu = next(spec for spec in registry["models"].values() if spec["kind"] == "generate")
     registry["models"] = {MODEL: {**cpu, "triton_model": MODEL, "max_output_tokens": 512, "pools": ["cpu"],
                                   "context_tokens": TrtllmPools.load().standin.max_seq_len}}
     registry["groups"] = {}
     (root / "registry.yaml").write_text(yaml.safe_dump(registry))
+    # One tenant sends every stream: its share of the gateway is the whole of it here.
+    gateway_env = {"MESH_GATEWAY_TENANT_SHARE_OF_IN_FLIGHT": "1.0"}
+    router_env: dict[str, str] = {}
+    if code is not None:
+        # PYTHONSAFEPATH: the working directory (this tree) is not put before PYTHONPATH (that tree).
+        other = {"PYTHONPATH": f"{code}:{code / 'gen'}", "PYTHONSAFEPATH": "1"}
+        gateway_env |= other
+        router_env |= other
     return LocalStack(root / "run", StackPorts.free(1, gateways=1), tenants_file=bench_tenants(root / "tenants.yaml"),
                       registry_file=root / "registry.yaml", model_repository=repository,
                       with_cache=False, with_retrieval=False,
-                      # One tenant sends every stream: its share of the gateway is the whole of it here.
-                      service_env={"gateway": {"MESH_GATEWAY_TENANT_SHARE_OF_IN_FLIGHT": "1.0"}})
+                      service_env={"gateway": gateway_env, "router": router_env})
 
 
 def main() -> None:
@@ -208,17 +264,32 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 64, 256])
     parser.add_argument("--tokens", type=int, default=64, help="tokens per stream")
     parser.add_argument("--tokens-per-point", type=int, default=8192)
+    parser.add_argument("--baseline", default=BASELINE, help="the commit whose gateway and router are the before")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     os.environ["MESH_STANDIN_FAST_TOKENS_PER_S"] = "0"  # Triton inherits it: the stand-in computes nothing
-    with tempfile.TemporaryDirectory(prefix="mesh-token-relay-") as scratch:
-        stack = relay_stack(Path(scratch))
-        stack.start()
+    root = ROOT / "build" / "bench-token-relay"  # kept after the run: the services' logs are there
+    shutil.rmtree(root, ignore_errors=True)
+    tree = baseline_tree(args.baseline, root / "baseline-tree")
+    stacks = [RelayStack("baseline", relay_stack(root / "baseline", tree)),
+              RelayStack("current", relay_stack(root / "current"))]
+
+    async def run() -> list[dict]:
+        stacks[0].open(args.tokens, ("gateway", "edge"))  # direct Triton is the same code in both
+        stacks[1].open(args.tokens, ("triton", "gateway", "edge"))
         try:
-            rows = asyncio.run(measure(stack, args.streams, args.tokens, args.tokens_per_point))
+            return await measure(stacks, args.streams, args.tokens, args.tokens_per_point)
         finally:
-            stack.stop()
-    markdown = render(rows, args.tokens)
+            for relay in stacks:
+                await relay.close()
+    try:
+        for relay in stacks:
+            relay.stack.start()
+        rows = asyncio.run(run())
+    finally:
+        for relay in stacks:
+            relay.stack.stop()
+    markdown = render(rows, args.tokens, args.baseline)
     print(markdown)
     if not args.no_write:
         plot(rows, IMAGE)

@@ -147,8 +147,8 @@ def build_settings(pools: TrtllmPools, pool: str) -> dict:
             "build_timeout_s": BUILD_TIMEOUT_S, **profile.model_dump()}
 
 
-def write(out: Path = OUT, standin: bool = False, only: str | None = None) -> None:
-    pools = TrtllmPools.load()
+def write(out: Path = OUT, standin: bool = False, only: str | None = None, pools: TrtllmPools | None = None) -> None:
+    pools = pools or TrtllmPools.load()
     if only is not None and only not in pools.pools:
         raise SystemExit(f"no pool {only!r} in {POOLS_FILE}; pools: {', '.join(pools.pools)}")
     for pool in [STANDIN] if standin else [only] if only else list(pools.pools):
