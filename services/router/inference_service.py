@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -32,6 +33,7 @@ from services.router import kserve_metadata
 from services.router.admission import AdmissionSettings, FairAdmission, Priority, QueueRefusal, Ticket
 from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
 from services.router.canary import choose_version
+from services.router.coalescing import Outbox, Relayed, coalesced
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica
 from services.router.settings import RouterSettings
@@ -402,12 +404,13 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request on the stream is routed on its own and relayed concurrently, as Triton does."""
-        responses: asyncio.Queue[service_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
+        responses: asyncio.Queue[Relayed | None] = asyncio.Queue()
         relays: set[asyncio.Task[None]] = set()
+        keys = itertools.count()
 
         async def read_requests() -> None:
             async for request in request_iterator:
-                relay = asyncio.create_task(self._relay_stream(request, context, responses))
+                relay = asyncio.create_task(self._relay_stream(request, context, Outbox(responses, next(keys))))
                 relays.add(relay)
                 relay.add_done_callback(relays.discard)
             while relays:
@@ -417,7 +420,17 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read_requests())
         try:
             while (item := await responses.get()) is not None:
-                yield item
+                if responses.empty():
+                    yield item[1]
+                    continue
+                # The writer fell behind: what is ready goes out as one message per generation.
+                ready = [item]
+                while not responses.empty() and (item := responses.get_nowait()) is not None:
+                    ready.append(item)
+                for response in coalesced(ready):
+                    yield response
+                if item is None:
+                    break
             await reader
         finally:
             for task in [reader, *relays]:
@@ -425,11 +438,11 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             await asyncio.gather(reader, *relays, return_exceptions=True)
 
     async def _relay_stream(self, request: service_pb2.ModelInferRequest, context: grpc.aio.ServicerContext,
-                            out: asyncio.Queue[service_pb2.ModelStreamInferResponse | None]) -> None:
+                            out: Outbox) -> None:
         public_name = request.model_name
         spec = self._state.registry.models.get(public_name)
         if spec is None:
-            await out.put(_error_response(not_found(self._unknown(public_name))))
+            out.put(_error_response(not_found(self._unknown(public_name))))
             return
         ask = asked(request, _tenant(context))
         progress = StreamProgress()
@@ -447,7 +460,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             await self._attempt_loop(spec, ask, ticket, attempts, relay, progress)
         except MeshError as error:
-            await out.put(_error_response(error))
+            out.put(_error_response(error))
             return
         if attempts.resumed:
             RESUMED.labels(public_name, "completed").inc()
@@ -461,44 +474,53 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _relay_attempt(self, request: service_pb2.ModelInferRequest, public_name: str, placed: Placed,
                              attempts: Attempts, progress: StreamProgress, context: grpc.aio.ServicerContext,
-                             out: asyncio.Queue) -> tuple[grpc.StatusCode, str] | None:
+                             out: Outbox) -> tuple[grpc.StatusCode, str] | None:
         """One replica's part of a stream: None when it ended with its final response, else why it failed."""
         replica = placed.replica
         call = replica.stub.ModelStreamInfer(iter([request]),
                                              timeout=downstream_timeout(context, self._default_timeout_s))
         try:
             with replica.track(placed.spec.triton_model, claimed=True):
-                stream = aiter(call)
-                first = True
-                while True:
-                    try:
-                        # The first response may wait in Triton's queue; after it tokens flow, or the replica stalled.
-                        if not first:
-                            async with asyncio.timeout(self._stall_timeout_s):
-                                response = await anext(stream)
-                        else:
-                            response = await anext(stream)
-                    except StopAsyncIteration:
-                        return grpc.StatusCode.UNAVAILABLE, "the stream ended before its final response"
-                    except TimeoutError:
-                        return grpc.StatusCode.UNAVAILABLE, f"no response for {self._stall_timeout_s:.0f} s"
-                    if response.error_message:
-                        await out.put(response)  # the model refused or failed the request: not a replica fault
-                        return None
-                    first = False
-                    final = is_final_response(response.infer_response)
-                    if final:
-                        # Placement is read from the last response; stamping every token would cost for nothing.
-                        _stamp(response.infer_response, public_name, placed, attempts)
-                        ROUTED.labels(public_name, response.infer_response.model_version, replica.pool,
-                                      replica.name).inc()
-                    progress.delivered(response.infer_response, final)
-                    await out.put(response)
-                    if final:
-                        await read_to_end(stream)
-                        return None
+                return await self._relay_responses(aiter(call), public_name, placed, attempts, progress, out)
+        except TimeoutError:
+            return grpc.StatusCode.UNAVAILABLE, f"no response for {self._stall_timeout_s:.0f} s"
         except grpc.aio.AioRpcError as exc:
             return exc.code(), exc.details() or ""
         finally:
             with contextlib.suppress(Exception):
                 call.cancel()
+
+    async def _relay_responses(self, stream: AsyncIterator[service_pb2.ModelStreamInferResponse], public_name: str,
+                               placed: Placed, attempts: Attempts, progress: StreamProgress,
+                               out: Outbox) -> tuple[grpc.StatusCode, str] | None:
+        """Passes a replica's responses on until its final one. The first may wait in Triton's queue; after it
+        tokens flow, or the replica stalled (TimeoutError). The stall deadline moves at most every tenth of the
+        stall time, to between 1 and 1.1 stall times after the latest response: moving a timer per token cost
+        more than the rest of the relay."""
+        loop = asyncio.get_running_loop()
+        window = self._stall_timeout_s
+        async with asyncio.timeout(None) as stall:
+            while True:
+                try:
+                    response = await anext(stream)
+                except StopAsyncIteration:
+                    return grpc.StatusCode.UNAVAILABLE, "the stream ended before its final response"
+                if response.error_message:
+                    out.put(response)  # the model refused or failed the request: not a replica fault
+                    return None
+                now = loop.time()
+                deadline = stall.when()
+                if deadline is None or now + window > deadline:
+                    stall.reschedule(now + window * 1.1)
+                final = is_final_response(response.infer_response)
+                if final:
+                    # Placement is read from the last response; stamping every token would cost for nothing.
+                    _stamp(response.infer_response, public_name, placed, attempts)
+                    ROUTED.labels(public_name, response.infer_response.model_version, placed.replica.pool,
+                                  placed.replica.name).inc()
+                progress.delivered(response.infer_response, final)
+                out.put(response)
+                if final:
+                    stall.reschedule(None)
+                    await read_to_end(stream)
+                    return None

@@ -6,13 +6,17 @@ the BLS model sends. Through gateway and router, against the CPU model (smollm2)
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import grpc
+import numpy as np
 import pytest
 import yaml
+from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from services.common.kserve import InferRequestBuilder, output_arrays
 from tests.conftest import AUTH, LLM, chat, generate
 from tools.fill_trtllm import STANDIN, TrtllmPools, write
 from tools.stack import LocalStack, StackPorts
@@ -246,3 +250,40 @@ def test_prompt_and_resumed_tokens_past_max_input_len_are_invalid_argument(trt_s
     assert errors and "INVALID_ARGUMENT" in str(errors[0]), errors
     assert f"{len(resume)} resumed; the engine takes {limit} in all" in str(errors[0])
     client.close()
+
+
+def _router_stream(trt_stack, model: str, pause_s: float, options=()) -> list:
+    """A greedy generation straight from the router, read with `pause_s` after each response."""
+    request = InferRequestBuilder(model).add_bytes("messages", [json.dumps(
+        [{"role": "user", "content": "Describe a lighthouse at night in detail."}]).encode()]).add_array(
+        "max_tokens", np.array([40], np.int32)).add_array("temperature", np.array([0.0], np.float32)).build()
+    with grpc.insecure_channel(trt_stack.router_address, options=list(options)) as channel:
+        responses = []
+        for item in service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([request]), timeout=120):
+            assert not item.error_message, item.error_message
+            responses.append(item.infer_response)
+            time.sleep(pause_s)
+    return responses
+
+
+def _as_read(responses: list) -> tuple[str, list[int], int, int, str]:
+    text, tokens = b"", []
+    for response in responses:
+        outputs = output_arrays(response)
+        text += outputs["text_output"].reshape(-1)[0]
+        tokens += outputs["token_id"].reshape(-1).tolist()
+    last = output_arrays(responses[-1])
+    return (text.decode(), tokens, int(last["prompt_tokens"][0]), int(last["completion_tokens"][0]),
+            last["finish_reason"].reshape(-1)[0].decode())
+
+
+def test_a_stream_read_slowly_arrives_coalesced_with_the_same_text_and_tokens(trt_stack):
+    """The router forwards what is ready as one message: a caller that reads slowly through a small flow-control
+    window makes the router's writer fall behind the replica, and the tokens that queue meanwhile arrive merged.
+    The text, token ids, counts and finish reason read exactly as from a caller that keeps up."""
+    prompt = _router_stream(trt_stack, LLM, 0.0)
+    # BDP probing off and a small window: the router's writes wait for the reader, as behind a slow client.
+    slow = _router_stream(trt_stack, LLM, 0.15, [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 256)])
+    assert _as_read(slow) == _as_read(prompt)
+    assert _as_read(prompt)[3] == 40
+    assert len(slow) < len(prompt) / 2, (len(slow), len(prompt))

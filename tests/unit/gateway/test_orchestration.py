@@ -19,6 +19,7 @@ from services.gateway.auth import Caller
 from services.gateway.plan import plan_request
 from services.router.balancer import Balancer
 from services.router.canary import choose_version
+from services.router.coalescing import Outbox
 from services.router.inference_service import RoutingInferenceService
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet
@@ -165,8 +166,8 @@ def _stream_request(session: str = "") -> service_pb2.ModelInferRequest:
 
 async def _relay(service: RoutingInferenceService, request, tenant: str = "tenant-1"):
     out: asyncio.Queue = asyncio.Queue()
-    await service._relay_stream(request, FakeContext(tenant), out)
-    return [out.get_nowait() for _ in range(out.qsize())]
+    await service._relay_stream(request, FakeContext(tenant), Outbox(out, 0))
+    return [out.get_nowait()[1] for _ in range(out.qsize())]
 
 
 async def test_a_stream_that_loses_its_replica_resumes_on_another_from_the_tokens_sent():
