@@ -63,6 +63,27 @@ def output_arrays(response: service_pb2.ModelInferResponse) -> dict[str, np.ndar
     return arrays
 
 
+def raw_outputs(response: service_pb2.ModelInferResponse) -> dict[str, tuple[str, bytes]]:
+    """Outputs by name as (datatype, raw bytes), unparsed: a hop on the token path reads a few scalars per
+    response, and building numpy arrays for them cost more than the rest of its work."""
+    raw = response.raw_output_contents
+    return {output.name: (output.datatype, raw[index] if index < len(raw) else b"")
+            for index, output in enumerate(response.outputs)}
+
+
+def first_bytes(raw: bytes) -> bytes:
+    """The first element of a raw BYTES tensor (b"" when there is none)."""
+    if len(raw) < 4:
+        return b""
+    (length,) = struct.unpack_from("<I", raw)
+    return raw[4:4 + length]
+
+
+def first_int(datatype: str, raw: bytes) -> int:
+    """The first element of a raw INT32/INT64 tensor."""
+    return struct.unpack_from("<i" if datatype == "INT32" else "<q", raw)[0]
+
+
 def string_parameter(response: service_pb2.ModelInferResponse, name: str) -> str:
     param = response.parameters.get(name)
     return param.string_param if param is not None else ""

@@ -13,7 +13,14 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2
 from services.common.errors import from_stream_error, unavailable
-from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays, read_to_end
+from services.common.kserve import (
+    InferRequestBuilder,
+    first_bytes,
+    first_int,
+    is_final_response,
+    raw_outputs,
+    read_to_end,
+)
 from services.common.retries import Retrier
 from services.common.wire import AFFINITY_PARAMETER, RETRY_AFTER_PARAMETER, SESSION_PARAMETER
 from services.gateway.errors import from_rpc_error
@@ -107,15 +114,15 @@ async def stream_generation(
 def _chunk(response: service_pb2.ModelInferResponse, metadata: mesh_pb2.ResponseMetadata,
            delivered: Delivered) -> mesh_pb2.GenerateChunk | None:
     """A text delta (None when empty), or the last chunk with finish reason, usage and metadata."""
-    outputs = output_arrays(response)
-    text = outputs["text_output"].reshape(-1)[0].decode("utf-8", "replace")
-    produced = int(outputs["completion_tokens"].reshape(-1)[0])
+    outputs = raw_outputs(response)
+    text = first_bytes(outputs["text_output"][1]).decode("utf-8", "replace")
+    produced = first_int(*outputs["completion_tokens"])
     if "prompt_tokens" in outputs:  # the contract sends it with every response; the final one must have it
-        delivered.prompt_tokens = int(outputs["prompt_tokens"].reshape(-1)[0])
+        delivered.prompt_tokens = first_int(*outputs["prompt_tokens"])
     if not is_final_response(response):
         return mesh_pb2.GenerateChunk(text=text, token_index=max(produced - 1, 0)) if text else None
-    prompt = int(outputs["prompt_tokens"].reshape(-1)[0])
-    finish = outputs["finish_reason"].reshape(-1)[0].decode()
+    prompt = first_int(*outputs["prompt_tokens"])
+    finish = first_bytes(outputs["finish_reason"][1]).decode()
     record_placement(response, metadata)
     return mesh_pb2.GenerateChunk(
         text=text, token_index=max(produced - 1, 0),

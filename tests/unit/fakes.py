@@ -22,7 +22,8 @@ def rpc_error(code: grpc.StatusCode, details: str = "") -> AioRpcError:
     return AioRpcError(code, Metadata(), Metadata(), details)
 
 
-def _add(response: service_pb2.ModelInferResponse, name: str, datatype: str, raw: bytes, shape: list[int]) -> None:
+def add_output(response: service_pb2.ModelInferResponse, name: str, datatype: str, raw: bytes,
+               shape: list[int]) -> None:
     response.outputs.add(name=name, datatype=datatype, shape=shape)
     response.raw_output_contents.append(raw)
 
@@ -31,12 +32,12 @@ def token(text: str, produced: int, token_id: int | None = None, finish: str = "
           prompt_tokens: int = 3) -> service_pb2.ModelStreamInferResponse:
     """One response of a generate model (docs/adding-a-model.md's contract); with `finish`, the final one."""
     response = service_pb2.ModelInferResponse(model_name="llm_t", model_version="1")
-    _add(response, "text_output", "BYTES", encode_bytes([text.encode()]), [1])
-    _add(response, "finish_reason", "BYTES", encode_bytes([finish.encode()]), [1])
-    _add(response, "prompt_tokens", "INT32", np.array([prompt_tokens], "<i4").tobytes(), [1])
-    _add(response, "completion_tokens", "INT32", np.array([produced], "<i4").tobytes(), [1])
+    add_output(response, "text_output", "BYTES", encode_bytes([text.encode()]), [1])
+    add_output(response, "finish_reason", "BYTES", encode_bytes([finish.encode()]), [1])
+    add_output(response, "prompt_tokens", "INT32", np.array([prompt_tokens], "<i4").tobytes(), [1])
+    add_output(response, "completion_tokens", "INT32", np.array([produced], "<i4").tobytes(), [1])
     ids = [] if token_id is None else [token_id]
-    _add(response, "token_id", "INT32", np.array(ids, "<i4").tobytes(), [len(ids)])
+    add_output(response, "token_id", "INT32", np.array(ids, "<i4").tobytes(), [len(ids)])
     if finish:
         response.parameters["triton_final_response"].bool_param = True
     return service_pb2.ModelStreamInferResponse(infer_response=response)

@@ -5,34 +5,22 @@ from __future__ import annotations
 import numpy as np
 from tritonclient.grpc import service_pb2
 
-from services.common.kserve import encode_bytes, first_bytes, first_int, is_final_response, raw_outputs
+from services.common.kserve import first_bytes, first_int, is_final_response, raw_outputs
 from services.router.coalescing import coalesced
 from services.router.stream_progress import StreamProgress
+from tests.unit.fakes import add_output, token
 
 
-def _response(text: str, ids: list[int], produced: int, final: bool = False, finish: str = "",
-              extra: str = "") -> service_pb2.ModelStreamInferResponse:
-    """A response as the generation contract's models send it (raw contents, BYTES with length prefixes)."""
-    response = service_pb2.ModelInferResponse(model_name="llm", id="r1")
-    tensors = [("text_output", "BYTES", [1], encode_bytes([text.encode()])),
-               ("finish_reason", "BYTES", [1], encode_bytes([finish.encode()])),
-               ("prompt_tokens", "INT32", [1], np.array([7], "<i4").tobytes()),
-               ("completion_tokens", "INT32", [1], np.array([produced], "<i4").tobytes()),
-               ("token_id", "INT32", [len(ids)], np.array(ids, "<i4").tobytes())]
-    if extra:
-        tensors.append((extra, "FP32", [1], np.array([0.5], "<f4").tobytes()))
-    for name, datatype, shape, raw in tensors:
-        response.outputs.add(name=name, datatype=datatype, shape=shape)
-        response.raw_output_contents.append(raw)
-    if final:
-        response.parameters["triton_final_response"].bool_param = True
-    return service_pb2.ModelStreamInferResponse(infer_response=response)
+def _with_extra(item: service_pb2.ModelStreamInferResponse) -> service_pb2.ModelStreamInferResponse:
+    """A response with an output the generation contract does not have (a log-probability, say)."""
+    add_output(item.infer_response, "logprob", "FP32", np.array([0.5], "<f4").tobytes(), [1])
+    return item
 
 
 def _stream(words: list[str]) -> list[service_pb2.ModelStreamInferResponse]:
     """One response per token, the last one final and empty, as the BLS model sends them."""
-    tokens = [_response(word, [100 + i], i + 1) for i, word in enumerate(words)]
-    return [*tokens, _response("", [], len(words), final=True, finish="stop")]
+    tokens = [token(word, i + 1, 100 + i, prompt_tokens=7) for i, word in enumerate(words)]
+    return [*tokens, token("", len(words), finish="stop", prompt_tokens=7)]
 
 
 def _read(responses: list[service_pb2.ModelStreamInferResponse]) -> tuple[str, list[int], int, int, str]:
@@ -86,7 +74,7 @@ def test_a_final_response_ends_a_run_and_requests_never_mix():
 def test_errors_and_outputs_outside_the_contract_are_never_merged():
     error = service_pb2.ModelStreamInferResponse(error_message="INTERNAL: engine failed")
     assert len(coalesced([(0, _stream(["a"])[0]), (0, error)])) == 2
-    odd = [_response("a", [1], 1, extra="logprob"), _response("b", [2], 2, extra="logprob")]
+    odd = [_with_extra(token("a", 1, 1)), _with_extra(token("b", 2, 2))]
     assert len(coalesced([(0, r) for r in odd])) == 2
 
 
