@@ -111,13 +111,19 @@ def test_the_bls_model_calls_only_python_backend_r24_10_api():
 
 
 def test_the_bls_model_reads_every_stream_it_abandons():
-    """r24.10 keeps unread responses and its iterator's destructor blocks reading them: every stop, cancel and
-    max-tokens end reads the stream to its end in a waiter thread."""
+    """r24.10 keeps unread responses and its iterator's destructor blocks reading them: a stop or cancel stops
+    the engine and waits for its stream's end, and every way out of a stream (max tokens and errors too) waits
+    until its waiter thread has read it to the end."""
     assert PYTHON_BACKEND["response_iterator_destructor_reads_every_remaining_response"]
     source = BLS_PATH.read_text()
     stream = source[source.index("async def _stream"):source.index("def finalize")]
-    assert stream.count("_stop_engine(request_id, responses)") == 2 and "await self._drain(responses)" in stream
-    assert "return \"length\", produced" in stream.split("await self._drain(responses)")[1].splitlines()[1]
+    assert stream.count("_stop_engine(request_id, stream)") == 2
+    assert stream.rstrip().endswith("finally:\n            await stream.finish()  # a no-op wait when the stream "
+                                    "was already read to its end")
+    stop = source[source.index("async def _stop_engine"):source.index("async def _generate")]
+    assert stop.rstrip().endswith("await stream.finish()")
+    reader = (BLS_PATH.parent / "engine_stream.py").read_text()
+    assert "next(self._responses, DONE)" in reader and "self._responses = None" in reader
 
 
 def test_the_builder_uses_only_tensorrt_llm_0_14_names():

@@ -28,9 +28,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from chat_tokenizer import load as load_tokenizer  # beside this file; Triton puts the folder on sys.path
 from contract import INVALID, parse_messages, parse_resume, parse_sampling
+from engine_stream import DONE, EngineStream
 from stop_matcher import StopMatcher
-
-_DONE = object()
 
 
 class EngineError(Exception):
@@ -103,9 +102,9 @@ class TritonPythonModel:
         a stream the mesh no longer needs is read here, in a waiter thread, never dropped."""
         await asyncio.get_running_loop().run_in_executor(self.waiters, _exhaust, responses)
 
-    async def _stop_engine(self, request_id: str, responses) -> None:
+    async def _stop_engine(self, request_id: str, stream: EngineStream) -> None:
         """TensorRT-LLM stops an in-flight request when a request with its id says `stop`; the stopped stream then
-        ends with a final response, which is read (`_drain`)."""
+        ends with a final response, which is read (`EngineStream.finish`)."""
         stop = pb_utils.InferenceRequest(model_name=self.engine, request_id=request_id, inputs=[
             pb_utils.Tensor("input_ids", np.array([[self.tokenizer.eos_id]], dtype=np.int32)),
             pb_utils.Tensor("input_lengths", _one(1, np.int32)),
@@ -114,7 +113,7 @@ class TritonPythonModel:
         ], requested_output_names=["output_ids"])
         with contextlib.suppress(Exception):  # the request may have ended on its own meanwhile
             await self._drain(await stop.async_exec(decoupled=True))
-        await self._drain(responses)
+        await stream.finish()
 
     async def _generate(self, request, sender) -> None:
         sampling = parse_sampling(lambda name: _optional(request, name), self.default_max_tokens,
@@ -145,44 +144,57 @@ class TritonPythonModel:
     async def _stream(self, request, sender, prompt: list[int], resume: list[int], max_tokens: int,
                       temperature: float, top_p: float, seed: int | None, text_stream, stop: StopMatcher,
                       resumable: bool) -> tuple[str, int]:
+        """Streams the engine's tokens to the caller; every response that arrived while the last was being sent
+        goes out as one delta (engine_stream.py)."""
         request_id = uuid.uuid4().hex
         engine = self._engine_request(request_id, prompt + resume, max_tokens - len(resume), temperature, top_p,
                                       seed)
-        responses = iter(await engine.async_exec(decoupled=True))
-        loop = asyncio.get_running_loop()
+        stream = EngineStream(iter(await engine.async_exec(decoupled=True)), asyncio.get_running_loop(),
+                              self.waiters)
         produced = len(resume)
-        while True:
-            # The iterator blocks until the engine answers: wait for it off the event loop.
-            response = await loop.run_in_executor(self.waiters, next, responses, _DONE)
-            if response is _DONE:
-                # The engine ended the request: at max tokens, else at its end token (never in the output).
-                return ("length" if produced >= max_tokens else "stop"), produced
-            if response.has_error():
-                raise EngineError(_engine_status(response.error().message()))
-            if request.is_cancelled():
-                await self._stop_engine(request_id, responses)
-                return "cancelled", produced
-            output = pb_utils.get_output_tensor_by_name(response, "output_ids")
-            tokens = [int(t) for t in output.as_numpy().reshape(-1) if t >= 0] if output is not None else []
-            tokens = [t for t in tokens if t != self.tokenizer.eos_id]
-            if not tokens:
-                continue
-            text = ""
-            sent: list[int] = []
-            for token in tokens:
-                produced += 1
-                sent.append(token)
-                text += stop.feed(text_stream.push(token))
-                if stop.stopped or produced >= max_tokens:
-                    break
-            self._send(sender, text, "", len(prompt), produced, sent if resumable else None)
-            if stop.stopped:
-                await self._stop_engine(request_id, responses)
-                return "stop", produced
-            if produced >= max_tokens:
-                # The engine was asked for exactly these tokens and ends the request itself: no stop to send.
-                await self._drain(responses)
-                return "length", produced
+        try:
+            while True:
+                batch = await stream.ready()
+                if request.is_cancelled():
+                    await self._stop_engine(request_id, stream)
+                    return "cancelled", produced
+                text = ""
+                sent: list[int] = []
+                ended = failure = None
+                for response in batch:
+                    if response is DONE:
+                        # The engine ended the request: at max tokens, else at its end token (never in the output).
+                        ended = "length" if produced >= max_tokens else "stop"
+                        break
+                    if response.has_error():
+                        failure = EngineError(_engine_status(response.error().message()))
+                        break
+                    output = pb_utils.get_output_tensor_by_name(response, "output_ids")
+                    tokens = [int(t) for t in output.as_numpy().reshape(-1) if t >= 0] if output is not None else []
+                    for token in tokens:
+                        if token == self.tokenizer.eos_id:
+                            continue
+                        produced += 1
+                        sent.append(token)
+                        text += stop.feed(text_stream.push(token))
+                        if stop.stopped or produced >= max_tokens:
+                            break
+                    if stop.stopped or produced >= max_tokens:
+                        break
+                if sent:
+                    self._send(sender, text, "", len(prompt), produced, sent if resumable else None)
+                if failure is not None:
+                    raise failure
+                if ended is not None:
+                    return ended, produced
+                if stop.stopped:
+                    await self._stop_engine(request_id, stream)
+                    return "stop", produced
+                if produced >= max_tokens:
+                    # The engine was asked for exactly these tokens and ends the request itself: no stop to send.
+                    return "length", produced
+        finally:
+            await stream.finish()  # a no-op wait when the stream was already read to its end
 
     def finalize(self) -> None:
         self.waiters.shutdown(wait=False, cancel_futures=True)
