@@ -283,7 +283,7 @@ def test_a_stream_read_slowly_arrives_coalesced_with_the_same_text_and_tokens(tr
     The text, token ids, counts and finish reason read exactly as from a caller that keeps up."""
     prompt = _router_stream(trt_stack, LLM, 0.0)
     # BDP probing off and a small window: the router's writes wait for the reader, as behind a slow client.
-    slow = _router_stream(trt_stack, LLM, 0.15, [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 256)])
+    slow = _router_stream(trt_stack, LLM, 0.4, [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 256)])
     assert _as_read(slow) == _as_read(prompt)
     assert _as_read(prompt)[3] == 40
     assert len(slow) < len(prompt) / 2, (len(slow), len(prompt))
