@@ -495,8 +495,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                                out: Outbox) -> tuple[grpc.StatusCode, str] | None:
         """Passes a replica's responses on until its final one. The first may wait in Triton's queue; after it
         tokens flow, or the replica stalled (TimeoutError). The stall deadline moves at most every tenth of the
-        stall time, to between 1 and 1.1 stall times after the latest response: moving a timer per token cost
-        more than the rest of the relay."""
+        stall time, to between 1 and 1.1 stall times after the latest response: a timeout entered per token was
+        a visible share of the router's Python time."""
         loop = asyncio.get_running_loop()
         window = self._stall_timeout_s
         async with asyncio.timeout(None) as stall:
