@@ -147,7 +147,8 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.http_stack
 	PYTHONPATH=.:gen $(PY) -m bench.semantic_cache
 	PYTHONPATH=.:gen $(PY) -m bench.token_relay
-	PYTHONPATH=.:gen $(PY) -m bench.grpc_floor
+	PYTHONPATH=.:gen $(PY) -m bench.grpc_floor --kserve --rounds 2 --rate 0
+	PYTHONPATH=.:gen $(PY) -m bench.grpc_floor --kserve --rounds 2 --rate 25
 	PYTHONPATH=.:gen $(PY) -m bench.fair_sharing
 	PYTHONPATH=.:gen $(PY) -m bench.autoscaling
 	PYTHONPATH=.:gen $(PY) -m bench.hot_path

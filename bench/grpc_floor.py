@@ -3,7 +3,7 @@ with nothing of the mesh in it. Three processes on loopback: a source that strea
 token's KServe response per call, a relay that passes them on as raw bytes (no parsing, no policy, the same
 uvloop as the services), and this client. CPU µs per message of the source and the relay, from /proc.
 
-    python -m bench.grpc_floor [--streams 64] [--messages 64] [--size 220]
+    python -m bench.grpc_floor [--streams 64] [--messages 64] [--kserve] [--rate 25] [--mesh-server]
 
 Compare with bench/token_relay.py's gateway and router columns: the difference is what the mesh's own Python adds.
 """

@@ -224,8 +224,9 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def relay_stack(root: Path, code: Path | None = None) -> LocalStack:
-    """The TensorRT-LLM repository with the stand-in, one gateway, the edge; no cache, no retrieval. With `code`,
-    the gateway, the router and the BLS model run that tree's code (the before of a before/after)."""
+    """The TensorRT-LLM repository with the stand-in in its fast mode, one gateway, the edge; no cache, no
+    retrieval. With `code`, the gateway, the router and the BLS model run that tree's code (the before of a
+    before/after)."""
     pools = TrtllmPools.load()
     # The stand-in's queue is sized for the tests' overload cases (4); here it queues like a GPU pool's, so that
     # 256 streams wait for their turn instead of being refused.
@@ -256,7 +257,9 @@ def relay_stack(root: Path, code: Path | None = None) -> LocalStack:
     return LocalStack(root / "run", StackPorts.free(1, gateways=1), tenants_file=bench_tenants(root / "tenants.yaml"),
                       registry_file=root / "registry.yaml", model_repository=repository,
                       with_cache=False, with_retrieval=False,
-                      service_env={"gateway": gateway_env, "router": router_env})
+                      service_env={"gateway": gateway_env, "router": router_env,
+                                   # The stand-in computes nothing and streams as fast as its loop turns.
+                                   "triton": {"MESH_STANDIN_FAST_TOKENS_PER_S": "0"}})
 
 
 def main() -> None:
@@ -267,7 +270,6 @@ def main() -> None:
     parser.add_argument("--baseline", default=BASELINE, help="the commit whose gateway and router are the before")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    os.environ["MESH_STANDIN_FAST_TOKENS_PER_S"] = "0"  # Triton inherits it: the stand-in computes nothing
     root = ROOT / "build" / "bench-token-relay"  # kept after the run: the services' logs are there
     shutil.rmtree(root, ignore_errors=True)
     tree = baseline_tree(args.baseline, root / "baseline-tree")

@@ -120,7 +120,8 @@ class LocalStack:
     with_edge: bool = True
     # EdgeSettings fields to change, e.g. {"require_client_cert": True}.
     edge_overrides: dict = field(default_factory=dict)
-    # Extra environment per service ("router", "gateway", "cache", "retrieval", "ratelimit"), e.g. a setting.
+    # Extra environment per service ("router", "gateway", "cache", "retrieval", "ratelimit", and "triton" for
+    # every Triton replica and its models), e.g. a setting.
     service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # Tracing: an OTLP collector's gRPC host:port (services, Envoy) and its OTLP/HTTP base URL (Triton exports
     # OTLP over HTTP only). Empty: tracing off.
@@ -218,7 +219,7 @@ class LocalStack:
                     models=self.triton_models or registry_models(self.registry_file),
                     repository=self.model_repository,
                     cpu_threads=max(1, (os.cpu_count() or 1) // len(self.ports.tritons)),
-                    extra_args=self.triton_args(i))
+                    extra_args=self.triton_args(i), env=self.service_env.get("triton"))
             for i, ports in enumerate(self.ports.tritons):
                 wait_triton_ready(self.processes[f"triton-{i}"], ports)
             registry = render_registry(self.registry_file, self.ports.tritons, self.semantic_cache)

@@ -149,11 +149,12 @@ class TritonInstall:
 
     def start(self, name: str, ports: TritonPorts, log_path: Path, models: list[str] | None = None,
               repository: Path = MODEL_REPOSITORY, extra_args: list[str] | None = None,
-              cpu_threads: int = 0, gpu_layers: int = 0) -> ManagedProcess:
+              cpu_threads: int = 0, gpu_layers: int = 0, env: dict[str, str] | None = None) -> ManagedProcess:
         """cpu_threads: the compute threads each model may use (0: the models' config). Replicas sharing a
         host must split its cores: llama.cpp and onnxruntime spin at their barriers, and two replicas with a
         thread per core each ran many times slower than one on 2 cores. gpu_layers: the LLM's layers that
-        llama.cpp puts on the GPU (-1: all; needs a CUDA build of llama-cpp-python)."""
+        llama.cpp puts on the GPU (-1: all; needs a CUDA build of llama-cpp-python). env: more variables for
+        Triton and its models (e.g. the TensorRT-LLM stand-in's fast mode)."""
         models = with_called_models(models or registry_models(), repository)
         self.check(models, repository)
         argv = [
@@ -170,12 +171,12 @@ class TritonInstall:
         ]
         # Explicit control: only the named models load, not every folder of the repository.
         argv += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
-        env = self.environment()
+        environment = self.environment() | (env or {})
         if cpu_threads:
-            env["MESH_MODEL_CPU_THREADS"] = str(cpu_threads)
+            environment["MESH_MODEL_CPU_THREADS"] = str(cpu_threads)
         if gpu_layers:
-            env["MESH_MODEL_GPU_LAYERS"] = str(gpu_layers)
-        return ManagedProcess(name, argv + (extra_args or []), log_path, env=env)
+            environment["MESH_MODEL_GPU_LAYERS"] = str(gpu_layers)
+        return ManagedProcess(name, argv + (extra_args or []), log_path, env=environment)
 
 
 # Triton's HTTP port has no TLS: every API on it but health (what probes and readiness checks read) needs a header

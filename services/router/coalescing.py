@@ -8,11 +8,12 @@ matters. The caller reads the same text, token ids and counts either way.
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tritonclient.grpc import service_pb2
+
+from services.common.kserve import encode_bytes, only_bytes
 
 # A response on its way to the caller, with the key of the request it answers (requests of one stream interleave).
 Relayed = tuple[int, service_pb2.ModelStreamInferResponse]
@@ -21,14 +22,6 @@ Relayed = tuple[int, service_pb2.ModelStreamInferResponse]
 _DELTAS = {"text_output": "BYTES", "token_id": "INT32"}
 _LATEST = {"finish_reason", "prompt_tokens", "completion_tokens"}
 _FINAL = "triton_final_response"
-
-
-def _bytes_element(raw: bytes) -> bytes | None:
-    """The one element of a BYTES tensor of shape [1] (4-byte little-endian length, then the bytes)."""
-    if len(raw) < 4:
-        return None
-    (length,) = struct.unpack_from("<I", raw)
-    return raw[4:] if length == len(raw) - 4 else None
 
 
 def _mergeable(earlier: service_pb2.ModelInferResponse, later: service_pb2.ModelInferResponse) -> bool:
@@ -47,8 +40,8 @@ def _mergeable(earlier: service_pb2.ModelInferResponse, later: service_pb2.Model
             if a.datatype != _DELTAS[a.name]:
                 return False
             if a.datatype == "BYTES" and (list(a.shape) != [1] or list(b.shape) != [1]
-                                          or _bytes_element(earlier.raw_output_contents[index]) is None
-                                          or _bytes_element(later.raw_output_contents[index]) is None):
+                                          or only_bytes(earlier.raw_output_contents[index]) is None
+                                          or only_bytes(later.raw_output_contents[index]) is None):
                 return False
         elif a.name not in _LATEST:
             return False
@@ -62,8 +55,7 @@ def _merge_into(later: service_pb2.ModelInferResponse, earlier: service_pb2.Mode
             continue
         before, after = earlier.raw_output_contents[index], later.raw_output_contents[index]
         if output.datatype == "BYTES":
-            text = _bytes_element(before) + _bytes_element(after)
-            later.raw_output_contents[index] = struct.pack("<I", len(text)) + text
+            later.raw_output_contents[index] = encode_bytes([only_bytes(before) + only_bytes(after)])
         else:
             later.raw_output_contents[index] = before + after
             del output.shape[:]

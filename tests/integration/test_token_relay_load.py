@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Iterator
 
 import grpc
@@ -28,16 +27,8 @@ PROMPT = "Tell me about the mesh."
 
 @pytest.fixture(scope="module")
 def fast_stack(tmp_path_factory) -> Iterator[LocalStack]:
-    before = os.environ.get("MESH_STANDIN_FAST_TOKENS_PER_S")
-    os.environ["MESH_STANDIN_FAST_TOKENS_PER_S"] = "0"  # Triton inherits it when it starts
-    try:
-        stack = relay_stack(tmp_path_factory.mktemp("token-relay-load"))
-        stack.start()
-    finally:
-        if before is None:
-            os.environ.pop("MESH_STANDIN_FAST_TOKENS_PER_S")
-        else:
-            os.environ["MESH_STANDIN_FAST_TOKENS_PER_S"] = before
+    stack = relay_stack(tmp_path_factory.mktemp("token-relay-load"))
+    stack.start()
     yield stack
     stack.stop()
 
