@@ -150,16 +150,30 @@ def _ensure_internal(pki: Pki) -> None:
         for identity in INTERNAL_IDENTITIES:
             pki.internal_cert(identity).unlink(missing_ok=True)
     else:
-        ca = x509.load_pem_x509_certificate(pki.internal_ca.read_bytes())
-        ca_key = _load_key(pki.path("internal-ca-key.pem"))
+        ca, ca_key = internal_ca(pki)
     for identity in INTERNAL_IDENTITIES:
         if pki.internal_cert(identity).exists():
             continue
-        key = _new_ec_key()
         hosts = (*(f"{identity}{suffix}" for suffix in REPLICA_HOST_SUFFIXES), *EXTRA_HOSTS.get(identity, ()))
-        pki.internal_cert(identity).write_bytes(_pem(_certificate(
-            identity, key, ca, ca_key, server=True, client=True, hosts=hosts)))
-        _write_key(key, pki.internal_key(identity))
+        cert, key = issue_internal(identity, hosts, ca, ca_key)
+        pki.internal_cert(identity).write_bytes(cert)
+        pki.internal_key(identity).write_bytes(key)
+        pki.internal_key(identity).chmod(0o600)
+
+
+def issue_internal(identity: str, hosts: tuple[str, ...], ca: x509.Certificate,
+                   ca_key: PrivateKey) -> tuple[bytes, bytes]:
+    """A fresh key and its certificate (PEM) for one mesh identity, valid as server under `hosts` and as client."""
+    key = _new_ec_key()
+    cert = _certificate(identity, key, ca, ca_key, server=True, client=True, hosts=hosts)
+    return _pem(cert), key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption())
+
+
+def internal_ca(pki: Pki) -> tuple[x509.Certificate, PrivateKey]:
+    """The internal CA's certificate and key (ensure_pki makes them where absent)."""
+    return (x509.load_pem_x509_certificate(pki.internal_ca.read_bytes()),
+            _load_key(pki.path("internal-ca-key.pem")))
 
 
 def ensure_pki(directory: Path = DEFAULT_DIR) -> Pki:

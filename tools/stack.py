@@ -294,14 +294,18 @@ class LocalStack:
                                              self.run_dir / f"{name}.log")
         return self.processes[name]
 
-    def start_router(self) -> None:
-        """Starts (or restarts) the router and waits until it is SERVING."""
-        router = self._start("router", {
-            "MESH_ROUTER_PORT": str(self.ports.router),
+    def start_router(self, name: str = "router", port: int = 0, metrics_port: int = 0) -> str:
+        """Starts (or restarts) the router (or, with another name and ports, one more replica of it on the same
+        registry and Triton) and returns its address once it is SERVING."""
+        port = port or self.ports.router
+        router = self._start(name, {
+            "MESH_ROUTER_PORT": str(port),
             "MESH_ROUTER_REGISTRY_FILE": str(self.registry_path),
-            "MESH_ROUTER_METRICS_PORT": str(self.ports.router_metrics),
+            "MESH_ROUTER_METRICS_PORT": str(metrics_port or self.ports.router_metrics),
         })
-        wait_grpc_serving(self.router_address, router, 30, self.admin_credentials())
+        address = f"127.0.0.1:{port}"
+        wait_grpc_serving(address, router, 30, self.admin_credentials())
+        return address
 
     def start_retrieval(self) -> None:
         retrieval = self._start("retrieval", {
@@ -361,8 +365,14 @@ class LocalStack:
         name = "gateway" if index == 0 else f"gateway-{index}"
         http_ports = self.ports.gateway_http
         http_port = http_ports[index] if index < len(http_ports) else 0
-        wait_grpc_serving(f"127.0.0.1:{port}", self._start(name, self.gateway_env(port, metrics_port, http_port)),
-                          30, self.admin_credentials())
+        self.start_gateway_as(name, self.gateway_env(port, metrics_port, http_port))
+
+    def start_gateway_as(self, name: str, env: dict[str, str]) -> str:
+        """Starts a gateway process named `name` with `env` (gateway_env's, changed) and returns its address
+        once it is SERVING."""
+        address = f"127.0.0.1:{env['MESH_GATEWAY_PORT']}"
+        wait_grpc_serving(address, self._start(name, env), 30, self.admin_credentials())
+        return address
 
     def start_gateways(self) -> None:
         for index in range(len(self.ports.gateway_ports())):

@@ -22,7 +22,15 @@ MIN_PING_INTERVAL_MS = KEEPALIVE_PING_MS // 2
 # minutes: a cache or router restarted after 20 s down would be ignored for several seconds more, its breaker
 # held open). Redialling a dead loopback or cluster address every two seconds costs nothing.
 MAX_RECONNECT_BACKOFF_MS = 2_000
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
+# A target that resolves to several addresses (a headless Service's A records in Kubernetes, an ipv4: list) gets
+# every call balanced over all of them: gRPC's default, pick_first, pins a client to one pod for the connection's
+# life, so gateways behind one ClusterIP each loaded a single router.
+LOAD_BALANCING_POLICY = "round_robin"
+# Servers close each connection after this long (in-flight calls finish: the grace is unbounded), so clients
+# resolve the target again and reach replicas added since they connected.
+MAX_CONNECTION_AGE_MS = 300_000
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.lb_policy_name", LOAD_BALANCING_POLICY),
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),
     ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
@@ -33,9 +41,10 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-SERVER_OPTIONS: list[tuple[str, int]] = [
+SERVER_OPTIONS: list[tuple[str, int | str]] = [
     *CHANNEL_OPTIONS,
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
 ]
 
 

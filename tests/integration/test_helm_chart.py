@@ -18,6 +18,7 @@ from services.common.settings import ServiceSettings
 from services.edge.render import render
 from services.edge.settings import EdgeSettings
 from services.router.registry import Registry
+from tools.kube.internal_pki import IDENTITIES as INTERNAL_IDENTITIES
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "inference-mesh"
@@ -284,6 +285,30 @@ def test_the_registry_config_map_is_a_valid_registry_whose_pools_discover_their_
             "the chart's GPU models are the compose registry's"
 
 
+def test_a_registry_change_rolls_no_pod_and_the_router_reads_it_from_the_config_map(rendered, tmp_path):
+    """README: a model added by `helm upgrade` is reloaded by the routers without a restart. A checksum of the
+    registry in a pod template would roll every Deployment instead; nothing in a pod template may depend on it."""
+    result = subprocess.run([_tool("helm"), "template", "mesh", str(CHART), "--namespace", NAMESPACE,
+                             "-f", str(CHART / "values-gpu.yaml"), "--set", "registryModels=cpu"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    changed = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    registries = [next(c["data"]["registry.yaml"] for c in _by_kind(objects, "ConfigMap")
+                       if c["metadata"]["name"] == "mesh-registry") for objects in (_objects(rendered["gpu"]), changed)]
+    assert registries[0] != registries[1]
+    before = {w["metadata"]["name"]: w["spec"]["template"] for w in _workloads(_objects(rendered["gpu"]))}
+    after = {w["metadata"]["name"]: w["spec"]["template"] for w in _workloads(changed)}
+    assert before == after
+    (router,) = [w for w in _workloads(changed) if w["metadata"]["name"] == "mesh-router"]
+    pod = router["spec"]["template"]["spec"]
+    (registry_volume,) = [v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "mesh-registry"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == registry_volume["name"]]
+    # A subPath mount would never see the ConfigMap's updates; a directory mount does (the router polls it).
+    assert "subPath" not in mount
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["MESH_ROUTER_REGISTRY_FILE"] == f"{mount['mountPath']}/registry.yaml"
+
+
 def test_autoscaling_scales_every_pool_and_the_gateways_on_metrics_the_mesh_exports(rendered):
     objects = _objects(rendered["gpu"])
     scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in _by_kind(objects, "ScaledObject")}
@@ -325,7 +350,9 @@ def test_no_secret_is_in_values_or_rendered_and_every_secret_named_is_a_value(re
         for shape in SECRET_SHAPES:
             assert not shape.search(text), f"{path.name} looks like it holds a secret ({shape.pattern})"
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    named = set(values["secrets"].values())
+    # secrets.internalPki is a prefix: one Secret per identity (tools/kube/internal_pki.py makes them).
+    named = set(values["secrets"].values()) | {f"{values['secrets']['internalPki']}-{identity}"
+                                               for identity in INTERNAL_IDENTITIES}
     for value_set in VALUE_SETS:
         objects = _objects(rendered[value_set])
         assert not _by_kind(objects, "Secret"), "the chart makes no Secret: they are made outside it"
@@ -339,21 +366,20 @@ def test_no_secret_is_in_values_or_rendered_and_every_secret_named_is_a_value(re
 
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
-def test_each_workload_mounts_only_its_own_key_and_the_ca_certificate(rendered, value_set):
-    """The internal PKI Secret may hold every identity's key (and, made carelessly, the CA's): each pod projects
-    only its own certificate and key and the CA certificate, so a compromised Triton model cannot present the
-    router's identity or sign one. Nothing else a pod mounts holds a private key."""
-    internal = yaml.safe_load((CHART / "values.yaml").read_text())["secrets"]["internalTls"]
+def test_each_workload_mounts_only_its_own_identitys_secret(rendered, value_set):
+    """One Secret per identity: a pod holds its own certificate and key and the CA certificate, nothing of another
+    identity's, so a compromised Triton model cannot present the router's identity. Each service's TLS settings
+    name the files of the identity it mounts."""
+    prefix = yaml.safe_load((CHART / "values.yaml").read_text())["secrets"]["internalPki"]
     identities = set()
     for workload in _workloads(_objects(rendered[value_set])):
         pod = workload["spec"]["template"]["spec"]
-        pki = [v["secret"] for v in pod["volumes"] if v.get("secret", {}).get("secretName") == internal]
+        pki = [v["secret"] for v in pod["volumes"] if v.get("secret", {}).get("secretName", "").startswith(prefix)]
         assert len(pki) == 1, workload["metadata"]["name"]
-        keys = [item["key"] for item in pki[0].get("items", [])]
-        own = {key.removeprefix("internal-").removesuffix("-key.pem").removesuffix(".pem") for key in keys} - {"ca"}
-        assert len(own) == 1, (workload["metadata"]["name"], keys)
-        identity = own.pop()
-        assert sorted(keys) == sorted(["internal-ca.pem", f"internal-{identity}.pem", f"internal-{identity}-key.pem"])
+        identity = pki[0]["secretName"].removeprefix(f"{prefix}-")
+        assert {item["key"]: item["path"] for item in pki[0]["items"]} == {
+            "ca.crt": "internal-ca.pem", "tls.crt": f"internal-{identity}.pem",
+            "tls.key": f"internal-{identity}-key.pem"}
         identities.add(identity)
         for container in pod["containers"] + pod.get("initContainers", []):
             for env in container.get("env", []):

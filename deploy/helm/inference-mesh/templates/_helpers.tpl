@@ -38,16 +38,46 @@ exec:
 timeoutSeconds: 5
 {{- end -}}
 
-{{/* One identity's files of the internal PKI Secret, and the CA certificate: whatever else the Secret holds (a
-CA key, another service's key) never enters the pod, so a compromised workload can only be itself. */}}
+{{/* The identity's own Secret (a pod never holds another identity's key), its files under the names the
+services' TLS settings read. */}}
 {{- define "mesh.identityPki" -}}
 secret:
-  secretName: {{ .root.Values.secrets.internalTls }}
+  secretName: {{ .root.Values.secrets.internalPki }}-{{ .identity }}
   defaultMode: 0440
   items:
-    - {key: internal-ca.pem, path: internal-ca.pem}
-    - {key: internal-{{ .identity }}.pem, path: internal-{{ .identity }}.pem}
-    - {key: internal-{{ .identity }}-key.pem, path: internal-{{ .identity }}-key.pem}
+    - {key: ca.crt, path: internal-ca.pem}
+    - {key: tls.crt, path: internal-{{ .identity }}.pem}
+    - {key: tls.key, path: internal-{{ .identity }}-key.pem}
+{{- end -}}
+
+{{/* Every name an identity's pods are dialled by (tools/kube/internal_pki.py dialled_names holds the same list,
+and a test holds the two equal): its ClusterIP and headless Services, short and qualified; for Triton each pool's
+pods by name. The bare identity is what Envoy's upstream checks match. */}}
+{{- define "mesh.dialledNames" -}}
+{{- $ns := .root.Release.Namespace }}
+{{- $domain := .root.Values.clusterDomain }}
+{{- $services := list }}
+{{- if has .identity (list "gateway" "router" "cache" "retrieval" "ratelimit") }}
+{{- $services = list (printf "mesh-%s" .identity) (printf "mesh-%s-pods" .identity) }}
+{{- else if eq .identity "triton" }}
+{{- range $name, $pool := .root.Values.pools }}{{ if $pool.enabled }}{{ $services = append $services (printf "triton-%s" $name) }}{{ end }}{{ end }}
+{{- end }}
+- {{ .identity }}
+{{- range $service := $services }}
+- {{ $service }}
+- {{ $service }}.{{ $ns }}
+- {{ $service }}.{{ $ns }}.svc
+- {{ $service }}.{{ $ns }}.svc.{{ $domain }}
+{{- if eq $.identity "triton" }}
+- "*.{{ $service }}.{{ $ns }}.svc.{{ $domain }}"
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A mesh service's headless Service as a gRPC target: the client resolves every ready pod and balances each
+call over them (round_robin, services/common/channels.py); a ClusterIP would pin it to one pod. */}}
+{{- define "mesh.podsTarget" -}}
+dns:///mesh-{{ .name }}-pods.{{ .root.Release.Namespace }}.svc.{{ .root.Values.clusterDomain }}:{{ (get .root.Values.services .name).port }}
 {{- end -}}
 
 {{- define "mesh.preStop" -}}
