@@ -27,8 +27,19 @@ from tools.kube import control_plane
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "inference-mesh"
 HELM = ROOT / ".venv-k8s" / "bin" / "helm"
+CRDS = ROOT / "tests" / "fixtures" / "crds"
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate", "ScaledObject"}
 GPU_PRODUCTS = {"a100": "NVIDIA-A100-SXM4-80GB", "t4": "Tesla-T4"}
+# GPU nodes as each platform labels them (values-gke.yaml and values-eks.yaml select them) and sizes them: a GKE
+# a2-highgpu-1g and n1-standard-8 with a T4; EKS's p4d (one of its eight GPUs here) and a g4dn.xlarge, whose
+# allocatable is under 4 CPU and 16 GiB once the kubelet's reservations are taken.
+PLATFORM_NODES = {
+    "gke": {"a100": ({"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}, {"cpu": "11900m", "memory": "76Gi"}),
+            "t4": ({"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}, {"cpu": "7910m", "memory": "24Gi"})},
+    "eks": {"a100": ({"node.kubernetes.io/instance-type": "p4d.24xlarge"}, {"cpu": "95690m", "memory": "1100Gi"}),
+            "t4": ({"node.kubernetes.io/instance-type": "g4dn.xlarge"}, {"cpu": "3920m", "memory": "14800Mi"})},
+}
+STORAGE_CLASSES = {"gke": "standard-rwo", "eks": "gp3"}
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 
 
@@ -36,12 +47,11 @@ def rewrite_for_1_20(documents: list[dict]) -> list[dict]:
     """What a 1.20 API server cannot read, rewritten; every other field as the chart rendered it."""
     kept, replicas = [], {}
     for doc in documents:
-        if doc["kind"] in CUSTOM_KINDS:
-            # No operator runs here to own these. KEDA's first act is to scale its target to minReplicaCount.
-            if doc["kind"] == "ScaledObject":
-                target = doc["spec"]["scaleTargetRef"]
-                replicas[(target.get("kind", "Deployment"), target["name"])] = doc["spec"]["minReplicaCount"]
-            continue
+        # No operator runs here to act on a ScaledObject: KEDA's first act is to scale its target to
+        # minReplicaCount, done here so the pods it would ask for are placed.
+        if doc["kind"] == "ScaledObject":
+            target = doc["spec"]["scaleTargetRef"]
+            replicas[(target.get("kind", "Deployment"), target["name"])] = doc["spec"]["minReplicaCount"]
         if doc["kind"] == "PodDisruptionBudget":
             doc["apiVersion"] = "policy/v1beta1"  # policy/v1 is 1.21+
             doc["spec"].pop("unhealthyPodEvictionPolicy", None)  # 1.26+
@@ -63,6 +73,40 @@ def rewrite_for_1_20(documents: list[dict]) -> list[dict]:
         if (doc["kind"], doc["metadata"]["name"]) in replicas and "replicas" not in doc["spec"]:
             doc["spec"]["replicas"] = replicas[(doc["kind"], doc["metadata"]["name"])]
     return kept
+
+
+def crd_for_1_20(crd: dict) -> dict:
+    """A vendored CRD as 1.20 accepts it: CEL rules (x-kubernetes-validations, 1.25+) and selectableFields (1.30+)
+    are fields it does not know, and it refuses `default` inside a schema the CRD marks nullable-free atomic
+    (ServiceMonitor's `default: ""` on secret key names). Types, required fields and enums stay: what the tests
+    check the chart's resources against."""
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items()
+                    if k not in ("x-kubernetes-validations", "selectableFields") and not (k == "default" and v == "")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+    return strip(crd)
+
+
+def install_crds(cluster: control_plane.Cluster) -> dict[str, str]:
+    """The vendored CRDs (tests/fixtures/crds/SOURCES.md names their tags), established; kind → plural path."""
+    paths = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        crd = crd_for_1_20(yaml.safe_load(path.read_text()))
+        cluster.create("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+        version = next(v["name"] for v in crd["spec"]["versions"] if v.get("storage"))
+        paths[crd["spec"]["names"]["kind"]] = f"/apis/{crd['spec']['group']}/{version}/namespaces/{{namespace}}/" \
+                                              f"{crd['spec']['names']['plural']}"
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        crds = cluster.request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")["items"]
+        if all(any(c["type"] == "Established" and c["status"] == "True" for c in crd.get("status", {}).get(
+                "conditions", [])) for crd in crds) and len(crds) == len(paths):
+            return paths
+        time.sleep(0.5)
+    pytest.fail("the vendored CRDs were not established within 30 s")
 
 
 def _post_renderer(tmp_path: Path) -> Path:
@@ -98,14 +142,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     with control_plane.running(workdir) as running:
         for index, zone in enumerate(("zone-a", "zone-b", "zone-c")):
             running.add_node(f"cpu-{index}", {"topology.kubernetes.io/zone": zone},
-                             {"cpu": "16", "memory": "64Gi", "pods": "110"})
+                             {"cpu": "32", "memory": "128Gi", "pods": "110"})
         for pool, product in GPU_PRODUCTS.items():
             for index, zone in enumerate(("zone-a", "zone-b")):
                 running.add_node(f"{pool}-{index}", {"topology.kubernetes.io/zone": zone,
                                                      "nvidia.com/gpu.product": product},
                                  {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "1"},
                                  taints=[GPU_TAINT])
+        for platform, pools in PLATFORM_NODES.items():
+            for pool, (labels, size) in pools.items():
+                for index, zone in enumerate(("zone-a", "zone-b")):
+                    running.add_node(f"{platform}-{pool}-{index}", {"topology.kubernetes.io/zone": zone, **labels},
+                                     {**size, "pods": "110", "nvidia.com/gpu": "1"}, taints=[GPU_TAINT])
         yield running
+
+
+@pytest.fixture(scope="module")
+def crd_paths(cluster) -> dict[str, str]:
+    return install_crds(cluster)
 
 
 def _helm(cluster: control_plane.Cluster, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -145,7 +199,7 @@ def _install(cluster, tmp_path: Path, namespace: str, value_set: str) -> list[di
     return _scheduled(cluster, namespace)
 
 
-def test_every_pod_of_the_cpu_value_set_is_scheduled(cluster, tmp_path):
+def test_every_pod_of_the_cpu_value_set_is_scheduled(cluster, crd_paths, tmp_path):
     pods = _install(cluster, tmp_path, "mesh-cpu", "cpu")
     assert all(p["spec"]["nodeName"].startswith("cpu-") for p in pods), "nothing lands on GPU nodes"
     assert {p["metadata"]["name"] for p in pods} >= {"triton-cpu-0", "triton-cpu-1"}
@@ -164,7 +218,8 @@ def _claims_for_gpu_pools(cluster, namespace: str) -> None:
                            claim=(namespace, f"triton-{pool}-engines"))
 
 
-def test_every_pod_of_the_gpu_value_set_is_scheduled_on_exactly_its_pools_gpus_and_upgrades(cluster, tmp_path):
+def test_every_pod_of_the_gpu_value_set_is_scheduled_on_exactly_its_pools_gpus_and_upgrades(cluster, crd_paths,
+                                                                                         tmp_path):
     namespace = "mesh-gpu"
     _claims_for_gpu_pools(cluster, namespace)
     chart = str(_chart_for_1_20(tmp_path))
@@ -210,3 +265,76 @@ def test_every_pod_of_the_gpu_value_set_is_scheduled_on_exactly_its_pools_gpus_a
         time.sleep(1)
     else:
         pytest.fail("the upgraded triton-a100-1 was not scheduled on an A100 within 90 s")
+
+
+def _holds(stored, rendered) -> bool:
+    """Every rendered field is stored with its value (the schema's defaults may add fields, never drop one)."""
+    if isinstance(rendered, dict):
+        return isinstance(stored, dict) and all(k in stored and _holds(stored[k], v) for k, v in rendered.items())
+    if isinstance(rendered, list):
+        return isinstance(stored, list) and len(stored) == len(rendered) and all(
+            _holds(a, b) for a, b in zip(stored, rendered, strict=True))
+    return stored == rendered
+
+
+def test_the_custom_resources_are_stored_as_rendered_and_a_broken_one_is_refused(cluster, crd_paths):
+    """The gpu release's ServiceMonitors, PrometheusRule, Certificates and ScaledObjects were accepted by their
+    operators' CRD schemas (the install above), and nothing was pruned: a 1.20 server drops fields a schema does
+    not know instead of refusing them, so each stored spec is compared with the manifest helm applied."""
+    namespace = "mesh-gpu"
+    manifest = subprocess.run([str(HELM), "--kubeconfig", str(cluster.kubeconfig), "get", "manifest", "mesh",
+                               "--namespace", namespace], capture_output=True, text=True, timeout=60)
+    assert manifest.returncode == 0, manifest.stderr
+    custom = [d for d in yaml.safe_load_all(manifest.stdout) if d and d["kind"] in CUSTOM_KINDS]
+    assert {d["kind"] for d in custom} == CUSTOM_KINDS
+    for doc in custom:
+        stored = cluster.request("GET", crd_paths[doc["kind"]].format(namespace=namespace) + "/"
+                                 + doc["metadata"]["name"])
+        assert _holds(stored["spec"], doc["spec"]), f"{doc['kind']} {doc['metadata']['name']}: pruned or changed"
+    broken = {
+        "ServiceMonitor": {"selector": {}, "endpoints": [{"port": "metrics", "honorLabels": "yes"}]},
+        "Certificate": {"dnsNames": ["x"], "issuerRef": {"name": "ca"}},           # no secretName
+        "ScaledObject": {"scaleTargetRef": {"name": "mesh-gateway"}, "triggers": [{"metadata": {}}]},  # no type
+        "PrometheusRule": {"groups": [{"name": "g", "rules": [{"alert": "A"}]}]},  # no expr
+    }
+    for kind, spec in broken.items():
+        api_version = "/".join(crd_paths[kind].split("/")[2:4])
+        with pytest.raises(RuntimeError, match=": 422 "):
+            cluster.create(crd_paths[kind].format(namespace=namespace), {
+                "apiVersion": api_version, "kind": kind, "metadata": {"name": "broken"}, "spec": spec})
+
+
+@pytest.mark.parametrize("platform", sorted(PLATFORM_NODES))
+def test_the_platform_value_sets_place_every_pool_on_that_platforms_gpu_nodes(cluster, crd_paths, tmp_path,
+                                                                                platform):
+    """values-gpu.yaml with values-gke.yaml or values-eks.yaml on nodes labelled and sized as that platform's are:
+    each pool on its class by the platform's own label (no GPU Feature Discovery label exists there), T4 pods
+    fitting a g4dn.xlarge, and each Triton pod's engine volume a ReadWriteOnce claim of the platform's class."""
+    namespace = f"mesh-{platform}"
+    cluster.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    cluster.create(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "mesh-hf-models"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                 "resources": {"requests": {"storage": "10Gi"}}}})
+    cluster.add_volume(f"{namespace}-hf", ["ReadOnlyMany"], "10Gi", claim=(namespace, "mesh-hf-models"))
+    for pool in GPU_PRODUCTS:
+        for index in range(2):
+            cluster.add_volume(f"{namespace}-{pool}-engines-{index}", ["ReadWriteOnce"], "50Gi",
+                               storage_class=STORAGE_CLASSES[platform])
+    result = _helm(cluster, tmp_path, "install", "mesh", str(_chart_for_1_20(tmp_path)), "--namespace", namespace,
+                   "-f", str(CHART / "values-gpu.yaml"), "-f", str(CHART / f"values-{platform}.yaml"))
+    assert result.returncode == 0, result.stderr
+    pods = _scheduled(cluster, namespace)
+    on_gpus = {}
+    for pod in pods:
+        name, node = pod["metadata"]["name"], pod["spec"]["nodeName"]
+        pool = next((p for p in GPU_PRODUCTS if name.startswith(f"triton-{p}-")), None)
+        assert node.startswith(f"{platform}-{pool}-") if pool else node.startswith("cpu-"), f"{name} on {node}"
+        if pool:
+            on_gpus.setdefault(pool, set()).add(node)
+            claim = next(v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+                         if v["name"] == "engines")
+            stored = cluster.request("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")
+            assert stored["spec"]["accessModes"] == ["ReadWriteOnce"]
+            assert stored["spec"]["storageClassName"] == STORAGE_CLASSES[platform]
+    assert on_gpus == {pool: {f"{platform}-{pool}-0", f"{platform}-{pool}-1"} for pool in GPU_PRODUCTS}

@@ -177,7 +177,11 @@ def test_gpu_pools_request_gpus_on_their_gpu_class_and_nothing_else_does(rendere
     products = {"a100": "NVIDIA-A100-SXM4-80GB", "t4": "Tesla-T4"}
     for name, pod in gpu_users.items():
         pool = name.split("-")[1]
-        assert pod["nodeSelector"]["nvidia.com/gpu.product"] == products[pool], name
+        (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        (expression,) = term["matchExpressions"]
+        assert expression["key"] == "nvidia.com/gpu.product" and expression["operator"] == "In", name
+        assert products[pool] in expression["values"], name
+        assert not set(products.values()) - {products[pool]} & set(expression["values"]), f"{name}: another class"
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"]), f"{name} cannot land on GPU nodes"
 
 
@@ -442,3 +446,34 @@ def test_no_disruption_budget_holds_a_node_drain_behind_an_unready_pod(rendered,
     assert budgets
     for budget in budgets:
         assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow", budget["metadata"]["name"]
+
+
+def test_the_cluster_specific_knobs_reach_every_object_they_govern():
+    """Managed Redis/Milvus by address range, pull secrets on every pod, the Prometheus selector's labels on every
+    ServiceMonitor and the rule, a RuntimeClass on the GPU pools only."""
+    result = subprocess.run([
+        _tool("helm"), "template", "mesh", str(CHART), "--namespace", NAMESPACE, "-f", str(CHART / "values-gpu.yaml"),
+        "--set", "networkPolicies.egressCidrs.redis[0]=10.20.0.0/24",
+        "--set", "networkPolicies.egressCidrs.milvus={10.30.0.0/24,10.31.0.0/24}",
+        "--set", "imagePullSecrets[0].name=ngc", "--set", "monitoring.labels.release=kube-prometheus-stack",
+        "--set", "pools.a100.runtimeClassName=nvidia,pools.t4.runtimeClassName=nvidia"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    external = {"redis": [{"ipBlock": {"cidr": "10.20.0.0/24"}}],
+                "milvus": [{"ipBlock": {"cidr": "10.30.0.0/24"}}, {"ipBlock": {"cidr": "10.31.0.0/24"}}]}
+    for policy in _by_kind(objects, "NetworkPolicy"):
+        component = policy["metadata"]["name"].removeprefix("mesh-")
+        peers = [rule["to"] for rule in policy["spec"].get("egress", [])]
+        for dependency, cidr_peers in external.items():
+            assert (cidr_peers in peers) == ((component, dependency) in EXTERNAL), (component, dependency)
+            assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": dependency}}} not in \
+                [peer for rule in peers for peer in rule], f"{component} still reaches the {dependency} namespace"
+    for workload in _workloads(objects):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod.get("imagePullSecrets") == [{"name": "ngc"}], workload["metadata"]["name"]
+        gpu = workload["metadata"]["name"] in ("triton-a100", "triton-t4")
+        assert pod.get("runtimeClassName") == ("nvidia" if gpu else None), workload["metadata"]["name"]
+    monitoring = [o for o in objects if o["kind"] in ("ServiceMonitor", "PrometheusRule")]
+    assert len(monitoring) == 10 and all(o["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+                                         for o in monitoring)

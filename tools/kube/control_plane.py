@@ -79,9 +79,11 @@ class Cluster:
         self.request("PATCH", f"/api/v1/nodes/{name}", {"spec": {"taints": taints or None}},
                      content_type="application/merge-patch+json")
 
-    def add_volume(self, name: str, access_modes: list[str], size: str, claim: tuple[str, str] | None = None) -> None:
-        """A PersistentVolume (hostPath: nothing mounts it here), optionally reserved for one claim."""
-        spec = {"capacity": {"storage": size}, "accessModes": access_modes, "storageClassName": "",
+    def add_volume(self, name: str, access_modes: list[str], size: str, claim: tuple[str, str] | None = None,
+                   storage_class: str = "") -> None:
+        """A PersistentVolume (hostPath: nothing mounts it here), optionally reserved for one claim; with a storage
+        class, as a provisioner of that class would have made it for any claim of the class."""
+        spec = {"capacity": {"storage": size}, "accessModes": access_modes, "storageClassName": storage_class,
                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{name}"}}
         if claim:
             spec["claimRef"] = {"namespace": claim[0], "name": claim[1]}

@@ -117,3 +117,24 @@ lifecycle:
     matchLabels:
       {{- include "mesh.selector" . | nindent 6 }}
 {{- end -}}
+
+
+{{/* Pull credentials, on every pod. */}}
+{{- define "mesh.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Egress to a dependency outside the namespace: its address ranges when given, else its namespace. */}}
+{{- define "mesh.dependencyPeer" -}}
+{{- $cidrs := get .np.egressCidrs .dependency | default list }}
+{{- if $cidrs }}
+{{- range $cidr := $cidrs }}
+- ipBlock: {cidr: {{ $cidr }}}
+{{- end }}
+{{- else }}
+{{- include "mesh.namespacePeer" (get .np (printf "%sNamespace" .dependency)) }}
+{{- end }}
+{{- end -}}
