@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from services.edge.render import render
+from services.edge.render import render, render_sds
 from services.edge.settings import EdgeSettings
 from tools.processes import ManagedProcess, MissingPartError
 
@@ -31,10 +31,13 @@ def envoy_binary() -> Path:
 
 
 def write_config(settings: EdgeSettings, path: Path) -> Path:
-    """Written for the owner only: it names the key files, and holds the edge secret if one is given inline."""
+    """Written for the owner only: it names the key files, and holds the edge secret if one is given inline. With
+    tls_sds_file, the SDS resources it points at are written there too."""
     path.touch(mode=0o600)
     path.chmod(0o600)
     path.write_text(yaml.safe_dump(render(settings), sort_keys=False))
+    if settings.tls_sds_file:
+        Path(settings.tls_sds_file).write_text(yaml.safe_dump(render_sds(settings), sort_keys=False))
     return path
 
 

@@ -7,16 +7,20 @@ import pathlib
 
 import yaml
 
-from services.edge.render import render
+from services.edge.render import render, render_sds
 from services.edge.settings import EdgeSettings
 
 parser = argparse.ArgumentParser(prog="python -m services.edge", description=__doc__)
 parser.add_argument("--out", type=pathlib.Path)
+parser.add_argument("--sds-out", type=pathlib.Path, help="where to write the SDS resources (with tls_sds_file)")
 args = parser.parse_args()
 HEADER = ("# Rendered by `python -m services.edge` from services/edge/settings.py (defaults, then the YAML file named\n"
           "# by MESH_EDGE_CONFIG_FILE, then MESH_EDGE_* variables). Do not edit: render it again. `make up` and the\n"
           "# tests render their own from the same settings, with the ports and certificates of the stack they start.\n")
-text = HEADER + yaml.safe_dump(render(EdgeSettings()), sort_keys=False)
+settings = EdgeSettings()
+text = HEADER + yaml.safe_dump(render(settings), sort_keys=False)
+if args.sds_out:
+    args.sds_out.write_text(HEADER + yaml.safe_dump(render_sds(settings), sort_keys=False))
 if args.out:
     args.out.write_text(text)
 else:

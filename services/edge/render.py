@@ -7,6 +7,7 @@ Routes by gRPC method class: streaming inference (no retries once a gateway has 
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 from typing import Any
 
 from services.common.wire import (
@@ -43,17 +44,47 @@ def _socket(address: str) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": int(port)}}
 
 
+SDS_CERTIFICATE = "edge_certificate"
+SDS_CLIENT_CA = "edge_client_ca"
+
+
+def _sds(s: EdgeSettings, name: str) -> dict[str, Any]:
+    # The SDS file's directory is watched too: a ConfigMap update swaps it the same way a Secret's is.
+    return {"name": name, "sds_config": {"resource_api_version": "V3", "path_config_source": {
+        "path": s.tls_sds_file, "watched_directory": {"path": posixpath.dirname(s.tls_sds_file)}}}}
+
+
+def render_sds(s: EdgeSettings) -> dict[str, Any]:
+    """The SDS resources tls_sds_file holds: the files of the certificate and the client CA, each reloaded when
+    its directory's contents are swapped (how Kubernetes updates a mounted Secret, and how cert-manager's renewals
+    arrive). Envoy reads the certificate and key together and checks they did not change between the two reads."""
+    secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    resources = [{"@type": secret, "name": SDS_CERTIFICATE, "tls_certificate": {
+        "certificate_chain": {"filename": s.tls_cert}, "private_key": {"filename": s.tls_key},
+        "watched_directory": {"path": posixpath.dirname(s.tls_cert)}}}]
+    if s.require_client_cert:
+        resources.append({"@type": secret, "name": SDS_CLIENT_CA, "validation_context": {
+            "trusted_ca": {"filename": s.client_ca}, "watched_directory": {"path": posixpath.dirname(s.client_ca)}}})
+    return {"resources": resources}
+
+
 def _tls_context(s: EdgeSettings) -> dict[str, Any]:
     common: dict[str, Any] = {
         # gRPC needs h2; OpenAI clients (httpx, curl) mostly speak HTTP/1.1.
         "alpn_protocols": ["h2", "http/1.1"],
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-        "tls_certificates": [{"certificate_chain": {"filename": s.tls_cert},
-                              "private_key": {"filename": s.tls_key}}],
     }
+    if s.tls_sds_file:
+        common["tls_certificate_sds_secret_configs"] = [_sds(s, SDS_CERTIFICATE)]
+    else:
+        common["tls_certificates"] = [{"certificate_chain": {"filename": s.tls_cert},
+                                       "private_key": {"filename": s.tls_key}}]
     context: dict[str, Any] = {"common_tls_context": common}
     if s.require_client_cert:
-        common["validation_context"] = {"trusted_ca": {"filename": s.client_ca}}
+        if s.tls_sds_file:
+            common["validation_context_sds_secret_config"] = _sds(s, SDS_CLIENT_CA)
+        else:
+            common["validation_context"] = {"trusted_ca": {"filename": s.client_ca}}
         context["require_client_certificate"] = True
     return _typed("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", **context)
 
@@ -430,6 +461,8 @@ def render(s: EdgeSettings) -> dict[str, Any]:
         listeners.append(_metrics_listener(s))
         clusters.append(_admin_cluster(s))
     return {
+        # Envoy's SDS (the public certificate from tls_sds_file) needs a node identity.
+        "node": {"id": "mesh-edge", "cluster": "mesh-edge"},
         # The admin interface can change state (drain, quit, runtime): loopback only, always.
         "admin": {"address": _socket(f"127.0.0.1:{s.admin_port}")},
         "overload_manager": _overload_manager(s),

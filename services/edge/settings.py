@@ -73,6 +73,10 @@ class EdgeSettings(ServiceSettings):
     # mTLS: clients must present a certificate signed by this CA.
     require_client_cert: bool = False
     client_ca: str = "run/pki/ca.pem"
+    # The public certificate (and client CA) through SDS from this file (render_sds writes it): Envoy watches the
+    # certificate's directory and serves a renewed certificate (cert-manager, a replaced Secret) on new
+    # connections without a restart. Empty: the files are read once, at start.
+    tls_sds_file: str = ""
 
     jwks_file: str = "run/pki/jwks.json"
     jwt_issuer: str = "https://inference-mesh.local"

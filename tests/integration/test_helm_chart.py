@@ -7,6 +7,7 @@ in values. No Kubernetes cluster runs on this machine: what a cluster would add 
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from services.common.settings import ServiceSettings
-from services.edge.render import render
+from services.edge.render import render, render_sds
 from services.edge.settings import EdgeSettings
 from services.router.registry import Registry
 from tools.kube.internal_pki import IDENTITIES as INTERNAL_IDENTITIES
@@ -342,6 +343,25 @@ def test_the_envoy_config_is_rendered_from_its_settings_and_names_the_charts_ser
         host, port = address.rsplit(":", 1)
         assert host in services and int(port) in {p["port"] for p in services[host]["spec"]["ports"]}, address
     assert services["mesh-gateway-pods"]["spec"]["clusterIP"] == "None", "Envoy balances over every gateway pod"
+    assert services["mesh-ratelimit-pods"]["spec"]["clusterIP"] == "None", "and over every rate-limit pod"
+    assert yaml.safe_load((CHART / "files" / "sds.yaml").read_text()) == render_sds(settings), "re-render (--sds-out)"
+    objects = _objects(rendered["cpu"])
+    (config_map,) = [c for c in _by_kind(objects, "ConfigMap") if c["metadata"]["name"] == "mesh-envoy"]
+    assert set(config_map["data"]) == {"envoy.yaml", "sds.yaml"}
+    (edge,) = [w for w in _workloads(objects) if w["metadata"]["name"] == "mesh-edge"]
+    pod = edge["spec"]["template"]["spec"]
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    # Directory mounts (never subPath): the kubelet swaps their contents, which is what Envoy's SDS watches.
+    assert mounts["config"]["mountPath"] == posixpath.dirname(settings.tls_sds_file)
+    assert mounts["tls"]["mountPath"] == posixpath.dirname(settings.tls_cert) and "subPath" not in mounts["tls"]
+    # The overload manager must act before the kernel's OOM killer does.
+    memory_limit = edge_limit_bytes(pod["containers"][0]["resources"]["limits"]["memory"])
+    assert settings.limits.max_heap_bytes <= 0.8 * memory_limit, (settings.limits.max_heap_bytes, memory_limit)
+
+
+def edge_limit_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return int(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else int(quantity)
 
 
 SECRET_SHAPES = [re.compile(p) for p in (r"-----BEGIN", r"(?i)password\s*:\s*\S", r"(?i)token\s*:\s*\S",
