@@ -497,3 +497,63 @@ def test_the_cluster_specific_knobs_reach_every_object_they_govern():
     monitoring = [o for o in objects if o["kind"] in ("ServiceMonitor", "PrometheusRule")]
     assert len(monitoring) == 10 and all(o["metadata"]["labels"]["release"] == "kube-prometheus-stack"
                                          for o in monitoring)
+
+
+def test_a_checkpoint_by_hub_uri_is_fetched_before_the_build_into_the_directory_the_build_reads():
+    token_secret = "hf-token"
+    result = subprocess.run([
+        _tool("helm"), "template", "mesh", str(CHART), "--namespace", NAMESPACE, "-f", str(CHART / "values-gpu.yaml"),
+        "--set", "models.checkpointUri=hf://HuggingFaceTB/SmolLM2-135M-Instruct@main",
+        "--set", f"models.tokenSecret={token_secret}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    build_reads = yaml.safe_load((ROOT / "config" / "trtllm_pools.yaml").read_text())
+    checkpoint = next(v for k, v in _flatten(build_reads) if k.endswith("hf_checkpoint"))
+    for statefulset in (w for w in _workloads(objects) if w["metadata"]["name"] in ("triton-a100", "triton-t4")):
+        pod = statefulset["spec"]["template"]["spec"]
+        fetch, *rest = pod["initContainers"]
+        assert fetch["name"] == "fetch-checkpoint" and [c["name"] for c in rest] == ["fill-repository", "build-engine"]
+        assert fetch["args"][:2] == ["tools.fetch_checkpoint", "hf://HuggingFaceTB/SmolLM2-135M-Instruct@main"]
+        env = {e["name"]: e for e in fetch["env"]}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": token_secret, "key": "token"}
+        # Where it writes (its engines mount) is where the build and Triton read the checkpoint.
+        written = fetch["args"][2]
+        for container in (rest[1], pod["containers"][0]):
+            (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/models/hf"]
+            assert mount["name"] == "engines" and mount.get("readOnly")
+            assert f"/engines/{mount['subPath']}/{posixpath.basename(checkpoint)}" == written
+        assert checkpoint.startswith("/models/hf/")
+        assert not any("persistentVolumeClaim" in v and v["name"] == "hf" for v in pod["volumes"])
+    policies = {p["metadata"]["name"]: p for p in _by_kind(objects, "NetworkPolicy")}
+    for name, policy in policies.items():
+        https = [{"protocol": "TCP", "port": 443}]
+        hub = [rule for rule in policy["spec"].get("egress", []) if rule.get("ports") == https]
+        assert bool(hub) == (name in ("mesh-triton-a100", "mesh-triton-t4")), name
+
+
+def _flatten(node, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _flatten(value, f"{prefix}.{key}")
+    else:
+        yield prefix, node
+
+
+def test_every_tool_a_chart_container_runs_is_in_the_services_image():
+    """The services image copies only the tools its pods run: an init container naming one it lacks fails with
+    ModuleNotFoundError on the cluster, after the image was built and pushed."""
+    result = subprocess.run([
+        _tool("helm"), "template", "mesh", str(CHART), "--namespace", NAMESPACE, "-f", str(CHART / "values-gpu.yaml"),
+        "--set", "models.checkpointUri=hf://org/name"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    services_stage = dockerfile.split("AS services\n", 1)[1].split("\nFROM ", 1)[0]
+    copied = {name for line in services_stage.splitlines() if line.startswith("COPY tools/")
+              for name in re.findall(r"tools/(\w+)\.py", line)}
+    run = set()
+    for workload in _workloads([doc for doc in yaml.safe_load_all(result.stdout) if doc]):
+        pod = workload["spec"]["template"]["spec"]
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            if container["image"].startswith("inference-mesh/services"):
+                run |= {arg.removeprefix("tools.") for arg in container.get("args", [])[:1] if arg.startswith("tools.")}
+    assert run == {"fill_trtllm", "fetch_checkpoint"} and run <= copied, (run, copied)
