@@ -55,9 +55,6 @@ def rewrite_for_1_20(documents: list[dict]) -> list[dict]:
         if doc["kind"] == "PodDisruptionBudget":
             doc["apiVersion"] = "policy/v1beta1"  # policy/v1 is 1.21+
             doc["spec"].pop("unhealthyPodEvictionPolicy", None)  # 1.26+
-        if doc["kind"] == "Service":
-            for port in doc["spec"].get("ports", []):
-                port.setdefault("protocol", "TCP")
         template = doc.get("spec", {}).get("template", {}).get("spec")
         if template:
             for container in [*template.get("initContainers", []), *template["containers"]]:
@@ -338,3 +335,39 @@ def test_the_platform_value_sets_place_every_pool_on_that_platforms_gpu_nodes(cl
             assert stored["spec"]["accessModes"] == ["ReadWriteOnce"]
             assert stored["spec"]["storageClassName"] == STORAGE_CLASSES[platform]
     assert on_gpus == {pool: {f"{platform}-{pool}-0", f"{platform}-{pool}-1"} for pool in GPU_PRODUCTS}
+
+
+API_GROUPS = {"Deployment": "/apis/apps/v1", "StatefulSet": "/apis/apps/v1", "Service": "/api/v1",
+              "ConfigMap": "/api/v1", "PersistentVolumeClaim": "/api/v1", "NetworkPolicy": "/apis/networking.k8s.io/v1",
+              "PodDisruptionBudget": "/apis/policy/v1beta1"}
+
+
+def _resource_path(doc: dict, namespace: str, crd_paths: dict[str, str]) -> str:
+    kind = doc["kind"]
+    if kind in crd_paths:
+        return crd_paths[kind].format(namespace=namespace) + "/" + doc["metadata"]["name"]
+    plural = kind.lower()[:-1] + "ies" if kind.endswith("y") else kind.lower() + "s"
+    return f"{API_GROUPS[kind]}/namespaces/{namespace}/{plural}/{doc['metadata']['name']}"
+
+
+@pytest.mark.parametrize("value_set", ["cpu", "gpu"])
+def test_both_value_sets_apply_server_side_and_again_with_a_new_image(cluster, crd_paths, tmp_path, value_set):
+    """GitOps controllers (Argo CD, Flux) apply server-side: every object of the chart, custom resources included,
+    is applied with the API server's apply patch by one field manager, then applied again with a new image tag."""
+    namespace = f"mesh-ssa-{value_set}"
+    cluster.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    chart = str(_chart_for_1_20(tmp_path))
+    for tag in ("0.1.0", "0.1.1"):
+        rendered = subprocess.run([str(HELM), "template", "mesh", chart, "--namespace", namespace,
+                                   "-f", str(CHART / f"values-{value_set}.yaml"), "--set", f"image.tag={tag}"],
+                                  capture_output=True, text=True, timeout=120)
+        assert rendered.returncode == 0, rendered.stderr
+        documents = rewrite_for_1_20([d for d in yaml.safe_load_all(rendered.stdout) if d])
+        for doc in documents:
+            doc["metadata"]["namespace"] = namespace
+            cluster.request("PATCH", _resource_path(doc, namespace, crd_paths) + "?fieldManager=mesh-gitops",
+                            doc, content_type="application/apply-patch+yaml")
+    gateway = cluster.request("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments/mesh-gateway")
+    assert gateway["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":0.1.1")
+    managers = {entry["manager"] for entry in gateway["metadata"]["managedFields"] if entry["operation"] == "Apply"}
+    assert managers == {"mesh-gitops"}
