@@ -68,9 +68,33 @@ class InternalTls(BaseModel):
     def _read(self) -> tuple[bytes, bytes, bytes]:
         return Path(self.key).read_bytes(), Path(self.cert).read_bytes(), Path(self.ca).read_bytes()
 
+    def _files_version(self) -> tuple[tuple[int, int], ...]:
+        # A Kubernetes Secret's renewal swaps the files behind their links: the resolved file's inode and mtime
+        # change, which a stat sees without reading the key.
+        stats = [Path(path).stat() for path in (self.key, self.cert, self.ca)]
+        return tuple((s.st_ino, s.st_mtime_ns) for s in stats)
+
     def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials that read the files again when they change (cert-manager renewing the certificate, a
+        replaced Secret): each new connection's handshake asks, and gets the renewed certificate and CA without
+        a restart. Connections already open keep theirs (servers age them out: channels.MAX_CONNECTION_AGE_MS)."""
         key, cert, ca = self._read()
-        return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+        served = {"version": self._files_version()}
+
+        def renewed() -> grpc.ServerCertificateConfiguration | None:
+            try:
+                version = self._files_version()
+                if version == served["version"]:
+                    return None
+                key, cert, ca = self._read()
+            except OSError:
+                return None  # mid-swap: keep serving the certificate it has
+            served["version"] = version
+            return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+        return grpc.dynamic_ssl_server_credentials(
+            grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca), renewed,
+            require_client_authentication=True)
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
         key, cert, ca = self._read()

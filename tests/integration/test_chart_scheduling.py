@@ -189,6 +189,19 @@ def _scheduled(cluster: control_plane.Cluster, namespace: str, timeout_s: float 
         time.sleep(1)
 
 
+def _placed_by_pool(pods: list[dict], gpu_node_prefix: str = "") -> dict[str, list[dict]]:
+    """Each GPU pool's pods, checked to be on nodes of that pool's class (<prefix><pool>-N); every other pod
+    on a CPU node."""
+    by_pool: dict[str, list[dict]] = {}
+    for pod in pods:
+        name, node = pod["metadata"]["name"], pod["spec"]["nodeName"]
+        pool = next((p for p in GPU_PRODUCTS if name.startswith(f"triton-{p}-")), None)
+        assert node.startswith(f"{gpu_node_prefix}{pool}-") if pool else node.startswith("cpu-"), f"{name} on {node}"
+        if pool:
+            by_pool.setdefault(pool, []).append(pod)
+    return by_pool
+
+
 def _install(cluster, tmp_path: Path, namespace: str, value_set: str) -> list[dict]:
     result = _helm(cluster, tmp_path, "install", "mesh", str(_chart_for_1_20(tmp_path)), "--namespace", namespace,
                    "--create-namespace", "-f", str(CHART / f"values-{value_set}.yaml"))
@@ -202,14 +215,19 @@ def test_every_pod_of_the_cpu_value_set_is_scheduled(cluster, crd_paths, tmp_pat
     assert {p["metadata"]["name"] for p in pods} >= {"triton-cpu-0", "triton-cpu-1"}
 
 
-def _claims_for_gpu_pools(cluster, namespace: str) -> None:
-    """What the operator provides (the checkpoint's claim) and what a storage class would (volumes)."""
+def _namespace_with_checkpoint_claim(cluster, namespace: str) -> None:
+    """The namespace, and the claim the operator fills with the checkpoint (models.checkpointUri's default)."""
     cluster.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     cluster.create(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "mesh-hf-models"},
         "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
                  "resources": {"requests": {"storage": "10Gi"}}}})
     cluster.add_volume(f"{namespace}-hf", ["ReadOnlyMany"], "10Gi", claim=(namespace, "mesh-hf-models"))
+
+
+def _claims_for_gpu_pools(cluster, namespace: str) -> None:
+    """The checkpoint's claim, and the shared engine volumes a ReadWriteMany class would provide."""
+    _namespace_with_checkpoint_claim(cluster, namespace)
     for pool in GPU_PRODUCTS:
         cluster.add_volume(f"{namespace}-{pool}-engines", ["ReadWriteMany"], "50Gi",
                            claim=(namespace, f"triton-{pool}-engines"))
@@ -225,16 +243,13 @@ def test_every_pod_of_the_gpu_value_set_is_scheduled_on_exactly_its_pools_gpus_a
     assert result.returncode == 0, result.stderr
     pods = _scheduled(cluster, namespace)
     assert not cluster.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs")["items"]
-    on_gpus = {}
-    for pod in pods:
-        name, node = pod["metadata"]["name"], pod["spec"]["nodeName"]
-        pool = next((p for p in GPU_PRODUCTS if name.startswith(f"triton-{p}-")), None)
-        assert node.startswith(f"{pool}-") if pool else node.startswith("cpu-"), f"{name} on {node}"
-        if pool:
-            on_gpus.setdefault(pool, set()).add(node)
+    on_gpus = _placed_by_pool(pods)
+    for pool_pods in on_gpus.values():
+        for pod in pool_pods:
             assert [c["name"] for c in pod["spec"]["initContainers"]] == ["fill-repository", "build-engine"]
     # Two replicas a pool, one GPU a node: each pool holds every GPU of its class, builds included.
-    assert on_gpus == {pool: {f"{pool}-0", f"{pool}-1"} for pool in GPU_PRODUCTS}
+    assert {pool: {p["spec"]["nodeName"] for p in pool_pods} for pool, pool_pods in on_gpus.items()} == \
+        {pool: {f"{pool}-0", f"{pool}-1"} for pool in GPU_PRODUCTS}
 
     # An image bump (a new engine key: the pod rebuilds or finds its engine) through `helm upgrade`.
     new_tag = "24.11-trtllm-python-py3"
@@ -308,12 +323,7 @@ def test_the_platform_value_sets_place_every_pool_on_that_platforms_gpu_nodes(cl
     each pool on its class by the platform's own label (no GPU Feature Discovery label exists there), T4 pods
     fitting a g4dn.xlarge, and each Triton pod's engine volume a ReadWriteOnce claim of the platform's class."""
     namespace = f"mesh-{platform}"
-    cluster.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    cluster.create(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "mesh-hf-models"},
-        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "",
-                 "resources": {"requests": {"storage": "10Gi"}}}})
-    cluster.add_volume(f"{namespace}-hf", ["ReadOnlyMany"], "10Gi", claim=(namespace, "mesh-hf-models"))
+    _namespace_with_checkpoint_claim(cluster, namespace)
     for pool in GPU_PRODUCTS:
         for index in range(2):
             cluster.add_volume(f"{namespace}-{pool}-engines-{index}", ["ReadWriteOnce"], "50Gi",
@@ -321,20 +331,16 @@ def test_the_platform_value_sets_place_every_pool_on_that_platforms_gpu_nodes(cl
     result = _helm(cluster, tmp_path, "install", "mesh", str(_chart_for_1_20(tmp_path)), "--namespace", namespace,
                    "-f", str(CHART / "values-gpu.yaml"), "-f", str(CHART / f"values-{platform}.yaml"))
     assert result.returncode == 0, result.stderr
-    pods = _scheduled(cluster, namespace)
-    on_gpus = {}
-    for pod in pods:
-        name, node = pod["metadata"]["name"], pod["spec"]["nodeName"]
-        pool = next((p for p in GPU_PRODUCTS if name.startswith(f"triton-{p}-")), None)
-        assert node.startswith(f"{platform}-{pool}-") if pool else node.startswith("cpu-"), f"{name} on {node}"
-        if pool:
-            on_gpus.setdefault(pool, set()).add(node)
+    on_gpus = _placed_by_pool(_scheduled(cluster, namespace), f"{platform}-")
+    for pool_pods in on_gpus.values():
+        for pod in pool_pods:
             claim = next(v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
                          if v["name"] == "engines")
             stored = cluster.request("GET", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")
             assert stored["spec"]["accessModes"] == ["ReadWriteOnce"]
             assert stored["spec"]["storageClassName"] == STORAGE_CLASSES[platform]
-    assert on_gpus == {pool: {f"{platform}-{pool}-0", f"{platform}-{pool}-1"} for pool in GPU_PRODUCTS}
+    assert {pool: {p["spec"]["nodeName"] for p in pool_pods} for pool, pool_pods in on_gpus.items()} == \
+        {pool: {f"{platform}-{pool}-0", f"{platform}-{pool}-1"} for pool in GPU_PRODUCTS}
 
 
 API_GROUPS = {"Deployment": "/apis/apps/v1", "StatefulSet": "/apis/apps/v1", "Service": "/api/v1",

@@ -5,7 +5,6 @@ expired certificate was an outage until someone restarted every edge pod."""
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import time
@@ -15,25 +14,10 @@ import pytest
 from cryptography import x509
 
 from services.edge.settings import EdgeSettings
+from tests.integration.secret_volume import atomic_write
 from tools.edge import start_envoy, validate, write_config
 from tools.pki import ensure_pki, issue_internal, make_ca
 from tools.processes import free_port
-
-
-def _atomic_write(directory: Path, files: dict[str, bytes], generation: int) -> None:
-    """What the kubelet's AtomicWriter does for a Secret volume: the files in a new hidden directory, `..data`
-    swapped to it by a rename, the visible names links through `..data`."""
-    version = directory / f"..generation_{generation}"
-    version.mkdir()
-    for name, content in files.items():
-        (version / name).write_bytes(content)
-    staging = directory / "..data_tmp"
-    staging.symlink_to(version.name)
-    os.rename(staging, directory / "..data")
-    for name in files:
-        link = directory / name
-        if not link.is_symlink():
-            link.symlink_to(f"..data/{name}")
 
 
 def _served_certificate(port: int, ca: Path) -> x509.Certificate:
@@ -54,40 +38,51 @@ def certificates(tmp_path: Path):
     return tmp_path / "ca" / "ca.pem", issued
 
 
-def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, certificates):
-    ca, issued = certificates
+def _edge(tmp_path: Path, issued: dict[str, tuple[bytes, bytes]], sds: bool) -> EdgeSettings:
+    """Settings of an Envoy whose certificate sits in a Secret-like directory holding "edge-before"; nothing
+    behind it (the TLS handshake is all these tests read)."""
     tls_dir = tmp_path / "tls"
     tls_dir.mkdir()
     cert, key = issued["edge-before"]
-    _atomic_write(tls_dir, {"tls.crt": cert, "tls.key": key}, 1)
-    config_dir = tmp_path / "config"
-    config_dir.mkdir()
-    pki = ensure_pki(tmp_path / "pki")
-    settings = EdgeSettings(
+    atomic_write(tls_dir, {"tls.crt": cert, "tls.key": key}, 1)
+    (tmp_path / "config").mkdir()
+    return EdgeSettings(
         port=free_port(), admin_port=free_port(), metrics_port=free_port(),
         gateways=[f"127.0.0.1:{free_port()}"], gateways_http=[f"127.0.0.1:{free_port()}"],
         ratelimit_address=f"127.0.0.1:{free_port()}", edge_secret="rotation-test",
-        tls_cert=str(tls_dir / "tls.crt"), tls_key=str(tls_dir / "tls.key"), jwks_file=str(pki.jwks),
-        tls_sds_file=str(config_dir / "sds.yaml"))
+        tls_cert=str(tls_dir / "tls.crt"), tls_key=str(tls_dir / "tls.key"),
+        jwks_file=str(ensure_pki(tmp_path / "pki").jwks),
+        tls_sds_file=str(tmp_path / "config" / "sds.yaml") if sds else "")
+
+
+def _renew(settings: EdgeSettings, issued: dict[str, tuple[bytes, bytes]]) -> None:
+    cert, key = issued["edge-after"]
+    atomic_write(Path(settings.tls_cert).parent, {"tls.crt": cert, "tls.key": key}, 2)
+
+
+def _wait_serving(envoy, settings: EdgeSettings, ca: Path, timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        envoy.ensure_alive()
+        try:
+            return _common_name(_served_certificate(settings.port, ca))
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, certificates):
+    ca, issued = certificates
+    settings = _edge(tmp_path, issued, sds=True)
     checked = validate(write_config(settings, tmp_path / "validate.yaml"))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     envoy = start_envoy(settings, tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            envoy.ensure_alive()
-            try:
-                assert _common_name(_served_certificate(settings.port, ca)) == "edge-before"
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        cert, key = issued["edge-after"]
-        _atomic_write(tls_dir, {"tls.crt": cert, "tls.key": key}, 2)
+        assert _wait_serving(envoy, settings, ca) == "edge-before"
+        _renew(settings, issued)
         renewed_at = time.monotonic()
-        while _common_name(_served_certificate(settings.port, ca)) != "edge-after":
-            envoy.ensure_alive()
+        while _wait_serving(envoy, settings, ca) != "edge-after":
             assert time.monotonic() - renewed_at < 10, "the renewed certificate was not served within 10 s"
             time.sleep(0.1)
     finally:
@@ -97,31 +92,12 @@ def test_a_renewed_certificate_is_served_without_a_restart(tmp_path, certificate
 def test_without_sds_the_certificate_is_read_once(tmp_path, certificates):
     """The same swap under the static config: the old certificate stays, which is what the SDS path fixes."""
     ca, issued = certificates
-    tls_dir = tmp_path / "tls"
-    tls_dir.mkdir()
-    cert, key = issued["edge-before"]
-    _atomic_write(tls_dir, {"tls.crt": cert, "tls.key": key}, 1)
-    pki = ensure_pki(tmp_path / "pki")
-    settings = EdgeSettings(
-        port=free_port(), admin_port=free_port(), metrics_port=free_port(),
-        gateways=[f"127.0.0.1:{free_port()}"], gateways_http=[f"127.0.0.1:{free_port()}"],
-        ratelimit_address=f"127.0.0.1:{free_port()}", edge_secret="rotation-test",
-        tls_cert=str(tls_dir / "tls.crt"), tls_key=str(tls_dir / "tls.key"), jwks_file=str(pki.jwks))
+    settings = _edge(tmp_path, issued, sds=False)
     envoy = start_envoy(settings, tmp_path)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            envoy.ensure_alive()
-            try:
-                assert _common_name(_served_certificate(settings.port, ca)) == "edge-before"
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        cert, key = issued["edge-after"]
-        _atomic_write(tls_dir, {"tls.crt": cert, "tls.key": key}, 2)
+        assert _wait_serving(envoy, settings, ca) == "edge-before"
+        _renew(settings, issued)
         time.sleep(3)
-        assert _common_name(_served_certificate(settings.port, ca)) == "edge-before"
+        assert _wait_serving(envoy, settings, ca) == "edge-before"
     finally:
         envoy.stop()
