@@ -55,7 +55,7 @@ def architecture_of(checkpoint: Path) -> str:
     config = checkpoint / "config.json"
     if not config.is_file():
         fail(f"no Hugging Face checkpoint at {checkpoint} (config.json missing): put the model there "
-             "(MESH_HF_MODELS in compose/.env; the chart's engines.hfCheckpointClaim)")
+             "(MESH_HF_MODELS in compose/.env; the chart's models.checkpointUri)")
     architectures = json.loads(config.read_text()).get("architectures") or []
     if not architectures:
         fail(f"{config} names no architectures: it is not a causal-LM checkpoint TensorRT-LLM can convert")
