@@ -32,13 +32,19 @@ def envoy_binary() -> Path:
 
 def write_config(settings: EdgeSettings, path: Path) -> Path:
     """Written for the owner only: it names the key files, and holds the edge secret if one is given inline. With
-    tls_sds_file, the SDS resources it points at are written there too."""
+    tls_sds_dir, the SDS files it points at are written there too."""
     path.touch(mode=0o600)
     path.chmod(0o600)
     path.write_text(yaml.safe_dump(render(settings), sort_keys=False))
-    if settings.tls_sds_file:
-        Path(settings.tls_sds_file).write_text(yaml.safe_dump(render_sds(settings), sort_keys=False))
+    if settings.tls_sds_dir:
+        write_sds(settings, Path(settings.tls_sds_dir))
     return path
+
+
+def write_sds(settings: EdgeSettings, directory: Path, header: str = "") -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in render_sds(settings).items():
+        (directory / name).write_text(header + yaml.safe_dump(content, sort_keys=False))
 
 
 def validate(config: Path) -> subprocess.CompletedProcess:

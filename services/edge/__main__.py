@@ -12,7 +12,7 @@ from services.edge.settings import EdgeSettings
 
 parser = argparse.ArgumentParser(prog="python -m services.edge", description=__doc__)
 parser.add_argument("--out", type=pathlib.Path)
-parser.add_argument("--sds-out", type=pathlib.Path, help="where to write the SDS resources (with tls_sds_file)")
+parser.add_argument("--sds-out", type=pathlib.Path, help="the directory to write the SDS files to (tls_sds_dir)")
 args = parser.parse_args()
 HEADER = ("# Rendered by `python -m services.edge` from services/edge/settings.py (defaults, then the YAML file named\n"
           "# by MESH_EDGE_CONFIG_FILE, then MESH_EDGE_* variables). Do not edit: render it again. `make up` and the\n"
@@ -20,7 +20,9 @@ HEADER = ("# Rendered by `python -m services.edge` from services/edge/settings.p
 settings = EdgeSettings()
 text = HEADER + yaml.safe_dump(render(settings), sort_keys=False)
 if args.sds_out:
-    args.sds_out.write_text(HEADER + yaml.safe_dump(render_sds(settings), sort_keys=False))
+    args.sds_out.mkdir(parents=True, exist_ok=True)
+    for name, content in render_sds(settings).items():
+        (args.sds_out / name).write_text(HEADER + yaml.safe_dump(content, sort_keys=False))
 if args.out:
     args.out.write_text(text)
 else:

@@ -46,26 +46,39 @@ def _socket(address: str) -> dict[str, Any]:
 
 SDS_CERTIFICATE = "edge_certificate"
 SDS_CLIENT_CA = "edge_client_ca"
+SDS_INTERNAL_CERTIFICATE = "edge_internal_certificate"
+SDS_INTERNAL_CA = "edge_internal_ca"
 
 
 def _sds(s: EdgeSettings, name: str) -> dict[str, Any]:
     # The SDS file's directory is watched too: a ConfigMap update swaps it the same way a Secret's is.
     return {"name": name, "sds_config": {"resource_api_version": "V3", "path_config_source": {
-        "path": s.tls_sds_file, "watched_directory": {"path": posixpath.dirname(s.tls_sds_file)}}}}
+        "path": posixpath.join(s.tls_sds_dir, f"{name}.yaml"), "watched_directory": {"path": s.tls_sds_dir}}}}
 
 
-def render_sds(s: EdgeSettings) -> dict[str, Any]:
-    """The SDS resources tls_sds_file holds: the files of the certificate and the client CA, each reloaded when
-    its directory's contents are swapped (how Kubernetes updates a mounted Secret, and how cert-manager's renewals
-    arrive). Envoy reads the certificate and key together and checks they did not change between the two reads."""
-    secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-    resources = [{"@type": secret, "name": SDS_CERTIFICATE, "tls_certificate": {
-        "certificate_chain": {"filename": s.tls_cert}, "private_key": {"filename": s.tls_key},
-        "watched_directory": {"path": posixpath.dirname(s.tls_cert)}}}]
+def _certificate_secret(name: str, cert: str, key: str) -> dict[str, Any]:
+    return {"name": name, "tls_certificate": {"certificate_chain": {"filename": cert}, "private_key": {"filename": key},
+                                              "watched_directory": {"path": posixpath.dirname(cert)}}}
+
+
+def _ca_secret(name: str, ca: str) -> dict[str, Any]:
+    return {"name": name, "validation_context": {"trusted_ca": {"filename": ca},
+                                                 "watched_directory": {"path": posixpath.dirname(ca)}}}
+
+
+def render_sds(s: EdgeSettings) -> dict[str, dict[str, Any]]:
+    """The files of tls_sds_dir, by file name: one secret each (Envoy refuses a file with several), naming the
+    certificate files, each reloaded when its directory's contents are swapped (how Kubernetes updates a mounted
+    Secret, and how cert-manager's renewals arrive). Envoy reads a certificate and its key together and checks
+    they did not change between the two reads."""
+    secrets = [_certificate_secret(SDS_CERTIFICATE, s.tls_cert, s.tls_key)]
     if s.require_client_cert:
-        resources.append({"@type": secret, "name": SDS_CLIENT_CA, "validation_context": {
-            "trusted_ca": {"filename": s.client_ca}, "watched_directory": {"path": posixpath.dirname(s.client_ca)}}})
-    return {"resources": resources}
+        secrets.append(_ca_secret(SDS_CLIENT_CA, s.client_ca))
+    if s.tls.enabled:  # the edge's internal identity toward the gateways and rate limits
+        secrets += [_certificate_secret(SDS_INTERNAL_CERTIFICATE, s.tls.cert, s.tls.key),
+                    _ca_secret(SDS_INTERNAL_CA, s.tls.ca)]
+    kind = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    return {f"{secret['name']}.yaml": {"resources": [{"@type": kind, **secret}]} for secret in secrets}
 
 
 def _tls_context(s: EdgeSettings) -> dict[str, Any]:
@@ -74,14 +87,14 @@ def _tls_context(s: EdgeSettings) -> dict[str, Any]:
         "alpn_protocols": ["h2", "http/1.1"],
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
     }
-    if s.tls_sds_file:
+    if s.tls_sds_dir:
         common["tls_certificate_sds_secret_configs"] = [_sds(s, SDS_CERTIFICATE)]
     else:
         common["tls_certificates"] = [{"certificate_chain": {"filename": s.tls_cert},
                                        "private_key": {"filename": s.tls_key}}]
     context: dict[str, Any] = {"common_tls_context": common}
     if s.require_client_cert:
-        if s.tls_sds_file:
+        if s.tls_sds_dir:
             common["validation_context_sds_secret_config"] = _sds(s, SDS_CLIENT_CA)
         else:
             common["validation_context"] = {"trusted_ca": {"filename": s.client_ca}}
@@ -360,15 +373,22 @@ def _openai_cluster(s: EdgeSettings, grpc_gateways: dict[str, Any]) -> dict[str,
 
 
 def _upstream_mtls(s: EdgeSettings, peer: str, alpn: tuple[str, ...] = ("h2",)) -> dict[str, Any]:
-    """Envoy presents the edge identity and accepts only `peer`'s certificate from the internal CA."""
+    """Envoy presents the edge identity and accepts only `peer`'s certificate from the internal CA; through SDS
+    (renewals picked up) when tls_sds_dir is set."""
+    peer_names = [{"san_type": "DNS", "matcher": {"exact": peer}}]
+    common: dict[str, Any] = {"alpn_protocols": list(alpn)}
+    if s.tls_sds_dir:
+        common["tls_certificate_sds_secret_configs"] = [_sds(s, SDS_INTERNAL_CERTIFICATE)]
+        common["combined_validation_context"] = {
+            "default_validation_context": {"match_typed_subject_alt_names": peer_names},
+            "validation_context_sds_secret_config": _sds(s, SDS_INTERNAL_CA)}
+    else:
+        common["tls_certificates"] = [{"certificate_chain": {"filename": s.tls.cert},
+                                       "private_key": {"filename": s.tls.key}}]
+        common["validation_context"] = {"trusted_ca": {"filename": s.tls.ca},
+                                        "match_typed_subject_alt_names": peer_names}
     return {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
-        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-        common_tls_context={
-            "alpn_protocols": list(alpn),
-            "tls_certificates": [{"certificate_chain": {"filename": s.tls.cert},
-                                  "private_key": {"filename": s.tls.key}}],
-            "validation_context": {"trusted_ca": {"filename": s.tls.ca}, "match_typed_subject_alt_names": [
-                {"san_type": "DNS", "matcher": {"exact": peer}}]}})}
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", common_tls_context=common)}
 
 
 def _clusters(s: EdgeSettings) -> list[dict[str, Any]]:
@@ -461,7 +481,7 @@ def render(s: EdgeSettings) -> dict[str, Any]:
         listeners.append(_metrics_listener(s))
         clusters.append(_admin_cluster(s))
     return {
-        # Envoy's SDS (the public certificate from tls_sds_file) needs a node identity.
+        # Envoy's SDS (the certificates from tls_sds_dir) needs a node identity.
         "node": {"id": "mesh-edge", "cluster": "mesh-edge"},
         # The admin interface can change state (drain, quit, runtime): loopback only, always.
         "admin": {"address": _socket(f"127.0.0.1:{s.admin_port}")},

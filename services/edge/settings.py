@@ -73,10 +73,11 @@ class EdgeSettings(ServiceSettings):
     # mTLS: clients must present a certificate signed by this CA.
     require_client_cert: bool = False
     client_ca: str = "run/pki/ca.pem"
-    # The public certificate (and client CA) through SDS from this file (render_sds writes it): Envoy watches the
-    # certificate's directory and serves a renewed certificate (cert-manager, a replaced Secret) on new
-    # connections without a restart. Empty: the files are read once, at start.
-    tls_sds_file: str = ""
+    # Every certificate Envoy holds (public, client CA, its internal identity and CA) through SDS, one file per
+    # secret in this directory (render_sds gives them; Envoy takes one secret a file): Envoy watches each
+    # certificate's directory and uses a renewed certificate (cert-manager, a replaced Secret) on new connections
+    # without a restart. Empty: the files are read once, at start.
+    tls_sds_dir: str = ""
 
     jwks_file: str = "run/pki/jwks.json"
     jwt_issuer: str = "https://inference-mesh.local"

@@ -52,7 +52,7 @@ def _edge(tmp_path: Path, issued: dict[str, tuple[bytes, bytes]], sds: bool) -> 
         ratelimit_address=f"127.0.0.1:{free_port()}", edge_secret="rotation-test",
         tls_cert=str(tls_dir / "tls.crt"), tls_key=str(tls_dir / "tls.key"),
         jwks_file=str(ensure_pki(tmp_path / "pki").jwks),
-        tls_sds_file=str(tmp_path / "config" / "sds.yaml") if sds else "")
+        tls_sds_dir=str(tmp_path / "config") if sds else "")
 
 
 def _renew(settings: EdgeSettings, issued: dict[str, tuple[bytes, bytes]]) -> None:

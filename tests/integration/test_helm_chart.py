@@ -344,15 +344,18 @@ def test_the_envoy_config_is_rendered_from_its_settings_and_names_the_charts_ser
         assert host in services and int(port) in {p["port"] for p in services[host]["spec"]["ports"]}, address
     assert services["mesh-gateway-pods"]["spec"]["clusterIP"] == "None", "Envoy balances over every gateway pod"
     assert services["mesh-ratelimit-pods"]["spec"]["clusterIP"] == "None", "and over every rate-limit pod"
-    assert yaml.safe_load((CHART / "files" / "sds.yaml").read_text()) == render_sds(settings), "re-render (--sds-out)"
+    sds = render_sds(settings)
+    assert {f.name: yaml.safe_load(f.read_text()) for f in (CHART / "files" / "sds").glob("*.yaml")} == sds, \
+        "re-render (--sds-out deploy/helm/inference-mesh/files/sds)"
     objects = _objects(rendered["cpu"])
     (config_map,) = [c for c in _by_kind(objects, "ConfigMap") if c["metadata"]["name"] == "mesh-envoy"]
-    assert set(config_map["data"]) == {"envoy.yaml", "sds.yaml"}
+    assert set(config_map["data"]) == {"envoy.yaml", *sds}
+    assert {"edge_certificate.yaml", "edge_internal_certificate.yaml", "edge_internal_ca.yaml"} <= set(sds)
     (edge,) = [w for w in _workloads(objects) if w["metadata"]["name"] == "mesh-edge"]
     pod = edge["spec"]["template"]["spec"]
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
     # Directory mounts (never subPath): the kubelet swaps their contents, which is what Envoy's SDS watches.
-    assert mounts["config"]["mountPath"] == posixpath.dirname(settings.tls_sds_file)
+    assert mounts["config"]["mountPath"] == settings.tls_sds_dir
     assert mounts["tls"]["mountPath"] == posixpath.dirname(settings.tls_cert) and "subPath" not in mounts["tls"]
     # The overload manager must act before the kernel's OOM killer does.
     memory_limit = edge_limit_bytes(pod["containers"][0]["resources"]["limits"]["memory"])

@@ -20,8 +20,10 @@ from tools.stack import LocalStack, StackPorts
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory, tenants_file) -> Iterator[LocalStack]:
-    mesh = LocalStack(tmp_path_factory.mktemp("mtls"), StackPorts.free(1, gateways=1), tenants_file=tenants_file,
-                      internal_tls=True)
+    # Envoy's certificates (public and internal) through SDS, as the chart's Envoy reads them.
+    run_dir = tmp_path_factory.mktemp("mtls")
+    mesh = LocalStack(run_dir, StackPorts.free(1, gateways=1), tenants_file=tenants_file, internal_tls=True,
+                      edge_overrides={"tls_sds_dir": str(run_dir / "envoy-sds")})
     mesh.start()
     yield mesh
     mesh.stop()
