@@ -72,7 +72,10 @@ def envoy_san_matchers() -> set[str]:
     names = set()
     for cluster in envoy["static_resources"]["clusters"]:
         context = cluster.get("transport_socket", {}).get("typed_config", {}).get("common_tls_context", {})
-        for matcher in context.get("validation_context", {}).get("match_typed_subject_alt_names", []):
+        # Static files: validation_context; through SDS: the combined context's default part holds the matchers.
+        validation = context.get("validation_context") or \
+            context.get("combined_validation_context", {}).get("default_validation_context", {})
+        for matcher in validation.get("match_typed_subject_alt_names", []):
             names.add(matcher["matcher"]["exact"])
     return names
 
