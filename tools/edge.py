@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from services.edge.render import render, render_sds
+from services.edge.render import render, write_sds
 from services.edge.settings import EdgeSettings
 from tools.processes import ManagedProcess, MissingPartError
 
@@ -39,12 +39,6 @@ def write_config(settings: EdgeSettings, path: Path) -> Path:
     if settings.tls_sds_dir:
         write_sds(settings, Path(settings.tls_sds_dir))
     return path
-
-
-def write_sds(settings: EdgeSettings, directory: Path, header: str = "") -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, content in render_sds(settings).items():
-        (directory / name).write_text(header + yaml.safe_dump(content, sort_keys=False))
 
 
 def validate(config: Path) -> subprocess.CompletedProcess:

@@ -47,11 +47,11 @@ class HubSource:
 
 
 def fetched(out: Path, uri: str) -> dict | None:
-    marker = out / MARKER
-    if not marker.exists():
-        return None
-    record = json.loads(marker.read_text())
-    return record if record.get("uri") == uri else None
+    try:
+        record = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return None  # absent or unreadable: fetched again
+    return record if isinstance(record, dict) and record.get("uri") == uri else None
 
 
 def fetch(uri: str, out: Path, token: str | None = None) -> dict:

@@ -7,7 +7,7 @@ import pathlib
 
 import yaml
 
-from services.edge.render import render, render_sds
+from services.edge.render import render, write_sds
 from services.edge.settings import EdgeSettings
 
 parser = argparse.ArgumentParser(prog="python -m services.edge", description=__doc__)
@@ -20,9 +20,7 @@ HEADER = ("# Rendered by `python -m services.edge` from services/edge/settings.p
 settings = EdgeSettings()
 text = HEADER + yaml.safe_dump(render(settings), sort_keys=False)
 if args.sds_out:
-    args.sds_out.mkdir(parents=True, exist_ok=True)
-    for name, content in render_sds(settings).items():
-        (args.sds_out / name).write_text(HEADER + yaml.safe_dump(content, sort_keys=False))
+    write_sds(settings, args.sds_out, HEADER)
 if args.out:
     args.out.write_text(text)
 else:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import posixpath
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from services.common.wire import (
     CREDENTIAL_HEADERS,
@@ -79,6 +82,13 @@ def render_sds(s: EdgeSettings) -> dict[str, dict[str, Any]]:
                     _ca_secret(SDS_INTERNAL_CA, s.tls.ca)]
     kind = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
     return {f"{secret['name']}.yaml": {"resources": [{"@type": kind, **secret}]} for secret in secrets}
+
+
+def write_sds(s: EdgeSettings, directory: Path, header: str = "") -> None:
+    """render_sds's files, written into `directory` (tls_sds_dir where Envoy runs, or the chart's files/sds)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in render_sds(s).items():
+        (directory / name).write_text(header + yaml.safe_dump(content, sort_keys=False))
 
 
 def _tls_context(s: EdgeSettings) -> dict[str, Any]:

@@ -8,9 +8,7 @@ dialled, which is how the compose certificates failed every hop of a cluster."""
 from __future__ import annotations
 
 import base64
-import subprocess
 from concurrent import futures
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,24 +16,10 @@ import yaml
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from tests.integration.chart import CHART, NAMESPACE, render_chart
 from tools.kube.internal_pki import IDENTITIES, dialled_names, secrets
 from tools.pki import ensure_pki
 from tools.processes import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "deploy" / "helm" / "inference-mesh"
-HELM = ROOT / ".venv-k8s" / "bin" / "helm"
-NAMESPACE = "mesh"
-
-
-def _render(value_set: str) -> list[dict]:
-    if not HELM.exists():
-        pytest.fail(f"{HELM} is missing: `make k8s-tools` installs helm (`make test` does it first)")
-    result = subprocess.run([str(HELM), "template", "mesh", str(CHART), "--namespace", NAMESPACE,
-                             "-f", str(CHART / f"values-{value_set}.yaml")], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def _enabled_pools(value_set: str) -> list[str]:
@@ -119,7 +103,7 @@ def _handshake(server_secret: dict, client_secret: dict, host: str) -> grpc.Stat
 
 @pytest.mark.parametrize("value_set", ["cpu", "gpu"])
 def test_every_grpc_hop_of_the_chart_handshakes_by_the_name_it_dials(minted, value_set):
-    hops = grpc_hops(_render(value_set))
+    hops = grpc_hops(render_chart(value_set))
     assert {callee for _, callee, _ in hops} == {"router", "cache", "retrieval", "ratelimit", "triton"}, hops
     for caller, callee, host in sorted(hops):
         code = _handshake(minted[value_set][callee], minted[value_set][caller], host)
@@ -156,7 +140,7 @@ def test_envoys_upstream_checks_find_their_names_and_the_common_name_is_the_iden
 
 
 def test_cert_managers_certificates_ask_for_the_names_the_tool_signs():
-    objects = _render("gpu")
+    objects = render_chart("gpu")
     certificates = {o["spec"]["commonName"]: o for o in objects
                     if o["kind"] == "Certificate" and o["metadata"]["name"].startswith("mesh-pki-")}
     assert set(certificates) == set(IDENTITIES)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -25,26 +24,14 @@ import yaml
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from tests.conftest import AUTH, EMBEDDER, chat, debian_tool
+from tests.integration.chart import NAMESPACE, render_chart
 from tools import grafana_dashboard
 from tools.processes import ManagedProcess, free_port, wait_http_ok
 from tools.stack import ROOT, LocalStack
 
-CHART = ROOT / "deploy" / "helm" / "inference-mesh"
-HELM = ROOT / ".venv-k8s" / "bin" / "helm"
-NAMESPACE = "mesh"
 # Labels only a Kubernetes target has (its place in the cluster): a query never selects by them.
 TARGET_ONLY = {"namespace", "pod", "container", "endpoint"}
 SELECTOR = re.compile(r"\b((?:mesh|gen_ai|nv|envoy|process)_\w+|up)\s*(\{[^}]*\})?")
-
-
-def rendered_chart() -> list[dict]:
-    if not HELM.exists():
-        pytest.fail(f"{HELM} is missing: `make k8s-tools` installs helm (`make test` does it first)")
-    result = subprocess.run([str(HELM), "template", "mesh", str(CHART), "--namespace", NAMESPACE,
-                             "-f", str(CHART / "values-cpu.yaml"), "--set", "autoscaling.enabled=true"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 def _sanitized(name: str) -> str:
@@ -146,7 +133,7 @@ def scrapers(stack: LocalStack, tmp_path_factory) -> Iterator[tuple[Prometheus, 
         "router": [local(stack.ports.router_metrics)], "cache": [local(stack.ports.cache_metrics)],
         "retrieval": [local(stack.ports.retrieval_metrics)], "ratelimit": [local(stack.ports.ratelimit_metrics)],
         "edge": [local(stack.ports.edge_metrics)], "triton-cpu": [local(t.metrics) for t in stack.ports.tritons]}
-    objects = rendered_chart()
+    objects = render_chart("cpu", "autoscaling.enabled=true")
     workdir = tmp_path_factory.mktemp("prometheus")
     compose = Prometheus("prometheus-compose", compose_scrape_configs(addresses), workdir / "compose")
     operator = Prometheus("prometheus-operator", operator_scrape_configs(objects, addresses), workdir / "operator")

@@ -19,6 +19,7 @@ from services.common.settings import ServiceSettings
 from services.edge.render import render, render_sds
 from services.edge.settings import EdgeSettings
 from services.router.registry import Registry
+from tests.integration.chart import render_chart
 from tools.kube.internal_pki import IDENTITIES as INTERNAL_IDENTITIES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -293,11 +294,7 @@ def test_the_registry_config_map_is_a_valid_registry_whose_pools_discover_their_
 def test_a_registry_change_rolls_no_pod_and_the_router_reads_it_from_the_config_map(rendered, tmp_path):
     """README: a model added by `helm upgrade` is reloaded by the routers without a restart. A checksum of the
     registry in a pod template would roll every Deployment instead; nothing in a pod template may depend on it."""
-    result = subprocess.run([_tool("helm"), "template", "mesh", str(CHART), "--namespace", NAMESPACE,
-                             "-f", str(CHART / "values-gpu.yaml"), "--set", "registryModels=cpu"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    changed = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    changed = render_chart("gpu", "registryModels=cpu")
     registries = [next(c["data"]["registry.yaml"] for c in _by_kind(objects, "ConfigMap")
                        if c["metadata"]["name"] == "mesh-registry") for objects in (_objects(rendered["gpu"]), changed)]
     assert registries[0] != registries[1]
@@ -474,15 +471,11 @@ def test_no_disruption_budget_holds_a_node_drain_behind_an_unready_pod(rendered,
 def test_the_cluster_specific_knobs_reach_every_object_they_govern():
     """Managed Redis/Milvus by address range, pull secrets on every pod, the Prometheus selector's labels on every
     ServiceMonitor and the rule, a RuntimeClass on the GPU pools only."""
-    result = subprocess.run([
-        _tool("helm"), "template", "mesh", str(CHART), "--namespace", NAMESPACE, "-f", str(CHART / "values-gpu.yaml"),
-        "--set", "networkPolicies.egressCidrs.redis[0]=10.20.0.0/24",
-        "--set", "networkPolicies.egressCidrs.milvus={10.30.0.0/24,10.31.0.0/24}",
-        "--set", "imagePullSecrets[0].name=ngc", "--set", "monitoring.labels.release=kube-prometheus-stack",
-        "--set", "pools.a100.runtimeClassName=nvidia,pools.t4.runtimeClassName=nvidia"],
-        capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    objects = render_chart(
+        "gpu", "networkPolicies.egressCidrs.redis[0]=10.20.0.0/24",
+        "networkPolicies.egressCidrs.milvus={10.30.0.0/24,10.31.0.0/24}", "imagePullSecrets[0].name=ngc",
+        "monitoring.labels.release=kube-prometheus-stack", "pools.a100.runtimeClassName=nvidia",
+        "pools.t4.runtimeClassName=nvidia")
     external = {"redis": [{"ipBlock": {"cidr": "10.20.0.0/24"}}],
                 "milvus": [{"ipBlock": {"cidr": "10.30.0.0/24"}}, {"ipBlock": {"cidr": "10.31.0.0/24"}}]}
     for policy in _by_kind(objects, "NetworkPolicy"):
@@ -504,12 +497,8 @@ def test_the_cluster_specific_knobs_reach_every_object_they_govern():
 
 def test_a_checkpoint_by_hub_uri_is_fetched_before_the_build_into_the_directory_the_build_reads():
     token_secret = "hf-token"
-    result = subprocess.run([
-        _tool("helm"), "template", "mesh", str(CHART), "--namespace", NAMESPACE, "-f", str(CHART / "values-gpu.yaml"),
-        "--set", "models.checkpointUri=hf://HuggingFaceTB/SmolLM2-135M-Instruct@main",
-        "--set", f"models.tokenSecret={token_secret}"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    objects = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    objects = render_chart("gpu", "models.checkpointUri=hf://HuggingFaceTB/SmolLM2-135M-Instruct@main",
+                           f"models.tokenSecret={token_secret}")
     build_reads = yaml.safe_load((ROOT / "config" / "trtllm_pools.yaml").read_text())
     checkpoint = next(v for k, v in _flatten(build_reads) if k.endswith("hf_checkpoint"))
     for statefulset in (w for w in _workloads(objects) if w["metadata"]["name"] in ("triton-a100", "triton-t4")):
@@ -545,16 +534,13 @@ def _flatten(node, prefix: str = ""):
 def test_every_tool_a_chart_container_runs_is_in_the_services_image():
     """The services image copies only the tools its pods run: an init container naming one it lacks fails with
     ModuleNotFoundError on the cluster, after the image was built and pushed."""
-    result = subprocess.run([
-        _tool("helm"), "template", "mesh", str(CHART), "--namespace", NAMESPACE, "-f", str(CHART / "values-gpu.yaml"),
-        "--set", "models.checkpointUri=hf://org/name"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    objects = render_chart("gpu", "models.checkpointUri=hf://org/name")
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     services_stage = dockerfile.split("AS services\n", 1)[1].split("\nFROM ", 1)[0]
     copied = {name for line in services_stage.splitlines() if line.startswith("COPY tools/")
               for name in re.findall(r"tools/(\w+)\.py", line)}
     run = set()
-    for workload in _workloads([doc for doc in yaml.safe_load_all(result.stdout) if doc]):
+    for workload in _workloads(objects):
         pod = workload["spec"]["template"]["spec"]
         for container in [*pod.get("initContainers", []), *pod["containers"]]:
             if container["image"].startswith("inference-mesh/services"):
