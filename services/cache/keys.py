@@ -15,13 +15,19 @@ def _digest(value: object) -> str:
 
 
 def _sampling(request: mesh_pb2.GenerateRequest) -> dict:
-    return {
+    sampling = {
         "max_tokens": request.max_tokens,
         "temperature": round(request.temperature, 6) if request.HasField("temperature") else None,
         "top_p": round(request.top_p, 6) if request.HasField("top_p") else None,
         "seed": request.seed if request.HasField("seed") else None,
         "stop": list(request.stop),
     }
+    answer_format = request.response_format
+    if answer_format.type != mesh_pb2.ResponseFormat.TYPE_TEXT:
+        # Only when set, so free-text entries keep the keys they had. The schema text as sent: another key order
+        # is another answer (keys are written in the schema's order), and strict changes what was checked.
+        sampling["response_format"] = [answer_format.type, answer_format.schema, answer_format.strict]
+    return sampling
 
 
 def normalise(text: str) -> str:

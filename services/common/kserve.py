@@ -15,6 +15,9 @@ from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 # The input a resumable generation model takes the token ids already delivered in (triton_models/smollm2). Only
 # the router sets it, to continue a stream on another replica; the gateway refuses it from callers.
 RESUME_INPUT = "resume_tokens"
+# The optional input a generation decodes under a JSON schema with (JSON text). The router sends a request carrying
+# it only to placements that declare structured_output.
+SCHEMA_INPUT = "json_schema"
 
 _NP_TO_TRITON = {
     np.dtype(np.float32): "FP32",

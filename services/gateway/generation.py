@@ -14,6 +14,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from inference_mesh.v1 import mesh_pb2
 from services.common.errors import from_stream_error, unavailable
 from services.common.kserve import (
+    SCHEMA_INPUT,
     InferRequestBuilder,
     first_bytes,
     first_int,
@@ -26,6 +27,7 @@ from services.common.wire import AFFINITY_PARAMETER, RETRY_AFTER_PARAMETER, SESS
 from services.gateway.errors import from_rpc_error
 from services.gateway.plan import Delivered, RequestPlan
 from services.gateway.served_by import record_placement
+from services.gateway.structured_output import schema_text
 
 _ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant"}
 _FINISH = {
@@ -49,6 +51,8 @@ def to_kserve(request: mesh_pb2.GenerateRequest, request_id: str, version: str =
         builder.add_array("seed", np.array([request.seed & 0x7FFF_FFFF_FFFF_FFFF], dtype=np.int64))
     if request.stop:
         builder.add_bytes("stop", [s.encode("utf-8") for s in request.stop])
+    if (schema := schema_text(request.response_format)) is not None:
+        builder.add_bytes(SCHEMA_INPUT, [schema.encode("utf-8")])
     built = builder.build()
     if request.session_id:
         built.parameters[SESSION_PARAMETER].string_param = request.session_id

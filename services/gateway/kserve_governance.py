@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 from tritonclient.grpc import service_pb2
+from tritonclient.utils import deserialize_bytes_tensor
 
 from services.common.errors import MeshError, invalid
-from services.common.kserve import RESUME_INPUT, is_final_response, output_arrays
+from services.common.kserve import RESUME_INPUT, SCHEMA_INPUT, is_final_response, output_arrays
 from services.gateway.settings import KServeLimits
+from services.gateway.structured_output import check_schema
 
 # The usage tensors of the mesh's LLM contract (triton_models/smollm2, the TensorRT-LLM BLS model).
 _USAGE = ("prompt_tokens", "completion_tokens")
@@ -33,7 +35,9 @@ def check_infer_request(request: service_pb2.ModelInferRequest, limits: KServeLi
     size = sum(len(raw) for raw in request.raw_input_contents) + request.ByteSize() * (not request.raw_input_contents)
     if size > limits.max_request_bytes:
         raise invalid(f"the inputs hold {size} bytes; the limit is {limits.max_request_bytes}")
-    for tensor in request.inputs:
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name == SCHEMA_INPUT:
+            _check_schema_input(request, index)
         if tensor.name == RESUME_INPUT:
             # Token ids go into the model's context as they are: a caller's could hold control tokens (a turn of
             # its own) or ids the text never had. Only the router resumes a stream, with the ids it relayed.
@@ -42,6 +46,24 @@ def check_infer_request(request: service_pb2.ModelInferRequest, limits: KServeLi
         if any(d < 0 for d in tensor.shape) or int(np.prod(tensor.shape, dtype=np.int64)) > limits.max_elements:
             raise invalid(f"input {tensor.name!r} has shape {list(tensor.shape)}; at most "
                           f"{limits.max_elements} elements")
+
+
+def _check_schema_input(request: service_pb2.ModelInferRequest, index: int) -> None:
+    """A KServe caller's schema is held to what the decoder enforces, as a mesh API caller's response_format is."""
+    tensor = request.inputs[index]
+    if request.raw_input_contents:
+        if index >= len(request.raw_input_contents):
+            raise invalid(f"input {SCHEMA_INPUT!r} has no contents")
+        values = list(deserialize_bytes_tensor(request.raw_input_contents[index]).reshape(-1))
+    else:
+        values = list(tensor.contents.bytes_contents)
+    if len(values) != 1:
+        raise invalid(f"input {SCHEMA_INPUT!r} takes one schema (JSON text), got {len(values)}")
+    try:
+        text = values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(f"input {SCHEMA_INPUT!r} must be UTF-8 JSON text") from None
+    check_schema(text)
 
 
 def tokens_used(response: service_pb2.ModelInferResponse) -> int | None:

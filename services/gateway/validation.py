@@ -5,6 +5,7 @@ from __future__ import annotations
 from inference_mesh.v1 import mesh_pb2, models_pb2
 from services.common.errors import MeshError, invalid, not_found
 from services.gateway.settings import RequestLimits
+from services.gateway.structured_output import schema_text
 
 
 def _model_error(name: str, known: list[models_pb2.ModelInfo], kind: models_pb2.ModelKind.ValueType) -> MeshError:
@@ -58,6 +59,7 @@ def check_generate(request: mesh_pb2.GenerateRequest, model: models_pb2.ModelInf
     for index, stop in enumerate(request.stop):
         if not stop or len(stop) > limits.max_stop_chars:
             raise invalid(f"stop[{index}] must be 1..{limits.max_stop_chars} characters")
+    schema_text(request.response_format)
 
 
 def check_embed(request: mesh_pb2.EmbedRequest, limits: RequestLimits) -> None:

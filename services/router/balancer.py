@@ -19,7 +19,7 @@ import math
 import time
 from collections import Counter as Tally
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client import Counter
 
@@ -58,9 +58,11 @@ class Route:
     exclude: frozenset[str] = frozenset()
     # What the canary version sticks to (the session, else the tenant), on the model and on its fallback alike.
     version_key: str = ""
+    # Capabilities the request needs (registry.CAPABILITIES): only placements that declare them are candidates.
+    needs: frozenset[str] = frozenset()
 
     def excluding(self, replica: str) -> Route:
-        return Route(self.affinity_key, self.exclude | {replica}, self.version_key)
+        return replace(self, exclude=self.exclude | {replica})
 
 
 @dataclass(frozen=True)
@@ -132,14 +134,16 @@ class Balancer:
         """Some replica can take one of these models (a model and its fallback)."""
         return any(model is not None and self.can_serve(model) for model in models)
 
-    def candidates(self, model: ModelSpec,
-                   exclude: frozenset[str] = frozenset()) -> tuple[list[Replica], tuple[str, ...]]:
+    def candidates(self, model: ModelSpec, exclude: frozenset[str] = frozenset(),
+                   needs: frozenset[str] = frozenset()) -> tuple[list[Replica], tuple[str, ...]]:
         """The usable replicas of the first pool (in the model's order) that has any, and the preferred pools
         passed over on the way (pools with replicas, none usable)."""
         bound = self._settings.max_in_flight_per_replica
         applied: list[str] = []  # the bounds that left a replica without a free slot, named as they applied
         passed_over: list[str] = []
         for placement in model.pools:
+            if not needs <= placement.capabilities:
+                continue
             pool = placement.pool
             model_bound = placement.max_in_flight_per_replica if self._settings.placement_bounds else 0
             members = self._replicas.in_pool(pool)
@@ -180,7 +184,7 @@ class Balancer:
 
     def place(self, model: ModelSpec, route: Route | None = None) -> Choice:
         route = route or Route()
-        candidates, passed_over = self.candidates(model, route.exclude)
+        candidates, passed_over = self.candidates(model, route.exclude, route.needs)
         shift = next(self._tiebreak) % len(candidates)
         rotated = candidates[shift:] + candidates[:shift]
         if model.routing == "least_outstanding":

@@ -16,8 +16,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.breakers import BreakerOpenError
 from services.common.deadlines import downstream_timeout
-from services.common.errors import MeshError, exhausted, not_found, stream_error_text
-from services.common.kserve import is_final_response, output_arrays, read_to_end
+from services.common.errors import MeshError, exhausted, invalid, not_found, stream_error_text
+from services.common.kserve import SCHEMA_INPUT, is_final_response, output_arrays, read_to_end
 from services.common.retries import Retrier
 from services.common.wire import (
     AFFINITY_PARAMETER,
@@ -34,7 +34,7 @@ from services.router.admission import AdmissionSettings, FairAdmission, Priority
 from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
 from services.router.canary import choose_version
 from services.router.coalescing import Outbox, Relayed, coalesced
-from services.router.registry import ModelSpec
+from services.router.registry import STRUCTURED_OUTPUT, ModelSpec
 from services.router.replicas import Replica
 from services.router.settings import RouterSettings
 from services.router.state import RouterState
@@ -173,8 +173,10 @@ def asked(request: service_pb2.ModelInferRequest, tenant: str) -> Asked:
     """The route key: the prefix-affinity key, else the session; the canary version sticks to the session, else
     the tenant (the gateway, which chose the version before its cache, used the same key)."""
     session = _parameter(request, SESSION_PARAMETER)
+    needs = frozenset({STRUCTURED_OUTPUT}) if any(t.name == SCHEMA_INPUT for t in request.inputs) else frozenset()
     return Asked(request.model_name, request.model_version,
-                 Route(affinity_key=_parameter(request, AFFINITY_PARAMETER) or session, version_key=session or tenant))
+                 Route(affinity_key=_parameter(request, AFFINITY_PARAMETER) or session, version_key=session or tenant,
+                       needs=needs))
 
 
 class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -259,6 +261,19 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         FALLBACKS.labels(ask.public_name, "model").inc()
         return Placed(backup, choose_version(spec.fallback, backup.versions, route.version_key, backup.version),
                       choice, f"model {ask.public_name}->{spec.fallback}")
+
+    def _check_capable(self, spec: ModelSpec, ask: Asked) -> None:
+        """A request needing a capability no placement declares is refused before it waits anywhere: running it
+        elsewhere would answer without what it asked for (free text for a schema)."""
+        needs = ask.route.needs
+        if not needs or spec.pools_supporting(needs):
+            return
+        backup = self._state.registry.fallback_of(spec)
+        if backup is not None and backup.pools_supporting(needs):
+            return
+        raise invalid(f"model {ask.public_name!r} cannot serve {', '.join(sorted(needs))}: none of its pools "
+                      f"({', '.join(spec.pool_names)}) declares it in the registry; use a model whose pools do "
+                      "(GET /v1/models lists them) or drop response_format")
 
     def _admitted(self, placed: Placed, route: Route) -> Route | None:
         """None when the replica's breaker admits the call; else the route without it (another took the probe)."""
@@ -349,6 +364,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         tried again on another replica (a started stream only if the model can resume it) while the retry policy
         allows. Returns the placement that succeeded; any other end is a MeshError, converted here only."""
         route = ask.route
+        self._check_capable(spec, ask)
         self._retrier.budget.on_request()
         first_model = ""
         while True:

@@ -48,6 +48,12 @@ class PoolSpec(BaseModel, extra="forbid"):
         return self
 
 
+# What a placement's engine can do beyond free text, named in the registry (`supports`) and asked for by requests:
+# structured_output is decoding under a JSON schema (the `json_schema` input of the generation contract).
+STRUCTURED_OUTPUT = "structured_output"
+Capability = Literal["structured_output"]
+
+
 class Placement(BaseModel, extra="forbid"):
     pool: str
     cost_per_1k_tokens: float = 0.0
@@ -56,6 +62,12 @@ class Placement(BaseModel, extra="forbid"):
     # CPU, the engine's max batch for TensorRT-LLM); beyond, requests wait in the router's fair queues
     # (services/router/admission.py) instead of Triton's first-come queue. 0: only the router-wide bound.
     max_in_flight_per_replica: int = Field(default=0, ge=0)
+    # Capabilities of this model's engine on this pool; a request that needs one runs only where it is declared.
+    supports: list[Capability] = Field(default_factory=list)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset(self.supports)
 
 
 class ModelSpec(BaseModel, extra="forbid"):
@@ -98,6 +110,9 @@ class ModelSpec(BaseModel, extra="forbid"):
     @property
     def pool_names(self) -> list[str]:
         return [p.pool for p in self.pools]
+
+    def pools_supporting(self, needs: frozenset[str]) -> list[str]:
+        return [p.pool for p in self.pools if needs <= p.capabilities]
 
 
 class ModelGroup(BaseModel, extra="forbid"):

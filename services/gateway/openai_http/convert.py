@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
 from collections.abc import Sequence
 
@@ -45,9 +46,23 @@ def priority(body: _Sampling) -> mesh_pb2.Priority.ValueType:
     return mesh_pb2.PRIORITY_BATCH if body.service_tier == "flex" else mesh_pb2.PRIORITY_INTERACTIVE
 
 
+_FORMATS = {"text": mesh_pb2.ResponseFormat.TYPE_TEXT, "json_object": mesh_pb2.ResponseFormat.TYPE_JSON_OBJECT,
+            "json_schema": mesh_pb2.ResponseFormat.TYPE_JSON_SCHEMA}
+
+
 def chat_request(body: ChatCompletionRequest, max_tokens: int) -> mesh_pb2.GenerateRequest:
     messages = [mesh_pb2.ChatMessage(role=_ROLES[m.role], content=m.text()) for m in body.messages]
-    return _sampled(body, messages, max_tokens)
+    request = _sampled(body, messages, max_tokens)
+    if body.response_format is not None and body.response_format.type != "text":
+        answer_format = request.response_format
+        answer_format.type = _FORMATS[body.response_format.type]
+        if (spec := body.response_format.json_schema) is not None:
+            # The caller's key order kept: it is the order the answer's keys are written in.
+            answer_format.schema = json.dumps(spec.schema_ if spec.schema_ is not None else {},
+                                              ensure_ascii=False, separators=(",", ":"))
+            answer_format.name = spec.name
+            answer_format.strict = bool(spec.strict)
+    return request
 
 
 def completion_request(body: CompletionRequest, max_tokens: int) -> mesh_pb2.GenerateRequest:
@@ -64,7 +79,8 @@ def ask_request(body: ChatCompletionRequest, max_tokens: int) -> mesh_pb2.AskReq
     if len(body.messages) != 1 or body.messages[0].role != "user":
         raise invalid_body("with retrieval, send exactly one message, the user's question", "messages")
     retrieval = body.retrieval
-    if body.stop or body.top_p is not None or body.session_id or body.cache_mode != "default":
+    if (body.stop or body.top_p is not None or body.session_id or body.cache_mode != "default"
+            or (body.response_format is not None and body.response_format.type != "text")):
         raise invalid_body("with retrieval, only model, messages, max_tokens, temperature, seed and retrieval apply")
     request = mesh_pb2.AskRequest(model=body.model, question=body.messages[0].text(), max_tokens=max_tokens,
                                   top_k=retrieval.top_k or 0, filter=retrieval.filter, request_id=body.request_id,

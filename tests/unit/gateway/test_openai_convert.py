@@ -77,12 +77,31 @@ def test_service_tier_flex_is_batch_priority(tier, priority):
     ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"tools": []}, "tools"), ({"max_tokens": "10"}, "max_tokens"), ({"stream": "yes"}, "stream"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-    ({"response_format": {"type": "json_object"}}, "response_format.type")])
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name")])
 def test_fields_that_would_change_the_answer_are_refused(fields, param):
     with pytest.raises(OpenAIError) as caught:
         _chat(**fields)
     assert caught.value.kind.status == 400
     assert caught.value.param == param
+
+
+def test_response_formats_reach_the_mesh_request_with_the_schema_as_sent():
+    schema = {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}},
+              "required": ["b", "a"], "additionalProperties": False}
+    body = _chat(response_format={"type": "json_schema", "json_schema": {"name": "pair", "schema": schema,
+                                                                         "strict": True}})
+    answer_format = convert.chat_request(body, 5).response_format
+    assert answer_format.type == mesh_pb2.ResponseFormat.TYPE_JSON_SCHEMA
+    assert answer_format.name == "pair" and answer_format.strict
+    assert list(json.loads(answer_format.schema)["properties"]) == ["b", "a"], "key order is answer order"
+    assert (convert.chat_request(_chat(response_format={"type": "json_object"}), 5).response_format.type
+            == mesh_pb2.ResponseFormat.TYPE_JSON_OBJECT)
+    assert not convert.chat_request(_chat(response_format={"type": "text"}), 5).HasField("response_format")
+    with pytest.raises(OpenAIError, match="with retrieval"):
+        convert.ask_request(_chat(retrieval={}, response_format={"type": "json_object"}), 16)
 
 
 def test_not_json_is_a_bad_request():

