@@ -27,6 +27,10 @@ def _sampling(request: mesh_pb2.GenerateRequest) -> dict:
         # Only when set, so free-text entries keep the keys they had. The schema text as sent: another key order
         # is another answer (keys are written in the schema's order), and strict changes what was checked.
         sampling["response_format"] = [answer_format.type, answer_format.schema, answer_format.strict]
+    if request.tools:
+        sampling["tools"] = [[t.name, t.description, t.parameters, t.strict] for t in request.tools]
+        sampling["tool_choice"] = [request.tool_choice.mode, request.tool_choice.function,
+                                   request.parallel_tool_calls if request.HasField("parallel_tool_calls") else None]
     return sampling
 
 
@@ -35,8 +39,16 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def messages(request: mesh_pb2.GenerateRequest) -> list[tuple[int, str]]:
-    return [(m.role, normalise(m.content)) for m in request.messages]
+def _message(message: mesh_pb2.ChatMessage) -> tuple:
+    if not message.tool_calls and not message.tool_call_id:
+        return message.role, normalise(message.content)
+    # The calls made and the call answered decide the next answer as much as the text does.
+    return (message.role, normalise(message.content), [[c.name, c.arguments] for c in message.tool_calls],
+            message.tool_call_id)
+
+
+def messages(request: mesh_pb2.GenerateRequest) -> list[tuple]:
+    return [_message(m) for m in request.messages]
 
 
 def is_deterministic(request: mesh_pb2.GenerateRequest) -> bool:
@@ -58,7 +70,7 @@ def user_text(request: mesh_pb2.GenerateRequest) -> str:
 def context_digest(request: mesh_pb2.GenerateRequest) -> str:
     """Everything but the last user message: system prompt, history, sampling. A semantic hit must match it."""
     items = messages(request)
-    last_user = max((i for i, (role, _) in enumerate(items) if role == mesh_pb2.ROLE_USER), default=-1)
+    last_user = max((i for i, item in enumerate(items) if item[0] == mesh_pb2.ROLE_USER), default=-1)
     return _digest({"messages": [m if i != last_user else (m[0], "<user>") for i, m in enumerate(items)],
                     "sampling": _sampling(request)})
 

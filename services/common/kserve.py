@@ -18,6 +18,9 @@ RESUME_INPUT = "resume_tokens"
 # The optional input a generation decodes under a JSON schema with (JSON text). The router sends a request carrying
 # it only to placements that declare structured_output.
 SCHEMA_INPUT = "json_schema"
+# The optional input naming the tools a generation may call and the caller's choice (JSON text); only placements
+# that declare `tools` get it.
+TOOLS_INPUT = "tools"
 
 _NP_TO_TRITON = {
     np.dtype(np.float32): "FP32",

@@ -31,6 +31,7 @@ from services.gateway.plan import RequestPlan, estimated_cost, plan_request
 from services.gateway.request_log import GenerationLog, prompt_text
 from services.gateway.routing_hints import affinity_key, group_member
 from services.gateway.settings import GatewaySettings
+from services.gateway.tools import uses_tools, with_tool_calls
 from services.gateway.validation import check_embed, check_generate, check_model, check_request_id
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,10 @@ class MeshCore:
                                 session=request.session_id, group=group,
                                 affinity=affinity_key(request, self.settings.affinity_min_prefix_chars),
                                 priority=request.priority, cost=estimated_cost(request))
-            return Generation(plan.metadata, _logged(await self._generate(request, plan), record))
+            chunks = await self._generate(request, plan)
+            if uses_tools(request):
+                chunks = with_tool_calls(chunks)
+            return Generation(plan.metadata, _logged(chunks, record))
         except MeshError as exc:
             record.failed(exc)
             record.write()

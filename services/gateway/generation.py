@@ -15,6 +15,7 @@ from inference_mesh.v1 import mesh_pb2
 from services.common.errors import from_stream_error, unavailable
 from services.common.kserve import (
     SCHEMA_INPUT,
+    TOOLS_INPUT,
     InferRequestBuilder,
     first_bytes,
     first_int,
@@ -28,8 +29,10 @@ from services.gateway.errors import from_rpc_error
 from services.gateway.plan import Delivered, RequestPlan
 from services.gateway.served_by import record_placement
 from services.gateway.structured_output import schema_text
+from services.gateway.tools import calls_schema, tools_input, uses_tools
 
-_ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant"}
+_ROLE_NAMES = {mesh_pb2.ROLE_SYSTEM: "system", mesh_pb2.ROLE_USER: "user", mesh_pb2.ROLE_ASSISTANT: "assistant",
+               mesh_pb2.ROLE_TOOL: "tool"}
 _FINISH = {
     "stop": mesh_pb2.FINISH_REASON_STOP,
     "length": mesh_pb2.FINISH_REASON_LENGTH,
@@ -37,9 +40,16 @@ _FINISH = {
 }
 
 
+def _message(message: mesh_pb2.ChatMessage) -> dict:
+    rendered: dict = {"role": _ROLE_NAMES[message.role], "content": message.content}
+    if message.tool_calls:
+        rendered["tool_calls"] = [{"name": c.name, "arguments": json.loads(c.arguments)} for c in message.tool_calls]
+    return rendered
+
+
 def to_kserve(request: mesh_pb2.GenerateRequest, request_id: str, version: str = "",
               affinity: str = "") -> service_pb2.ModelInferRequest:
-    messages = [{"role": _ROLE_NAMES[m.role], "content": m.content} for m in request.messages]
+    messages = [_message(m) for m in request.messages]
     builder = InferRequestBuilder(request.model, request_id, version)
     builder.add_bytes("messages", [json.dumps(messages, ensure_ascii=False).encode("utf-8")])
     builder.add_array("max_tokens", np.array([request.max_tokens], dtype=np.int32))
@@ -51,8 +61,11 @@ def to_kserve(request: mesh_pb2.GenerateRequest, request_id: str, version: str =
         builder.add_array("seed", np.array([request.seed & 0x7FFF_FFFF_FFFF_FFFF], dtype=np.int64))
     if request.stop:
         builder.add_bytes("stop", [s.encode("utf-8") for s in request.stop])
-    if (schema := schema_text(request.response_format)) is not None:
+    schema = calls_schema(request) if uses_tools(request) else schema_text(request.response_format)
+    if schema is not None:
         builder.add_bytes(SCHEMA_INPUT, [schema.encode("utf-8")])
+    if request.tools:
+        builder.add_bytes(TOOLS_INPUT, [tools_input(request).encode("utf-8")])
     built = builder.build()
     if request.session_id:
         built.parameters[SESSION_PARAMETER].string_param = request.session_id

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from inference_mesh.v1 import mesh_pb2, models_pb2
 from services.common.errors import MeshError, invalid, not_found
 from services.gateway.settings import RequestLimits
 from services.gateway.structured_output import schema_text
+from services.gateway.tools import check_tools
 
 
 def _model_error(name: str, known: list[models_pb2.ModelInfo], kind: models_pb2.ModelKind.ValueType) -> MeshError:
@@ -30,6 +33,22 @@ def check_request_id(request_id: str, limits: RequestLimits) -> None:
         raise invalid("request_id must be printable ASCII (letters, digits, punctuation, spaces)")
 
 
+def check_message(index: int, message: mesh_pb2.ChatMessage) -> None:
+    if message.role == mesh_pb2.ROLE_UNSPECIFIED or message.role not in mesh_pb2.Role.values():
+        raise invalid(f"messages[{index}].role must be ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT or ROLE_TOOL")
+    if message.tool_calls and message.role != mesh_pb2.ROLE_ASSISTANT:
+        raise invalid(f"messages[{index}]: only an assistant message carries tool_calls")
+    if (message.role == mesh_pb2.ROLE_TOOL) != bool(message.tool_call_id):
+        raise invalid(f"messages[{index}]: a tool message, and only a tool message, names its tool_call_id")
+    for call in message.tool_calls:
+        try:
+            json.loads(call.arguments)
+        except json.JSONDecodeError:
+            raise invalid(f"messages[{index}]: tool call {call.name!r} has arguments that are not JSON") from None
+    if not message.content.strip() and not message.tool_calls:
+        raise invalid(f"messages[{index}].content is empty")
+
+
 def check_generate(request: mesh_pb2.GenerateRequest, model: models_pb2.ModelInfo, limits: RequestLimits) -> None:
     check_request_id(request.request_id, limits)
     # It keys canary stickiness and prefix affinity, travels in a KServe parameter and lives in router memory.
@@ -40,10 +59,7 @@ def check_generate(request: mesh_pb2.GenerateRequest, model: models_pb2.ModelInf
     if len(request.messages) > limits.max_messages:
         raise invalid(f"{len(request.messages)} messages; the limit is {limits.max_messages}")
     for index, message in enumerate(request.messages):
-        if message.role == mesh_pb2.ROLE_UNSPECIFIED or message.role not in mesh_pb2.Role.values():
-            raise invalid(f"messages[{index}].role must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
-        if not message.content.strip():
-            raise invalid(f"messages[{index}].content is empty")
+        check_message(index, message)
     prompt_chars = sum(len(m.content) for m in request.messages)
     if prompt_chars > limits.max_prompt_chars:
         raise invalid(f"prompt is {prompt_chars} characters; the limit is {limits.max_prompt_chars}")
@@ -60,6 +76,7 @@ def check_generate(request: mesh_pb2.GenerateRequest, model: models_pb2.ModelInf
         if not stop or len(stop) > limits.max_stop_chars:
             raise invalid(f"stop[{index}] must be 1..{limits.max_stop_chars} characters")
     schema_text(request.response_format)
+    check_tools(request)
 
 
 def check_embed(request: mesh_pb2.EmbedRequest, limits: RequestLimits) -> None:

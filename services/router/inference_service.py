@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.common.breakers import BreakerOpenError
 from services.common.deadlines import downstream_timeout
 from services.common.errors import MeshError, exhausted, invalid, not_found, stream_error_text
-from services.common.kserve import SCHEMA_INPUT, is_final_response, output_arrays, read_to_end
+from services.common.kserve import SCHEMA_INPUT, TOOLS_INPUT, is_final_response, output_arrays, read_to_end
 from services.common.retries import Retrier
 from services.common.wire import (
     AFFINITY_PARAMETER,
@@ -34,7 +34,7 @@ from services.router.admission import AdmissionSettings, FairAdmission, Priority
 from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
 from services.router.canary import choose_version
 from services.router.coalescing import Outbox, Relayed, coalesced
-from services.router.registry import STRUCTURED_OUTPUT, ModelSpec
+from services.router.registry import STRUCTURED_OUTPUT, TOOLS, ModelSpec
 from services.router.replicas import Replica
 from services.router.settings import RouterSettings
 from services.router.state import RouterState
@@ -160,6 +160,10 @@ def _replica_failure(code: grpc.StatusCode) -> grpc.StatusCode:
 Attempt = Callable[[Placed], Awaitable[tuple[grpc.StatusCode, str] | None]]
 
 
+# The contract's optional inputs that only some engines can honour, and the capability each needs.
+_NEEDS = {SCHEMA_INPUT: STRUCTURED_OUTPUT, TOOLS_INPUT: TOOLS}
+
+
 @dataclass(frozen=True)
 class Asked:
     """What the caller asked for, read once before any attempt rewrites the request."""
@@ -173,7 +177,7 @@ def asked(request: service_pb2.ModelInferRequest, tenant: str) -> Asked:
     """The route key: the prefix-affinity key, else the session; the canary version sticks to the session, else
     the tenant (the gateway, which chose the version before its cache, used the same key)."""
     session = _parameter(request, SESSION_PARAMETER)
-    needs = frozenset({STRUCTURED_OUTPUT}) if any(t.name == SCHEMA_INPUT for t in request.inputs) else frozenset()
+    needs = frozenset(_NEEDS[t.name] for t in request.inputs if t.name in _NEEDS)
     return Asked(request.model_name, request.model_version,
                  Route(affinity_key=_parameter(request, AFFINITY_PARAMETER) or session, version_key=session or tenant,
                        needs=needs))
@@ -273,7 +277,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             return
         raise invalid(f"model {ask.public_name!r} cannot serve {', '.join(sorted(needs))}: none of its pools "
                       f"({', '.join(spec.pool_names)}) declares it in the registry; use a model whose pools do "
-                      "(GET /v1/models lists them) or drop response_format")
+                      "(GET /v1/models lists them) or drop response_format / tools")
 
     def _admitted(self, placed: Placed, route: Route) -> Route | None:
         """None when the replica's breaker admits the call; else the route without it (another took the probe)."""

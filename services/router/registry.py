@@ -49,9 +49,11 @@ class PoolSpec(BaseModel, extra="forbid"):
 
 
 # What a placement's engine can do beyond free text, named in the registry (`supports`) and asked for by requests:
-# structured_output is decoding under a JSON schema (the `json_schema` input of the generation contract).
+# structured_output is decoding under a JSON schema (the `json_schema` input of the generation contract); tools is
+# describing functions in the prompt and decoding calls to them (the `tools` input).
 STRUCTURED_OUTPUT = "structured_output"
-Capability = Literal["structured_output"]
+TOOLS = "tools"
+Capability = Literal["structured_output", "tools"]
 
 
 class Placement(BaseModel, extra="forbid"):

@@ -8,7 +8,7 @@ import datetime
 import enum
 import json
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 import grpc
 import httpx
@@ -277,3 +277,126 @@ def test_whatever_the_schema_the_cpu_pools_answer_validates(mesh, schema):
     text = "".join(c.text for c in chunks)
     assert chunks[-1].finish_reason == mesh_pb2.FINISH_REASON_STOP, (schema, text)
     jsonschema.validate(json.loads(text), schema, format_checker=FORMATS)
+
+
+# Tools: each call's arguments are decoded under its tool's parameters.
+class GetWeather(BaseModel):
+    """The weather now in a city."""
+
+    city: str = Field(max_length=24)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+class GetTime(BaseModel):
+    """The time now in a timezone."""
+
+    zone: Literal["UTC", "CET", "JST"]
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather now in a city",
+                                                 "parameters": to_strict_json_schema(GetWeather), "strict": True}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time now in a timezone",
+                                              "parameters": to_strict_json_schema(GetTime), "strict": True}}
+TOOL_MODELS = {"get_weather": GetWeather, "get_time": GetTime}
+
+
+def _checked_calls(message) -> list:
+    assert message.tool_calls, message
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        TOOL_MODELS[call.function.name].model_validate_json(call.function.arguments)
+    return message.tool_calls
+
+
+def test_a_tool_round_trip_call_result_and_final_answer(client):
+    messages = [{"role": "user", "content": "What is the weather in Oslo, in celsius?"}]
+    first = client.chat.completions.create(model=LLM, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL],
+                                           tool_choice="required", max_tokens=120, temperature=0,
+                                           extra_body={"cache_mode": "bypass"})
+    assert first.choices[0].finish_reason == "tool_calls" and first.choices[0].message.content is None
+    calls = _checked_calls(first.choices[0].message)
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    messages += [{"role": "tool", "tool_call_id": call.id, "content": "4 degrees, light rain"} for call in calls]
+    final = client.chat.completions.create(model=LLM, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL],
+                                           tool_choice="none", max_tokens=40, temperature=0)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    named = client.chat.completions.create(model=LLM, messages=messages[:1], tools=[WEATHER_TOOL, TIME_TOOL],
+                                           tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                           max_tokens=60, temperature=0)
+    assert [c.function.name for c in _checked_calls(named.choices[0].message)] == ["get_time"]
+
+
+def test_streamed_tool_call_deltas_are_reassembled_by_the_sdk(client):
+    with client.chat.completions.stream(
+            model=LLM, messages=[{"role": "user", "content": "What time is it in Tokyo?"}],
+            tools=[openai.pydantic_function_tool(GetTime, name="get_time"),
+                   openai.pydantic_function_tool(GetWeather, name="get_weather")],
+            tool_choice="required", max_tokens=120, temperature=0) as stream:
+        kinds = {type(event).__name__ for event in stream}
+        final = stream.get_final_completion()
+    assert "FunctionToolCallArgumentsDoneEvent" in kinds, kinds
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    for call in _checked_calls(choice.message):
+        assert isinstance(call.function.parsed_arguments, TOOL_MODELS[call.function.name])
+
+
+def test_tools_through_the_grpc_api_come_back_as_typed_calls(mesh):
+    request = chat("What is the weather in Rome?", max_tokens=80, temperature=0.0,
+                   cache_mode=mesh_pb2.CACHE_MODE_BYPASS,
+                   tools=[mesh_pb2.Tool(name="get_weather", parameters=json.dumps(to_strict_json_schema(GetWeather)),
+                                        strict=True)],
+                   tool_choice=mesh_pb2.ToolChoice(mode=mesh_pb2.ToolChoice.MODE_REQUIRED))
+    chunks = list(mesh.Generate(request, metadata=AUTH, timeout=120))
+    last = chunks[-1]
+    assert last.finish_reason == mesh_pb2.FINISH_REASON_TOOL_CALLS and not "".join(c.text for c in chunks)
+    assert [GetWeather.model_validate_json(c.arguments) for c in last.tool_calls]
+    assert last.usage.completion_tokens > 0
+
+
+def test_langchain_agent_loop_with_two_tools(stack):
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    ran: list[str] = []
+
+    @tool
+    def get_weather(city: str, unit: Literal["celsius", "fahrenheit"]) -> str:
+        """The weather now in a city."""
+        ran.append("get_weather")
+        return f"12 degrees {unit} in {city}"
+
+    @tool
+    def get_time(zone: Literal["UTC", "CET", "JST"]) -> str:
+        """The time now in a timezone."""
+        ran.append("get_time")
+        return f"10:00 {zone}"
+
+    model = ChatOpenAI(model=LLM, api_key=KEY, base_url=f"https://localhost:{stack.ports.edge}/v1", temperature=0,
+                       max_tokens=120, max_retries=0, http_client=httpx.Client(verify=_trust(stack)))
+    tools = {"get_weather": get_weather, "get_time": get_time}
+    history = [HumanMessage("What is the weather in Lisbon and what time is it in UTC?")]
+    # Each turn must call a tool (a 135M model left to choose answers in text); the loop ends with a text answer.
+    for _ in range(2):
+        answer = model.bind_tools(list(tools.values()), tool_choice="any").invoke(history)
+        assert answer.tool_calls
+        history.append(answer)
+        for call in answer.tool_calls:
+            history.append(ToolMessage(tools[call["name"]].invoke(call["args"]), tool_call_id=call["id"]))
+    final = model.bind_tools(list(tools.values()), tool_choice="none").invoke(history)
+    assert final.content and not final.tool_calls
+    assert ran, "the tools ran with arguments the model produced"
+
+
+def test_an_unknown_tool_choice_is_a_400_before_any_engine(client, stack):
+    before = triton_metric(stack, INFERENCES)
+    with pytest.raises(openai.BadRequestError, match="launch"):
+        client.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                       tools=[WEATHER_TOOL],
+                                       tool_choice={"type": "function", "function": {"name": "launch"}})
+    with pytest.raises(openai.BadRequestError, match="minimum"):
+        client.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {
+                                           "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}])
+    assert triton_metric(stack, INFERENCES) == before

@@ -312,6 +312,8 @@ async def _streamed(request: web.Request, generation: Generation, envelope: conv
                 await response.write(_event(envelope.delta(chunk.text)))
             if chunk.finish_reason:
                 last = _completed(chunk)
+                for delta in envelope.tool_call_deltas(last):
+                    await response.write(_event(delta))
                 await response.write(_event(envelope.finish(last)))
                 if include_usage:
                     await response.write(_event(envelope.usage_chunk(last)))

@@ -12,15 +12,25 @@ from google.protobuf import json_format
 
 from inference_mesh.v1 import mesh_pb2, retrieval_pb2
 from services.gateway.openai_http.errors import invalid_body
-from services.gateway.openai_http.schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, _Sampling
+from services.gateway.openai_http.schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Message,
+    NamedToolChoice,
+    _Sampling,
+)
 
 # "developer" is OpenAI's newer name for the system role.
 _ROLES = {"system": mesh_pb2.ROLE_SYSTEM, "developer": mesh_pb2.ROLE_SYSTEM, "user": mesh_pb2.ROLE_USER,
-          "assistant": mesh_pb2.ROLE_ASSISTANT}
+          "assistant": mesh_pb2.ROLE_ASSISTANT, "tool": mesh_pb2.ROLE_TOOL}
+_TOOL_CHOICES = {None: mesh_pb2.ToolChoice.MODE_AUTO, "auto": mesh_pb2.ToolChoice.MODE_AUTO,
+                 "none": mesh_pb2.ToolChoice.MODE_NONE, "required": mesh_pb2.ToolChoice.MODE_REQUIRED}
 _CACHE_MODES = {"default": mesh_pb2.CACHE_MODE_DEFAULT, "bypass": mesh_pb2.CACHE_MODE_BYPASS,
                 "refresh": mesh_pb2.CACHE_MODE_REFRESH}
 _QUALITY = {"default": mesh_pb2.QUALITY_TIER_DEFAULT, "high": mesh_pb2.QUALITY_TIER_HIGH}
-_FINISH = {mesh_pb2.FINISH_REASON_STOP: "stop", mesh_pb2.FINISH_REASON_LENGTH: "length"}
+_FINISH = {mesh_pb2.FINISH_REASON_STOP: "stop", mesh_pb2.FINISH_REASON_LENGTH: "length",
+           mesh_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls"}
 CACHE_STATUS = {mesh_pb2.CACHE_STATUS_UNSPECIFIED: "", mesh_pb2.CACHE_STATUS_MISS: "miss",
                 mesh_pb2.CACHE_STATUS_BYPASS: "bypass", mesh_pb2.CACHE_STATUS_EXACT_HIT: "exact-hit",
                 mesh_pb2.CACHE_STATUS_SEMANTIC_HIT: "semantic-hit",
@@ -50,9 +60,34 @@ _FORMATS = {"text": mesh_pb2.ResponseFormat.TYPE_TEXT, "json_object": mesh_pb2.R
             "json_schema": mesh_pb2.ResponseFormat.TYPE_JSON_SCHEMA}
 
 
+def _message(message: Message) -> mesh_pb2.ChatMessage:
+    return mesh_pb2.ChatMessage(
+        role=_ROLES[message.role], content=message.text(), tool_call_id=message.tool_call_id or "",
+        tool_calls=[mesh_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+                    for c in message.tool_calls or []])
+
+
+def _with_tools(body: ChatCompletionRequest, request: mesh_pb2.GenerateRequest) -> None:
+    for tool in body.tools or []:
+        function = tool.function
+        request.tools.add(name=function.name, description=function.description or "", strict=bool(function.strict),
+                          parameters=json.dumps(function.parameters, ensure_ascii=False, separators=(",", ":"))
+                          if function.parameters is not None else "")
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        request.tool_choice.mode = mesh_pb2.ToolChoice.MODE_FUNCTION
+        request.tool_choice.function = choice.function.name
+    elif body.tools:
+        request.tool_choice.mode = _TOOL_CHOICES[choice]
+    elif choice not in (None, "none"):
+        raise invalid_body("tool_choice needs tools", "tool_choice")
+    if body.parallel_tool_calls is not None:
+        request.parallel_tool_calls = body.parallel_tool_calls
+
+
 def chat_request(body: ChatCompletionRequest, max_tokens: int) -> mesh_pb2.GenerateRequest:
-    messages = [mesh_pb2.ChatMessage(role=_ROLES[m.role], content=m.text()) for m in body.messages]
-    request = _sampled(body, messages, max_tokens)
+    request = _sampled(body, [_message(m) for m in body.messages], max_tokens)
+    _with_tools(body, request)
     if body.response_format is not None and body.response_format.type != "text":
         answer_format = request.response_format
         answer_format.type = _FORMATS[body.response_format.type]
@@ -80,7 +115,7 @@ def ask_request(body: ChatCompletionRequest, max_tokens: int) -> mesh_pb2.AskReq
         raise invalid_body("with retrieval, send exactly one message, the user's question", "messages")
     retrieval = body.retrieval
     if (body.stop or body.top_p is not None or body.session_id or body.cache_mode != "default"
-            or (body.response_format is not None and body.response_format.type != "text")):
+            or (body.response_format is not None and body.response_format.type != "text") or body.tools):
         raise invalid_body("with retrieval, only model, messages, max_tokens, temperature, seed and retrieval apply")
     request = mesh_pb2.AskRequest(model=body.model, question=body.messages[0].text(), max_tokens=max_tokens,
                                   top_k=retrieval.top_k or 0, filter=retrieval.filter, request_id=body.request_id,
@@ -147,6 +182,9 @@ class Envelope:
         """A chunk before any text (chat streams name the role first), or None."""
         return None
 
+    def tool_call_deltas(self, last: mesh_pb2.GenerateChunk) -> list[dict]:
+        return []
+
     def delta(self, text: str) -> dict:
         return {**self._base(self.chunk_object, self.model), "choices": [self._choice(text, None, whole=False)]}
 
@@ -163,16 +201,34 @@ class Envelope:
                 "mesh": mesh_extension(last.metadata)}
 
 
+def _tool_call(call: mesh_pb2.ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 class ChatEnvelope(Envelope):
     whole_object, chunk_object, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
     def _choice(self, text: str | None, last: mesh_pb2.GenerateChunk | None, whole: bool) -> dict:
         finish = finish_reason(last) if last is not None else None
         if whole:
-            return {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                    "logprobs": None, "finish_reason": finish}
+            message: dict = {"role": "assistant", "content": text, "refusal": None}
+            if last is not None and last.tool_calls:
+                message["content"] = None
+                message["tool_calls"] = [_tool_call(call) for call in last.tool_calls]
+            return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None,
                 "finish_reason": finish}
+
+    def tool_call_deltas(self, last: mesh_pb2.GenerateChunk) -> list[dict]:
+        """Each call as OpenAI streams one: a chunk with its index, id, type and name, then its arguments."""
+        chunks = []
+        for index, call in enumerate(last.tool_calls):
+            opening = {"index": index, "id": call.id, "type": "function",
+                       "function": {"name": call.name, "arguments": ""}}
+            for delta in (opening, {"index": index, "function": {"arguments": call.arguments}}):
+                chunks.append({**self._base(self.chunk_object, self.model), "choices": [
+                    {"index": 0, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}]})
+        return chunks
 
     def opening(self) -> dict:
         return {**self._base(self.chunk_object, self.model), "choices": [

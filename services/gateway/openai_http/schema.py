@@ -19,11 +19,25 @@ class TextPart(_Body):
     text: StrictStr
 
 
+class FunctionCall(_Body):
+    name: StrictStr
+    arguments: StrictStr   # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: StrictStr
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class Message(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # A string, or text parts (images and audio are refused by the Literal above).
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    refusal: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None    # assistant: the calls it made
+    tool_call_id: StrictStr | None = None       # tool: the call this result answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -108,6 +122,27 @@ class ResponseFormat(_Body):
         return self
 
 
+class FunctionDefinition(_Body):
+    name: Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = False
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: StrictStr
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[Message]
     max_completion_tokens: _Count | None = None
@@ -115,6 +150,9 @@ class ChatCompletionRequest(_Sampling):
     metadata: dict[str, StrictStr] | None = None
     store: Literal[False] | None = None
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
     retrieval: Retrieval | None = None
 
     def output_limit(self) -> int | None:

@@ -75,8 +75,8 @@ def test_service_tier_flex_is_batch_priority(tier, priority):
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"n": 3}, "n"), ({"logprobs": True}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"tools": []}, "tools"), ({"max_tokens": "10"}, "max_tokens"), ({"stream": "yes"}, "stream"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    ({"tools": [{"type": "code_interpreter"}]}, "tools.0.type"), ({"max_tokens": "10"}, "max_tokens"),
+    ({"stream": "yes"}, "stream"), ({"messages": [{"role": "function", "content": "x"}]}, "messages.0.role"),
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -218,3 +219,22 @@ def test_one_builder_builds_while_the_others_wait_and_a_dead_builders_lock_is_ta
 
 def test_the_unbuilt_marker_is_one_fact():
     assert build_engine.UNBUILT == fill_trtllm.UNBUILT
+
+
+def test_no_tensorrt_llm_placement_claims_guided_decoding_the_pinned_engine_lacks():
+    """structured_output on a GPU pool would send the json_schema input to a BLS model whose engine cannot
+    enforce it; the pinned backend has no guided-decoding tensor, so every registry leaves it off those pools."""
+    guided = BACKEND["guided_decoding"]
+    assert not set(guided["inputs"]) & set(BACKEND["inputs"]), "the pinned engine takes guided decoding: declare it"
+    assert guided["first_tag"] == "v0.19.0" and re.fullmatch(r"[0-9a-f]{40}", guided["first_tag_commit"])
+    registries = [ROOT / "config" / "registry.yaml", ROOT / "config" / "registry.compose.yaml",
+                  ROOT / "deploy" / "helm" / "inference-mesh" / "files" / "models-gpu.yaml"]
+    for path in registries:
+        models = yaml.safe_load(path.read_text())["models"]
+        for name, model in models.items():
+            for placement in model["pools"]:
+                placement = placement if isinstance(placement, dict) else {"pool": placement}
+                if placement["pool"] != "cpu":
+                    assert not set(placement.get("supports", [])) & {"structured_output", "tools"}, (path.name, name)
+    template = (ROOT / "triton_models" / "trtllm" / "generate" / "config.pbtxt.tmpl").read_text()
+    assert '"json_schema"' not in template, "the BLS model would accept a schema its engine ignores"

@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import llama_cpp
 from calendar_date import CALENDAR_DATE
-from contract import INVALID
+from contract import CALL_MARKER, INVALID
 from llama_cpp._internals import LlamaSampler
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
@@ -28,10 +28,13 @@ class GrammarCache:
         self._grammars: OrderedDict[str, str] = OrderedDict()
         self.last_compile_s = 0.0
 
-    def grammar(self, schema: str) -> str:
-        found = self._grammars.get(schema)
+    def grammar(self, schema: str, tool_choice: str | None = None) -> str:
+        """The grammar of an answer under `schema`; with a tool choice, `schema` is the calls' shape and the answer
+        is the call marker and the calls ("required"), or that or plain text not opening with "<" ("auto")."""
+        key = f"{tool_choice or ''}\n{schema}"
+        found = self._grammars.get(key)
         if found is not None:
-            self._grammars.move_to_end(schema)
+            self._grammars.move_to_end(key)
             self.last_compile_s = 0.0
             return found
         started = time.perf_counter()
@@ -39,11 +42,21 @@ class GrammarCache:
             found = _calendar_dates(json_schema_to_gbnf(schema))
         except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as exc:
             raise ValueError(f"{INVALID}json_schema cannot be decoded under: {exc}") from exc
+        if tool_choice in ("auto", "required"):
+            found = _after_call_marker(found, plain_text=tool_choice == "auto")
         self.last_compile_s = time.perf_counter() - started
-        self._grammars[schema] = found
+        self._grammars[key] = found
         while len(self._grammars) > self._size:
             self._grammars.popitem(last=False)
         return found
+
+
+def _after_call_marker(grammar: str, plain_text: bool) -> str:
+    lines = [("mesh-call-answer ::= " + line[len("root ::= "):]) if line.startswith("root ::= ") else line
+             for line in grammar.split("\n")]
+    root = f'root ::= "{CALL_MARKER}" mesh-call-answer' + (" | plain-text" if plain_text else "")
+    extra = ['plain-text ::= [^<] [^\\x00]*'] if plain_text else []
+    return "\n".join([root, *lines, *extra])
 
 
 def _calendar_dates(grammar: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 # Errors the caller caused start with this tag, so the mesh can map them to INVALID_ARGUMENT.
 INVALID = "INVALID_ARGUMENT: "
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 
 
 def parse_messages(raw: bytes | str) -> list[dict]:
@@ -27,6 +27,11 @@ def parse_messages(raw: bytes | str) -> list[dict]:
             isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
         raise ValueError(f"{INVALID}messages must be a non-empty list of {{role, content}} "
                          f"with role in {sorted(ROLES)}")
+    for m in messages:
+        calls = m.get("tool_calls", [])
+        if not isinstance(calls, list) or (calls and m["role"] != "assistant") or not all(
+                isinstance(c, dict) and isinstance(c.get("name"), str) and "arguments" in c for c in calls):
+            raise ValueError(f"{INVALID}tool_calls belong to assistant messages, each {{name, arguments}}")
     return messages
 
 
@@ -53,7 +58,60 @@ def parse_schema(optional: Callable[[str], Any]) -> str | None:
 def with_schema_instruction(messages: list[dict], schema: str) -> list[dict]:
     """The chat with what the answer must be said in its system message: the grammar makes the answer valid, the
     instruction lets the model put the right content in it. The schema is message content, tokenized as text."""
-    instruction = f"Reply with JSON only, valid against this JSON schema: {schema}"
+    return with_instruction(messages, f"Reply with JSON only, valid against this JSON schema: {schema}")
+
+
+# The optional input naming the tools a generation may call and the caller's choice: JSON text
+# {"tools": [{name, description, parameters}], "choice": "auto" | "required" | "none"}.
+TOOLS_INPUT = "tools"
+TOOL_CHOICES = ("auto", "required", "none")
+# What opens the calls in an answer (services/gateway/tools.py reads it): the marker, then
+# {"tool_calls": [{"name": ..., "arguments": {...}}]}, decoded under the json_schema input's grammar.
+CALL_MARKER = "<tool_call>"
+
+
+def parse_tools(optional: Callable[[str], Any]) -> dict | None:
+    value = optional(TOOLS_INPUT)
+    if value is None:
+        return None
+    raw = value.reshape(-1)
+    try:
+        tools = json.loads(raw[0].decode("utf-8") if isinstance(raw[0], bytes) else str(raw[0]))
+    except (UnicodeDecodeError, json.JSONDecodeError, IndexError) as exc:
+        raise ValueError(f"{INVALID}{TOOLS_INPUT} must be one JSON text: {exc}") from exc
+    if (not isinstance(tools, dict) or tools.get("choice") not in TOOL_CHOICES
+            or not isinstance(tools.get("tools"), list) or not tools["tools"]
+            or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools["tools"])):
+        raise ValueError(f"{INVALID}{TOOLS_INPUT} must be {{tools: [{{name, description, parameters}}], choice: "
+                         f"one of {TOOL_CHOICES}}}")
+    return tools
+
+
+def with_tools(messages: list[dict], tools: dict) -> list[dict]:
+    """The tools described in the system message (descriptions are message content: text)."""
+    listing = "\n".join(json.dumps({"name": t["name"], "description": t.get("description", ""),
+                                     "parameters": t.get("parameters", {})}, ensure_ascii=False)
+                         for t in tools["tools"])
+    how = {"auto": f"To call tools, reply with {CALL_MARKER} and then "
+                   '{"tool_calls": [{"name": ..., "arguments": {...}}]}; otherwise reply in text.',
+           "required": f'Reply with {CALL_MARKER} and then {{"tool_calls": [{{"name": ..., "arguments": {{...}}}}]}}.',
+           "none": "Reply in text; do not call tools now."}[tools["choice"]]
+    instruction = f"You can call these tools:\n{listing}\n{how} Tool results come back in tool messages."
+    return with_instruction(calls_as_text(messages), instruction)
+
+
+def calls_as_text(messages: list[dict]) -> list[dict]:
+    """Assistant messages' calls written as the model writes them, after their text."""
+    rendered = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{"name": c["name"], "arguments": c["arguments"]} for c in m["tool_calls"]]
+            m = {"role": "assistant", "content": m["content"] + CALL_MARKER + json.dumps({"tool_calls": calls})}
+        rendered.append({"role": m["role"], "content": m["content"]})
+    return rendered
+
+
+def with_instruction(messages: list[dict], instruction: str) -> list[dict]:
     if messages[0]["role"] == "system":
         return [{"role": "system", "content": f"{messages[0]['content']}\n\n{instruction}"}, *messages[1:]]
     return [{"role": "system", "content": instruction}, *messages]

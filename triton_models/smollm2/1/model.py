@@ -14,12 +14,15 @@ from chat_tokenizer import chat_ids  # beside this file, shared with the TensorR
 from constrained import ConstrainedSampler, GrammarCache
 from contract import (  # beside this file
     INVALID,
+    calls_as_text,
     packaged_gguf,
     parse_messages,
     parse_resume,
     parse_sampling,
     parse_schema,
+    parse_tools,
     with_schema_instruction,
+    with_tools,
 )
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -101,10 +104,14 @@ class TritonPythonModel:
                             flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
-    def _prompt_tokens(self, request, schema: str | None) -> list[int]:
+    def _prompt_tokens(self, request, schema: str | None, tools: dict | None) -> list[int]:
         raw = pb_utils.get_input_tensor_by_name(request, "messages").as_numpy().reshape(-1)[0]
-        messages = parse_messages(raw)
-        return self._tokenize_chat(with_schema_instruction(messages, schema) if schema else messages)
+        messages = calls_as_text(parse_messages(raw))
+        if tools is not None:
+            messages = with_tools(messages, tools)
+        elif schema:
+            messages = with_schema_instruction(messages, schema)
+        return self._tokenize_chat(messages)
 
     def _tokenize_chat(self, messages: list[dict]) -> list[int]:
         """The chat template's markup with its control tokens, every message's content as plain text: a message
@@ -115,9 +122,10 @@ class TritonPythonModel:
 
     def _generate(self, request, sender) -> None:
         schema = parse_schema(lambda name: _optional(request, name))
+        tools = parse_tools(lambda name: _optional(request, name))
         # Compiled before anything is evaluated: a schema the converter cannot read costs no prefill.
-        grammar = self.grammars.grammar(schema) if schema else None
-        prompt = self._prompt_tokens(request, schema)
+        grammar = self.grammars.grammar(schema, tools["choice"] if tools else None) if schema else None
+        prompt = self._prompt_tokens(request, schema, tools)
         sampling = parse_sampling(lambda name: _optional(request, name), self.default_max_tokens,
                                   self.max_output_tokens)
         max_tokens, temperature, top_p = sampling.max_tokens, sampling.temperature, sampling.top_p
