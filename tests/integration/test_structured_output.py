@@ -400,3 +400,38 @@ def test_an_unknown_tool_choice_is_a_400_before_any_engine(client, stack):
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {
                                            "type": "object", "properties": {"n": {"type": "integer", "minimum": 1}}}}}])
     assert triton_metric(stack, INFERENCES) == before
+
+
+def test_a_constrained_stream_resumed_on_another_replica_continues_token_for_token(stack):
+    """What the router does after a replica dies mid-stream (resume_tokens: the ids already sent), straight to
+    Triton: the grammar is replayed over the resumed tokens, so a greedy constrained answer goes on exactly as the
+    uninterrupted one did and stays valid."""
+    schema = {"type": "object", "properties": {
+        "keeper": {"type": "string", "maxLength": 30},
+        "events": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 3}},
+        "required": ["keeper", "events"], "additionalProperties": False}
+    messages = json.dumps([{"role": "user", "content": "A lighthouse keeper's night, as JSON."}]).encode()
+
+    def run(resume: list[int]) -> tuple[list[int], str, str]:
+        builder = InferRequestBuilder("smollm2").add_bytes("messages", [messages])
+        builder.add_bytes(SCHEMA_INPUT, [json.dumps(schema).encode()])
+        builder.add_array("max_tokens", np.array([120], dtype=np.int32))
+        builder.add_array("temperature", np.array([0.0], dtype=np.float32))
+        if resume:
+            builder.add_array("resume_tokens", np.array(resume, dtype=np.int32))
+        with grpc.insecure_channel(f"127.0.0.1:{stack.ports.tritons[0].grpc}") as channel:
+            triton = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            responses = list(triton.ModelStreamInfer(iter([builder.build()]), timeout=120))
+        assert not any(r.error_message for r in responses), responses[-1].error_message
+        arrays = [output_arrays(r.infer_response) for r in responses]
+        ids = [int(t) for a in arrays for t in a["token_id"].reshape(-1)]
+        text = "".join(a["text_output"].reshape(-1)[0].decode() for a in arrays)
+        return ids, text, arrays[-1]["finish_reason"].reshape(-1)[0].decode()
+
+    ids, text, finish = run([])
+    assert finish == "stop"
+    jsonschema.validate(json.loads(text), schema)
+    cut = len(ids) // 2
+    resumed_ids, resumed_text, resumed_finish = run(ids[:cut])
+    assert resumed_ids == ids[cut:] and resumed_finish == "stop"
+    assert text.endswith(resumed_text) and resumed_text
