@@ -147,6 +147,7 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.http_stack
 	PYTHONPATH=.:gen $(PY) -m bench.semantic_cache
 	PYTHONPATH=.:gen $(PY) -m bench.token_relay
+	PYTHONPATH=.:gen $(PY) -m bench.structured_output
 	PYTHONPATH=.:gen $(PY) -m bench.grpc_floor --kserve --rounds 2 --rate 0
 	PYTHONPATH=.:gen $(PY) -m bench.grpc_floor --kserve --rounds 2 --rate 25
 	PYTHONPATH=.:gen $(PY) -m bench.fair_sharing

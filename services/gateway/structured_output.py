@@ -84,10 +84,10 @@ class _Walk:
         kind = node.get("type")
         if isinstance(kind, list):
             self._only(node, path, {"type"}, "a list of types")
-            if not kind or any(t not in _TYPES for t in kind):
+            if not kind or any(not isinstance(t, str) or t not in _TYPES for t in kind):
                 raise self.refuse(path, f"type must name types from {sorted(_TYPES)}")
             return
-        if kind is not None and kind not in _TYPES:
+        if kind is not None and (not isinstance(kind, str) or kind not in _TYPES):
             raise self.refuse(path, f"type {kind!r} is not one of {sorted(_TYPES)}")
         if "const" in node or "enum" in node:
             self._values(node, path, kind)
@@ -120,9 +120,9 @@ class _Walk:
 
     def _values(self, node: dict, path: str, kind: str | None) -> None:
         self._only(node, path, {"type", "enum", "const"}, "enum/const")
-        values = [node["const"]] if "const" in node else node["enum"]
         if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
             raise self.refuse(path, "enum must be a non-empty list")
+        values = [node["const"]] if "const" in node else node["enum"]
         self.enum_values += len(values)
         if self.enum_values > self.limits.max_enum_values:
             raise self.refuse(path, f"more than {self.limits.max_enum_values} enum values in the schema")
@@ -177,7 +177,7 @@ class _Walk:
             ["minLength/maxLength"] if "minLength" in node or "maxLength" in node else [])
         if len(used) > 1:
             raise self.refuse(path, f"use one of pattern, format, minLength/maxLength on a string, not {used}")
-        if "format" in node and node["format"] not in _FORMATS:
+        if "format" in node and (not isinstance(node["format"], str) or node["format"] not in _FORMATS):
             raise self.refuse(path, f"format {node['format']!r} is not enforced; enforced formats: "
                                     f"{sorted(_FORMATS)} (or use a pattern)")
         if "pattern" in node:

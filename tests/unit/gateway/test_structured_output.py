@@ -7,6 +7,8 @@ import json
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from inference_mesh.v1 import mesh_pb2
 from services.common.errors import MeshError
@@ -104,3 +106,30 @@ def test_response_formats_of_the_mesh_api():
                                             name="no spaces"))
     with pytest.raises(MeshError, match="needs type JSON_SCHEMA"):
         schema_text(mesh_pb2.ResponseFormat(schema="{}"))
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": {}}, {"type": ["string", {}]}, {"enum": 3}, {"type": "string", "format": {}},
+    {"type": "object", "properties": []}, {"type": "array", "items": 3}, {"anyOf": {}},
+    {"$defs": [], "type": "string"}, {"type": "object", "required": "a"},
+    {"type": "object", "additionalProperties": []}, {"type": "string", "maxLength": "3"},
+])
+def test_a_malformed_schema_is_a_400_never_an_exception(schema):
+    _refusal(schema)
+
+
+_KEYS = st.sampled_from(["type", "properties", "required", "items", "prefixItems", "enum", "const", "anyOf", "$ref",
+                         "$defs", "format", "pattern", "minLength", "maxLength", "minItems", "maxItems",
+                         "additionalProperties", "description", "minimum", "a"])
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.sampled_from(
+    ["string", "object", "array", "integer", "#/$defs/a", "^a$", "date"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_KEYS, inner, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@given(schema=st.dictionaries(_KEYS, _JSON, max_size=5))
+def test_any_json_object_is_accepted_or_refused_with_a_400(schema):
+    try:
+        check_schema(json.dumps(schema))
+    except MeshError as exc:
+        assert exc.code == grpc.StatusCode.INVALID_ARGUMENT
