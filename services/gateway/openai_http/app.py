@@ -31,7 +31,7 @@ from services.common.shedding import LoadShedder
 from services.common.telemetry import http_server_span
 from services.gateway.auth import Authenticator, Caller
 from services.gateway.core import Generation, MeshCore
-from services.gateway.openai_http import convert, openapi
+from services.gateway.openai_http import convert, openapi, responses
 from services.gateway.openai_http.errors import (
     NOT_A_ROUTE,
     REQUEST_TOO_LARGE,
@@ -44,6 +44,7 @@ from services.gateway.openai_http.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     WrongHitReport,
 )
 
@@ -120,6 +121,9 @@ class OpenAIApi:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_get("/v1/responses/{response_id}", self.stored_response)
+        app.router.add_delete("/v1/responses/{response_id}", self.stored_response)
         app.router.add_get("/v1/openapi.json", self.openapi)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
@@ -216,6 +220,25 @@ class OpenAIApi:
         return await _answer(request, body, generation,
                              convert.CompletionEnvelope(generation.metadata.request_id, body.model))
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API: the same generation as a chat completion, OpenAI's newer shapes."""
+        caller = self._caller(request)
+        body: ResponsesRequest = await self._body(request, ResponsesRequest)
+        max_tokens = body.max_output_tokens or await self._core.output_limit(body.model)
+        generation = await self._core.generate(caller, responses.generate_request(body, max_tokens),
+                                               _remaining_s(request))
+        envelope = responses.ResponseEnvelope(body, generation.metadata.request_id)
+        if not body.stream:
+            text, last = await _collected(generation)
+            return web.Response(body=_json(envelope.whole(text, last)), content_type="application/json",
+                                headers=_mesh_headers(last.metadata))
+        return await _streamed_events(request, generation, envelope)
+
+    async def stored_response(self, request: web.Request) -> web.Response:
+        self._caller(request)
+        raise from_mesh_error(not_found(f"no stored response {request.match_info['response_id']!r}: the mesh does "
+                                        "not store responses yet (send the conversation in input)"))
+
     async def report_wrong_hit(self, request: web.Request) -> web.Response:
         """Mesh extension: ReportWrongCacheHit for a chat completion (docs/openai-api.md)."""
         caller = self._caller(request)
@@ -283,6 +306,36 @@ def _completed(last: mesh_pb2.GenerateChunk) -> mesh_pb2.GenerateChunk:
     if convert.finish_reason(last) is None:
         raise from_mesh_error(unavailable("the generation was cancelled before it finished; retry"))
     return last
+
+
+async def _streamed_events(request: web.Request, generation: Generation,
+                           envelope: responses.ResponseEnvelope) -> web.StreamResponse:
+    """The Responses API's server-sent events (`event:` names the type; no [DONE] line, as OpenAI's)."""
+    chunks: AsyncIterator[mesh_pb2.GenerateChunk] = generation.chunks
+    head = await anext(chunks)
+
+    async def from_head() -> AsyncIterator[mesh_pb2.GenerateChunk]:
+        yield head
+        async for chunk in chunks:
+            yield chunk
+
+    response = web.StreamResponse(headers={**_SSE_HEADERS, **_mesh_headers(generation.metadata)})
+    await response.prepare(request)
+    finished = False
+    try:
+        async for event in envelope.events(from_head()):
+            finished = event["type"] in ("response.completed", "response.incomplete")
+            await response.write(b"event: " + event["type"].encode() + b"\n" + _event(event))
+        if not finished:
+            raise from_mesh_error(unavailable(_NO_LAST_CHUNK))
+    except (MeshError, OpenAIError) as exc:
+        error = (from_mesh_error(exc) if isinstance(exc, MeshError) else exc).body()["error"]
+        await response.write(b"event: error\n" + _event(envelope.event("error", code=error["code"],
+                                                                        message=error["message"], param=None)))
+    finally:
+        await chunks.aclose()
+    await response.write_eof()
+    return response
 
 
 async def _answer(request: web.Request, body: ChatCompletionRequest | CompletionRequest, generation: Generation,

@@ -18,15 +18,16 @@ from services.gateway.openai_http.schema import (
     EmbeddingRequest,
     Message,
     NamedToolChoice,
+    ResponsesRequest,
     _Sampling,
 )
 
 # "developer" is OpenAI's newer name for the system role.
-_ROLES = {"system": mesh_pb2.ROLE_SYSTEM, "developer": mesh_pb2.ROLE_SYSTEM, "user": mesh_pb2.ROLE_USER,
+ROLES = {"system": mesh_pb2.ROLE_SYSTEM, "developer": mesh_pb2.ROLE_SYSTEM, "user": mesh_pb2.ROLE_USER,
           "assistant": mesh_pb2.ROLE_ASSISTANT, "tool": mesh_pb2.ROLE_TOOL}
 _TOOL_CHOICES = {None: mesh_pb2.ToolChoice.MODE_AUTO, "auto": mesh_pb2.ToolChoice.MODE_AUTO,
                  "none": mesh_pb2.ToolChoice.MODE_NONE, "required": mesh_pb2.ToolChoice.MODE_REQUIRED}
-_CACHE_MODES = {"default": mesh_pb2.CACHE_MODE_DEFAULT, "bypass": mesh_pb2.CACHE_MODE_BYPASS,
+CACHE_MODES = {"default": mesh_pb2.CACHE_MODE_DEFAULT, "bypass": mesh_pb2.CACHE_MODE_BYPASS,
                 "refresh": mesh_pb2.CACHE_MODE_REFRESH}
 _QUALITY = {"default": mesh_pb2.QUALITY_TIER_DEFAULT, "high": mesh_pb2.QUALITY_TIER_HIGH}
 _FINISH = {mesh_pb2.FINISH_REASON_STOP: "stop", mesh_pb2.FINISH_REASON_LENGTH: "length",
@@ -40,7 +41,7 @@ CACHE_STATUS = {mesh_pb2.CACHE_STATUS_UNSPECIFIED: "", mesh_pb2.CACHE_STATUS_MIS
 def _sampled(body: _Sampling, messages: Sequence[mesh_pb2.ChatMessage], max_tokens: int) -> mesh_pb2.GenerateRequest:
     request = mesh_pb2.GenerateRequest(
         model=body.model, messages=messages, max_tokens=max_tokens, stop=body.stops(),
-        request_id=body.request_id, cache_mode=_CACHE_MODES[body.cache_mode],
+        request_id=body.request_id, cache_mode=CACHE_MODES[body.cache_mode],
         no_semantic_cache=body.no_semantic_cache, session_id=body.session_id, quality=_QUALITY[body.quality],
         priority=priority(body))
     if body.temperature is not None:
@@ -52,17 +53,17 @@ def _sampled(body: _Sampling, messages: Sequence[mesh_pb2.ChatMessage], max_toke
     return request
 
 
-def priority(body: _Sampling) -> mesh_pb2.Priority.ValueType:
+def priority(body: _Sampling | ResponsesRequest) -> mesh_pb2.Priority.ValueType:
     return mesh_pb2.PRIORITY_BATCH if body.service_tier == "flex" else mesh_pb2.PRIORITY_INTERACTIVE
 
 
-_FORMATS = {"text": mesh_pb2.ResponseFormat.TYPE_TEXT, "json_object": mesh_pb2.ResponseFormat.TYPE_JSON_OBJECT,
+FORMATS = {"text": mesh_pb2.ResponseFormat.TYPE_TEXT, "json_object": mesh_pb2.ResponseFormat.TYPE_JSON_OBJECT,
             "json_schema": mesh_pb2.ResponseFormat.TYPE_JSON_SCHEMA}
 
 
 def _message(message: Message) -> mesh_pb2.ChatMessage:
     return mesh_pb2.ChatMessage(
-        role=_ROLES[message.role], content=message.text(), tool_call_id=message.tool_call_id or "",
+        role=ROLES[message.role], content=message.text(), tool_call_id=message.tool_call_id or "",
         tool_calls=[mesh_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
                     for c in message.tool_calls or []])
 
@@ -90,7 +91,7 @@ def chat_request(body: ChatCompletionRequest, max_tokens: int) -> mesh_pb2.Gener
     _with_tools(body, request)
     if body.response_format is not None and body.response_format.type != "text":
         answer_format = request.response_format
-        answer_format.type = _FORMATS[body.response_format.type]
+        answer_format.type = FORMATS[body.response_format.type]
         if (spec := body.response_format.json_schema) is not None:
             # The caller's key order kept: it is the order the answer's keys are written in.
             answer_format.schema = json.dumps(spec.schema_ if spec.schema_ is not None else {},
@@ -245,7 +246,7 @@ class CompletionEnvelope(Envelope):
 
 def embed_request(body: EmbeddingRequest) -> mesh_pb2.EmbedRequest:
     return mesh_pb2.EmbedRequest(model=body.model, texts=body.texts(), request_id=body.request_id,
-                                 cache_mode=_CACHE_MODES[body.cache_mode])
+                                 cache_mode=CACHE_MODES[body.cache_mode])
 
 
 def check_dimensions(body: EmbeddingRequest, dimension: int) -> None:

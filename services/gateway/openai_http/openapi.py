@@ -14,6 +14,7 @@ from services.gateway.openai_http.schema import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    ResponsesRequest,
     WrongHitReport,
 )
 from services.gateway.version import MESH_VERSION
@@ -62,7 +63,7 @@ def _get(summary: str, parameters: list[dict[str, Any]] | None = None) -> dict[s
 def document() -> dict[str, Any]:
     _, definitions = models_json_schema(
         [(model, "validation") for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                                             WrongHitReport)], ref_template=_REF)
+                                             WrongHitReport, ResponsesRequest)], ref_template=_REF)
     return {
         "openapi": "3.1.0",
         "info": {"title": "inference mesh: OpenAI-compatible API", "version": MESH_VERSION,
@@ -80,6 +81,7 @@ def document() -> dict[str, Any]:
                                           streams=True),
             "/v1/completions": _post("Text completion (stream: server-sent events)", CompletionRequest, streams=True),
             "/v1/embeddings": _post("Embeddings", EmbeddingRequest),
+            "/v1/responses": _post("A response (stream: server-sent events)", ResponsesRequest, streams=True),
             "/v1/mesh/cache/wrong-hit": _post("Report a wrong semantic-cache answer", WrongHitReport),
             "/v1/models": _get("The models this key can use"),
             "/v1/models/{model}": _get("One model", [{"name": "model", "in": "path", "required": True,

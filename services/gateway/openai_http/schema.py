@@ -198,3 +198,94 @@ class EmbeddingRequest(_Body):
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+# The Responses API (POST /v1/responses): the same generation, OpenAI's newer request and answer shapes.
+class InputText(_Body):
+    type: Literal["input_text", "output_text"]
+    text: StrictStr
+    annotations: list[Any] | None = None
+
+
+class InputMessage(_Body):
+    type: Literal["message"] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[InputText]
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionCallItem(_Body):
+    type: Literal["function_call"]
+    call_id: StrictStr
+    name: StrictStr
+    arguments: StrictStr
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+class FunctionCallOutputItem(_Body):
+    type: Literal["function_call_output"]
+    call_id: StrictStr
+    output: StrictStr
+    id: StrictStr | None = None
+    status: StrictStr | None = None
+
+
+class FunctionTool(_Body):
+    type: Literal["function"]
+    name: Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class NamedFunctionChoice(_Body):
+    type: Literal["function"]
+    name: StrictStr
+
+
+class TextFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Annotated[str, Field(strict=True, pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = None
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _named_schema(self) -> TextFormat:
+        if (self.type == "json_schema") != (self.name is not None):
+            raise ValueError("a json_schema format has a name, and only it")
+        return self
+
+
+class TextOptions(_Body):
+    format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = None
+
+
+class ResponsesRequest(_Body):
+    model: StrictStr
+    input: StrictStr | list[InputMessage | FunctionCallItem | FunctionCallOutputItem]
+    instructions: StrictStr | None = None
+    max_output_tokens: _Count | None = None
+    temperature: _Number | None = None
+    top_p: _Number | None = None
+    stream: StrictBool = False
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    text: TextOptions | None = None
+    # Responses are not stored (yet): store true and previous_response_id are refused with what to do instead.
+    store: StrictBool | None = None
+    previous_response_id: StrictStr | None = None
+    metadata: dict[str, StrictStr] | None = None
+    user: StrictStr | None = None
+    service_tier: Literal["auto", "default", "flex", "priority"] | None = None
+    truncation: Literal["disabled"] | None = None
+    # Mesh extensions, as on chat completions.
+    cache_mode: Literal["default", "bypass", "refresh"] = "default"
+    request_id: StrictStr = ""
