@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2
 from services.common.redis_connection import slot_tag
@@ -105,6 +106,16 @@ def embedding_key(scope: cache_pb2.CacheScope, generation: str, text: str) -> st
 # nothing else (no writes, no leases, no other keys). Local stack and compose both create it from this.
 GATEWAY_READER = "gateway"
 GATEWAY_READER_RULES = ("~mesh:resp:*", "~mesh:emb:*", "~mesh:gen:*", "resetchannels", "-@all", "+get", "+mget")
+
+
+# Stored responses' ids: what the gateway makes, and all a key may hold after the tenant's tag.
+STORED_RESPONSE_ID = re.compile(r"^resp_[0-9a-f]{24}$")
+
+
+def stored_response_key(tenant: str, response_id: str) -> str:
+    if not STORED_RESPONSE_ID.match(response_id):
+        raise ValueError(f"not a stored response id: {response_id[:40]!r}")
+    return f"mesh:stored:{slot_tag(tenant)}:{response_id}"
 
 
 def lease_key(key: str) -> str:

@@ -16,6 +16,7 @@ from services.cache.semantic import SemanticIndex
 from services.cache.service import CacheAdminService, ResponseCacheService
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
+from services.cache.stored_responses import StoredResponsesService
 from services.common.model_catalog import ModelCatalog
 from services.common.resilient_channel import resilient_channel
 from services.common.server import ServiceHost, run_service
@@ -43,7 +44,10 @@ async def serve(settings: CacheSettings) -> None:
                              calibration, gate),
         host.server)
     cache_pb2_grpc.add_CacheAdminServicer_to_server(CacheAdminService(store, index), host.server)
-    host.expose([cache_pb2.DESCRIPTOR.services_by_name[name].full_name for name in ("ResponseCache", "CacheAdmin")])
+    cache_pb2_grpc.add_StoredResponsesServicer_to_server(
+        StoredResponsesService(store, settings.stored_response_ttl_s), host.server)
+    host.expose([cache_pb2.DESCRIPTOR.services_by_name[name].full_name
+                 for name in ("ResponseCache", "CacheAdmin", "StoredResponses")])
     async def redis_answers() -> bool:
         # Without Redis the cache can only say UNAVAILABLE.
         size, memory = await store.stats()

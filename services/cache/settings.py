@@ -41,6 +41,8 @@ class CacheSettings(RouterClientSettings):
     # prompt age out; embeddings are small but tied to a model version that a canary may change within minutes.
     response_ttl_s: int = 3600
     embedding_ttl_s: int = 300
+    # Responses API responses kept with store (OpenAI keeps them 30 days).
+    stored_response_ttl_s: int = 30 * 24 * 3600
     # The share of near-miss questions a semantic hit may answer wrongly, for models whose registry entry sets
     # none: one of the budgets calibrated for the embedder (config/semantic-calibration.yaml), which
     # gives the cosine threshold. The gate (services/cache/gate.py) must explain every difference as well.

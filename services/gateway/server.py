@@ -23,6 +23,7 @@ from services.gateway.kserve_metering import KServeMeter
 from services.gateway.kserve_proxy import KServeProxyService
 from services.gateway.mesh_service import InferenceMeshService
 from services.gateway.openai_http.app import OpenAIApi
+from services.gateway.response_store import ResponseStore
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ async def serve(settings: GatewaySettings) -> None:
 
     http = await _start_http(settings, OpenAIApi(
         auth, core, host.shedder, is_ready=lambda: serving and not host.stopping,
-        max_body_bytes=settings.kserve_limits.max_request_bytes, internal_tls=settings.tls.enabled)) \
+        max_body_bytes=settings.kserve_limits.max_request_bytes, internal_tls=settings.tls.enabled,
+        response_store=ResponseStore(cache_channel, settings.cache_store_timeout_s) if cache_channel else None)) \
         if settings.http_port else None
     try:
         await host.run(background=[host.serving_while(router_serves), catalog.refresh_forever])

@@ -9,7 +9,7 @@ import openai
 import pytest
 from openai.lib._pydantic import to_strict_json_schema
 
-from tests.conftest import LLM
+from tests.conftest import KEYS, LLM
 from tests.integration.test_openai_api import _client
 from tests.integration.test_structured_output import GetTime, GetWeather, Person
 from tools.stack import LocalStack
@@ -77,10 +77,48 @@ def test_function_tools_whole_streamed_and_a_round_trip(client):
     assert call.name == "get_time" and GetTime.model_validate(json.loads(call.arguments))
 
 
-def test_stored_responses_are_refused_with_what_to_do(client):
-    with pytest.raises(openai.BadRequestError, match="not stored"):
-        client.responses.create(model=LLM, input="hi", previous_response_id="resp_abc", max_output_tokens=4)
-    with pytest.raises(openai.BadRequestError, match="not stored"):
-        client.responses.create(model=LLM, input="hi", store=True, max_output_tokens=4)
-    with pytest.raises(openai.NotFoundError, match="does not store"):
-        client.responses.retrieve("resp_abc")
+def test_a_stored_response_continues_a_conversation_and_is_read_and_deleted(client):
+    first = client.responses.create(model=LLM, input="My name is Ada. Say hello to me.", max_output_tokens=24,
+                                    temperature=0, instructions="Be brief.")
+    assert first.store is True and first.id.startswith("resp_")
+    again = client.responses.retrieve(first.id)
+    assert again.id == first.id and again.output_text == first.output_text
+    follow = client.responses.create(model=LLM, input="What is my name?", previous_response_id=first.id,
+                                     max_output_tokens=24, temperature=0)
+    assert follow.previous_response_id == first.id
+    # The stored turns went in before the new one: the prompt is the first exchange plus the question.
+    whole = client.responses.create(model=LLM, max_output_tokens=24, temperature=0, store=False, input=[
+        {"role": "user", "content": "My name is Ada. Say hello to me."},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "What is my name?"}])
+    assert follow.output_text == whole.output_text
+    assert follow.usage.input_tokens == whole.usage.input_tokens
+    events = list(client.responses.create(model=LLM, input="And again?", previous_response_id=follow.id,
+                                          max_output_tokens=8, temperature=0, stream=True))
+    streamed = events[-1].response   # response.incomplete: cut at max_output_tokens, and kept all the same
+    assert events[-1].type == "response.incomplete"
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    unstored = client.responses.create(model=LLM, input="hi", store=False, max_output_tokens=4)
+    assert unstored.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_another_tenants_response_is_not_found(client, stack):
+    mine = client.responses.create(model=LLM, input="A secret: 4217.", max_output_tokens=8, temperature=0)
+    with _client(stack, KEYS["tenant-b"]) as other:
+        with pytest.raises(openai.NotFoundError):
+            other.responses.retrieve(mine.id)
+        with pytest.raises(openai.BadRequestError, match="no response"):
+            other.responses.create(model=LLM, input="What was the secret?", previous_response_id=mine.id,
+                                   max_output_tokens=8)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.delete(mine.id)
+        for forged in ("resp_../../mesh:resp:*", "resp_" + "0" * 24 + "*", mine.id.upper()):
+            # A path the edge normalises away is a 400 there; any other id is not found: never 200.
+            with pytest.raises((openai.NotFoundError, openai.BadRequestError)):
+                other.responses.retrieve(forged)
+    assert client.responses.retrieve(mine.id).output_text == mine.output_text, "untouched by the other tenant"

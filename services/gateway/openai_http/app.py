@@ -15,7 +15,7 @@ import pydantic
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
-from inference_mesh.v1 import mesh_pb2, models_pb2
+from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
 from services.common.errors import (
     MeshError,
     adopt_request_id,
@@ -47,6 +47,7 @@ from services.gateway.openai_http.schema import (
     ResponsesRequest,
     WrongHitReport,
 )
+from services.gateway.response_store import ResponseStore, new_response_id
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,10 @@ def _mesh_headers(metadata: mesh_pb2.ResponseMetadata) -> dict[str, str]:
 
 class OpenAIApi:
     def __init__(self, auth: Authenticator, core: MeshCore, shedder: LoadShedder | None,
-                 is_ready: Callable[[], bool], max_body_bytes: int, internal_tls: bool = False) -> None:
+                 is_ready: Callable[[], bool], max_body_bytes: int, internal_tls: bool = False,
+                 response_store: ResponseStore | None = None) -> None:
         self._internal_tls = internal_tls
+        self._response_store = response_store
         self._auth = auth
         self._core = core
         self._shedder = shedder
@@ -221,23 +224,57 @@ class OpenAIApi:
                              convert.CompletionEnvelope(generation.metadata.request_id, body.model))
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        """The Responses API: the same generation as a chat completion, OpenAI's newer shapes."""
+        """The Responses API: the same generation as a chat completion, OpenAI's newer shapes; kept (store, the
+        default) for previous_response_id and GET/DELETE when this deployment has a response store."""
         caller = self._caller(request)
         body: ResponsesRequest = await self._body(request, ResponsesRequest)
+        store = self._response_store
+        if store is None and (body.store or body.previous_response_id):
+            raise invalid_body("this deployment keeps no responses (it runs without a cache service): send store "
+                               "false and the earlier turns in input", "store")
+        history: list[mesh_pb2.ChatMessage] = []
+        if body.previous_response_id:
+            previous = await store.get(caller.tenant, body.previous_response_id)
+            if previous is None:
+                raise invalid_body(f"no response {body.previous_response_id!r} is stored for this key's tenant "
+                                   "(responses are kept 30 days)", "previous_response_id")
+            history = list(previous.conversation)
         max_tokens = body.max_output_tokens or await self._core.output_limit(body.model)
-        generation = await self._core.generate(caller, responses.generate_request(body, max_tokens),
-                                               _remaining_s(request))
-        envelope = responses.ResponseEnvelope(body, generation.metadata.request_id)
+        generate = responses.generate_request(body, max_tokens, history)
+        generation = await self._core.generate(caller, generate, _remaining_s(request))
+        keep = store is not None and body.store is not False
+        envelope = responses.ResponseEnvelope(body, new_response_id(), stored=keep)
+
+        async def finished(text: str, last: mesh_pb2.GenerateChunk, answer: dict) -> None:
+            if keep:
+                await store.put(caller.tenant, cache_pb2.StoredResponse(
+                    id=envelope.id, conversation=responses.conversation(body, generate, text, last),
+                    response_json=json.dumps(answer, ensure_ascii=False)))
+
         if not body.stream:
             text, last = await _collected(generation)
-            return web.Response(body=_json(envelope.whole(text, last)), content_type="application/json",
+            answer = envelope.whole(text, last)
+            await finished(text, last, answer)
+            return web.Response(body=_json(answer), content_type="application/json",
                                 headers=_mesh_headers(last.metadata))
-        return await _streamed_events(request, generation, envelope)
+        return await _streamed_events(request, generation, envelope, finished)
 
     async def stored_response(self, request: web.Request) -> web.Response:
-        self._caller(request)
-        raise from_mesh_error(not_found(f"no stored response {request.match_info['response_id']!r}: the mesh does "
-                                        "not store responses yet (send the conversation in input)"))
+        caller = self._caller(request)
+        response_id = request.match_info["response_id"]
+        store = self._response_store
+        missing = not_found(f"no response {response_id[:64]!r} is stored for this key's tenant")
+        if store is None:
+            raise from_mesh_error(missing)
+        if request.method == "DELETE":
+            if not await store.delete(caller.tenant, response_id):
+                raise from_mesh_error(missing)
+            return web.Response(body=_json({"id": response_id, "object": "response.deleted", "deleted": True}),
+                                content_type="application/json")
+        stored = await store.get(caller.tenant, response_id)
+        if stored is None:
+            raise from_mesh_error(missing)
+        return web.Response(body=stored.response_json.encode("utf-8"), content_type="application/json")
 
     async def report_wrong_hit(self, request: web.Request) -> web.Response:
         """Mesh extension: ReportWrongCacheHit for a chat completion (docs/openai-api.md)."""
@@ -308,8 +345,9 @@ def _completed(last: mesh_pb2.GenerateChunk) -> mesh_pb2.GenerateChunk:
     return last
 
 
-async def _streamed_events(request: web.Request, generation: Generation,
-                           envelope: responses.ResponseEnvelope) -> web.StreamResponse:
+async def _streamed_events(request: web.Request, generation: Generation, envelope: responses.ResponseEnvelope,
+                           finished: Callable[[str, mesh_pb2.GenerateChunk, dict], Awaitable[None]]
+                           ) -> web.StreamResponse:
     """The Responses API's server-sent events (`event:` names the type; no [DONE] line, as OpenAI's)."""
     chunks: AsyncIterator[mesh_pb2.GenerateChunk] = generation.chunks
     head = await anext(chunks)
@@ -321,12 +359,12 @@ async def _streamed_events(request: web.Request, generation: Generation,
 
     response = web.StreamResponse(headers={**_SSE_HEADERS, **_mesh_headers(generation.metadata)})
     await response.prepare(request)
-    finished = False
+    ended = False
     try:
-        async for event in envelope.events(from_head()):
-            finished = event["type"] in ("response.completed", "response.incomplete")
+        async for event in envelope.events(from_head(), finished):
+            ended = event["type"] in ("response.completed", "response.incomplete")
             await response.write(b"event: " + event["type"].encode() + b"\n" + _event(event))
-        if not finished:
+        if not ended:
             raise from_mesh_error(unavailable(_NO_LAST_CHUNK))
     except (MeshError, OpenAIError) as exc:
         error = (from_mesh_error(exc) if isinstance(exc, MeshError) else exc).body()["error"]

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from inference_mesh.v1 import mesh_pb2
 from services.gateway.openai_http.convert import CACHE_MODES, FORMATS, ROLES, mesh_extension, priority
-from services.gateway.openai_http.errors import invalid_body
 from services.gateway.openai_http.schema import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -23,9 +22,11 @@ _CHOICES = {None: mesh_pb2.ToolChoice.MODE_AUTO, "auto": mesh_pb2.ToolChoice.MOD
             "none": mesh_pb2.ToolChoice.MODE_NONE, "required": mesh_pb2.ToolChoice.MODE_REQUIRED}
 
 
-def _messages(body: ResponsesRequest) -> list[mesh_pb2.ChatMessage]:
+def _messages(body: ResponsesRequest, history: Sequence[mesh_pb2.ChatMessage]) -> list[mesh_pb2.ChatMessage]:
+    """This request's turns after the stored conversation it continues (instructions are this request's only)."""
     messages = [mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_SYSTEM, content=body.instructions)] if body.instructions \
         else []
+    messages += history
     if isinstance(body.input, str):
         return [*messages, mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_USER, content=body.input)]
     for item in body.input:
@@ -43,11 +44,18 @@ def _messages(body: ResponsesRequest) -> list[mesh_pb2.ChatMessage]:
     return messages
 
 
-def generate_request(body: ResponsesRequest, max_tokens: int) -> mesh_pb2.GenerateRequest:
-    if body.previous_response_id is not None or body.store:
-        raise invalid_body("responses are not stored by the mesh yet: send store false (or omit it) and the earlier "
-                           "turns in input", "previous_response_id" if body.previous_response_id else "store")
-    request = mesh_pb2.GenerateRequest(model=body.model, messages=_messages(body), max_tokens=max_tokens,
+def conversation(body: ResponsesRequest, request: mesh_pb2.GenerateRequest, text: str,
+                 last: mesh_pb2.GenerateChunk) -> list[mesh_pb2.ChatMessage]:
+    """What a stored response keeps: the turns without this request's instructions, and its answer."""
+    turns = list(request.messages[1:] if body.instructions else request.messages)
+    answer = mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_ASSISTANT, content=text)
+    answer.tool_calls.extend(last.tool_calls)
+    return [*turns, answer]
+
+
+def generate_request(body: ResponsesRequest, max_tokens: int,
+                     history: Sequence[mesh_pb2.ChatMessage] = ()) -> mesh_pb2.GenerateRequest:
+    request = mesh_pb2.GenerateRequest(model=body.model, messages=_messages(body, history), max_tokens=max_tokens,
                                        request_id=body.request_id, cache_mode=CACHE_MODES[body.cache_mode],
                                        priority=priority(body))
     if body.temperature is not None:
@@ -80,10 +88,11 @@ class ResponseEnvelope:
     """One response's objects: the response (whole, or as the stream's lifecycle events carry it) and its output
     items. Ids derive from the request id, so a stream's events and its final object agree."""
 
-    def __init__(self, body: ResponsesRequest, request_id: str) -> None:
+    def __init__(self, body: ResponsesRequest, response_id: str, stored: bool) -> None:
         self.body = body
-        self.id = f"resp_{request_id}"
-        self.message_id = f"msg_{request_id}"
+        self.id = response_id
+        self.message_id = f"msg_{response_id.removeprefix('resp_')}"
+        self.stored = stored
         self.created_at = int(time.time())
         self.sequence = 0
 
@@ -94,7 +103,8 @@ class ResponseEnvelope:
             "model": body.model, "output": output, "error": None, "incomplete_details": None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "temperature": body.temperature, "top_p": body.top_p, "previous_response_id": None, "store": False,
+            "temperature": body.temperature, "top_p": body.top_p,
+            "previous_response_id": body.previous_response_id, "store": self.stored,
             "tool_choice": body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunctionChoice)
             else (body.tool_choice or "auto"),
             "tools": [t.model_dump(by_alias=True, exclude_none=True) for t in body.tools or []],
@@ -134,9 +144,10 @@ class ResponseEnvelope:
         self.sequence += 1
         return {"type": kind, "sequence_number": self.sequence - 1, **fields}
 
-    async def events(self, chunks: AsyncIterator[mesh_pb2.GenerateChunk]) -> AsyncIterator[dict]:
+    async def events(self, chunks: AsyncIterator[mesh_pb2.GenerateChunk],
+                     finished: Callable[[str, mesh_pb2.GenerateChunk, dict], Awaitable[None]]) -> AsyncIterator[dict]:
         """The stream's events, in the order the SDK's accumulator expects: lifecycle, then per output item added,
-        its content or arguments, done; completed last."""
+        its content or arguments, done; completed last, after `finished` (which stores the response) returned."""
         yield self.event("response.created", response=self.response("in_progress", []))
         yield self.event("response.in_progress", response=self.response("in_progress", []))
         texts: list[str] = []
@@ -171,6 +182,7 @@ class ResponseEnvelope:
                                  arguments=call.arguments, name=call.name)
                 yield self.event("response.output_item.done", output_index=index, item=item)
             final = self.response("completed", self.output(text, chunk), chunk)
+            await finished(text, chunk, final)
             kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
             yield self.event(kind, response=final)
             return

@@ -136,7 +136,7 @@ async def test_a_refused_request_carries_retry_after():
 @pytest.mark.parametrize(("method", "path", "payload", "status"), [
     ("POST", "/v1/chat/completions", "x" * 5000, 413),
     ("GET", "/v1/chat/completions", None, 405),
-    ("POST", "/v1/responses", "{}", 404),
+    ("POST", "/v1/assistants", "{}", 404),
     ("POST", "/v1/chat/completions", "not json", 400),
 ])
 async def test_the_http_layers_own_refusals_are_openai_errors(method, path, payload, status):

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from inference_mesh.v1 import mesh_pb2
 from services.gateway.openai_http import responses
 from services.gateway.openai_http.app import _parsed
-from services.gateway.openai_http.errors import OpenAIError
 from services.gateway.openai_http.schema import ResponsesRequest
 
 
@@ -35,14 +32,23 @@ def test_instructions_items_calls_and_results_become_the_conversation():
     assert request.response_format.type == mesh_pb2.ResponseFormat.TYPE_JSON_OBJECT
 
 
-@pytest.mark.parametrize("fields", [{"previous_response_id": "resp_1"}, {"store": True}])
-def test_what_needs_stored_responses_is_refused(fields):
-    with pytest.raises(OpenAIError, match="not stored"):
-        responses.generate_request(_body(**fields), 16)
+def test_a_stored_conversation_continues_before_the_new_input_and_keeps_no_instructions():
+    history = [mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_USER, content="Hi"),
+               mesh_pb2.ChatMessage(role=mesh_pb2.ROLE_ASSISTANT, content="Hello!")]
+    body = _body(instructions="Be brief.", input="And now?", previous_response_id="resp_" + "0" * 24)
+    request = responses.generate_request(body, 16, history)
+    assert [m.content for m in request.messages] == ["Be brief.", "Hi", "Hello!", "And now?"]
+    kept = responses.conversation(body, request, "Now this.", mesh_pb2.GenerateChunk())
+    assert [m.content for m in kept] == ["Hi", "Hello!", "And now?", "Now this."]
+    assert kept[-1].role == mesh_pb2.ROLE_ASSISTANT
 
 
 async def test_stream_events_open_items_before_their_content_and_complete_last():
-    envelope = responses.ResponseEnvelope(_body(), "r1")
+    envelope = responses.ResponseEnvelope(_body(), "resp_" + "1" * 24, stored=True)
+    kept: list[str] = []
+
+    async def finished(text: str, last: mesh_pb2.GenerateChunk, answer: dict) -> None:
+        kept.append(text)
 
     async def chunks():
         yield mesh_pb2.GenerateChunk(text="Hel")
@@ -50,7 +56,7 @@ async def test_stream_events_open_items_before_their_content_and_complete_last()
         yield mesh_pb2.GenerateChunk(finish_reason=mesh_pb2.FINISH_REASON_STOP,
                                      usage=mesh_pb2.Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5))
 
-    events = [event async for event in envelope.events(chunks())]
+    events = [event async for event in envelope.events(chunks(), finished)]
     assert [e["type"] for e in events] == [
         "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
         "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
@@ -58,3 +64,4 @@ async def test_stream_events_open_items_before_their_content_and_complete_last()
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     final = events[-1]["response"]
     assert final["output"][0]["content"][0]["text"] == "Hello" and final["usage"]["output_tokens"] == 2
+    assert kept == ["Hello"] and final["store"] is True
