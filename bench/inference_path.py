@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays
@@ -81,7 +81,7 @@ def mesh_embed(mesh: mesh_pb2_grpc.InferenceMeshStub, cached: bool = False) -> C
     return call
 
 
-def _stream_sample(t0: float, first: float | None, last: float, tokens: int) -> Sample:
+def stream_sample(t0: float, first: float | None, last: float, tokens: int) -> Sample:
     first = first or last
     return Sample(last - t0, first - t0, (last - first) / max(tokens - 1, 1))
 
@@ -93,18 +93,24 @@ def direct_generate(triton: service_pb2_grpc.GRPCInferenceServiceStub, max_token
         "temperature", np.array([0.0], np.float32)).build()
 
     async def call() -> Sample:
-        t0, first, tokens = time.perf_counter(), None, 0
-        async for item in triton.ModelStreamInfer(iter([request]), timeout=120):
-            if item.error_message:
-                raise RuntimeError(item.error_message)
-            outputs = output_arrays(item.infer_response)
-            if outputs["text_output"].reshape(-1)[0] and first is None:
-                first = time.perf_counter()
-            tokens = int(outputs["completion_tokens"].reshape(-1)[0])
-            if is_final_response(item.infer_response):
-                break
-        return _stream_sample(t0, first, time.perf_counter(), tokens)
+        return await triton_stream_sample(triton, request)
     return call
+
+
+async def triton_stream_sample(triton: service_pb2_grpc.GRPCInferenceServiceStub,
+                               request: service_pb2.ModelInferRequest) -> Sample:
+    """One generation streamed straight from Triton: its latency, time to first text and time per token."""
+    t0, first, tokens = time.perf_counter(), None, 0
+    async for item in triton.ModelStreamInfer(iter([request]), timeout=120):
+        if item.error_message:
+            raise RuntimeError(item.error_message)
+        outputs = output_arrays(item.infer_response)
+        if outputs["text_output"].reshape(-1)[0] and first is None:
+            first = time.perf_counter()
+        tokens = int(outputs["completion_tokens"].reshape(-1)[0])
+        if is_final_response(item.infer_response):
+            break
+    return stream_sample(t0, first, time.perf_counter(), tokens)
 
 
 def mesh_generate(mesh: mesh_pb2_grpc.InferenceMeshStub, cached: bool = False, model: str = "smollm2-135m-instruct",
@@ -121,7 +127,7 @@ def mesh_generate(mesh: mesh_pb2_grpc.InferenceMeshStub, cached: bool = False, m
                 first = time.perf_counter()
             if chunk.finish_reason:
                 tokens = chunk.usage.completion_tokens
-        return _stream_sample(t0, first, time.perf_counter(), tokens)
+        return stream_sample(t0, first, time.perf_counter(), tokens)
     return call
 
 

@@ -18,9 +18,18 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2_grpc
 
-from bench.inference_path import AUTH, PROMPT, ROOT, Sample, pct, write_section
+from bench.inference_path import (
+    AUTH,
+    PROMPT,
+    ROOT,
+    Sample,
+    pct,
+    stream_sample,
+    triton_stream_sample,
+    write_section,
+)
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
-from services.common.kserve import SCHEMA_INPUT, InferRequestBuilder, is_final_response, output_arrays
+from services.common.kserve import SCHEMA_INPUT, InferRequestBuilder
 from tools.stack import LocalStack, StackPorts
 
 LLM = "smollm2-135m-instruct"
@@ -50,11 +59,6 @@ def _schema(cold: bool) -> str:
     return json.dumps({**SCHEMA, "description": f"record {next(_fresh)}"} if cold else SCHEMA)
 
 
-def _sample(t0: float, first: float | None, end: float, tokens: int) -> Sample:
-    first = first or end
-    return Sample(end - t0, first - t0, (end - first) / max(tokens - 1, 1))
-
-
 def direct(triton: service_pb2_grpc.GRPCInferenceServiceStub, constrained: bool, cold: bool = False) -> Call:
     async def call() -> Sample:
         builder = InferRequestBuilder("smollm2").add_bytes("messages", [json.dumps(_prompt()).encode()])
@@ -62,17 +66,7 @@ def direct(triton: service_pb2_grpc.GRPCInferenceServiceStub, constrained: bool,
         builder.add_array("temperature", np.array([0.0], np.float32))
         if constrained:
             builder.add_bytes(SCHEMA_INPUT, [_schema(cold).encode()])
-        t0, first, tokens = time.perf_counter(), None, 0
-        async for item in triton.ModelStreamInfer(iter([builder.build()]), timeout=120):
-            if item.error_message:
-                raise RuntimeError(item.error_message)
-            outputs = output_arrays(item.infer_response)
-            if outputs["text_output"].reshape(-1)[0] and first is None:
-                first = time.perf_counter()
-            tokens = int(outputs["completion_tokens"].reshape(-1)[0])
-            if is_final_response(item.infer_response):
-                break
-        return _sample(t0, first, time.perf_counter(), tokens)
+        return await triton_stream_sample(triton, builder.build())
     return call
 
 
@@ -90,7 +84,7 @@ def mesh(stub: mesh_pb2_grpc.InferenceMeshStub, constrained: bool, cold: bool = 
                 first = time.perf_counter()
             if chunk.finish_reason:
                 tokens = chunk.usage.completion_tokens
-        return _sample(t0, first, time.perf_counter(), tokens)
+        return stream_sample(t0, first, time.perf_counter(), tokens)
     return call
 
 

@@ -22,6 +22,8 @@ from services.gateway.structured_output import check_schema
 # What opens a tool call in the engine's answer (triton_models/smollm2/1/contract.py writes it the same way).
 CALL_MARKER = "<tool_call>"
 MAX_TOOLS = 64
+MAX_DESCRIPTION_CHARS = 1_024     # OpenAI's bound on a function's description
+MAX_TOOL_CHARS = 32_768           # every tool's description and parameters together
 # Calls one answer may hold with parallel_tool_calls: a bound, so a small model cannot repeat calls until
 # max_tokens.
 MAX_PARALLEL_CALLS = 4
@@ -47,9 +49,17 @@ def check_tools(request: mesh_pb2.GenerateRequest) -> None:
         raise invalid("send tools or response_format, not both (a final answer in a schema after tool calls "
                       "is not supported yet)")
     names = [tool.name for tool in request.tools]
+    described = sum(len(tool.description) + len(tool.parameters) for tool in request.tools)
+    if described > MAX_TOOL_CHARS:
+        # All of it goes into the prompt, and the parameters into one grammar.
+        raise invalid(f"the tools' descriptions and parameters hold {described} characters; the limit is "
+                      f"{MAX_TOOL_CHARS}")
     for index, tool in enumerate(request.tools):
         if not _NAME.match(tool.name):
             raise invalid(f"tools[{index}].name must be 1..64 letters, digits, '_' or '-'")
+        if len(tool.description) > MAX_DESCRIPTION_CHARS:
+            raise invalid(f"tools[{index}].description is {len(tool.description)} characters; the limit is "
+                          f"{MAX_DESCRIPTION_CHARS}")
         if tool.parameters:
             try:
                 if json.loads(tool.parameters).get("type", "object") != "object":

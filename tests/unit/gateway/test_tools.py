@@ -49,6 +49,9 @@ def test_a_named_function_or_no_parallel_calls_means_one_call():
     (_request(mesh_pb2.ToolChoice.MODE_FUNCTION, "launch"), "'launch'"),
     (mesh_pb2.GenerateRequest(tool_choice=mesh_pb2.ToolChoice(mode=mesh_pb2.ToolChoice.MODE_REQUIRED)), "no tools"),
     (mesh_pb2.GenerateRequest(tools=[WEATHER, WEATHER]), "unique"),
+    (mesh_pb2.GenerateRequest(tools=[mesh_pb2.Tool(name="f", description="d" * 1025)]), "description"),
+    (mesh_pb2.GenerateRequest(tools=[mesh_pb2.Tool(name=f"f{i}", description="d" * 1000) for i in range(40)]),
+     "characters"),
     (mesh_pb2.GenerateRequest(tools=[mesh_pb2.Tool(name="a b")]), "tools[0].name"),
     (mesh_pb2.GenerateRequest(tools=[mesh_pb2.Tool(name="f", parameters='{"type": "array"}')]), "an object"),
     (mesh_pb2.GenerateRequest(tools=[mesh_pb2.Tool(name="f", parameters=json.dumps({

@@ -40,19 +40,24 @@ def parse_messages(raw: bytes | str) -> list[dict]:
 SCHEMA_INPUT = "json_schema"
 
 
-def parse_schema(optional: Callable[[str], Any]) -> str | None:
-    value = optional(SCHEMA_INPUT)
+def _json_input(optional: Callable[[str], Any], name: str) -> tuple[str, Any] | None:
+    """An optional input holding one JSON text: the text and its value, None when absent."""
+    value = optional(name)
     if value is None:
         return None
     raw = value.reshape(-1)
-    if raw.size != 1:
-        raise ValueError(f"{INVALID}{SCHEMA_INPUT} takes one schema")
-    text = raw[0].decode("utf-8", "strict") if isinstance(raw[0], bytes) else str(raw[0])
     try:
-        json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{INVALID}{SCHEMA_INPUT} is not JSON: {exc}") from exc
-    return text
+        if raw.size != 1:
+            raise ValueError(f"{raw.size} elements")
+        text = raw[0].decode("utf-8") if isinstance(raw[0], bytes) else str(raw[0])
+        return text, json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{INVALID}{name} must be one UTF-8 JSON text: {exc}") from exc
+
+
+def parse_schema(optional: Callable[[str], Any]) -> str | None:
+    found = _json_input(optional, SCHEMA_INPUT)
+    return None if found is None else found[0]
 
 
 def with_schema_instruction(messages: list[dict], schema: str) -> list[dict]:
@@ -71,14 +76,10 @@ CALL_MARKER = "<tool_call>"
 
 
 def parse_tools(optional: Callable[[str], Any]) -> dict | None:
-    value = optional(TOOLS_INPUT)
-    if value is None:
+    found = _json_input(optional, TOOLS_INPUT)
+    if found is None:
         return None
-    raw = value.reshape(-1)
-    try:
-        tools = json.loads(raw[0].decode("utf-8") if isinstance(raw[0], bytes) else str(raw[0]))
-    except (UnicodeDecodeError, json.JSONDecodeError, IndexError) as exc:
-        raise ValueError(f"{INVALID}{TOOLS_INPUT} must be one JSON text: {exc}") from exc
+    tools = found[1]
     if (not isinstance(tools, dict) or tools.get("choice") not in TOOL_CHOICES
             or not isinstance(tools.get("tools"), list) or not tools["tools"]
             or not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tools["tools"])):
