@@ -8,6 +8,7 @@ import datetime
 import enum
 import json
 import re
+import time
 from typing import Annotated, Literal
 
 import grpc
@@ -30,6 +31,20 @@ from tests.integration.test_openai_api import KEY, _client, _trust
 from tools.stack import LocalStack
 
 INFERENCES = "nv_inference_request_success"
+
+
+def inferences_settled(stack: LocalStack) -> float:
+    """Triton's count of finished inferences once it stops moving: a request counts when its execute returns,
+    which is after its last response (the model saves its prefix state then), so the previous test's last
+    request may still be counted a moment after its client had the answer."""
+    last = triton_metric(stack, INFERENCES)
+    for _ in range(50):
+        time.sleep(0.2)
+        now = triton_metric(stack, INFERENCES)
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 class Colour(enum.StrEnum):
@@ -141,7 +156,7 @@ def test_a_constrained_answer_is_never_the_answer_to_a_free_text_request(client)
     ({"type": "object", "properties": {"a": {"type": "strin"}}}, "strin"),
 ])
 def test_a_schema_the_decoder_cannot_enforce_is_a_400_and_reaches_no_engine(client, stack, schema, named):
-    before = triton_metric(stack, INFERENCES)
+    before = inferences_settled(stack)
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "x"}], max_tokens=8,
                                        response_format=_json_schema(schema, strict=False))
@@ -193,7 +208,7 @@ def test_a_model_whose_pools_cannot_constrain_refuses_with_the_capability_named(
         try:
             registry_file.write_text(yaml.safe_dump(registry))
             assert admin.ReloadRegistry(router_pb2.ReloadRequest(), timeout=5).changed
-            before = triton_metric(stack, INFERENCES)
+            before = inferences_settled(stack)
             with pytest.raises(openai.BadRequestError) as caught:
                 client.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "x"}],
                                                max_tokens=8, response_format={"type": "json_object"})
@@ -390,7 +405,7 @@ def test_langchain_agent_loop_with_two_tools(stack):
 
 
 def test_an_unknown_tool_choice_is_a_400_before_any_engine(client, stack):
-    before = triton_metric(stack, INFERENCES)
+    before = inferences_settled(stack)
     with pytest.raises(openai.BadRequestError, match="launch"):
         client.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "x"}], max_tokens=8,
                                        tools=[WEATHER_TOOL],
