@@ -35,9 +35,10 @@ def test_stopped_replica_leaves_rotation_and_requests_keep_succeeding(two_replic
     assert replica_states(stack) == {"triton-cpu-0": True, "triton-cpu-1": True}
     served: Counter[str] = Counter()
     failures: list[str] = []
+    calls = [0, 0, 0, 0]   # calls each worker has finished
     stop = threading.Event()
 
-    def load() -> None:
+    def load(worker: int) -> None:
         with grpc.insecure_channel(stack.gateway_address) as channel:
             mesh = mesh_pb2_grpc.InferenceMeshStub(channel)
             while not stop.is_set():
@@ -47,8 +48,18 @@ def test_stopped_replica_leaves_rotation_and_requests_keep_succeeding(two_replic
                     served[answer.metadata.replica] += 1
                 except grpc.RpcError as exc:
                     failures.append(f"{exc.code().name}: {exc.details()}")
+                calls[worker] += 1
 
-    workers = [threading.Thread(target=load) for _ in range(4)]
+    def calls_in_flight_finished(since: list[int]) -> None:
+        # A call the stopped replica answered just before it died may still be on its way back through router
+        # and gateway (a clean CI run once counted one after the replica had left rotation): each worker finishing
+        # a later call means every call in flight at `since` has been counted.
+        deadline = time.monotonic() + 10
+        while any(now <= then for now, then in zip(calls, since, strict=True)):
+            assert time.monotonic() < deadline, "a worker made no call for 10 s"
+            time.sleep(0.05)
+
+    workers = [threading.Thread(target=load, args=(i,)) for i in range(4)]
     for w in workers:
         w.start()
     try:
@@ -59,6 +70,7 @@ def test_stopped_replica_leaves_rotation_and_requests_keep_succeeding(two_replic
         while replica_states(stack)["triton-cpu-1"]:
             assert time.monotonic() - killed_at < 10, "the stopped replica is still in rotation after 10 s"
             time.sleep(0.2)
+        calls_in_flight_finished(list(calls))
         before = served["triton-cpu-1"]
         time.sleep(2.0)
     finally:
