@@ -170,12 +170,14 @@ def render(rows: list[dict], max_tokens: int, baseline: str) -> str:
              f"Machine: {platform.machine()}, {os.cpu_count()} cores shared by every process and the client. Engine: "
              f"the TensorRT-LLM stand-in in its fast mode (no compute) under the BLS model; {max_tokens}-token "
              f"greedy streams, cache off. Before: gateway, router and BLS model from `{baseline}` (the commit "
-             "before issue 33's cuts), beside this tree's, in the same run; Envoy, Triton, the stand-in engine and "
-             "the rest are this tree's in both.", "",
+             "before issue 33's cuts; the router relayed every token), beside this tree's (the router places each "
+             "stream on a lease and the tokens flow Triton -> gateway), in the same run; Envoy, Triton, the "
+             "stand-in engine and the rest are this tree's in both.", "",
              f"![tokens/s against concurrent streams]({IMAGE})", "",
              "| streams | direct Triton tokens/s | gateway tokens/s (before / after) | edge tokens/s (before / after) "
              "| edge / direct (after) | tokens per message at the client (edge before / after) "
-             "| TTFT p50 ms (direct / edge before / after) | gap p99 ms (direct / edge before / after) |",
+             "| TTFT p50 ms (direct / gateway after / edge before / after) "
+             "| gap p99 ms (direct / gateway after / edge before / after) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in streams_list:
         t = by[("current", "triton", n)]
@@ -185,8 +187,10 @@ def render(rows: list[dict], max_tokens: int, baseline: str) -> str:
                      f"| {eb['tokens_per_s']:.0f} / {ea['tokens_per_s']:.0f} "
                      f"| {ea['tokens_per_s'] / t['tokens_per_s']:.2f} "
                      f"| {eb['tokens_per_message']:.2f} / {ea['tokens_per_message']:.2f} "
-                     f"| {t['ttft_p50_ms']:.1f} / {eb['ttft_p50_ms']:.1f} / {ea['ttft_p50_ms']:.1f} "
-                     f"| {t['gap_p99_ms']:.1f} / {eb['gap_p99_ms']:.1f} / {ea['gap_p99_ms']:.1f} |")
+                     f"| {t['ttft_p50_ms']:.1f} / {ga['ttft_p50_ms']:.1f} / {eb['ttft_p50_ms']:.1f} "
+                     f"/ {ea['ttft_p50_ms']:.1f} "
+                     f"| {t['gap_p99_ms']:.1f} / {ga['gap_p99_ms']:.1f} / {eb['gap_p99_ms']:.1f} "
+                     f"/ {ea['gap_p99_ms']:.1f} |")
     lines += ["", "CPU µs per token by process, through the edge, before / after (Triton's is the same work on every "
               "path; the direct path's column says what Triton alone spends):", "",
               "| streams | " + " | ".join(processes) + " | mesh (Envoy + gateway + router) | after / before "

@@ -115,8 +115,10 @@ class Authenticates(HandlerInterceptor):
         if not method.startswith(self._prefixes):
             return inner
 
-        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        # Not a generator of its own: every streamed chunk would pass one more `async for ... yield` frame. The
+        # caller is set in the call's task before the handler's generator starts; a refusal raised here is
+        # still inside the error interceptor's try, which iterates what this returns.
+        def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             _CALLER.set(self._auth.require(context.invocation_metadata()))
-            async for response in inner(request, context):
-                yield response
+            return inner(request, context)
         return stream

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from tritonclient.grpc import service_pb2_grpc
-
 from inference_mesh.v1 import cache_pb2, mesh_pb2
-from services.common.retries import Retrier
 from services.gateway.cache_client import CacheClient, is_deterministic
-from services.gateway.generation import stream_generation
+from services.gateway.generation import GenerationStreams, stream_generation
 from services.gateway.plan import RequestPlan
 
 _HIT_STATUS = {
@@ -36,15 +33,14 @@ def replay(cached: cache_pb2.CachedResponse, metadata: mesh_pb2.ResponseMetadata
 
 async def generate(
     cache: CacheClient | None,
-    router: service_pb2_grpc.GRPCInferenceServiceStub,
+    streams: GenerationStreams,
     request: mesh_pb2.GenerateRequest,
     plan: RequestPlan,
-    retrier: Retrier | None = None,
 ) -> AsyncIterator[mesh_pb2.GenerateChunk]:
     metadata = plan.metadata
 
     def generation() -> AsyncIterator[mesh_pb2.GenerateChunk]:
-        return stream_generation(router, request, plan, retrier)
+        return stream_generation(streams, request, plan)
 
     if cache is None or request.cache_mode == mesh_pb2.CACHE_MODE_BYPASS or not is_deterministic(request):
         metadata.cache_status = mesh_pb2.CACHE_STATUS_DISABLED if cache is None else mesh_pb2.CACHE_STATUS_BYPASS

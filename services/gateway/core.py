@@ -27,6 +27,7 @@ from services.gateway.cache_client import CacheClient
 from services.gateway.documents import DocumentsRelay
 from services.gateway.embedding import embed_texts
 from services.gateway.genai_metrics import observed
+from services.gateway.generation import GenerationStreams
 from services.gateway.plan import RequestPlan, estimated_cost, plan_request
 from services.gateway.request_log import GenerationLog, prompt_text
 from services.gateway.routing_hints import affinity_key, group_member
@@ -74,15 +75,15 @@ async def _cited(chunks: AsyncIterator[mesh_pb2.GenerateChunk],
 
 class MeshCore:
     def __init__(self, settings: GatewaySettings, catalog: ModelCatalog,
-                 router: service_pb2_grpc.GRPCInferenceServiceStub, cache: CacheClient | None,
-                 documents: DocumentsRelay, budgets: TokenBudgets | None = None) -> None:
+                 router: service_pb2_grpc.GRPCInferenceServiceStub, streams: GenerationStreams,
+                 cache: CacheClient | None, documents: DocumentsRelay, budgets: TokenBudgets | None = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.documents = documents
         self._router = router
         self._cache = cache
         self._budgets = budgets
-        self._stream_retrier = settings.resilience.retrier("router-streams")
+        self._streams = streams
 
     async def _cascade(self, request: mesh_pb2.GenerateRequest) -> tuple[mesh_pb2.GenerateRequest, str]:
         """A request naming a model group, rewritten to the member the group's rule picks."""
@@ -101,7 +102,7 @@ class MeshCore:
     async def _generate(self, request: mesh_pb2.GenerateRequest, plan: RequestPlan):
         """The cached generation, admitted and charged against the tenant's token budget."""
         plan.metadata.model_version = plan.model.version
-        chunks = cached_generation.generate(self._cache, self._router, request, plan, self._stream_retrier)
+        chunks = cached_generation.generate(self._cache, self._streams, request, plan)
         chunks = observed(chunks, plan.caller.tenant, plan.model.name)
         if self._budgets is None:
             return chunks

@@ -1,4 +1,4 @@
-"""Generate: public request → KServe stream request through the router → public chunks."""
+"""Generate: public request → KServe stream request (placed by the router) → public chunks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -74,58 +75,80 @@ def to_kserve(request: mesh_pb2.GenerateRequest, request_id: str, version: str =
     return built
 
 
+class GenerationStreams(Protocol):
+    """Where a generation's KServe responses come from: yields the stream's responses, its final one last (an
+    error in the stream raised as a MeshError)."""
+
+    def responses(self, request: service_pb2.ModelInferRequest, plan: RequestPlan,
+                  ) -> AsyncIterator[service_pb2.ModelInferResponse]: ...
+
+
+class RouterRelayed:
+    """The stream relayed by the router (its KServe ModelStreamInfer): for networks where gateways may not reach
+    the engines. A router that cannot be reached (UNAVAILABLE before any response) is tried again with backoff,
+    within the deadline and the retry budget; once text has been sent only the router can continue the stream."""
+
+    def __init__(self, router: service_pb2_grpc.GRPCInferenceServiceStub, retrier: Retrier | None = None) -> None:
+        self._router = router
+        self._retrier = retrier
+
+    async def responses(self, request: service_pb2.ModelInferRequest,
+                        plan: RequestPlan) -> AsyncIterator[service_pb2.ModelInferResponse]:
+        retrier = self._retrier
+        deadline = time.monotonic() + plan.timeout_s
+        if retrier is not None:
+            retrier.budget.on_request()
+        retry = 0
+        while True:
+            call = None
+            started = False
+            try:
+                # Inside the try: an open breaker refuses the call right here, with UNAVAILABLE.
+                call = self._router.ModelStreamInfer(iter([request]), timeout=max(deadline - time.monotonic(), 0.001),
+                                                     metadata=plan.headers)
+                stream = aiter(call)
+                async for item in stream:
+                    started = True
+                    if item.error_message:
+                        hint = item.infer_response.parameters.get(RETRY_AFTER_PARAMETER)
+                        raise from_stream_error(item.error_message, hint.double_param if hint is not None else 0.0)
+                    if is_final_response(item.infer_response):
+                        # Before the last response is handed on: a consumer that stops at it (the HTTP API's
+                        # non-streamed answer) closes this generator there, and the call's tracing span would then
+                        # end only when the garbage collector gets to it (found missing from traces).
+                        await read_to_end(stream)
+                        yield item.infer_response
+                        return
+                    yield item.infer_response
+                raise unavailable("router: the stream ended before the last token")
+            except grpc.aio.AioRpcError as exc:
+                pause = retrier.backoff_s(retry) if retrier is not None else 0.0
+                if (not started and retrier is not None and deadline - time.monotonic() > pause + 0.05
+                        and retrier.may_retry(retry, exc.code())):
+                    retry += 1
+                    await asyncio.sleep(pause)
+                    continue
+                raise from_rpc_error(exc, "router") from exc
+            finally:
+                # Cancels the router stream (and so the Triton request) when our caller goes away.
+                if call is not None:
+                    call.cancel()
+
+
 async def stream_generation(
-    router: service_pb2_grpc.GRPCInferenceServiceStub,
+    streams: GenerationStreams,
     request: mesh_pb2.GenerateRequest,
     plan: RequestPlan,
-    retrier: Retrier | None = None,
 ) -> AsyncIterator[mesh_pb2.GenerateChunk]:
-    """Yields one chunk per non-empty text delta and a last chunk with finish reason, usage and metadata.
-
-    A router that cannot be reached (UNAVAILABLE before any response) is tried again with backoff, within the
-    deadline and the retry budget; once text has been sent only the router can continue the stream."""
+    """Yields one chunk per non-empty text delta and a last chunk with finish reason, usage and metadata."""
     metadata = plan.metadata
     kserve_request = to_kserve(request, metadata.request_id, plan.model.version, plan.affinity)
-    deadline = time.monotonic() + plan.timeout_s
-    if retrier is not None:
-        retrier.budget.on_request()
-    retry = 0
-    while True:
-        call = None
-        started = False
-        try:
-            # Inside the try: an open breaker refuses the call right here, with UNAVAILABLE.
-            call = router.ModelStreamInfer(iter([kserve_request]), timeout=max(deadline - time.monotonic(), 0.001),
-                                           metadata=plan.headers)
-            stream = aiter(call)
-            async for item in stream:
-                started = True
-                if item.error_message:
-                    hint = item.infer_response.parameters.get(RETRY_AFTER_PARAMETER)
-                    raise from_stream_error(item.error_message, hint.double_param if hint is not None else 0.0)
-                chunk = _chunk(item.infer_response, metadata, plan.delivered)
-                if chunk is not None and chunk.finish_reason:
-                    # Before the last chunk is handed on: a consumer that stops at it (the HTTP API's
-                    # non-streamed answer) closes this generator there, and the call's tracing span would then
-                    # end only when the garbage collector gets to it (found missing from traces).
-                    await read_to_end(stream)
-                    yield chunk
-                    return
-                if chunk is not None:
-                    yield chunk
-            raise unavailable("router: the stream ended before the last token")
-        except grpc.aio.AioRpcError as exc:
-            pause = retrier.backoff_s(retry) if retrier is not None else 0.0
-            if (not started and retrier is not None and deadline - time.monotonic() > pause + 0.05
-                    and retrier.may_retry(retry, exc.code())):
-                retry += 1
-                await asyncio.sleep(pause)
-                continue
-            raise from_rpc_error(exc, "router") from exc
-        finally:
-            # Cancels the router stream (and so the Triton request) when our caller goes away.
-            if call is not None:
-                call.cancel()
+    async for response in streams.responses(kserve_request, plan):
+        chunk = _chunk(response, metadata, plan.delivered)
+        if chunk is not None:
+            yield chunk
+            if chunk.finish_reason:
+                return
 
 
 def _chunk(response: service_pb2.ModelInferResponse, metadata: mesh_pb2.ResponseMetadata,

@@ -19,8 +19,10 @@ from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets
 from services.gateway.cache_client import CacheClient
 from services.gateway.core import MeshCore
 from services.gateway.documents import DocumentsRelay
+from services.gateway.generation import GenerationStreams, RouterRelayed
 from services.gateway.kserve_metering import KServeMeter
 from services.gateway.kserve_proxy import KServeProxyService
+from services.gateway.leased_generation import EngineChannels, Leased
 from services.gateway.mesh_service import InferenceMeshService
 from services.gateway.openai_http.app import OpenAIApi
 from services.gateway.response_store import ResponseStore
@@ -56,7 +58,10 @@ async def serve(settings: GatewaySettings) -> None:
               service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
     host = ServiceHost("gateway", settings, settings.max_in_flight, party_share=settings.tenant_share_of_in_flight,
                        party_of=auth.tenant_of, answered=[Authenticates(auth, public)])
-    core = MeshCore(settings, catalog, router, cache, documents, budgets)
+    engines = EngineChannels(settings.tls) if settings.token_path == "direct" else None
+    streams: GenerationStreams = Leased(router_pb2_grpc.PlacementLeasesStub(channel), engines) \
+        if engines is not None else RouterRelayed(router, resilience.retrier("router-streams"))
+    core = MeshCore(settings, catalog, router, streams, cache, documents, budgets)
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(InferenceMeshService(core), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeProxyService(router, settings.generate_timeout_s, settings.metadata_timeout_s,
@@ -94,6 +99,8 @@ async def serve(settings: GatewaySettings) -> None:
         if budgets is not None:
             await budgets.drain()
             await budget_channel.close()
+        if engines is not None:
+            await engines.close()
         await channel.close()
 
 

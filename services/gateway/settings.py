@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -43,6 +45,10 @@ class GatewaySettings(RouterClientSettings):
     tenants_file: str = "config/tenants.yaml"
     # A shorter caller deadline always wins.
     generate_timeout_s: float = GENERATION_BUDGET_S
+    # How a generation's tokens reach this gateway. "direct": the router places the request on a lease and the
+    # stream flows from the Triton replica here (one Python hop per token; gateways must reach the engines'
+    # gRPC ports). "router": the router relays the stream (two hops), for networks where only routers may.
+    token_path: Literal["direct", "router"] = "direct"
     embed_timeout_s: float = 30.0
     metadata_timeout_s: float = METADATA_BUDGET_S
     # Empty: no cache (responses say CACHE_STATUS_DISABLED).

@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from prometheus_client import Counter
@@ -19,6 +20,7 @@ from services.common.deadlines import downstream_timeout
 from services.common.errors import MeshError, exhausted, invalid, not_found, stream_error_text
 from services.common.kserve import SCHEMA_INPUT, TOOLS_INPUT, is_final_response, output_arrays, read_to_end
 from services.common.retries import Retrier
+from services.common.stream_progress import StreamProgress
 from services.common.wire import (
     AFFINITY_PARAMETER,
     COST_HEADER,
@@ -38,7 +40,6 @@ from services.router.registry import STRUCTURED_OUTPUT, TOOLS, ModelSpec
 from services.router.replicas import Replica
 from services.router.settings import RouterSettings
 from services.router.state import RouterState
-from services.router.stream_progress import StreamProgress
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,26 @@ class Placed:
             del request.parameters[SPILL_PARAMETER]
 
 
+class CallerGone(Exception):
+    """The caller left an attempt without its outcome (a lease closed early): no verdict on the replica."""
+
+
+class Progress(Protocol):
+    """What the attempt loop asks of a stream's delivery so far, whoever carries the stream."""
+
+    @property
+    def started(self) -> bool: ...
+
+    @property
+    def resumable(self) -> bool: ...
+
+    @property
+    def responses(self) -> int: ...
+
+    @property
+    def tokens_sent(self) -> int: ...
+
+
 @dataclass
 class Attempts:
     """Retries and resumes of one request, stamped on its last response."""
@@ -107,7 +128,7 @@ def _parameter(request: service_pb2.ModelInferRequest, name: str) -> str:
     return request.parameters[name].string_param if name in request.parameters else ""
 
 
-def _tenant(context: grpc.aio.ServicerContext) -> str:
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
     return next((v for k, v in context.invocation_metadata() or () if k == TENANT_HEADER), "")
 
 
@@ -119,7 +140,7 @@ def _bounded(text: str | None, default: float, low: float, high: float) -> float
     return min(high, max(low, value)) if value == value else default  # NaN: the default
 
 
-def _ticket(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Ticket:
+def ticket_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Ticket:
     """Who asks and what the request may cost, from the gateway's headers; a caller without them (a KServe client
     inside the mesh) counts as one interactive token of weight 1 under the tenant header it sent, if any."""
     headers = dict(context.invocation_metadata() or ())
@@ -161,7 +182,7 @@ Attempt = Callable[[Placed], Awaitable[tuple[grpc.StatusCode, str] | None]]
 
 
 # The contract's optional inputs that only some engines can honour, and the capability each needs.
-_NEEDS = {SCHEMA_INPUT: STRUCTURED_OUTPUT, TOOLS_INPUT: TOOLS}
+NEEDS = {SCHEMA_INPUT: STRUCTURED_OUTPUT, TOOLS_INPUT: TOOLS}
 
 
 @dataclass(frozen=True)
@@ -177,7 +198,7 @@ def asked(request: service_pb2.ModelInferRequest, tenant: str) -> Asked:
     """The route key: the prefix-affinity key, else the session; the canary version sticks to the session, else
     the tenant (the gateway, which chose the version before its cache, used the same key)."""
     session = _parameter(request, SESSION_PARAMETER)
-    needs = frozenset(_NEEDS[t.name] for t in request.inputs if t.name in _NEEDS)
+    needs = frozenset(NEEDS[t.name] for t in request.inputs if t.name in NEEDS)
     return Asked(request.model_name, request.model_version,
                  Route(affinity_key=_parameter(request, AFFINITY_PARAMETER) or session, version_key=session or tenant,
                        needs=needs))
@@ -187,7 +208,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, state: RouterState, balancer: Balancer, settings: RouterSettings, retrier: Retrier) -> None:
         self._state = state
         self._balancer = balancer
-        self._default_timeout_s = settings.default_timeout_s
+        self.default_timeout_s = settings.default_timeout_s
         self._metadata_timeout_s = settings.metadata_timeout_s
         self._retrier = retrier
         # A stream whose replica sends nothing for this long after its first response has stalled: fail over.
@@ -230,6 +251,9 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         """A placement: now, or after the request's turn in the model's fair queue; its replica slot claimed."""
         return await self.admission(spec).enter(ticket, lambda: self._claimed(spec, ask, route), self._unclaim)
 
+    def is_known(self, name: str) -> bool:
+        return name in self._state.registry.models
+
     def any_model_ready(self) -> bool:
         registry = self._state.registry
         return any(self._balancer.can_serve_any(spec, registry.fallback_of(spec)) for spec in registry.models.values())
@@ -237,7 +261,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     def _unknown(self, name: str) -> str:
         return f"unknown model {name!r}; known models: {sorted(self._state.registry.models)}"
 
-    def _resolve(self, name: str) -> ModelSpec:
+    def resolve(self, name: str) -> ModelSpec:
         spec = self._state.registry.models.get(name)
         if spec is None:
             raise not_found(self._unknown(name))
@@ -305,13 +329,13 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             spec, self._state.registry.fallback_of(spec)))
 
     async def ModelMetadata(self, request, context):
-        spec = self._resolve(request.name)
+        spec = self.resolve(request.name)
         return await kserve_metadata.model_metadata(
             spec, request.name, kserve_metadata.hosting(self._state.replicas.replicas, spec),
             downstream_timeout(context, self._metadata_timeout_s))
 
     async def ModelConfig(self, request, context):
-        spec = self._resolve(request.name)
+        spec = self.resolve(request.name)
         return await kserve_metadata.model_config(
             spec, request.name, request.version, kserve_metadata.hosting(self._state.replicas.replicas, spec),
             downstream_timeout(context, self._metadata_timeout_s))
@@ -322,7 +346,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         response = service_pb2.ModelStatisticsResponse()
         timeout_s = downstream_timeout(context, self._metadata_timeout_s)
         for name in names:
-            spec = self._resolve(name)
+            spec = self.resolve(name)
             response.model_stats.extend(await kserve_metadata.model_statistics(
                 spec, name, request.version, kserve_metadata.hosting(self._state.replicas.replicas, spec), timeout_s))
         return response
@@ -340,8 +364,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelInfer(self, request, context):
-        spec = self._resolve(request.model_name)
-        ask = asked(request, _tenant(context))
+        spec = self.resolve(request.model_name)
+        ask = asked(request, tenant_of(context))
         attempts = Attempts()
         answered: list[service_pb2.ModelInferResponse] = []
 
@@ -350,19 +374,19 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             with placed.replica.track(placed.spec.triton_model, claimed=True):
                 try:
                     answered.append(await placed.replica.stub.ModelInfer(
-                        request, timeout=downstream_timeout(context, self._default_timeout_s)))
+                        request, timeout=downstream_timeout(context, self.default_timeout_s)))
                 except grpc.aio.AioRpcError as exc:
                     return exc.code(), exc.details() or ""
             return None
 
-        placed = await self._attempt_loop(spec, ask, _ticket(context, self._default_timeout_s), attempts, call)
+        placed = await self.attempt_loop(spec, ask, ticket_of(context, self.default_timeout_s), attempts, call)
         response = answered[-1]
         _stamp(response, ask.public_name, placed, attempts)
         ROUTED.labels(ask.public_name, response.model_version, placed.replica.pool, placed.replica.name).inc()
         return response
 
-    async def _attempt_loop(self, spec: ModelSpec, ask: Asked, ticket: Ticket, attempts: Attempts,
-                            attempt: Attempt, progress: StreamProgress | None = None) -> Placed:
+    async def attempt_loop(self, spec: ModelSpec, ask: Asked, ticket: Ticket, attempts: Attempts,
+                            attempt: Attempt, progress: Progress | None = None) -> Placed:
         """The one attempt loop, unary and streaming: each attempt takes its turn in the model's fair queue, is
         placed on a replica whose breaker admits it, runs, and is recorded on that breaker; a failover failure is
         tried again on another replica (a started stream only if the model can resume it) while the retry policy
@@ -372,7 +396,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._retrier.budget.on_request()
         first_model = ""
         while True:
-            note = self._progress_note(progress)
+            note = self.progress_note(progress)
             try:
                 # A retry after a replica failed waits like a new request when the rest are busy, rather than
                 # failing for want of a free slot.
@@ -394,7 +418,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             first_model = first_model or placed.spec.triton_model
             try:
                 failure = await attempt(placed)
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, CallerGone):
                 replica.breaker.abandon()  # the caller went away: no verdict on the replica
                 raise
             finally:
@@ -414,13 +438,13 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                     attempts.resumed += 1
                     log.warning("resuming a stream on another replica",
                                 extra={"model": ask.public_name, "failed_replica": replica.name,
-                                       "tokens_sent": len(progress.tokens)})
+                                       "tokens_sent": progress.tokens_sent})
                 route = route.excluding(replica.name)
                 continue
             if started:
                 RESUMED.labels(ask.public_name, "failed").inc()
             why = "" if resumable else "; this model cannot resume a stream on another replica"
-            raise MeshError(code, f"replica {replica.name}: {detail}{why}{self._progress_note(progress)}")
+            raise MeshError(code, f"replica {replica.name}: {detail}{why}{self.progress_note(progress)}")
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each request on the stream is routed on its own and relayed concurrently, as Triton does."""
@@ -464,10 +488,10 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         if spec is None:
             out.put(_error_response(not_found(self._unknown(public_name))))
             return
-        ask = asked(request, _tenant(context))
+        ask = asked(request, tenant_of(context))
         progress = StreamProgress()
         attempts = Attempts()
-        ticket = _ticket(context, self._default_timeout_s)
+        ticket = ticket_of(context, self.default_timeout_s)
         began = time.monotonic()
 
         async def relay(placed: Placed) -> tuple[grpc.StatusCode, str] | None:
@@ -478,7 +502,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             return await self._relay_attempt(attempt, public_name, placed, attempts, progress, context, out)
 
         try:
-            await self._attempt_loop(spec, ask, ticket, attempts, relay, progress)
+            await self.attempt_loop(spec, ask, ticket, attempts, relay, progress)
         except MeshError as error:
             out.put(_error_response(error))
             return
@@ -488,7 +512,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.admission(spec).settle(ticket.tenant, ticket.weight, ticket.cost, used, time.monotonic() - began)
 
     @staticmethod
-    def _progress_note(progress: StreamProgress | None) -> str:
+    def progress_note(progress: Progress | None) -> str:
         return f" (after {progress.responses} responses were sent)" if progress is not None and progress.started \
             else ""
 
@@ -498,7 +522,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         """One replica's part of a stream: None when it ended with its final response, else why it failed."""
         replica = placed.replica
         call = replica.stub.ModelStreamInfer(iter([request]),
-                                             timeout=downstream_timeout(context, self._default_timeout_s))
+                                             timeout=downstream_timeout(context, self.default_timeout_s))
         try:
             with replica.track(placed.spec.triton_model, claimed=True):
                 return await self._relay_responses(aiter(call), public_name, placed, attempts, progress, out)

@@ -42,6 +42,9 @@ class Replica:
     channel: grpc.aio.Channel
     breaker: Breaker
     metrics_endpoint: str = ""
+    # The name the replica's certificate carries when the endpoint is an address: callers streaming from it direct
+    # (a placement lease) check it as the router does.
+    authority: str = ""
     gpu_class: str = "cpu"
     in_flight: int = 0
     # Per Triton model: what a model's own bound (ModelSpec.max_in_flight_per_replica) counts.
@@ -130,7 +133,7 @@ class ReplicaSet:
                     channel = mesh_channel(spec.grpc, self._tls, spec.authority)
                     replica = Replica(name=spec.name, pool=pool_name, endpoint=spec.grpc, models=hosted,
                                       stub=service_pb2_grpc.GRPCInferenceServiceStub(channel), channel=channel,
-                                      breaker=self._resilience.breaker(spec.name))
+                                      breaker=self._resilience.breaker(spec.name), authority=spec.authority)
                 replica.pool, replica.models = pool_name, hosted
                 replica.metrics_endpoint, replica.gpu_class = spec.metrics, pool.gpu_class
                 kept.append(replica)

@@ -14,6 +14,7 @@ from services.router.balancer import Balancer, BalancerSettings
 from services.router.discovery import SrvDiscovery
 from services.router.inference_service import RoutingInferenceService
 from services.router.metrics import ReplicaCollector
+from services.router.placement_service import PlacementService
 from services.router.queue_metrics import scrape_forever
 from services.router.replicas import probe_forever
 from services.router.settings import RouterSettings
@@ -33,9 +34,12 @@ async def serve(settings: RouterSettings) -> None:
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, host.server)
     router_pb2_grpc.add_RouterAdminServicer_to_server(
         RouterAdminService(state, balancer, settings.queue_ms_per_slot, inference.admissions), host.server)
+    router_pb2_grpc.add_PlacementLeasesServicer_to_server(
+        PlacementService(inference, settings.stream_stall_timeout_s), host.server)
     host.expose([
         service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         router_pb2.DESCRIPTOR.services_by_name["RouterAdmin"].full_name,
+        router_pb2.DESCRIPTOR.services_by_name["PlacementLeases"].full_name,
     ])
 
     async def a_model_is_ready() -> bool:

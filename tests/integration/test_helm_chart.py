@@ -205,7 +205,8 @@ def test_network_policies_allow_exactly_the_request_flow(rendered, value_set):
     assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny[0]["spec"] \
         and "egress" not in deny[0]["spec"], "the namespace starts from deny-all"
     tritons = {_component(w["metadata"]["labels"]) for w in _by_kind(objects, "StatefulSet")}
-    expected = FLOW | {("router", triton, port) for triton in tritons for port in (8001, 8002)}
+    expected = FLOW | {("router", triton, port) for triton in tritons for port in (8001, 8002)} \
+        | {("gateway", triton, 8001) for triton in tritons}  # streams on the router's placement lease
     ingress, egress, external = set(), set(), set()
     covered = set()
     for policy in policies:

@@ -101,10 +101,13 @@ def test_one_ask_through_envoy_is_one_trace_across_every_process(traced):
         f"{s.service} {s.name} {s.span_id[:8]}<-{s.parent_span_id[:8]}" for s in spans)
     for span in spans:
         chain = {a.service for a in ancestors(span, by_id)}
-        if span.service == "triton-0":
-            assert {"router", "gateway", "envoy"} <= chain, (span, chain)
+        if span.service == "triton-0":  # the generation streams to the gateway on a lease; embeddings via the router
+            assert {"gateway", "envoy"} <= chain, (span, chain)
         if span.service in {"cache", "retrieval", "router"}:
             assert {"gateway", "envoy"} <= chain, (span, chain)
+    # The generation's placement lease is the router's part of it.
+    assert any(s.service == "router" and "PlacementLeases/Lease" in s.name for s in spans), \
+        sorted((s.service, s.name) for s in spans)
     # The query embedding: retrieval -> router -> Triton, inside the same trace.
     assert any(s.service == "router" and "retrieval" in {a.service for a in ancestors(s, by_id)} for s in spans)
 

@@ -13,9 +13,11 @@ from tritonclient.grpc import service_pb2
 from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2
 from services.common.errors import MeshError
 from services.common.resilience import ResilienceSettings
+from services.common.stream_progress import RESUME_INPUT
 from services.common.wire import SESSION_PARAMETER
 from services.gateway import cached_generation
 from services.gateway.auth import Caller
+from services.gateway.generation import RouterRelayed
 from services.gateway.plan import plan_request
 from services.router.balancer import Balancer
 from services.router.canary import choose_version
@@ -25,7 +27,6 @@ from services.router.registry import Registry
 from services.router.replicas import ReplicaSet
 from services.router.settings import RouterSettings
 from services.router.state import RouterState
-from services.router.stream_progress import RESUME_INPUT
 from tests.unit.fakes import (
     FakeContext,
     RecordingCache,
@@ -64,7 +65,7 @@ async def _drain(chunks, stop_after: int | None = None) -> list[mesh_pb2.Generat
 
 def test_a_completed_generation_is_stored_under_its_lease():
     cache, router = RecordingCache(MISS), ScriptedStreams([_complete()])
-    chunks = asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, _plan())))
+    chunks = asyncio.run(_drain(cached_generation.generate(cache, RouterRelayed(router), GREEDY, _plan())))
     assert "".join(c.text for c in chunks) == "Hello" and chunks[-1].finish_reason == mesh_pb2.FINISH_REASON_STOP
     assert [s.lease for s in cache.stored] == ["lease-1"] and not cache.released
     assert list(cache.stored[0].response.chunks) == ["Hel", "lo", ""]  # the last chunk, as streamed
@@ -73,7 +74,8 @@ def test_a_completed_generation_is_stored_under_its_lease():
 
 def test_an_abandoned_generation_gives_its_lease_back_and_cancels_the_router_call():
     cache, router = RecordingCache(MISS), ScriptedStreams([_complete()])
-    chunks = asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, _plan()), stop_after=1))
+    generation = cached_generation.generate(cache, RouterRelayed(router), GREEDY, _plan())
+    chunks = asyncio.run(_drain(generation, stop_after=1))
     assert [c.text for c in chunks] == ["Hel"]
     assert [r.lease for r in cache.released] == ["lease-1"] and not cache.stored
     assert router.made[0].cancelled, "the Triton request must not run on for nobody"
@@ -84,7 +86,7 @@ def test_a_failure_after_text_is_not_retried_and_gives_the_lease_back():
     cache, router = RecordingCache(MISS), ScriptedStreams([failing, _complete()])
     retrier = ResilienceSettings().retrier("router-streams")
     with pytest.raises(MeshError) as failed:
-        asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, _plan(), retrier)))
+        asyncio.run(_drain(cached_generation.generate(cache, RouterRelayed(router, retrier), GREEDY, _plan())))
     assert failed.value.code == UNAVAILABLE
     assert len(router.made) == 1, "text was sent: only the router may continue the stream"
     assert [r.lease for r in cache.released] == ["lease-1"] and not cache.stored
@@ -94,7 +96,7 @@ def test_a_router_unreachable_before_any_text_is_tried_again():
     refused = ScriptedCall([], fails_with=rpc_error(UNAVAILABLE, "connection refused"))
     cache, router = RecordingCache(MISS), ScriptedStreams([refused, _complete()])
     retrier = ResilienceSettings().retrier("router-streams")
-    chunks = asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, _plan(), retrier)))
+    chunks = asyncio.run(_drain(cached_generation.generate(cache, RouterRelayed(router, retrier), GREEDY, _plan())))
     assert "".join(c.text for c in chunks) == "Hello" and len(router.made) == 2
     assert len(cache.stored) == 1
 
@@ -105,7 +107,7 @@ def test_a_cache_hit_replays_without_calling_the_router():
         finish_reason=mesh_pb2.FINISH_REASON_STOP, pool="cpu", replica="c0"))
     cache, router = RecordingCache(hit), ScriptedStreams([])
     plan = _plan()
-    chunks = asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, plan)))
+    chunks = asyncio.run(_drain(cached_generation.generate(cache, RouterRelayed(router), GREEDY, plan)))
     assert "".join(c.text for c in chunks) == "Hello" and not router.made
     assert plan.metadata.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT and chunks[-1].usage.total_tokens == 5
     assert len(chunks) == 1 and chunks[0].token_index == 1 and chunks[0].finish_reason == mesh_pb2.FINISH_REASON_STOP
@@ -116,7 +118,7 @@ def test_an_exact_hit_read_directly_skips_the_cache_service_and_the_router():
                                       finish_reason=mesh_pb2.FINISH_REASON_STOP, pool="cpu", replica="c1")
     cache, router = RecordingCache(reply=None, direct=cached), ScriptedStreams([])
     plan = _plan()
-    chunks = asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, plan)))
+    chunks = asyncio.run(_drain(cached_generation.generate(cache, RouterRelayed(router), GREEDY, plan)))
     assert [c.text for c in chunks] == ["Hi!"] and not router.made and not cache.looked_up
     assert plan.metadata.cache_status == mesh_pb2.CACHE_STATUS_EXACT_HIT and plan.metadata.replica == "c1"
 
@@ -129,7 +131,7 @@ def test_a_refresh_never_reads_the_entry_it_replaces():
     refresh = mesh_pb2.GenerateRequest()
     refresh.CopyFrom(GREEDY)
     refresh.cache_mode = mesh_pb2.CACHE_MODE_REFRESH
-    chunks = asyncio.run(_drain(cached_generation.generate(cache, router, refresh, _plan())))
+    chunks = asyncio.run(_drain(cached_generation.generate(cache, RouterRelayed(router), refresh, _plan())))
     assert "".join(c.text for c in chunks) == "new" and cache.looked_up
 
 
@@ -262,6 +264,6 @@ def test_the_gateway_asks_for_a_semantic_hit_only_for_an_opted_in_model():
         model.semantic_cache = opted_in
         cache, router = RecordingCache(MISS), ScriptedStreams([_complete()])
         plan = plan_request(Caller("tenant-1", "standard"), model, "req-1", timeout_s=5.0)
-        asyncio.run(_drain(cached_generation.generate(cache, router, GREEDY, plan)))
+        asyncio.run(_drain(cached_generation.generate(cache, RouterRelayed(router), GREEDY, plan)))
         assert [asked.semantic for asked in cache.asked] == [opted_in]
         assert [stored.semantic for stored in cache.stored] == [opted_in], "a semantic row only where one may answer"

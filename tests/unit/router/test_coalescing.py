@@ -6,8 +6,8 @@ import numpy as np
 from tritonclient.grpc import service_pb2
 
 from services.common.kserve import first_bytes, first_int, is_final_response, raw_outputs
+from services.common.stream_progress import StreamProgress
 from services.router.coalescing import coalesced
-from services.router.stream_progress import StreamProgress
 from tests.unit.fakes import add_output, token
 
 

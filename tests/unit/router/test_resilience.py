@@ -11,10 +11,10 @@ from tritonclient.grpc import service_pb2
 from services.common.breakers import STATE, Breaker, BreakerOpenError, BreakerSettings
 from services.common.kserve import InferRequestBuilder
 from services.common.retries import Retrier, RetryBudget, RetrySettings
+from services.common.stream_progress import RESUME_INPUT, StreamProgress
 from services.router.balancer import Balancer
 from services.router.registry import Registry
 from services.router.replicas import ReplicaSet
-from services.router.stream_progress import RESUME_INPUT, StreamProgress
 from tests.unit.router import REGISTRY
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
