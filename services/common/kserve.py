@@ -108,6 +108,15 @@ def int_parameter(response: service_pb2.ModelInferResponse, name: str) -> int:
     return param.int64_param if param is not None else 0
 
 
+def used_tokens(response: service_pb2.ModelInferResponse) -> int:
+    """Prompt + completion tokens from a generation's last response; 0 when the model does not report them."""
+    try:
+        outputs = output_arrays(response)
+        return int(outputs["prompt_tokens"].reshape(-1)[0] + outputs["completion_tokens"].reshape(-1)[0])
+    except (KeyError, IndexError, ValueError):
+        return 0
+
+
 def is_final_response(response: service_pb2.ModelInferResponse) -> bool:
     param = response.parameters.get("triton_final_response")
     return bool(param is not None and param.bool_param)

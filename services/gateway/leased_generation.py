@@ -16,9 +16,10 @@ from inference_mesh.v1 import router_pb2, router_pb2_grpc
 from services.common.channels import channel as mesh_channel
 from services.common.errors import MeshError, from_stream_error, retry_after, unavailable
 from services.common.internal_tls import InternalTls
-from services.common.kserve import is_final_response, output_arrays, read_to_end
+from services.common.kserve import is_final_response, read_to_end, used_tokens
+from services.common.placement import ServedBy, aim, stamp
 from services.common.stream_progress import StreamProgress
-from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER, SPILL_PARAMETER
+from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER
 from services.gateway.errors import from_rpc_error
 from services.gateway.plan import RequestPlan
 
@@ -68,39 +69,15 @@ def lease_ask(request: service_pb2.ModelInferRequest) -> router_pb2.LeaseAsk:
 
 
 def aimed(request: service_pb2.ModelInferRequest, granted: router_pb2.LeaseGrant) -> service_pb2.ModelInferRequest:
-    """The request as the granted replica takes it: its Triton model and version, and whether to keep the prompt's
-    prefix (not when spilled off the prefix's home). The same rewrite as the router's Placed.aim."""
-    request.model_name, request.model_version = granted.triton_model, granted.triton_version
-    if granted.spilled:
-        request.parameters[SPILL_PARAMETER].bool_param = True
-    elif SPILL_PARAMETER in request.parameters:
-        del request.parameters[SPILL_PARAMETER]
+    aim(request, granted.triton_model, granted.triton_version, granted.spilled)
     return request
 
 
 def stamped(response: service_pb2.ModelInferResponse, public_name: str,
             granted: router_pb2.LeaseGrant) -> service_pb2.ModelInferResponse:
-    """The placement on the last response, in the parameters the router's relay stamps (served_by reads them)."""
-    response.model_name = public_name
-    parameters = response.parameters
-    parameters["mesh_pool"].string_param = granted.pool
-    parameters["mesh_replica"].string_param = granted.replica
-    parameters["mesh_model_version"].string_param = response.model_version or granted.model_version
-    if granted.fallback:
-        parameters["mesh_fallback"].string_param = granted.fallback
-    if granted.retries:
-        parameters["mesh_retries"].int64_param = granted.retries
-    if granted.resumed:
-        parameters["mesh_resumed"].int64_param = granted.resumed
+    stamp(response, public_name, ServedBy(granted.pool, granted.replica, granted.model_version, granted.fallback,
+                                          granted.retries, granted.resumed))
     return response
-
-
-def _used_tokens(response: service_pb2.ModelInferResponse) -> int:
-    try:
-        outputs = output_arrays(response)
-        return int(outputs["prompt_tokens"].reshape(-1)[0] + outputs["completion_tokens"].reshape(-1)[0])
-    except (KeyError, IndexError, ValueError):
-        return 0
 
 
 class _Stall:
@@ -191,7 +168,7 @@ class Leased:
                         progress.delivered(response, final)
                         if final:
                             await read_to_end(stream)
-                            await self._settle(lease, report, progress, _used_tokens(response),
+                            await self._settle(lease, report, progress, used_tokens(response),
                                                response.model_version)
                             yield stamped(response, public_name, granted)
                             return

@@ -18,7 +18,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from services.common.breakers import BreakerOpenError
 from services.common.deadlines import downstream_timeout
 from services.common.errors import MeshError, exhausted, invalid, not_found, stream_error_text
-from services.common.kserve import SCHEMA_INPUT, TOOLS_INPUT, is_final_response, output_arrays, read_to_end
+from services.common.kserve import SCHEMA_INPUT, TOOLS_INPUT, is_final_response, read_to_end, used_tokens
+from services.common.placement import ServedBy, aim, stamp
 from services.common.retries import Retrier
 from services.common.stream_progress import StreamProgress
 from services.common.wire import (
@@ -28,7 +29,6 @@ from services.common.wire import (
     RETRY_AFTER_PARAMETER,
     SESSION_PARAMETER,
     SHARE_WEIGHT_HEADER,
-    SPILL_PARAMETER,
     TENANT_HEADER,
 )
 from services.router import kserve_metadata
@@ -67,14 +67,7 @@ class Placed:
         return self.choice.replica
 
     def aim(self, request: service_pb2.ModelInferRequest) -> None:
-        """The one place the router rewrites a request: the Triton model and version of this placement, and
-        whether the replica should keep the prompt's prefix (not when the request was spilled off its home)."""
-        request.model_name = self.spec.triton_model
-        request.model_version = self.version
-        if self.choice.spilled:
-            request.parameters[SPILL_PARAMETER].bool_param = True
-        elif SPILL_PARAMETER in request.parameters:
-            del request.parameters[SPILL_PARAMETER]
+        aim(request, self.spec.triton_model, self.version, self.choice.spilled)
 
 
 class CallerGone(Exception):
@@ -107,16 +100,8 @@ class Attempts:
 
 def _stamp(response: service_pb2.ModelInferResponse, model_name: str, placed: Placed, attempts: Attempts) -> None:
     replica = placed.replica
-    response.model_name = model_name
-    response.parameters["mesh_pool"].string_param = replica.pool
-    response.parameters["mesh_replica"].string_param = replica.name
-    response.parameters["mesh_model_version"].string_param = response.model_version or placed.spec.version
-    if placed.fallback:
-        response.parameters["mesh_fallback"].string_param = placed.fallback
-    if attempts.retries:
-        response.parameters["mesh_retries"].int64_param = attempts.retries
-    if attempts.resumed:
-        response.parameters["mesh_resumed"].int64_param = attempts.resumed
+    stamp(response, model_name, ServedBy(replica.pool, replica.name, placed.spec.version, placed.fallback,
+                                         attempts.retries, attempts.resumed))
 
 
 def _no_replica_code(exc: NoReplicaError) -> grpc.StatusCode:
@@ -150,15 +135,6 @@ def ticket_of(context: grpc.aio.ServicerContext, default_timeout_s: float) -> Ti
                   cost=_bounded(headers.get(COST_HEADER), 1.0, 1.0, 1e7),
                   priority=Priority.BATCH if headers.get(PRIORITY_HEADER) == "batch" else Priority.INTERACTIVE,
                   deadline=time.monotonic() + (remaining if remaining is not None else default_timeout_s))
-
-
-def _used_tokens(response: service_pb2.ModelInferResponse, fallback: float) -> float:
-    """Prompt + completion tokens from a generation's last response, when the model reports them."""
-    try:
-        outputs = output_arrays(response)
-        return float(outputs["prompt_tokens"].reshape(-1)[0] + outputs["completion_tokens"].reshape(-1)[0])
-    except (KeyError, IndexError, ValueError):
-        return fallback
 
 
 def _error_response(error: MeshError) -> service_pb2.ModelStreamInferResponse:
@@ -508,7 +484,7 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             return
         if attempts.resumed:
             RESUMED.labels(public_name, "completed").inc()
-        used = _used_tokens(progress.last, ticket.cost) if progress.last is not None else ticket.cost
+        used = float(used_tokens(progress.last) if progress.last is not None else 0) or ticket.cost
         self.admission(spec).settle(ticket.tenant, ticket.weight, ticket.cost, used, time.monotonic() - began)
 
     @staticmethod
