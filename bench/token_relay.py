@@ -30,13 +30,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import yaml
+from google.protobuf.duration_pb2 import Duration
 from tritonclient.grpc import service_pb2_grpc
 
 from bench.edge import AUTH, bench_tenants
 from bench.hot_path import baseline_tree
 from bench.inference_path import ROOT, pct, run_load, write_section
 from bench.profile_hot_path import cpu_seconds
-from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, quota_pb2, quota_pb2_grpc, router_pb2, router_pb2_grpc
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays
 from tools.fill_trtllm import STANDIN, TrtllmPools, write
 from tools.stack import LocalStack, StackPorts
@@ -161,7 +162,40 @@ async def measure(stacks: list[RelayStack], streams_list: list[int], max_tokens:
     return rows
 
 
-def render(rows: list[dict], max_tokens: int, baseline: str) -> str:
+async def hop_round_trips(stack: LocalStack, rounds: int = 200) -> dict[str, float]:
+    """What the gateway waits on before it calls the engine, one call at a time on an idle stack (ms, p50): the
+    token budget's reservation at the rate-limit service and the router's lease up to its grant."""
+    tenant = (("x-mesh-tenant", "bench"),)
+    async with grpc.aio.insecure_channel(stack.ratelimit_address) as budgets, \
+            grpc.aio.insecure_channel(stack.router_address) as router:
+        budget = quota_pb2_grpc.TokenBudgetStub(budgets)
+        leases = router_pb2_grpc.PlacementLeasesStub(router)
+
+        async def reserve() -> None:
+            await budget.Reserve(quota_pb2.BudgetReserveRequest(tenant="bench", tokens=1, ttl=Duration(seconds=5)),
+                                 timeout=10)
+
+        async def grant() -> None:
+            call = leases.Lease(timeout=10, metadata=tenant)
+            await call.write(router_pb2.LeaseReport(ask=router_pb2.LeaseAsk(model=MODEL)))
+            await call.read()
+            await call.write(router_pb2.LeaseReport(outcome=router_pb2.AttemptReport()))
+            await call.done_writing()
+            while await call.read() is not grpc.aio.EOF:
+                pass
+
+        found = {}
+        for name, step in (("budget reservation", reserve), ("lease grant", grant)):
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                await step()
+                times.append(time.perf_counter() - t0)
+            found[name] = pct(times, 50) * 1000
+    return found
+
+
+def render(rows: list[dict], max_tokens: int, baseline: str, hops: dict[str, float] | None = None) -> str:
     by = {(r["stack"], r["path"], r["streams"]): r for r in rows}
     streams_list = sorted({r["streams"] for r in rows})
     processes = [p for p in (*MESH_PROCESSES, "triton-0", "ratelimit")
@@ -203,6 +237,10 @@ def render(rows: list[dict], max_tokens: int, baseline: str) -> str:
                                               for p in processes)
                      + f" | {mesh_b:.0f} / {mesh_a:.0f} | {mesh_a / mesh_b:.2f} "
                      f"| {t['cpu_us'].get('triton-0', 0.0):.0f} |")
+    if hops:
+        lines += ["", "What a gateway waits on before it calls the engine, one call at a time on the idle stack after "
+                  "the load (p50 of 200 round trips from this process; the lease's includes the report and the "
+                  "call's end): " + ", ".join(f"{name} {ms:.2f} ms" for name, ms in hops.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -280,11 +318,15 @@ def main() -> None:
     stacks = [RelayStack("baseline", relay_stack(root / "baseline", tree)),
               RelayStack("current", relay_stack(root / "current"))]
 
+    hops: dict[str, float] = {}
+
     async def run() -> list[dict]:
         stacks[0].open(args.tokens, ("gateway", "edge"))  # direct Triton is the same code in both
         stacks[1].open(args.tokens, ("triton", "gateway", "edge"))
         try:
-            return await measure(stacks, args.streams, args.tokens, args.tokens_per_point)
+            rows = await measure(stacks, args.streams, args.tokens, args.tokens_per_point)
+            hops.update(await hop_round_trips(stacks[1].stack))
+            return rows
         finally:
             for relay in stacks:
                 await relay.close()
@@ -295,7 +337,7 @@ def main() -> None:
     finally:
         for relay in stacks:
             relay.stack.stop()
-    markdown = render(rows, args.tokens, args.baseline)
+    markdown = render(rows, args.tokens, args.baseline, hops)
     print(markdown)
     if not args.no_write:
         plot(rows, IMAGE)

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 _OK = grpc.StatusCode.OK.value[0]
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+# How a lease call says it is over: its status, or (writing to a call already finished) grpc.aio's state error.
+_LEASE_ENDED = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 
 
 class EngineChannels:
@@ -132,6 +134,7 @@ class Leased:
                         plan: RequestPlan) -> AsyncIterator[service_pb2.ModelInferResponse]:
         public_name = request.model_name
         lease = None
+        failed: router_pb2.AttemptReport | None = None  # an attempt's failure not yet delivered to the router
         try:
             # Inside the try: an open breaker on the router's channel refuses the call here, with UNAVAILABLE.
             lease = self._leases.Lease(timeout=plan.timeout_s, metadata=plan.headers)
@@ -141,7 +144,10 @@ class Leased:
             while True:
                 granted = await lease.read()
                 if granted is grpc.aio.EOF:
+                    if failed is not None:
+                        raise _attempt_error(failed)
                     raise unavailable("router: the lease ended without a placement")
+                failed = None
                 if granted.refused_code:
                     raise refused(granted)
                 attempt = aimed(progress.resume_request(request) if progress.started else request, granted)
@@ -188,9 +194,17 @@ class Leased:
                     stall.stop()
                     call.cancel()
                 _fill(report, progress)
+                report.replica = granted.replica
+                failed = report
                 await lease.write(router_pb2.LeaseReport(outcome=report))
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc, "router") from exc
+        except _LEASE_ENDED as exc:
+            if failed is not None:
+                # The lease ended (its deadline, the router gone) before its verdict on a failed attempt: the
+                # attempt's own failure is what the caller should hear, as the relay would have said it.
+                raise _attempt_error(failed) from exc
+            if isinstance(exc, grpc.aio.AioRpcError):
+                raise from_rpc_error(exc, "router") from exc
+            raise unavailable(f"router: the lease ended early ({(await lease.code()).name})") from exc
         finally:
             if lease is not None:
                 lease.cancel()
@@ -207,11 +221,14 @@ class Leased:
             await lease.done_writing()
             while await lease.read() is not grpc.aio.EOF:
                 pass
-        except grpc.aio.AioRpcError as exc:
+        except _LEASE_ENDED as exc:
             # The answer is whole: a router that went away meanwhile took its slot count with it, and the caller
             # still gets every token it was streamed (with the relay, the router's death cut the stream).
-            log.warning("the router went away before a lease was settled",
-                        extra={"error": f"{exc.code().name}: {exc.details()}"})
+            log.warning("the router went away before a lease was settled", extra={"error": repr(exc)})
+
+
+def _attempt_error(report: router_pb2.AttemptReport) -> MeshError:
+    return MeshError(_CODES.get(report.code, grpc.StatusCode.UNKNOWN), f"replica {report.replica}: {report.detail}")
 
 
 def _fill(report: router_pb2.AttemptReport, progress: StreamProgress) -> None:

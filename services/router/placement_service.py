@@ -103,6 +103,8 @@ class PlacementService(router_pb2_grpc.PlacementLeasesServicer):
             except MeshError as error:
                 end = "refused"
                 yield refusal(error)
+            except CallerGone:
+                pass  # it closed its side (or its deadline passed) without a report: nobody to answer
         finally:
             LEASES.labels(first.ask.model if self._routing.is_known(first.ask.model) else "", end).inc()
             leasing.cancel()

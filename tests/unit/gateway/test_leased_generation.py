@@ -45,6 +45,7 @@ class InProcessLease:
         self._grants: asyncio.Queue = asyncio.Queue()
         self.reports: list[router_pb2.LeaseReport] = []
         self.dies_before_settling = False
+        self.ends_on_failure = ""
 
         async def requests():
             while (report := await self._reports.get()) is not None:
@@ -65,6 +66,12 @@ class InProcessLease:
         if self.dies_before_settling and report.WhichOneof("report") == "outcome" and not report.outcome.code:
             self.task.cancel()
             raise rpc_error(UNAVAILABLE, "the router went away")
+        if self.ends_on_failure and report.WhichOneof("report") == "outcome" and report.outcome.code:
+            self.task.cancel()  # the lease's deadline passed on the router's side first: it ends without a verdict
+            if self.ends_on_failure == "finished":  # grpc.aio's answer to a write on a call already over
+                raise asyncio.InvalidStateError("RPC already finished.")
+            await self._grants.put(grpc.aio.EOF)
+            return
         await self._reports.put(report)
 
     async def done_writing(self) -> None:
@@ -78,6 +85,9 @@ class InProcessLease:
 
     def cancel(self) -> bool:
         return self.task.cancel()
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
 
 
 class InProcessLeases:
@@ -249,4 +259,35 @@ async def test_an_answer_streamed_whole_is_delivered_though_the_router_died_befo
     leases.calls[0].dies_before_settling = True
     chunks += [chunk async for chunk in generation]
     assert "".join(c.text for c in chunks) == "Hello" and chunks[-1].finish_reason == mesh_pb2.FINISH_REASON_STOP
+    await replicas.close()
+
+
+@pytest.mark.parametrize("lease_ends_first", ["", "eof", "finished"])
+async def test_an_attempt_past_its_deadline_is_deadline_exceeded_whoever_ends_first(lease_ends_first):
+    """The engine call and the lease share the request's deadline: whether the router's verdict or the lease's
+    end arrives first, the caller hears the attempt's DEADLINE_EXCEEDED (once: INTERNAL)."""
+    late = ScriptedCall([token("Hel", 1, 11)], fails_with=rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline"))
+    leased, leases, replicas = _mesh(ScriptedStreams([late]), {"c0"})
+    generation = stream_generation(leased, REQUEST, _plan())
+    assert (await anext(generation)).text == "Hel"
+    leases.calls[0].ends_on_failure = lease_ends_first
+    with pytest.raises(MeshError) as caught:
+        await anext(generation)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "replica c0" in caught.value.message
+    await asyncio.gather(leases.calls[0].task, return_exceptions=True)
+    assert replicas.get("c0").in_flight == 0
+    await replicas.close()
+
+
+async def test_a_lease_closed_without_its_report_ends_quietly_and_frees_the_slot():
+    """A caller that half-closes after its grant (or whose deadline passed) is gone: no INTERNAL, no verdict."""
+    _, leases, replicas = _mesh(ScriptedStreams([]), {"c0"})
+    lease = leases.Lease(metadata=(("x-mesh-tenant", "tenant-1"),))
+    await lease.write(router_pb2.LeaseReport(ask=router_pb2.LeaseAsk(model="llm")))
+    granted = await lease.read()
+    assert granted.replica == "c0" and replicas.get("c0").in_flight == 1
+    await lease.done_writing()
+    assert await asyncio.wait_for(lease.read(), 5) is grpc.aio.EOF, "ended, not failed"
+    await lease.task
+    assert replicas.get("c0").in_flight == 0 and replicas.get("c0").breaker._cb.fail_counter == 0
     await replicas.close()
