@@ -113,10 +113,12 @@ unit: $(VENV)/.installed gen/.stamp wordnet
 	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider -q tests/unit $(PYTEST_ARGS)
 
 # Debian packages the project needs, each named by a file it installs: promtool (package prometheus) for the alert
-# rules, docker-compose for checking the compose file, and WordNet 3.0 (wordnet-base), which the semantic cache's
+# rules, docker-compose for checking the compose file, PostgreSQL for the admin database (services/admin), and WordNet 3.0 (wordnet-base), which the semantic cache's
 # gate reads (the cache refuses to start a semantic index without it). Installed when missing and running as
 # root, else named.
-DEBIAN_TOOLS := promtool:prometheus docker-compose:docker-compose
+DEBIAN_TOOLS := promtool:prometheus docker-compose:docker-compose runuser:util-linux
+# PostgreSQL's server (Debian 12 ships 15) for the admin database's tests against a real server.
+DEBIAN_SERVERS := /usr/lib/postgresql/15/bin/postgres:postgresql
 DEBIAN_FILES := /usr/share/wordnet/index.noun:wordnet-base
 define debian_install
 for pair in $(1); do need=$${pair%%:*}; package=$${pair##*:}; \
@@ -131,6 +133,7 @@ done
 endef
 system-tools: wordnet
 	@$(call debian_install,$(DEBIAN_TOOLS))
+	@$(call debian_install,$(DEBIAN_SERVERS))
 wordnet:
 	@$(call debian_install,$(DEBIAN_FILES))
 

@@ -105,7 +105,10 @@ def start_service(module: str, name: str, env: dict[str, str], log_path: Path) -
 class LocalStack:
     run_dir: Path
     ports: StackPorts
+    # The seed of the admin database (tiers, tenants, keys), read when the database is empty.
     tenants_file: Path = ROOT / "config" / "tenants.yaml"
+    # The admin database every gateway and the rate-limit service share; "": SQLite in run_dir.
+    admin_db_url: str = ""
     registry_file: Path = ROOT / "config" / "registry.yaml"
     # None: the models the registry places on the cpu pool.
     triton_models: list[str] | None = None
@@ -335,6 +338,10 @@ class LocalStack:
         wait_grpc_serving(address, cache, 30, self.admin_credentials())
         return address
 
+    @property
+    def admin_database_url(self) -> str:
+        return self.admin_db_url or f"sqlite:///{self.run_dir / 'admin.sqlite3'}"
+
     def start_ratelimit(self) -> None:
         """Starts (or restarts) the rate-limit service and waits until it is SERVING."""
         ratelimit = self._start("ratelimit", {
@@ -342,6 +349,7 @@ class LocalStack:
             "MESH_RATELIMIT_METRICS_PORT": str(self.ports.ratelimit_metrics),
             "MESH_RATELIMIT_REDIS_URL": self.state_redis_url,
             "MESH_RATELIMIT_TENANTS_FILE": str(self.tenants_file),
+            "MESH_RATELIMIT_ADMIN__URL": self.admin_database_url,
         })
         wait_grpc_serving(self.ratelimit_address, ratelimit, 30, self.admin_credentials())
 
@@ -355,6 +363,7 @@ class LocalStack:
             "MESH_GATEWAY_CACHE_REDIS_URL": self.cache_reader_url if self.with_cache else "",
             "MESH_GATEWAY_RETRIEVAL_ADDRESS": self.retrieval_address if self.with_retrieval else "",
             "MESH_GATEWAY_TENANTS_FILE": str(self.tenants_file),
+            "MESH_GATEWAY_ADMIN__URL": self.admin_database_url,
             "MESH_GATEWAY_BUDGET_ADDRESS": self.ratelimit_address if self.with_edge else "",
             "MESH_GATEWAY_EDGE_SECRET": self._edge_secret if self.with_edge else "",
         }

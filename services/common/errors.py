@@ -58,6 +58,16 @@ def not_found(message: str) -> MeshError:
     return MeshError(grpc.StatusCode.NOT_FOUND, message)
 
 
+def already_exists(message: str) -> MeshError:
+    """ALREADY_EXISTS (HTTP 409): a create that names what is there (the admin API's tenants)."""
+    return MeshError(grpc.StatusCode.ALREADY_EXISTS, message)
+
+
+def failed_precondition(message: str) -> MeshError:
+    """FAILED_PRECONDITION: the request is sound but the state it acts on forbids it (a revoked key rotated)."""
+    return MeshError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
 def unauthenticated(message: str) -> MeshError:
     return MeshError(grpc.StatusCode.UNAUTHENTICATED, message)
 

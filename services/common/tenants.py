@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import secrets
+from functools import cached_property
 
 import yaml
 from pydantic import BaseModel, Field
@@ -25,11 +26,27 @@ class Tier(BaseModel, extra="forbid"):
     max_stored_vectors: int = Field(default=0, ge=0)
 
 
+class ApiKey(BaseModel, extra="forbid"):
+    """A key as the admin database keeps it (services/admin); the seed file may list bare hashes instead."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    id: str = ""
+    prefix: str = ""
+    expires_at: float | None = None      # unix seconds; refused from then on
+    allowed_models: list[str] = Field(default_factory=list)  # empty: every model
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
 class Tenant(BaseModel, extra="forbid"):
     # It becomes part of Redis keys, metric labels and headers: a plain name, never free text.
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     tier: str
+    suspended: bool = False
     api_key_sha256: list[str] = Field(default_factory=list)
+    keys: list[ApiKey] = Field(default_factory=list)
+
+    def all_keys(self) -> list[ApiKey]:
+        return self.keys + [ApiKey(sha256=digest) for digest in self.api_key_sha256]
 
 
 class TenantConfig(BaseModel, extra="forbid"):
@@ -37,10 +54,15 @@ class TenantConfig(BaseModel, extra="forbid"):
     tenants: list[Tenant]
 
     def tenant(self, tenant_id: str) -> Tenant | None:
-        return next((t for t in self.tenants if t.id == tenant_id), None)
+        return self._by_id.get(tenant_id)
+
+    @cached_property
+    def _by_id(self) -> dict[str, Tenant]:
+        # Asked per request by the budget service: a table from the database may hold thousands of tenants.
+        return {t.id: t for t in self.tenants}
 
     def tenant_by_key_hash(self) -> dict[str, Tenant]:
-        return {digest: t for t in self.tenants for digest in t.api_key_sha256}
+        return {key.sha256: t for t in self.tenants for key in t.all_keys()}
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> TenantConfig:

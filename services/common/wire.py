@@ -9,6 +9,10 @@ from __future__ import annotations
 # the first and the shared edge secret in the second (services/edge/render.py, services/gateway/auth.py).
 JWT_TENANT_HEADER = "x-mesh-jwt-tenant"
 EDGE_SECRET_HEADER = "x-mesh-edge-secret"
+# The verified JWT's scope claim (space-separated, RFC 8693), set and stripped the same way: the admin API
+# (services/admin/gate.py) takes a JWT whose scope holds ADMIN_SCOPE.
+JWT_SCOPE_HEADER = "x-mesh-jwt-scope"
+ADMIN_SCOPE = "mesh:admin"
 # Where a caller's credential may travel (an API key in either, or `Bearer <JWT>` in the first). A request
 # carries exactly one: services/edge/render.py refuses more at the edge, services/gateway/credentials.py behind it.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key")

@@ -19,6 +19,7 @@ from services.common.wire import (
     DESCRIPTOR_AUTHORIZATION,
     DESCRIPTOR_TENANT,
     EDGE_SECRET_HEADER,
+    JWT_SCOPE_HEADER,
     JWT_TENANT_HEADER,
 )
 from services.edge.settings import EdgeSettings
@@ -28,6 +29,10 @@ KSERVE = "/inference.GRPCInferenceService/"
 STREAMING = [MESH + "Generate", MESH + "Ask", KSERVE + "ModelStreamInfer"]
 INGEST = [MESH + "UpsertDocuments"]
 OPENAI_PREFIX = "/v1/"
+# The admin API (services/admin): gRPC and JSON over HTTP. An admin has no tenant bucket: not rate-limited per
+# tenant (the per-connection shield still applies), and never retried once a gateway saw it (a create is a write).
+ADMIN_GRPC = "/inference_mesh.v1.Admin/"
+ADMIN_HTTP_PREFIX = "/admin/v1/"
 UNARY_INFERENCE = [MESH + "Embed", MESH + "Search", MESH + "DeleteDocuments", KSERVE + "ModelInfer"]
 
 
@@ -195,6 +200,10 @@ def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
     routes = _credential_routes()
     if s.gateways_http:
         routes.append(_openai_route(s, limited))
+        routes.append({"match": {"prefix": ADMIN_HTTP_PREFIX}, "route": {
+            "cluster": "gateways_http", "timeout": _seconds(s.metadata_timeout_s),
+            "retry_policy": _retry(never_reached)}})
+    routes.append(_route({"prefix": ADMIN_GRPC}, s.metadata_timeout_s, never_reached, limited=False))
     routes += [_route({"path": p}, s.inference_timeout_s, never_reached, limited) for p in STREAMING]
     routes += [_route({"path": p}, s.ingest_timeout_s, never_reached, limited) for p in INGEST]
     routes += [_route({"path": p}, s.inference_timeout_s, unary, limited) for p in UNARY_INFERENCE]
@@ -212,13 +221,15 @@ def _http_filters(s: EdgeSettings) -> list[dict[str, Any]]:
         "local_jwks": {"filename": s.jwks_file},
         "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
         "forward": False,
-        "claim_to_headers": [{"header_name": JWT_TENANT_HEADER, "claim_name": s.jwt_tenant_claim}],
+        "claim_to_headers": [{"header_name": JWT_TENANT_HEADER, "claim_name": s.jwt_tenant_claim},
+                             {"header_name": JWT_SCOPE_HEADER, "claim_name": "scope"}],
     }
     filters = [
         # Identity headers come from Envoy only: drop whatever a client sent under those names first.
         {"name": "envoy.filters.http.header_mutation", "typed_config": _typed(
             "envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            mutations={"request_mutations": [{"remove": JWT_TENANT_HEADER}, {"remove": EDGE_SECRET_HEADER}]})},
+            mutations={"request_mutations": [{"remove": JWT_TENANT_HEADER}, {"remove": JWT_SCOPE_HEADER},
+                                             {"remove": EDGE_SECRET_HEADER}]})},
         {"name": "envoy.filters.http.local_ratelimit", "typed_config": _typed(
             "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
             stat_prefix="edge_shield",

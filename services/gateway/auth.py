@@ -6,6 +6,7 @@ the load shedder's lookup of the same call's tenant is remembered, so a key is h
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from services.common.errors import bug, unauthenticated
+from services.common.errors import bug, denied, unauthenticated
 from services.common.handler_wrapping import HandlerInterceptor, Stream, Unary
 from services.common.tenants import TenantConfig, hash_key
 from services.common.wire import EDGE_SECRET_HEADER, JWT_TENANT_HEADER
@@ -26,13 +27,26 @@ class Caller:
     tier: str
     share_weight: float = 1.0
     max_stored_vectors: int = 0
+    key_id: str = ""                              # the API key's id in the admin database; "" for a JWT
+    allowed_models: frozenset[str] = frozenset()  # the key's; empty: every model
+
+    def may_use(self, model: str) -> None:
+        if self.allowed_models and model not in self.allowed_models:
+            raise denied(f"this API key may not use model {model!r}; it may use: "
+                         f"{', '.join(sorted(self.allowed_models))}")
+
+
+@dataclass(frozen=True)
+class _KeyGrant:
+    caller: Caller
+    expires_at: float | None
 
 
 # The call's identity, set by Authenticates before its handler runs (each grpc.aio call runs in its own task).
 _CALLER: ContextVar[Caller | None] = ContextVar("mesh_caller", default=None)
 # The last identification in this task, with the metadata it was made from: the shedder asks first, then the
 # interceptor, for the same call.
-_IDENTIFIED: ContextVar[tuple[Any, Caller | None, str] | None] = ContextVar("mesh_identified", default=None)
+_IDENTIFIED: ContextVar[tuple[Any, Any, Caller | None, str] | None] = ContextVar("mesh_identified", default=None)
 
 
 def current_caller() -> Caller:
@@ -44,12 +58,25 @@ def current_caller() -> Caller:
 
 
 class Authenticator:
-    def __init__(self, config: TenantConfig, edge_secret: str = "") -> None:
+    def __init__(self, config: TenantConfig, edge_secret: str = "", clock=time.time) -> None:
+        self._edge_secret = edge_secret
+        self._clock = clock
+        self.reload(config)
+
+    def reload(self, config: TenantConfig) -> None:
+        """Serve from `config` from now on (the admin directory's poll calls it with each change). The tables
+        are built whole and swapped in one assignment each: a call identified meanwhile sees the old or the new."""
         callers = {t.id: Caller(t.id, t.tier, config.tiers[t.tier].share_weight,
                                 config.tiers[t.tier].max_stored_vectors) for t in config.tenants}
-        self._by_hash = {digest: callers[t.id] for t in config.tenants for digest in t.api_key_sha256}
+        grants = {}
+        for tenant in config.tenants:
+            for key in tenant.all_keys():
+                caller = Caller(tenant.id, tenant.tier, callers[tenant.id].share_weight,
+                                callers[tenant.id].max_stored_vectors, key.id, frozenset(key.allowed_models))
+                grants[key.sha256] = _KeyGrant(caller, key.expires_at)
+        self._suspended = frozenset(t.id for t in config.tenants if t.suspended)
+        self._by_hash = grants
         self._by_id = callers
-        self._edge_secret = edge_secret
 
     def _from_edge(self, headers: dict[str, str]) -> tuple[Caller | None, str]:
         claimed = headers.get(JWT_TENANT_HEADER, "")
@@ -57,15 +84,21 @@ class Authenticator:
         if not claimed or not self._edge_secret or not hmac.compare_digest(secret, self._edge_secret):
             return None, ""
         caller = self._by_id.get(claimed)
-        return caller, "" if caller else f"the JWT's tenant claim {claimed!r} names no configured tenant"
+        if caller is None:
+            return None, f"the JWT's tenant claim {claimed!r} names no configured tenant"
+        if claimed in self._suspended:
+            return None, f"tenant {claimed!r} is suspended"
+        return caller, ""
 
     def identify(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> tuple[Caller | None, str]:
         """The caller, or None and why not."""
         remembered = _IDENTIFIED.get()
-        if remembered is not None and remembered[0] == metadata:
-            return remembered[1], remembered[2]
+        # Same metadata and the same tables (a reload in between decides afresh).
+        if remembered is not None and remembered[0] == metadata and remembered[1] is self._by_hash:
+            return remembered[2], remembered[3]
+        tables = self._by_hash
         caller, problem = self._identify(metadata)
-        _IDENTIFIED.set((metadata, caller, problem))
+        _IDENTIFIED.set((metadata, tables, caller, problem))
         return caller, problem
 
     def _identify(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> tuple[Caller | None, str]:
@@ -78,8 +111,14 @@ class Authenticator:
             credential = single_credential(metadata)
         except CredentialError as exc:
             return None, str(exc)
-        caller = self._by_hash.get(hash_key(credential.token))
-        return caller, "" if caller else "invalid API key"
+        grant = self._by_hash.get(hash_key(credential.token))
+        if grant is None:
+            return None, "invalid API key"
+        if grant.expires_at is not None and self._clock() >= grant.expires_at:
+            return None, f"this API key expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(grant.expires_at))}"
+        if grant.caller.tenant in self._suspended:
+            return None, f"tenant {grant.caller.tenant!r} is suspended"
+        return grant.caller, ""
 
     def tenant_of(self, metadata) -> str | None:
         """The tenant a call's credentials name, or None (the call is then refused by require)."""

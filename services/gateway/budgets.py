@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 BUDGET_UNAVAILABLE = Counter("mesh_gateway_budget_unavailable_total",
                              "Budget checks the rate-limit service did not answer, by what the gateway did",
                              ["decision"])
-_CACHE_HITS = (mesh_pb2.CACHE_STATUS_EXACT_HIT, mesh_pb2.CACHE_STATUS_SEMANTIC_HIT)
+# Answers that used no model time: free for budgets, saved tokens in usage records.
+CACHE_HITS = (mesh_pb2.CACHE_STATUS_EXACT_HIT, mesh_pb2.CACHE_STATUS_SEMANTIC_HIT)
 # No tokenizer for an embedder's input here: a token per 4 bytes of text, at least one per text.
 _BYTES_PER_INPUT_TOKEN = 4
 
@@ -135,7 +136,7 @@ async def metered(budgets: TokenBudgets, caller: Caller, chunks: AsyncIterator[m
         async for chunk in chunks:
             produced = max(produced + 1, chunk.token_index + 1)
             if chunk.finish_reason:
-                total = 0 if chunk.metadata.cache_status in _CACHE_HITS else chunk.usage.total_tokens
+                total = 0 if chunk.metadata.cache_status in CACHE_HITS else chunk.usage.total_tokens
             yield chunk
     finally:
         prompt = delivered.prompt_tokens if delivered is not None else 0

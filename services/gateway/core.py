@@ -8,8 +8,10 @@ that, less a margin."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ import grpc
 from tritonclient.grpc import service_pb2_grpc
 
 from inference_mesh.v1 import cache_pb2, mesh_pb2, models_pb2, retrieval_pb2
+from services.admin.usage import UsageRecord, UsageWriter
 from services.common.deadlines import within
 from services.common.errors import MeshError, invalid, unavailable
 from services.common.model_catalog import ModelCatalog
@@ -29,7 +32,7 @@ from services.gateway.embedding import embed_texts
 from services.gateway.genai_metrics import observed
 from services.gateway.generation import GenerationStreams
 from services.gateway.plan import RequestPlan, estimated_cost, plan_request
-from services.gateway.request_log import GenerationLog, prompt_text
+from services.gateway.request_log import GenerationLog, cost_of, prompt_text
 from services.gateway.routing_hints import affinity_key, group_member
 from services.gateway.settings import GatewaySettings
 from services.gateway.tools import uses_tools, with_tool_calls
@@ -56,8 +59,25 @@ async def _logged(chunks: AsyncIterator[mesh_pb2.GenerateChunk],
     except MeshError as exc:
         record.failed(exc)
         raise
+    except (asyncio.CancelledError, GeneratorExit):
+        record.cancelled()
+        raise
     finally:
         record.write()
+
+
+def _embed_usage(caller: Caller, model: models_pb2.ModelInfo, plan: RequestPlan, response: mesh_pb2.EmbedResponse,
+                 texts: list[str], started: float) -> UsageRecord:
+    """An Embed's usage: its input tokens as the budget counts them; vectors from the cache saved theirs."""
+    meta = response.metadata
+    tokens = input_tokens(texts)
+    saved = tokens - plan.delivered.prompt_tokens
+    return UsageRecord(
+        at=time.time(), tenant=caller.tenant, key_id=caller.key_id, kind="embed", model=model.name,
+        version=meta.model_version, pool=meta.pool, request_id=meta.request_id, status="OK",
+        cache=mesh_pb2.CacheStatus.Name(meta.cache_status), input_tokens=tokens, output_tokens=0,
+        cached_tokens=saved, latency_ms=round((time.perf_counter() - started) * 1000, 1), ttft_ms=None,
+        cost_usd=cost_of(model, meta.pool, tokens - saved))
 
 
 async def _listed(chunks: list[mesh_pb2.GenerateChunk]) -> AsyncIterator[mesh_pb2.GenerateChunk]:
@@ -76,7 +96,9 @@ async def _cited(chunks: AsyncIterator[mesh_pb2.GenerateChunk],
 class MeshCore:
     def __init__(self, settings: GatewaySettings, catalog: ModelCatalog,
                  router: service_pb2_grpc.GRPCInferenceServiceStub, streams: GenerationStreams,
-                 cache: CacheClient | None, documents: DocumentsRelay, budgets: TokenBudgets | None = None) -> None:
+                 cache: CacheClient | None, documents: DocumentsRelay, budgets: TokenBudgets | None = None,
+                 usage: UsageWriter | None = None) -> None:
+        self._usage = usage
         self.settings = settings
         self.catalog = catalog
         self.documents = documents
@@ -96,8 +118,11 @@ class MeshCore:
         chosen.model = group_member(group, request)
         return chosen, group.name
 
-    async def model(self, name: str, kind: models_pb2.ModelKind.ValueType) -> models_pb2.ModelInfo:
-        return check_model(name, await self.catalog.get(name), self.catalog.all(), kind)
+    async def model(self, caller: Caller, name: str, kind: models_pb2.ModelKind.ValueType) -> models_pb2.ModelInfo:
+        """The model a request names, if it exists, serves this kind, and the caller's key may use it."""
+        model = check_model(name, await self.catalog.get(name), self.catalog.all(), kind)
+        caller.may_use(model.name)
+        return model
 
     async def _generate(self, request: mesh_pb2.GenerateRequest, plan: RequestPlan):
         """The cached generation, admitted and charged against the tenant's token budget."""
@@ -114,17 +139,19 @@ class MeshCore:
     async def generate(self, caller: Caller, request: mesh_pb2.GenerateRequest,
                        remaining_s: float | None) -> Generation:
         """Validated, planned and admitted here (errors raise now); the tokens come from the result's chunks."""
-        record = GenerationLog("generate", caller.tenant, request.model, self.settings.log_prompts)
+        record = GenerationLog("generate", caller.tenant, request.model, self.settings.log_prompts, caller.key_id,
+                               self._usage)
         try:
             request, group = await self._cascade(request)
             record.prompt = prompt_text(request) if self.settings.log_prompts else ""
-            model = await self.model(request.model, models_pb2.MODEL_KIND_GENERATE)
+            model = await self.model(caller, request.model, models_pb2.MODEL_KIND_GENERATE)
             check_generate(request, model, self.settings.limits)
             plan = plan_request(caller, model, request.request_id,
                                 within(self.settings.generate_timeout_s, remaining_s),
                                 session=request.session_id, group=group,
                                 affinity=affinity_key(request, self.settings.affinity_min_prefix_chars),
                                 priority=request.priority, cost=estimated_cost(request))
+            record.model_info, record.delivered = model, plan.delivered
             chunks = await self._generate(request, plan)
             if uses_tools(request):
                 chunks = with_tool_calls(chunks)
@@ -136,14 +163,18 @@ class MeshCore:
 
     async def embed(self, caller: Caller, request: mesh_pb2.EmbedRequest,
                     remaining_s: float | None) -> mesh_pb2.EmbedResponse:
-        model = await self.model(request.model, models_pb2.MODEL_KIND_EMBED)
+        model = await self.model(caller, request.model, models_pb2.MODEL_KIND_EMBED)
         check_embed(request, self.settings.limits)
         texts = list(request.texts)
         plan = plan_request(caller, model, request.request_id, within(self.settings.embed_timeout_s, remaining_s),
                             cost=input_tokens(texts))
         if self._budgets is not None:
             await self._budgets.admit(caller)
-        return await self._embed(texts, request.cache_mode, plan)
+        started = time.perf_counter()
+        response = await self._embed(texts, request.cache_mode, plan)
+        if self._usage is not None:
+            self._usage.record(_embed_usage(caller, model, plan, response, texts, started))
+        return response
 
     async def _embed(self, texts: list[str], mode: mesh_pb2.CacheMode.ValueType,
                      plan: RequestPlan) -> mesh_pb2.EmbedResponse:
@@ -165,6 +196,8 @@ class MeshCore:
                 vectors = [None if v is None else v.tolist() for v in found]
         missing = [i for i, v in enumerate(vectors) if v is None]
         if missing:
+            # What the model read, for the usage record (as a generation's prompt tokens).
+            plan.delivered.prompt_tokens = input_tokens(texts[i] for i in missing)
             rows = (await embed_texts(self._router, plan, [texts[i] for i in missing])).tolist()
             if self._budgets is not None:
                 # Like a cache hit for a generation, a cached vector used no model time: only misses are charged.
@@ -222,12 +255,12 @@ class MeshCore:
     async def ask(self, caller: Caller, request: mesh_pb2.AskRequest, remaining_s: float | None) -> Generation:
         """Search the caller's documents, answer from them, cite the chunks; retrieval down → no context."""
         settings = self.settings
-        record = GenerationLog("ask", caller.tenant, request.model, settings.log_prompts)
+        record = GenerationLog("ask", caller.tenant, request.model, settings.log_prompts, caller.key_id, self._usage)
         limits = settings.limits
         try:
             # Before anything uses it: the "documents do not answer" reply echoes it in a header.
             check_request_id(request.request_id, limits)
-            model = await self.model(request.model, models_pb2.MODEL_KIND_GENERATE)
+            model = await self.model(caller, request.model, models_pb2.MODEL_KIND_GENERATE)
             if not request.question.strip():
                 raise invalid("question is empty")
             if len(request.question) > limits.max_question_chars:
@@ -258,6 +291,7 @@ class MeshCore:
                 return Generation(plan.metadata, _logged(_listed(chunks), record))
             generate, citations = rag.build_request(request, hits, settings.ask_max_context_chars, max_tokens)
             plan = dataclasses.replace(plan, cost=estimated_cost(generate))
+            record.model_info, record.delivered = model, plan.delivered
             record.prompt = prompt_text(generate) if settings.log_prompts else ""
             check_generate(generate, model, limits)
             chunks = _cited(await self._generate(generate, plan), citations)
@@ -276,7 +310,7 @@ class MeshCore:
         if not report.cache_entry:
             raise invalid("cache_entry is required: the ResponseMetadata.cache_entry of the wrong answer")
         request, group = await self._cascade(report.request)
-        model = await self.model(request.model, models_pb2.MODEL_KIND_GENERATE)
+        model = await self.model(caller, request.model, models_pb2.MODEL_KIND_GENERATE)
         check_generate(request, model, self.settings.limits)
         plan = plan_request(caller, model, request.request_id, within(self.settings.metadata_timeout_s, remaining_s),
                             session=request.session_id, group=group)

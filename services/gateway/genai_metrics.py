@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from prometheus_client import Histogram
 
 from inference_mesh.v1 import mesh_pb2
+from services.gateway.budgets import CACHE_HITS
 
 TOKEN_USAGE = Histogram("gen_ai_client_token_usage", "Tokens per generation (gen_ai.client.token.usage), by tenant, "
                         "model and type (input, output)", ["tenant", "model", "type"],
@@ -24,8 +25,6 @@ TIME_TO_FIRST_TOKEN = Histogram("gen_ai_server_time_to_first_token_seconds", "Re
 TIME_PER_OUTPUT_TOKEN = Histogram("gen_ai_server_time_per_output_token_seconds", "Mean time between output tokens "
                                   "after the first (gen_ai.server.time_per_output_token)", ["model"],
                                   buckets=(0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5))
-_CACHE_HITS = (mesh_pb2.CACHE_STATUS_EXACT_HIT, mesh_pb2.CACHE_STATUS_SEMANTIC_HIT)
-
 
 async def observed(chunks: AsyncIterator[mesh_pb2.GenerateChunk], tenant: str,
                    model: str) -> AsyncIterator[mesh_pb2.GenerateChunk]:
@@ -34,7 +33,7 @@ async def observed(chunks: AsyncIterator[mesh_pb2.GenerateChunk], tenant: str,
     async for chunk in chunks:
         if first is None and chunk.text:
             first = time.perf_counter()
-        if chunk.finish_reason and chunk.metadata.cache_status not in _CACHE_HITS:
+        if chunk.finish_reason and chunk.metadata.cache_status not in CACHE_HITS:
             done = time.perf_counter()
             REQUEST_DURATION.labels(model).observe(done - started)
             TOKEN_USAGE.labels(tenant, model, "input").observe(chunk.usage.prompt_tokens)

@@ -136,7 +136,9 @@ class KServeMeter:
 
     async def open(self, caller: Caller, request: service_pb2.ModelInferRequest) -> MeteredCall:
         """Raises RESOURCE_EXHAUSTED (with retry-after) when the tenant's budget cannot cover the call. A model
-        the registry does not know is only checked (the router refuses it by name)."""
+        the registry does not know is only checked (the router refuses it by name). A key limited to some models
+        may call only those, known or not."""
+        caller.may_use(request.model_name)
         model = await self._catalog.get(request.model_name)
         call = MeteredCall(caller, headers=caller_headers(caller))
         if model is not None and model.kind == models_pb2.MODEL_KIND_GENERATE:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, retrieval_pb2_grpc, router_pb2_grpc
+from inference_mesh.v1 import admin_pb2, admin_pb2_grpc, mesh_pb2, mesh_pb2_grpc, retrieval_pb2_grpc, router_pb2_grpc
+from services.admin.directory import TenantDirectory
+from services.admin.gate import AdminGate
+from services.admin.service import AdminOps, AdminService
+from services.admin.usage import UsageWriter
 from services.cache.reads import CacheReads, redis_client
 from services.common.model_catalog import ModelCatalog
 from services.common.resilient_channel import resilient_channel
 from services.common.server import ServiceHost, run_service
-from services.common.tenants import TenantConfig
+from services.gateway.admin_http import AdminHttp
 from services.gateway.auth import Authenticates, Authenticator
 from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets
 from services.gateway.cache_client import CacheClient
@@ -32,7 +37,9 @@ log = logging.getLogger(__name__)
 
 
 async def serve(settings: GatewaySettings) -> None:
-    auth = Authenticator(TenantConfig.load(settings.tenants_file), settings.edge_secret)
+    directory = await asyncio.to_thread(TenantDirectory.open, settings.admin, settings.tenants_file)
+    auth = Authenticator(directory.config, settings.edge_secret)
+    directory.subscribe(auth.reload)
     resilience = settings.resilience
     channel = resilient_channel(settings.router_address, "router", resilience, settings.tls)
     router = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -61,14 +68,17 @@ async def serve(settings: GatewaySettings) -> None:
     engines = EngineChannels(settings.tls) if settings.token_path == "direct" else None
     streams: GenerationStreams = Leased(router_pb2_grpc.PlacementLeasesStub(channel), engines) \
         if engines is not None else RouterRelayed(router, resilience.retrier("router-streams"))
-    core = MeshCore(settings, catalog, router, streams, cache, documents, budgets)
+    usage = UsageWriter(directory.store, settings.usage)
+    core = MeshCore(settings, catalog, router, streams, cache, documents, budgets, usage)
     mesh_pb2_grpc.add_InferenceMeshServicer_to_server(InferenceMeshService(core), host.server)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeProxyService(router, settings.generate_timeout_s, settings.metadata_timeout_s,
                            is_ready=lambda: serving,
                            meter=KServeMeter(budgets, catalog, settings.generate_timeout_s + SETTLE_MARGIN_S),
                            limits=settings.kserve_limits), host.server)
-    host.expose(public)
+    admin_ops = AdminOps(directory.store, AdminGate(settings.edge_secret))
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(admin_ops), host.server)
+    host.expose((*public, admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name))
 
     async def router_serves() -> bool:
         # A gateway without a router (or without the model list) can do nothing useful.
@@ -82,11 +92,14 @@ async def serve(settings: GatewaySettings) -> None:
     http = await _start_http(settings, OpenAIApi(
         auth, core, host.shedder, is_ready=lambda: serving and not host.stopping,
         max_body_bytes=settings.kserve_limits.max_request_bytes, internal_tls=settings.tls.enabled,
-        response_store=ResponseStore(cache_channel, settings.cache_store_timeout_s) if cache_channel else None)) \
+        response_store=ResponseStore(cache_channel, settings.cache_store_timeout_s) if cache_channel else None,
+        admin=AdminHttp(admin_ops))) \
         if settings.http_port else None
     try:
-        await host.run(background=[host.serving_while(router_serves), catalog.refresh_forever])
+        await host.run(background=[host.serving_while(router_serves), catalog.refresh_forever, directory.follow,
+                                   usage.run])
     finally:
+        directory.close()
         if http is not None:
             await http.cleanup()
         if cache is not None:

@@ -5,6 +5,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from services.admin.settings import AdminDatabase
+from services.admin.usage import UsageSettings
 from services.cache.reads import STAMPEDE_WAIT_S
 from services.common.deadlines import GENERATION_BUDGET_S, INGEST_BUDGET_S, METADATA_BUDGET_S
 from services.common.settings import RouterClientSettings
@@ -42,7 +44,11 @@ class GatewaySettings(RouterClientSettings):
     port: int = 50051
     # The OpenAI-compatible HTTP API (services/gateway/openai_http), reached through Envoy; 0: not served.
     http_port: int = 8080
+    # The seed for an empty admin database (services/admin); afterwards tenants and keys live in the database.
     tenants_file: str = "config/tenants.yaml"
+    admin: AdminDatabase = AdminDatabase()
+    # Usage records into the admin database (services/admin/usage.py); off, or without a database, none.
+    usage: UsageSettings = UsageSettings()
     # A shorter caller deadline always wins.
     generate_timeout_s: float = GENERATION_BUDGET_S
     # How a generation's tokens reach this gateway. "direct": the router places the request on a lease and the

@@ -40,10 +40,15 @@ def _openai_headers(per_minute: int, level: float, until_reset_s: float) -> list
 
 class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
     def __init__(self, config: TenantConfig, requests: LeasedRequests, domain: str) -> None:
-        self._config = config
-        self._resolver = TenantResolver(config)
+        self.reload(config)
         self._requests = requests
         self._domain = domain
+
+    def reload(self, config: TenantConfig) -> None:
+        """Decide from `config` from now on (the admin directory's poll). Tiers are never deleted, so a tenant
+        the old resolver found still has its tier in the new table."""
+        self._config = config
+        self._resolver = TenantResolver(config)
 
     async def ShouldRateLimit(self, request: rls.RateLimitRequest, context: grpc.aio.ServicerContext
                               ) -> rls.RateLimitResponse:

@@ -9,8 +9,8 @@ from redis.exceptions import RedisError
 
 from inference_mesh.edge import envoy_ratelimit_pb2, envoy_ratelimit_pb2_grpc
 from inference_mesh.v1 import quota_pb2, quota_pb2_grpc
+from services.admin.directory import TenantDirectory
 from services.common.server import ServiceHost, run_service
-from services.common.tenants import TenantConfig
 from services.ratelimit.buckets import LimitStore
 from services.ratelimit.envoy_rls import EnvoyRateLimitService
 from services.ratelimit.leases import LeasedRequests, LeaseSettings
@@ -21,14 +21,17 @@ log = logging.getLogger(__name__)
 
 
 async def serve(settings: RateLimitSettings) -> None:
-    config = TenantConfig.load(settings.tenants_file)
+    directory = await asyncio.to_thread(TenantDirectory.open, settings.admin, settings.tenants_file)
+    config = directory.config
     store = LimitStore(settings.redis_url, settings.key_prefix, settings.redis_timeout_s)
     host = ServiceHost("ratelimit", settings)
     requests = LeasedRequests(store, LeaseSettings(settings.lease_burst_fraction, settings.lease_max_size,
                                                    settings.lease_ttl_s))
-    envoy_ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(
-        EnvoyRateLimitService(config, requests, settings.domain), host.server)
+    decisions = EnvoyRateLimitService(config, requests, settings.domain)
+    envoy_ratelimit_pb2_grpc.add_RateLimitServiceServicer_to_server(decisions, host.server)
     budgets = TokenBudgetService(config, store)
+    directory.subscribe(decisions.reload)
+    directory.subscribe(budgets.reload)
     quota_pb2_grpc.add_TokenBudgetServicer_to_server(budgets, host.server)
     host.expose([envoy_ratelimit_pb2.DESCRIPTOR.services_by_name["RateLimitService"].full_name,
                  quota_pb2.DESCRIPTOR.services_by_name["TokenBudget"].full_name])
@@ -46,9 +49,10 @@ async def serve(settings: RateLimitSettings) -> None:
                 log.warning("expired leases or reservations not given back", extra={"error": str(exc)})
 
     try:
-        await host.run(background=[host.serving_while(redis_answers), sweep])
+        await host.run(background=[host.serving_while(redis_answers), sweep, directory.follow])
     finally:
         await store.close()
+        directory.close()
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.admin.settings import AdminDatabase
 from services.common.settings import ServiceSettings
 
 
@@ -12,8 +13,9 @@ class RateLimitSettings(ServiceSettings):
     port: int = 50055
     metrics_port: int = 9105
     redis_url: str = "redis://127.0.0.1:6379/1"
-    # Tenants and tiers: the same file the gateway reads.
+    # Tenants and tiers: the admin database the gateways read (services/admin), seeded from this file when empty.
     tenants_file: str = "config/tenants.yaml"
+    admin: AdminDatabase = AdminDatabase()
     # The domain Envoy's ratelimit filter sends; requests for another domain are refused as misconfigured.
     domain: str = "inference-mesh"
     key_prefix: str = "mesh:limits"

@@ -27,6 +27,9 @@ class TokenBudgetService(quota_pb2_grpc.TokenBudgetServicer):
         self._store = store
         self._clock = clock
 
+    def reload(self, config: TenantConfig) -> None:
+        self._config = config
+
     async def _tenant(self, tenant_id: str, context: grpc.aio.ServicerContext) -> tuple[Tenant, Tier]:
         tenant = self._config.tenant(tenant_id)
         if tenant is None:

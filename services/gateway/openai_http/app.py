@@ -29,6 +29,7 @@ from services.common.errors import (
 from services.common.internal_tls import peer_identity_of_certificate, refusal
 from services.common.shedding import LoadShedder
 from services.common.telemetry import http_server_span
+from services.gateway.admin_http import AdminHttp
 from services.gateway.auth import Authenticator, Caller
 from services.gateway.core import Generation, MeshCore
 from services.gateway.openai_http import convert, openapi, responses
@@ -110,7 +111,8 @@ def _mesh_headers(metadata: mesh_pb2.ResponseMetadata) -> dict[str, str]:
 class OpenAIApi:
     def __init__(self, auth: Authenticator, core: MeshCore, shedder: LoadShedder | None,
                  is_ready: Callable[[], bool], max_body_bytes: int, internal_tls: bool = False,
-                 response_store: ResponseStore | None = None) -> None:
+                 response_store: ResponseStore | None = None, admin: AdminHttp | None = None) -> None:
+        self._admin = admin
         self._internal_tls = internal_tls
         self._response_store = response_store
         self._auth = auth
@@ -132,6 +134,8 @@ class OpenAIApi:
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/mesh/cache/wrong-hit", self.report_wrong_hit)
         app.router.add_get("/health", self.health)
+        if self._admin is not None:
+            self._admin.add_routes(app)
         return app
 
     @web.middleware
@@ -290,7 +294,7 @@ class OpenAIApi:
     async def embeddings(self, request: web.Request) -> web.Response:
         caller = self._caller(request)
         body: EmbeddingRequest = await self._body(request, EmbeddingRequest)
-        model = await self._core.model(body.model, models_pb2.MODEL_KIND_EMBED)
+        model = await self._core.model(caller, body.model, models_pb2.MODEL_KIND_EMBED)
         convert.check_dimensions(body, model.dimension)
         response = await self._core.embed(caller, convert.embed_request(body), _remaining_s(request))
         return web.Response(body=_json(convert.embeddings(body, response)), content_type="application/json",

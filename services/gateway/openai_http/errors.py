@@ -26,6 +26,7 @@ _BY_STATUS: dict[grpc.StatusCode, HttpError] = {
     grpc.StatusCode.UNAUTHENTICATED: HttpError(401, "authentication_error", "invalid_api_key"),
     grpc.StatusCode.PERMISSION_DENIED: HttpError(403, "permission_error", "permission_denied"),
     grpc.StatusCode.NOT_FOUND: HttpError(404, "invalid_request_error", "model_not_found"),
+    grpc.StatusCode.ALREADY_EXISTS: HttpError(409, "invalid_request_error", "already_exists"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: HttpError(429, "rate_limit_error", "rate_limit_exceeded"),
     grpc.StatusCode.UNAVAILABLE: HttpError(503, "server_error", "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: HttpError(504, "server_error", "timeout"),

@@ -1,0 +1,40 @@
+"""One engine per database URL: SQLite (the local default) or PostgreSQL, with what each needs to be safe for
+several processes at once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+SUPPORTED = ("sqlite", "postgresql")
+
+
+def admin_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend not in SUPPORTED:
+        raise ValueError(f"the admin database must be sqlite:///<file> or postgresql+psycopg://..., not {backend!r}")
+    if backend == "postgresql":
+        if parsed.get_driver_name() != "psycopg":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(parsed, pool_pre_ping=True, pool_size=2, max_overflow=2)
+    engine = create_engine(parsed, connect_args={"timeout": 10.0})
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's own transaction handling would begin only at the first write, so two replicas could read
+        # the same state and both write; SQLAlchemy's begin (below) takes the write lock at once instead.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=10000")  # first: switching to WAL may wait for another replica
+        cursor.execute("PRAGMA journal_mode=WAL")    # readers (the replicas' polls) never wait for a writer
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

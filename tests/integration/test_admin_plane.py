@@ -1,0 +1,253 @@
+"""The admin plane through the real Envoy (TLS, JWT) and gateways, on SQLite (the shared stack) and on a real
+PostgreSQL server (a second, small stack): a tenant and a key made with an admin JWT work at the edge within the
+poll bound, a rotated key overlaps, a revoked key is cut off mid-flood within the bound; tenant credentials are
+refused on the admin API; bad input is refused with nothing written."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import pytest
+
+from bench.token_relay import relay_stack
+from inference_mesh.v1 import admin_pb2, admin_pb2_grpc
+from tests.conftest import KEYS
+from tools.pki import mint_admin_jwt, mint_jwt
+from tools.postgres import PostgresServer, start_postgres
+from tools.stack import LocalStack
+
+# Every gateway and the rate-limit service poll the database this often (AdminDatabase.poll_s, the default):
+# a change is in force everywhere within it, plus one reload.
+POLL_S = 1.0
+BOUND_S = POLL_S + 0.75
+
+
+@dataclass
+class Admin:
+    stack: LocalStack
+    token: str
+    http: httpx.Client
+
+    def call(self, method: str, path: str, body: dict | None = None, token: str | None = None,
+             headers: dict | None = None) -> httpx.Response:
+        sent = {"authorization": f"Bearer {self.token if token is None else token}"} if token != "" else {}
+        return self.http.request(method, f"https://localhost:{self.stack.ports.edge}/admin/v1{path}", json=body,
+                                 headers={**sent, **(headers or {})})
+
+    def ok(self, method: str, path: str, body: dict | None = None) -> dict:
+        answer = self.call(method, path, body)
+        assert answer.status_code in (200, 201), answer.text
+        return answer.json()
+
+
+def _admin(stack: LocalStack) -> Admin:
+    trust = ssl.create_default_context(cafile=str(stack.pki.ca_cert))
+    return Admin(stack, mint_admin_jwt(stack.pki, "test-admin"), httpx.Client(verify=trust, timeout=10))
+
+
+def _models_status(client: httpx.Client, stack: LocalStack, key: str) -> int:
+    return client.get(f"https://localhost:{stack.ports.edge}/v1/models",
+                      headers={"authorization": f"Bearer {key}"}).status_code
+
+
+def _wait_for(client: httpx.Client, stack: LocalStack, key: str, status: int, timeout_s: float = 10.0) -> float:
+    """Seconds until the edge answers /v1/models with `status` for `key`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if _models_status(client, stack, key) == status:
+            return time.monotonic() - started
+        time.sleep(0.02)
+    raise AssertionError(f"the edge did not answer {status} for the key within {timeout_s} s")
+
+
+@dataclass
+class Flood:
+    """Threads calling /v1/models with one key as fast as they can: (sent, answered, status) per request."""
+    stack: LocalStack
+    key: str
+    threads: int = 4
+    calls: list[tuple[float, float, int]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def _run(self) -> None:
+        trust = ssl.create_default_context(cafile=str(self.stack.pki.ca_cert))
+        with httpx.Client(verify=trust, timeout=10) as client:
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                status = _models_status(client, self.stack, self.key)
+                self.calls.append((sent, time.monotonic(), status))
+
+    def __enter__(self) -> Flood:
+        self._workers = [threading.Thread(target=self._run) for _ in range(self.threads)]
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(15)
+
+
+def key_lifecycle(stack: LocalStack) -> dict[str, float]:
+    """Create, use, rotate, revoke under load; what was measured."""
+    admin = _admin(stack)
+    tenant = f"admin-test-{uuid.uuid4().hex[:8]}"
+    admin.ok("PUT", "/tiers/admin-bulk", {"requests_per_minute": 100000, "burst": 10000})
+    created = admin.call("POST", "/tenants", {"id": tenant, "tier": "admin-bulk"})
+    assert created.status_code == 201 and created.json()["tier"] == "admin-bulk", created.text
+    issued = admin.call("POST", f"/tenants/{tenant}/keys", {"labels": {"team": "search"}})
+    assert issued.status_code == 201, issued.text
+    secret, key = issued.json()["secret"], issued.json()["key"]
+    assert secret.startswith("mk_") and key["prefix"] == secret[:10] and key["labels"] == {"team": "search"}
+    listed = admin.ok("GET", f"/keys?prefix={secret[:12]}")["keys"]
+    assert [k["id"] for k in listed] == [key["id"]] and "secret" not in listed[0], "the secret is shown once"
+
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
+        propagation = _wait_for(client, stack, secret, 200)
+        assert propagation <= BOUND_S + 1.0, f"a new key took {propagation:.2f} s to reach the edge"
+
+        rotated = admin.call("POST", f"/keys/{key['id']}/rotate", {"overlap_s": 2.5})
+        assert rotated.status_code == 201, rotated.text
+        rotated_at = time.monotonic()
+        successor = rotated.json()["secret"]
+        _wait_for(client, stack, successor, 200)
+        assert _models_status(client, stack, secret) == 200, "the old key works during the overlap"
+        old_refused = rotated_at + _wait_for(client, stack, secret, 401, timeout_s=10) - rotated_at
+        assert 2.5 - 0.2 <= time.monotonic() - rotated_at <= 2.5 + BOUND_S + 1.0, old_refused
+
+        with Flood(stack, successor) as flood:
+            time.sleep(1.0)
+            revoke_sent = time.monotonic()
+            revoked = admin.call("POST", f"/keys/{rotated.json()['key']['id']}/revoke")
+            revoked_at = time.monotonic()
+            assert revoked.status_code == 200 and revoked.json()["revoked_at"] > 0, revoked.text
+            time.sleep(BOUND_S + 1.5)
+    statuses = {status for _, _, status in flood.calls}
+    assert statuses <= {200, 401}, f"only served or refused, never an error: {statuses}"
+    before = [s for sent, done, s in flood.calls if done < revoke_sent]
+    assert before and set(before) == {200}, "the key worked until the revocation"
+    last_served = max(sent for sent, _, s in flood.calls if s == 200)
+    cut_off_s = last_served - revoked_at
+    assert cut_off_s <= BOUND_S, f"a revoked key was still served {cut_off_s:.2f} s after its revocation"
+    after = [s for sent, _, s in flood.calls if sent > revoked_at + BOUND_S]
+    assert after and set(after) == {401}, "refused for good after the bound"
+    return {"new key usable after (s)": propagation, "revoked key last served after (s)": max(cut_off_s, 0.0),
+            "requests in the flood": len(flood.calls)}
+
+
+def test_key_lifecycle_on_sqlite(stack):
+    measured = key_lifecycle(stack)
+    print("admin plane on SQLite:", measured)
+
+
+@pytest.fixture(scope="module")
+def postgres_stack(tmp_path_factory) -> Iterator[tuple[LocalStack, PostgresServer]]:
+    root = tmp_path_factory.mktemp("admin-postgres")
+    server = start_postgres(root / "postgres.log")
+    stack = relay_stack(root / "stack")
+    stack.admin_db_url = server.url
+    try:
+        stack.start()
+        yield stack, server
+    finally:
+        stack.stop()
+        server.stop()
+
+
+def test_key_lifecycle_on_postgresql(postgres_stack):
+    stack, _ = postgres_stack
+    measured = key_lifecycle(stack)
+    print("admin plane on PostgreSQL:", measured)
+
+
+def test_a_tier_change_reaches_the_rate_limit_service(postgres_stack):
+    """A tier's request limit lowered through the admin API is enforced at the edge without a restart."""
+    stack, _ = postgres_stack
+    admin = _admin(stack)
+    tenant = f"admin-tier-{uuid.uuid4().hex[:8]}"
+    admin.ok("PUT", "/tiers/admin-roomy", {"requests_per_minute": 100000, "burst": 10000})
+    admin.ok("POST", "/tenants", {"id": tenant, "tier": "admin-roomy"})
+    secret = admin.ok("POST", f"/tenants/{tenant}/keys", {})["secret"]
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
+        _wait_for(client, stack, secret, 200)
+        admin.ok("PUT", "/tiers/admin-tight", {"requests_per_minute": 60, "burst": 2})
+        admin.ok("PATCH", f"/tenants/{tenant}", {"tier": "admin-tight"})
+        time.sleep(BOUND_S + 1.5)  # the rate-limit service's poll, and its lease given back (lease_ttl_s 1 s)
+        statuses = [_models_status(client, stack, secret) for _ in range(8)]
+        assert 429 in statuses and statuses.count(200) <= 4, statuses
+        admin.ok("PATCH", f"/tenants/{tenant}", {"suspended": True})
+        refused = client.get(f"https://localhost:{stack.ports.edge}/v1/models",
+                             headers={"authorization": f"Bearer {secret}"})
+        deadline = time.monotonic() + BOUND_S + 3
+        while "suspended" not in refused.text and time.monotonic() < deadline:
+            time.sleep(0.3)
+            refused = client.get(f"https://localhost:{stack.ports.edge}/v1/models",
+                                 headers={"authorization": f"Bearer {secret}"})
+        assert refused.status_code == 401 and "suspended" in refused.json()["error"]["message"], refused.text
+
+
+def test_tenant_credentials_are_refused_on_the_admin_api(stack):
+    admin = _admin(stack)
+    key = admin.call("GET", "/tenants", token=KEYS["tenant-a"])
+    assert key.status_code == 403 and "tenant's credential" in key.json()["error"]["message"], key.text
+    tenant_jwt = admin.call("GET", "/tenants", token=mint_jwt(stack.pki, "tenant-a"))
+    assert tenant_jwt.status_code == 401 and "mesh:admin" in tenant_jwt.json()["error"]["message"], tenant_jwt.text
+    nothing = admin.call("GET", "/tenants", token="")
+    assert nothing.status_code == 401, nothing.text
+    forged = admin.call("GET", "/tenants", token="", headers={"x-mesh-jwt-scope": "mesh:admin",
+                                                              "x-mesh-edge-secret": "guess"})
+    assert forged.status_code == 401, "identity headers from a client are dropped at the edge"
+    other_key = mint_admin_jwt(stack.pki, "x", scope="mesh:read")
+    assert admin.call("GET", "/tenants", token=other_key).status_code == 403
+
+
+def test_the_grpc_admin_api_at_the_edge_takes_the_same_credentials(stack):
+    credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{stack.ports.edge}", credentials) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        token = (("authorization", f"Bearer {mint_admin_jwt(stack.pki, 'grpc-admin')}"),)
+        tenants = admin.ListTenants(admin_pb2.ListTenantsRequest(), metadata=token, timeout=10)
+        assert "tenant-a" in {t.id for t in tenants.tenants}
+        with pytest.raises(grpc.RpcError) as refused:
+            admin.ListTenants(admin_pb2.ListTenantsRequest(),
+                              metadata=(("authorization", f"Bearer {KEYS['tenant-a']}"),), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as duplicate:
+            admin.CreateTenant(admin_pb2.CreateTenantRequest(id="tenant-a", tier="standard"), metadata=token,
+                               timeout=10)
+        assert duplicate.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize("method, path, body, status, words", [
+    ("POST", "/tenants", {"id": "tenant-a", "tier": "standard"}, 409, "already exists"),
+    ("POST", "/tenants", {"id": "admin-new", "tier": "gold"}, 400, "unknown tier 'gold'"),
+    ("POST", "/tenants", {"id": "admin-new", "tier": "standard", "color": "red"}, 400, "color"),
+    ("POST", "/tenants", {"id": "x' OR '1'='1", "tier": "standard"}, 400, "not a valid name"),
+    ("POST", "/tenants/tenant-a/keys", {"labels": {"team": "x" * 300}}, 400, "at most 256"),
+    ("POST", "/tenants/tenant-a/keys", {"tenant": "tenant-b"}, 400, "differs from the path"),
+    ("POST", "/tenants/nobody/keys", {}, 404, "no tenant 'nobody'"),
+    ("POST", "/keys/key_nope/revoke", None, 404, "no key 'key_nope'"),
+    ("PATCH", "/tenants/tenant-a", {"tier": "gold"}, 400, "unknown tier"),
+    ("GET", "/keys?tenant=tenant-a&sort=desc", None, 400, "unknown query parameters: sort"),
+])
+def test_bad_input_is_refused_clearly_and_nothing_is_written(stack, method, path, body, status, words):
+    admin = _admin(stack)
+    before = admin.ok("GET", "/tenants"), admin.ok("GET", "/keys?include_revoked=true")
+    answer = admin.call(method, path, body)
+    assert answer.status_code == status and words in answer.json()["error"]["message"], answer.text
+    assert (admin.ok("GET", "/tenants"), admin.ok("GET", "/keys?include_revoked=true")) == before
+
+
+def test_a_body_that_is_not_json_is_refused(stack):
+    admin = _admin(stack)
+    answer = admin.http.post(f"https://localhost:{stack.ports.edge}/admin/v1/tenants", content=b"{not json",
+                             headers={"authorization": f"Bearer {admin.token}", "content-type": "application/json"})
+    assert answer.status_code == 400 and "not JSON" in answer.json()["error"]["message"], answer.text
