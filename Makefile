@@ -113,10 +113,11 @@ unit: $(VENV)/.installed gen/.stamp wordnet
 	PYTHONPATH=.:gen $(PY) -m pytest -p no:cacheprovider -q tests/unit $(PYTEST_ARGS)
 
 # Debian packages the project needs, each named by a file it installs: promtool (package prometheus) for the alert
-# rules, docker-compose for checking the compose file, PostgreSQL for the admin database (services/admin), and WordNet 3.0 (wordnet-base), which the semantic cache's
+# rules, docker-compose for checking the compose file, PostgreSQL for the admin database (services/admin), Chromium
+# for its console's browser test, and WordNet 3.0 (wordnet-base), which the semantic cache's
 # gate reads (the cache refuses to start a semantic index without it). Installed when missing and running as
 # root, else named.
-DEBIAN_TOOLS := promtool:prometheus docker-compose:docker-compose runuser:util-linux
+DEBIAN_TOOLS := promtool:prometheus docker-compose:docker-compose runuser:util-linux chromium:chromium
 # PostgreSQL's server (Debian 12 ships 15) for the admin database's tests against a real server.
 DEBIAN_SERVERS := /usr/lib/postgresql/15/bin/postgres:postgresql
 DEBIAN_FILES := /usr/share/wordnet/index.noun:wordnet-base
@@ -155,6 +156,7 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.grpc_floor --kserve --rounds 2 --rate 25
 	PYTHONPATH=.:gen $(PY) -m bench.fair_sharing
 	PYTHONPATH=.:gen $(PY) -m bench.autoscaling
+	PYTHONPATH=.:gen $(PY) -m bench.usage_recording
 	PYTHONPATH=.:gen $(PY) -m bench.hot_path
 
 # The hot path against the commit before issue 17, two stacks side by side in one run (BENCHMARKS.md).

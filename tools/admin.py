@@ -10,6 +10,8 @@ change up within their poll interval), the seed file in and out, and an admin JW
     python -m tools.admin keys rotate key_0123 --overlap 1h
     python -m tools.admin keys revoke key_0123
     python -m tools.admin token                              # an admin JWT for /admin/v1 and Admin/* at the edge
+    python -m tools.admin usage completions --since 7d --group-by model --group-by project_id
+    python -m tools.admin usage costs --since 30d --group-by project_id
 
 --db (or MESH_ADMIN_DB_URL) names the database; the default is `make up`'s SQLite file.
 """
@@ -17,6 +19,7 @@ change up within their poll interval), the seed file in and out, and an admin JW
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -28,6 +31,7 @@ from google.protobuf import json_format
 
 from inference_mesh.v1 import admin_pb2
 from services.admin.store import AdminStore
+from services.admin.usage_reports import UsageQuery, report
 from services.common.errors import MeshError
 from services.common.tenants import TenantConfig
 
@@ -94,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     rotated.add_argument("--overlap", type=duration_s, default=3600.0)
     revoked = keys.add_parser("revoke")
     revoked.add_argument("id")
+
+    usage = commands.add_parser("usage", help="OpenAI-shaped usage or cost buckets (as /v1/organization/...)")
+    usage.add_argument("report", choices=["completions", "embeddings", "costs"])
+    usage.add_argument("--since", type=duration_s, default=7 * 86400.0)
+    usage.add_argument("--bucket", default="1d", choices=["1m", "1h", "1d"])
+    usage.add_argument("--group-by", action="append", default=[])
+    usage.add_argument("--tenant", action="append", default=[])
+    usage.add_argument("--limit", type=int)
     return parser
 
 
@@ -104,7 +116,12 @@ def run(args: argparse.Namespace) -> None:
         return
     store = AdminStore.open(args.db)
     try:
-        if args.command == "import":
+        if args.command == "usage":
+            now = int(time.time())
+            page = report(store.engine, UsageQuery(args.report, now - int(args.since), now + 1, args.bucket,
+                                                   tuple(args.group_by), tuple(args.tenant), limit=args.limit))
+            print(json.dumps(page, indent=2))
+        elif args.command == "import":
             store.import_config(TenantConfig.load(args.file))
             print(f"imported {args.file}", file=sys.stderr)
         elif args.command == "export":

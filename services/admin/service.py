@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 
-from inference_mesh.v1 import admin_pb2, admin_pb2_grpc
+from inference_mesh.v1 import admin_pb2, admin_pb2_grpc, router_pb2
 from services.admin.gate import AdminGate
 from services.admin.store import AdminStore
 from services.admin.usage_reports import UsageQuery, report
@@ -32,10 +32,14 @@ class _NoDatabase:
         return refuse
 
 
+Replicas = Callable[[], Awaitable[router_pb2.ListReplicasResponse]]
+
+
 class AdminOps:
-    def __init__(self, store: AdminStore | None, gate: AdminGate) -> None:
+    def __init__(self, store: AdminStore | None, gate: AdminGate, replicas: Replicas | None = None) -> None:
         self._store = store if store is not None else _NoDatabase()
         self._gate = gate
+        self._replicas = replicas
 
     def admit(self, headers: Iterable[tuple[str, Any]], peer: str | None) -> str:
         return self._gate.admit(headers, peer)
@@ -80,6 +84,11 @@ class AdminOps:
     async def revoke_key(self, admin: str, request: admin_pb2.RevokeKeyRequest) -> admin_pb2.AdminKey:
         return await self._run(admin, "revoke_key", self._store.revoke_key, request.id)
 
+    async def list_replicas(self, admin: str) -> router_pb2.ListReplicasResponse:
+        if self._replicas is None:
+            raise failed_precondition("this server has no router to ask for replicas")
+        return await self._replicas()
+
     async def usage(self, admin: str, query: UsageQuery) -> dict:
         """An OpenAI-shaped usage or costs page (services/admin/usage_reports.py)."""
         query.checked()
@@ -119,3 +128,6 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def RevokeKey(self, request, context):
         return await self._ops.revoke_key(self._admin(context), request)
+
+    async def ListReplicas(self, request, context):
+        return await self._ops.list_replicas(self._admin(context))

@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, Field
-from sqlalchemy import insert
 from sqlalchemy.exc import SQLAlchemyError
 
 from services.admin import schema
@@ -60,10 +59,21 @@ class UsageRecord:
     ttft_ms: float | None
     cost_usd: float
 
-    def row(self) -> dict:
-        return {**asdict(self), "minute": int(self.at // 60), "key_id": self.key_id[:40],
-                "request_id": self.request_id[:128], "model": self.model[:128], "version": self.version[:64],
-                "pool": self.pool[:64]}
+    def row(self) -> tuple:
+        """The values in COLUMNS' order, cut to the columns' sizes."""
+        return (int(self.at // 60), self.at, self.tenant, self.key_id[:40], self.kind, self.model[:128],
+                self.version[:64], self.pool[:64], self.request_id[:128], self.status[:32], self.cache[:32],
+                self.input_tokens, self.output_tokens, self.cached_tokens, self.latency_ms, self.ttft_ms,
+                self.cost_usd)
+
+
+COLUMNS = ("minute", *(f.name for f in fields(UsageRecord)))
+
+
+def _insert_sql(paramstyle: str) -> str:
+    marker = "?" if paramstyle == "qmark" else "%s"
+    return (f"INSERT INTO {schema.usage.name} ({', '.join(COLUMNS)}) "
+            f"VALUES ({', '.join(marker for _ in COLUMNS)})")
 
 
 class UsageWriter:
@@ -122,7 +132,10 @@ class UsageWriter:
     def _write(self, batch: list[UsageRecord]) -> None:
         assert self._store is not None
         started = time.perf_counter()
-        with self._store.engine.begin() as connection:
-            connection.execute(insert(schema.usage), [record.row() for record in batch])
+        engine = self._store.engine
+        with engine.begin() as connection:
+            # The driver's executemany with positional rows: SQLAlchemy's per-row dict handling cost ~20 us a
+            # record, in a thread that shares the GIL with the gateway's event loop. The SQL is fixed text.
+            connection.exec_driver_sql(_insert_sql(engine.dialect.paramstyle), [r.row() for r in batch])
         FLUSH_SECONDS.observe(time.perf_counter() - started)
         RECORDED.inc(len(batch))

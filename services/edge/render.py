@@ -32,7 +32,7 @@ OPENAI_PREFIX = "/v1/"
 # The admin API (services/admin): gRPC and JSON over HTTP. An admin has no tenant bucket: not rate-limited per
 # tenant (the per-connection shield still applies), and never retried once a gateway saw it (a create is a write).
 ADMIN_GRPC = "/inference_mesh.v1.Admin/"
-ADMIN_HTTP_PREFIX = "/admin/v1/"
+ADMIN_HTTP_PREFIX = "/admin/"  # the API (/admin/v1/) and its console (/admin/console)
 UNARY_INFERENCE = [MESH + "Embed", MESH + "Search", MESH + "DeleteDocuments", KSERVE + "ModelInfer"]
 
 

@@ -5,19 +5,28 @@ proto messages' JSON (field names as in admin.proto); errors are the gateway's u
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+import services.admin
 from inference_mesh.v1 import admin_pb2
 from services.admin.service import AdminOps
 from services.admin.usage_reports import UsageQuery
-from services.common.errors import invalid
+from services.common.errors import invalid, not_found
 from services.common.internal_tls import peer_identity_of_certificate
 
 PREFIX = "/admin/v1"
+CONSOLE = Path(services.admin.__file__).parent / "console"
+_CONSOLE_FILES = {"console.js": "text/javascript", "console.css": "text/css"}
+# The console's data is people's input (tenant names, labels): its script puts it in as text, and the page runs
+# no script but its own.
+_CONSOLE_HEADERS = {"content-security-policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                                               "form-action 'self'",
+                    "x-content-type-options": "nosniff", "cache-control": "no-store", "referrer-policy": "no-referrer"}
 
 
 def _answer(message: Message, status: int = 200) -> web.Response:
@@ -58,6 +67,9 @@ class AdminHttp:
         app.router.add_post(f"{PREFIX}/tenants/{{tenant}}/keys", self.create_key)
         app.router.add_post(f"{PREFIX}/keys/{{key}}/rotate", self.rotate_key)
         app.router.add_post(f"{PREFIX}/keys/{{key}}/revoke", self.revoke_key)
+        app.router.add_get(f"{PREFIX}/replicas", self.list_replicas)
+        app.router.add_get("/admin/console", self.console)
+        app.router.add_get("/admin/console/{name}", self.console_file)
         # OpenAI's organization reports, at OpenAI's paths (an admin credential, as OpenAI's admin keys).
         app.router.add_get("/v1/organization/usage/{report}", self.usage)
         app.router.add_get("/v1/organization/costs", self.usage)
@@ -113,6 +125,21 @@ class AdminHttp:
         admin = self._admin(request)
         return _answer(await self._ops.revoke_key(admin, admin_pb2.RevokeKeyRequest(id=request.match_info["key"])))
 
+    async def list_replicas(self, request: web.Request) -> web.Response:
+        return _answer(await self._ops.list_replicas(self._admin(request)))
+
+    async def console(self, request: web.Request) -> web.Response:
+        """The page itself holds nothing secret: every figure is fetched with the admin's token."""
+        return web.Response(body=(CONSOLE / "index.html").read_bytes(), content_type="text/html",
+                            headers=_CONSOLE_HEADERS)
+
+    async def console_file(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in _CONSOLE_FILES:
+            raise not_found(f"no console file {name[:80]!r}")
+        return web.Response(body=(CONSOLE / name).read_bytes(), content_type=_CONSOLE_FILES[name],
+                            headers=_CONSOLE_HEADERS)
+
     async def usage(self, request: web.Request) -> web.Response:
         admin = self._admin(request)
         return web.json_response(await self._ops.usage(admin, usage_query(
@@ -129,7 +156,7 @@ def usage_query(report: str, query) -> UsageQuery:
     unknown = names - set(_QUERY_LISTS) - set(_QUERY_VALUES)
     if unknown:
         raise invalid(f"unknown query parameters: {', '.join(sorted(unknown))[:200]}")
-    lists = {name: tuple(query.getall(name, ()) + query.getall(name + "[]", ())) for name in _QUERY_LISTS}
+    lists = {name: (*query.getall(name, ()), *query.getall(name + "[]", ())) for name in _QUERY_LISTS}
     if "start_time" not in query:
         raise invalid("start_time is required (unix seconds)")
     try:

@@ -45,9 +45,10 @@ class GenerationLog:
         self._final: mesh_pb2.GenerateChunk | None = None
 
     def seen(self, chunk: mesh_pb2.GenerateChunk) -> None:
-        # Counted as the budget service's settlement counts (services/gateway/budgets.metered): a delta may span
-        # tokens, its token_index says how many.
-        self._produced = max(self._produced + 1, chunk.token_index + 1)
+        # A delta may span tokens: its token_index says how many. The last chunk of a finished stream repeats the
+        # last index with no text (its usage then counts).
+        if chunk.text:
+            self._produced = max(self._produced + 1, chunk.token_index + 1)
         if chunk.finish_reason:
             self._final = chunk
         if self._first_token_ms is None and chunk.text:

@@ -9,7 +9,15 @@ from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from inference_mesh.v1 import admin_pb2, admin_pb2_grpc, mesh_pb2, mesh_pb2_grpc, retrieval_pb2_grpc, router_pb2_grpc
+from inference_mesh.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    mesh_pb2,
+    mesh_pb2_grpc,
+    retrieval_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
 from services.admin.directory import TenantDirectory
 from services.admin.gate import AdminGate
 from services.admin.service import AdminOps, AdminService
@@ -76,7 +84,9 @@ async def serve(settings: GatewaySettings) -> None:
                            is_ready=lambda: serving,
                            meter=KServeMeter(budgets, catalog, settings.generate_timeout_s + SETTLE_MARGIN_S),
                            limits=settings.kserve_limits), host.server)
-    admin_ops = AdminOps(directory.store, AdminGate(settings.edge_secret))
+    router_admin = router_pb2_grpc.RouterAdminStub(channel)
+    admin_ops = AdminOps(directory.store, AdminGate(settings.edge_secret), replicas=lambda: router_admin.ListReplicas(
+        router_pb2.ListReplicasRequest(), timeout=settings.metadata_timeout_s))
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(admin_ops), host.server)
     host.expose((*public, admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name))
 

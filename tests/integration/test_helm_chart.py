@@ -547,3 +547,32 @@ def test_every_tool_a_chart_container_runs_is_in_the_services_image():
             if container["image"].startswith("inference-mesh/services"):
                 run |= {arg.removeprefix("tools.") for arg in container.get("args", [])[:1] if arg.startswith("tools.")}
     assert run == {"fill_trtllm", "fetch_checkpoint"} and run <= copied, (run, copied)
+
+
+def test_an_admin_database_reaches_gateways_and_rate_limits_only_when_named():
+    """admin.databaseSecret: the URL from that Secret in the gateways' and rate-limit pods, and their egress to
+    the database's namespace (or its address ranges); without it, neither."""
+    def admin_env(objects: list[dict]) -> dict[str, list]:
+        found = {}
+        for workload in _workloads(objects):
+            for container in workload["spec"]["template"]["spec"]["containers"]:
+                urls = [e for e in container.get("env", []) if e["name"].endswith("_ADMIN__URL")]
+                if urls:
+                    found[workload["metadata"]["name"].removeprefix("mesh-")] = urls
+        return found
+
+    def reaching(objects: list[dict], peer: dict) -> set[str]:
+        return {p["metadata"]["name"].removeprefix("mesh-") for p in _by_kind(objects, "NetworkPolicy")
+                if any(peer in rule["to"] for rule in p["spec"].get("egress", []))}
+
+    namespace = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "postgres"}}}
+    plain = render_chart("cpu")
+    assert admin_env(plain) == {} and reaching(plain, namespace) == set()
+    named = render_chart("cpu", "admin.databaseSecret=mesh-admin-db")
+    assert {name: [e["valueFrom"]["secretKeyRef"] for e in env] for name, env in admin_env(named).items()} == {
+        "gateway": [{"name": "mesh-admin-db", "key": "url"}], "ratelimit": [{"name": "mesh-admin-db", "key": "url"}]}
+    assert reaching(named, namespace) == {"gateway", "ratelimit"}
+    managed = render_chart("cpu", "admin.databaseSecret=mesh-admin-db",
+                           "networkPolicies.egressCidrs.postgres[0]=10.40.0.0/24")
+    assert reaching(managed, {"ipBlock": {"cidr": "10.40.0.0/24"}}) == {"gateway", "ratelimit"}
+    assert reaching(managed, namespace) == set()
