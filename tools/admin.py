@@ -93,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     made.add_argument("--expires-in", type=duration_s, default=0.0)
     made.add_argument("--model", action="append", default=[], help="a model the key may use (repeat); none: all")
     made.add_argument("--label", type=label, action="append", default=[])
+    made.add_argument("--rpm", type=int, default=0, help="the key's own requests/min, under its tier's")
+    made.add_argument("--burst", type=int, default=0, help="with --rpm: the key's own burst")
+    made.add_argument("--tokens-per-minute", type=int, default=0, help="the key's own, under its tier's")
+    made.add_argument("--tokens-per-month", type=int, default=0, help="the key's own, under its tier's")
     rotated = keys.add_parser("rotate")
     rotated.add_argument("id")
     rotated.add_argument("--overlap", type=duration_s, default=3600.0)
@@ -140,7 +144,8 @@ def run(args: argparse.Namespace) -> None:
             _show(admin_pb2.ListKeysResponse(keys=store.list_keys(args.tenant, args.prefix, args.include_revoked)))
         elif args.action == "create":
             key, secret = store.create_key(args.tenant, time.time() + args.expires_in if args.expires_in else 0.0,
-                                           args.model, dict(args.label))
+                                           args.model, dict(args.label), args.rpm, args.burst,
+                                           args.tokens_per_minute, args.tokens_per_month)
             _show(admin_pb2.CreatedKey(key=key, secret=secret))
         elif args.action == "rotate":
             key, secret = store.rotate_key(args.id, args.overlap)

@@ -74,6 +74,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         "CREATE INDEX mesh_usage_minute ON mesh_usage (minute)",
         "CREATE INDEX mesh_usage_tenant_minute ON mesh_usage (tenant, minute)",
     )),
+    Migration(3, "a key's own limits", (
+        # NULL: the tenant's tier alone limits the key.
+        "ALTER TABLE mesh_api_keys ADD COLUMN requests_per_minute INTEGER",
+        "ALTER TABLE mesh_api_keys ADD COLUMN burst INTEGER",
+        "ALTER TABLE mesh_api_keys ADD COLUMN tokens_per_minute BIGINT",
+        "ALTER TABLE mesh_api_keys ADD COLUMN tokens_per_month BIGINT",
+    )),
 )
 
 _VERSIONS_TABLE = """CREATE TABLE IF NOT EXISTS mesh_schema_versions (

@@ -36,6 +36,10 @@ api_keys = Table(
     Column("revoked_at", Float),
     Column("allowed_models", Text, nullable=False),  # a JSON list
     Column("labels", Text, nullable=False),          # a JSON object
+    Column("requests_per_minute", Integer),          # the key's own limit, under its tier's; NULL: none
+    Column("burst", Integer),
+    Column("tokens_per_minute", BigInteger),         # the key's own token windows, under its tier's; NULL: none
+    Column("tokens_per_month", BigInteger),
 )
 
 # One row: bumped by every change, so a replica's poll is one indexed read, not a table scan.

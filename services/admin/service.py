@@ -69,7 +69,9 @@ class AdminOps:
 
     async def create_key(self, admin: str, request: admin_pb2.CreateKeyRequest) -> admin_pb2.CreatedKey:
         key, secret = await self._run(admin, "create_key", self._store.create_key, request.tenant,
-                                      request.expires_at, list(request.allowed_models), dict(request.labels))
+                                      request.expires_at, list(request.allowed_models), dict(request.labels),
+                                      request.requests_per_minute, request.burst, request.tokens_per_minute,
+                                      request.tokens_per_month)
         return admin_pb2.CreatedKey(key=key, secret=secret)
 
     async def list_keys(self, admin: str, request: admin_pb2.ListKeysRequest) -> admin_pb2.ListKeysResponse:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from inference_mesh.v1 import admin_pb2
@@ -32,6 +32,7 @@ MAX_OVERLAP_S = 30 * 86400
 # What a list shows of a secret ("mk_" and 7 characters): enough to find a leaked key, far too little to use it.
 PREFIX_CHARS = 10
 SECRET_PREFIX = "mk_"
+SEED_LOCK_ID = 0x6D657369  # beside migrations' lock id: the same in every replica
 
 
 def _name(kind: str, value: str) -> str:
@@ -93,7 +94,28 @@ def _tenant(row: Any) -> admin_pb2.AdminTenant:
 def _key(row: Any) -> admin_pb2.AdminKey:
     return admin_pb2.AdminKey(id=row.id, tenant=row.tenant, prefix=row.prefix, created_at=row.created_at,
                               expires_at=row.expires_at or 0.0, revoked_at=row.revoked_at or 0.0,
-                              allowed_models=json.loads(row.allowed_models), labels=json.loads(row.labels))
+                              allowed_models=json.loads(row.allowed_models), labels=json.loads(row.labels),
+                              requests_per_minute=row.requests_per_minute or 0, burst=row.burst or 0,
+                              tokens_per_minute=row.tokens_per_minute or 0, tokens_per_month=row.tokens_per_month or 0)
+
+
+KeyLimits = tuple[int | None, int | None, int | None, int | None]
+NO_KEY_LIMITS: KeyLimits = (None, None, None, None)
+
+
+def _key_limits(tier: Any, requests_per_minute: int = 0, burst: int = 0, tokens_per_minute: int = 0,
+                tokens_per_month: int = 0) -> KeyLimits:
+    """A key's own limits, each checked to sit under its tier's; None where the tier's alone applies."""
+    if bool(requests_per_minute) != bool(burst):
+        raise invalid("a key's request limit needs both requests_per_minute and burst (or neither)")
+    if requests_per_minute and (requests_per_minute > tier.requests_per_minute or burst > tier.burst):
+        raise invalid(f"a key's request limit must be under its tier's ({tier.name}: {tier.requests_per_minute} "
+                      f"requests/min, burst {tier.burst}); got {requests_per_minute}/min, burst {burst}")
+    for name, own, tiers in (("tokens_per_minute", tokens_per_minute, tier.tokens_per_minute),
+                             ("tokens_per_month", tokens_per_month, tier.tokens_per_month)):
+        if own and tiers and own > tiers:
+            raise invalid(f"a key's {name} must be under its tier's ({tier.name}: {tiers}); got {own}")
+    return requests_per_minute or None, burst or None, tokens_per_minute or None, tokens_per_month or None
 
 
 class AdminStore:
@@ -135,7 +157,9 @@ class AdminStore:
             for row in connection.execute(live):
                 keys.setdefault(row.tenant, []).append(
                     ApiKey(sha256=row.sha256, id=row.id, prefix=row.prefix, expires_at=row.expires_at,
-                           allowed_models=json.loads(row.allowed_models), labels=json.loads(row.labels)))
+                           allowed_models=json.loads(row.allowed_models), labels=json.loads(row.labels),
+                           requests_per_minute=row.requests_per_minute or 0, burst=row.burst or 0,
+                           tokens_per_minute=row.tokens_per_minute or 0, tokens_per_month=row.tokens_per_month or 0))
             tenants = [Tenant(id=row.id, tier=row.tier, suspended=row.suspended, keys=keys.get(row.id, []))
                        for row in connection.execute(select(schema.tenants).order_by(schema.tenants.c.id))]
         return rev, TenantConfig(tiers=tiers, tenants=tenants)
@@ -195,15 +219,21 @@ class AdminStore:
 
     # --- keys -------------------------------------------------------------------------------------------------
     def create_key(self, tenant: str, expires_at: float = 0.0, allowed_models: Iterable[str] = (),
-                   labels: dict[str, str] | None = None) -> tuple[admin_pb2.AdminKey, str]:
+                   labels: dict[str, str] | None = None, requests_per_minute: int = 0, burst: int = 0,
+                   tokens_per_minute: int = 0, tokens_per_month: int = 0) -> tuple[admin_pb2.AdminKey, str]:
         models, checked_labels = _models(allowed_models), _labels(dict(labels or {}))
         now = self._clock()
         if expires_at and expires_at <= now:
             raise invalid(f"expires_at {expires_at:.0f} is in the past (now {now:.0f}); 0 means never")
         with self._engine.begin() as connection:
-            if not connection.execute(select(schema.tenants.c.id).where(schema.tenants.c.id == tenant)).first():
+            found = connection.execute(
+                select(schema.tiers).join(schema.tenants, schema.tenants.c.tier == schema.tiers.c.name)
+                .where(schema.tenants.c.id == tenant)).first()
+            if found is None:
                 raise not_found(f"no tenant {tenant[:80]!r}")
-            key, secret = self._insert_key(connection, tenant, expires_at or None, models, checked_labels, now)
+            limits = _key_limits(found, requests_per_minute, burst, tokens_per_minute, tokens_per_month)
+            key, secret = self._insert_key(connection, tenant, expires_at or None, models, checked_labels, now,
+                                           limits)
             self._bump(connection)
         return key, secret
 
@@ -234,7 +264,8 @@ class AdminStore:
             changes = {"expires_at": ends} if overlap_s else {"revoked_at": now}
             connection.execute(update(schema.api_keys).where(schema.api_keys.c.id == key_id).values(**changes))
             key, secret = self._insert_key(connection, old.tenant, old.expires_at, json.loads(old.allowed_models),
-                                           json.loads(old.labels), now)
+                                           json.loads(old.labels), now, (old.requests_per_minute, old.burst,
+                                                                         old.tokens_per_minute, old.tokens_per_month))
             self._bump(connection)
         return key, secret
 
@@ -258,6 +289,10 @@ class AdminStore:
         already holds tiers is left alone (several replicas seeding at once: one does it). Whether it wrote."""
         now = self._clock()
         with self._engine.begin() as connection:
+            if self._engine.dialect.name == "postgresql":
+                # Replicas starting together on an empty database: one seeds, the others then find its tiers
+                # (SQLite's transactions already take the write lock at their start).
+                connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SEED_LOCK_ID})
             if only_if_empty and connection.execute(select(func.count()).select_from(schema.tiers)).scalar_one():
                 return False
             for name, tier in config.tiers.items():
@@ -275,7 +310,10 @@ class AdminStore:
                 for key in tenant.all_keys():
                     row = {"tenant": tenant.id, "expires_at": key.expires_at,
                            "allowed_models": json.dumps(_models(key.allowed_models)),
-                           "labels": json.dumps(_labels(key.labels))}
+                           "labels": json.dumps(_labels(key.labels)),
+                           "requests_per_minute": key.requests_per_minute or None, "burst": key.burst or None,
+                           "tokens_per_minute": key.tokens_per_minute or None,
+                           "tokens_per_month": key.tokens_per_month or None}
                     if not connection.execute(update(schema.api_keys).where(schema.api_keys.c.sha256 == key.sha256)
                                               .values(**row)).rowcount:
                         connection.execute(insert(schema.api_keys).values(
@@ -307,10 +345,13 @@ class AdminStore:
         return row
 
     def _insert_key(self, connection: Connection, tenant: str, expires_at: float | None, models: list[str],
-                    labels: dict[str, str], now: float) -> tuple[admin_pb2.AdminKey, str]:
+                    labels: dict[str, str], now: float,
+                    limits: KeyLimits = NO_KEY_LIMITS) -> tuple[admin_pb2.AdminKey, str]:
         secret = SECRET_PREFIX + secrets.token_urlsafe(32)
         row = {"id": "key_" + secrets.token_hex(8), "tenant": tenant, "prefix": secret[:PREFIX_CHARS],
                "sha256": hash_key(secret), "created_at": now, "expires_at": expires_at, "revoked_at": None,
-               "allowed_models": json.dumps(models), "labels": json.dumps(labels)}
+               "allowed_models": json.dumps(models), "labels": json.dumps(labels),
+               "requests_per_minute": limits[0], "burst": limits[1], "tokens_per_minute": limits[2],
+               "tokens_per_month": limits[3]}
         connection.execute(insert(schema.api_keys).values(**row))
         return _key(SimpleNamespace(**row)), secret

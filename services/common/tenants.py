@@ -35,6 +35,11 @@ class ApiKey(BaseModel, extra="forbid"):
     expires_at: float | None = None      # unix seconds; refused from then on
     allowed_models: list[str] = Field(default_factory=list)  # empty: every model
     labels: dict[str, str] = Field(default_factory=dict)
+    # The key's own limits, under its tier's; 0: the tier's alone. Requests at the edge, tokens by the budgets.
+    requests_per_minute: int = Field(default=0, ge=0)
+    burst: int = Field(default=0, ge=0)
+    tokens_per_minute: int = Field(default=0, ge=0)
+    tokens_per_month: int = Field(default=0, ge=0)
 
 
 class Tenant(BaseModel, extra="forbid"):
@@ -55,6 +60,13 @@ class TenantConfig(BaseModel, extra="forbid"):
 
     def tenant(self, tenant_id: str) -> Tenant | None:
         return self._by_id.get(tenant_id)
+
+    def key(self, key_id: str) -> tuple[Tenant, ApiKey] | None:
+        return self._keys_by_id.get(key_id)
+
+    @cached_property
+    def _keys_by_id(self) -> dict[str, tuple[Tenant, ApiKey]]:
+        return {key.id: (t, key) for t in self.tenants for key in t.keys if key.id}
 
     @cached_property
     def _by_id(self) -> dict[str, Tenant]:

@@ -53,7 +53,8 @@ class TokenBudgets:
     async def admit(self, caller: Caller) -> None:
         """Raises RESOURCE_EXHAUSTED (with a retry-after hint) when a window is spent."""
         try:
-            reply = await self._stub.Check(quota_pb2.BudgetCheckRequest(tenant=caller.tenant), timeout=self._timeout_s)
+            reply = await self._stub.Check(quota_pb2.BudgetCheckRequest(tenant=caller.tenant, key_id=caller.key_id),
+                                           timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             BUDGET_UNAVAILABLE.labels("allowed" if self._fail_open else "refused").inc()
             log.warning("token budget unavailable", extra={"status": exc.code().name, "error": exc.details(),
@@ -73,7 +74,8 @@ class TokenBudgets:
         no budget, or the service down and failing open, then the real use is charged at the end)."""
         try:
             reply = await self._stub.Reserve(quota_pb2.BudgetReserveRequest(
-                tenant=caller.tenant, tokens=tokens, ttl=Duration(seconds=max(1, math.ceil(ttl_s)))),
+                tenant=caller.tenant, key_id=caller.key_id, tokens=tokens,
+                ttl=Duration(seconds=max(1, math.ceil(ttl_s)))),
                 timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             BUDGET_UNAVAILABLE.labels("allowed" if self._fail_open else "refused").inc()
@@ -100,8 +102,9 @@ class TokenBudgets:
 
     async def _settle(self, caller: Caller, reservation: str, used: int) -> None:
         try:
-            await self._stub.Settle(quota_pb2.BudgetSettleRequest(tenant=caller.tenant, reservation=reservation,
-                                                                  used_tokens=used), timeout=self._charge_timeout_s)
+            await self._stub.Settle(quota_pb2.BudgetSettleRequest(tenant=caller.tenant, key_id=caller.key_id,
+                                                                  reservation=reservation, used_tokens=used),
+                                    timeout=self._charge_timeout_s)
         except grpc.aio.AioRpcError as exc:
             # Its reservation expires and gives everything back: the budget loses this use, never more.
             log.warning("token settlement lost", extra={"tenant": caller.tenant, "tokens": used,
@@ -113,7 +116,8 @@ class TokenBudgets:
 
     async def _charge(self, caller: Caller, tokens: int) -> None:
         try:
-            await self._stub.Charge(quota_pb2.BudgetChargeRequest(tenant=caller.tenant, tokens=tokens),
+            await self._stub.Charge(quota_pb2.BudgetChargeRequest(tenant=caller.tenant, key_id=caller.key_id,
+                                                                  tokens=tokens),
                                     timeout=self._charge_timeout_s)
         except grpc.aio.AioRpcError as exc:
             log.warning("token charge lost", extra={"tenant": caller.tenant, "tokens": tokens,

@@ -50,6 +50,16 @@ class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
         self._config = config
         self._resolver = TenantResolver(config)
 
+    @staticmethod
+    def _refuse(reply: rls.RateLimitResponse, state: BucketState, why: str) -> None:
+        """The first refusal of a request names its limit and when to retry."""
+        if reply.overall_code == OVER_LIMIT:
+            return
+        reply.overall_code = OVER_LIMIT
+        retry_after = max(1, math.ceil(state.wait_s))
+        reply.response_headers_to_add.append(rls.HeaderValue(key="retry-after", value=str(retry_after)))
+        reply.raw_body = f"rate limit: {why}; retry after {retry_after} s".encode()
+
     async def ShouldRateLimit(self, request: rls.RateLimitRequest, context: grpc.aio.ServicerContext
                               ) -> rls.RateLimitResponse:
         if request.domain != self._domain:
@@ -60,21 +70,37 @@ class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
         decided: dict[str, BucketState] = {}
         try:
             for descriptor in request.descriptors:
-                tenant = self._resolver.resolve((e.key, e.value) for e in descriptor.entries)
+                tenant, api_key = self._resolver.resolve_key((e.key, e.value) for e in descriptor.entries)
                 if tenant is None:
                     metrics.UNRESOLVED.inc()
                     reply.statuses.append(Status(code=OK))
                     continue
                 tier = self._config.tiers[tenant.tier]
+                hits = max(1, descriptor.hits_addend.value if descriptor.HasField("hits_addend")
+                           else request.hits_addend)
+                if api_key is not None and api_key.requests_per_minute:
+                    # The key's own bucket first: a request its key may not make spends nothing of its tenant's.
+                    # Bucket names are tenant ids or "key:<id>"; a tenant id cannot hold ':'.
+                    bucket = f"key:{api_key.id}"
+                    key_state = decided.get(bucket)
+                    if key_state is None:
+                        key_state = await self._requests.take(bucket, api_key.requests_per_minute, api_key.burst,
+                                                              hits)
+                        decided[bucket] = key_state
+                    if not key_state.allowed:
+                        metrics.REQUEST_DECISIONS.labels(tenant.tier, "key_over_limit").inc()
+                        self._refuse(reply, key_state, f"API key {api_key.id} is over its own "
+                                     f"{api_key.requests_per_minute} requests/min with a burst of {api_key.burst}")
+                        reply.statuses.append(Status(code=OVER_LIMIT))
+                        continue
                 state = decided.get(tenant.id)
                 if state is None:
-                    hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else request.hits_addend
-                    state = await self._requests.take(tenant.id, tier.requests_per_minute, tier.burst, max(1, hits))
+                    state = await self._requests.take(tenant.id, tier.requests_per_minute, tier.burst, hits)
                     decided[tenant.id] = state
                     metrics.REQUEST_DECISIONS.labels(tenant.tier, "ok" if state.allowed else "over_limit").inc()
                 rate = tier.requests_per_minute / 60.0
                 until_reset = state.wait_s if not state.allowed else (tier.burst - state.level) / rate
-                if len(decided) == 1 and not any(h.key == OPENAI_LIMIT for h in reply.response_headers_to_add):
+                if not any(h.key == OPENAI_LIMIT for h in reply.response_headers_to_add):
                     reply.response_headers_to_add.extend(_openai_headers(tier.requests_per_minute, state.level,
                                                                          until_reset))
                 reply.statuses.append(Status(
@@ -84,13 +110,9 @@ class EnvoyRateLimitService(envoy_ratelimit_pb2_grpc.RateLimitServiceServicer):
                         unit=rls.RateLimitResponse.RateLimit.MINUTE),
                     limit_remaining=max(0, int(state.level)),
                     duration_until_reset=as_duration(max(0.0, until_reset))))
-                if not state.allowed and reply.overall_code != OVER_LIMIT:
-                    reply.overall_code = OVER_LIMIT
-                    retry_after = max(1, math.ceil(state.wait_s))
-                    reply.response_headers_to_add.append(rls.HeaderValue(key="retry-after", value=str(retry_after)))
-                    reply.raw_body = (
-                        f"rate limit: tenant {tenant.id!r} ({tenant.tier} tier) is over {tier.requests_per_minute} "
-                        f"requests/min with a burst of {tier.burst}; retry after {retry_after} s").encode()
+                if not state.allowed:
+                    self._refuse(reply, state, f"tenant {tenant.id!r} ({tenant.tier} tier) is over "
+                                 f"{tier.requests_per_minute} requests/min with a burst of {tier.burst}")
         except RedisError as exc:
             metrics.REDIS_ERRORS.labels("envoy_rls").inc()
             raise internal_failure("rate-limit store (Redis) unavailable", exc) from exc

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from bench.token_relay import relay_stack
-from inference_mesh.v1 import admin_pb2, admin_pb2_grpc
+from inference_mesh.v1 import admin_pb2, admin_pb2_grpc, mesh_pb2_grpc
 from tests.conftest import KEYS
 from tools.pki import mint_admin_jwt, mint_jwt
 from tools.postgres import PostgresServer, start_postgres
@@ -200,6 +200,65 @@ def test_a_tier_change_reaches_the_rate_limit_service(postgres_stack):
             refused = client.get(f"https://localhost:{stack.ports.edge}/v1/models",
                                  headers={"authorization": f"Bearer {secret}"})
         assert refused.status_code == 401 and "suspended" in refused.json()["error"]["message"], refused.text
+
+
+def test_a_key_with_its_own_limit_is_held_to_it_and_its_tenant_is_not(postgres_stack):
+    stack, _ = postgres_stack
+    admin = _admin(stack)
+    tenant = f"admin-keylimit-{uuid.uuid4().hex[:8]}"
+    admin.ok("PUT", "/tiers/admin-roomy", {"requests_per_minute": 100000, "burst": 10000})
+    admin.ok("POST", "/tenants", {"id": tenant, "tier": "admin-roomy"})
+    narrow = admin.ok("POST", f"/tenants/{tenant}/keys", {"requests_per_minute": 60, "burst": 2})
+    wide = admin.ok("POST", f"/tenants/{tenant}/keys", {})
+    assert (narrow["key"]["requests_per_minute"], narrow["key"]["burst"]) == (60, 2)
+    over = admin.call("POST", f"/tenants/{tenant}/keys", {"requests_per_minute": 200000, "burst": 2})
+    assert over.status_code == 400 and "under its tier's" in over.json()["error"]["message"], over.text
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
+        _usable(client, stack, narrow["secret"])
+        _usable(client, stack, wide["secret"])
+        time.sleep(2.5)  # the probes' requests spent the narrow key's burst: let it refill (1 a second)
+        answers = [client.get(f"https://localhost:{stack.ports.edge}/v1/models",
+                              headers={"authorization": f"Bearer {narrow['secret']}"}) for _ in range(6)]
+        statuses = [a.status_code for a in answers]
+        assert statuses[:2] == [200, 200] and statuses.count(429) >= 3, statuses
+        refused = next(a for a in answers if a.status_code == 429)
+        assert narrow["key"]["id"] in refused.json()["error"]["message"] and "retry-after" in refused.headers
+        assert [_models_status(client, stack, wide["secret"]) for _ in range(6)] == [200] * 6, \
+            "the tenant's other key is not held to that key's limit"
+
+
+def test_a_key_with_its_own_token_budget_is_held_to_it(postgres_stack):
+    """A key's tokens_per_minute is reserved and settled beside its tenant's: a generation whose worst case the
+    key's window cannot hold is refused, the same generation on the tenant's other key runs."""
+    from bench.token_relay import MODEL
+    from tests.conftest import chat
+
+    stack, _ = postgres_stack
+    admin = _admin(stack)
+    tenant = f"admin-keybudget-{uuid.uuid4().hex[:8]}"
+    admin.ok("PUT", "/tiers/admin-budgeted", {"requests_per_minute": 100000, "burst": 10000,
+                                              "tokens_per_minute": 1000000, "tokens_per_month": 0})
+    admin.ok("POST", "/tenants", {"id": tenant, "tier": "admin-budgeted"})
+    narrow = admin.ok("POST", f"/tenants/{tenant}/keys", {"tokens_per_minute": 400})
+    wide = admin.ok("POST", f"/tenants/{tenant}/keys", {})
+    over = admin.call("POST", f"/tenants/{tenant}/keys", {"tokens_per_minute": 2000000})
+    assert over.status_code == 400 and "tokens_per_minute must be under" in over.text, over.text
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
+        _usable(client, stack, narrow["secret"])
+        _usable(client, stack, wide["secret"])
+    credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{stack.ports.edge}", credentials) as channel:
+        mesh = mesh_pb2_grpc.InferenceMeshStub(channel)
+
+        def run(secret: str, max_tokens: int) -> list:
+            return list(mesh.Generate(chat("Tell me about the mesh.", max_tokens=max_tokens, model=MODEL),
+                                      metadata=(("authorization", f"Bearer {secret}"),), timeout=60))
+        assert run(narrow["secret"], 8)[-1].finish_reason, "a generation within the key's window runs"
+        with pytest.raises(grpc.RpcError) as refused:
+            run(narrow["secret"], 500)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "tokens per minute" in refused.value.details(), refused.value.details()
+        assert run(wide["secret"], 500)[-1].finish_reason, "the tenant's other key is not held to it"
 
 
 def test_tenant_credentials_are_refused_on_the_admin_api(stack):

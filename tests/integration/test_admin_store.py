@@ -22,7 +22,7 @@ from services.common.errors import MeshError
 from services.common.tenants import ApiKey, Tenant, TenantConfig, Tier, hash_key
 from tools.postgres import PostgresServer, start_postgres
 
-SEED = TenantConfig(tiers={"standard": Tier(requests_per_minute=300, burst=30),
+SEED = TenantConfig(tiers={"standard": Tier(requests_per_minute=300, burst=30, tokens_per_minute=20000),
                            "enterprise": Tier(requests_per_minute=1000, burst=50, tokens_per_month=10**6)},
                     tenants=[Tenant(id="acme", tier="standard", api_key_sha256=[hash_key("acme-key")])])
 
@@ -105,6 +105,15 @@ def test_a_key_is_created_listed_rotated_and_revoked(store):
     assert new_key.id in {k.id for k in store.list_keys(tenant="acme", include_revoked=True)}
 
 
+def test_a_key_limit_under_its_tier_is_kept_and_rotated(store):
+    key, _ = store.create_key("acme", requests_per_minute=60, burst=3, tokens_per_minute=500)
+    assert (key.requests_per_minute, key.burst, key.tokens_per_minute) == (60, 3, 500)
+    grant = next(k for k in store.snapshot()[1].tenant("acme").all_keys() if k.id == key.id)
+    assert (grant.requests_per_minute, grant.burst, grant.tokens_per_minute) == (60, 3, 500)
+    successor, _ = store.rotate_key(key.id, 60)
+    assert (successor.requests_per_minute, successor.burst, successor.tokens_per_minute) == (60, 3, 500)
+
+
 def test_tenants_move_tiers_and_are_suspended(store):
     store.create_tenant("beta", "standard")
     assert store.update_tenant("beta", tier="enterprise").tier == "enterprise"
@@ -128,6 +137,10 @@ def test_tenants_move_tiers_and_are_suspended(store):
     (lambda s: s.create_key("acme", allowed_models=["../etc"]), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda s: s.create_key("acme", expires_at=1.0), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda s: s.create_key("nobody"), grpc.StatusCode.NOT_FOUND),
+    (lambda s: s.create_key("acme", requests_per_minute=301, burst=5), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda s: s.create_key("acme", requests_per_minute=60, burst=31), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda s: s.create_key("acme", requests_per_minute=60), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda s: s.create_key("acme", tokens_per_minute=20001), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda s: s.rotate_key("key_nope", 60), grpc.StatusCode.NOT_FOUND),
     (lambda s: s.rotate_key("key_nope", -1), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda s: s.put_tier(admin_pb2.AdminTier(name="zero", requests_per_minute=0, burst=1)),
@@ -236,3 +249,18 @@ def test_bad_report_queries_are_refused(store):
         with pytest.raises(MeshError) as refused:
             report(store.engine, bad)
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_replicas_seeding_an_empty_database_at_once_seed_it_once(url):
+    stores = [AdminStore.open(url) for _ in range(3)]
+    wrote: list[bool] = []
+    threads = [threading.Thread(target=lambda s=s: wrote.append(s.import_config(SEED, only_if_empty=True)))
+               for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(wrote) == [False, False, True]
+    assert set(stores[0].snapshot()[1].tiers) == {"standard", "enterprise"}
+    for store in stores:
+        store.close()
