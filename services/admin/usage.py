@@ -45,7 +45,7 @@ class UsageRecord:
     at: float
     tenant: str
     key_id: str
-    kind: str              # generate, ask, embed
+    kind: str              # generate, ask, embed; kserve, kserve-embed (stock Triton clients)
     model: str
     version: str
     pool: str

@@ -18,7 +18,9 @@ from services.common.errors import invalid
 WIDTHS_MIN = {"1m": 1, "1h": 60, "1d": 1440}
 LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 GROUPS = {"project_id": schema.usage.c.tenant, "api_key_id": schema.usage.c.key_id, "model": schema.usage.c.model}
-KINDS = {"completions": ("generate", "ask"), "embeddings": ("embed",), "costs": ("generate", "ask", "embed")}
+# The mesh API's requests and the KServe API's (stock Triton clients) alike.
+KINDS = {"completions": ("generate", "ask", "kserve"), "embeddings": ("embed", "kserve-embed"),
+         "costs": ("generate", "ask", "embed", "kserve", "kserve-embed")}
 CACHE_HITS = ("CACHE_STATUS_EXACT_HIT", "CACHE_STATUS_SEMANTIC_HIT")  # as the records name them
 MAX_FILTER_VALUES = 100
 

@@ -66,15 +66,22 @@ def _check_schema_input(request: service_pb2.ModelInferRequest, index: int) -> N
     check_schema(text)
 
 
-def tokens_used(response: service_pb2.ModelInferResponse) -> int | None:
-    """Prompt + completion tokens a response reports (the model counts them across the stream), if it does."""
+def token_counts(response: service_pb2.ModelInferResponse) -> tuple[int, ...] | None:
+    """The usage outputs a response reports, in _USAGE's order (0 where one is missing), if it reports any."""
     if not any(output.name in _USAGE for output in response.outputs):
         return None
     try:
         arrays = output_arrays(response)
     except ValueError:
         return None
-    return sum(int(arrays[name].reshape(-1)[0]) for name in _USAGE if name in arrays and arrays[name].size)
+    return tuple(int(arrays[name].reshape(-1)[0]) if name in arrays and arrays[name].size else 0
+                 for name in _USAGE)
+
+
+def tokens_used(response: service_pb2.ModelInferResponse) -> int | None:
+    """Prompt + completion tokens a response reports (the model counts them across the stream), if it does."""
+    counts = token_counts(response)
+    return None if counts is None else sum(counts)
 
 
 class StreamWindow:

@@ -6,19 +6,22 @@ The usage tensors are the meter: the gateway asks for them whatever the caller a
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tritonclient.grpc import service_pb2
 
 from inference_mesh.v1 import models_pb2
+from services.admin.usage import UsageRecord, UsageWriter
 from services.common.errors import is_plain_request_id
 from services.common.model_catalog import ModelCatalog
 from services.common.wire import SHARE_WEIGHT_HEADER, TENANT_HEADER
 from services.gateway.auth import Caller
 from services.gateway.budgets import TokenBudgets, input_tokens_of
-from services.gateway.kserve_governance import tokens_used
+from services.gateway.kserve_governance import token_counts
 from services.gateway.plan import TEMPLATE_TOKENS, plan_request
+from services.gateway.request_log import cost_of
 
 # The mesh's LLM contract (triton_models/smollm2, the TensorRT-LLM BLS model): what it reads and what it counts.
 USAGE_OUTPUTS = ("prompt_tokens", "completion_tokens")
@@ -80,7 +83,7 @@ def strip_outputs(response: service_pb2.ModelInferResponse, names: frozenset[str
 
 @dataclass
 class MeteredCall:
-    """One KServe request's account: held before it runs, settled once with what it used."""
+    """One KServe request's account: held before it runs, settled once with what it used, and recorded."""
 
     caller: Caller
     reservation: str = ""
@@ -93,18 +96,35 @@ class MeteredCall:
     # The plan's headers for the router (tenant, weight, request id, priority, this call's cost), when the
     # registry knows the model; else the caller's tenant and weight only.
     headers: tuple[tuple[str, str], ...] = ()
+    # For the usage record: the model as named and as the registry knows it, what the last response reported.
+    model_name: str = ""
+    model: models_pb2.ModelInfo | None = None
+    started: float = field(default_factory=time.perf_counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    pool: str = ""
+    version: str = ""
+    status: str = "OK"
+    recorded: bool = False
 
     def answered(self, response: service_pb2.ModelInferResponse) -> None:
         """Reads the usage (cumulative over a stream's responses) and hides what the caller did not ask for."""
+        parameters = response.parameters
+        if "mesh_pool" in parameters:  # the router stamps the last response with where it ran
+            self.pool = parameters["mesh_pool"].string_param
+            self.version = parameters["mesh_model_version"].string_param
         if self.generation:
-            used = tokens_used(response)
-            if used is not None:
-                self.used = used
+            counts = token_counts(response)
+            if counts is not None:
+                self.prompt_tokens, self.completion_tokens = counts
+                self.used = sum(counts)
             strip_outputs(response, self.strip)
 
-    def failed(self) -> None:
+    def failed(self, status: str = "FAILED") -> None:
         """A call that failed before the model reported anything used nothing (a generation that failed midway
         keeps what it had produced)."""
+        if self.status == "OK":
+            self.status = status
         if self.used is None:
             self.used = 0
 
@@ -114,6 +134,20 @@ class MeteredCall:
         self.settled = True
         budgets.settle(self.caller, self.reservation, self.unreported if self.used is None else self.used)
 
+    def usage_record(self) -> UsageRecord:
+        """A generation's reported prompt and completion; an embedding's input as its budget counts it."""
+        if self.generation:
+            prompt, completion = self.prompt_tokens, self.completion_tokens
+        else:
+            prompt, completion = (self.unreported if self.status == "OK" else 0), 0
+        name = self.model.name if self.model is not None else self.model_name
+        return UsageRecord(
+            at=time.time(), tenant=self.caller.tenant, key_id=self.caller.key_id,
+            kind="kserve" if self.generation else "kserve-embed", model=name, version=self.version, pool=self.pool,
+            request_id="", status=self.status, cache="", input_tokens=prompt, output_tokens=completion,
+            cached_tokens=0, latency_ms=round((time.perf_counter() - self.started) * 1000, 1), ttft_ms=None,
+            cost_usd=cost_of(self.model, self.pool, prompt + completion))
+
 
 def caller_headers(caller: Caller) -> tuple[tuple[str, str], ...]:
     """What the router needs of a call it has no plan for: the tenant and its tier's weight for the fair queues
@@ -122,7 +156,9 @@ def caller_headers(caller: Caller) -> tuple[tuple[str, str], ...]:
 
 
 class KServeMeter:
-    def __init__(self, budgets: TokenBudgets | None, catalog: ModelCatalog, reservation_ttl_s: float) -> None:
+    def __init__(self, budgets: TokenBudgets | None, catalog: ModelCatalog, reservation_ttl_s: float,
+                 usage: UsageWriter | None = None) -> None:
+        self._usage = usage
         self._budgets = budgets
         self._catalog = catalog
         self._ttl_s = reservation_ttl_s
@@ -140,7 +176,7 @@ class KServeMeter:
         may call only those, known or not."""
         caller.may_use(request.model_name)
         model = await self._catalog.get(request.model_name)
-        call = MeteredCall(caller, headers=caller_headers(caller))
+        call = MeteredCall(caller, headers=caller_headers(caller), model_name=request.model_name, model=model)
         if model is not None and model.kind == models_pb2.MODEL_KIND_GENERATE:
             worst = worst_case(request, model)
             call.headers = self._plan_headers(caller, model, request, worst)
@@ -158,3 +194,6 @@ class KServeMeter:
 
     def settle(self, call: MeteredCall) -> None:
         call.settle(self._budgets)
+        if self._usage is not None and not call.recorded:
+            call.recorded = True
+            self._usage.record(call.usage_record())

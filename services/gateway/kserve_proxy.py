@@ -85,10 +85,10 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
             call.answered(response)
             return response
         except grpc.aio.AioRpcError as exc:
-            call.failed()
+            call.failed(exc.code().name)
             raise from_rpc_error(exc, "router") from exc
         except BaseException:
-            call.failed()
+            call.failed("CANCELLED")
             raise
         finally:
             self._meter.settle(call)
@@ -127,5 +127,5 @@ class KServeProxyService(service_pb2_grpc.GRPCInferenceServiceServicer):
             # Cancelled or failed midway: each is charged what its model had reported (prompt and tokens).
             for pending in open_calls.values():
                 for metered_call in pending:
-                    metered_call.failed()
+                    metered_call.failed("CANCELLED")
                     self._meter.settle(metered_call)

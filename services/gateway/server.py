@@ -82,7 +82,7 @@ async def serve(settings: GatewaySettings) -> None:
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         KServeProxyService(router, settings.generate_timeout_s, settings.metadata_timeout_s,
                            is_ready=lambda: serving,
-                           meter=KServeMeter(budgets, catalog, settings.generate_timeout_s + SETTLE_MARGIN_S),
+                           meter=KServeMeter(budgets, catalog, settings.generate_timeout_s + SETTLE_MARGIN_S, usage),
                            limits=settings.kserve_limits), host.server)
     router_admin = router_pb2_grpc.RouterAdminStub(channel)
     admin_ops = AdminOps(directory.store, AdminGate(settings.edge_secret), replicas=lambda: router_admin.ListReplicas(

@@ -8,6 +8,7 @@ import asyncio
 import random
 import signal
 import ssl
+import threading
 import time
 import uuid
 
@@ -169,3 +170,50 @@ def test_a_killed_gateway_loses_at_most_one_flush_interval(postgres_stack):  # n
     print(f"killed gateway: {len(done)} requests answered, {recorded} recorded, {lost} lost; "
           f"{len(window)} answered in its last flush interval")
     assert len(done) > 20 and 0 <= lost <= len(window), "lost at most what the last flush had not written"
+
+
+def test_stock_triton_clients_are_recorded_too(stack):
+    """KServe calls (tritonclient, unchanged) leave usage records: a streamed generation with the prompt and
+    completion its model reported, an embedding with its input as the budget counts it, a refused model as
+    a failure."""
+    import numpy as np
+    import tritonclient.grpc as triton_grpc
+
+    from services.gateway.budgets import input_tokens_of
+    from tests.conftest import LLM
+
+    tenant, key_id, secret = _new_key(stack)
+    headers = {"x-api-key": secret}
+    start = int(time.time()) - 60
+    client = triton_grpc.InferenceServerClient(stack.gateway_address)
+    try:
+        text = triton_grpc.InferInput("TEXT", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"usage of a stock client"]], dtype=object))
+        client.infer(EMBEDDER, [text], headers=headers)
+        responses: list = []
+        done = threading.Event()
+
+        def collect(result, error) -> None:
+            responses.append((result, error))
+            if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
+                done.set()
+        client.start_stream(callback=collect, headers=headers)
+        messages = triton_grpc.InferInput("messages", [1], "BYTES")
+        messages.set_data_from_numpy(np.array([b'[{"role": "user", "content": "Say hi."}]'], dtype=object))
+        max_tokens = triton_grpc.InferInput("max_tokens", [1], "INT32")
+        max_tokens.set_data_from_numpy(np.array([5], dtype=np.int32))
+        client.async_stream_infer(LLM, [messages, max_tokens], request_id="usage-kserve-1")
+        assert done.wait(120) and all(error is None for _, error in responses), responses
+        client.stop_stream()
+        pieces = [r.as_numpy("text_output")[0] for r, _ in responses if r.as_numpy("text_output") is not None]
+    finally:
+        client.close()
+    time.sleep(FLUSH_S + 1.0)
+    generated = _report(stack, "completions", tenant, start)
+    embedded = _report(stack, "embeddings", tenant, start)
+    assert [r["api_key_id"] for r in generated] == [key_id] and generated[0]["num_model_requests"] == 1
+    assert 1 <= generated[0]["output_tokens"] <= 5 and generated[0]["input_tokens"] > 0
+    assert len([p for p in pieces if p]) <= generated[0]["output_tokens"]
+    assert embedded[0]["num_model_requests"] == 1
+    # What the budget charged: the tensor's raw bytes, each BYTES element behind its 4-byte length.
+    assert embedded[0]["input_tokens"] == input_tokens_of(4 + len(b"usage of a stock client"))
