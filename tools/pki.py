@@ -23,8 +23,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from services.common.wire import ADMIN_SCOPE
-
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DIR = ROOT / "run" / "pki"
 JWT_ISSUER = "https://inference-mesh.local"
@@ -226,8 +224,12 @@ def mint_jwt(pki: Pki, tenant: str, ttl_s: float = 3600, *, key_path: Path | Non
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": JWT_KEY_ID})
 
 
-def mint_admin_jwt(pki: Pki, subject: str, ttl_s: float = 3600, scope: str = ADMIN_SCOPE) -> str:
+def mint_admin_jwt(pki: Pki, subject: str, ttl_s: float = 3600, scope: str = "") -> str:
     """A JWT for the admin API through the edge: no tenant, the admin scope (services/admin/gate.py)."""
+    # Imported here: gpu-smoke's small environment runs this module without the services on its path.
+    from services.common.wire import ADMIN_SCOPE
+
+    scope = scope or ADMIN_SCOPE
     now = time.time()
     claims = {"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "sub": subject, "scope": scope,
               "iat": int(now), "exp": int(now + ttl_s)}
