@@ -118,7 +118,7 @@ class UsageWriter:
             try:
                 await asyncio.to_thread(self._write, batch)
             except SQLAlchemyError as exc:
-                # Back at the front of the queue (space allowing) for the next flush; what does not fit is lost.
+                # Queued again at the back (space allowing) for the next flush; what does not fit is lost.
                 log.warning("usage records not written; kept for the next flush",
                             extra={"error": str(exc)[:300], "records": len(batch)})
                 for record in batch:
