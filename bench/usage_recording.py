@@ -1,11 +1,11 @@
-"""The hot path with usage recording on and off (services/admin/usage.py), in one run: two gateways of one stack,
-the same in everything but MESH_GATEWAY_USAGE__ENABLED, measured in alternating rounds so that drift hits both
-alike. Per gateway: the peak req/s of cache-hit Embed and of streamed cache-hit Generate (concurrency 64), and
-its CPU per request; Triton called directly for the same embedding is the row they are read against.
-Target: recording on keeps the cache-hit peak within 5% of off. Prints a table and rewrites its section of
-BENCHMARKS.md.
+"""The hot path with usage recording on and off (services/admin/usage.py), in one run: three gateways of one stack
+started alike but for MESH_GATEWAY_USAGE__ENABLED, on in one and off in two (the second off one is the
+measurement's own noise floor), measured in rotating rounds so that drift hits all alike. Per gateway: the peak
+req/s of cache-hit Embed and of streamed cache-hit Generate (concurrency 64), and its CPU per request; Triton
+called directly for the same embedding is the row they are read against. Target: recording on keeps the
+cache-hit peak within 5% of off. Prints a table and rewrites its section of BENCHMARKS.md.
 
-    python -m bench.usage_recording [--rounds 4] [--requests 3000] [--no-write]
+    python -m bench.usage_recording [--rounds 10] [--requests 3000] [--no-write]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from bench.edge import AUTH, EMBED, REQUEST, bench_tenants, embed_hit, generate_
 from bench.inference_path import ROOT, direct_embed, run_load, write_section
 from bench.profile_hot_path import cpu_seconds
 from inference_mesh.v1 import mesh_pb2_grpc
-from tools.processes import free_port
+from tools.processes import descendants, free_port
 from tools.stack import LocalStack, StackPorts
 
 CONCURRENCY = 64
@@ -34,33 +34,44 @@ def _metric(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
+def _cpu(pid: int) -> float:
+    """The gateway's CPU and its children's (the recording gateway's usage sink): what recording costs in all."""
+    return sum(cpu_seconds(p) for p in (pid, *descendants(pid)))
+
+
 async def _peak(make, stub, requests: int, pid: int) -> tuple[float, float]:
     """(req/s, gateway CPU ms per request) at CONCURRENCY."""
-    before = cpu_seconds(pid)
+    before = _cpu(pid)
     got, seconds = await run_load(make(stub), CONCURRENCY, requests)
-    return len(got) / seconds, (cpu_seconds(pid) - before) * 1000 / len(got)
+    return len(got) / seconds, (_cpu(pid) - before) * 1000 / len(got)
 
 
-async def measure(stack: LocalStack, off_address: str, off_pid: int, rounds: int, requests: int) -> dict:
-    channels = {"on": grpc.aio.insecure_channel(stack.gateway_address), "off": grpc.aio.insecure_channel(off_address)}
-    triton_channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports.tritons[0].grpc}")
+GATEWAYS = {"on": "true", "off": "false", "off-again": "false"}
+
+
+async def measure(addresses: dict[str, str], pids: dict[str, int], triton_address: str, metrics_port: int,
+                  rounds: int, requests: int) -> dict:
+    """Every round measures each gateway in turn (the order rotating) and keeps each one's ratio to `off` in
+    that same round, so that drift between rounds cancels; `off-again` against `off` is the noise floor."""
+    channels = {name: grpc.aio.insecure_channel(address) for name, address in addresses.items()}
+    triton_channel = grpc.aio.insecure_channel(triton_address)
     stubs = {name: mesh_pb2_grpc.InferenceMeshStub(channel) for name, channel in channels.items()}
-    pids = {"on": stack.processes["gateway"].pid, "off": off_pid}
     triton = service_pb2_grpc.GRPCInferenceServiceStub(triton_channel)
-    results: dict[str, dict[str, list[float]]] = {name: {"embed": [], "embed_cpu": [], "generate": [],
-                                                         "generate_cpu": []} for name in stubs}
+    series = ("embed", "embed_cpu", "generate", "generate_cpu")
+    results: dict[str, dict[str, list[float]]] = {name: {key: [] for key in series} for name in stubs}
     direct: list[float] = []
     try:
         async for _ in stubs["on"].Generate(REQUEST, metadata=AUTH, timeout=120):
             pass
         await stubs["on"].Embed(EMBED, metadata=AUTH, timeout=60)
         await asyncio.sleep(0.5)
-        for stub in stubs.values():  # warm both
-            await run_load(embed_hit(stub), 8, 200)
-            await run_load(generate_hit(stub), 8, 100)
-        written_before = _metric(stack.ports.gateway_metrics, "mesh_usage_records_written_total")
+        for stub in stubs.values():  # warm every gateway alike
+            await run_load(embed_hit(stub), 8, 300)
+            await run_load(generate_hit(stub), 8, 150)
+        written_before = _metric(metrics_port, "mesh_usage_records_written_total")
+        names = list(stubs)
         for round_index in range(rounds):
-            order = ("on", "off") if round_index % 2 == 0 else ("off", "on")
+            order = names[round_index % len(names):] + names[:round_index % len(names)]
             for name in order:
                 rate, cpu = await _peak(embed_hit, stubs[name], requests, pids[name])
                 results[name]["embed"].append(rate)
@@ -71,29 +82,34 @@ async def measure(stack: LocalStack, off_address: str, off_pid: int, rounds: int
             got, seconds = await run_load(direct_embed(triton), 8, 300)
             direct.append(len(got) / seconds)
         await asyncio.sleep(1.5)  # one flush interval: every record of the on gateway written
-        written = _metric(stack.ports.gateway_metrics, "mesh_usage_records_written_total") - written_before
-        dropped = _metric(stack.ports.gateway_metrics, "mesh_usage_records_dropped_total")
+        written = _metric(metrics_port, "mesh_usage_records_written_total") - written_before
+        dropped = _metric(metrics_port, "mesh_usage_records_dropped_total")
     finally:
         for channel in (*channels.values(), triton_channel):
             await channel.close()
-    summary = {name: {key: statistics.median(values) for key, values in series.items()}
-               for name, series in results.items()}
+    summary = {name: {key: statistics.median(values) for key, values in by_key.items()}
+               for name, by_key in results.items()}
+    ratios = {name: {key: statistics.median(a / b for a, b in zip(results[name][key], results["off"][key], strict=True))
+                     for key in series} for name in ("on", "off-again")}
     expected = rounds * (requests + requests // 2)
-    return {"summary": summary, "direct_embed": statistics.median(direct), "written": written,
+    return {"summary": summary, "ratios": ratios, "direct_embed": statistics.median(direct), "written": written,
             "expected": expected, "dropped": dropped, "rounds": rounds, "requests": requests}
 
 
 def render(result: dict) -> str:
-    on, off = result["summary"]["on"], result["summary"]["off"]
-    lines = [f"{time.strftime('%Y-%m-%d')}, 2 shared cores, one stack: two gateways alike but for usage recording, "
-             f"called directly (no edge), concurrency {CONCURRENCY}, median of {result['rounds']} alternating "
-             f"rounds of {result['requests']} Embed and {result['requests'] // 2} Generate cache hits each.", "",
-             "| path | recording off | recording on | on / off |", "|---|---|---|---|"]
-    for key, label, unit in (("embed", "cache-hit Embed peak", "req/s"), ("generate", "cache-hit Generate peak",
-                                                                           "req/s"),
-                             ("embed_cpu", "gateway CPU per Embed hit", "ms"),
-                             ("generate_cpu", "gateway CPU per Generate hit", "ms")):
-        lines.append(f"| {label} ({unit}) | {off[key]:.2f} | {on[key]:.2f} | {on[key] / off[key]:.3f} |")
+    summary, ratios = result["summary"], result["ratios"]
+    lines = [f"{time.strftime('%Y-%m-%d')}, 2 shared cores, one stack: three gateways started alike, recording on "
+             f"in one of them, called directly (no edge), concurrency {CONCURRENCY}; {result['rounds']} rounds, each "
+             f"gateway in turn (order rotating), of {result['requests']} Embed and {result['requests'] // 2} "
+             "Generate cache hits. Rates and CPU: medians over the rounds; ratios: the median of each round's "
+             "ratio to `off` in that round. `off again` vs `off` is the noise floor of the measurement.", "",
+             "| path | off | off again | on | off again / off | on / off |", "|---|---|---|---|---|---|"]
+    for key, label, unit in (("embed", "cache-hit Embed peak", "req/s"),
+                             ("generate", "cache-hit Generate peak", "req/s"),
+                             ("embed_cpu", "gateway (+ usage sink) CPU per Embed hit", "ms"),
+                             ("generate_cpu", "gateway (+ usage sink) CPU per Generate hit", "ms")):
+        lines.append(f"| {label} ({unit}) | {summary['off'][key]:.2f} | {summary['off-again'][key]:.2f} | "
+                     f"{summary['on'][key]:.2f} | {ratios['off-again'][key]:.3f} | {ratios['on'][key]:.3f} |")
     lines += ["", f"Triton directly, the same embedding computed (no cache), concurrency 8: "
               f"{result['direct_embed']:.0f} req/s. Records written by the recording gateway during the rounds: "
               f"{result['written']:.0f} of {result['expected']} requests (the rest of its "
@@ -103,7 +119,7 @@ def render(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -112,11 +128,14 @@ def main() -> None:
                        with_edge=False, with_retrieval=False)
     stack.start()
     try:
-        port, metrics = free_port(), free_port()
-        env = {**stack.gateway_env(port, metrics), "MESH_GATEWAY_USAGE__ENABLED": "false"}
-        off_address = stack.start_gateway_as("gateway-off", env)
-        result = asyncio.run(measure(stack, off_address, stack.processes["gateway-off"].pid, args.rounds,
-                                     args.requests))
+        addresses, pids, metrics_ports = {}, {}, {}
+        for name, enabled in GATEWAYS.items():
+            port, metrics_ports[name] = free_port(), free_port()
+            env = {**stack.gateway_env(port, metrics_ports[name]), "MESH_GATEWAY_USAGE__ENABLED": enabled}
+            addresses[name] = stack.start_gateway_as(f"gateway-{name}", env)
+            pids[name] = stack.processes[f"gateway-{name}"].pid
+        result = asyncio.run(measure(addresses, pids, f"127.0.0.1:{stack.ports.tritons[0].grpc}",
+                                     metrics_ports["on"], args.rounds, args.requests))
     finally:
         stack.stop()
     markdown = render(result)

@@ -1,22 +1,26 @@
-"""Usage records: one per request a gateway answered, written to the admin database in batches by a background
-task so that a request never waits on the database.
+"""Usage records: one per request a gateway answered, written to the admin database in batches so that a request
+never waits on the database, and by a process of their own (services/admin/usage_sink.py, the gateway's child):
+the inserts' CPU and the GIL they hold stay out of the gateway's event loop, which only encodes a batch a second
+and writes it to a pipe.
 
 The queue is bounded (`max_queued`). When it is full, as when the database is down for longer than the queue
 lasts, a new record is dropped and counted (mesh_usage_records_dropped_total): the request is served anyway,
-the budget service still charged it, only its report row is missing. A clean stop writes everything queued; a
-gateway that is killed loses what it had not written yet: at most one flush interval of its records (and never
-more than max_queued)."""
+the budget service still charged it, only its report row is missing. A clean stop hands everything queued to the
+sink and waits for it to be written; a gateway that is killed loses what it had not handed over yet: at most one
+flush interval of its records (the sink writes what it was given, then exits at the pipe's end)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass, fields
 
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel, Field
-from sqlalchemy.exc import SQLAlchemyError
 
 from services.admin import schema
 from services.admin.store import AdminStore
@@ -70,7 +74,11 @@ class UsageRecord:
 COLUMNS = ("minute", *(f.name for f in fields(UsageRecord)))
 
 
-def _insert_sql(paramstyle: str) -> str:
+# The sink's database URL travels in its environment, not its command line (where `ps` would show the password).
+SINK_URL_ENV = "MESH_USAGE_SINK_URL"
+
+
+def insert_sql(paramstyle: str) -> str:
     marker = "?" if paramstyle == "qmark" else "%s"
     return (f"INSERT INTO {schema.usage.name} ({', '.join(COLUMNS)}) "
             f"VALUES ({', '.join(marker for _ in COLUMNS)})")
@@ -82,6 +90,8 @@ class UsageWriter:
         self._settings = settings
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(settings.max_queued)
         self.enabled = settings.enabled and store is not None
+        self._sink: asyncio.subprocess.Process | None = None
+        self._acks: asyncio.Task | None = None
 
     def record(self, record: UsageRecord) -> None:
         """Never blocks: queued, or dropped and counted when the queue is full."""
@@ -93,13 +103,16 @@ class UsageWriter:
             DROPPED.inc()
 
     async def run(self) -> None:
-        """Writes a batch every flush interval (sooner when one fills up) until cancelled, then what is left."""
+        """Hands a batch to the sink every flush interval (sooner when one fills up) until cancelled, then what
+        is left, and waits for the sink to have written it."""
+        if not self.enabled:
+            return
         try:
             while True:
                 await self._collect()
-                await self.flush()
+                await self._hand_over(self._batch())
         finally:
-            await asyncio.shield(self.flush(everything=True))
+            await asyncio.shield(self._stop())
 
     async def _collect(self) -> None:
         deadline = time.monotonic() + self._settings.flush_s
@@ -109,33 +122,63 @@ class UsageWriter:
                 return
             await asyncio.sleep(min(left, 0.05))
 
-    async def flush(self, everything: bool = False) -> int:
-        written = 0
-        while not self._queue.empty():
-            batch = [self._queue.get_nowait()
-                     for _ in range(min(self._queue.qsize(), self._settings.batch_size))]
-            QUEUED.set(self._queue.qsize())
-            try:
-                await asyncio.to_thread(self._write, batch)
-            except SQLAlchemyError as exc:
-                # Queued again at the back (space allowing) for the next flush; what does not fit is lost.
-                log.warning("usage records not written; kept for the next flush",
-                            extra={"error": str(exc)[:300], "records": len(batch)})
-                for record in batch:
-                    self.record(record)
-                return written
-            written += len(batch)
-            if not everything:
-                break
-        return written
+    def _batch(self) -> list[UsageRecord]:
+        batch = [self._queue.get_nowait() for _ in range(min(self._queue.qsize(), self._settings.batch_size))]
+        QUEUED.set(self._queue.qsize())
+        return batch
 
-    def _write(self, batch: list[UsageRecord]) -> None:
+    async def _hand_over(self, batch: list[UsageRecord]) -> None:
+        if not batch:
+            return
+        line = json.dumps([r.row() for r in batch], separators=(",", ":")).encode() + b"\n"
+        for attempt in range(2):
+            try:
+                sink = await self._running_sink()
+                assert sink.stdin is not None
+                sink.stdin.write(line)
+                await sink.stdin.drain()
+                return
+            except (BrokenPipeError, ConnectionResetError, OSError) as exc:
+                # The sink died: a new one takes the batch; if that fails too, the batch is lost and counted.
+                log.warning("usage sink gone; starting another", extra={"error": str(exc)[:200], "attempt": attempt})
+                self._sink = None
+        DROPPED.inc(len(batch))
+
+    async def _running_sink(self) -> asyncio.subprocess.Process:
+        if self._sink is not None and self._sink.returncode is None:
+            return self._sink
         assert self._store is not None
-        started = time.perf_counter()
-        engine = self._store.engine
-        with engine.begin() as connection:
-            # The driver's executemany with positional rows: SQLAlchemy's per-row dict handling cost ~20 us a
-            # record, in a thread that shares the GIL with the gateway's event loop. The SQL is fixed text.
-            connection.exec_driver_sql(_insert_sql(engine.dialect.paramstyle), [r.row() for r in batch])
-        FLUSH_SECONDS.observe(time.perf_counter() - started)
-        RECORDED.inc(len(batch))
+        env = {**os.environ, SINK_URL_ENV: self._store.engine.url.render_as_string(hide_password=False)}
+        self._sink = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.admin.usage_sink", str(self._settings.max_queued),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env)
+        self._acks = asyncio.create_task(_acknowledged(self._sink))
+        return self._sink
+
+    async def _stop(self) -> None:
+        while not self._queue.empty():
+            await self._hand_over(self._batch())
+        sink, acks = self._sink, self._acks
+        if sink is None:
+            return
+        assert sink.stdin is not None
+        sink.stdin.close()
+        try:
+            await asyncio.wait_for(sink.wait(), timeout=30)
+            if acks is not None:
+                await acks
+        except TimeoutError:
+            log.error("usage sink did not finish writing within 30 s; stopped")
+            sink.kill()
+
+
+async def _acknowledged(sink: asyncio.subprocess.Process) -> None:
+    """The sink's reports, one line each: "written <records> <seconds>" or "dropped <records>"."""
+    assert sink.stdout is not None
+    async for line in sink.stdout:
+        match line.split():
+            case [b"written", count, seconds]:
+                RECORDED.inc(int(count))
+                FLUSH_SECONDS.observe(float(seconds))
+            case [b"dropped", count]:
+                DROPPED.inc(int(count))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -32,6 +33,7 @@ from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets
 from services.gateway.cache_client import CacheClient
 from services.gateway.core import MeshCore
 from services.gateway.documents import DocumentsRelay
+from services.gateway.errors import from_rpc_error
 from services.gateway.generation import GenerationStreams, RouterRelayed
 from services.gateway.kserve_metering import KServeMeter
 from services.gateway.kserve_proxy import KServeProxyService
@@ -85,8 +87,15 @@ async def serve(settings: GatewaySettings) -> None:
                            meter=KServeMeter(budgets, catalog, settings.generate_timeout_s + SETTLE_MARGIN_S, usage),
                            limits=settings.kserve_limits), host.server)
     router_admin = router_pb2_grpc.RouterAdminStub(channel)
-    admin_ops = AdminOps(directory.store, AdminGate(settings.edge_secret), replicas=lambda: router_admin.ListReplicas(
-        router_pb2.ListReplicasRequest(), timeout=settings.metadata_timeout_s))
+
+    async def replicas() -> router_pb2.ListReplicasResponse:
+        try:
+            return await router_admin.ListReplicas(router_pb2.ListReplicasRequest(),
+                                                   timeout=settings.metadata_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, "router") from None
+
+    admin_ops = AdminOps(directory.store, AdminGate(settings.edge_secret), replicas=replicas)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(admin_ops), host.server)
     host.expose((*public, admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name))
 

@@ -5,7 +5,8 @@ refused on the admin API; bad input is refused with nothing written."""
 
 from __future__ import annotations
 
-import ssl
+import asyncio
+import signal
 import threading
 import time
 import uuid
@@ -13,65 +14,27 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
-import httpx
 import pytest
 
+from bench.token_relay import MODEL as RELAY_MODEL
 from bench.token_relay import relay_stack
-from inference_mesh.v1 import admin_pb2, admin_pb2_grpc, mesh_pb2_grpc
-from tests.conftest import KEYS
+from inference_mesh.v1 import admin_pb2, admin_pb2_grpc, mesh_pb2_grpc, router_pb2
+from tests.conftest import KEYS, chat
+from tests.integration.admin_helpers import (
+    BOUND_S,
+    FLUSH_S,
+    admin_client,
+    edge_client,
+    in_force,
+    models_status,
+    new_key,
+    report,
+    usable,
+    wait_for,
+)
 from tools.pki import mint_admin_jwt, mint_jwt
 from tools.postgres import PostgresServer, start_postgres
 from tools.stack import LocalStack
-
-# Every gateway and the rate-limit service poll the database this often (AdminDatabase.poll_s, the default):
-# a change is in force everywhere within it, plus one reload.
-POLL_S = 1.0
-BOUND_S = POLL_S + 0.75
-
-
-@dataclass
-class Admin:
-    stack: LocalStack
-    token: str
-    http: httpx.Client
-
-    def call(self, method: str, path: str, body: dict | None = None, token: str | None = None,
-             headers: dict | None = None) -> httpx.Response:
-        sent = {"authorization": f"Bearer {self.token if token is None else token}"} if token != "" else {}
-        return self.http.request(method, f"https://localhost:{self.stack.ports.edge}/admin/v1{path}", json=body,
-                                 headers={**sent, **(headers or {})})
-
-    def ok(self, method: str, path: str, body: dict | None = None) -> dict:
-        answer = self.call(method, path, body)
-        assert answer.status_code in (200, 201), answer.text
-        return answer.json()
-
-
-def _admin(stack: LocalStack) -> Admin:
-    trust = ssl.create_default_context(cafile=str(stack.pki.ca_cert))
-    return Admin(stack, mint_admin_jwt(stack.pki, "test-admin"), httpx.Client(verify=trust, timeout=10))
-
-
-def _models_status(client: httpx.Client, stack: LocalStack, key: str) -> int:
-    return client.get(f"https://localhost:{stack.ports.edge}/v1/models",
-                      headers={"authorization": f"Bearer {key}"}).status_code
-
-
-def _wait_for(client: httpx.Client, stack: LocalStack, key: str, status: int, timeout_s: float = 10.0) -> float:
-    """Seconds until the edge answers /v1/models with `status` for `key`."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        if _models_status(client, stack, key) == status:
-            return time.monotonic() - started
-        time.sleep(0.02)
-    raise AssertionError(f"the edge did not answer {status} for the key within {timeout_s} s")
-
-
-def _usable(client: httpx.Client, stack: LocalStack, key: str) -> float:
-    """Seconds until one gateway took `key`; returns once every replica has (one more poll bound later)."""
-    first = _wait_for(client, stack, key, 200)
-    time.sleep(BOUND_S)
-    return first
 
 
 @dataclass
@@ -84,11 +47,10 @@ class Flood:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _run(self) -> None:
-        trust = ssl.create_default_context(cafile=str(self.stack.pki.ca_cert))
-        with httpx.Client(verify=trust, timeout=10) as client:
+        with edge_client(self.stack) as client:
             while not self._stop.is_set():
                 sent = time.monotonic()
-                status = _models_status(client, self.stack, self.key)
+                status = models_status(client, self.stack, self.key)
                 self.calls.append((sent, time.monotonic(), status))
 
     def __enter__(self) -> Flood:
@@ -105,7 +67,7 @@ class Flood:
 
 def key_lifecycle(stack: LocalStack) -> dict[str, float]:
     """Create, use, rotate, revoke under load; what was measured."""
-    admin = _admin(stack)
+    admin = admin_client(stack)
     tenant = f"admin-test-{uuid.uuid4().hex[:8]}"
     admin.ok("PUT", "/tiers/admin-bulk", {"requests_per_minute": 100000, "burst": 10000})
     created = admin.call("POST", "/tenants", {"id": tenant, "tier": "admin-bulk"})
@@ -117,17 +79,17 @@ def key_lifecycle(stack: LocalStack) -> dict[str, float]:
     listed = admin.ok("GET", f"/keys?prefix={secret[:12]}")["keys"]
     assert [k["id"] for k in listed] == [key["id"]] and "secret" not in listed[0], "the secret is shown once"
 
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
-        propagation = _usable(client, stack, secret)
+    with edge_client(stack) as client:
+        propagation = usable(client, stack, secret)
         assert propagation <= BOUND_S + 1.0, f"a new key took {propagation:.2f} s to reach the edge"
 
         rotated = admin.call("POST", f"/keys/{key['id']}/rotate", {"overlap_s": 2.5})
         assert rotated.status_code == 201, rotated.text
         rotated_at = time.monotonic()
         successor = rotated.json()["secret"]
-        _usable(client, stack, successor)
-        assert _models_status(client, stack, secret) == 200, "the old key works during the overlap"
-        _wait_for(client, stack, secret, 401, timeout_s=10)
+        usable(client, stack, successor)
+        assert models_status(client, stack, secret) == 200, "the old key works during the overlap"
+        wait_for(client, stack, secret, 401, timeout_s=10)
         old_refused = time.monotonic() - rotated_at
         assert 2.5 - 0.2 <= old_refused <= 2.5 + BOUND_S + 1.0, old_refused
 
@@ -179,43 +141,47 @@ def test_key_lifecycle_on_postgresql(postgres_stack):
 def test_a_tier_change_reaches_the_rate_limit_service(postgres_stack):
     """A tier's request limit lowered through the admin API is enforced at the edge without a restart."""
     stack, _ = postgres_stack
-    admin = _admin(stack)
-    tenant = f"admin-tier-{uuid.uuid4().hex[:8]}"
-    admin.ok("PUT", "/tiers/admin-roomy", {"requests_per_minute": 100000, "burst": 10000})
-    admin.ok("POST", "/tenants", {"id": tenant, "tier": "admin-roomy"})
-    secret = admin.ok("POST", f"/tenants/{tenant}/keys", {})["secret"]
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
-        _usable(client, stack, secret)
+    admin = admin_client(stack)
+    tenant, (issued,) = admin.tenant_with_keys("admin-tier", "admin-roomy",
+                                               {"requests_per_minute": 100000, "burst": 10000}, {})
+    secret = issued["secret"]
+    with edge_client(stack) as client:
+        usable(client, stack, secret)
         admin.ok("PUT", "/tiers/admin-tight", {"requests_per_minute": 60, "burst": 2})
         admin.ok("PATCH", f"/tenants/{tenant}", {"tier": "admin-tight"})
-        time.sleep(BOUND_S + 1.5)  # the rate-limit service's poll, and its lease given back (lease_ttl_s 1 s)
-        statuses = [_models_status(client, stack, secret) for _ in range(8)]
+        in_force(stack)
+        # The edge's rate-limit replica may still spend a lease it took under the old tier (lease_ttl_s 1 s).
+        deadline = time.monotonic() + 3.0
+        while True:
+            statuses = [models_status(client, stack, secret) for _ in range(8)]
+            if (429 in statuses and statuses.count(200) <= 4) or time.monotonic() > deadline:
+                break
         assert 429 in statuses and statuses.count(200) <= 4, statuses
         admin.ok("PATCH", f"/tenants/{tenant}", {"suspended": True})
-        refused = client.get(f"https://localhost:{stack.ports.edge}/v1/models",
-                             headers={"authorization": f"Bearer {secret}"})
-        deadline = time.monotonic() + BOUND_S + 3
-        while "suspended" not in refused.text and time.monotonic() < deadline:
-            time.sleep(0.3)
+        in_force(stack)
+        # The tight tier's bucket (1 a second) may answer 429 first: the gateway's refusal comes once it lets one by.
+        deadline = time.monotonic() + 3.0
+        while True:
             refused = client.get(f"https://localhost:{stack.ports.edge}/v1/models",
                                  headers={"authorization": f"Bearer {secret}"})
+            if refused.status_code != 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
         assert refused.status_code == 401 and "suspended" in refused.json()["error"]["message"], refused.text
 
 
 def test_a_key_with_its_own_limit_is_held_to_it_and_its_tenant_is_not(postgres_stack):
     stack, _ = postgres_stack
-    admin = _admin(stack)
-    tenant = f"admin-keylimit-{uuid.uuid4().hex[:8]}"
-    admin.ok("PUT", "/tiers/admin-roomy", {"requests_per_minute": 100000, "burst": 10000})
-    admin.ok("POST", "/tenants", {"id": tenant, "tier": "admin-roomy"})
-    narrow = admin.ok("POST", f"/tenants/{tenant}/keys", {"requests_per_minute": 60, "burst": 2})
-    wide = admin.ok("POST", f"/tenants/{tenant}/keys", {})
+    admin = admin_client(stack)
+    tenant, (narrow, wide) = admin.tenant_with_keys("admin-keylimit", "admin-roomy",
+                                                    {"requests_per_minute": 100000, "burst": 10000},
+                                                    {"requests_per_minute": 60, "burst": 2}, {})
     assert (narrow["key"]["requests_per_minute"], narrow["key"]["burst"]) == (60, 2)
     over = admin.call("POST", f"/tenants/{tenant}/keys", {"requests_per_minute": 200000, "burst": 2})
     assert over.status_code == 400 and "under its tier's" in over.json()["error"]["message"], over.text
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
-        _usable(client, stack, narrow["secret"])
-        _usable(client, stack, wide["secret"])
+    with edge_client(stack) as client:
+        usable(client, stack, narrow["secret"])
+        usable(client, stack, wide["secret"])
         time.sleep(2.5)  # the probes' requests spent the narrow key's burst: let it refill (1 a second)
         answers = [client.get(f"https://localhost:{stack.ports.edge}/v1/models",
                               headers={"authorization": f"Bearer {narrow['secret']}"}) for _ in range(6)]
@@ -223,35 +189,30 @@ def test_a_key_with_its_own_limit_is_held_to_it_and_its_tenant_is_not(postgres_s
         assert statuses[:2] == [200, 200] and statuses.count(429) >= 3, statuses
         refused = next(a for a in answers if a.status_code == 429)
         assert narrow["key"]["id"] in refused.json()["error"]["message"] and "retry-after" in refused.headers
-        assert [_models_status(client, stack, wide["secret"]) for _ in range(6)] == [200] * 6, \
+        assert [models_status(client, stack, wide["secret"]) for _ in range(6)] == [200] * 6, \
             "the tenant's other key is not held to that key's limit"
 
 
 def test_a_key_with_its_own_token_budget_is_held_to_it(postgres_stack):
     """A key's tokens_per_minute is reserved and settled beside its tenant's: a generation whose worst case the
     key's window cannot hold is refused, the same generation on the tenant's other key runs."""
-    from bench.token_relay import MODEL
-    from tests.conftest import chat
-
     stack, _ = postgres_stack
-    admin = _admin(stack)
-    tenant = f"admin-keybudget-{uuid.uuid4().hex[:8]}"
-    admin.ok("PUT", "/tiers/admin-budgeted", {"requests_per_minute": 100000, "burst": 10000,
-                                              "tokens_per_minute": 1000000, "tokens_per_month": 0})
-    admin.ok("POST", "/tenants", {"id": tenant, "tier": "admin-budgeted"})
-    narrow = admin.ok("POST", f"/tenants/{tenant}/keys", {"tokens_per_minute": 400})
-    wide = admin.ok("POST", f"/tenants/{tenant}/keys", {})
+    admin = admin_client(stack)
+    tenant, (narrow, wide) = admin.tenant_with_keys("admin-keybudget", "admin-budgeted",
+                                                    {"requests_per_minute": 100000, "burst": 10000,
+                                                     "tokens_per_minute": 1000000, "tokens_per_month": 0},
+                                                    {"tokens_per_minute": 400}, {})
     over = admin.call("POST", f"/tenants/{tenant}/keys", {"tokens_per_minute": 2000000})
     assert over.status_code == 400 and "tokens_per_minute must be under" in over.text, over.text
-    with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
-        _usable(client, stack, narrow["secret"])
-        _usable(client, stack, wide["secret"])
+    with edge_client(stack) as client:
+        usable(client, stack, narrow["secret"])
+        usable(client, stack, wide["secret"])
     credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
     with grpc.secure_channel(f"localhost:{stack.ports.edge}", credentials) as channel:
         mesh = mesh_pb2_grpc.InferenceMeshStub(channel)
 
         def run(secret: str, max_tokens: int) -> list:
-            return list(mesh.Generate(chat("Tell me about the mesh.", max_tokens=max_tokens, model=MODEL),
+            return list(mesh.Generate(chat("Tell me about the mesh.", max_tokens=max_tokens, model=RELAY_MODEL),
                                       metadata=(("authorization", f"Bearer {secret}"),), timeout=60))
         assert run(narrow["secret"], 8)[-1].finish_reason, "a generation within the key's window runs"
         with pytest.raises(grpc.RpcError) as refused:
@@ -261,8 +222,76 @@ def test_a_key_with_its_own_token_budget_is_held_to_it(postgres_stack):
         assert run(wide["secret"], 500)[-1].finish_reason, "the tenant's other key is not held to it"
 
 
+def test_a_killed_gateway_loses_at_most_one_flush_interval(postgres_stack):
+    stack, _ = postgres_stack
+    tenant, _, secret = new_key(stack)
+    auth = (("authorization", f"Bearer {secret}"),)
+    start = int(time.time()) - 60
+    finished: list[float] = []
+
+    async def load(until: float) -> None:
+        async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
+            stub = mesh_pb2_grpc.InferenceMeshStub(channel)
+
+            async def worker(n: int) -> None:
+                index = 0
+                while time.monotonic() < until:
+                    index += 1
+                    request = chat(f"kill test {n}-{index}", max_tokens=4, model=RELAY_MODEL)
+                    try:
+                        async for _ in stub.Generate(request, metadata=auth, timeout=30):
+                            pass
+                    except grpc.aio.AioRpcError:
+                        return
+                    finished.append(time.monotonic())
+            await asyncio.gather(*(worker(n) for n in range(4)))
+
+    gateway = stack.processes["gateway"]
+    killed_at: list[float] = []
+
+    async def kill_later() -> None:
+        await asyncio.sleep(3.5)
+        gateway.popen.send_signal(signal.SIGKILL)
+        killed_at.append(time.monotonic())
+
+    async def both() -> None:
+        await asyncio.gather(load(time.monotonic() + 6), kill_later())
+    asyncio.run(both())
+    stack.start_gateway(0)  # the edge's only gateway: the report is read through it
+    done = [t for t in finished if t <= killed_at[0]]
+    recorded = sum(r["num_model_requests"] for r in report(stack, "completions", tenant, start))
+    lost = len(done) - recorded
+    window = [t for t in done if t > killed_at[0] - FLUSH_S - 0.5]
+    print(f"killed gateway: {len(done)} requests answered, {recorded} recorded, {lost} lost; "
+          f"{len(window)} answered in its last flush interval")
+    assert len(done) > 20 and recorded <= len(finished), "never more records than answers"
+    assert lost <= len(window), "lost at most what the last flush had not written"
+
+
+def test_a_router_that_is_down_is_unavailable_on_the_admin_api(postgres_stack):
+    """The replica list relays the router: without it the admin API says UNAVAILABLE (what to retry), not a
+    500. Called on the gateway as the edge relays it (its secret, the verified scope): through Envoy, the health
+    check would take the router-less gateway out of rotation first and the answer would be Envoy's own."""
+    from services.common.wire import ADMIN_SCOPE, EDGE_SECRET_HEADER, JWT_SCOPE_HEADER
+
+    stack, _ = postgres_stack
+    relayed = ((EDGE_SECRET_HEADER, stack._edge_secret), (JWT_SCOPE_HEADER, ADMIN_SCOPE))
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        listed = admin.ListReplicas(router_pb2.ListReplicasRequest(), metadata=relayed, timeout=10)
+        assert listed.replicas, "the router lists its replicas"
+        stack.processes["router"].stop()
+        try:
+            with pytest.raises(grpc.RpcError) as down:
+                admin.ListReplicas(router_pb2.ListReplicasRequest(), metadata=relayed, timeout=10)
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value
+            assert "router" in down.value.details(), down.value.details()
+        finally:
+            stack.start_router()
+
+
 def test_tenant_credentials_are_refused_on_the_admin_api(stack):
-    admin = _admin(stack)
+    admin = admin_client(stack)
     key = admin.call("GET", "/tenants", token=KEYS["tenant-a"])
     assert key.status_code == 403 and "tenant's credential" in key.json()["error"]["message"], key.text
     tenant_jwt = admin.call("GET", "/tenants", token=mint_jwt(stack.pki, "tenant-a"))
@@ -306,7 +335,7 @@ def test_the_grpc_admin_api_at_the_edge_takes_the_same_credentials(stack):
     ("GET", "/keys?tenant=tenant-a&sort=desc", None, 400, "unknown query parameters: sort"),
 ])
 def test_bad_input_is_refused_clearly_and_nothing_is_written(stack, method, path, body, status, words):
-    admin = _admin(stack)
+    admin = admin_client(stack)
     before = admin.ok("GET", "/tenants"), admin.ok("GET", "/keys?include_revoked=true")
     answer = admin.call(method, path, body)
     assert answer.status_code == status and words in answer.json()["error"]["message"], answer.text
@@ -314,7 +343,7 @@ def test_bad_input_is_refused_clearly_and_nothing_is_written(stack, method, path
 
 
 def test_a_body_that_is_not_json_is_refused(stack):
-    admin = _admin(stack)
+    admin = admin_client(stack)
     answer = admin.http.post(f"https://localhost:{stack.ports.edge}/admin/v1/tenants", content=b"{not json",
                              headers={"authorization": f"Bearer {admin.token}", "content-type": "application/json"})
     assert answer.status_code == 400 and "not JSON" in answer.json()["error"]["message"], answer.text

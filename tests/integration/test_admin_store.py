@@ -20,34 +20,10 @@ from services.admin.usage import DROPPED, UsageRecord, UsageSettings, UsageWrite
 from services.admin.usage_reports import UsageQuery, report
 from services.common.errors import MeshError
 from services.common.tenants import ApiKey, Tenant, TenantConfig, Tier, hash_key
-from tools.postgres import PostgresServer, start_postgres
 
 SEED = TenantConfig(tiers={"standard": Tier(requests_per_minute=300, burst=30, tokens_per_minute=20000),
                            "enterprise": Tier(requests_per_minute=1000, burst=50, tokens_per_month=10**6)},
                     tenants=[Tenant(id="acme", tier="standard", api_key_sha256=[hash_key("acme-key")])])
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory) -> Iterator[PostgresServer]:
-    server = start_postgres(tmp_path_factory.mktemp("postgres") / "postgres.log")
-    yield server
-    server.stop()
-
-
-_databases = iter(range(1000))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'admin.sqlite3'}"
-    server: PostgresServer = request.getfixturevalue("postgres")
-    name = f"test_{next(_databases)}"
-    engine = admin_engine(server.url.rsplit("/", 1)[0] + "/postgres")
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    return server.url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture
