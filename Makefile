@@ -157,6 +157,7 @@ bench: setup
 	PYTHONPATH=.:gen $(PY) -m bench.fair_sharing
 	PYTHONPATH=.:gen $(PY) -m bench.autoscaling
 	PYTHONPATH=.:gen $(PY) -m bench.usage_recording
+	PYTHONPATH=.:gen $(PY) -m bench.batch_priority
 	PYTHONPATH=.:gen $(PY) -m bench.hot_path
 
 # The hot path against the commit before issue 17, two stacks side by side in one run (BENCHMARKS.md).

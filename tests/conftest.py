@@ -35,7 +35,15 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         # The storage quota test's own: a tier that keeps 6 vectors.
         "tenant-storage": "test-key-tenant-storage",
         # The OpenAPI fuzz's own: many requests, few tokens (a generation the fuzz starts is short or refused).
-        "tenant-fuzz": "test-key-tenant-fuzz"}
+        "tenant-fuzz": "test-key-tenant-fuzz",
+        # The batch suite's own: two tenants to try each other's ids, one for its limits.
+        "tenant-batch": "test-key-tenant-batch", "tenant-batch-other": "test-key-tenant-batch-other",
+        "tenant-batch-limits": "test-key-tenant-batch-limits"}
+# The batch tests' gateways: leases of seconds, not the default half minute (a test kills a gateway and waits for
+# its lines to be taken over); windows of seconds (one waits for a batch to expire); limits a test can reach.
+BATCH_ENV = {"MESH_GATEWAY_BATCH__LEASE_S": "3", "MESH_GATEWAY_BATCH__MIN_WINDOW_S": "1",
+             "MESH_GATEWAY_BATCH__MAX_FILE_BYTES": str(2 * 1024 * 1024), "MESH_GATEWAY_BATCH__MAX_FILES": "6",
+             "MESH_GATEWAY_BATCH__MAX_BATCHES_IN_FLIGHT": "3"}
 # Request limits: the production tiers' own (config/tenants.yaml). Token budgets: large, except for the budget
 # test's own tier, so that no other test runs out.
 _PRODUCTION = yaml.safe_load((Path(__file__).parent.parent / "config" / "tenants.yaml").read_text())["tiers"]
@@ -60,7 +68,8 @@ TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": 
                 "tenant-heavy": "bulk-double", "tenant-light": "bulk", "tenant-quiet": "bulk", "tenant-flood": "bulk",
                 "tenant-reserve": "small-budget", "tenant-metered": "metered",
                 "tenant-metered-kserve": "metered", "tenant-storage": "storage-small",
-                "tenant-fuzz": "fuzz"}
+                "tenant-fuzz": "fuzz", "tenant-batch": "bulk", "tenant-batch-other": "bulk",
+                "tenant-batch-limits": "bulk"}
 
 
 def write_tenants(path: Path) -> Path:
@@ -81,7 +90,7 @@ def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(tmp_path_factory: pytest.TempPathFactory, tenants_file: Path) -> Iterator[LocalStack]:
     # Semantic hits on: the cache's own tests exercise them (every shipped registry leaves them off).
     mesh = LocalStack(tmp_path_factory.mktemp("stack"), StackPorts.free(1, gateways=2), tenants_file=tenants_file,
-                      semantic_cache=True)
+                      semantic_cache=True, service_env={"gateway": BATCH_ENV})
     mesh.start()
     yield mesh
     mesh.stop()

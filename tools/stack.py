@@ -366,6 +366,8 @@ class LocalStack:
             "MESH_GATEWAY_ADMIN__URL": self.admin_database_url,
             "MESH_GATEWAY_BUDGET_ADDRESS": self.ratelimit_address if self.with_edge else "",
             "MESH_GATEWAY_EDGE_SECRET": self._edge_secret if self.with_edge else "",
+            # Every gateway of the stack reads and writes the same batch files (a shared volume in production).
+            "MESH_GATEWAY_BATCH__FILES_DIR": str(self.run_dir / "files"),
         }
 
     def start_gateway(self, index: int) -> None:

@@ -1,4 +1,4 @@
-"""The admin database's schema, one forward-only step per version, applied in order at start-up by whichever
+"""The mesh database's schema, one forward-only step per version, applied in order at start-up by whichever
 replica comes first (PostgreSQL: under an advisory lock; SQLite: the write lock every transaction of the store
 takes at its start, database.py), recorded in
 mesh_schema_versions. A released step is never edited: a change is a new step. The DDL is the subset SQLite and
@@ -80,6 +80,61 @@ MIGRATIONS: tuple[Migration, ...] = (
         "ALTER TABLE mesh_api_keys ADD COLUMN burst INTEGER",
         "ALTER TABLE mesh_api_keys ADD COLUMN tokens_per_minute BIGINT",
         "ALTER TABLE mesh_api_keys ADD COLUMN tokens_per_month BIGINT",
+    )),
+    Migration(4, "files and batches", (
+        # OpenAI's Files and Batches API (services/gateway/batches): a file's bytes are in object storage, its
+        # row says whose it is; a batch's lines are rows, claimed by any gateway under a lease and written back
+        # by the lease's holder only, so that each line has one result however many replicas died on it.
+        """CREATE TABLE mesh_files (
+            id VARCHAR(40) PRIMARY KEY,
+            tenant VARCHAR(64) NOT NULL,
+            purpose VARCHAR(32) NOT NULL,
+            filename VARCHAR(256) NOT NULL,
+            bytes BIGINT NOT NULL,
+            lines INTEGER NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            deleted_at DOUBLE PRECISION)""",
+        "CREATE INDEX mesh_files_tenant ON mesh_files (tenant, created_at)",
+        """CREATE TABLE mesh_batches (
+            id VARCHAR(40) PRIMARY KEY,
+            tenant VARCHAR(64) NOT NULL,
+            key_id VARCHAR(40) NOT NULL,
+            endpoint VARCHAR(64) NOT NULL,
+            input_file_id VARCHAR(40) NOT NULL,
+            completion_window VARCHAR(16) NOT NULL,
+            status VARCHAR(16) NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            in_progress_at DOUBLE PRECISION,
+            finalizing_at DOUBLE PRECISION,
+            completed_at DOUBLE PRECISION,
+            failed_at DOUBLE PRECISION,
+            expired_at DOUBLE PRECISION,
+            cancelling_at DOUBLE PRECISION,
+            cancelled_at DOUBLE PRECISION,
+            output_file_id VARCHAR(40),
+            error_file_id VARCHAR(40),
+            total INTEGER NOT NULL,
+            metadata TEXT NOT NULL,
+            finalizer VARCHAR(64),
+            finalizer_until DOUBLE PRECISION)""",
+        "CREATE INDEX mesh_batches_tenant ON mesh_batches (tenant, created_at)",
+        "CREATE INDEX mesh_batches_status ON mesh_batches (status)",
+        """CREATE TABLE mesh_batch_lines (
+            batch_id VARCHAR(40) NOT NULL,
+            line INTEGER NOT NULL,
+            custom_id VARCHAR(512) NOT NULL,
+            body TEXT NOT NULL,
+            state VARCHAR(16) NOT NULL,
+            owner VARCHAR(64),
+            lease_until DOUBLE PRECISION,
+            attempts INTEGER NOT NULL,
+            status_code INTEGER,
+            result TEXT,
+            request_id VARCHAR(128),
+            finished_at DOUBLE PRECISION,
+            PRIMARY KEY (batch_id, line))""",
+        "CREATE INDEX mesh_batch_lines_state ON mesh_batch_lines (batch_id, state)",
     )),
 )
 

@@ -69,3 +69,57 @@ usage = Table(
     Column("ttft_ms", Float),
     Column("cost_usd", Float, nullable=False),
 )
+
+files = Table(
+    "mesh_files", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("purpose", String(32), nullable=False),   # batch (uploaded), batch_output (a batch's output or errors)
+    Column("filename", String(256), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("lines", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("deleted_at", Float),
+)
+
+batches = Table(
+    "mesh_batches", metadata,
+    Column("id", String(40), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("key_id", String(40), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(40), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("in_progress_at", Float),
+    Column("finalizing_at", Float),
+    Column("completed_at", Float),
+    Column("failed_at", Float),
+    Column("expired_at", Float),
+    Column("cancelling_at", Float),
+    Column("cancelled_at", Float),
+    Column("output_file_id", String(40)),
+    Column("error_file_id", String(40)),
+    Column("total", Integer, nullable=False),
+    Column("metadata", Text, nullable=False),       # a JSON object
+    Column("finalizer", String(64)),                # the replica writing the output files, until finalizer_until
+    Column("finalizer_until", Float),
+)
+
+batch_lines = Table(
+    "mesh_batch_lines", metadata,
+    Column("batch_id", String(40), primary_key=True),
+    Column("line", Integer, primary_key=True),
+    Column("custom_id", String(512), nullable=False),
+    Column("body", Text, nullable=False),           # the request's JSON body
+    Column("state", String(16), nullable=False),    # pending, running, done, failed, expired, cancelled
+    Column("owner", String(64)),                    # the replica holding the lease, until lease_until
+    Column("lease_until", Float),
+    Column("attempts", Integer, nullable=False),
+    Column("status_code", Integer),
+    Column("result", Text),                         # the response body (or error) as JSON
+    Column("request_id", String(128)),
+    Column("finished_at", Float),
+)

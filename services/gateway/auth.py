@@ -77,6 +77,7 @@ class Authenticator:
         self._suspended = frozenset(t.id for t in config.tenants if t.suspended)
         self._by_hash = grants
         self._by_id = callers
+        self._by_key_id = {grant.caller.key_id: grant for grant in grants.values() if grant.caller.key_id}
 
     def _from_edge(self, headers: dict[str, str]) -> tuple[Caller | None, str]:
         claimed = headers.get(JWT_TENANT_HEADER, "")
@@ -118,6 +119,21 @@ class Authenticator:
             return None, f"this API key expired at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(grant.expires_at))}"
         if grant.caller.tenant in self._suspended:
             return None, f"tenant {grant.caller.tenant!r} is suspended"
+        return grant.caller, ""
+
+    def caller_for(self, tenant: str, key_id: str) -> tuple[Caller | None, str]:
+        """The caller that work queued earlier runs as (a batch's lines): the key that queued it, as it stands
+        now (revoked, expired or suspended: none), or the tenant itself for work a JWT queued (no key id)."""
+        if tenant in self._suspended:
+            return None, f"tenant {tenant!r} is suspended"
+        if not key_id:
+            caller = self._by_id.get(tenant)
+            return (caller, "") if caller else (None, f"tenant {tenant!r} no longer exists")
+        grant = self._by_key_id.get(key_id)
+        if grant is None or grant.caller.tenant != tenant:
+            return None, f"the API key that created this batch ({key_id}) was revoked"
+        if grant.expires_at is not None and self._clock() >= grant.expires_at:
+            return None, f"the API key that created this batch ({key_id}) expired"
         return grant.caller, ""
 
     def tenant_of(self, metadata) -> str | None:

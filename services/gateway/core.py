@@ -167,7 +167,7 @@ class MeshCore:
         check_embed(request, self.settings.limits)
         texts = list(request.texts)
         plan = plan_request(caller, model, request.request_id, within(self.settings.embed_timeout_s, remaining_s),
-                            cost=input_tokens(texts))
+                            priority=request.priority, cost=input_tokens(texts))
         if self._budgets is not None:
             await self._budgets.admit(caller)
         started = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -22,6 +23,7 @@ from inference_mesh.v1 import (
 from services.admin.directory import TenantDirectory
 from services.admin.gate import AdminGate
 from services.admin.service import AdminOps, AdminService
+from services.admin.store import AdminStore
 from services.admin.usage import UsageWriter
 from services.cache.reads import CacheReads, redis_client
 from services.common.model_catalog import ModelCatalog
@@ -29,6 +31,10 @@ from services.common.resilient_channel import resilient_channel
 from services.common.server import ServiceHost, run_service
 from services.gateway.admin_http import AdminHttp
 from services.gateway.auth import Authenticates, Authenticator
+from services.gateway.batches.http import BatchesHttp, NoBatches
+from services.gateway.batches.runner import BatchRunner
+from services.gateway.batches.storage import LocalDirectory
+from services.gateway.batches.store import BatchStore
 from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets
 from services.gateway.cache_client import CacheClient
 from services.gateway.core import MeshCore
@@ -40,6 +46,7 @@ from services.gateway.kserve_proxy import KServeProxyService
 from services.gateway.leased_generation import EngineChannels, Leased
 from services.gateway.mesh_service import InferenceMeshService
 from services.gateway.openai_http.app import OpenAIApi
+from services.gateway.openai_http.batch_lines import run_line
 from services.gateway.response_store import ResponseStore
 from services.gateway.settings import GatewaySettings
 
@@ -108,15 +115,16 @@ async def serve(settings: GatewaySettings) -> None:
             catalog.loaded or await catalog.refresh())
         return serving
 
+    batches, runner = _batches(settings, directory.store, core, auth)
     http = await _start_http(settings, OpenAIApi(
         auth, core, host.shedder, is_ready=lambda: serving and not host.stopping,
         max_body_bytes=settings.kserve_limits.max_request_bytes, internal_tls=settings.tls.enabled,
         response_store=ResponseStore(cache_channel, settings.cache_store_timeout_s) if cache_channel else None,
-        admin=AdminHttp(admin_ops))) \
+        admin=AdminHttp(admin_ops), batches=batches)) \
         if settings.http_port else None
     try:
         await host.run(background=[host.serving_while(router_serves), catalog.refresh_forever, directory.follow,
-                                   usage.run])
+                                   usage.run, *([runner.run] if runner is not None and settings.http_port else [])])
     finally:
         directory.close()
         if http is not None:
@@ -134,6 +142,20 @@ async def serve(settings: GatewaySettings) -> None:
         if engines is not None:
             await engines.close()
         await channel.close()
+
+
+def _batches(settings: GatewaySettings, store: AdminStore | None, core: MeshCore,
+             auth: Authenticator) -> tuple[BatchesHttp | NoBatches, BatchRunner | None]:
+    """The Files and Batches API and this replica's share of the batch work, where there is a database to keep
+    them in. Only replicas that serve HTTP (where batches are made) run lines."""
+    if store is None or not settings.batch.enabled:
+        return NoBatches(), None
+    batch_store = BatchStore(store.engine)
+    files = LocalDirectory(Path(settings.batch.files_dir))
+    runner = BatchRunner(batch_store, files, settings.batch,
+                         lambda caller, endpoint, body, timeout_s: run_line(core, caller, endpoint, body, timeout_s),
+                         auth.caller_for)
+    return BatchesHttp(batch_store, files, settings.batch, core), runner
 
 
 async def _start_http(settings: GatewaySettings, api: OpenAIApi) -> web.AppRunner:

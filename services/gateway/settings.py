@@ -10,6 +10,7 @@ from services.admin.usage import UsageSettings
 from services.cache.reads import STAMPEDE_WAIT_S
 from services.common.deadlines import GENERATION_BUDGET_S, INGEST_BUDGET_S, METADATA_BUDGET_S
 from services.common.settings import RouterClientSettings
+from services.gateway.batches.settings import BatchSettings
 
 
 class RequestLimits(BaseModel, extra="forbid"):
@@ -49,6 +50,8 @@ class GatewaySettings(RouterClientSettings):
     admin: AdminDatabase = AdminDatabase()
     # Usage records into the admin database (services/admin/usage.py); off, or without a database, none.
     usage: UsageSettings = UsageSettings()
+    # OpenAI's Files and Batches API (services/gateway/batches): kept in the admin database; none without one.
+    batch: BatchSettings = BatchSettings()
     # A shorter caller deadline always wins.
     generate_timeout_s: float = GENERATION_BUDGET_S
     # How a generation's tokens reach this gateway. "direct": the router places the request on a lease and the

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
 
 import grpc
 import pydantic
@@ -63,6 +64,12 @@ _SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-contr
                 "x-accel-buffering": "no"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
+class Routes(Protocol):
+    """Routes served beside OpenAI's inference ones, with this API's caller identification."""
+
+    def add_routes(self, app: web.Application, caller: Callable[[web.Request], Caller]) -> None: ...
+
 _NO_LAST_CHUNK = "the generation ended without its last chunk"
 
 
@@ -88,7 +95,7 @@ def _remaining_s(request: web.Request) -> float | None:
     return value if value > 0 else None
 
 
-def _parsed(model: type[pydantic.BaseModel], raw: bytes) -> pydantic.BaseModel:
+def parsed_body(model: type[pydantic.BaseModel], raw: bytes) -> pydantic.BaseModel:
     try:
         return model.model_validate_json(raw)
     except pydantic.ValidationError as exc:
@@ -111,8 +118,10 @@ def _mesh_headers(metadata: mesh_pb2.ResponseMetadata) -> dict[str, str]:
 class OpenAIApi:
     def __init__(self, auth: Authenticator, core: MeshCore, shedder: LoadShedder | None,
                  is_ready: Callable[[], bool], max_body_bytes: int, internal_tls: bool = False,
-                 response_store: ResponseStore | None = None, admin: AdminHttp | None = None) -> None:
+                 response_store: ResponseStore | None = None, admin: AdminHttp | None = None,
+                 batches: Routes | None = None) -> None:
         self._admin = admin
+        self._batches = batches
         self._internal_tls = internal_tls
         self._response_store = response_store
         self._auth = auth
@@ -136,6 +145,8 @@ class OpenAIApi:
         app.router.add_get("/health", self.health)
         if self._admin is not None:
             self._admin.add_routes(app)
+        if self._batches is not None:
+            self._batches.add_routes(app, self._caller)
         return app
 
     @web.middleware
@@ -202,7 +213,7 @@ class OpenAIApi:
     async def _body(self, request: web.Request, model: type[pydantic.BaseModel]) -> pydantic.BaseModel:
         if request.content_type != "application/json":
             raise invalid_body(f"send the body as application/json, not {request.content_type or 'nothing'}")
-        return _parsed(model, await request.read())
+        return parsed_body(model, await request.read())
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         caller = self._caller(request)
@@ -256,7 +267,7 @@ class OpenAIApi:
                     response_json=json.dumps(answer, ensure_ascii=False)))
 
         if not body.stream:
-            text, last = await _collected(generation)
+            text, last = await collected(generation)
             answer = envelope.whole(text, last)
             await finished(text, last, answer)
             return web.Response(body=_json(answer), content_type="application/json",
@@ -329,7 +340,7 @@ class OpenAIApi:
         return web.Response(status=200 if self._is_ready() else 503, text="ok" if self._is_ready() else "not ready")
 
 
-async def _collected(generation: Generation) -> tuple[str, mesh_pb2.GenerateChunk]:
+async def collected(generation: Generation) -> tuple[str, mesh_pb2.GenerateChunk]:
     texts: list[str] = []
     try:
         async for chunk in generation.chunks:
@@ -383,7 +394,7 @@ async def _streamed_events(request: web.Request, generation: Generation, envelop
 async def _answer(request: web.Request, body: ChatCompletionRequest | CompletionRequest, generation: Generation,
                   envelope: convert.Envelope) -> web.StreamResponse:
     if not body.stream:
-        text, last = await _collected(generation)
+        text, last = await collected(generation)
         return web.Response(body=_json(envelope.whole(text, last)), content_type="application/json",
                             headers=_mesh_headers(last.metadata))
     return await _streamed(request, generation, envelope,

@@ -73,3 +73,25 @@ def test_a_key_limited_to_models_may_use_only_those():
         narrow.may_use("large")
     assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED and "small" in refused.value.message
     auth.identify((("x-api-key", "wide"),))[0].may_use("large")
+
+
+def test_queued_work_runs_as_its_key_stands_now():
+    """A batch's lines run as the key that created it: revoked, expired or suspended since, they do not run."""
+    now = [1000.0]
+    table = _table(Tenant(id="acme", tier="standard", keys=[
+        ApiKey(id="key_a", sha256=hash_key("a"), allowed_models=["small"]),
+        ApiKey(id="key_b", sha256=hash_key("b"), expires_at=1010.0)]),
+        Tenant(id="other", tier="standard", keys=[ApiKey(id="key_o", sha256=hash_key("o"))]))
+    auth = Authenticator(table, clock=lambda: now[0])
+    caller, _ = auth.caller_for("acme", "key_a")
+    assert (caller.tenant, caller.key_id, caller.allowed_models) == ("acme", "key_a", frozenset({"small"}))
+    assert auth.caller_for("acme", "")[0].tenant == "acme", "work a JWT queued runs as its tenant"
+    assert auth.caller_for("acme", "key_o") == (None, "the API key that created this batch (key_o) was revoked"), \
+        "another tenant's key id is no key of this tenant"
+    now[0] = 1010.0
+    assert "expired" in auth.caller_for("acme", "key_b")[1]
+    auth.reload(_table(Tenant(id="acme", tier="standard", suspended=True, keys=[
+        ApiKey(id="key_a", sha256=hash_key("a"))])))
+    assert "suspended" in auth.caller_for("acme", "key_a")[1]
+    auth.reload(_table(Tenant(id="acme", tier="standard")))
+    assert "revoked" in auth.caller_for("acme", "key_a")[1]

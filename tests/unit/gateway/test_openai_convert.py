@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2
 from inference_mesh.v1 import mesh_pb2, retrieval_pb2
 from services.common.errors import MeshError
 from services.gateway.openai_http import convert
-from services.gateway.openai_http.app import _parsed
+from services.gateway.openai_http.app import parsed_body
 from services.gateway.openai_http.errors import OpenAIError, from_mesh_error
 from services.gateway.openai_http.schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from services.router.kserve_metadata import merge_statistics
@@ -39,7 +39,7 @@ def test_retry_after_travels_as_a_header():
 
 def _chat(**fields) -> ChatCompletionRequest:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
-    return _parsed(ChatCompletionRequest, json.dumps(body).encode())
+    return parsed_body(ChatCompletionRequest, json.dumps(body).encode())
 
 
 def test_chat_body_to_mesh_request():
@@ -106,25 +106,25 @@ def test_response_formats_reach_the_mesh_request_with_the_schema_as_sent():
 
 def test_not_json_is_a_bad_request():
     with pytest.raises(OpenAIError, match="not valid JSON"):
-        _parsed(ChatCompletionRequest, b"{not json")
+        parsed_body(ChatCompletionRequest, b"{not json")
 
 
 def test_a_completion_is_one_user_turn_and_one_prompt():
-    body = _parsed(CompletionRequest, b'{"model": "m", "prompt": ["Say hi."], "max_tokens": 3}')
+    body = parsed_body(CompletionRequest, b'{"model": "m", "prompt": ["Say hi."], "max_tokens": 3}')
     request = convert.completion_request(body, body.output_limit())
     assert [(m.role, m.content) for m in request.messages] == [(mesh_pb2.ROLE_USER, "Say hi.")]
     with pytest.raises(OpenAIError, match="one prompt"):
-        _parsed(CompletionRequest, b'{"model": "m", "prompt": ["a", "b"]}')
+        parsed_body(CompletionRequest, b'{"model": "m", "prompt": ["a", "b"]}')
 
 
 def test_embeddings_in_base64_are_little_endian_float32():
-    body = _parsed(EmbeddingRequest, b'{"model": "e", "input": "x", "encoding_format": "base64"}')
+    body = parsed_body(EmbeddingRequest, b'{"model": "e", "input": "x", "encoding_format": "base64"}')
     vector = [0.25, -1.5, 3.0]
     response = mesh_pb2.EmbedResponse(dimension=3, embeddings=[mesh_pb2.Embedding(values=vector)])
     encoded = convert.embeddings(body, response)["data"][0]["embedding"]
     assert np.frombuffer(base64.b64decode(encoded), dtype="<f4").tolist() == vector
     with pytest.raises(OpenAIError, match="3-dimensional"):
-        convert.check_dimensions(_parsed(EmbeddingRequest, b'{"model": "e", "input": "x", "dimensions": 2}'), 3)
+        convert.check_dimensions(parsed_body(EmbeddingRequest, b'{"model": "e", "input": "x", "dimensions": 2}'), 3)
 
 
 def test_statistics_are_summed_over_replicas_per_version():

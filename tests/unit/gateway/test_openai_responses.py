@@ -6,12 +6,12 @@ import json
 
 from inference_mesh.v1 import mesh_pb2
 from services.gateway.openai_http import responses
-from services.gateway.openai_http.app import _parsed
+from services.gateway.openai_http.app import parsed_body
 from services.gateway.openai_http.schema import ResponsesRequest
 
 
 def _body(**fields) -> ResponsesRequest:
-    return _parsed(ResponsesRequest, json.dumps({"model": "m", "input": "hi", **fields}).encode())
+    return parsed_body(ResponsesRequest, json.dumps({"model": "m", "input": "hi", **fields}).encode())
 
 
 def test_instructions_items_calls_and_results_become_the_conversation():

@@ -1,0 +1,150 @@
+"""Batch work in the idle capacity: an interactive tenant's time to first token alone, and again while a batch of
+500 chat lines runs (OpenAI's Batch API on the mesh, services/gateway/batches), in one run on one stack; Triton
+called directly for the same generation is the row they are read against. Target: the interactive TTFT p99
+beside the batch within 1.5x of alone. Also the batch's throughput. Prints a table and rewrites its section of
+BENCHMARKS.md.
+
+    python -m bench.batch_priority [--lines 500] [--interactive 60] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import grpc
+import httpx
+import openai
+from tritonclient.grpc import service_pb2_grpc
+
+from bench.edge import BENCH_KEY, bench_tenants
+from bench.inference_path import ROOT, Sample, direct_generate, mesh_generate, pct, run_load, write_section
+from inference_mesh.v1 import mesh_pb2_grpc
+from tools.stack import LocalStack, StackPorts
+
+MODEL = "smollm2-135m-instruct"
+MAX_TOKENS = 8
+AUTH = (("x-api-key", BENCH_KEY),)
+
+
+def _batch_file(model: str, lines: int) -> bytes:
+    return "\n".join(json.dumps({
+        "custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "max_tokens": MAX_TOKENS, "temperature": 0.7,
+                 "messages": [{"role": "user", "content": f"Write one sentence about the number {i}."}]}})
+        for i in range(lines)).encode()
+
+
+async def _ttft(call, requests: int) -> list[float]:
+    """Back to back, one at a time: one person at a chat window."""
+    samples, _ = await run_load(call, 1, requests)
+    return [s.ttft_s * 1000 for s in samples if isinstance(s, Sample) and s.ttft_s is not None]
+
+
+async def _polled(client: openai.OpenAI, batch_id: str, done):
+    """The batch once `done` holds of it (polled as a client would)."""
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if done(batch):
+            return batch
+        await asyncio.sleep(0.25)
+
+
+async def measure(stack: LocalStack, model: str, lines: int, interactive: int, direct_model: str | None) -> dict:
+    channel = grpc.aio.insecure_channel(stack.gateway_address)
+    triton_channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports.tritons[0].grpc}")
+    mesh = mesh_generate(mesh_pb2_grpc.InferenceMeshStub(channel), model=model, max_tokens=MAX_TOKENS, auth=AUTH)
+    triton = direct_generate(service_pb2_grpc.GRPCInferenceServiceStub(triton_channel), max_tokens=MAX_TOKENS,
+                             triton_model=direct_model) if direct_model else None
+    client = openai.OpenAI(api_key=BENCH_KEY, base_url=f"http://127.0.0.1:{stack.ports.gateway_http[0]}/v1",
+                           max_retries=0, http_client=httpx.Client(timeout=60))
+    try:
+        await _ttft(mesh, 5)  # warm
+        direct = await _ttft(triton, interactive) if triton is not None else None
+        alone = await _ttft(mesh, interactive)
+        uploaded = client.files.create(file=("batch.jsonl", _batch_file(model, lines)), purpose="batch")
+        batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+        await _polled(client, batch.id, lambda b: b.request_counts.completed >= 8)
+        beside = await _ttft(mesh, interactive)
+        during = client.batches.retrieve(batch.id).request_counts.completed
+        done = await _polled(client, batch.id, lambda b: b.status in ("completed", "failed", "expired", "cancelled"))
+    finally:
+        client.close()
+        await channel.close()
+        await triton_channel.close()
+    seconds = done.completed_at - done.in_progress_at if done.completed_at and done.in_progress_at else 0
+    return {"direct": direct, "alone": alone, "beside": beside, "lines": lines, "status": done.status,
+            "completed": done.request_counts.completed, "failed": done.request_counts.failed,
+            "batch_s": seconds, "during": during, "interactive": interactive}
+
+
+def render(results: list[tuple[str, dict]]) -> str:
+    lines = [f"{time.strftime('%Y-%m-%d')}, 2 shared cores, one Triton, one gateway (no edge): an interactive caller "
+             f"streaming {MAX_TOKENS}-token chat answers back to back, "
+             f"{results[0][1]['interactive']} requests per row; the batch's lines are {MAX_TOKENS}-token chat "
+             "completions run by the gateway's batch runner at batch priority (4 at a time).", ""]
+    for engine, result in results:
+        rows = ([("Triton directly, alone", result["direct"])] if result["direct"] else []) + [
+            ("mesh, alone", result["alone"]), (f"mesh, beside a {result['lines']}-line batch", result["beside"])]
+        alone_p99 = pct(result["alone"], 99)
+        lines += [f"**{engine}**", "", "| interactive TTFT | p50 (ms) | p99 (ms) | p99 / mesh alone |",
+                  "|---|---|---|---|"]
+        for label, values in rows:
+            lines.append(f"| {label} | {pct(values, 50):.1f} | {pct(values, 99):.1f} | "
+                         f"{pct(values, 99) / alone_p99:.2f} |")
+        rate = result["completed"] / result["batch_s"] if result["batch_s"] else 0.0
+        lines += ["", f"The batch: {result['status']}, {result['completed']} lines completed and {result['failed']} "
+                  f"failed in {result['batch_s']:.1f} s ({rate:.2f} lines/s); {result['during']} lines had completed "
+                  "when the interactive row beside it ended.", ""]
+    return "\n".join(lines)
+
+
+def _cpu_stack(root) -> tuple[LocalStack, str, str | None]:
+    stack = LocalStack(root / "run", StackPorts.free(1, gateways=1), tenants_file=bench_tenants(root / "tenants.yaml"),
+                       with_edge=False, with_retrieval=False, with_cache=False)
+    return stack, MODEL, "smollm2"
+
+
+def _standin_stack(root) -> tuple[LocalStack, str, str | None]:
+    """The TensorRT-LLM stand-in streaming at a GPU's pace (40 tokens/s a request, every request at once, as
+    in-flight batching runs them): what the mesh's own scheduling does to TTFT where the engine batches."""
+    from bench.token_relay import MODEL as STANDIN_MODEL
+    from bench.token_relay import relay_stack
+
+    stack = relay_stack(root)
+    stack.with_edge = False
+    stack.service_env["triton"] = {"MESH_STANDIN_FAST_TOKENS_PER_S": "40"}
+    return stack, STANDIN_MODEL, None
+
+
+ENGINES = {"cpu": ("SmolLM2-135M on CPU (llama.cpp: one request at a time)", _cpu_stack),
+           "standin": ("TensorRT-LLM stand-in at 40 tokens/s a request, batched in flight", _standin_stack)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lines", type=int, default=500)
+    parser.add_argument("--interactive", type=int, default=60)
+    parser.add_argument("--engines", default="cpu,standin")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    results = []
+    for name in args.engines.split(","):
+        label, make = ENGINES[name]
+        stack, model, direct_model = make(ROOT / "build" / f"bench-batch-{name}")
+        stack.start()
+        try:
+            results.append((label, asyncio.run(measure(stack, model, args.lines, args.interactive, direct_model))))
+        finally:
+            stack.stop()
+    markdown = render(results)
+    print(markdown)
+    if not args.no_write:
+        write_section(markdown, "batch-priority", "Batch inference: interactive TTFT beside a batch")
+
+
+if __name__ == "__main__":
+    main()
