@@ -14,12 +14,11 @@ import pytest
 
 from inference_mesh.v1 import mesh_pb2_grpc
 from tests.conftest import LLM, chat, debian_tool
-from tests.integration.test_admin_plane import BOUND_S, _models_status, _usable
+from tests.integration.admin_helpers import in_force, models_status, report_once_written, usable
 from tools.pki import mint_admin_jwt
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-FLUSH_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +69,15 @@ def test_an_admin_manages_a_key_from_the_console_and_sees_its_usage(stack, brows
     key_id = key_row.get_attribute("data-key")
 
     with httpx.Client(verify=ssl.create_default_context(cafile=str(stack.pki.ca_cert)), timeout=10) as client:
-        _usable(client, stack, secret)
+        usable(client, stack, secret)
+        start = int(time.time()) - 60
         credentials = grpc.ssl_channel_credentials(stack.pki.ca_cert.read_bytes())
         with grpc.secure_channel(f"localhost:{stack.ports.edge}", credentials) as channel:
             chunks = list(mesh_pb2_grpc.InferenceMeshStub(channel).Generate(
                 chat("Say hello.", max_tokens=3), metadata=(("authorization", f"Bearer {secret}"),), timeout=120))
         tokens = chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
 
-        time.sleep(FLUSH_S + 1.0)
+        report_once_written(stack, "completions", tenant, start, 1)
         page.click("#refresh-usage")
         usage_row = page.wait_for_selector(f'#usage tr[data-usage="{tenant}/{LLM}"]')
         cells = [cell.inner_text() for cell in usage_row.query_selector_all("td")]
@@ -87,7 +87,7 @@ def test_an_admin_manages_a_key_from_the_console_and_sees_its_usage(stack, brows
 
         page.click(f'#keys tr[data-key="{key_id}"] .revoke')
         page.wait_for_selector(f'#keys tr[data-key="{key_id}"]', state="detached")
-        time.sleep(BOUND_S)
-        assert _models_status(client, stack, secret) == 401, "the revoked key is refused at the edge"
+        in_force(stack)
+        assert models_status(client, stack, secret) == 401, "the revoked key is refused at the edge"
     assert problems == [], problems
     context.close()
