@@ -96,6 +96,15 @@ def test_a_released_line_waits_for_its_not_before(batches, clock):
     assert [c.line for c in batches.claim("r", batch_id, 1, lease_s=5)] == [1]
 
 
+def test_lines_handed_back_by_a_clean_stop_are_claimable_at_once_and_not_counted(batches):
+    batch_id = _batch(batches, count=3)
+    assert [c.attempts for c in batches.claim("stopping", batch_id, 2, lease_s=60)] == [1, 1]
+    assert batches.release_all("stopping") == 2
+    assert batches.release_all("stopping") == 0, "nothing of its own is left running"
+    again = batches.claim("other", batch_id, 3, lease_s=60)
+    assert sorted((c.line, c.attempts) for c in again) == [(1, 1), (2, 1), (3, 1)]
+
+
 def test_cancel_ends_what_did_not_start_and_waits_for_what_runs(batches, clock):
     batch_id = _batch(batches, count=5)
     running = batches.claim("r", batch_id, 2, lease_s=60)

@@ -191,6 +191,26 @@ def test_a_bad_file_is_refused_and_nothing_is_kept(stack, data, status, words):
         assert [f.id for f in client.files.list().data] == before
 
 
+@pytest.mark.parametrize("content_type, body", [
+    ("multipart/form-data", b"purpose=batch"),  # no boundary
+    ("multipart/form-data; boundary=b0", b'--b0\r\nContent-Disposition: form-data; name="file"\r\n\r\n{}'),
+    ("multipart/form-data; boundary=b0", b"no starting boundary"),
+    ("multipart/form-data; boundary=b0", b"--b0\r\nnot a header line\r\n\r\nx\r\n--b0--\r\n"),
+])
+def test_a_malformed_form_is_a_400_in_openai_shape(stack, content_type, body):
+    """Bodies no SDK sends, as an attacker or a hand-written client would: the multipart reader's own errors are
+    the caller's mistake (400), never a 500, and nothing is kept."""
+    with _client(stack, "tenant-batch-other") as client:
+        before = [f.id for f in client.files.list().data]
+        answer = client._client.post(f"{client.base_url}files", content=body, headers={
+            "authorization": f"Bearer {KEYS['tenant-batch-other']}", "content-type": content_type})
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error" and "multipart/form-data body cannot be read" in \
+            error["message"], error
+        assert [f.id for f in client.files.list().data] == before
+
+
 @pytest.mark.parametrize("endpoint, lines, window, status, words", [
     ("/v1/images/generations", [_chat_line("a", "hi")], "24h", 400, "is not one a batch can call"),
     ("/v1/embeddings", [_chat_line("a", "hi")], "24h", 400, "line 1 calls /v1/chat/completions"),

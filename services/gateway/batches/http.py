@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from pydantic import BaseModel, Field, StrictStr
 
 from inference_mesh.v1 import models_pb2
@@ -108,14 +109,11 @@ class BatchesHttp:
         caller = self._caller(request)
         if not request.content_type.startswith("multipart/"):
             raise invalid_body("upload a file as multipart/form-data with the fields \"file\" and \"purpose\"")
-        purpose, filename, data = None, "", b""
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if part.name == "purpose":
-                purpose = (await part.read(decode=True)).decode(errors="replace")[:64]
-            elif part.name == "file":
-                filename = (part.filename or "upload.jsonl")[:256]
-                data = await self._read_limited(part)
+        try:
+            purpose, filename, data = await self._form(request)
+        except (ValueError, BadHttpMessage) as exc:  # no boundary, a truncated body, a malformed part header
+            raise invalid_body(f"the multipart/form-data body cannot be read ({str(exc)[:200]}); send the "
+                               "fields \"file\" and \"purpose\" as a form, as the openai SDK does") from None
         if purpose != "batch":
             raise invalid_body(f"purpose {purpose!r}: this mesh keeps files for batches only (purpose \"batch\")",
                                "purpose")
@@ -136,6 +134,17 @@ class BatchesHttp:
                 raise OpenAIError(LIMIT, str(exc)) from None
             raise
         return web.json_response(file_object(row))
+
+    async def _form(self, request: web.Request) -> tuple[str | None, str, bytes]:
+        purpose, filename, data = None, "", b""
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if part.name == "purpose":
+                purpose = (await part.read(decode=True)).decode(errors="replace")[:64]
+            elif part.name == "file":
+                filename = (part.filename or "upload.jsonl")[:256]
+                data = await self._read_limited(part)
+        return purpose, filename, data
 
     async def _read_limited(self, part) -> bytes:
         limit = self._settings.max_file_bytes

@@ -24,7 +24,6 @@ from services.gateway.batches.jsonl import InputLine
 LIVE = ("validating", "in_progress", "cancelling")
 FINAL = ("completed", "failed", "expired", "cancelled")
 # A line that went to a model at least once and is not done ("failed" has a status code of its own).
-ENDED = ("done", "failed", "expired", "cancelled")
 _T = schema.batch_lines
 
 
@@ -295,7 +294,8 @@ class BatchStore:
                 schema.batches.c.id == batch_id)).scalar_one()
 
     def release_all(self, owner: str) -> int:
-        """A replica stopping cleanly hands back what it was running: pending again, at once."""
+        """A replica stopping cleanly hands back what it was running: pending again, at once, and the attempt its
+        claim counted is not held against the line (a line caught in many rolling restarts is not failed)."""
         with self._engine.begin() as connection:
             return connection.execute(update(_T).where(_T.c.owner == owner, _T.c.state == "running").values(
-                state="pending", owner=None, lease_until=None)).rowcount
+                state="pending", owner=None, lease_until=None, attempts=_T.c.attempts - 1)).rowcount
