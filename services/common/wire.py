@@ -23,6 +23,9 @@ TENANT_HEADER = "x-mesh-tenant"
 SHARE_WEIGHT_HEADER = "x-mesh-share-weight"
 PRIORITY_HEADER = "x-mesh-priority"
 COST_HEADER = "x-mesh-cost"
+# A batch attempt the router stopped to free its slot for an interactive request (services/router/preemption.py):
+# the detail of its ABORTED status, from the relay or in a lease's attempt report.
+PREEMPTED_DETAIL = "preempted by interactive work"
 
 # Envoy rate-limit descriptor keys (services/edge/render.py → services/ratelimit/tenants.py).
 DESCRIPTOR_TENANT = "tenant"

@@ -12,14 +12,14 @@ from collections.abc import AsyncIterator
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from inference_mesh.v1 import router_pb2, router_pb2_grpc
+from inference_mesh.v1 import mesh_pb2, router_pb2, router_pb2_grpc
 from services.common.channels import channel as mesh_channel
 from services.common.errors import MeshError, from_stream_error, retry_after, unavailable
 from services.common.internal_tls import InternalTls
 from services.common.kserve import is_final_response, read_to_end, used_tokens
 from services.common.placement import ServedBy, aim, stamp
 from services.common.stream_progress import StreamProgress
-from services.common.wire import AFFINITY_PARAMETER, SESSION_PARAMETER
+from services.common.wire import AFFINITY_PARAMETER, PREEMPTED_DETAIL, SESSION_PARAMETER
 from services.gateway.errors import from_rpc_error
 from services.gateway.plan import RequestPlan
 
@@ -60,14 +60,54 @@ class EngineChannels:
         await asyncio.gather(*(channel.close() for channel, _ in self._stubs.values()))
 
 
-def lease_ask(request: service_pb2.ModelInferRequest) -> router_pb2.LeaseAsk:
+def lease_ask(request: service_pb2.ModelInferRequest, preemptible: bool = False) -> router_pb2.LeaseAsk:
     """What the router places on: the model, the version, the session and prefix keys, the inputs' names."""
     parameters = request.parameters
     return router_pb2.LeaseAsk(
         model=request.model_name, version=request.model_version,
         session=parameters[SESSION_PARAMETER].string_param if SESSION_PARAMETER in parameters else "",
         affinity_key=parameters[AFFINITY_PARAMETER].string_param if AFFINITY_PARAMETER in parameters else "",
-        inputs=[tensor.name for tensor in request.inputs])
+        inputs=[tensor.name for tensor in request.inputs], preemptible=preemptible)
+
+
+class Watch:
+    """Reads the lease while a batch attempt streams from its replica: a preempt grant cancels the replica's call
+    (the reader then reports the attempt ABORTED). Whatever else the lease says first (its end, an error) is kept
+    for the next read of the lease, which goes through `next_read`: one read in flight at a time."""
+
+    def __init__(self, lease: grpc.aio.StreamStreamCall, call: grpc.aio.Call) -> None:
+        self._call: grpc.aio.Call | None = call
+        self.preempted = False
+        self._handed_over = False
+        self._read: asyncio.Future = asyncio.ensure_future(lease.read())
+        self._read.add_done_callback(self._heard)
+        self._lease = lease
+
+    def _heard(self, read: asyncio.Future) -> None:
+        if read.cancelled() or read.exception() is not None:
+            return
+        granted = read.result()
+        if granted is not grpc.aio.EOF and granted.preempt and self._call is not None:
+            self.preempted = True
+            self._call.cancel()
+
+    def attempt_over(self) -> None:
+        """The replica's call has ended (or delivered its final response): a preempt from now on is stale."""
+        self._call = None
+
+    async def next_read(self):
+        """The lease's next message: the one this watch read (unless it was the preempt it acted on), else anew."""
+        self.attempt_over()
+        if self._handed_over or (self._read.done() and self.preempted):
+            return await self._lease.read()
+        self._handed_over = True
+        return await self._read
+
+    def close(self) -> None:
+        if not self._read.done():
+            self._read.cancel()
+        elif not self._read.cancelled():
+            self._read.exception()  # retrieved: an ended lease's error is not logged as never seen
 
 
 def aimed(request: service_pb2.ModelInferRequest, granted: router_pb2.LeaseGrant) -> service_pb2.ModelInferRequest:
@@ -135,14 +175,18 @@ class Leased:
         public_name = request.model_name
         lease = None
         failed: router_pb2.AttemptReport | None = None  # an attempt's failure not yet delivered to the router
+        watch: Watch | None = None  # a batch attempt's reader of the lease, for a preempt grant
         try:
             # Inside the try: an open breaker on the router's channel refuses the call here, with UNAVAILABLE.
             lease = self._leases.Lease(timeout=plan.timeout_s, metadata=plan.headers)
-            await lease.write(router_pb2.LeaseReport(ask=lease_ask(request)))
+            preemptible = plan.priority == mesh_pb2.PRIORITY_BATCH
+            await lease.write(router_pb2.LeaseReport(ask=lease_ask(request, preemptible)))
             progress = StreamProgress()
             deadline = asyncio.get_running_loop().time() + plan.timeout_s
             while True:
-                granted = await lease.read()
+                granted = await (watch.next_read() if watch is not None else lease.read())
+                if granted is not grpc.aio.EOF and granted.preempt:
+                    continue  # meant for an attempt that had already ended
                 if granted is grpc.aio.EOF:
                     if failed is not None:
                         raise _attempt_error(failed)
@@ -154,6 +198,7 @@ class Leased:
                 call = self._engines.stub(granted).ModelStreamInfer(
                     iter([attempt]), timeout=max(deadline - asyncio.get_running_loop().time(), 0.001))
                 stall = _Stall(call, granted.stall_timeout_s)
+                watch = Watch(lease, call) if preemptible else None
                 report = router_pb2.AttemptReport()
                 try:
                     stream = aiter(call)
@@ -173,26 +218,39 @@ class Leased:
                         final = is_final_response(response)
                         progress.delivered(response, final)
                         if final:
+                            if watch is not None:
+                                watch.attempt_over()
                             await read_to_end(stream)
                             await self._settle(lease, report, progress, used_tokens(response),
-                                               response.model_version)
+                                               response.model_version, watch)
                             yield stamped(response, public_name, granted)
                             return
                         stall.heard()
                         yield response
                 except grpc.aio.AioRpcError as exc:
-                    code = exc.code()
-                    # A call the replica's side cancelled: the replica went away (the router reads it the same way).
-                    report.code = (grpc.StatusCode.UNAVAILABLE if code == grpc.StatusCode.CANCELLED else code).value[0]
-                    report.detail = exc.details() or ""
+                    code, detail = exc.code(), exc.details() or ""
+                    if watch is not None and watch.preempted:
+                        code, detail = grpc.StatusCode.ABORTED, PREEMPTED_DETAIL
+                    elif code == grpc.StatusCode.CANCELLED:
+                        # Cancelled by the replica's side: the replica went away (the router reads it the same way).
+                        code = grpc.StatusCode.UNAVAILABLE
+                    report.code, report.detail = code.value[0], detail
                 except asyncio.CancelledError:
-                    if not stall.stalled or asyncio.current_task().cancelling():
+                    if asyncio.current_task().cancelling():
                         raise
-                    report.code = grpc.StatusCode.UNAVAILABLE.value[0]
-                    report.detail = f"no response for {granted.stall_timeout_s:.0f} s"
+                    if watch is not None and watch.preempted:
+                        report.code = grpc.StatusCode.ABORTED.value[0]
+                        report.detail = PREEMPTED_DETAIL
+                    elif stall.stalled:
+                        report.code = grpc.StatusCode.UNAVAILABLE.value[0]
+                        report.detail = f"no response for {granted.stall_timeout_s:.0f} s"
+                    else:
+                        raise
                 finally:
                     stall.stop()
                     call.cancel()
+                    if watch is not None:
+                        watch.attempt_over()
                 _fill(report, progress)
                 report.replica = granted.replica
                 failed = report
@@ -206,12 +264,14 @@ class Leased:
                 raise from_rpc_error(exc, "router") from exc
             raise unavailable(f"router: the lease ended early ({(await lease.code()).name})") from exc
         finally:
+            if watch is not None:
+                watch.close()
             if lease is not None:
                 lease.cancel()
 
     @staticmethod
     async def _settle(lease: grpc.aio.StreamStreamCall, report: router_pb2.AttemptReport, progress: StreamProgress,
-                      used_tokens: int, model_version: str) -> None:
+                      used_tokens: int, model_version: str, watch: Watch | None = None) -> None:
         """The attempt succeeded: report it, and wait for the router to have settled the lease (cancelling it
         earlier would read as the caller gone, with no verdict for the replica's breaker)."""
         report.code, report.used_tokens, report.model_version = _OK, used_tokens, model_version
@@ -219,6 +279,8 @@ class Leased:
         try:
             await lease.write(router_pb2.LeaseReport(outcome=report))
             await lease.done_writing()
+            if watch is not None and await watch.next_read() is grpc.aio.EOF:
+                return
             while await lease.read() is not grpc.aio.EOF:
                 pass
         except _LEASE_ENDED as exc:

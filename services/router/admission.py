@@ -55,12 +55,17 @@ class QueueRefusal(AtCapacityError):
 
 @dataclass(frozen=True)
 class AdmissionSettings:
-    # A batch request waiting this long competes with interactive ones on its tags alone.
+    # A batch request waiting this long competes with interactive ones on its tags alone (one at a time).
     batch_aging_s: float = 10.0
     # Requests one tenant may have waiting in this router (beyond: refused at once).
     max_queued_per_tenant: int = 256
     # Before anything has finished: the assumed seconds one request holds a slot (for the first estimates).
     initial_service_s: float = 1.0
+    # A slot freed this soon after an interactive request of the model ended is not given to a queued batch
+    # request yet: the next interactive request (a chat's next turn, an agent's next step) usually follows, and
+    # would otherwise find a batch request in its place whose prefill it cannot interrupt. Aged batch requests
+    # are not held; batch requests that find a free slot without queuing are not either.
+    batch_hold_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,10 @@ class _Waiter(Generic[Placement]):
 
 class FairAdmission:
     def __init__(self, settings: AdmissionSettings | None = None, slots: Callable[[], int] = lambda: 1,
-                 clock: Callable[[], float] = time.monotonic, model: str = "") -> None:
+                 clock: Callable[[], float] = time.monotonic, model: str = "",
+                 on_queued: Callable[[Ticket], None] = lambda ticket: None) -> None:
         self._model = model  # the Triton model whose replicas this admits to (metric label)
+        self._on_queued = on_queued  # a request had to wait (the router may free a slot for it: preemption)
         self._settings = settings or AdmissionSettings()
         self._slots = slots  # how many requests the saturated replicas run at once (for wait estimates)
         self._clock = clock
@@ -94,6 +101,10 @@ class FairAdmission:
         self._finish: dict[str, float] = {}
         self._waiting: list[_Waiter] = []
         self._service_s = self._settings.initial_service_s
+        self._interactive_ended = -math.inf
+        self._aged_at: tuple[float, _Waiter | None] | None = None  # _aged's answer for one instant
+        self._promoted_at = -math.inf  # when an aged batch request last started
+        self._hold_timer: asyncio.TimerHandle | None = None
 
     def _start_tag(self, ticket: Ticket) -> float:
         return max(self._virtual, self._finish.get(ticket.tenant, 0.0))
@@ -104,10 +115,41 @@ class FairAdmission:
         self._finish[ticket.tenant] = start + ticket.cost / ticket.weight
         return start
 
+    def _aged(self, now: float) -> _Waiter | None:
+        """The one batch request that competes as interactive: the longest waiting, once it has waited the aging
+        time, and at most one per aging time: starvation protection lets one batch request a turn ahead of
+        interactive work now and then, not every batch request that aged together one after the other."""
+        if self._aged_at and self._aged_at[0] == now:
+            return self._aged_at[1]
+        aging = self._settings.batch_aging_s
+        oldest = None if now - self._promoted_at < aging else min(
+            (w for w in self._waiting if w.ticket.priority == Priority.BATCH and now - w.enqueued >= aging
+             and not w.future.done()), key=lambda w: w.enqueued, default=None)
+        self._aged_at = (now, oldest)
+        return oldest
+
     def _rank(self, waiter: _Waiter, now: float) -> tuple[int, float]:
-        aged = now - waiter.enqueued >= self._settings.batch_aging_s
-        klass = Priority.INTERACTIVE if aged else waiter.ticket.priority
+        klass = Priority.INTERACTIVE if waiter is self._aged(now) else waiter.ticket.priority
         return int(klass), waiter.start_tag
+
+    def _held_until(self, klass: int) -> float:
+        """Until when a request of this class may not take a slot (in the past: it may)."""
+        return self._interactive_ended + self._settings.batch_hold_s if klass == Priority.BATCH else -math.inf
+
+    def _hold_ends_later(self, until: float) -> None:
+        """Tries the queue again when the hold ends (one timer at a time)."""
+        if self._hold_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def ended() -> None:
+            self._hold_timer = None
+            self.released()
+        self._hold_timer = loop.call_later(max(0.0, until - self._clock()), ended)
+
+    def interactive_ended(self) -> None:
+        """An interactive request of this model let go of its slot (the start of the batch hold)."""
+        self._interactive_ended = self._clock()
 
     def _ordered(self) -> list[_Waiter]:
         now = self._clock()
@@ -143,7 +185,12 @@ class FairAdmission:
         """`try_start` places the request and claims its replica slot at once, or raises AtCapacityError. With
         nobody waiting it is tried right away; else, or when it fails, the request waits its turn. `give_back`
         returns a slot claimed for a request that went away before it could use it."""
-        if not self._waiting:
+        now = self._clock()
+        klass = int(ticket.priority)
+        # Nobody of its class or above waits (an interactive request does not queue behind held batch work). The
+        # hold is for queued requests only: where the engine has slots to spare nothing queues, and batch work
+        # starts at once beside interactive work.
+        if all(self._rank(w, now)[0] > klass for w in self._waiting):
             try:
                 placed = try_start()
             except AtCapacityError:
@@ -172,7 +219,11 @@ class FairAdmission:
                 "with a longer deadline", wait_s)
         waiter.start_tag = self._tag(ticket)
         self._waiting.append(waiter)
+        self._aged_at = None
         QUEUED.labels(self._model, ticket.tenant, ticket.priority.name.lower()).inc()
+        self._on_queued(ticket)
+        if (held := self._held_until(rank[0])) > now:
+            self._hold_ends_later(held)
         try:
             async with asyncio.timeout(max(0.0, ticket.deadline - now)):
                 placed = await waiter.future
@@ -193,13 +244,18 @@ class FairAdmission:
             QUEUED.labels(self._model, ticket.tenant, ticket.priority.name.lower()).dec()
             if waiter in self._waiting:
                 self._waiting.remove(waiter)
+                self._aged_at = None
         WAIT_SECONDS.labels(self._model, ticket.tenant).observe(self._clock() - now)
         return placed
 
     def released(self) -> None:
         """A slot may have freed: start waiting requests in fair order while their placement succeeds."""
+        now = self._clock()
         for waiter in self._ordered():
             if waiter.future.done():
+                continue
+            if (held := self._held_until(self._rank(waiter, now)[0])) > now:
+                self._hold_ends_later(held)
                 continue
             try:
                 placed = waiter.try_start()
@@ -207,9 +263,13 @@ class FairAdmission:
                 continue  # its pools are full; another waiter's (a different model) may not be
             except NoReplicaError as exc:  # nothing can serve it any more (its replicas went away): it fails now
                 self._waiting.remove(waiter)
+                self._aged_at = None
                 waiter.future.set_exception(exc)
                 continue
+            if waiter is self._aged(now):
+                self._promoted_at = now
             self._waiting.remove(waiter)
+            self._aged_at = None
             self._admit(waiter.ticket, waiter.start_tag)
             waiter.future.set_result(placed)
 

@@ -17,7 +17,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.common.breakers import BreakerOpenError
 from services.common.deadlines import downstream_timeout
-from services.common.errors import MeshError, exhausted, invalid, not_found, stream_error_text
+from services.common.errors import MeshError, exhausted, invalid, not_found, stream_error_text, unavailable
 from services.common.kserve import SCHEMA_INPUT, TOOLS_INPUT, is_final_response, read_to_end, used_tokens
 from services.common.placement import ServedBy, aim, stamp
 from services.common.retries import Retrier
@@ -25,6 +25,7 @@ from services.common.stream_progress import StreamProgress
 from services.common.wire import (
     AFFINITY_PARAMETER,
     COST_HEADER,
+    PREEMPTED_DETAIL,
     PRIORITY_HEADER,
     RETRY_AFTER_PARAMETER,
     SESSION_PARAMETER,
@@ -36,6 +37,7 @@ from services.router.admission import AdmissionSettings, FairAdmission, Priority
 from services.router.balancer import AtCapacityError, Balancer, Choice, NoReplicaError, Route
 from services.router.canary import choose_version
 from services.router.coalescing import Outbox, Relayed, coalesced
+from services.router.preemption import PREEMPTED_CODE, Preemption, Stoppable
 from services.router.registry import STRUCTURED_OUTPUT, TOOLS, ModelSpec
 from services.router.replicas import Replica
 from services.router.settings import RouterSettings
@@ -96,6 +98,9 @@ class Attempts:
 
     retries: int = 0
     resumed: int = 0
+    preempted: int = 0
+    # The running attempt, while an interactive request may stop it (a batch request's; None otherwise).
+    stoppable: Stoppable | None = None
 
 
 def _stamp(response: service_pb2.ModelInferResponse, model_name: str, placed: Placed, attempts: Attempts) -> None:
@@ -190,10 +195,12 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         # A stream whose replica sends nothing for this long after its first response has stalled: fail over.
         self._stall_timeout_s = settings.stream_stall_timeout_s
         # Fair queues per Triton model, for requests that find every replica of it at its bound.
-        self._admission_settings = AdmissionSettings(settings.batch_aging_s, settings.max_queued_per_tenant)
+        self._admission_settings = AdmissionSettings(settings.batch_aging_s, settings.max_queued_per_tenant,
+                                                     batch_hold_s=settings.batch_hold_s)
         self._admissions: dict[str, FairAdmission] = {}
         # The latest spec each queue was asked for: a registry reload changes placements and slot counts.
         self._admission_specs: dict[str, ModelSpec] = {}
+        self._preemption = Preemption(settings.preempt_batch, settings.max_preemptions_per_request)
 
     def admission(self, spec: ModelSpec) -> FairAdmission:
         model = spec.triton_model
@@ -201,9 +208,14 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         found = self._admissions.get(model)
         if found is None:
             found = FairAdmission(self._admission_settings,
-                                  slots=lambda: self._balancer.slots(self._admission_specs[model]), model=model)
+                                  slots=lambda: self._balancer.slots(self._admission_specs[model]), model=model,
+                                  on_queued=lambda ticket: self._queued(model, ticket))
             self._admissions[spec.triton_model] = found
         return found
+
+    def _queued(self, model: str, ticket: Ticket) -> None:
+        if ticket.priority is Priority.INTERACTIVE:
+            self._preemption.preempt(model)
 
     def admissions(self) -> dict[str, FairAdmission]:
         return dict(self._admissions)
@@ -376,7 +388,9 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 # A retry after a replica failed waits like a new request when the rest are busy, rather than
                 # failing for want of a free slot.
+                asked_at = time.monotonic()
                 placed = await self._admitted_placement(spec, ask, route, ticket)
+                waited_s = time.monotonic() - asked_at
                 if progress is not None and progress.started and placed.spec.triton_model != first_model:
                     self._unclaim(placed)
                     self._released()
@@ -392,16 +406,31 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 continue
             replica = placed.replica
             first_model = first_model or placed.spec.triton_model
+            # A batch request that waited its aging time out has had its turn coming: it runs to its end.
+            if ticket.priority is Priority.BATCH and waited_s < self._admission_settings.batch_aging_s:
+                attempts.stoppable = self._preemption.track(placed.spec.triton_model, attempts.preempted)
             try:
                 failure = await attempt(placed)
             except (asyncio.CancelledError, CallerGone):
                 replica.breaker.abandon()  # the caller went away: no verdict on the replica
                 raise
             finally:
+                stoppable, attempts.stoppable = attempts.stoppable, None
+                self._preemption.untrack(stoppable)
+                if ticket.priority is Priority.INTERACTIVE and (held := self._admissions.get(
+                        placed.spec.triton_model)) is not None:
+                    held.interactive_ended()
                 self._released()
             if failure is None:
                 replica.breaker.record(grpc.StatusCode.OK)
                 return placed
+            if stoppable is not None and stoppable.preempted(failure[0]):
+                replica.breaker.abandon()  # stopped by the router itself: no verdict on the replica
+                attempts.preempted += 1
+                if progress is not None and progress.started and not progress.resumable:
+                    raise unavailable(f"{PREEMPTED_DETAIL}, and this model cannot resume a stream; retry"
+                                      f"{self.progress_note(progress)}")
+                continue  # back into the queue, behind the interactive request it made way for
             code, detail = _replica_failure(failure[0]), failure[1]
             replica.breaker.record(code, detail)
             if code in _FAILOVER_CODES:
@@ -499,9 +528,17 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         replica = placed.replica
         call = replica.stub.ModelStreamInfer(iter([request]),
                                              timeout=downstream_timeout(context, self.default_timeout_s))
+        if attempts.stoppable is not None:
+            attempts.stoppable.stop = call.cancel
         try:
             with replica.track(placed.spec.triton_model, claimed=True):
                 return await self._relay_responses(aiter(call), public_name, placed, attempts, progress, out)
+        except asyncio.CancelledError:
+            # grpc.aio raises this for a call cancelled locally: by preemption, unless this task itself is ending.
+            if attempts.stoppable is None or not attempts.stoppable.requested or asyncio.current_task().cancelling():
+                raise
+            # Stopped after its final response went out: the request is answered, not to be run again.
+            return None if progress.last is not None else (PREEMPTED_CODE, PREEMPTED_DETAIL)
         except TimeoutError:
             return grpc.StatusCode.UNAVAILABLE, f"no response for {self._stall_timeout_s:.0f} s"
         except grpc.aio.AioRpcError as exc:

@@ -125,6 +125,8 @@ class PlacementService(router_pb2_grpc.PlacementLeasesServicer):
             nonlocal began, used
             began = time.monotonic()
             grants.put_nowait(grant(placed, attempts, self._stall_timeout_s))
+            if attempts.stoppable is not None and ask.preemptible:
+                attempts.stoppable.stop = lambda: grants.put_nowait(router_pb2.LeaseGrant(preempt=True))
             with placed.replica.track(placed.spec.triton_model, claimed=True):
                 report = await anext(reports, None)
             if report is None or report.WhichOneof("report") != "outcome":

@@ -32,6 +32,13 @@ class RouterSettings(ServiceSettings):
     # a tenant may have this many requests waiting in this router.
     batch_aging_s: float = 10.0
     max_queued_per_tenant: int = 256
+    # An interactive request that has to queue stops the newest running batch attempt of its model, which queues
+    # again and resumes where its model can (services/router/preemption.py); each batch request at most this often.
+    preempt_batch: bool = True
+    max_preemptions_per_request: int = Field(default=3, ge=0)
+    # A slot freed this soon after an interactive request ended waits for the next one rather than going to batch
+    # work (services/router/admission.py, AdmissionSettings.batch_hold_s).
+    batch_hold_s: float = Field(default=0.25, ge=0.0, le=5.0)
     # Off: placements' own bounds are ignored and requests go straight to Triton's first-come queue (the behaviour
     # before fair queuing; for comparison, bench/fair_sharing.py).
     fair_queuing: bool = True

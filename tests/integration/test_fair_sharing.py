@@ -7,12 +7,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import grpc
+import httpx
 import pytest
 
-from inference_mesh.v1 import mesh_pb2, router_pb2, router_pb2_grpc
+from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2, router_pb2_grpc
 from tests.conftest import KEYS, chat
+from tools.processes import free_port
 
 
 def key(tenant: str) -> tuple[tuple[str, str], ...]:
@@ -113,6 +116,59 @@ def test_batch_waits_behind_interactive_and_still_completes(mesh):
         batch.join(90)
     assert set(done) == {"batch", "interactive"}, "both complete"
     assert done["interactive"] < done["batch"], "the batch request came first but yields to the interactive one"
+
+
+def _preemptions(stack) -> float:
+    text = httpx.get(f"http://127.0.0.1:{stack.ports.router_metrics}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith('mesh_router_preemptions_total{model="smollm2"}'))
+
+
+@pytest.fixture(scope="module")
+def relaying_gateway(stack) -> Iterator[mesh_pb2_grpc.InferenceMeshStub]:
+    """A gateway whose router relays the tokens (the other token path; the stack's gateways take leases)."""
+    port, metrics = free_port(), free_port()
+    address = stack.start_gateway_as("gateway-relayed", {
+        **stack.gateway_env(port, metrics), "MESH_GATEWAY_TOKEN_PATH": "router"})
+    with grpc.insecure_channel(address) as channel:
+        yield mesh_pb2_grpc.InferenceMeshStub(channel)
+    stack.processes.pop("gateway-relayed").stop()
+
+
+@pytest.mark.parametrize("path", ["lease", "relay"])
+def test_an_interactive_request_preempts_a_running_batch_generation_which_resumes_whole(mesh, stack, path,
+                                                                                        request):
+    """One replica, one generation at a time: a long batch generation holds the only slot. Without preemption an
+    interactive request arriving now would wait for all of it; with it the batch attempt is stopped, the
+    interactive request runs, and the batch request queues again and resumes from the tokens it had streamed:
+    its caller sees one unbroken stream, each token once."""
+    through = mesh if path == "lease" else request.getfixturevalue("relaying_gateway")
+    before = _preemptions(stack)
+    batch_chunks: list[mesh_pb2.GenerateChunk] = []
+    done: dict[str, float] = {}
+    first_token = threading.Event()
+
+    def run_batch() -> None:
+        request = sampled("Write a long story about a lighthouse keeper.", max_tokens=96,
+                          priority=mesh_pb2.PRIORITY_BATCH)
+        for chunk in through.Generate(request, metadata=key("tenant-quiet"), timeout=120):
+            batch_chunks.append(chunk)
+            first_token.set()
+        done["batch"] = time.monotonic()
+
+    batch = threading.Thread(target=run_batch)
+    batch.start()
+    assert first_token.wait(60), "the batch generation never started"
+    list(through.Generate(sampled("Name a bird."), metadata=key("tenant-quiet"), timeout=60))
+    done["interactive"] = time.monotonic()
+    batch.join(120)
+    assert set(done) == {"batch", "interactive"}, "both complete"
+    assert done["interactive"] < done["batch"], "the interactive request waited for the whole batch generation"
+    assert _preemptions(stack) >= before + 1
+    final = batch_chunks[-1]
+    indexes = [c.token_index for c in batch_chunks if c.text]
+    assert indexes == sorted(set(indexes)), f"a token streamed twice across the resume: {indexes}"
+    assert final.usage.completion_tokens == indexes[-1] + 1 or final.finish_reason == mesh_pb2.FINISH_REASON_STOP
 
 
 def test_a_request_that_cannot_start_in_time_is_refused_at_once_with_retry_after(mesh, stack):

@@ -131,6 +131,34 @@ def test_batch_yields_to_interactive_and_ages_into_its_turn():
     assert started[3] == "batch", f"aged batch work goes before newer interactive work: {started}"
 
 
+def test_batch_requests_that_aged_together_go_ahead_of_interactive_work_one_at_a_time():
+    async def run() -> list[str]:
+        clock = Clock()
+        admission = FairAdmission(AdmissionSettings(batch_aging_s=5.0), clock=clock)
+        slots = Slots(0)
+        started: list[str] = []
+
+        async def one(t: Ticket, name: str) -> None:
+            await admission.enter(t, slots.take, slots.give_back)
+            started.append(name)
+
+        batches = [asyncio.create_task(one(ticket("t", priority=Priority.BATCH), f"b{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        clock.now += 6.0  # all three have waited past their aging
+        interactive = [asyncio.create_task(one(ticket("t"), f"i{i}")) for i in range(3)]
+        await asyncio.sleep(0)
+        for _ in range(4):
+            slots.give_back("slot")
+            admission.released()
+            await asyncio.sleep(0)
+        for task in [*batches, *interactive]:
+            task.cancel()
+        await asyncio.gather(*batches, *interactive, return_exceptions=True)
+        return started
+
+    assert asyncio.run(run()) == ["b0", "i0", "i1", "i2"], "one aged batch request, then the interactive ones"
+
+
 def test_a_request_that_can_start_in_time_waits_and_takes_its_fair_turn():
     async def run() -> list[str]:
         clock = Clock()
