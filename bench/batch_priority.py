@@ -68,8 +68,10 @@ async def measure(stack: LocalStack, model: str, lines: int, interactive: int, d
         batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                       completion_window="24h")
         await _polled(client, batch.id, lambda b: b.request_counts.completed >= 8)
+        preempted = _preemptions(stack)
         beside = await _ttft(mesh, interactive)
         during = client.batches.retrieve(batch.id).request_counts.completed
+        preempted = _preemptions(stack) - preempted
         done = await _polled(client, batch.id, lambda b: b.status in ("completed", "failed", "expired", "cancelled"))
     finally:
         client.close()
@@ -78,27 +80,36 @@ async def measure(stack: LocalStack, model: str, lines: int, interactive: int, d
     seconds = done.completed_at - done.in_progress_at if done.completed_at and done.in_progress_at else 0
     return {"direct": direct, "alone": alone, "beside": beside, "lines": lines, "status": done.status,
             "completed": done.request_counts.completed, "failed": done.request_counts.failed,
-            "batch_s": seconds, "during": during, "interactive": interactive}
+            "batch_s": seconds, "during": during, "interactive": interactive, "preempted": preempted}
+
+
+def _preemptions(stack: LocalStack) -> int:
+    """Batch attempts the router stopped for interactive requests (services/router/preemption.py), so far."""
+    text = httpx.get(f"http://127.0.0.1:{stack.ports.router_metrics}/metrics", timeout=5).text
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("mesh_router_preemptions_total{")))
 
 
 def render(results: list[tuple[str, dict]]) -> str:
     lines = [f"{time.strftime('%Y-%m-%d')}, 2 shared cores, one Triton, one gateway (no edge): an interactive caller "
              f"streaming {MAX_TOKENS}-token chat answers back to back, "
              f"{results[0][1]['interactive']} requests per row; the batch's lines are {MAX_TOKENS}-token chat "
-             "completions run by the gateway's batch runner at batch priority (4 at a time).", ""]
+             "completions run by the gateway's batch runner at batch priority, as many at a time as each table "
+             "says (`MESH_GATEWAY_BATCH__CONCURRENCY`, default 4).", ""]
     for engine, result in results:
         rows = ([("Triton directly, alone", result["direct"])] if result["direct"] else []) + [
             ("mesh, alone", result["alone"]), (f"mesh, beside a {result['lines']}-line batch", result["beside"])]
         alone_p99 = pct(result["alone"], 99)
-        lines += [f"**{engine}**", "", "| interactive TTFT | p50 (ms) | p99 (ms) | p99 / mesh alone |",
-                  "|---|---|---|---|"]
+        lines += [f"**{engine}**", "", "| interactive TTFT | p50 (ms) | p90 (ms) | p99 (ms) | p99 / mesh alone |",
+                  "|---|---|---|---|---|"]
         for label, values in rows:
-            lines.append(f"| {label} | {pct(values, 50):.1f} | {pct(values, 99):.1f} | "
+            lines.append(f"| {label} | {pct(values, 50):.1f} | {pct(values, 90):.1f} | {pct(values, 99):.1f} | "
                          f"{pct(values, 99) / alone_p99:.2f} |")
         rate = result["completed"] / result["batch_s"] if result["batch_s"] else 0.0
         lines += ["", f"The batch: {result['status']}, {result['completed']} lines completed and {result['failed']} "
                   f"failed in {result['batch_s']:.1f} s ({rate:.2f} lines/s); {result['during']} lines had completed "
-                  "when the interactive row beside it ended.", ""]
+                  f"when the interactive row beside it ended; the router preempted {result['preempted']} batch "
+                  "attempts during that row.", ""]
     return "\n".join(lines)
 
 
@@ -120,15 +131,24 @@ def _standin_stack(root) -> tuple[LocalStack, str, str | None]:
     return stack, STANDIN_MODEL, None
 
 
-ENGINES = {"cpu": ("SmolLM2-135M on CPU (llama.cpp: one request at a time)", _cpu_stack),
-           "standin": ("TensorRT-LLM stand-in at 40 tokens/s a request, batched in flight", _standin_stack)}
+def _standin_two_lines(root) -> tuple[LocalStack, str, str | None]:
+    """As above with 2 lines at a time (MESH_GATEWAY_BATCH__CONCURRENCY): batch throughput against interference."""
+    stack, model, direct = _standin_stack(root)
+    stack.service_env["gateway"]["MESH_GATEWAY_BATCH__CONCURRENCY"] = "2"
+    return stack, model, direct
+
+
+ENGINES = {"cpu": ("SmolLM2-135M on CPU (llama.cpp: one request at a time), 4 lines at a time", _cpu_stack),
+           "standin": ("TensorRT-LLM stand-in at 40 tokens/s a request, batched in flight, 4 lines at a time",
+                       _standin_stack),
+           "standin-2": ("TensorRT-LLM stand-in as above, 2 lines at a time", _standin_two_lines)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lines", type=int, default=500)
     parser.add_argument("--interactive", type=int, default=60)
-    parser.add_argument("--engines", default="cpu,standin")
+    parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     results = []
