@@ -63,8 +63,8 @@ class AdmissionSettings:
     initial_service_s: float = 1.0
     # A slot freed this soon after an interactive request of the model ended is not given to a queued batch
     # request yet: the next interactive request (a chat's next turn, an agent's next step) usually follows, and
-    # would otherwise find a batch request in its place whose prefill it cannot interrupt. Aged batch requests
-    # are not held; batch requests that find a free slot without queuing are not either.
+    # would otherwise find a batch request in its place whose prefill it cannot interrupt. Only the last free
+    # slot is held; aged batch requests are not held, nor are batch requests that find a free slot at once.
     batch_hold_s: float = 0.0
 
 
@@ -91,11 +91,13 @@ class _Waiter(Generic[Placement]):
 class FairAdmission:
     def __init__(self, settings: AdmissionSettings | None = None, slots: Callable[[], int] = lambda: 1,
                  clock: Callable[[], float] = time.monotonic, model: str = "",
-                 on_queued: Callable[[Ticket], None] = lambda ticket: None) -> None:
+                 on_queued: Callable[[Ticket], None] = lambda ticket: None,
+                 free_slots: Callable[[], int] = lambda: 1) -> None:
         self._model = model  # the Triton model whose replicas this admits to (metric label)
         self._on_queued = on_queued  # a request had to wait (the router may free a slot for it: preemption)
         self._settings = settings or AdmissionSettings()
         self._slots = slots  # how many requests the saturated replicas run at once (for wait estimates)
+        self._free_slots = free_slots  # how many are free now (the batch hold keeps only the last one)
         self._clock = clock
         self._virtual = 0.0
         self._finish: dict[str, float] = {}
@@ -133,8 +135,11 @@ class FairAdmission:
         return int(klass), waiter.start_tag
 
     def _held_until(self, klass: int) -> float:
-        """Until when a request of this class may not take a slot (in the past: it may)."""
-        return self._interactive_ended + self._settings.batch_hold_s if klass == Priority.BATCH else -math.inf
+        """Until when a request of this class may not take a slot (in the past: it may). Only the last free slot
+        is held: a pool with slots to spare gives them to batch work at once."""
+        if klass != Priority.BATCH or self._interactive_ended + self._settings.batch_hold_s <= self._clock():
+            return -math.inf
+        return self._interactive_ended + self._settings.batch_hold_s if self._free_slots() <= 1 else -math.inf
 
     def _hold_ends_later(self, until: float) -> None:
         """Tries the queue again when the hold ends (one timer at a time)."""

@@ -176,6 +176,21 @@ class Balancer:
                 return per * len(ready)
         return 1
 
+    def free_slots(self, model: ModelSpec) -> int:
+        """Slots of `model` free now in its first usable pool (the bounds as `candidates` applies them); a pool
+        without a bound has slots to spare: a large number."""
+        for placement in model.pools:
+            ready = [r for r in self._replicas.in_pool(placement.pool) if r.serves(model.triton_model)]
+            if ready:
+                model_bound = placement.max_in_flight_per_replica if self._settings.placement_bounds else 0
+                bound = self._settings.max_in_flight_per_replica
+                if not (model_bound or bound):
+                    return 1 << 30  # no bound: nothing queues, and batch work is never held
+                unbounded = 1 << 30
+                return sum(max(0, min(model_bound - r.in_flight_of(model.triton_model) if model_bound else unbounded,
+                                      bound - r.in_flight if bound else unbounded)) for r in ready)
+        return 0
+
     def load(self, replica: Replica, model: ModelSpec) -> float:
         return replica.load(model.triton_model, self._settings.queue_ms_per_slot)
 

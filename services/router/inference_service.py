@@ -209,7 +209,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         if found is None:
             found = FairAdmission(self._admission_settings,
                                   slots=lambda: self._balancer.slots(self._admission_specs[model]), model=model,
-                                  on_queued=lambda ticket: self._queued(model, ticket))
+                                  on_queued=lambda ticket: self._queued(model, ticket),
+                                  free_slots=lambda: self._balancer.free_slots(self._admission_specs[model]))
             self._admissions[spec.triton_model] = found
         return found
 

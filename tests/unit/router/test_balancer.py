@@ -100,6 +100,23 @@ async def test_a_refusal_names_the_bound_that_applied():
     await replicas.close()
 
 
+async def test_free_slots_count_what_the_bounds_leave_and_an_unbounded_pool_has_plenty():
+    registry = Registry.model_validate({**REGISTRY, "models": {
+        "llm": {"kind": "generate", "triton_model": "llm_t",
+                "pools": [{"pool": "cpu", "max_in_flight_per_replica": 2}]},
+        "free": {"kind": "generate", "triton_model": "llm_t", "pools": ["cpu"]}}})
+    replicas = ReplicaSet(registry)
+    c0, c1 = replicas.in_pool("cpu")[:2]
+    for replica in (c0, c1):
+        replica.ready_models = {"llm_t"}
+    c0.in_flight_by_model["llm_t"] = c0.in_flight = 2
+    c1.in_flight_by_model["llm_t"] = c1.in_flight = 1
+    assert Balancer(replicas).free_slots(registry.models["llm"]) == 1
+    assert Balancer(replicas, BalancerSettings(max_in_flight_per_replica=1)).free_slots(registry.models["llm"]) == 0
+    assert Balancer(replicas).free_slots(registry.models["free"]) > 1000
+    await replicas.close()
+
+
 async def test_a_needed_capability_leaves_only_the_placements_that_declare_it():
     registry = Registry.model_validate({**REGISTRY, "models": {"llm": {
         "kind": "generate", "triton_model": "llm_t",

@@ -113,3 +113,27 @@ def test_a_slot_freed_by_interactive_work_waits_a_moment_for_more_before_batch_t
         return order
 
     assert asyncio.run(scenario()) == ["chat-1", "chat-2", "batch"]
+
+
+def test_only_the_last_free_slot_is_held():
+    """A pool with slots to spare gives them to queued batch work at once, even right after interactive work."""
+    async def scenario() -> bool:
+        free = [2]
+        admission = FairAdmission(AdmissionSettings(batch_hold_s=5.0), free_slots=lambda: free[0])
+        taken = [False]
+
+        def try_start() -> str:
+            if not taken[0]:
+                taken[0] = True
+                raise AtCapacityError("full at first")
+            return "slot"
+
+        batch = asyncio.ensure_future(admission.enter(Ticket("acme", 1.0, 1.0, Priority.BATCH, time.monotonic() + 30),
+                                                      try_start, lambda _: None))
+        await asyncio.sleep(0)
+        admission.interactive_ended()
+        admission.released()
+        await asyncio.sleep(0)
+        return batch.done()
+
+    assert asyncio.run(scenario()), "two free slots: the batch request takes one at once"
