@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
-from pydantic import BaseModel, Field, StrictStr
 
 from inference_mesh.v1 import models_pb2
 from services.common.errors import MeshError
@@ -30,6 +29,7 @@ from services.gateway.openai_http.errors import (
     from_mesh_error,
     invalid_body,
 )
+from services.gateway.openai_http.schema import CreateBatchRequest
 
 NOT_FOUND = HttpError(404, "invalid_request_error", "not_found")
 LIMIT = HttpError(429, "rate_limit_error", "limit_exceeded")
@@ -37,14 +37,6 @@ _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
 _KIND = {"/v1/embeddings": models_pb2.MODEL_KIND_EMBED, "/v1/chat/completions": models_pb2.MODEL_KIND_GENERATE,
          "/v1/completions": models_pb2.MODEL_KIND_GENERATE}
-
-
-class CreateBatchRequest(BaseModel, extra="forbid"):
-    input_file_id: StrictStr
-    endpoint: StrictStr
-    completion_window: StrictStr
-    # OpenAI's bounds: 16 pairs, keys up to 64 characters, values up to 512.
-    metadata: dict[StrictStr, StrictStr] | None = Field(None, max_length=16)
 
 
 def file_object(row: dict) -> dict:

@@ -13,6 +13,7 @@ from pydantic.json_schema import models_json_schema
 from services.gateway.openai_http.schema import (
     ChatCompletionRequest,
     CompletionRequest,
+    CreateBatchRequest,
     EmbeddingRequest,
     ResponsesRequest,
     WrongHitReport,
@@ -50,20 +51,38 @@ def _post(summary: str, body: type[BaseModel], streams: bool = False) -> dict[st
     }}
 
 
-def _get(summary: str, parameters: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _get(summary: str, parameters: list[dict[str, Any]] | None = None, method: str = "get") -> dict[str, Any]:
     operation: dict[str, Any] = {"summary": summary, "responses": {
         "200": {"description": "answered", "content": {"application/json": {"schema": _ANY_OBJECT}}},
         **_failures()}}
     if parameters:
         operation["parameters"] = parameters
-    return {"get": operation}
+    return {method: operation}
+
+
+def _id(name: str) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}]
+
+
+# Cursor paging as OpenAI's lists page (`limit` 1..100, `after` an id of the page before).
+_PAGE = [{"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1,
+                                                                        "maximum": 100}},
+         {"name": "after", "in": "query", "required": False, "schema": {"type": "string"}}]
+_UPLOAD = {"summary": "Upload a JSON Lines file of requests (purpose \"batch\")",
+           "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+               "type": "object", "required": ["file", "purpose"],
+               "properties": {"file": {"type": "string", "format": "binary"},
+                              "purpose": {"type": "string", "enum": ["batch"]}}}}}},
+           "responses": {"200": {"description": "stored", "content": {"application/json": {
+               "schema": _ANY_OBJECT}}}, **_failures()}}
 
 
 @cache
 def document() -> dict[str, Any]:
     _, definitions = models_json_schema(
         [(model, "validation") for model in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
-                                             WrongHitReport, ResponsesRequest)], ref_template=_REF)
+                                             WrongHitReport, ResponsesRequest, CreateBatchRequest)],
+        ref_template=_REF)
     return {
         "openapi": "3.1.0",
         "info": {"title": "inference mesh: OpenAI-compatible API", "version": MESH_VERSION,
@@ -84,7 +103,19 @@ def document() -> dict[str, Any]:
             "/v1/responses": _post("A response (stream: server-sent events)", ResponsesRequest, streams=True),
             "/v1/mesh/cache/wrong-hit": _post("Report a wrong semantic-cache answer", WrongHitReport),
             "/v1/models": _get("The models this key can use"),
-            "/v1/models/{model}": _get("One model", [{"name": "model", "in": "path", "required": True,
-                                                      "schema": {"type": "string"}}]),
+            "/v1/models/{model}": _get("One model", _id("model")),
+            "/v1/files": {**_get("This tenant's files", [*_PAGE, {
+                "name": "purpose", "in": "query", "required": False, "schema": {"type": "string"}}]),
+                          "post": _UPLOAD},
+            "/v1/files/{file_id}": {**_get("One file", _id("file_id")),
+                                    **_get("Delete a file", _id("file_id"), method="delete")},
+            "/v1/files/{file_id}/content": {"get": {
+                **_get("A file's bytes", _id("file_id"))["get"],
+                "responses": {"200": {"description": "the file", "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}}, **_failures()}}},
+            "/v1/batches": {**_get("This tenant's batches, newest first", _PAGE),
+                            **_post("Run a file's requests at batch priority", CreateBatchRequest)},
+            "/v1/batches/{batch_id}": _get("One batch", _id("batch_id")),
+            "/v1/batches/{batch_id}/cancel": _get("Cancel a batch", _id("batch_id"), method="post"),
         },
     }

@@ -289,3 +289,13 @@ class ResponsesRequest(_Body):
     # Mesh extensions, as on chat completions.
     cache_mode: Literal["default", "bypass", "refresh"] = "default"
     request_id: StrictStr = ""
+
+
+class CreateBatchRequest(_Body):
+    """POST /v1/batches (services/gateway/batches)."""
+
+    input_file_id: StrictStr
+    endpoint: StrictStr
+    completion_window: StrictStr
+    # OpenAI's bounds: 16 pairs, keys up to 64 characters, values up to 512.
+    metadata: dict[StrictStr, StrictStr] | None = Field(None, max_length=16)
