@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2_grpc
 from bench.edge import BENCH_KEY, bench_tenants
 from bench.inference_path import ROOT, Sample, direct_generate, mesh_generate, pct, run_load, write_section
 from inference_mesh.v1 import mesh_pb2_grpc
+from tools.metrics import metric_sum
 from tools.stack import LocalStack, StackPorts
 
 MODEL = "smollm2-135m-instruct"
@@ -85,9 +86,7 @@ async def measure(stack: LocalStack, model: str, lines: int, interactive: int, d
 
 def _preemptions(stack: LocalStack) -> int:
     """Batch attempts the router stopped for interactive requests (services/router/preemption.py), so far."""
-    text = httpx.get(f"http://127.0.0.1:{stack.ports.router_metrics}/metrics", timeout=5).text
-    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("mesh_router_preemptions_total{")))
+    return int(metric_sum(stack.ports.router_metrics, "mesh_router_preemptions_total"))
 
 
 def render(results: list[tuple[str, dict]]) -> str:

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import statistics
 import time
-import urllib.request
 
 import grpc
 from tritonclient.grpc import service_pb2_grpc
@@ -23,15 +22,11 @@ from bench.edge import AUTH, EMBED, REQUEST, bench_tenants, embed_hit, generate_
 from bench.inference_path import ROOT, direct_embed, run_load, write_section
 from bench.profile_hot_path import cpu_seconds
 from inference_mesh.v1 import mesh_pb2_grpc
+from tools.metrics import metric_sum
 from tools.processes import descendants, free_port
 from tools.stack import LocalStack, StackPorts
 
 CONCURRENCY = 64
-
-
-def _metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 def _cpu(pid: int) -> float:
@@ -68,7 +63,7 @@ async def measure(addresses: dict[str, str], pids: dict[str, int], triton_addres
         for stub in stubs.values():  # warm every gateway alike
             await run_load(embed_hit(stub), 8, 300)
             await run_load(generate_hit(stub), 8, 150)
-        written_before = _metric(metrics_port, "mesh_usage_records_written_total")
+        written_before = metric_sum(metrics_port, "mesh_usage_records_written_total")
         names = list(stubs)
         for round_index in range(rounds):
             order = names[round_index % len(names):] + names[:round_index % len(names)]
@@ -82,8 +77,8 @@ async def measure(addresses: dict[str, str], pids: dict[str, int], triton_addres
             got, seconds = await run_load(direct_embed(triton), 8, 300)
             direct.append(len(got) / seconds)
         await asyncio.sleep(1.5)  # one flush interval: every record of the on gateway written
-        written = _metric(metrics_port, "mesh_usage_records_written_total") - written_before
-        dropped = _metric(metrics_port, "mesh_usage_records_dropped_total")
+        written = metric_sum(metrics_port, "mesh_usage_records_written_total") - written_before
+        dropped = metric_sum(metrics_port, "mesh_usage_records_dropped_total")
     finally:
         for channel in (*channels.values(), triton_channel):
             await channel.close()

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
+from tools.metrics import metric_sum
 from tools.stack import LocalStack, StackPorts
 from tools.triton import triton_counter
 
@@ -135,11 +136,7 @@ def debian_tool(command: str, package: str) -> str:
 
 def service_metric(port: int, name: str, **labels: str) -> float:
     """A metric from a service's Prometheus endpoint, summed over the label sets that match `labels`."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()))
+    return metric_sum(port, name, **labels)
 
 
 def triton_metric(stack: LocalStack, name: str, replica: int = 0) -> float:

@@ -197,7 +197,6 @@ def wait_triton_ready(process: ManagedProcess, ports: TritonPorts, timeout_s: fl
 
 def triton_counter(metrics_port: int, name: str) -> float:
     """A counter from a Triton's Prometheus endpoint, summed over its label sets."""
-    import urllib.request
+    from tools.metrics import metric_sum
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+    return metric_sum(metrics_port, name)

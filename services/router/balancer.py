@@ -26,6 +26,8 @@ from prometheus_client import Counter
 from services.router.registry import ModelSpec
 from services.router.replicas import Replica, ReplicaSet
 
+# What `free_slots` says of a pool without a bound: more than any queue could hold.
+UNBOUNDED_SLOTS = 1 << 30
 AFFINITY = Counter("mesh_router_affinity_total", "Prefix-affinity choices: home replica, spilled, or no key",
                    ["model", "result"])
 
@@ -185,10 +187,10 @@ class Balancer:
                 model_bound = placement.max_in_flight_per_replica if self._settings.placement_bounds else 0
                 bound = self._settings.max_in_flight_per_replica
                 if not (model_bound or bound):
-                    return 1 << 30  # no bound: nothing queues, and batch work is never held
-                unbounded = 1 << 30
-                return sum(max(0, min(model_bound - r.in_flight_of(model.triton_model) if model_bound else unbounded,
-                                      bound - r.in_flight if bound else unbounded)) for r in ready)
+                    return UNBOUNDED_SLOTS  # nothing queues, and batch work is never held
+                return sum(max(0, min(
+                    model_bound - r.in_flight_of(model.triton_model) if model_bound else UNBOUNDED_SLOTS,
+                    bound - r.in_flight if bound else UNBOUNDED_SLOTS)) for r in ready)
         return 0
 
     def load(self, replica: Replica, model: ModelSpec) -> float:

@@ -366,14 +366,6 @@ def _edge_stat(stack: LocalStack, name: str) -> int:
     return sum(int(line.rsplit(": ", 1)[1]) for line in text.splitlines() if line.split(": ")[0].endswith(name))
 
 
-def _gateway_metric(stack: LocalStack, name: str) -> float:
-    total = 0.0
-    for _, metrics_port in stack.ports.gateway_ports():
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        total += sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-    return total
-
-
 def test_rate_limit_service_down_is_a_refusal_with_a_retry_hint_and_counted(stack, edge):
     """Fail closed: a rate-limit error is a deny, never an unlimited pass (a credential byte that made the
     rate-limit service fail once let 45 of 45 requests through an empty bucket). gRPC callers get UNAVAILABLE,

@@ -10,11 +10,10 @@ from collections import Counter
 from collections.abc import Iterator
 
 import grpc
-import httpx
 import pytest
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2, router_pb2_grpc
-from tests.conftest import KEYS, chat
+from tests.conftest import KEYS, chat, service_metric
 from tools.processes import free_port
 
 
@@ -119,9 +118,7 @@ def test_batch_waits_behind_interactive_and_still_completes(mesh):
 
 
 def _preemptions(stack) -> float:
-    text = httpx.get(f"http://127.0.0.1:{stack.ports.router_metrics}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith('mesh_router_preemptions_total{model="smollm2"}'))
+    return service_metric(stack.ports.router_metrics, "mesh_router_preemptions_total", model="smollm2")
 
 
 @pytest.fixture(scope="module")

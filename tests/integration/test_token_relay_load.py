@@ -12,7 +12,6 @@ import time
 from collections.abc import Iterator
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2_grpc
@@ -21,6 +20,7 @@ from bench.edge import AUTH
 from bench.token_relay import MODEL, relay_stack
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2, router_pb2_grpc
 from services.common.kserve import InferRequestBuilder, is_final_response, output_arrays
+from tools.metrics import metric_sum
 from tools.processes import free_port
 from tools.stack import LocalStack
 
@@ -98,9 +98,7 @@ def test_256_streams_through_the_mesh_carry_the_text_and_counts_of_one_alone(fas
 
 def _leases(stack: LocalStack, end: str) -> float:
     """The router's count of placement leases that ended so (served, refused, abandoned)."""
-    text = httpx.get(f"http://127.0.0.1:{stack.ports.router_metrics}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("mesh_router_leases_total{") and f'end="{end}"' in line)
+    return metric_sum(stack.ports.router_metrics, "mesh_router_leases_total", end=end)
 
 
 async def _router_relayed(address: str) -> tuple[str, int]:

@@ -95,36 +95,50 @@ def test_a_flooder_does_not_set_a_quiet_tenants_wait():
     assert "quiet" in started[:2], f"the quiet tenant's one request goes within the first turns: {started}"
 
 
+class Queue:
+    """A full pool (no slot free) in simulated time: requests wait in it, slots are freed one at a time, and
+    `started` says the order they got one."""
+
+    def __init__(self, settings: AdmissionSettings) -> None:
+        self.clock = Clock()
+        self.admission = FairAdmission(settings, clock=self.clock)
+        self.slots = Slots(0)
+        self.started: list[str] = []
+        self._tasks: list[asyncio.Task] = []
+
+    async def arrive(self, t: Ticket, name: str) -> None:
+        async def one() -> None:
+            await self.admission.enter(t, self.slots.take, self.slots.give_back)
+            self.started.append(name)
+        self._tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(0)
+
+    async def free(self, slots: int) -> None:
+        for _ in range(slots):
+            self.slots.give_back("slot")
+            self.admission.released()
+            await asyncio.sleep(0)
+
+    async def close(self) -> list[str]:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        return self.started
+
+
 def test_batch_yields_to_interactive_and_ages_into_its_turn():
     async def run() -> tuple[list[str], list[str]]:
-        clock = Clock()
-        admission = FairAdmission(AdmissionSettings(batch_aging_s=5.0), clock=clock)
-        slots = Slots(0)
-        started: list[str] = []
-
-        async def one(t: Ticket, name: str) -> None:
-            await admission.enter(t, slots.take, slots.give_back)
-            started.append(name)
-
-        batch = asyncio.create_task(one(ticket("t", priority=Priority.BATCH), "batch"))
-        await asyncio.sleep(0)
-        interactive = [asyncio.create_task(one(ticket("t"), f"i{i}")) for i in range(5)]
-        await asyncio.sleep(0)
+        queue = Queue(AdmissionSettings(batch_aging_s=5.0))
+        await queue.arrive(ticket("t", priority=Priority.BATCH), "batch")
+        for i in range(5):
+            await queue.arrive(ticket("t"), f"i{i}")
+        await queue.free(3)
+        first = list(queue.started)
+        queue.clock.now += 6.0  # the batch request has now waited past its aging
         for _ in range(3):
-            slots.give_back("slot")
-            admission.released()
-            await asyncio.sleep(0)
-        first = list(started)
-        clock.now += 6.0  # the batch request has now waited past its aging
-        later = [asyncio.create_task(one(ticket("u"), "late")) for _ in range(3)]
-        await asyncio.sleep(0)
-        slots.give_back("slot")
-        admission.released()
-        await asyncio.sleep(0)
-        for task in [batch, *interactive, *later]:
-            task.cancel()
-        await asyncio.gather(batch, *interactive, *later, return_exceptions=True)
-        return first, started
+            await queue.arrive(ticket("u"), "late")
+        await queue.free(1)
+        return first, await queue.close()
 
     first, started = asyncio.run(run())
     assert first == ["i0", "i1", "i2"], first
@@ -133,28 +147,14 @@ def test_batch_yields_to_interactive_and_ages_into_its_turn():
 
 def test_batch_requests_that_aged_together_go_ahead_of_interactive_work_one_at_a_time():
     async def run() -> list[str]:
-        clock = Clock()
-        admission = FairAdmission(AdmissionSettings(batch_aging_s=5.0), clock=clock)
-        slots = Slots(0)
-        started: list[str] = []
-
-        async def one(t: Ticket, name: str) -> None:
-            await admission.enter(t, slots.take, slots.give_back)
-            started.append(name)
-
-        batches = [asyncio.create_task(one(ticket("t", priority=Priority.BATCH), f"b{i}")) for i in range(3)]
-        await asyncio.sleep(0)
-        clock.now += 6.0  # all three have waited past their aging
-        interactive = [asyncio.create_task(one(ticket("t"), f"i{i}")) for i in range(3)]
-        await asyncio.sleep(0)
-        for _ in range(4):
-            slots.give_back("slot")
-            admission.released()
-            await asyncio.sleep(0)
-        for task in [*batches, *interactive]:
-            task.cancel()
-        await asyncio.gather(*batches, *interactive, return_exceptions=True)
-        return started
+        queue = Queue(AdmissionSettings(batch_aging_s=5.0))
+        for i in range(3):
+            await queue.arrive(ticket("t", priority=Priority.BATCH), f"b{i}")
+        queue.clock.now += 6.0  # all three have waited past their aging
+        for i in range(3):
+            await queue.arrive(ticket("t"), f"i{i}")
+        await queue.free(4)
+        return await queue.close()
 
     assert asyncio.run(run()) == ["b0", "i0", "i1", "i2"], "one aged batch request, then the interactive ones"
 
