@@ -12,6 +12,7 @@ import yaml
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from tools.metrics import metric_sum
+from tools.s3 import S3Server, start_s3_server
 from tools.stack import LocalStack, StackPorts
 from tools.triton import triton_counter
 
@@ -42,6 +43,7 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         "tenant-batch-limits": "test-key-tenant-batch-limits"}
 # The batch tests' gateways: leases of seconds, not the default half minute (a test kills a gateway and waits for
 # its lines to be taken over); windows of seconds (one waits for a batch to expire); limits a test can reach.
+BATCH_BUCKET = "mesh-batch-files"
 BATCH_ENV = {"MESH_GATEWAY_BATCH__LEASE_S": "3", "MESH_GATEWAY_BATCH__MIN_WINDOW_S": "1",
              "MESH_GATEWAY_BATCH__MAX_FILE_BYTES": str(2 * 1024 * 1024), "MESH_GATEWAY_BATCH__MAX_FILES": "6",
              "MESH_GATEWAY_BATCH__MAX_BATCHES_IN_FLIGHT": "3"}
@@ -88,10 +90,19 @@ def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, tenants_file: Path) -> Iterator[LocalStack]:
-    # Semantic hits on: the cache's own tests exercise them (every shipped registry leaves them off).
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    server = start_s3_server(tmp_path_factory.mktemp("s3") / "s3.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, tenants_file: Path, s3_server: S3Server) -> Iterator[LocalStack]:
+    # Semantic hits on: the cache's own tests exercise them (every shipped registry leaves them off). Batch files
+    # in a bucket, as replicas on many machines keep them (`make up` uses a directory).
     mesh = LocalStack(tmp_path_factory.mktemp("stack"), StackPorts.free(1, gateways=2), tenants_file=tenants_file,
-                      semantic_cache=True, service_env={"gateway": BATCH_ENV})
+                      semantic_cache=True,
+                      service_env={"gateway": {**BATCH_ENV, **s3_server.gateway_env(BATCH_BUCKET)}})
     mesh.start()
     yield mesh
     mesh.stop()

@@ -1,8 +1,9 @@
-"""Makes compose/.env with fresh random secrets (edge secret, Redis, MinIO, Grafana, PostgreSQL) when it is absent,
-the PKI (CA, server and client certificates, JWT key) in run/pki, and a tenants file with one tenant and a fresh
-API key (run/compose/tenants.yaml; the key is printed once and kept in compose/.env as MESH_API_KEY). Compose
-refuses to start without them: nothing secret is committed or baked into an image, and the development key of
-`make up` (config/tenants.yaml) is never what compose serves. Rotate by deleting them and running it again.
+"""Makes compose/.env with fresh random secrets (edge secret, Redis, MinIO and the gateways' MinIO user, Grafana,
+PostgreSQL) when it is absent, the PKI (CA, server and client certificates, JWT key) in run/pki, and a tenants file
+with one tenant and a fresh API key (run/compose/tenants.yaml; the key is printed once and kept in compose/.env as
+MESH_API_KEY). Compose refuses to start without them: nothing secret is committed or baked into an image, and the
+development key of `make up` (config/tenants.yaml) is never what compose serves. Rotate by deleting them and running
+it again.
 
     python -m tools.compose_secrets            # writes what is missing
 """
@@ -21,7 +22,8 @@ from tools.pki import ensure_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET_NAMES = ("MESH_EDGE_SECRET", "REDIS_PASSWORD", "REDIS_GATEWAY_PASSWORD", "MINIO_ROOT_USER",
-                "MINIO_ROOT_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "TRITON_HTTP_KEY", "POSTGRES_PASSWORD")
+                "MINIO_ROOT_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "TRITON_HTTP_KEY", "POSTGRES_PASSWORD",
+                "MESH_BATCH_S3_ACCESS_KEY", "MESH_BATCH_S3_SECRET_KEY")
 
 
 def new_secrets() -> dict[str, str]:

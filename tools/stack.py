@@ -289,11 +289,11 @@ class LocalStack:
         prefix = f"MESH_{service.upper()}_TLS__"
         return {f"{prefix}CERT": tls.cert, f"{prefix}KEY": tls.key, f"{prefix}CA": tls.ca}
 
-    def _start(self, name: str, env: dict[str, str]) -> ManagedProcess:
+    def _start(self, name: str, env: dict[str, str], env_wins: bool = False) -> ManagedProcess:
+        """env_wins: `env` over the stack's service_env (a process a test starts with settings of its own)."""
         service = name.split("-")[0]
-        self.processes[name] = start_service(f"services.{service}", name,
-                                             {**env, **self._tracing_env(name), **self._tls_env(service),
-                                              **self.service_env.get(name.split("-")[0], {})},
+        merged = {**env, **self._tracing_env(name), **self._tls_env(service), **self.service_env.get(service, {})}
+        self.processes[name] = start_service(f"services.{service}", name, merged | env if env_wins else merged,
                                              self.run_dir / f"{name}.log")
         return self.processes[name]
 
@@ -379,10 +379,10 @@ class LocalStack:
         self.start_gateway_as(name, self.gateway_env(port, metrics_port, http_port))
 
     def start_gateway_as(self, name: str, env: dict[str, str]) -> str:
-        """Starts a gateway process named `name` with `env` (gateway_env's, changed) and returns its address
-        once it is SERVING."""
+        """Starts a gateway process named `name` with `env` (gateway_env's, changed: the changes win over the
+        stack's service_env) and returns its address once it is SERVING."""
         address = f"127.0.0.1:{env['MESH_GATEWAY_PORT']}"
-        wait_grpc_serving(address, self._start(name, env), 30, self.admin_credentials())
+        wait_grpc_serving(address, self._start(name, env, env_wins=True), 30, self.admin_credentials())
         return address
 
     def start_gateways(self) -> None:

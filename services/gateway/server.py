@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -33,7 +32,7 @@ from services.gateway.admin_http import AdminHttp
 from services.gateway.auth import Authenticates, Authenticator
 from services.gateway.batches.http import BatchesHttp, NoBatches
 from services.gateway.batches.runner import BatchRunner
-from services.gateway.batches.storage import LocalDirectory
+from services.gateway.batches.storage import open_storage
 from services.gateway.batches.store import BatchStore
 from services.gateway.budgets import SETTLE_MARGIN_S, TokenBudgets
 from services.gateway.cache_client import CacheClient
@@ -151,7 +150,7 @@ def _batches(settings: GatewaySettings, store: AdminStore | None, core: MeshCore
     if store is None or not settings.batch.enabled:
         return NoBatches(), None
     batch_store = BatchStore(store.engine)
-    files = LocalDirectory(Path(settings.batch.files_dir))
+    files = open_storage(settings.batch)
     runner = BatchRunner(batch_store, files, settings.batch,
                          lambda caller, endpoint, body, timeout_s: run_line(core, caller, endpoint, body, timeout_s),
                          auth.caller_for)

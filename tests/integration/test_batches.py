@@ -2,7 +2,8 @@
 a batch runs to completed and its output parses; an invalid line lands in the error file while the rest succeed;
 a cancel mid-way and a window that runs out end what had not started; a gateway killed mid-batch leaves its lines
 to the other, every line answered once; another tenant's ids are not found; bad files and batches are refused
-with nothing half-created. The shared stack's gateways run with tests/conftest.py's BATCH_ENV."""
+with nothing half-created; file bytes live in an S3 bucket, and a bucket that stops answering is a 503 with
+nothing kept. The shared stack's gateways run with tests/conftest.py's BATCH_ENV and keep files on its S3 server."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import BATCH_ENV, EMBEDDER, KEYS, LLM
+from tests.conftest import BATCH_BUCKET, BATCH_ENV, EMBEDDER, KEYS, LLM
+from tools.processes import free_port
+from tools.s3 import start_s3_server
 from tools.stack import LocalStack
 
 POLL_S = 0.5
@@ -250,3 +253,49 @@ def test_a_tenant_over_its_file_limit_is_refused(stack):
                 assert client.files.delete(file_id).deleted
         with pytest.raises(openai.NotFoundError):
             client.files.retrieve(made[0])
+
+
+def test_file_bytes_live_in_the_bucket_and_go_with_a_delete(stack, client, s3_server):
+    """The shared stack's gateways keep batch files in an S3 bucket (tests/conftest.py): an upload's bytes and a
+    batch's output are objects there, nothing is written to a local directory, and a delete removes the object."""
+    bucket = s3_server.client()
+    data = _jsonl([_chat_line("s3", "Name a bird.")])
+    file_id = client.files.create(file=("birds.jsonl", data), purpose="batch").id
+    assert bucket.get_object(Bucket=BATCH_BUCKET, Key=f"batch-files/{file_id}")["Body"].read() == data
+    done = _final(client, client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                                completion_window="24h").id)
+    stored = bucket.get_object(Bucket=BATCH_BUCKET, Key=f"batch-files/{done.output_file_id}")["Body"].read()
+    assert stored == client.files.content(done.output_file_id).content and b'"custom_id":"s3"' in stored
+    assert not (stack.run_dir / "files").exists(), "with S3 storage no gateway writes a files directory"
+    assert client.files.delete(file_id).deleted
+    with pytest.raises(bucket.exceptions.ClientError) as gone:
+        bucket.head_object(Bucket=BATCH_BUCKET, Key=f"batch-files/{file_id}")
+    assert gone.value.response["Error"]["Code"] == "404"
+
+
+def test_a_bucket_that_stops_answering_is_a_503_and_nothing_is_kept(stack, tmp_path):
+    """A gateway whose S3 server went away: an upload is a 503 in OpenAI's shape that says to try again, and keeps
+    no file row; an earlier file's content is a 503, not a 404 or a 500; inference on the same gateway goes on."""
+    server = start_s3_server(tmp_path / "s3.log")
+    port, metrics, http = free_port(), free_port(), free_port()
+    stack.start_gateway_as("gateway-s3-away", {**stack.gateway_env(port, metrics, http), **BATCH_ENV,
+                                               **server.gateway_env("mesh-away"),
+                                               "MESH_GATEWAY_BATCH__S3__TIMEOUT_S": "2"})
+    try:
+        with openai.OpenAI(api_key=KEYS["tenant-batch-other"], base_url=f"http://127.0.0.1:{http}/v1",
+                           max_retries=0, timeout=60) as direct:
+            kept = _upload(direct, [_chat_line("a", "hi")])
+            before = [f.id for f in direct.files.list(limit=100).data]
+            server.stop()
+            with pytest.raises(openai.APIStatusError) as refused:
+                _upload(direct, [_chat_line("b", "hi")])
+            assert refused.value.status_code == 503 and "try again" in refused.value.message, refused.value.message
+            assert [f.id for f in direct.files.list(limit=100).data] == before, "no row for bytes never kept"
+            with pytest.raises(openai.APIStatusError) as away:
+                direct.files.content(kept)
+            assert away.value.status_code == 503, away.value
+            assert len(direct.embeddings.create(model=EMBEDDER, input="still serving").data[0].embedding) == 384
+            assert direct.files.delete(kept).deleted, "the row goes even when the bytes cannot"
+    finally:
+        stack.processes.pop("gateway-s3-away").stop()
+        server.stop()

@@ -350,3 +350,39 @@ def test_static_security_rules_hold_for_compose(profile):
     assert "wordnet-base" in services_stage and str(CacheSettings.model_fields["wordnet_dir"].default) == \
         "/usr/share/wordnet"
     assert "config/tenants.yaml" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_gateways_keep_batch_files_in_minio_as_a_user_allowed_that_bucket_only(profile, monkeypatch):
+    """Every gateway replica reads the files another one was sent: they share a MinIO bucket, not a volume. They
+    reach it as the user minio-setup makes, whose policy names that bucket alone, never as MinIO's root (which
+    also reaches Milvus's data): a compromised gateway cannot read or wipe the vectors."""
+    from services.gateway.settings import GatewaySettings
+
+    services = resolved(profile)["services"]
+    setup = services["minio-setup"]
+    script = setup["command"][0]
+    policy = json.loads((COMPOSE / "minio" / "batch-files-policy.json").read_text())
+    resources = {resource for statement in policy["Statement"] for resource in statement["Resource"]}
+    for i in (1, 2, 3):
+        gateway = services[f"gateway-{i}"]
+        env = gateway["environment"]
+        bucket = env["MESH_GATEWAY_BATCH__S3__BUCKET"]
+        assert env["MESH_GATEWAY_BATCH__STORAGE"] == "s3" and env["MESH_GATEWAY_BATCH__S3__ENDPOINT_URL"] == \
+            "http://minio:9000"
+        assert env["AWS_ACCESS_KEY_ID"] == COMPOSE_SECRETS["MESH_BATCH_S3_ACCESS_KEY"] != \
+            COMPOSE_SECRETS["MINIO_ROOT_USER"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == COMPOSE_SECRETS["MESH_BATCH_S3_SECRET_KEY"]
+        assert not {k for k, v in env.items() if "MINIO_ROOT" in k or v in (COMPOSE_SECRETS["MINIO_ROOT_USER"],
+                                                                          COMPOSE_SECRETS["MINIO_ROOT_PASSWORD"])}
+        assert gateway["depends_on"]["minio-setup"]["condition"] == "service_completed_successfully"
+        assert resources == {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}
+        assert f"mc mb --ignore-existing mesh/{bucket} " in script
+        for key, value in env.items():
+            if key.startswith("MESH_GATEWAY_BATCH__"):
+                monkeypatch.setenv(key, value)
+        assert GatewaySettings().batch.s3.bucket == bucket, "the names are the gateway's settings"
+    # `config` prints compose's escaped `$$`: the container's shell gets `$`, its own environment's value.
+    assert "/policy.json" in script and 'mc admin user add mesh "$$MESH_BATCH_S3_ACCESS_KEY"' in script
+    assert setup["image"].startswith("minio/mc:RELEASE.") and setup["depends_on"]["minio"]["condition"] == \
+        "service_healthy"

@@ -576,3 +576,47 @@ def test_an_admin_database_reaches_gateways_and_rate_limits_only_when_named():
                            "networkPolicies.egressCidrs.postgres[0]=10.40.0.0/24")
     assert reaching(managed, {"ipBlock": {"cidr": "10.40.0.0/24"}}) == {"gateway", "ratelimit"}
     assert reaching(managed, namespace) == set()
+
+
+def test_batches_are_off_until_a_database_and_a_bucket_are_named_then_every_gateway_shares_the_bucket(tmp_path):
+    """batch.enabled: the gateways keep files in the named S3 bucket with the credentials Secret's keys (or the
+    pod's cloud identity), reach the object store through their NetworkPolicy and nothing else does; without the
+    admin database or a bucket, the render fails with what to set rather than deploying routes that cannot work."""
+    def gateway_env(objects: list[dict]) -> dict[str, dict]:
+        (gateway,) = [w for w in _workloads(objects) if w["metadata"]["name"] == "mesh-gateway"]
+        return {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    def reaching(objects: list[dict], peer: dict) -> set[str]:
+        return {p["metadata"]["name"].removeprefix("mesh-") for p in _by_kind(objects, "NetworkPolicy")
+                if any(peer in rule["to"] for rule in p["spec"].get("egress", []))}
+
+    minio = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "minio"}}}
+    plain = render_chart("cpu")
+    assert gateway_env(plain)["MESH_GATEWAY_BATCH__ENABLED"]["value"] == "false" and reaching(plain, minio) == set()
+    for sets, words in ((["batch.enabled=true"], "needs admin.databaseSecret"),
+                        (["batch.enabled=true", "admin.databaseSecret=db"], "needs batch.s3.bucket")):
+        command = [_tool("helm"), "template", "mesh", str(CHART), "-f", str(CHART / "values-cpu.yaml")]
+        failed = subprocess.run([*command, *(f"--set={s}" for s in sets)], capture_output=True, text=True,
+                                timeout=120)
+        assert failed.returncode != 0 and words in failed.stderr, failed.stderr
+    enabled = render_chart("cpu", "batch.enabled=true", "admin.databaseSecret=mesh-admin-db",
+                           "batch.s3.bucket=mesh-batches", "batch.s3.endpointUrl=http://minio.minio:9000",
+                           "batch.s3.credentialsSecret=mesh-batch-s3")
+    env = gateway_env(enabled)
+    assert "MESH_GATEWAY_BATCH__ENABLED" not in env
+    assert {k: env[k]["value"] for k in env if k.startswith("MESH_GATEWAY_BATCH__")} == {
+        "MESH_GATEWAY_BATCH__STORAGE": "s3", "MESH_GATEWAY_BATCH__S3__BUCKET": "mesh-batches",
+        "MESH_GATEWAY_BATCH__S3__ENDPOINT_URL": "http://minio.minio:9000",
+        "MESH_GATEWAY_BATCH__S3__REGION": "us-east-1", "MESH_GATEWAY_BATCH__S3__PREFIX": "batch-files/"}
+    assert [env[k]["valueFrom"]["secretKeyRef"] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")] == [
+        {"name": "mesh-batch-s3", "key": "access-key-id"}, {"name": "mesh-batch-s3", "key": "secret-access-key"}]
+    assert reaching(enabled, minio) == {"gateway"}
+    on_aws = render_chart("cpu", "batch.enabled=true", "admin.databaseSecret=mesh-admin-db",
+                          "batch.s3.bucket=mesh-batches", "networkPolicies.egressCidrs.objectStorage[0]=52.216.0.0/15")
+    assert "AWS_ACCESS_KEY_ID" not in gateway_env(on_aws), "no Secret named: the pod's own identity"
+    assert reaching(on_aws, {"ipBlock": {"cidr": "52.216.0.0/15"}}) == {"gateway"}
+    written = tmp_path / "batch.yaml"
+    written.write_text(yaml.safe_dump_all(enabled))
+    lines = subprocess.run([_tool("python"), str(ROOT / "tools" / "k8s_validate.py"), SCHEMA_VERSIONS[-1],
+                            str(written)], capture_output=True, text=True, timeout=300, check=True)
+    assert not [r for r in map(json.loads, lines.stdout.splitlines()) if r["result"] == "invalid"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import Callable
 
@@ -18,7 +19,7 @@ from services.common.errors import MeshError
 from services.gateway.auth import Caller
 from services.gateway.batches import jsonl
 from services.gateway.batches.settings import BatchSettings
-from services.gateway.batches.storage import FileStorage
+from services.gateway.batches.storage import FileStorage, StorageUnavailable
 from services.gateway.batches.store import BatchStore, Refused, new_id
 from services.gateway.core import MeshCore
 from services.gateway.openai_http.app import parsed_body
@@ -32,7 +33,9 @@ from services.gateway.openai_http.errors import (
 from services.gateway.openai_http.schema import CreateBatchRequest
 
 NOT_FOUND = HttpError(404, "invalid_request_error", "not_found")
+STORAGE_AWAY = HttpError(503, "server_error", "service_unavailable")
 LIMIT = HttpError(429, "rate_limit_error", "limit_exceeded")
+log = logging.getLogger(__name__)
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
 _KIND = {"/v1/embeddings": models_pb2.MODEL_KIND_EMBED, "/v1/chat/completions": models_pb2.MODEL_KIND_GENERATE,
@@ -116,7 +119,10 @@ class BatchesHttp:
         except jsonl.BadFile as exc:
             raise invalid_body(str(exc), "file") from None
         file_id = new_id("file")
-        await asyncio.to_thread(self._files.put, file_id, data)
+        try:
+            await asyncio.to_thread(self._files.put, file_id, data)
+        except StorageUnavailable as exc:
+            raise _storage_away(exc) from None
         try:
             row = await asyncio.to_thread(self._store.add_file, file_id, caller.tenant, "batch", filename, len(data),
                                           len(lines), self._settings.max_files)
@@ -160,12 +166,14 @@ class BatchesHttp:
     async def _bytes(self, file_id: str) -> bytes:
         try:
             return await asyncio.to_thread(self._files.get, file_id)
+        except StorageUnavailable as exc:
+            raise _storage_away(exc) from None
         except FileNotFoundError:
-            # The row says it was kept, this replica cannot see it: its files directory is not the one the
-            # replica that took the upload wrote to.
-            raise OpenAIError(HttpError(503, "server_error", "service_unavailable"),
+            # The row says it was kept, this replica cannot see it: it does not share the storage of the replica
+            # that took the upload.
+            raise OpenAIError(STORAGE_AWAY,
                               f"file {file_id} is not in this gateway's file storage: every gateway replica must "
-                              "share MESH_GATEWAY_BATCH__FILES_DIR") from None
+                              "share one MESH_GATEWAY_BATCH__FILES_DIR or S3 bucket") from None
 
     async def get_file(self, request: web.Request) -> web.Response:
         return web.json_response(file_object(await self._file(request)))
@@ -178,7 +186,11 @@ class BatchesHttp:
         caller = self._caller(request)
         row = await self._file(request)
         if await asyncio.to_thread(self._store.delete_file, caller.tenant, row["id"]):
-            await asyncio.to_thread(self._files.delete, row["id"])
+            try:
+                await asyncio.to_thread(self._files.delete, row["id"])
+            except StorageUnavailable as exc:
+                # The file is gone for every caller (its row is); only its bytes stay behind, unreachable.
+                log.warning("a deleted file's bytes stay in storage", extra={"file_id": row["id"], "error": str(exc)})
         return web.json_response({"id": row["id"], "object": "file", "deleted": True})
 
     async def list_files(self, request: web.Request) -> web.Response:
@@ -266,6 +278,12 @@ class BatchesHttp:
             return await asyncio.to_thread(call, *args)
         except Refused as exc:
             raise invalid_body(str(exc), "after") from None
+
+
+def _storage_away(exc: StorageUnavailable) -> OpenAIError:
+    log.warning("batch file storage did not answer", extra={"error": str(exc)})
+    return OpenAIError(STORAGE_AWAY, "the mesh's file storage did not answer; nothing was kept or changed, try "
+                                     "again in a moment")
 
 
 def _unset(request: web.Request) -> Caller:
