@@ -40,7 +40,7 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         "tenant-fuzz": "test-key-tenant-fuzz",
         # The batch suite's own: two tenants to try each other's ids, one for its limits.
         "tenant-batch": "test-key-tenant-batch", "tenant-batch-other": "test-key-tenant-batch-other",
-        "tenant-batch-limits": "test-key-tenant-batch-limits"}
+        "tenant-batch-limits": "test-key-tenant-batch-limits", "tenant-batch-grpc": "test-key-tenant-batch-grpc"}
 # The batch tests' gateways: leases of seconds, not the default half minute (a test kills a gateway and waits for
 # its lines to be taken over); windows of seconds (one waits for a batch to expire); limits a test can reach.
 BATCH_BUCKET = "mesh-batch-files"
@@ -72,7 +72,7 @@ TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": 
                 "tenant-reserve": "small-budget", "tenant-metered": "metered",
                 "tenant-metered-kserve": "metered", "tenant-storage": "storage-small",
                 "tenant-fuzz": "fuzz", "tenant-batch": "bulk", "tenant-batch-other": "bulk",
-                "tenant-batch-limits": "bulk"}
+                "tenant-batch-limits": "bulk", "tenant-batch-grpc": "bulk"}
 
 
 def write_tenants(path: Path) -> Path:

@@ -27,7 +27,10 @@ from services.edge.settings import EdgeSettings
 MESH = "/inference_mesh.v1.InferenceMesh/"
 KSERVE = "/inference.GRPCInferenceService/"
 STREAMING = [MESH + "Generate", MESH + "Ask", KSERVE + "ModelStreamInfer"]
-INGEST = [MESH + "UpsertDocuments"]
+# The Files and Batches API over gRPC: files stream in and out in chunks (an ingest's time), the rest are metadata
+# calls. None is retried once a gateway saw it: an upload, a create or a cancel is a write.
+BATCHES = "/inference_mesh.v1.Batches/"
+INGEST = [MESH + "UpsertDocuments", BATCHES + "UploadFile", BATCHES + "GetFileContent"]
 OPENAI_PREFIX = "/v1/"
 # The admin API (services/admin): gRPC and JSON over HTTP. An admin has no tenant bucket: not rate-limited per
 # tenant (the per-connection shield still applies), and never retried once a gateway saw it (a create is a write).
@@ -207,6 +210,7 @@ def _routes(s: EdgeSettings) -> list[dict[str, Any]]:
     routes += [_route({"path": p}, s.inference_timeout_s, never_reached, limited) for p in STREAMING]
     routes += [_route({"path": p}, s.ingest_timeout_s, never_reached, limited) for p in INGEST]
     routes += [_route({"path": p}, s.inference_timeout_s, unary, limited) for p in UNARY_INFERENCE]
+    routes.append(_route({"prefix": BATCHES}, s.metadata_timeout_s, never_reached, limited))
     routes += [_route({"prefix": prefix}, s.metadata_timeout_s, unary, limited) for prefix in (MESH, KSERVE)]
     routes += [_route({"prefix": "/grpc.health.v1.Health/"}, s.metadata_timeout_s, unary, limited=False),
                _route({"prefix": "/grpc.reflection."}, s.metadata_timeout_s * 2, never_reached, limited=False)]

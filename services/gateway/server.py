@@ -13,6 +13,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from inference_mesh.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    batches_pb2,
+    batches_pb2_grpc,
     mesh_pb2,
     mesh_pb2_grpc,
     retrieval_pb2_grpc,
@@ -30,7 +32,9 @@ from services.common.resilient_channel import resilient_channel
 from services.common.server import ServiceHost, run_service
 from services.gateway.admin_http import AdminHttp
 from services.gateway.auth import Authenticates, Authenticator
-from services.gateway.batches.http import BatchesHttp, NoBatches
+from services.gateway.batches.api import BatchApi
+from services.gateway.batches.grpc_service import BatchesService
+from services.gateway.batches.http import NO_BATCHES, BatchesHttp, NoBatches
 from services.gateway.batches.runner import BatchRunner
 from services.gateway.batches.storage import open_storage
 from services.gateway.batches.store import BatchStore
@@ -78,7 +82,8 @@ async def serve(settings: GatewaySettings) -> None:
     budgets = TokenBudgets(budget_channel, settings.budget_timeout_s, settings.budget_charge_timeout_s,
                            settings.budget_fail_open) if budget_channel else None
     public = (mesh_pb2.DESCRIPTOR.services_by_name["InferenceMesh"].full_name,
-              service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name)
+              service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+              batches_pb2.DESCRIPTOR.services_by_name["Batches"].full_name)
     host = ServiceHost("gateway", settings, settings.max_in_flight, party_share=settings.tenant_share_of_in_flight,
                        party_of=auth.tenant_of, answered=[Authenticates(auth, public)])
     engines = EngineChannels(settings.tls) if settings.token_path == "direct" else None
@@ -114,16 +119,17 @@ async def serve(settings: GatewaySettings) -> None:
             catalog.loaded or await catalog.refresh())
         return serving
 
-    batches, runner = _batches(settings, directory.store, core, auth)
+    batch_api, runner = _batches(settings, directory.store, core, auth)
+    batches_pb2_grpc.add_BatchesServicer_to_server(BatchesService(batch_api, NO_BATCHES), host.server)
     http = await _start_http(settings, OpenAIApi(
         auth, core, host.shedder, is_ready=lambda: serving and not host.stopping,
         max_body_bytes=settings.kserve_limits.max_request_bytes, internal_tls=settings.tls.enabled,
         response_store=ResponseStore(cache_channel, settings.cache_store_timeout_s) if cache_channel else None,
-        admin=AdminHttp(admin_ops), batches=batches)) \
+        admin=AdminHttp(admin_ops), batches=BatchesHttp(batch_api) if batch_api else NoBatches())) \
         if settings.http_port else None
     try:
         await host.run(background=[host.serving_while(router_serves), catalog.refresh_forever, directory.follow,
-                                   usage.run, *([runner.run] if runner is not None and settings.http_port else [])])
+                                   usage.run, *([runner.run] if runner is not None else [])])
     finally:
         directory.close()
         if http is not None:
@@ -144,17 +150,17 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def _batches(settings: GatewaySettings, store: AdminStore | None, core: MeshCore,
-             auth: Authenticator) -> tuple[BatchesHttp | NoBatches, BatchRunner | None]:
+             auth: Authenticator) -> tuple[BatchApi | None, BatchRunner | None]:
     """The Files and Batches API and this replica's share of the batch work, where there is a database to keep
-    them in. Only replicas that serve HTTP (where batches are made) run lines."""
+    them in."""
     if store is None or not settings.batch.enabled:
-        return NoBatches(), None
+        return None, None
     batch_store = BatchStore(store.engine)
     files = open_storage(settings.batch)
     runner = BatchRunner(batch_store, files, settings.batch,
                          lambda caller, endpoint, body, timeout_s: run_line(core, caller, endpoint, body, timeout_s),
                          auth.caller_for)
-    return BatchesHttp(batch_store, files, settings.batch, core), runner
+    return BatchApi(batch_store, files, settings.batch, core), runner
 
 
 async def _start_http(settings: GatewaySettings, api: OpenAIApi) -> web.AppRunner:

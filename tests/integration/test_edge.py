@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf.duration_pb2 import Duration
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, quota_pb2
-from services.common.deadlines import GENERATION_BUDGET_S
+from services.common.deadlines import GENERATION_BUDGET_S, INGEST_BUDGET_S
 from services.common.tenants import Tenant, TenantConfig, Tier
 from services.edge.render import render
 from services.edge.settings import EdgeSettings
@@ -117,6 +117,10 @@ def test_rendered_config_follows_the_settings(stack):
     assert "unavailable" not in routes["/inference_mesh.v1.InferenceMesh/Generate"]["retry_policy"]["retry_on"]
     assert "unavailable" in routes["/inference_mesh.v1.InferenceMesh/Embed"]["retry_policy"]["retry_on"]
     assert routes["/inference_mesh.v1.InferenceMesh/"]["timeout"] == "5s"
+    # Batches: a file streams for an ingest's time; nothing a gateway saw is retried (an upload or a create writes).
+    assert routes["/inference_mesh.v1.Batches/UploadFile"]["timeout"] == f"{INGEST_BUDGET_S:.0f}s"
+    assert all("unavailable" not in route["retry_policy"]["retry_on"] for match, route in routes.items()
+               if match.startswith("/inference_mesh.v1.Batches/"))
 
 
 # --- TLS -----------------------------------------------------------------------------------------------------
