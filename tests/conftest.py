@@ -40,7 +40,8 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         "tenant-fuzz": "test-key-tenant-fuzz",
         # The batch suite's own: two tenants to try each other's ids, one for its limits.
         "tenant-batch": "test-key-tenant-batch", "tenant-batch-other": "test-key-tenant-batch-other",
-        "tenant-batch-limits": "test-key-tenant-batch-limits", "tenant-batch-grpc": "test-key-tenant-batch-grpc"}
+        "tenant-batch-limits": "test-key-tenant-batch-limits", "tenant-batch-grpc": "test-key-tenant-batch-grpc",
+        "tenant-batch-terms": "test-key-tenant-batch-terms"}
 # The batch tests' gateways: leases of seconds, not the default half minute (a test kills a gateway and waits for
 # its lines to be taken over); windows of seconds (one waits for a batch to expire); limits a test can reach.
 BATCH_BUCKET = "mesh-batch-files"
@@ -56,6 +57,9 @@ TIERS = {
     "small-budget": {"requests_per_minute": 1000, "burst": 50, "tokens_per_minute": 300,
                      "tokens_per_month": 1_000_000},
     "bulk": {"requests_per_minute": 100_000, "burst": 10_000},
+    # A tier's own batch terms: half price at batch priority, tighter limits than the deployment's (BATCH_ENV).
+    "batch-terms": {"requests_per_minute": 100_000, "burst": 10_000, "batch_discount": 0.5, "max_batch_files": 2,
+                    "max_batches_in_flight": 1},
     "tiny": {"requests_per_minute": 60, "burst": 3},
     "bulk-double": {"requests_per_minute": 100_000, "burst": 10_000, "share_weight": 2.0},
     "metered": {"requests_per_minute": 1000, "burst": 50, "tokens_per_minute": 1_000_000,
@@ -72,7 +76,7 @@ TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": 
                 "tenant-reserve": "small-budget", "tenant-metered": "metered",
                 "tenant-metered-kserve": "metered", "tenant-storage": "storage-small",
                 "tenant-fuzz": "fuzz", "tenant-batch": "bulk", "tenant-batch-other": "bulk",
-                "tenant-batch-limits": "bulk", "tenant-batch-grpc": "bulk"}
+                "tenant-batch-limits": "bulk", "tenant-batch-grpc": "bulk", "tenant-batch-terms": "batch-terms"}
 
 
 def write_tenants(path: Path) -> Path:
@@ -89,6 +93,20 @@ def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tenants(tmp_path_factory.mktemp("config") / "tenants.yaml")
 
 
+# The shipped registry's cpu pool is free; the tests' is priced, so that usage records carry costs to compare.
+CPU_PRICE_PER_1K = 0.002
+
+
+def priced_registry(path: Path) -> Path:
+    registry = yaml.safe_load((Path(__file__).parent.parent / "config" / "registry.yaml").read_text())
+    for spec in registry["models"].values():
+        for placement in spec["pools"]:
+            if isinstance(placement, dict) and placement["pool"] == "cpu":
+                placement["cost_per_1k_tokens"] = CPU_PRICE_PER_1K
+    path.write_text(yaml.safe_dump(registry))
+    return path
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     server = start_s3_server(tmp_path_factory.mktemp("s3") / "s3.log")
@@ -101,6 +119,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tenants_file: Path, s3_serve
     # Semantic hits on: the cache's own tests exercise them (every shipped registry leaves them off). Batch files
     # in a bucket, as replicas on many machines keep them (`make up` uses a directory).
     mesh = LocalStack(tmp_path_factory.mktemp("stack"), StackPorts.free(1, gateways=2), tenants_file=tenants_file,
+                      registry_file=priced_registry(tmp_path_factory.mktemp("registry") / "registry.yaml"),
                       semantic_cache=True,
                       service_env={"gateway": {**BATCH_ENV, **s3_server.gateway_env(BATCH_BUCKET)}})
     mesh.start()

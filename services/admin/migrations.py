@@ -136,6 +136,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (batch_id, line))""",
         "CREATE INDEX mesh_batch_lines_state ON mesh_batch_lines (batch_id, state)",
     )),
+    Migration(5, "a tier's batch discount and batch limits", (
+        # 0 for the tiers already there: full price, and the deployment's limits, as before this step.
+        "ALTER TABLE mesh_tiers ADD COLUMN batch_discount DOUBLE PRECISION NOT NULL DEFAULT 0",
+        "ALTER TABLE mesh_tiers ADD COLUMN max_batch_files INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE mesh_tiers ADD COLUMN max_batches_in_flight INTEGER NOT NULL DEFAULT 0",
+    )),
 )
 
 _VERSIONS_TABLE = """CREATE TABLE IF NOT EXISTS mesh_schema_versions (

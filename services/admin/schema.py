@@ -15,6 +15,9 @@ tiers = Table(
     Column("tokens_per_month", BigInteger, nullable=False),
     Column("share_weight", Float, nullable=False),
     Column("max_stored_vectors", BigInteger, nullable=False),
+    Column("batch_discount", Float, nullable=False),
+    Column("max_batch_files", Integer, nullable=False),
+    Column("max_batches_in_flight", Integer, nullable=False),
 )
 
 tenants = Table(

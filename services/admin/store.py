@@ -70,21 +70,21 @@ def _tier_row(tier: admin_pb2.AdminTier) -> dict[str, Any]:
     weight = tier.share_weight or 1.0
     # The same rules as the YAML's (services/common/tenants.Tier), so an import never meets a row it refuses.
     try:
-        Tier(requests_per_minute=tier.requests_per_minute, burst=tier.burst,
-             tokens_per_minute=tier.tokens_per_minute, tokens_per_month=tier.tokens_per_month,
-             share_weight=weight, max_stored_vectors=tier.max_stored_vectors)
+        checked = Tier(**{**_tier_fields(tier), "share_weight": weight})
     except ValueError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())  # type: ignore[attr-defined]
         raise invalid(f"tier {tier.name!r}: {problems}") from None
-    return {"name": tier.name, "requests_per_minute": tier.requests_per_minute, "burst": tier.burst,
-            "tokens_per_minute": tier.tokens_per_minute, "tokens_per_month": tier.tokens_per_month,
-            "share_weight": weight, "max_stored_vectors": tier.max_stored_vectors}
+    return {"name": tier.name, **checked.model_dump()}
+
+
+def _tier_fields(source: Any) -> dict[str, Any]:
+    """A Tier's fields, read off a proto, a row or anything else that has them by the same names: the YAML's
+    Tier, the admin API's AdminTier and the mesh_tiers columns agree name for name."""
+    return {name: getattr(source, name) for name in Tier.model_fields}
 
 
 def _tier(row: Any) -> admin_pb2.AdminTier:
-    return admin_pb2.AdminTier(name=row.name, requests_per_minute=row.requests_per_minute, burst=row.burst,
-                               tokens_per_minute=row.tokens_per_minute, tokens_per_month=row.tokens_per_month,
-                               share_weight=row.share_weight, max_stored_vectors=row.max_stored_vectors)
+    return admin_pb2.AdminTier(name=row.name, **_tier_fields(row))
 
 
 def _tenant(row: Any) -> admin_pb2.AdminTenant:
@@ -148,10 +148,7 @@ class AdminStore:
         Revoked keys are left out; expired ones stay in (with their time) so the refusal can say so."""
         with self._engine.begin() as connection:
             rev = connection.execute(select(schema.revision.c.value).where(schema.revision.c.id == 1)).scalar_one()
-            tiers = {row.name: Tier(requests_per_minute=row.requests_per_minute, burst=row.burst,
-                                    tokens_per_minute=row.tokens_per_minute, tokens_per_month=row.tokens_per_month,
-                                    share_weight=row.share_weight, max_stored_vectors=row.max_stored_vectors)
-                     for row in connection.execute(select(schema.tiers))}
+            tiers = {row.name: Tier(**_tier_fields(row)) for row in connection.execute(select(schema.tiers))}
             keys: dict[str, list[ApiKey]] = {}
             live = select(schema.api_keys).where(schema.api_keys.c.revoked_at.is_(None))
             for row in connection.execute(live):

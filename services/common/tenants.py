@@ -24,6 +24,13 @@ class Tier(BaseModel, extra="forbid"):
     share_weight: float = Field(default=1.0, gt=0.0, le=100.0)
     # Storage: the vectors (one per chunk passage) a tenant may keep in the document index; 0 = unlimited.
     max_stored_vectors: int = Field(default=0, ge=0)
+    # Batch inference: the share of the price that work at batch priority is not charged (0.5: half price, as
+    # OpenAI's Batch API), because it waits for capacity interactive work leaves.
+    batch_discount: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # Files kept for batches and batches in flight at once; 0: the deployment's (MESH_GATEWAY_BATCH__MAX_FILES,
+    # MESH_GATEWAY_BATCH__MAX_BATCHES_IN_FLIGHT).
+    max_batch_files: int = Field(default=0, ge=0)
+    max_batches_in_flight: int = Field(default=0, ge=0)
 
 
 class ApiKey(BaseModel, extra="forbid"):

@@ -9,14 +9,15 @@ import hmac
 import time
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
 
+from inference_mesh.v1 import mesh_pb2
 from services.common.errors import bug, denied, unauthenticated
 from services.common.handler_wrapping import HandlerInterceptor, Stream, Unary
-from services.common.tenants import TenantConfig, hash_key
+from services.common.tenants import TenantConfig, Tier, hash_key
 from services.common.wire import EDGE_SECRET_HEADER, JWT_TENANT_HEADER
 from services.gateway.credentials import CredentialError, single_credential
 
@@ -29,11 +30,24 @@ class Caller:
     max_stored_vectors: int = 0
     key_id: str = ""                              # the API key's id in the admin database; "" for a JWT
     allowed_models: frozenset[str] = frozenset()  # the key's; empty: every model
+    # The tier's batch terms (services/common/tenants.Tier); limits 0: the deployment's.
+    batch_discount: float = 0.0
+    max_batch_files: int = 0
+    max_batches_in_flight: int = 0
+
+    def discount_at(self, priority: int) -> float:
+        """The share of the price this caller is not charged for work at `priority`."""
+        return self.batch_discount if priority == mesh_pb2.PRIORITY_BATCH else 0.0
 
     def may_use(self, model: str) -> None:
         if self.allowed_models and model not in self.allowed_models:
             raise denied(f"this API key may not use model {model!r}; it may use: "
                          f"{', '.join(sorted(self.allowed_models))}")
+
+
+def _caller(tenant: str, tier_name: str, tier: Tier) -> Caller:
+    return Caller(tenant, tier_name, tier.share_weight, tier.max_stored_vectors, batch_discount=tier.batch_discount,
+                  max_batch_files=tier.max_batch_files, max_batches_in_flight=tier.max_batches_in_flight)
 
 
 @dataclass(frozen=True)
@@ -66,13 +80,11 @@ class Authenticator:
     def reload(self, config: TenantConfig) -> None:
         """Serve from `config` from now on (the admin directory's poll calls it with each change). The tables
         are built whole and swapped in one assignment each: a call identified meanwhile sees the old or the new."""
-        callers = {t.id: Caller(t.id, t.tier, config.tiers[t.tier].share_weight,
-                                config.tiers[t.tier].max_stored_vectors) for t in config.tenants}
+        callers = {t.id: _caller(t.id, t.tier, config.tiers[t.tier]) for t in config.tenants}
         grants = {}
         for tenant in config.tenants:
             for key in tenant.all_keys():
-                caller = Caller(tenant.id, tenant.tier, callers[tenant.id].share_weight,
-                                callers[tenant.id].max_stored_vectors, key.id, frozenset(key.allowed_models))
+                caller = replace(callers[tenant.id], key_id=key.id, allowed_models=frozenset(key.allowed_models))
                 grants[key.sha256] = _KeyGrant(caller, key.expires_at)
         self._suspended = frozenset(t.id for t in config.tenants if t.suspended)
         self._by_hash = grants

@@ -77,7 +77,7 @@ def _embed_usage(caller: Caller, model: models_pb2.ModelInfo, plan: RequestPlan,
         version=meta.model_version, pool=meta.pool, request_id=meta.request_id, status="OK",
         cache=mesh_pb2.CacheStatus.Name(meta.cache_status), input_tokens=tokens, output_tokens=0,
         cached_tokens=saved, latency_ms=round((time.perf_counter() - started) * 1000, 1), ttft_ms=None,
-        cost_usd=cost_of(model, meta.pool, tokens - saved))
+        cost_usd=cost_of(model, meta.pool, tokens - saved, plan.discount))
 
 
 async def _listed(chunks: list[mesh_pb2.GenerateChunk]) -> AsyncIterator[mesh_pb2.GenerateChunk]:
@@ -151,7 +151,7 @@ class MeshCore:
                                 session=request.session_id, group=group,
                                 affinity=affinity_key(request, self.settings.affinity_min_prefix_chars),
                                 priority=request.priority, cost=estimated_cost(request))
-            record.model_info, record.delivered = model, plan.delivered
+            record.model_info, record.delivered, record.discount = model, plan.delivered, plan.discount
             chunks = await self._generate(request, plan)
             if uses_tools(request):
                 chunks = with_tool_calls(chunks)
@@ -291,7 +291,7 @@ class MeshCore:
                 return Generation(plan.metadata, _logged(_listed(chunks), record))
             generate, citations = rag.build_request(request, hits, settings.ask_max_context_chars, max_tokens)
             plan = dataclasses.replace(plan, cost=estimated_cost(generate))
-            record.model_info, record.delivered = model, plan.delivered
+            record.model_info, record.delivered, record.discount = model, plan.delivered, plan.discount
             record.prompt = prompt_text(generate) if settings.log_prompts else ""
             check_generate(generate, model, limits)
             chunks = _cited(await self._generate(generate, plan), citations)

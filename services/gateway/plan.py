@@ -43,6 +43,11 @@ class RequestPlan:
                 (COST_HEADER, str(self.cost)))
 
     @property
+    def discount(self) -> float:
+        """The share of the price not charged: the caller's tier's batch discount, for work at batch priority."""
+        return self.caller.discount_at(self.priority)
+
+    @property
     def cache_scope(self) -> cache_pb2.CacheScope:
         # The version is part of the scope: a cached answer is only ever one of the version this caller is routed to.
         return cache_pb2.CacheScope(tenant=self.caller.tenant, model=self.model.name, model_version=self.model.version)

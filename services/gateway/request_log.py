@@ -18,12 +18,12 @@ log = logging.getLogger("services.gateway.requests")
 
 
 
-def cost_of(model: models_pb2.ModelInfo | None, pool: str, tokens: int) -> float:
-    """The registry's price (cost_per_1k_tokens of the pool that served) of `tokens`."""
+def cost_of(model: models_pb2.ModelInfo | None, pool: str, tokens: int, discount: float = 0.0) -> float:
+    """The registry's price (cost_per_1k_tokens of the pool that served) of `tokens`, less `discount` (a share)."""
     if model is None:
         return 0.0
     price = next((p.cost_per_1k_tokens for p in model.placements if p.pool == pool), 0.0)
-    return tokens * price / 1000.0
+    return tokens * price / 1000.0 * (1.0 - discount)
 
 
 class GenerationLog:
@@ -38,9 +38,11 @@ class GenerationLog:
         self.prompt = ""
         self._key_id = key_id
         self._usage = usage
-        # Set once the request is planned: the model's prices, and the prompt tokens a cancelled stream read.
+        # Set once the request is planned: the model's prices, the caller's discount at its priority, and the prompt
+        # tokens a cancelled stream read.
         self.model_info: models_pb2.ModelInfo | None = None
         self.delivered: Delivered | None = None
+        self.discount = 0.0
         self._produced = 0
         self._final: mesh_pb2.GenerateChunk | None = None
 
@@ -102,7 +104,7 @@ class GenerationLog:
             cache=mesh_pb2.CacheStatus.Name(meta.cache_status) if meta is not None else "",
             input_tokens=prompt, output_tokens=completion, cached_tokens=prompt + completion if hit else 0,
             latency_ms=self.fields["duration_ms"], ttft_ms=self._first_token_ms,
-            cost_usd=0.0 if hit else cost_of(self.model_info, pool, prompt + completion))
+            cost_usd=0.0 if hit else cost_of(self.model_info, pool, prompt + completion, self.discount))
 
 
 def prompt_text(request: mesh_pb2.GenerateRequest) -> str:

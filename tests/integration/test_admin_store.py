@@ -99,6 +99,41 @@ def test_tenants_move_tiers_and_are_suspended(store):
     assert store.snapshot()[1].tiers["standard"].requests_per_minute == 600
 
 
+def test_a_tiers_batch_terms_are_kept_and_served(store):
+    put = admin_pb2.AdminTier(name="standard", requests_per_minute=300, burst=30, batch_discount=0.5,
+                              max_batch_files=3, max_batches_in_flight=2)
+    store.put_tier(put)
+    served = store.snapshot()[1].tiers["standard"]
+    assert (served.batch_discount, served.max_batch_files, served.max_batches_in_flight) == (0.5, 3, 2)
+    (listed,) = [t for t in store.list_tiers() if t.name == "standard"]
+    assert (listed.batch_discount, listed.max_batch_files, listed.max_batches_in_flight) == (0.5, 3, 2)
+    assert store.snapshot()[1].tiers["enterprise"].batch_discount == 0.0, "unset: full price"
+
+
+def test_a_database_from_before_batch_terms_upgrades_with_full_price(url, monkeypatch):
+    """Migration 5 on a database with tiers: they keep their limits, at full price and the deployment's batch
+    limits (the columns' defaults), and nothing else changes."""
+    from services.admin import migrations
+
+    engine = admin_engine(url)
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:4])
+    assert migrate(engine) == [1, 2, 3, 4]
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO mesh_tiers (name, requests_per_minute, burst, tokens_per_minute, "
+                                "tokens_per_month, share_weight, max_stored_vectors) "
+                                "VALUES ('old', 60, 6, 0, 0, 2.0, 0)"))
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS)
+    assert migrate(engine) == [5]
+    engine.dispose()
+    opened = AdminStore.open(url)
+    try:
+        old = opened.snapshot()[1].tiers["old"]
+        assert (old.requests_per_minute, old.share_weight, old.batch_discount, old.max_batch_files,
+                old.max_batches_in_flight) == (60, 2.0, 0.0, 0, 0)
+    finally:
+        opened.close()
+
+
 @pytest.mark.parametrize("bad, code", [
     (lambda s: s.create_tenant("acme", "standard"), grpc.StatusCode.ALREADY_EXISTS),
     (lambda s: s.create_tenant("new", "gold"), grpc.StatusCode.INVALID_ARGUMENT),
@@ -121,6 +156,10 @@ def test_tenants_move_tiers_and_are_suspended(store):
     (lambda s: s.rotate_key("key_nope", -1), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda s: s.put_tier(admin_pb2.AdminTier(name="zero", requests_per_minute=0, burst=1)),
      grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda s: s.put_tier(admin_pb2.AdminTier(name="free", requests_per_minute=1, burst=1, batch_discount=1.0)),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda s: s.put_tier(admin_pb2.AdminTier(name="surcharge", requests_per_minute=1, burst=1,
+                                              batch_discount=-0.5)), grpc.StatusCode.INVALID_ARGUMENT),
     (lambda s: s.list_keys(prefix="\x00"), grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_bad_input_is_refused_and_nothing_is_written(store, bad, code):

@@ -299,3 +299,42 @@ def test_a_bucket_that_stops_answering_is_a_503_and_nothing_is_kept(stack, tmp_p
     finally:
         stack.processes.pop("gateway-s3-away").stop()
         server.stop()
+
+
+def test_a_tiers_batch_terms_set_its_limits_and_its_price(stack):
+    """Tier `batch-terms` (tests/conftest.py): 2 files, 1 batch in flight (tighter than the deployment's 6 and
+    3), half price at batch priority. The refusals name the tier's limit; the batch line's usage record costs half
+    per token what the same tenant's interactive request costs, on the same priced pool."""
+    from sqlalchemy import select
+
+    from services.admin import schema
+    from services.admin.store import AdminStore
+
+    tenant = "tenant-batch-terms"
+    with _client(stack, tenant) as client:
+        first = _upload(client, [_chat_line("terms", "Name a planet.", max_tokens=8)])
+        second = _upload(client, [_chat_line("terms", "Name a moon.", max_tokens=8)])
+        with pytest.raises(openai.RateLimitError) as refused:
+            _upload(client, [_chat_line("terms", "Name a star.")])
+        assert "holds 2 files, the most its tier may keep" in refused.value.message
+        batch = client.batches.create(input_file_id=first, endpoint="/v1/chat/completions", completion_window="24h")
+        with pytest.raises(openai.RateLimitError) as busy:
+            client.batches.create(input_file_id=second, endpoint="/v1/chat/completions", completion_window="24h")
+        assert "1 batches in flight, the most its tier may run" in busy.value.message
+        assert _final(client, batch.id).request_counts.completed == 1
+        client.chat.completions.create(model=LLM, messages=[{"role": "user", "content": "Name a comet."}],
+                                       max_tokens=8, temperature=0)
+    store = AdminStore.open(stack.admin_database_url)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with store.engine.connect() as connection:
+                rows = connection.execute(select(schema.usage).where(schema.usage.c.tenant == tenant)).all()
+            if len(rows) >= 2:
+                break
+            assert time.monotonic() < deadline, rows
+            time.sleep(0.5)
+    finally:
+        store.close()
+    per_token = sorted(row.cost_usd / (row.input_tokens + row.output_tokens) for row in rows)
+    assert per_token[1] > 0 and per_token[0] == pytest.approx(per_token[1] * 0.5), rows

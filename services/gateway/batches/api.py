@@ -103,7 +103,7 @@ class BatchApi:
             raise storage_away(exc) from None
         try:
             return await asyncio.to_thread(self._store.add_file, file_id, caller.tenant, "batch", filename[:256],
-                                           len(data), len(lines), self.settings.max_files)
+                                           len(data), len(lines), caller.max_batch_files or self.settings.max_files)
         except BaseException as exc:
             await asyncio.to_thread(self._files.delete, file_id)
             if isinstance(exc, Refused):
@@ -168,7 +168,7 @@ class BatchApi:
         try:
             return await asyncio.to_thread(
                 self._store.create_batch, caller.tenant, caller.key_id, endpoint, row["id"], completion_window,
-                window_s, metadata, lines, self.settings.max_batches_in_flight)
+                window_s, metadata, lines, caller.max_batches_in_flight or self.settings.max_batches_in_flight)
         except Refused as exc:
             raise _over_limit(exc) from None
 

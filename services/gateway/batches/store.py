@@ -70,7 +70,7 @@ class BatchStore:
                     schema.files.c.tenant == tenant, schema.files.c.purpose == purpose,
                     schema.files.c.deleted_at.is_(None))).scalar_one()
                 if held >= max_files:
-                    raise Refused(f"this tenant holds {held} files, this deployment's most: delete one "
+                    raise Refused(f"this tenant holds {held} files, the most its tier may keep: delete one "
                                   "(DELETE /v1/files/{id}) first")
             row = {"id": file_id, "tenant": tenant, "purpose": purpose, "filename": filename, "bytes": size,
                    "lines": lines, "created_at": self._clock(), "deleted_at": None}
@@ -104,7 +104,7 @@ class BatchStore:
             live = connection.execute(select(func.count()).select_from(schema.batches).where(
                 schema.batches.c.tenant == tenant, schema.batches.c.status.in_((*LIVE, "finalizing")))).scalar_one()
             if live >= max_in_flight:
-                raise Refused(f"this tenant has {live} batches in flight, this deployment's most: wait for one to "
+                raise Refused(f"this tenant has {live} batches in flight, the most its tier may run: wait for one to "
                               "finish or cancel one")
             connection.execute(insert(schema.batches).values(
                 id=batch_id, tenant=tenant, key_id=key_id, endpoint=endpoint, input_file_id=input_file_id,
