@@ -64,6 +64,12 @@ def test_objects_are_kept_under_the_prefix(s3_server: S3Server):
     assert [entry["Key"] for entry in listed] == [f"tenant-files/{FILE_ID}"]
 
 
+def test_a_bucket_made_outside_us_east_1_is_made_in_its_region(s3_server: S3Server):
+    bucket = f"regional-{time.monotonic_ns()}"
+    S3Bucket.open(_s3(s3_server, bucket, create_bucket=True, region="eu-west-1")).put(FILE_ID, b"x")
+    assert s3_server.client().get_bucket_location(Bucket=bucket)["LocationConstraint"] == "eu-west-1"
+
+
 def test_a_missing_bucket_stops_the_gateway_at_start_with_the_reason(s3_server: S3Server):
     with pytest.raises(RuntimeError, match=r"no such bucket.*MESH_GATEWAY_BATCH__S3__CREATE_BUCKET"):
         open_storage(BatchSettings(storage="s3", s3=_s3(s3_server, "never-made")))

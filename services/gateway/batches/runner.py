@@ -51,6 +51,9 @@ class BatchRunner:
         self._caller_for = caller_for
         self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._running: set[asyncio.Task] = set()
+        # Batches this replica is writing the output of, each in its own task: a finalize that takes long (a large
+        # output, slow object storage) must not hold up the ticks that renew the running lines' leases.
+        self._finalizing: dict[str, asyncio.Task] = {}
         self._renewed = 0.0
         # Set when a line ends: its slot is claimed again at once rather than at the next poll.
         self._slot_freed = asyncio.Event()
@@ -66,7 +69,7 @@ class BatchRunner:
                     await asyncio.wait_for(self._slot_freed.wait(), self._settings.poll_s)
                 self._slot_freed.clear()
         finally:
-            for task in self._running:
+            for task in (*self._running, *self._finalizing.values()):
                 task.cancel()
             # Handed back at once rather than when their leases run out: another replica starts them now.
             await asyncio.shield(asyncio.to_thread(self._store.release_all, self.owner))
@@ -84,7 +87,18 @@ class BatchRunner:
                 task.add_done_callback(self._running.discard)
             RUNNING.set(len(self._running))
         for batch_id in await asyncio.to_thread(self._store.to_finalize):
-            await asyncio.to_thread(self._finalize, batch_id)
+            if batch_id not in self._finalizing:
+                task = asyncio.create_task(asyncio.to_thread(self._finalize, batch_id))
+                self._finalizing[batch_id] = task
+                task.add_done_callback(lambda done, b=batch_id: self._finalized(b, done))
+
+    def _finalized(self, batch_id: str, task: asyncio.Task) -> None:
+        del self._finalizing[batch_id]
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            # Its hold runs out and a replica (this one, next tick) finalizes it again.
+            log.warning("batch finalize failed", extra={"batch": batch_id,
+                                                        "error": f"{type(error).__name__}: {error}"[:300]})
 
     def _claim(self, free: int) -> list[Claimed]:
         """A share of the free slots for each batch with work, oldest first: one tenant's large batch does not

@@ -35,7 +35,6 @@ class StorageUnavailable(Exception):
 class FileStorage(Protocol):
     """`get` raises FileNotFoundError for a key that is not there, StorageUnavailable when it cannot tell."""
 
-
     def put(self, file_id: str, data: bytes) -> None: ...
     def get(self, file_id: str) -> bytes: ...
     def delete(self, file_id: str) -> None: ...
@@ -72,6 +71,7 @@ class S3Bucket:
         self._client = client
         self._bucket = settings.bucket
         self._prefix = settings.prefix
+        self._region = settings.region
         self._where = f"{settings.endpoint_url or 'AWS S3'} bucket {settings.bucket!r}"
 
     @classmethod
@@ -95,13 +95,16 @@ class S3Bucket:
         except ClientError as exc:
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if status == 404 and create:
-                self._client.create_bucket(Bucket=self._bucket)
+                # Outside us-east-1, S3 makes a bucket only where the request names the region.
+                where = {} if self._region == "us-east-1" else {
+                    "CreateBucketConfiguration": {"LocationConstraint": self._region}}
+                self._client.create_bucket(Bucket=self._bucket, **where)
                 log.info("made the batch files bucket", extra={"bucket": self._bucket})
                 return
             if status in (403, 404):
                 raise RuntimeError(
                     f"{self._where}: {'no such bucket' if status == 404 else 'access denied'}. Make the bucket and "
-                    "give these credentials s3:GetObject/PutObject/DeleteObject on it, or set "
+                    "give these credentials s3:ListBucket and s3:GetObject/PutObject/DeleteObject on it, or set "
                     "MESH_GATEWAY_BATCH__S3__CREATE_BUCKET=true for a MinIO the mesh may make it in") from None
             log.warning("batch file storage did not answer", extra={"where": self._where, "error": str(exc)[:300]})
         except BotoCoreError as exc:

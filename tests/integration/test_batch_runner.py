@@ -1,0 +1,95 @@
+"""The batch runner (services/gateway/batches/runner.py) on SQLite and a real PostgreSQL: a finalize that takes
+long (a large output, slow object storage) does not hold up the renewal of the leases of lines still running, so
+no other replica takes them over and runs them a second time."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from services.admin import schema
+from services.admin.store import AdminStore
+from services.gateway.auth import Caller
+from services.gateway.batches.jsonl import InputLine
+from services.gateway.batches.runner import BatchRunner
+from services.gateway.batches.settings import BatchSettings
+from services.gateway.batches.storage import LocalDirectory
+from services.gateway.batches.store import BatchStore, new_id
+from services.gateway.openai_http.batch_lines import LineAnswer
+
+LEASE_S = 0.6
+
+
+class SlowStorage(LocalDirectory):
+    """A directory whose writes wait until the test lets them through: object storage at its slowest."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.writing = threading.Event()
+        self.gate = threading.Event()
+
+    def put(self, file_id: str, data: bytes) -> None:
+        self.writing.set()
+        assert self.gate.wait(60), "the test never let the write through"
+        super().put(file_id, data)
+
+
+def _batch(store: BatchStore, text: str) -> str:
+    file_id = new_id("file")
+    store.add_file(file_id, "acme", "batch", "in.jsonl", 10, 1, max_files=None)
+    line = InputLine(1, "only", "/v1/embeddings", "minilm", f'{{"model":"minilm","input":"{text}"}}')
+    return store.create_batch("acme", "key_1", "/v1/embeddings", file_id, "1h", 3600.0, {}, [line],
+                              max_in_flight=10)["id"]
+
+
+def _lease_until(admin: AdminStore, batch_id: str) -> float | None:
+    with admin.engine.connect() as connection:
+        return connection.execute(select(schema.batch_lines.c.lease_until).where(
+            schema.batch_lines.c.batch_id == batch_id)).scalar_one()
+
+
+def test_a_slow_finalize_does_not_stop_running_lines_leases_from_being_renewed(url, tmp_path):
+    admin = AdminStore.open(url)
+    store = BatchStore(admin.engine)
+    storage = SlowStorage(tmp_path / "files")
+    quick, slow = _batch(store, "quick"), _batch(store, "slow")
+
+    async def scenario() -> list[float]:
+        release_line = asyncio.Event()
+
+        async def run_line(caller: Caller, endpoint: str, body: str, timeout_s: float) -> LineAnswer:
+            if '"slow"' in body:
+                await release_line.wait()
+            return LineAnswer(200, {"object": "list", "data": []})
+
+        runner = BatchRunner(store, storage, BatchSettings(lease_s=LEASE_S, poll_s=0.05, concurrency=2), run_line,
+                             lambda tenant, key_id: (Caller(tenant, "standard", key_id=key_id), ""))
+        task = asyncio.create_task(runner.run())
+        try:
+            # The quick batch's output is being written, and the write hangs.
+            assert await asyncio.to_thread(storage.writing.wait, 30), "the quick batch was never finalized"
+            margins = []
+            for _ in range(8):  # several lease times while the write hangs
+                await asyncio.sleep(LEASE_S / 2)
+                margins.append((_lease_until(admin, slow) or 0.0) - time.time())
+            storage.gate.set()
+            release_line.set()
+            for _ in range(600):
+                if {store.batch("acme", b)["status"] for b in (quick, slow)} == {"completed"}:
+                    return margins
+                await asyncio.sleep(0.05)
+            raise AssertionError("the batches did not complete once the write went through")
+        finally:
+            storage.gate.set()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        margins = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        admin.close()
+    assert min(margins) > 0, f"the running line's lease ran out while a finalize wrote: {margins}"
