@@ -111,9 +111,14 @@ class BatchApi:
             raise
 
     async def file(self, caller: Caller, file_id: str) -> dict:
-        row = await asyncio.to_thread(self._store.file, caller.tenant, file_id)
+        return await self._owned(self._store.file, "File", caller, file_id, "file_id")
+
+    @staticmethod
+    async def _owned(lookup, kind: str, caller: Caller, given: str, param: str) -> dict:
+        """The caller's tenant's row, or NOT_FOUND: the answer for another tenant's id and for one never made."""
+        row = await asyncio.to_thread(lookup, caller.tenant, given)
         if row is None:
-            raise _not_found("File", file_id, "file_id")
+            raise _not_found(kind, given, param)
         return row
 
     async def content(self, caller: Caller, file_id: str) -> bytes:
@@ -188,10 +193,7 @@ class BatchApi:
                 raise BatchError(exc.code, f"line {number}: {exc.message}", "input_file_id") from None
 
     async def batch(self, caller: Caller, batch_id: str) -> dict:
-        row = await asyncio.to_thread(self._store.batch, caller.tenant, batch_id)
-        if row is None:
-            raise _not_found("Batch", batch_id, "batch_id")
-        return row
+        return await self._owned(self._store.batch, "Batch", caller, batch_id, "batch_id")
 
     async def cancel(self, caller: Caller, batch_id: str) -> dict:
         row = await self.batch(caller, batch_id)
