@@ -99,8 +99,10 @@ def install_crds(cluster: control_plane.Cluster) -> dict[str, str]:
     end = time.monotonic() + 30
     while time.monotonic() < end:
         crds = cluster.request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions")["items"]
-        if all(any(c["type"] == "Established" and c["status"] == "True" for c in crd.get("status", {}).get(
-                "conditions", [])) for crd in crds) and len(crds) == len(paths):
+        # A CRD just created can read back with `status: {conditions: null}` before the apiserver fills it in.
+        if all(any(c["type"] == "Established" and c["status"] == "True"
+                   for c in (crd.get("status") or {}).get("conditions") or []) for crd in crds) \
+                and len(crds) == len(paths):
             return paths
         time.sleep(0.5)
     pytest.fail("the vendored CRDs were not established within 30 s")
