@@ -105,7 +105,7 @@ class BatchApi:
             return await asyncio.to_thread(self._store.add_file, file_id, caller.tenant, "batch", filename[:256],
                                            len(data), len(lines), caller.max_batch_files or self.settings.max_files)
         except BaseException as exc:
-            await asyncio.to_thread(self._files.delete, file_id)
+            await self._discard_bytes(file_id)
             if isinstance(exc, Refused):
                 raise _over_limit(exc) from None
             raise
@@ -139,13 +139,17 @@ class BatchApi:
     async def delete_file(self, caller: Caller, file_id: str) -> dict:
         row = await self.file(caller, file_id)
         if await asyncio.to_thread(self._store.delete_file, caller.tenant, row["id"]):
-            try:
-                await asyncio.to_thread(self._files.delete, row["id"])
-            except StorageUnavailable as exc:
-                # The file is gone for every caller (its row is); only its bytes stay behind, unreachable.
-                log.warning("a deleted file's bytes stay in storage", extra={"file_id": row["id"],
-                                                                            "error": str(exc)})
+            await self._discard_bytes(row["id"])
         return row
+
+    async def _discard_bytes(self, file_id: str) -> None:
+        """Deletes the bytes of a file no caller can reach (its row is gone or was never kept). Storage that does
+        not answer only leaves them behind, unreachable: the caller is told what happened to the file, not that
+        the clean-up failed (an upload over the tenant's limit stays a 429, not a 503)."""
+        try:
+            await asyncio.to_thread(self._files.delete, file_id)
+        except StorageUnavailable as exc:
+            log.warning("an unreachable file's bytes stay in storage", extra={"file_id": file_id, "error": str(exc)})
 
     async def files(self, caller: Caller, purpose: str | None, limit: int,
                     after: str | None) -> tuple[list[dict], bool]:
