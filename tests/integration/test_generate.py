@@ -108,6 +108,26 @@ def test_cancelling_the_stream_stops_work_in_triton(mesh, stack):
     assert produced < 200, f"{produced} tokens were generated for a stream cancelled after 5 chunks"
 
 
+def test_a_cancel_during_a_long_prompt_frees_the_replica_within_its_evaluation(mesh, stack):
+    """llama.cpp evaluates a ~1500-token prompt in seconds here; a cancel (a caller gone, a batch line preempted
+    for interactive work) stops it inside that evaluation (abortable_eval.py), so a request behind it on the same
+    one-at-a-time replica starts at once instead of after the whole prompt, and answers as it did before."""
+    bypass = mesh_pb2.CACHE_MODE_BYPASS
+    short = chat("Name a colour.", max_tokens=4, temperature=0.0, cache_mode=bypass)
+    expected = generate(mesh, short)[0]
+    cancelled_before = triton_metric(stack, "mesh_llm_cancelled_requests_total")
+    long_prompt = chat("The river runs past the old mill, the bakery and the school. " * 120 + "Summarise.",
+                       max_tokens=1, temperature=0.0, cache_mode=bypass)
+    call = mesh.Generate(long_prompt, metadata=AUTH, timeout=120)
+    time.sleep(1.0)  # the prompt is in Triton, part of the way through its evaluation
+    call.cancel()
+    cancelled_at = time.monotonic()
+    assert generate(mesh, short)[0] == expected
+    waited = time.monotonic() - cancelled_at
+    assert waited < 3.0, f"the next request waited {waited:.1f} s: the cancelled prompt was evaluated to its end"
+    assert triton_metric(stack, "mesh_llm_cancelled_requests_total") == cancelled_before + 1
+
+
 def test_caller_deadline_wins(mesh):
     started = time.monotonic()
     try:

@@ -10,7 +10,8 @@ import random
 import llama_cpp
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from chat_tokenizer import chat_ids  # beside this file, shared with the TensorRT-LLM pools
+from abortable_eval import AbortableEval, Aborted  # beside this file
+from chat_tokenizer import chat_ids  # shared with the TensorRT-LLM pools
 from constrained import ConstrainedSampler, GrammarCache
 from contract import (  # beside this file
     INVALID,
@@ -27,7 +28,7 @@ from contract import (  # beside this file
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from position_sampling import PositionSeededSampler
-from prefill import prefill
+from prefill import prefill, whole_chunks
 from prefix_states import PrefixStates
 from stop_matcher import StopMatcher
 
@@ -67,6 +68,7 @@ class TritonPythonModel:
                                      int(params.get("prefix_cache_min_tokens", "64")))
         # The leading context tokens evaluated in whole chunks: the part of it a later prompt may reuse (prefill.py).
         self.canonical = 0
+        self.abortable = AbortableEval(self.llm)
         self.grammars = GrammarCache(int(params.get("grammar_cache_size", "32")))
         vocab_text = self.llm._model.token_get_text
         self.eos = self.llm.token_eos()
@@ -150,9 +152,19 @@ class TritonPythonModel:
         reused, canonical = self.prefixes.restore_best(self.llm, self.canonical, prompt)
         self.prefix_metric.increment(1 if reused >= self.prefixes.min_tokens else 0)
         self.canonical = 0  # until prefill returns: a failure half-way leaves nothing known to be reusable
-        self.canonical = prefill(self.llm, prompt, canonical)
-        if resume:
-            self._replay(prompt, resume)
+        prefilled = False
+        try:
+            # A cancelled request (a batch line preempted for interactive work) frees the replica mid-prompt.
+            with self.abortable.watching(request.is_cancelled):
+                self.canonical, prefilled = prefill(self.llm, prompt, canonical), True
+                if resume:
+                    self._replay(prompt, resume)
+        except Aborted:
+            if not prefilled:  # the chunks evaluated before the cancel were whole ones: a later prompt may reuse them
+                self.canonical = whole_chunks(self.llm.n_tokens)
+            self.cancelled_metric.increment(1)
+            self._send(sender, "", "cancelled", len(prompt), produced, final=True)
+            return
         if grammar is not None:
             self.llm.sample = ConstrainedSampler(self.llm, grammar, temperature, top_p, seed, resume)
         elif temperature > 0:
