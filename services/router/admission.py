@@ -62,8 +62,9 @@ class AdmissionSettings:
     # Before anything has finished: the assumed seconds one request holds a slot (for the first estimates).
     initial_service_s: float = 1.0
     # A slot freed this soon after an interactive request of the model ended is not given to a queued batch
-    # request yet: the next interactive request (a chat's next turn, an agent's next step) usually follows, and
-    # would otherwise find a batch request in its place whose prefill it cannot interrupt. Only the last free
+    # request yet: the next request of a caller that sends back to back follows within milliseconds, and would
+    # otherwise find a batch request in its place, to preempt (a lost start of its prompt and a stop of some
+    # milliseconds). Short: a hold longer than that only takes idle time from batch work. Only the last free
     # slot is held; aged batch requests are not held, nor are batch requests that find a free slot at once.
     batch_hold_s: float = 0.0
 

@@ -168,6 +168,31 @@ def test_an_interactive_request_preempts_a_running_batch_generation_which_resume
     assert final.usage.completion_tokens == indexes[-1] + 1 or final.finish_reason == mesh_pb2.FINISH_REASON_STOP
 
 
+def test_a_preempted_batch_request_frees_its_slot_within_its_prompt_evaluation(mesh, stack):
+    """A batch request with a ~1500-token prompt (seconds of llama.cpp prefill here) holds the only slot. The
+    interactive request that preempts it starts inside that evaluation (triton_models/smollm2/1/abortable_eval.py),
+    not after it; the batch request queues again and still completes."""
+    before = _preemptions(stack)
+    outcome: dict[str, mesh_pb2.GenerateChunk] = {}
+
+    def run_batch() -> None:
+        request = sampled("The river runs past the old mill, the bakery and the school. " * 120 + "Summarise.",
+                          max_tokens=2, priority=mesh_pb2.PRIORITY_BATCH)
+        outcome["batch"] = list(mesh.Generate(request, metadata=key("tenant-quiet"), timeout=120))[-1]
+
+    batch = threading.Thread(target=run_batch)
+    batch.start()
+    time.sleep(1.0)  # the batch prompt is part of the way through its evaluation
+    started = time.monotonic()
+    first = next(iter(mesh.Generate(sampled("Name a bird."), metadata=key("tenant-quiet"), timeout=60)))
+    waited = time.monotonic() - started
+    assert first.text or first.finish_reason, first
+    batch.join(120)
+    assert waited < 3.0, f"the interactive request's first token took {waited:.1f} s: it waited for the batch prompt"
+    assert _preemptions(stack) >= before + 1
+    assert outcome["batch"].usage.completion_tokens >= 1, outcome["batch"]
+
+
 def test_a_request_that_cannot_start_in_time_is_refused_at_once_with_retry_after(mesh, stack):
     with Load(mesh, {"tenant-flood": sampled("Name a city.", max_tokens=16)}, depth=10) as load:
         load.wait_for(2)
