@@ -41,7 +41,9 @@ KEYS = {"tenant-a": "test-key-tenant-a", "tenant-b": "test-key-tenant-b", "tenan
         # The batch suite's own: two tenants to try each other's ids, one for its limits.
         "tenant-batch": "test-key-tenant-batch", "tenant-batch-other": "test-key-tenant-batch-other",
         "tenant-batch-limits": "test-key-tenant-batch-limits", "tenant-batch-grpc": "test-key-tenant-batch-grpc",
-        "tenant-batch-terms": "test-key-tenant-batch-terms"}
+        "tenant-batch-terms": "test-key-tenant-batch-terms",
+        # The Batches gRPC fuzz's own: files and batches it makes count against nobody else's limits.
+        "tenant-batch-fuzz": "test-key-tenant-batch-fuzz"}
 # The batch tests' gateways: leases of seconds, not the default half minute (a test kills a gateway and waits for
 # its lines to be taken over); windows of seconds (one waits for a batch to expire); limits a test can reach.
 BATCH_BUCKET = "mesh-batch-files"
@@ -76,7 +78,8 @@ TENANT_TIERS = {"tenant-a": "standard", "tenant-b": "enterprise", "tenant-std": 
                 "tenant-reserve": "small-budget", "tenant-metered": "metered",
                 "tenant-metered-kserve": "metered", "tenant-storage": "storage-small",
                 "tenant-fuzz": "fuzz", "tenant-batch": "bulk", "tenant-batch-other": "bulk",
-                "tenant-batch-limits": "bulk", "tenant-batch-grpc": "bulk", "tenant-batch-terms": "batch-terms"}
+                "tenant-batch-limits": "bulk", "tenant-batch-grpc": "bulk", "tenant-batch-terms": "batch-terms",
+                "tenant-batch-fuzz": "bulk"}
 
 
 def write_tenants(path: Path) -> Path:
