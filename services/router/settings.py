@@ -37,7 +37,7 @@ class RouterSettings(ServiceSettings):
     # A stop costs the batch request little (the CPU model stops inside a prompt's evaluation, a resumed stream
     # keeps its tokens); past the bound a request runs to its end and the interactive request behind it waits, so
     # the bound is what an interactive load costs batch work, not what batch work costs interactive requests
-    # (bench/batch_priority.py, 0.05 s hold, one run each: a paced load's p99 TTFT 1.80x of alone with 3, 0.95x with 8).
+    # (bench/batch_priority.py, 0.05 s hold: a paced load's p99 TTFT 1.80x of alone with 3; 0.95x, 1.50x with 8).
     preempt_batch: bool = True
     max_preemptions_per_request: int = Field(default=8, ge=0)
     # A slot freed this soon after an interactive request ended waits for the next one rather than going to batch

@@ -7,7 +7,9 @@ between the nodes of its graph; this one polls the request at most every POLL_S,
 within milliseconds and llama_decode returns 2 (aborted), which llama-cpp-python raises as a RuntimeError.
 
 The callback is installed only while a prompt is evaluated: during generation the request is checked once per
-token already, and a Python call per graph node would cost a token's time a noticeable share.
+token already, and a Python call per graph node would cost a token's time a noticeable share. llama.h (0.3.16's
+bundled llama.cpp): the abort callback "currently works only with CPU execution"; a CUDA build
+(MESH_MODEL_GPU_LAYERS) evaluates a prompt to its end as before, in far less time.
 """
 
 from __future__ import annotations
