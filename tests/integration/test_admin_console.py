@@ -53,6 +53,10 @@ def test_an_admin_manages_a_key_from_the_console_and_sees_its_usage(stack, brows
     page.wait_for_selector("#console", state="visible")
     page.wait_for_selector('#replicas tbody tr')
     assert "yes" in page.inner_text("#replicas"), "the router's ready replicas are listed"
+    # A tier's terms, batch terms included (tests/conftest.py TIERS["batch-terms"]).
+    terms = [cell.strip() for cell in page.locator('#tiers tr[data-tier="batch-terms"] td').all_inner_texts()]
+    assert terms == ["batch-terms", "100000", "10000", "unlimited", "unlimited", "1", "unlimited", "50%", "2", "1"], \
+        terms
 
     page.fill("#new-tenant-id", tenant)
     page.select_option("#new-tenant-tier", "bulk")

@@ -36,6 +36,21 @@ function when(seconds) {
   return seconds ? new Date(seconds * 1000).toISOString().replace(".000Z", "Z") : "never";
 }
 
+// A limit of 0 means none, or for batch limits the deployment's own (services/common/tenants.py, Tier).
+function limit(value, none) {
+  return Number(value) ? String(value) : none;
+}
+
+function tierRow(tier) {
+  const row = el("tr", undefined, { "data-tier": tier.name });
+  row.append(el("td", tier.name), el("td", tier.requests_per_minute), el("td", tier.burst),
+    el("td", limit(tier.tokens_per_minute, "unlimited")), el("td", limit(tier.tokens_per_month, "unlimited")),
+    el("td", tier.share_weight || 1), el("td", limit(tier.max_stored_vectors, "unlimited")),
+    el("td", `${Math.round((tier.batch_discount || 0) * 100)}%`),
+    el("td", limit(tier.max_batch_files, "deployment's")), el("td", limit(tier.max_batches_in_flight, "deployment's")));
+  return row;
+}
+
 async function loadTenants() {
   const [{ tenants }, { tiers }] = await Promise.all([api("GET", "/admin/v1/tenants"), api("GET", "/admin/v1/tiers")]);
   fill("tenants", tenants.map((tenant) => {
@@ -49,6 +64,7 @@ async function loadTenants() {
     row.append(cell);
     return row;
   }));
+  fill("tiers", tiers.map(tierRow));
   document.getElementById("new-tenant-tier").replaceChildren(...tiers.map((t) => el("option", t.name, { value: t.name })));
   document.getElementById("key-tenant").replaceChildren(...tenants.map((t) => el("option", t.id, { value: t.id })));
 }
