@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -176,8 +177,10 @@ def test_a_preempted_batch_request_frees_its_slot_within_its_prompt_evaluation(m
     outcome: dict[str, mesh_pb2.GenerateChunk] = {}
 
     def run_batch() -> None:
-        request = sampled("The river runs past the old mill, the bakery and the school. " * 120 + "Summarise.",
-                          max_tokens=2, priority=mesh_pb2.PRIORITY_BATCH)
+        # Its own words from the first token on: a prompt the replica saw before would be restored from a prefix
+        # snapshot (prefix_states.py) and need no evaluation to interrupt.
+        request = sampled(f"Note {uuid.uuid4().hex}. " + "The river runs past the old mill, the bakery and the school. "
+                          * 120 + "Summarise.", max_tokens=2, priority=mesh_pb2.PRIORITY_BATCH)
         outcome["batch"] = list(mesh.Generate(request, metadata=key("tenant-quiet"), timeout=120))[-1]
 
     batch = threading.Thread(target=run_batch)
