@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,3 +177,19 @@ def service_metric(port: int, name: str, **labels: str) -> float:
 def triton_metric(stack: LocalStack, name: str, replica: int = 0) -> float:
     """A counter from Triton's Prometheus endpoint, summed over its label sets."""
     return triton_counter(stack.ports.tritons[replica].metrics, name)
+
+
+def fresh_long_prompt() -> str:
+    """~1500 tokens, seconds of llama.cpp prefill here, with its own words from the first token on: a prompt the
+    replica saw before is restored from a prefix snapshot (prefix_states.py) and needs no evaluation."""
+    return (f"Note {uuid.uuid4().hex}. " + "The river runs past the old mill, the bakery and the school. " * 120
+            + "Summarise.")
+
+
+def wait_for_prompt_evaluation(stack: LocalStack, replica: int = 0, timeout_s: float = 20.0) -> None:
+    """Returns once the replica's model is evaluating a prompt (its mesh_llm_prompts_in_evaluation gauge is 1)."""
+    deadline = time.monotonic() + timeout_s
+    while triton_metric(stack, "mesh_llm_prompts_in_evaluation", replica) < 1:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no prompt was being evaluated on replica {replica} within {timeout_s:.0f} s")
+        time.sleep(0.02)

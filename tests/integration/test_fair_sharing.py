@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
@@ -14,7 +13,7 @@ import grpc
 import pytest
 
 from inference_mesh.v1 import mesh_pb2, mesh_pb2_grpc, router_pb2, router_pb2_grpc
-from tests.conftest import KEYS, chat, service_metric
+from tests.conftest import KEYS, chat, fresh_long_prompt, service_metric, wait_for_prompt_evaluation
 from tools.processes import free_port
 
 
@@ -177,15 +176,13 @@ def test_a_preempted_batch_request_frees_its_slot_within_its_prompt_evaluation(m
     outcome: dict[str, mesh_pb2.GenerateChunk] = {}
 
     def run_batch() -> None:
-        # Its own words from the first token on: a prompt the replica saw before would be restored from a prefix
-        # snapshot (prefix_states.py) and need no evaluation to interrupt.
-        request = sampled(f"Note {uuid.uuid4().hex}. " + "The river runs past the old mill, the bakery and the school. "
-                          * 120 + "Summarise.", max_tokens=2, priority=mesh_pb2.PRIORITY_BATCH)
+        request = sampled(fresh_long_prompt(), max_tokens=2, priority=mesh_pb2.PRIORITY_BATCH)
         outcome["batch"] = list(mesh.Generate(request, metadata=key("tenant-quiet"), timeout=120))[-1]
 
     batch = threading.Thread(target=run_batch)
     batch.start()
-    time.sleep(1.0)  # the batch prompt is part of the way through its evaluation
+    wait_for_prompt_evaluation(stack)
+    time.sleep(0.3)  # part of the way in, past its first chunk
     started = time.monotonic()
     first = next(iter(mesh.Generate(sampled("Name a bird."), metadata=key("tenant-quiet"), timeout=60)))
     waited = time.monotonic() - started

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import grpc
 
 from inference_mesh.v1 import mesh_pb2
-from tests.conftest import AUTH, LLM, chat, generate, triton_metric
+from tests.conftest import AUTH, LLM, chat, fresh_long_prompt, generate, triton_metric, wait_for_prompt_evaluation
 
 
 def test_stream_returns_text_usage_and_metadata(mesh, stack):
@@ -117,12 +116,10 @@ def test_a_cancel_during_a_long_prompt_frees_the_replica_within_its_evaluation(m
     short = chat("Name a colour.", max_tokens=4, temperature=0.0, cache_mode=bypass)
     expected = generate(mesh, short)[0]
     cancelled_before = triton_metric(stack, "mesh_llm_cancelled_requests_total")
-    # Its own words from the first token on: a prompt the replica saw before would be restored from a prefix
-    # snapshot (prefix_states.py) and need no evaluation to cancel.
-    long_prompt = chat(f"Note {uuid.uuid4().hex}. " + "The river runs past the old mill, the bakery and the school. "
-                       * 120 + "Summarise.", max_tokens=1, temperature=0.0, cache_mode=bypass)
+    long_prompt = chat(fresh_long_prompt(), max_tokens=1, temperature=0.0, cache_mode=bypass)
     call = mesh.Generate(long_prompt, metadata=AUTH, timeout=120)
-    time.sleep(1.0)  # the prompt is in Triton, part of the way through its evaluation
+    wait_for_prompt_evaluation(stack)
+    time.sleep(0.3)  # part of the way in, past its first chunk
     call.cancel()
     cancelled_at = time.monotonic()
     assert generate(mesh, short)[0] == expected

@@ -90,10 +90,14 @@ class TritonPythonModel:
             pb_utils.MetricFamily(name="mesh_llm_prefix_reuse_total",
                                   description="Prompts that started from a reused KV prefix (live or restored)",
                                   kind=pb_utils.MetricFamily.COUNTER),
+            pb_utils.MetricFamily(name="mesh_llm_prompts_in_evaluation",
+                                  description="Prompts being evaluated now (prefill, before the first token)",
+                                  kind=pb_utils.MetricFamily.GAUGE),
         ]
         self.tokens_metric = self.metric_families[0].Metric(labels=labels)
         self.cancelled_metric = self.metric_families[1].Metric(labels=labels)
         self.prefix_metric = self.metric_families[2].Metric(labels=labels)
+        self.evaluating_metric = self.metric_families[3].Metric(labels=labels)
 
     def execute(self, requests: list) -> None:
         for request in requests:
@@ -153,6 +157,9 @@ class TritonPythonModel:
         self.prefix_metric.increment(1 if reused >= self.prefixes.min_tokens else 0)
         self.canonical = 0  # until prefill returns: a failure half-way leaves nothing known to be reusable
         prefilled = False
+        # Whether a replica is busy with a prompt rather than tokens: the signal that one is being evaluated, for
+        # whoever has to act inside that evaluation (the tests that cancel one part-way).
+        self.evaluating_metric.set(1)
         try:
             # A cancelled request (a batch line preempted for interactive work) frees the replica mid-prompt.
             with self.abortable.watching(request.is_cancelled):
@@ -165,6 +172,8 @@ class TritonPythonModel:
             self.cancelled_metric.increment(1)
             self._send(sender, "", "cancelled", len(prompt), produced, final=True)
             return
+        finally:
+            self.evaluating_metric.set(0)
         if grammar is not None:
             self.llm.sample = ConstrainedSampler(self.llm, grammar, temperature, top_p, seed, resume)
         elif temperature > 0:
