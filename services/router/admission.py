@@ -55,7 +55,8 @@ class QueueRefusal(AtCapacityError):
 
 @dataclass(frozen=True)
 class AdmissionSettings:
-    # A batch request waiting this long competes with interactive ones on its tags alone (one at a time).
+    # A batch request waiting this long competes with interactive ones on its tags alone (one at a time, at most
+    # one per this time).
     batch_aging_s: float = 10.0
     # Requests one tenant may have waiting in this router (beyond: refused at once).
     max_queued_per_tenant: int = 256
@@ -67,6 +68,14 @@ class AdmissionSettings:
     # milliseconds). Short: a hold longer than that only takes idle time from batch work. Only the last free
     # slot is held; aged batch requests are not held, nor are batch requests that find a free slot at once.
     batch_hold_s: float = 0.0
+    # ... or this share of its time to its deadline, when longer: a request that can wait minutes (a Batch API
+    # line) yields to interactive work for minutes before it takes a turn ahead of it, one that can wait seconds
+    # (a PRIORITY_BATCH call with a short deadline) for seconds. Either still starts before its deadline.
+    batch_aging_share: float = 0.5
+
+    def aging_s(self, time_to_deadline_s: float) -> float:
+        """How long a batch request with this much time to its deadline waits before it competes as interactive."""
+        return max(self.batch_aging_s, self.batch_aging_share * time_to_deadline_s)
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class _Waiter(Generic[Placement]):
     ticket: Ticket
     start_tag: float
     enqueued: float
+    ages_at: float  # from then on it competes as interactive (batch requests)
     try_start: Callable[[], Placement]
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -119,14 +129,13 @@ class FairAdmission:
         return start
 
     def _aged(self, now: float) -> _Waiter | None:
-        """The one batch request that competes as interactive: the longest waiting, once it has waited the aging
-        time, and at most one per aging time: starvation protection lets one batch request a turn ahead of
+        """The one batch request that competes as interactive: the longest waiting of those past their aging time,
+        and at most one per batch_aging_s: starvation protection lets one batch request a turn ahead of
         interactive work now and then, not every batch request that aged together one after the other."""
         if self._aged_at and self._aged_at[0] == now:
             return self._aged_at[1]
-        aging = self._settings.batch_aging_s
-        oldest = None if now - self._promoted_at < aging else min(
-            (w for w in self._waiting if w.ticket.priority == Priority.BATCH and now - w.enqueued >= aging
+        oldest = None if now - self._promoted_at < self._settings.batch_aging_s else min(
+            (w for w in self._waiting if w.ticket.priority == Priority.BATCH and now >= w.ages_at
              and not w.future.done()), key=lambda w: w.enqueued, default=None)
         self._aged_at = (now, oldest)
         return oldest
@@ -213,7 +222,8 @@ class FairAdmission:
             REFUSED.labels(self._model, ticket.tenant, "queue_full").inc()
             raise QueueRefusal(f"tenant {ticket.tenant!r} already has {self._settings.max_queued_per_tenant} requests "
                                "waiting for a replica; retry with backoff", self.estimated_wait_s(self.waiting()))
-        waiter = _Waiter(ticket, self._start_tag(ticket), now, try_start)
+        waiter = _Waiter(ticket, self._start_tag(ticket), now, now + self._settings.aging_s(ticket.deadline - now),
+                         try_start)
         rank = self._rank(waiter, now)
         ahead = sum(1 for w in self._waiting if self._rank(w, now) <= rank)
         wait_s = self.estimated_wait_s(ahead)

@@ -196,7 +196,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self._stall_timeout_s = settings.stream_stall_timeout_s
         # Fair queues per Triton model, for requests that find every replica of it at its bound.
         self._admission_settings = AdmissionSettings(settings.batch_aging_s, settings.max_queued_per_tenant,
-                                                     batch_hold_s=settings.batch_hold_s)
+                                                     batch_hold_s=settings.batch_hold_s,
+                                                     batch_aging_share=settings.batch_aging_share)
         self._admissions: dict[str, FairAdmission] = {}
         # The latest spec each queue was asked for: a registry reload changes placements and slot counts.
         self._admission_specs: dict[str, ModelSpec] = {}
@@ -408,7 +409,8 @@ class RoutingInferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             replica = placed.replica
             first_model = first_model or placed.spec.triton_model
             # A batch request that waited its aging time out has had its turn coming: it runs to its end.
-            if ticket.priority is Priority.BATCH and waited_s < self._admission_settings.batch_aging_s:
+            if ticket.priority is Priority.BATCH and waited_s < self._admission_settings.aging_s(
+                    ticket.deadline - asked_at):
                 attempts.stoppable = self._preemption.track(placed.spec.triton_model, attempts.preempted)
             try:
                 failure = await attempt(placed)

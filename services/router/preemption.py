@@ -5,7 +5,7 @@ newest batch attempt of the same Triton model is asked to stop; its slot goes to
 first), and the batch request goes back into the queue and, where its model can resume a stream, continues from
 the tokens it had already produced, so little work is lost. A request is preempted at most `max_per_request`
 times, and not at all once it has waited its aging time for a slot (admission.py lets one such request ahead of
-interactive work per aging time): batch work keeps finishing under a steady interactive load.
+interactive work per batch_aging_s): batch work keeps finishing under a steady interactive load.
 
 How an attempt stops depends on who holds its stream: the relay cancels its Triton call; a placement lease asks
 the gateway to (a preempt grant on the lease), and only where the gateway said it can (LeaseAsk.preemptible).

@@ -28,18 +28,22 @@ class RouterSettings(ServiceSettings):
     max_in_flight: int = 2048
     max_in_flight_per_replica: int = 64
     # Fair queues (services/router/admission.py) in front of replicas at their bound (this one, or a model's own
-    # max_in_flight_per_replica in the registry): a batch request waiting this long competes as interactive;
-    # a tenant may have this many requests waiting in this router.
+    # max_in_flight_per_replica in the registry): a batch request waiting this long, or this share of its time to
+    # its deadline when longer, competes as interactive (one per batch_aging_s); a tenant may have this many
+    # requests waiting in this router. A Batch API line (300 s, MESH_GATEWAY_BATCH__LINE_TIMEOUT_S) yields for
+    # 150 s: a saturating interactive burst shorter than that takes nothing from its callers for batch work.
     batch_aging_s: float = 10.0
+    batch_aging_share: float = Field(default=0.5, ge=0.0, lt=1.0)
     max_queued_per_tenant: int = 256
     # An interactive request that has to queue stops the newest running batch attempt of its model, which queues
     # again and resumes where its model can (services/router/preemption.py); each batch request at most this often.
     # A stop costs the batch request little (the CPU model stops inside a prompt's evaluation, a resumed stream
-    # keeps its tokens); past the bound a request runs to its end and the interactive request behind it waits, so
-    # the bound is what an interactive load costs batch work, not what batch work costs interactive requests
-    # (bench/batch_priority.py, 0.05 s hold: a paced load's p99 TTFT 1.80x of alone with 3; 0.95x, 1.50x with 8).
+    # keeps its tokens), and a batch request that aged in is not stopped: the aging above is what keeps batch work
+    # finishing, this bound only caps the work one request can lose. Past it a request runs to its end and the
+    # interactive request behind it waits (bench/batch_priority.py, CPU model, back to back, one run each: p99
+    # TTFT 2.36x of alone with a bound of 8, 1.04x with 1000, 1.69x with 64).
     preempt_batch: bool = True
-    max_preemptions_per_request: int = Field(default=8, ge=0)
+    max_preemptions_per_request: int = Field(default=64, ge=0)
     # A slot freed this soon after an interactive request ended waits for the next one rather than going to batch
     # work (services/router/admission.py, AdmissionSettings.batch_hold_s).
     batch_hold_s: float = Field(default=0.05, ge=0.0, le=5.0)

@@ -128,7 +128,7 @@ class Queue:
 
 def test_batch_yields_to_interactive_and_ages_into_its_turn():
     async def run() -> tuple[list[str], list[str]]:
-        queue = Queue(AdmissionSettings(batch_aging_s=5.0))
+        queue = Queue(AdmissionSettings(batch_aging_s=5.0, batch_aging_share=0.0))
         await queue.arrive(ticket("t", priority=Priority.BATCH), "batch")
         for i in range(5):
             await queue.arrive(ticket("t"), f"i{i}")
@@ -147,7 +147,7 @@ def test_batch_yields_to_interactive_and_ages_into_its_turn():
 
 def test_batch_requests_that_aged_together_go_ahead_of_interactive_work_one_at_a_time():
     async def run() -> list[str]:
-        queue = Queue(AdmissionSettings(batch_aging_s=5.0))
+        queue = Queue(AdmissionSettings(batch_aging_s=5.0, batch_aging_share=0.0))
         for i in range(3):
             await queue.arrive(ticket("t", priority=Priority.BATCH), f"b{i}")
         queue.clock.now += 6.0  # all three have waited past their aging
@@ -157,6 +157,29 @@ def test_batch_requests_that_aged_together_go_ahead_of_interactive_work_one_at_a
         return await queue.close()
 
     assert asyncio.run(run()) == ["b0", "i0", "i1", "i2"], "one aged batch request, then the interactive ones"
+
+
+def test_a_batch_request_yields_for_its_share_of_the_time_to_its_deadline():
+    """A Batch API line (300 s to its deadline) waits behind a saturating interactive load for half of that, a
+    PRIORITY_BATCH call with 20 s for the 10 s floor: each ages in when its own deadline says it must."""
+    async def run() -> tuple[list[str], list[str], list[str]]:
+        queue = Queue(AdmissionSettings(batch_aging_s=10.0, batch_aging_share=0.5))
+        now = queue.clock.now
+        await queue.arrive(ticket("t", priority=Priority.BATCH, deadline=now + 300.0), "line")
+        await queue.arrive(ticket("t", priority=Priority.BATCH, deadline=now + 20.0), "call")
+        steps: list[list[str]] = []
+        for waited in (9.0, 11.0, 149.0, 151.0):  # a new interactive request each time a slot frees
+            queue.clock.now = now + waited
+            await queue.arrive(ticket("u"), f"i{waited:.0f}")
+            await queue.free(1)
+            steps.append(list(queue.started))
+        await queue.close()
+        return steps[0], steps[1], steps[2:]
+
+    at_9, at_11, late = asyncio.run(run())
+    assert at_9 == ["i9"], "neither has aged at 9 s"
+    assert at_11 == ["i9", "call"], "the 20 s call ages in at 10 s, the line does not"
+    assert late == [["i9", "call", "i11"], ["i9", "call", "i11", "line"]], "the line ages in at 150 s, not 149 s"
 
 
 def test_a_request_that_can_start_in_time_waits_and_takes_its_fair_turn():
