@@ -1,6 +1,6 @@
 """The batch runner (services/gateway/batches/runner.py) on SQLite and a real PostgreSQL: a finalize that takes
 long (a large output, slow object storage) does not hold up the renewal of the leases of lines still running, so
-no other replica takes them over and runs them a second time."""
+no other replica takes them over and runs them a second time; a line runs no later than its batch's expiry."""
 
 from __future__ import annotations
 
@@ -38,12 +38,17 @@ class SlowStorage(LocalDirectory):
         super().put(file_id, data)
 
 
-def _batch(store: BatchStore, text: str) -> str:
+def _batch(store: BatchStore, text: str, window_s: float = 3600.0) -> str:
     file_id = new_id("file")
     store.add_file(file_id, "acme", "batch", "in.jsonl", 10, 1, max_files=None)
     line = InputLine(1, "only", "/v1/embeddings", "minilm", f'{{"model":"minilm","input":"{text}"}}')
-    return store.create_batch("acme", "key_1", "/v1/embeddings", file_id, "1h", 3600.0, {}, [line],
+    return store.create_batch("acme", "key_1", "/v1/embeddings", file_id, f"{window_s}s", window_s, {}, [line],
                               max_in_flight=10)["id"]
+
+
+def _runner(store: BatchStore, storage: LocalDirectory, run_line) -> BatchRunner:
+    return BatchRunner(store, storage, BatchSettings(lease_s=LEASE_S, poll_s=0.05, concurrency=2), run_line,
+                       lambda tenant, key_id: (Caller(tenant, "standard", key_id=key_id), ""))
 
 
 def _lease_until(admin: AdminStore, batch_id: str) -> float | None:
@@ -66,9 +71,7 @@ def test_a_slow_finalize_does_not_stop_running_lines_leases_from_being_renewed(u
                 await release_line.wait()
             return LineAnswer(200, {"object": "list", "data": []})
 
-        runner = BatchRunner(store, storage, BatchSettings(lease_s=LEASE_S, poll_s=0.05, concurrency=2), run_line,
-                             lambda tenant, key_id: (Caller(tenant, "standard", key_id=key_id), ""))
-        task = asyncio.create_task(runner.run())
+        task = asyncio.create_task(_runner(store, storage, run_line).run())
         try:
             # The quick batch's output is being written, and the write hangs.
             assert await asyncio.to_thread(storage.writing.wait, 30), "the quick batch was never finalized"
@@ -93,3 +96,44 @@ def test_a_slow_finalize_does_not_stop_running_lines_leases_from_being_renewed(u
     finally:
         admin.close()
     assert min(margins) > 0, f"the running line's lease ran out while a finalize wrote: {margins}"
+
+
+def test_a_line_runs_no_later_than_its_batch_expires(url, tmp_path):
+    """A line's deadline is its batch's expiry when that comes before the 300 s line timeout: the router ages a
+    batch request in by the time to its deadline, and a line that ran on past the expiry held its batch's
+    finalizing back (reported expired only once the line gave up, up to 300 s late)."""
+    admin = AdminStore.open(url)
+    store = BatchStore(admin.engine)
+    window_s = 1.5
+    batch_id = _batch(store, "long", window_s=window_s)
+    created = time.time()
+    deadlines: list[float] = []
+
+    async def run_line(caller: Caller, endpoint: str, body: str, timeout_s: float) -> LineAnswer:
+        # A generation that would outlast any deadline: it ends as the mesh ends one, DEADLINE_EXCEEDED.
+        deadlines.append(timeout_s)
+        await asyncio.sleep(timeout_s)
+        return LineAnswer(504, {"error": {"message": "deadline exceeded", "type": "timeout", "param": None,
+                                          "code": "deadline_exceeded"}})
+
+    async def scenario() -> float:
+        task = asyncio.create_task(_runner(store, LocalDirectory(tmp_path / "files"), run_line).run())
+        try:
+            for _ in range(600):
+                if store.batch("acme", batch_id)["status"] in ("completed", "failed", "expired", "cancelled"):
+                    return time.time() - created
+                await asyncio.sleep(0.05)
+            raise AssertionError("the batch did not end within 30 s")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        ended_after_s = asyncio.run(asyncio.wait_for(scenario(), 30))
+        batch = store.batch("acme", batch_id)
+        lines = store.ended_lines(batch_id)
+    finally:
+        admin.close()
+    assert deadlines and max(deadlines) <= window_s, f"a line was given more than its batch's window: {deadlines}"
+    assert batch["status"] == "expired" and [line["state"] for line in lines] == ["expired"], (batch, lines)
+    assert ended_after_s < window_s + 5, f"the batch was finalized {ended_after_s:.1f} s after it was made"

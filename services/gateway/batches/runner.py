@@ -121,8 +121,14 @@ class BatchRunner:
                 answer = LineAnswer(401, {"error": {"message": why, "type": "authentication_error", "param": None,
                                                     "code": "invalid_api_key"}})
             else:
-                answer = await self._run_line(caller, line.endpoint, line.body, self._settings.line_timeout_s)
-            if answer.status_code in TRANSIENT and line.attempts < MAX_ATTEMPTS:
+                # The batch's expiry is the line's deadline when it comes first: the router ages a batch request
+                # in by its time to its deadline, and a line still running at the expiry would hold the batch's
+                # finalizing back by up to the line timeout.
+                timeout_s = min(self._settings.line_timeout_s, line.expires_at - time.time())
+                answer = await self._run_line(caller, line.endpoint, line.body, timeout_s)
+            past_window = time.time() >= line.expires_at
+            if answer.status_code in TRANSIENT and (line.attempts < MAX_ATTEMPTS or past_window):
+                # Past the window, pending again is what lets the finalize report the line batch_expired.
                 # Backs off (1, 2, 4 ... s, at most 30) in the line's own not-before, not in this task.
                 later = time.time() + min(30.0, 2.0 ** (line.attempts - 1))
                 await asyncio.to_thread(self._store.release, self.owner, line.batch_id, line.line, later)

@@ -54,6 +54,8 @@ class Claimed:
     tenant: str
     key_id: str
     attempts: int
+    # The batch's completion window ends here (wall-clock seconds): no line of it may run past it.
+    expires_at: float
 
 
 class BatchStore:
@@ -190,7 +192,7 @@ class BatchStore:
                                                    attempts=attempts + 1)).rowcount
                 if taken:
                     claimed.append(Claimed(batch_id, line, custom_id, body, batch["endpoint"], batch["tenant"],
-                                           batch["key_id"], attempts + 1))
+                                           batch["key_id"], attempts + 1, batch["expires_at"]))
             if claimed and batch["status"] == "validating":
                 connection.execute(update(schema.batches).where(
                     schema.batches.c.id == batch_id, schema.batches.c.status == "validating").values(
