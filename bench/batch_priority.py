@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import time
 
@@ -83,6 +84,10 @@ async def measure(stack: LocalStack, model: str, lines: int, interactive: int, u
                            max_retries=0, http_client=httpx.Client(timeout=60))
     try:
         await _ttft(mesh, 5)  # warm
+        # The client's own collector pausing would be read as the mesh's latency (the services freeze theirs:
+        # services/common/gc_pauses.py).
+        gc.collect()
+        gc.freeze()
         direct = await _ttft(triton, interactive) if triton is not None else None
         samples, elapsed = await run_load(mesh, 1, interactive)
         alone, gap_s = _ms(samples), elapsed / interactive / utilization

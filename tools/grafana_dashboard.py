@@ -59,6 +59,10 @@ PANELS: list[tuple[str, str, list[tuple[str, str]]]] = [
     ("CPU utilisation", "percentunit", [
         ("{{job}} {{instance}}", "sum by (job, instance) (rate(process_cpu_seconds_total[1m]))"),
         ("triton {{instance}}", "avg by (instance) (nv_cpu_utilization)")]),
+    # Every stream in a process stops while its collector runs (services/common/gc_pauses.py).
+    ("Garbage-collector pauses p99 by process", "s", [
+        ("{{job}} {{instance}}", "histogram_quantile(0.99, sum by (le, job, instance) "
+                                 "(rate(mesh_gc_pause_seconds_bucket[5m])))")]),
     ("GPU utilisation and memory", "percentunit", [
         ("{{instance}} gpu {{gpu_uuid}}", "avg by (instance, gpu_uuid) (nv_gpu_utilization)"),
         ("{{instance}} memory {{gpu_uuid}}", "sum by (instance, gpu_uuid) (nv_gpu_memory_used_bytes) "

@@ -16,6 +16,7 @@ from prometheus_client import start_http_server
 
 from services.common.channels import SERVER_OPTIONS
 from services.common.errors import AnswersMeshErrors
+from services.common.gc_pauses import freeze_startup_heap
 from services.common.internal_tls import CallerPolicy
 from services.common.logging import configure_logging
 from services.common.malformed import MalformedRequestInterceptor
@@ -105,7 +106,8 @@ class ServiceHost:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         await self.server.start()
-        log.info("listening", extra={"address": self.address, "service": self.name})
+        frozen = freeze_startup_heap()
+        log.info("listening", extra={"address": self.address, "service": self.name, "gc_frozen_objects": frozen})
         tasks = [asyncio.create_task(job()) for job in background]
         try:
             await self._stop.wait()
