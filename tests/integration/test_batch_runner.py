@@ -137,3 +137,65 @@ def test_a_line_runs_no_later_than_its_batch_expires(url, tmp_path):
     assert deadlines and max(deadlines) <= window_s, f"a line was given more than its batch's window: {deadlines}"
     assert batch["status"] == "expired" and [line["state"] for line in lines] == ["expired"], (batch, lines)
     assert ended_after_s < window_s + 5, f"the batch was finalized {ended_after_s:.1f} s after it was made"
+
+
+class CountingStore(BatchStore):
+    """The real store, recording how often the runner asks it for what."""
+
+    def __init__(self, engine) -> None:
+        super().__init__(engine)
+        self.claims_wanted: list[int] = []
+        self.finalizable_checks = 0
+
+    def claim(self, owner: str, batch_id: str, wanted: int, lease_s: float):
+        self.claims_wanted.append(wanted)
+        return super().claim(owner, batch_id, wanted, lease_s)
+
+    def to_finalize(self, limit: int = 16) -> list[str]:
+        self.finalizable_checks += 1
+        return super().to_finalize(limit)
+
+
+def test_lines_are_claimed_in_groups_and_finalizing_checked_at_the_polls_pace(url, tmp_path):
+    """Beside a fast engine a line ends every few milliseconds: claiming one line at each end, and asking for
+    finalizable batches each time, was the gateway's largest cost (its statements run in a thread holding the GIL
+    against the interactive streams). Claims wait for half the slots; the finalize check keeps the poll's pace."""
+    admin = AdminStore.open(url)
+    store = CountingStore(admin.engine)
+    file_id = new_id("file")
+    store.add_file(file_id, "acme", "batch", "in.jsonl", 10, 40, max_files=None)
+    lines = [InputLine(i + 1, f"l{i}", "/v1/embeddings", "minilm", f'{{"model":"minilm","input":"t{i}"}}')
+             for i in range(40)]
+    batch_id = store.create_batch("acme", "key_1", "/v1/embeddings", file_id, "1h", 3600.0, {}, lines,
+                                  max_in_flight=10)["id"]
+    poll_s = 0.5
+
+    async def run_line(caller: Caller, endpoint: str, body: str, timeout_s: float) -> LineAnswer:
+        await asyncio.sleep(0.005 + (hash(body) % 20) / 1000)
+        return LineAnswer(200, {"object": "list", "data": []})
+
+    async def scenario() -> float:
+        runner = BatchRunner(store, LocalDirectory(tmp_path / "files"),
+                             BatchSettings(lease_s=30, poll_s=poll_s, concurrency=4), run_line,
+                             lambda tenant, key_id: (Caller(tenant, "standard", key_id=key_id), ""))
+        started = time.monotonic()
+        task = asyncio.create_task(runner.run())
+        try:
+            for _ in range(600):
+                if store.batch("acme", batch_id)["status"] == "completed":
+                    return time.monotonic() - started
+                await asyncio.sleep(0.05)
+            raise AssertionError("the batch did not complete within 30 s")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        elapsed_s = asyncio.run(asyncio.wait_for(scenario(), 60))
+        counts = store.batch("acme", batch_id)["counts"]
+    finally:
+        admin.close()
+    assert counts == {"total": 40, "completed": 40, "failed": 0}
+    assert min(store.claims_wanted) >= 2, f"lines claimed one at a time: {store.claims_wanted}"
+    assert store.finalizable_checks <= elapsed_s / poll_s + 2, \
+        f"{store.finalizable_checks} finalize checks in {elapsed_s:.1f} s"

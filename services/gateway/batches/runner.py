@@ -55,6 +55,12 @@ class BatchRunner:
         # output, slow object storage) must not hold up the ticks that renew the running lines' leases.
         self._finalizing: dict[str, asyncio.Task] = {}
         self._renewed = 0.0
+        self._finalizable_checked = 0.0
+        # Lines are claimed once at least this many slots are free (or none runs): a claim costs its statements
+        # and a commit however many lines it takes, run in a thread that holds the GIL against the event loop's
+        # interactive streams, and claiming at every line's end was the largest cost in the gateway beside a
+        # fast engine (BENCHMARKS.md "Batch inference").
+        self._claim_at = max(1, settings.concurrency // 2)
         # Set when a line ends: its slot is claimed again at once rather than at the next poll.
         self._slot_freed = asyncio.Event()
 
@@ -80,12 +86,16 @@ class BatchRunner:
             await asyncio.to_thread(self._store.renew, self.owner, self._settings.lease_s)
             self._renewed = now
         free = self._settings.concurrency - len(self._running)
-        if free > 0:
+        if free >= self._claim_at or (free > 0 and not self._running):
             for claimed in await asyncio.to_thread(self._claim, free):
                 task = asyncio.create_task(self._line(claimed))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
             RUNNING.set(len(self._running))
+        # At the poll's pace, not at every line's end: a batch waits at most poll_s longer to be finalized.
+        if now - self._finalizable_checked < self._settings.poll_s:
+            return
+        self._finalizable_checked = now
         for batch_id in await asyncio.to_thread(self._store.to_finalize):
             if batch_id not in self._finalizing:
                 task = asyncio.create_task(asyncio.to_thread(self._finalize, batch_id))
