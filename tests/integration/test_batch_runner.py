@@ -51,6 +51,21 @@ def _runner(store: BatchStore, storage: LocalDirectory, run_line) -> BatchRunner
                        lambda tenant, key_id: (Caller(tenant, "standard", key_id=key_id), ""))
 
 
+async def _run_until_ended(runner: BatchRunner, store: BatchStore, batch_id: str) -> str:
+    """Runs the runner until the batch reaches a final status (at most 30 s); that status."""
+    task = asyncio.create_task(runner.run())
+    try:
+        for _ in range(600):
+            status = store.batch("acme", batch_id)["status"]
+            if status in ("completed", "failed", "expired", "cancelled"):
+                return status
+            await asyncio.sleep(0.05)
+        raise AssertionError("the batch did not end within 30 s")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def _lease_until(admin: AdminStore, batch_id: str) -> float | None:
     with admin.engine.connect() as connection:
         return connection.execute(select(schema.batch_lines.c.lease_until).where(
@@ -117,16 +132,8 @@ def test_a_line_runs_no_later_than_its_batch_expires(url, tmp_path):
                                           "code": "deadline_exceeded"}})
 
     async def scenario() -> float:
-        task = asyncio.create_task(_runner(store, LocalDirectory(tmp_path / "files"), run_line).run())
-        try:
-            for _ in range(600):
-                if store.batch("acme", batch_id)["status"] in ("completed", "failed", "expired", "cancelled"):
-                    return time.time() - created
-                await asyncio.sleep(0.05)
-            raise AssertionError("the batch did not end within 30 s")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await _run_until_ended(_runner(store, LocalDirectory(tmp_path / "files"), run_line), store, batch_id)
+        return time.time() - created
 
     try:
         ended_after_s = asyncio.run(asyncio.wait_for(scenario(), 30))
@@ -179,16 +186,8 @@ def test_lines_are_claimed_in_groups_and_finalizing_checked_at_the_polls_pace(ur
                              BatchSettings(lease_s=30, poll_s=poll_s, concurrency=4), run_line,
                              lambda tenant, key_id: (Caller(tenant, "standard", key_id=key_id), ""))
         started = time.monotonic()
-        task = asyncio.create_task(runner.run())
-        try:
-            for _ in range(600):
-                if store.batch("acme", batch_id)["status"] == "completed":
-                    return time.monotonic() - started
-                await asyncio.sleep(0.05)
-            raise AssertionError("the batch did not complete within 30 s")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        assert await _run_until_ended(runner, store, batch_id) == "completed"
+        return time.monotonic() - started
 
     try:
         elapsed_s = asyncio.run(asyncio.wait_for(scenario(), 60))
